@@ -1,0 +1,26 @@
+"""One exception type per domain; each carries what went wrong and where (a field path, a file)."""
+
+from __future__ import annotations
+
+
+class AutotuneError(Exception):
+    """Base of every error the library raises on purpose; the CLI prints it as one line and exits 2."""
+
+
+class ScheduleError(AutotuneError, ValueError):
+    """A schedule (or schedule file) is invalid; ``field`` names the offending field, e.g. ``steps[3].order``."""
+
+    def __init__(self, field: str, reason: str, source: str | None = None) -> None:
+        self.field = field
+        self.reason = reason
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field}: {reason}")
+
+
+class ModelError(AutotuneError, ValueError):
+    """A model, model directory or noise-schedule configuration cannot be used."""
+
+
+class SamplingError(AutotuneError, RuntimeError):
+    """The executor cannot run a schedule on a model (e.g. a unit the model does not have)."""

@@ -1,0 +1,1 @@
+"""Persistent store of references and evaluations. Not built yet: see issue 4."""

@@ -1,0 +1,1 @@
+"""Baking schedules into ONNX / TensorRT engines. Not built yet: see issue 7."""

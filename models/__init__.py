@@ -1,0 +1,1 @@
+"""Model adapters: any torch callable, diffusers pipeline directories, and the built-in models."""

@@ -1,0 +1,88 @@
+"""Adapter for a diffusers pipeline directory on disk (``model_index.json`` + ``unet/`` + ``scheduler/``).
+
+The UNet is loaded with diffusers' own ``from_pretrained`` (safetensors, or ``.bin`` through
+``torch.load(weights_only=True)``); the noise schedule (betas, number of training steps) and the
+prediction type come from the scheduler config. Only the UNet2DModel (unconditional pixel models) is
+handled here; conditional and latent pipelines come with the built-in models issue.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autotune.errors import ModelError
+from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module
+from autotune.sampling.noise import VPDiscrete
+
+PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v_prediction"}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing (not a diffusers pipeline directory?)") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+
+
+def is_pipeline_dir(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+class DiffusersUNetDenoiser(TorchDenoiser):
+    """A diffusers UNet2DModel with the noise schedule of its pipeline's scheduler config."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler_config: dict[str, Any], source: str = "") -> None:
+        prediction = scheduler_config.get("prediction_type", "epsilon")
+        if prediction not in PREDICTION_TYPES:
+            raise ModelError(f"scheduler config: prediction_type {prediction!r} is not supported")
+        noise = VPDiscrete.from_diffusers_config(scheduler_config)
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
+        config = {
+            "unet": dict(unet.config),
+            "scheduler": {k: scheduler_config.get(k) for k in keys},
+        }
+
+        def forward(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            return unet(x, timestep).sample
+
+        super().__init__(forward, noise, PREDICTION_TYPES[prediction], module=unet, round_time=True, config=config)
+        self.unet = unet
+        self.scheduler_config = scheduler_config
+        self.source = source
+        self.sample_shape = (int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size))
+
+    def fingerprint(self) -> str:
+        return fingerprint_module(self.unet, self.config)
+
+
+def load_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DiffusersUNetDenoiser:
+    """Load the UNet and scheduler config of a diffusers pipeline directory.
+
+    Raises:
+        ModelError: the directory lacks a part, or its UNet is not a UNet2DModel.
+    """
+    path = Path(path)
+    index = _read_json(path / "model_index.json")
+    for part in ("unet", "scheduler"):
+        if part not in index:
+            raise ModelError(f"{path}/model_index.json: no '{part}' entry (not a UNet diffusion pipeline)")
+    unet_config = _read_json(path / "unet" / "config.json")
+    sched_dir = path / "scheduler"
+    sched_config = _read_json(sched_dir / "scheduler_config.json")
+    cls = unet_config.get("_class_name")
+    if cls != "UNet2DModel":
+        raise ModelError(
+            f"{path}/unet: {cls} is not supported yet (UNet2DModel only; conditional/latent pipelines: issue 3)"
+        )
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ModelError("loading a diffusers directory needs `pip install autotune-diffusion[diffusers]`") from e
+    unet = UNet2DModel.from_pretrained(str(path / "unet"), torch_dtype=dtype).to(device).eval()
+    return DiffusersUNetDenoiser(unet, sched_config, source=str(path))

@@ -1,0 +1,1 @@
+"""Noise schedules, the denoiser protocol, solver coefficients, the one executor, named schedules."""

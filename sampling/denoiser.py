@@ -1,0 +1,173 @@
+"""The one model interface the executor sees, the parameterisation conversions, and unit skipping.
+
+A denoiser maps ``(x, t)`` (t in the noise schedule's continuous time, a 0-d tensor) plus optional
+conditioning to its raw network output, and declares which parameterisation that output is in.
+The executor converts it to the data prediction x0 and the noise prediction eps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from autotune.errors import ModelError, SamplingError
+from autotune.sampling.noise import NoiseSchedule
+
+PARAMETERIZATIONS = ("epsilon", "sample", "v_prediction", "flow")
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """What every model adapter provides.
+
+    ``__call__`` returns the network output for the batch ``x`` at time ``t`` with the units named in
+    ``skip`` bypassed; ``cond`` is model specific (class labels, prompt embeddings) and ``guidance`` the
+    classifier-free guidance scale (ignored by unguided models).
+    """
+
+    noise: NoiseSchedule
+    parameterization: str
+    units: tuple[str, ...]
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: Any = None,
+        *,
+        skip: frozenset[str] = frozenset(),
+        guidance: float | None = None,
+    ) -> torch.Tensor: ...
+
+    def fingerprint(self) -> str: ...
+
+
+def to_data_and_noise(
+    output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, parameterization: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) from a network output, using x = alpha x0 + sigma eps."""
+    if parameterization == "epsilon":
+        eps = output
+        return (x - sigma * eps) / alpha, eps
+    if parameterization == "sample":
+        x0 = output
+        return x0, (x - alpha * x0) / sigma
+    if parameterization == "v_prediction":  # v = alpha eps - sigma x0
+        norm = alpha * alpha + sigma * sigma
+        return (alpha * x - sigma * output) / norm, (sigma * x + alpha * output) / norm
+    if parameterization == "flow":  # u = eps - x0
+        x0 = (x - sigma * output) / (alpha + sigma)
+        return x0, x0 + output
+    raise ModelError(f"parameterization: unknown {parameterization!r} (one of {', '.join(PARAMETERIZATIONS)})")
+
+
+def prunable_units(module: nn.Module) -> tuple[str, ...]:
+    """Submodules that can be bypassed by returning their input: same-shape residual blocks and
+    residual attention (diffusers ResnetBlock2D without a shortcut conv, Attention with a residual)."""
+    units = []
+    for name, sub in module.named_modules():
+        cls = type(sub).__name__
+        if cls == "ResnetBlock2D" and getattr(sub, "conv_shortcut", None) is None and getattr(sub, "up", False) is False \
+                and getattr(sub, "down", False) is False:
+            units.append(name)
+        elif cls == "Attention" and getattr(sub, "residual_connection", False):
+            units.append(name)
+        elif getattr(sub, "autotune_prunable", False):
+            units.append(name)
+    return tuple(units)
+
+
+def _identity_forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states
+
+
+@contextlib.contextmanager
+def skipping(module: nn.Module, names: Iterable[str]) -> Iterator[None]:
+    """Within the block, the named submodules return their first input unchanged (their compute is skipped)."""
+    names = list(names)
+    if not names:
+        yield
+        return
+    subs = dict(module.named_modules())
+    patched = []
+    try:
+        for n in names:
+            if n not in subs:
+                raise SamplingError(f"skip: the model has no unit {n!r}")
+            sub = subs[n]
+            patched.append(sub)
+            sub.forward = _identity_forward  # instance attribute shadows the class method
+        yield
+    finally:
+        for sub in patched:
+            if "forward" in sub.__dict__:
+                del sub.forward
+
+
+def fingerprint_module(module: nn.Module | None, config: Any) -> str:
+    """SHA-256 (16 hex) over the module's weights and a JSON-able config: a model's identity in caches."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    if module is not None:
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TorchDenoiser:
+    """Adapter for any torch callable ``fn(x, model_time, cond) -> output``.
+
+    Args:
+        fn: the network; receives the batch, the model time (``noise.model_time(t)`` expanded to the
+            batch) and the conditioning (omitted when None).
+        noise: the model's noise schedule.
+        parameterization: one of ``epsilon``, ``sample``, ``v_prediction``, ``flow``.
+        module: the nn.Module whose units may be skipped (defaults to ``fn`` when it is one).
+        round_time: feed integer model times when within 1e-6 of one (discrete models), with the
+            gradient passed straight through.
+
+    Example:
+        >>> from autotune.sampling.noise import VPLinear
+        >>> d = TorchDenoiser(lambda x, t: 0 * x, VPLinear(), "epsilon")
+        >>> d(torch.zeros(2, 3), torch.tensor(0.5)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        noise: NoiseSchedule,
+        parameterization: str,
+        *,
+        module: nn.Module | None = None,
+        round_time: bool = False,
+        config: Any = None,
+    ) -> None:
+        if parameterization not in PARAMETERIZATIONS:
+            raise ModelError(f"parameterization: unknown {parameterization!r} (one of {', '.join(PARAMETERIZATIONS)})")
+        self.fn = fn
+        self.noise = noise
+        self.parameterization = parameterization
+        self.module = module if module is not None else (fn if isinstance(fn, nn.Module) else None)
+        self.units = prunable_units(self.module) if self.module is not None else ()
+        self.round_time = round_time
+        self.config = config if config is not None else {"noise": noise.to_config(), "parameterization": parameterization}
+
+    def model_time(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tm = self.noise.model_time(t)
+        if self.round_time:
+            tm = tm + (torch.where((tm - tm.round()).abs() < 1e-6, tm.round(), tm) - tm).detach()
+        return tm.to(x.dtype if tm.dtype.is_floating_point else tm.dtype).expand(x.shape[0])
+
+    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None):
+        tm = self.model_time(x, t)
+        with skipping(self.module, skip) if skip else contextlib.nullcontext():
+            return self.fn(x, tm) if cond is None else self.fn(x, tm, cond)
+
+    def fingerprint(self) -> str:
+        return fingerprint_module(self.module, self.config)

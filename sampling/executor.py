@@ -1,0 +1,143 @@
+"""The executor: the one loop that runs any schedule on any denoiser.
+
+Every per-step decision is a Python constant taken from the schedule's precomputed plan, and no branch
+looks at a tensor's value inside the loop, so the same loop traces and exports (issue 7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from autotune.sampling.coefficients import Plan, Update, make_plan
+from autotune.sampling.denoiser import Denoiser, to_data_and_noise
+from autotune.space.schedule import Schedule
+
+
+@dataclass
+class SampleResult:
+    """Final samples, the model calls actually made, and (on request) the state at every visited time."""
+
+    sample: torch.Tensor
+    nfe: int
+    states: list[torch.Tensor] = field(default_factory=list)
+    diverged_at: int | None = None  # first step whose new state had a NaN or inf (check_finite=True)
+
+
+def _apply(update: Update, x: torch.Tensor, hist: dict[str, dict[int, torch.Tensor]], dtype: torch.dtype):
+    out = update.state.to(dtype) * x
+    outputs = hist[update.prediction]
+    for j, w in update.outputs:
+        out = out + w.to(dtype) * outputs[j]
+    return out
+
+
+def _last_uses(schedule: Schedule, plan: Plan) -> dict[int, int]:
+    """For each model output index, the last step that reads it (so older outputs can be freed)."""
+    last: dict[int, int] = {}
+    for k, sp in enumerate(plan.steps):
+        refs = [j for j, _ in sp.predictor.outputs]
+        if sp.corrector is not None:
+            refs += [j for j, _ in sp.corrector.outputs]
+        if sp.compensation is not None:
+            refs += [j for j, _ in sp.compensation.outputs]
+        for j in refs:
+            last[j] = max(last.get(j, -1), k + 1)  # a corrector of step k runs at the start of step k + 1
+    return last
+
+
+def sample(
+    model: Denoiser,
+    schedule: Schedule,
+    noise: torch.Tensor,
+    cond: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
+    differentiable: bool = False,
+    times: torch.Tensor | None = None,
+    ratios: torch.Tensor | None = None,
+    keep_states: bool = False,
+    check_finite: bool = False,
+    plan: Plan | None = None,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> SampleResult:
+    """Run ``schedule`` on ``model`` from the initial noise (a standard normal draw).
+
+    Args:
+        model: any Denoiser.
+        schedule: the schedule; its guidance scale is handed to the model.
+        noise: standard normal noise, shape (batch, ...); it is scaled by the noise schedule's prior std.
+        cond: conditioning for the model (class labels, prompt embeddings), or None.
+        dtype: float32 or float64 for the state (default: the noise's dtype).
+        differentiable: run with autograd on (for fitting ratios or times by gradient); default no_grad.
+        times, ratios: tensors overriding the schedule's times (tau_0..tau_N) and ratios, e.g. ones that
+            require grad.
+        keep_states: also return the state at every visited time (after correction).
+        check_finite: record the first step whose state is not finite (costs one sync per step).
+        callback: ``callback(k, x)`` after each step, outside any traced region.
+
+    Returns:
+        SampleResult with ``nfe`` counted from the model calls actually made.
+
+    Example:
+        >>> from autotune.sampling.noise import VPLinear
+        >>> from autotune.sampling.denoiser import TorchDenoiser
+        >>> from autotune.sampling.named import build
+        >>> ns = VPLinear()
+        >>> model = TorchDenoiser(lambda x, t: 0.0 * x, ns, "epsilon")
+        >>> sample(model, build("dpmsolver++2m", ns, 5), torch.randn(4, 2)).nfe
+        5
+    """
+    dtype = dtype or noise.dtype
+    if plan is None:
+        plan = make_plan(schedule, model.noise, times=times, ratios=ratios)
+    spaces = sorted({sp.predictor.prediction for sp in plan.steps})
+    last_use = _last_uses(schedule, plan)
+    alphas = plan.alphas.to(dtype)
+    sigmas = plan.sigmas.to(dtype)
+    grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
+    nfe = 0
+    diverged_at = None
+    with grad_ctx:
+        x = noise.to(dtype) * model.noise.init_scale()
+        states = [x] if keep_states else []
+        hist: dict[str, dict[int, torch.Tensor]] = {p: {} for p in spaces}
+        x_prev = x
+        for k, (step, sp) in enumerate(zip(schedule.steps, plan.steps)):
+            out = model(x, plan.times[k], cond, skip=frozenset(step.skip), guidance=schedule.guidance).to(dtype)
+            nfe += 1
+            x0, eps = to_data_and_noise(out, x, alphas[k], sigmas[k], model.parameterization)
+            for p in spaces:
+                hist[p][k] = x0 if p == "data" else eps
+            if k > 0 and plan.steps[k - 1].corrector is not None:
+                x = _apply(plan.steps[k - 1].corrector, x_prev, hist, dtype)
+                if keep_states:
+                    states[-1] = x
+            if sp.compensation is not None:
+                for p in spaces:
+                    comp = torch.zeros_like(hist[p][k])
+                    for j, w in sp.compensation.outputs:
+                        comp = comp + w.to(dtype) * hist[p][j]
+                    hist[p][k] = comp
+            for j in [j for j in hist[spaces[0]] if last_use.get(j, -1) < k]:
+                for p in spaces:
+                    del hist[p][j]
+            x_prev = x
+            x = _apply(sp.predictor, x, hist, dtype)
+            if keep_states:
+                states.append(x)
+            if check_finite and diverged_at is None and not bool(torch.isfinite(x).all()):
+                diverged_at = k
+            if callback is not None:
+                callback(k, x)
+        if plan.final_denoise:
+            n = len(schedule.steps)
+            out = model(x, plan.times[n], cond, guidance=schedule.guidance).to(dtype)
+            nfe += 1
+            x, _ = to_data_and_noise(out, x, alphas[n], sigmas[n], model.parameterization)
+            if keep_states:
+                states[-1] = x
+    return SampleResult(x, nfe, states, diverged_at)

@@ -1,0 +1,268 @@
+"""Noise schedules: alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t) and the inverse of lambda.
+
+Every schedule maps a continuous time ``t`` in ``[0, T]`` to the forward process
+``x_t = alpha_t x_0 + sigma_t eps``; ``t = 0`` is the clean data (sigma = 0, lambda = +inf) for all
+of them, so a schedule whose last time is 0 ends exactly on the data. All functions take and return
+tensors, are vectorised, and are differentiable in ``t`` (the gradient search moves the time grid).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from autotune.errors import ModelError
+
+
+@runtime_checkable
+class NoiseSchedule(Protocol):
+    """The forward process of a diffusion model, in continuous time."""
+
+    kind: str
+    T: float  # the time the ODE starts at
+    t_min: float  # smallest positive time the network was trained at
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor: ...
+    def sigma(self, t: torch.Tensor) -> torch.Tensor: ...
+    def lambda_(self, t: torch.Tensor) -> torch.Tensor: ...
+    def t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor: ...
+    def model_time(self, t: torch.Tensor) -> torch.Tensor: ...
+    def init_scale(self) -> float: ...
+    def to_config(self) -> dict[str, Any]: ...
+
+
+def alpha(ns: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """alpha_t of any schedule."""
+    return torch.exp(ns.log_alpha(t))
+
+
+def _as_tensor(t: torch.Tensor | float) -> torch.Tensor:
+    return t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation through increasing ``xp``, linear extrapolation, differentiable in x."""
+    xp = xp.to(x.dtype)
+    fp = fp.to(x.dtype)
+    idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, len(xp) - 1)
+    x0, x1 = xp[idx - 1], xp[idx]
+    f0, f1 = fp[idx - 1], fp[idx]
+    return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
+
+
+def _log_alpha_to_sigma(log_alpha: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(-torch.expm1(2.0 * log_alpha))
+
+
+def _vp_lambda(log_alpha: torch.Tensor) -> torch.Tensor:
+    return log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+
+
+def _vp_log_alpha_of_lambda(lam: torch.Tensor) -> torch.Tensor:
+    # alpha^2 = 1 / (1 + e^{-2 lambda})
+    return -0.5 * torch.nn.functional.softplus(-2.0 * lam)
+
+
+def betas_for(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """DDPM betas as diffusers defines them (linear, scaled_linear, squaredcos_cap_v2), in float64."""
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+
+        def abar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=np.float64)
+    raise ModelError(f"beta_schedule: unknown value {beta_schedule!r} (linear, scaled_linear, squaredcos_cap_v2)")
+
+
+@dataclass(frozen=True, eq=False)
+class VPDiscrete:
+    """Discrete-time VP (DDPM) schedule, log alpha interpolated linearly in t (DPM-Solver's convention).
+
+    Training step ``n`` in ``0..N-1`` sits at ``t = (n + 1) / N``; T = 1. Between t = 0 and t = 1/N the
+    log alpha goes linearly to 0 so that t = 0 is exactly the data (diffusers' ``final_sigmas_type="zero"``).
+    """
+
+    alphas_cumprod: np.ndarray
+    kind: str = "vp_discrete"
+    T: float = 1.0
+    _t_nodes: torch.Tensor = field(init=False, repr=False)
+    _log_alpha_nodes: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        acp = np.asarray(self.alphas_cumprod, dtype=np.float64)
+        if acp.ndim != 1 or len(acp) < 2 or not np.all(np.diff(acp) < 0) or acp[0] >= 1 or acp[-1] <= 0:
+            raise ModelError("alphas_cumprod: must be a strictly decreasing 1-D array inside (0, 1)")
+        n = len(acp)
+        t_nodes = np.concatenate([[0.0], (np.arange(n) + 1.0) / n])
+        log_alpha_nodes = np.concatenate([[0.0], 0.5 * np.log(acp)])
+        object.__setattr__(self, "alphas_cumprod", acp)
+        object.__setattr__(self, "_t_nodes", torch.from_numpy(t_nodes))
+        object.__setattr__(self, "_log_alpha_nodes", torch.from_numpy(log_alpha_nodes))
+
+    @classmethod
+    def from_betas(cls, betas: np.ndarray) -> "VPDiscrete":
+        return cls(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any]) -> "VPDiscrete":
+        """Reads ``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end`` or ``trained_betas``."""
+        if config.get("trained_betas") is not None:
+            return cls.from_betas(np.asarray(config["trained_betas"], dtype=np.float64))
+        if config.get("rescale_betas_zero_snr"):
+            raise ModelError("scheduler config: rescale_betas_zero_snr=true is not supported (alpha_T = 0)")
+        betas = betas_for(
+            config.get("beta_schedule", "linear"),
+            int(config.get("num_train_timesteps", 1000)),
+            float(config.get("beta_start", 0.0001)),
+            float(config.get("beta_end", 0.02)),
+        )
+        return cls.from_betas(betas)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    @property
+    def t_min(self) -> float:
+        return 1.0 / self.num_train_timesteps
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        t = _as_tensor(t)
+        return _interp(t, self._t_nodes, self._log_alpha_nodes)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return _log_alpha_to_sigma(self.log_alpha(t))
+
+    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
+        return _vp_lambda(self.log_alpha(t))
+
+    def t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        log_alpha = _vp_log_alpha_of_lambda(_as_tensor(lam))
+        # log alpha decreases in t: interpolate on the flipped (increasing) nodes
+        return _interp(log_alpha, self._log_alpha_nodes.flip(0), self._t_nodes.flip(0))
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The training step index the network expects: n = t N - 1 (999 at T for N = 1000)."""
+        return _as_tensor(t) * self.num_train_timesteps - 1.0
+
+    def init_scale(self) -> float:
+        return 1.0
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_train_timesteps": self.num_train_timesteps}
+
+
+@dataclass(frozen=True)
+class VPLinear:
+    """Continuous-time VP-SDE with linear beta(t) = beta_0 + t (beta_1 - beta_0) on t in [0, 1]."""
+
+    beta_0: float = 0.1
+    beta_1: float = 20.0
+    t_min: float = 1e-3
+    time_scale: float = 1000.0  # the network sees t * time_scale (score-SDE convention)
+    kind: str = "vp_linear"
+    T: float = 1.0
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        t = _as_tensor(t)
+        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return _log_alpha_to_sigma(self.log_alpha(t))
+
+    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
+        return _vp_lambda(self.log_alpha(t))
+
+    def t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        # solve 0.25 (b1 - b0) t^2 + 0.5 b0 t + log_alpha = 0 for t >= 0, in a cancellation-free form
+        neg_log_alpha = -_vp_log_alpha_of_lambda(_as_tensor(lam))
+        a, b = 0.25 * (self.beta_1 - self.beta_0), 0.5 * self.beta_0
+        return 2.0 * neg_log_alpha / (b + torch.sqrt(b * b + 4.0 * a * neg_log_alpha))
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return _as_tensor(t) * self.time_scale
+
+    def init_scale(self) -> float:
+        return 1.0
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "beta_0": self.beta_0, "beta_1": self.beta_1, "t_min": self.t_min}
+
+
+@dataclass(frozen=True)
+class EDM:
+    """VE / EDM: alpha = 1, sigma = t on t in [0, sigma_max]; lambda = -log t. The network sees sigma."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    kind: str = "edm"
+
+    @property
+    def T(self) -> float:  # noqa: N802 - the paper's name
+        return self.sigma_max
+
+    @property
+    def t_min(self) -> float:
+        return self.sigma_min
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(_as_tensor(t))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return _as_tensor(t)
+
+    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
+        return -torch.log(_as_tensor(t))
+
+    def t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-_as_tensor(lam))
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return _as_tensor(t)
+
+    def init_scale(self) -> float:
+        return self.sigma_max
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+@dataclass(frozen=True)
+class FlowMatching:
+    """Rectified flow / flow matching: alpha = 1 - t, sigma = t on [0, 1]; velocity u = eps - x0."""
+
+    t_min: float = 1e-3
+    time_scale: float = 1000.0  # diffusers' flow models see t * num_train_timesteps
+    T: float = 1.0
+    kind: str = "flow"
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(-_as_tensor(t))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return _as_tensor(t)
+
+    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
+        t = _as_tensor(t)
+        return torch.log1p(-t) - torch.log(t)
+
+    def t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(-_as_tensor(lam))
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return _as_tensor(t) * self.time_scale
+
+    def init_scale(self) -> float:
+        return 1.0
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "t_min": self.t_min}

@@ -1,0 +1,211 @@
+"""The schedule: an immutable value holding every per-step decision of a sampler.
+
+A schedule with N steps visits the times ``t_start = tau_0 > tau_1 > ... > tau_N >= 0``. Step ``k``
+(0-based) evaluates the network once at ``tau_k`` (on the current state), then moves the state from
+``tau_k`` to ``tau_{k+1}``. ``tau_N = 0`` means "exactly onto the data" (sigma = 0).
+
+Per step: the time it arrives at, the predictor (``solver`` and ``order``), the parameterisation its
+update uses (``prediction``: data or noise), an optional UniC corrector applied once the next model
+output is known (it reuses that output: no extra NFE), the DC-Solver compensation ratio applied to the
+step's newest model output before the step (1.0 = none), and the network units skipped in the model
+call that starts the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+from autotune.errors import ScheduleError
+
+SOLVERS = ("dpm", "unip-bh1", "unip-bh2", "ipndm")
+PREDICTIONS = ("data", "noise")
+CORRECTORS = ("none", "bh1", "bh2")
+MAX_ORDER = {"dpm": 3, "unip-bh1": 3, "unip-bh2": 3, "ipndm": 4}
+MAX_CORRECTOR_ORDER = 3
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a schedule; see the module docstring for what each field decides."""
+
+    t: float
+    order: int = 1
+    solver: str = "dpm"
+    prediction: str = "data"
+    corrector: str = "none"
+    corrector_order: int = 0
+    ratio: float = 1.0
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # canonical form: skip masks are sorted, so equal masks compare and hash equal
+        object.__setattr__(self, "skip", tuple(sorted(self.skip)))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A validated sampling schedule. Build it directly, from a named builder, or from a file.
+
+    Args:
+        t_start: the time the ODE starts at (the noise schedule's T for every named schedule).
+        steps: the steps, in order; at least one.
+        guidance: classifier-free guidance scale the schedule is meant for (None: unguided model).
+        final_denoise: after the last step, one more model call at the last time returns its data
+            prediction (DPM-Solver's ``denoise_to_zero``); costs one NFE.
+        dc_order: order of the Lagrange interpolation DC-Solver compensation uses (needs that many
+            earlier model outputs before a ratio other than 1.0 can apply).
+        name: a label, not part of the schedule's identity.
+        metadata: free JSON-compatible provenance (search method, model), not part of the identity.
+
+    Example:
+        >>> s = Schedule(1.0, (Step(0.5), Step(0.0)))
+        >>> s.nfe, s.times
+        (2, (1.0, 0.5, 0.0))
+    """
+
+    t_start: float
+    steps: tuple[Step, ...]
+    guidance: float | None = None
+    final_denoise: bool = False
+    dc_order: int = 2
+    name: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        validate(self)
+
+    @property
+    def times(self) -> tuple[float, ...]:
+        """All visited times ``tau_0 .. tau_N``."""
+        return (self.t_start,) + tuple(s.t for s in self.steps)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations the schedule spends (computed, never read from a file)."""
+        return len(self.steps) + int(self.final_denoise)
+
+    @property
+    def units_used(self) -> frozenset[str]:
+        return frozenset(u for s in self.steps for u in s.skip)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define what the schedule computes (name and metadata excluded)."""
+        return {
+            "t_start": self.t_start,
+            "guidance": self.guidance,
+            "final_denoise": self.final_denoise,
+            "dc_order": self.dc_order,
+            "steps": [step_to_dict(s) for s in self.steps],
+        }
+
+    def hash(self) -> str:
+        """Canonical SHA-256 (hex, 16 chars) of the schedule's identity: its key in caches and engines."""
+        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def with_steps(self, steps: Iterable[Step], **changes: Any) -> "Schedule":
+        return replace(self, steps=tuple(steps), **changes)
+
+    def check_units(self, units: Iterable[str]) -> None:
+        """Raise ScheduleError naming the first skipped unit the model does not have."""
+        known = set(units)
+        for k, s in enumerate(self.steps):
+            for u in s.skip:
+                if u not in known:
+                    hint = ", ".join(sorted(known)[:6]) or "the model has no prunable units"
+                    raise ScheduleError(f"steps[{k}].skip", f"unknown unit {u!r} (known: {hint})")
+
+
+def step_to_dict(s: Step) -> dict[str, Any]:
+    return {
+        "t": s.t,
+        "order": s.order,
+        "solver": s.solver,
+        "prediction": s.prediction,
+        "corrector": s.corrector,
+        "corrector_order": s.corrector_order,
+        "ratio": s.ratio,
+        "skip": list(s.skip),
+    }
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate(s: Schedule) -> None:
+    """Check every rule a runnable schedule obeys; raise ScheduleError naming the field and the reason."""
+    if not _finite(s.t_start) or s.t_start <= 0:
+        raise ScheduleError("t_start", f"must be a finite number > 0, got {s.t_start!r}")
+    if not s.steps:
+        raise ScheduleError("steps", "a schedule needs at least one step")
+    if s.guidance is not None and (not _finite(s.guidance) or s.guidance < 0):
+        raise ScheduleError("guidance", f"must be null or a finite number >= 0, got {s.guidance!r}")
+    if not isinstance(s.final_denoise, bool):
+        raise ScheduleError("final_denoise", f"must be true or false, got {s.final_denoise!r}")
+    if not isinstance(s.dc_order, int) or isinstance(s.dc_order, bool) or not 1 <= s.dc_order <= 3:
+        raise ScheduleError("dc_order", f"must be an integer in 1..3, got {s.dc_order!r}")
+    last = len(s.steps) - 1
+    prev_t = s.t_start
+    for k, step in enumerate(s.steps):
+        where = f"steps[{k}]"
+        if not isinstance(step, Step):
+            raise ScheduleError(where, "must be a Step")
+        if not _finite(step.t) or step.t < 0:
+            raise ScheduleError(f"{where}.t", f"must be a finite number >= 0, got {step.t!r}")
+        if not step.t < prev_t:
+            raise ScheduleError(f"{where}.t", f"times must decrease strictly: {step.t!r} follows {prev_t!r}")
+        if step.t == 0 and k != last:
+            raise ScheduleError(f"{where}.t", "only the last step may end at t = 0")
+        prev_t = step.t
+        available = k + 1  # model outputs known when step k starts
+        if step.solver not in SOLVERS:
+            raise ScheduleError(f"{where}.solver", f"unknown solver {step.solver!r} (one of {', '.join(SOLVERS)})")
+        if step.prediction not in PREDICTIONS:
+            raise ScheduleError(f"{where}.prediction", f"must be 'data' or 'noise', got {step.prediction!r}")
+        max_order = MAX_ORDER[step.solver]
+        if not isinstance(step.order, int) or isinstance(step.order, bool) or not 1 <= step.order <= max_order:
+            raise ScheduleError(f"{where}.order", f"must be an integer in 1..{max_order}, got {step.order!r}")
+        if step.order > available:
+            raise ScheduleError(
+                f"{where}.order", f"order {step.order} needs {step.order} model outputs, only {available} known"
+            )
+        if step.t == 0 and step.order > 1 and step.solver != "ipndm":
+            raise ScheduleError(f"{where}.order", "a step onto t = 0 (lambda = inf) must be first order")
+        if step.corrector not in CORRECTORS:
+            raise ScheduleError(f"{where}.corrector", f"must be one of {', '.join(CORRECTORS)}, got {step.corrector!r}")
+        co = step.corrector_order
+        if not isinstance(co, int) or isinstance(co, bool):
+            raise ScheduleError(f"{where}.corrector_order", f"must be an integer, got {co!r}")
+        if step.corrector == "none":
+            if co != 0:
+                raise ScheduleError(f"{where}.corrector_order", "must be 0 when corrector is 'none'")
+        else:
+            if k == last:
+                raise ScheduleError(
+                    f"{where}.corrector", "the last step cannot be corrected (no model output follows it)"
+                )
+            if not 1 <= co <= MAX_CORRECTOR_ORDER:
+                raise ScheduleError(f"{where}.corrector_order", f"must be in 1..{MAX_CORRECTOR_ORDER}, got {co!r}")
+            if co > available:
+                raise ScheduleError(
+                    f"{where}.corrector_order", f"order {co} needs {co} earlier model outputs, only {available} known"
+                )
+        if not _finite(step.ratio):
+            raise ScheduleError(f"{where}.ratio", f"must be a finite number, got {step.ratio!r}")
+        if step.ratio != 1.0 and available < s.dc_order + 1:
+            raise ScheduleError(
+                f"{where}.ratio",
+                f"compensation needs {s.dc_order + 1} model outputs (dc_order {s.dc_order}), only {available} known",
+            )
+        if not isinstance(step.skip, tuple) or not all(isinstance(u, str) and u for u in step.skip):
+            raise ScheduleError(f"{where}.skip", "must be a list of unit names")
+        if len(set(step.skip)) != len(step.skip):
+            raise ScheduleError(f"{where}.skip", "lists a unit twice")
+    if s.final_denoise and s.steps[-1].t == 0:
+        raise ScheduleError("final_denoise", "the last step already ends on the data (t = 0)")

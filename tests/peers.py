@@ -1,0 +1,89 @@
+"""diffusers reference loops and a tiny random UNet pipeline directory, shared by the peer tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PEERS = {
+    # our name -> (diffusers class name, constructor overrides)
+    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}),
+    "dpmsolver++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                      "timestep_spacing": "linspace"}),
+    "dpmsolver++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3,
+                                                      "timestep_spacing": "linspace"}),
+    "unipc-bh2-o2": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2, "timestep_spacing": "linspace"}),
+    "unipc-bh2-o3": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 3, "timestep_spacing": "linspace"}),
+    "unipc-bh1-o2": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2, "timestep_spacing": "linspace",
+                                                 "final_sigmas_type": "sigma_min"}),
+}
+
+
+def tiny_unet(prediction_type: str = "epsilon", seed: int = 0, dtype=torch.float32):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8,
+    )
+    return unet
+
+
+def toy_images(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Smooth 8x8 RGB images in [-1, 1]: a random colour times a random horizontal/vertical ramp."""
+    colour = torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1
+    ramp = torch.linspace(-1, 1, 8)
+    flip = (torch.rand(n, 1, 1, 1, generator=generator) < 0.5).float()
+    img = flip * ramp.view(1, 1, 8, 1) + (1 - flip) * ramp.view(1, 1, 1, 8)
+    return (colour * img).clamp(-1, 1)
+
+
+def train_tiny(unet, scheduler, steps: int = 400, seed: int = 0):
+    """A few hundred Adam steps so the UNet's predictions (and samples) are of a realistic size."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    acp = scheduler.alphas_cumprod
+    for _ in range(steps):
+        x0 = toy_images(32, g)
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(acp), (32,), generator=g)
+        a = acp[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+        xt = a * x0 + s * eps
+        target = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[scheduler.config.prediction_type]
+        loss = ((unet(xt, t).sample - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return unet.eval()
+
+
+def make_pipeline_dir(path: Path, prediction_type: str = "epsilon", beta_schedule: str = "linear",
+                      dtype=torch.float32) -> Path:
+    """A DDPM pipeline directory as a user has one: `leading` spacing and `clip_sample: true` in its config."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, prediction_type=prediction_type,
+                          timestep_spacing="leading", clip_sample=True)
+    unet = train_tiny(tiny_unet(prediction_type), sched).to(dtype)
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(str(path))
+    return path
+
+
+def run_peer(name: str, unet, scheduler_config: dict, noise: torch.Tensor, nfe: int, **overrides) -> torch.Tensor:
+    """Sample with diffusers' own scheduler class, the way its pipelines do."""
+    import diffusers
+
+    cls_name, kwargs = PEERS[name]
+    cls = getattr(diffusers, cls_name)
+    sched = cls.from_config(scheduler_config, **{**kwargs, **overrides})
+    sched.set_timesteps(nfe)
+    x = noise * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = unet(sched.scale_model_input(x, t), t).sample
+            x = sched.step(out, t, x).prev_sample
+    return x
