@@ -1,0 +1,18 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def pipeline_dirs(tmp_path_factory):
+    """Trained tiny DDPM pipeline directories (epsilon and v-prediction), built once per test session."""
+    pytest.importorskip("diffusers")
+    from peers import make_pipeline_dir
+
+    root = tmp_path_factory.mktemp("pipelines")
+    torch.manual_seed(0)
+    return {pred: make_pipeline_dir(root / pred, pred) for pred in ("epsilon", "v_prediction")}
