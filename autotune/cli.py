@@ -124,8 +124,9 @@ def sample_cmd(
     from autotune.space.fileformat import load
 
     tdtype = _torch_dtype(dtype)
+    sched = load(schedule)  # a bad file fails before any model is loaded
     m = load_model(model, dtype=tdtype)
-    sched = load(schedule, units=m.units)
+    sched.check_units(m.units)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
     shape = tuple(getattr(m, "sample_shape", ()))

@@ -71,7 +71,7 @@ def loads(text: str, source: str | None = None, units: Iterable[str] | None = No
         doc = json.loads(text, parse_constant=_reject_constant)
     except ScheduleError as e:
         raise ScheduleError(e.field, e.reason, source) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and ints beyond Python's digit limit
         raise ScheduleError("(file)", f"not valid JSON ({e})", source) from None
     try:
         schedule = from_dict(doc)
@@ -103,6 +103,11 @@ def _get(d: dict, key: str, where: str, types: tuple, required: bool = True, def
         raise ScheduleError(f"{where}{key}", f"expected {_names(types)}, got a boolean")
     if not isinstance(value, types):
         raise ScheduleError(f"{where}{key}", f"expected {_names(types)}, got {type(value).__name__}")
+    if float in types and isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            raise ScheduleError(f"{where}{key}", "number too large") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ScheduleError(f"{where}{key}", "must be finite")
     return value
@@ -114,18 +119,23 @@ def _names(types: tuple) -> str:
     return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
+def _key(key: str) -> str:
+    """A file's key as a field name; quoted when it holds characters that would break the one-line error."""
+    return key if len(f"<{key}>".splitlines()) == 1 else repr(key)
+
+
 def from_dict(doc: Any) -> Schedule:
     """Build a Schedule from a parsed document, validating types, version and every schedule rule."""
     if not isinstance(doc, dict):
         raise ScheduleError("(file)", f"expected a JSON object, got {type(doc).__name__}")
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION or isinstance(version, bool):
+    if version != SCHEMA_VERSION or type(version) is not int:
         raise ScheduleError("schema_version", f"unsupported version {version!r} (this autotune reads {SCHEMA_VERSION})")
     if doc.get("kind", KIND) != KIND:
         raise ScheduleError("kind", f"expected {KIND!r}, got {doc.get('kind')!r}")
     unknown = sorted(set(doc) - _TOP_KEYS)
     if unknown:
-        raise ScheduleError(unknown[0], "unknown field")
+        raise ScheduleError(_key(unknown[0]), "unknown field")
     steps_doc = _get(doc, "steps", "", (list,))
     steps = []
     for k, sd in enumerate(steps_doc):
@@ -134,7 +144,7 @@ def from_dict(doc: Any) -> Schedule:
             raise ScheduleError(f"steps[{k}]", "expected an object")
         unknown = sorted(set(sd) - _STEP_KEYS)
         if unknown:
-            raise ScheduleError(f"{where}{unknown[0]}", "unknown field")
+            raise ScheduleError(f"{where}{_key(unknown[0])}", "unknown field")
         skip = _get(sd, "skip", where, (list,), required=False, default=[])
         for j, u in enumerate(skip):
             if not isinstance(u, str):

@@ -42,8 +42,21 @@ class Step:
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # canonical form: skip masks are sorted, so equal masks compare and hash equal
-        object.__setattr__(self, "skip", tuple(sorted(self.skip)))
+        # canonical form: numbers as floats (1 == 1.0, -0.0 == 0.0 hash alike), skip masks sorted
+        for name in ("t", "ratio"):
+            object.__setattr__(self, name, _canonical_float(getattr(self, name)))
+        if isinstance(self.skip, (list, tuple)) and all(isinstance(u, str) for u in self.skip):
+            object.__setattr__(self, "skip", tuple(sorted(self.skip)))
+
+
+def _canonical_float(x: Any) -> Any:
+    """Real numbers as float with -0.0 folded into 0.0; anything else is left for validate() to reject."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        try:
+            return float(x) + 0.0
+        except OverflowError:
+            return math.inf
+    return x
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,9 @@ class Schedule:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
+        object.__setattr__(self, "t_start", _canonical_float(self.t_start))
+        if self.guidance is not None:
+            object.__setattr__(self, "guidance", _canonical_float(self.guidance))
         validate(self)
 
     @property
@@ -148,6 +164,12 @@ def validate(s: Schedule) -> None:
         raise ScheduleError("guidance", f"must be null or a finite number >= 0, got {s.guidance!r}")
     if not isinstance(s.final_denoise, bool):
         raise ScheduleError("final_denoise", f"must be true or false, got {s.final_denoise!r}")
+    try:
+        json.dumps(s.metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ScheduleError("metadata", f"must be JSON-compatible ({e})") from None
+    if not isinstance(s.metadata, dict):
+        raise ScheduleError("metadata", "must be an object")
     if not isinstance(s.dc_order, int) or isinstance(s.dc_order, bool) or not 1 <= s.dc_order <= 3:
         raise ScheduleError("dc_order", f"must be an integer in 1..3, got {s.dc_order!r}")
     last = len(s.steps) - 1

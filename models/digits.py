@@ -1,0 +1,257 @@
+"""Built-in model ``digits``: a small class-conditional UNet on scikit-learn digits (1x16x16), with CFG.
+
+Epsilon prediction on a 1000-step linear-beta DDPM schedule (``VPDiscrete``); labels 0..9 plus a null
+class 10 used for classifier-free guidance. Plain torch modules only (no diffusers), so the network
+exports to ONNX as is. Same-shape residual blocks and the self-attention layers carry
+``autotune_prunable = True`` and can be skipped as units. Also holds the small digits classifier whose
+penultimate features serve for a Frechet distance. Weights live in ``models/weights/`` and are made by
+``autotune.models.digits_train``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autotune.errors import ModelError
+from autotune.models.guidance import ClassifierFreeGuidance
+from autotune.models.registry import BuiltinModel, register
+from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
+from autotune.sampling.noise import VPDiscrete, betas_for
+
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # label index of "no class" (classifier-free guidance)
+SAMPLE_SHAPE = (1, 16, 16)
+NOISE_CONFIG = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+UNET_ARCH = {"channels": [32, 64, 64], "emb_dim": 128, "heads": 4, "groups": 8}
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+UNET_FILE = "digits.safetensors"
+CLASSIFIER_FILE = "digits_classifier.safetensors"
+
+
+def digits_noise() -> VPDiscrete:
+    """The model's noise schedule: diffusers' DDPM default (linear betas 1e-4..0.02, 1000 steps)."""
+    c = NOISE_CONFIG
+    return VPDiscrete.from_betas(betas_for(c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"]))
+
+
+def timestep_embedding(tm: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (cos, sin) of the model time, shape (batch, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=tm.dtype, device=tm.device) / half)
+    args = tm[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with the embedding added in between; prunable when cin == cout."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.shortcut = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.autotune_prunable = cin == cout
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Residual multi-head self-attention over the pixels (plain matmuls, ONNX friendly); prunable."""
+
+    def __init__(self, ch: int, heads: int, groups: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        self.autotune_prunable = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        d = c // self.heads
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, d, hgt * wid).unbind(1)
+        attn = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) / math.sqrt(d), dim=-1)
+        out = torch.einsum("bhij,bhdj->bhdi", attn, v).reshape(b, c, hgt, wid)
+        return x + self.proj(out)
+
+
+class DigitsUNet(nn.Module):
+    """Three-level UNet (16, 8, 4 px) with attention at 4 px; ``forward(x, model_time, labels) -> eps``."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 64), emb_dim: int = 128, heads: int = 4,
+                 groups: int = 8, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        c0, c1, c2 = channels
+        self.emb_dim = emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim)  # the last row is the null class
+        self.conv_in = nn.Conv2d(1, c0, 3, padding=1)
+        self.down0 = ResBlock(c0, c0, emb_dim, groups)
+        self.pool0 = nn.Conv2d(c0, c0, 3, stride=2, padding=1)
+        self.down1 = ResBlock(c0, c1, emb_dim, groups)
+        self.pool1 = nn.Conv2d(c1, c1, 3, stride=2, padding=1)
+        self.down2 = ResBlock(c1, c2, emb_dim, groups)
+        self.down2_attn = SelfAttention(c2, heads, groups)
+        self.mid1 = ResBlock(c2, c2, emb_dim, groups)
+        self.mid_attn = SelfAttention(c2, heads, groups)
+        self.mid2 = ResBlock(c2, c2, emb_dim, groups)
+        self.up2 = ResBlock(2 * c2, c2, emb_dim, groups)
+        self.up2_attn = SelfAttention(c2, heads, groups)
+        self.unpool2 = nn.Conv2d(c2, c2, 3, padding=1)
+        self.up1 = ResBlock(c2 + c1, c1, emb_dim, groups)
+        self.up1_extra = ResBlock(c1, c1, emb_dim, groups)
+        self.unpool1 = nn.Conv2d(c1, c1, 3, padding=1)
+        self.up0 = ResBlock(c1 + c0, c0, emb_dim, groups)
+        self.up0_extra = ResBlock(c0, c0, emb_dim, groups)
+        self.norm_out = nn.GroupNorm(groups, c0)
+        self.conv_out = nn.Conv2d(c0, 1, 3, padding=1)
+
+    def embed(self, tm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Time MLP of the sinusoidal embedding plus the class embedding."""
+        return self.time_mlp(timestep_embedding(tm, self.emb_dim)) + self.class_emb(labels)
+
+    def forward(self, x: torch.Tensor, tm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        emb = self.embed(tm.to(x.dtype), labels)
+        h0 = self.down0(self.conv_in(x), emb)
+        h1 = self.down1(self.pool0(h0), emb)
+        h2 = self.down2_attn(self.down2(self.pool1(h1), emb))
+        h = self.mid2(self.mid_attn(self.mid1(h2, emb)), emb)
+        h = self.up2_attn(self.up2(torch.cat([h, h2], 1), emb))
+        h = self.unpool2(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        h = self.up1_extra(self.up1(torch.cat([h, h1], 1), emb), emb)
+        h = self.unpool1(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        h = self.up0_extra(self.up0(torch.cat([h, h0], 1), emb), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_unet(arch: dict[str, Any] | None = None) -> DigitsUNet:
+    """A freshly initialised DigitsUNet with the shipped architecture (or ``arch``)."""
+    a = dict(UNET_ARCH, **(arch or {}))
+    return DigitsUNet(tuple(a["channels"]), a["emb_dim"], a["heads"], a["groups"])
+
+
+def check_labels(cond: Any, batch: int) -> torch.Tensor:
+    """Class labels as a LongTensor of shape (batch,); an int or 0-d tensor is broadcast."""
+    labels = torch.as_tensor(cond)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ModelError(f"digits: cond must be integer class labels (0..9), got dtype {labels.dtype}")
+    labels = labels.long()
+    if labels.dim() == 0:
+        labels = labels.expand(batch)
+    if labels.shape != (batch,):
+        raise ModelError(f"digits: cond must have shape ({batch},), got {tuple(labels.shape)}")
+    if not torch.jit.is_tracing() and batch and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
+        raise ModelError(f"digits: class labels must be in 0..{NUM_CLASSES - 1}")
+    return labels
+
+
+class DigitsDenoiser(TorchDenoiser):
+    """The Denoiser of the ``digits`` model: ``cond`` = class labels (None: unconditional), CFG by ``guidance``."""
+
+    def __init__(self, unet: DigitsUNet, noise: VPDiscrete | None = None) -> None:
+        noise = noise or digits_noise()
+        config = {"name": "digits", "noise": NOISE_CONFIG, "parameterization": "epsilon", "arch": UNET_ARCH}
+        super().__init__(unet, noise, "epsilon", module=unet, round_time=True, config=config)
+        self.cfg = ClassifierFreeGuidance(unet, torch.tensor(NULL_CLASS, dtype=torch.long))
+        self.sample_shape = SAMPLE_SHAPE
+        self.num_classes = NUM_CLASSES
+
+    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None):
+        """eps for the batch at time t; conditional + unconditional in one batched forward when guided."""
+        tm = self.model_time(x, t)
+        labels = None if cond is None else check_labels(cond, x.shape[0]).to(x.device)
+        with skipping(self.module, skip) if skip else contextlib.nullcontext():
+            return self.cfg(x, tm, labels, guidance)
+
+    def fingerprint(self) -> str:
+        return fingerprint_module(self.module, self.config)
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, with a ModelError naming the file when it is missing or bad."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path}: missing (train it with `python -m autotune.models.digits_train`)")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _load_into(module: nn.Module, path: Path, dtype: torch.dtype) -> nn.Module:
+    """Load ``path`` strictly into ``module``; returns it in eval mode, cast to ``dtype``, without grads."""
+    try:
+        module.load_state_dict(_load_state(path))
+    except RuntimeError as e:
+        raise ModelError(f"{path}: weights do not match the architecture ({e})") from None
+    module = module.to(dtype).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def load_digits(dtype: torch.dtype = torch.float32, weights_dir: str | Path | None = None) -> DigitsDenoiser:
+    """The shipped ``digits`` Denoiser (EMA weights), in ``dtype``."""
+    path = Path(weights_dir or WEIGHTS_DIR) / UNET_FILE
+    return DigitsDenoiser(_load_into(build_unet(), path, dtype))
+
+
+class DigitsClassifier(nn.Module):
+    """Small CNN on 1x16x16 digits in [-1, 1]; ``features(x)`` is the 128-d penultimate layer."""
+
+    feature_dim = 128
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 4 * 4, self.feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(self.feature_dim, NUM_CLASSES)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer features (batch, 128), for Frechet distances."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted class labels (batch,)."""
+        with torch.no_grad():
+            return self(x.to(next(self.parameters()).dtype)).argmax(1)
+
+
+def load_classifier(dtype: torch.dtype = torch.float32, weights_dir: str | Path | None = None) -> DigitsClassifier:
+    """The shipped digits classifier, in eval mode."""
+    path = Path(weights_dir or WEIGHTS_DIR) / CLASSIFIER_FILE
+    return _load_into(DigitsClassifier(), path, dtype)
+
+
+def training_record(weights_dir: str | Path | None = None, name: str = "digits_train.json") -> dict[str, Any]:
+    """The JSON record written next to the weights by the trainer."""
+    path = Path(weights_dir or WEIGHTS_DIR) / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing") from None
+
+
+register(BuiltinModel("digits", load_digits, "class-conditional UNet on scikit-learn digits 16x16 (CFG)"))
