@@ -242,7 +242,8 @@ class FlowMatching:
 
     t_min: float = 1e-3
     time_scale: float = 1000.0  # diffusers' flow models see t * num_train_timesteps
-    T: float = 1.0
+    # start just below 1 (as diffusers does): at t = 1 alpha = 0, lambda = -inf, and UniPC's B(h) is infinite
+    T: float = 1.0 - 1e-6
     kind: str = "flow"
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,175 @@
+"""The executor on its own: NFE counting, float64, DC compensation, correctors, gradients, unit skipping."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from autotune.sampling.coefficients import compensation, make_plan
+from autotune.sampling.denoiser import TorchDenoiser, to_data_and_noise
+from autotune.sampling.executor import sample
+from autotune.sampling.named import NAMED, build
+from autotune.sampling.noise import EDM, FlowMatching, VPDiscrete, VPLinear
+from autotune.space.schedule import Schedule, Step
+
+
+def gaussian_model(noise_schedule, c=0.7, parameterization="sample"):
+    """Data ~ N(0, c^2 I): the exact denoiser is x0 = alpha c^2 / (alpha^2 c^2 + sigma^2) x."""
+
+    def fn(x, tm):
+        t = tm_to_t(tm)
+        a = torch.exp(noise_schedule.log_alpha(t)).to(x.dtype)[:, None]
+        s = noise_schedule.sigma(t).to(x.dtype)[:, None]
+        x0 = a * c**2 / (a**2 * c**2 + s**2) * x
+        eps = (x - a * x0) / s
+        return {"sample": x0, "epsilon": eps, "v_prediction": a * eps - s * x0, "flow": eps - x0}[parameterization]
+
+    def tm_to_t(tm):  # invert model_time for the schedules used here
+        if isinstance(noise_schedule, VPDiscrete):
+            return (tm.double() + 1) / noise_schedule.num_train_timesteps
+        if isinstance(noise_schedule, (VPLinear, FlowMatching)):
+            return tm.double() / noise_schedule.time_scale
+        return tm.double()
+
+    return TorchDenoiser(fn, noise_schedule, parameterization)
+
+
+def exact_gaussian_solution(noise_schedule, x_T, t_end, c=0.7):
+    """Probability-flow ODE solution for N(0, c^2 I) data: x_t scales with sqrt(alpha^2 c^2 + sigma^2)."""
+    def std(t):
+        t = torch.tensor(t, dtype=torch.float64)
+        return float(torch.sqrt(torch.exp(2 * noise_schedule.log_alpha(t)) * c**2 + noise_schedule.sigma(t) ** 2))
+    return x_T * std(t_end) / std(noise_schedule.T)
+
+
+# EDM is left out: the named spacings are uniform in t = sigma there, a grid no one uses at few steps.
+# (Convergence orders are asserted in test_convergence.py on lambda-uniform grids.)
+@pytest.mark.parametrize("ns", [VPDiscrete.from_diffusers_config({}), VPLinear(), FlowMatching()],
+                         ids=lambda n: n.kind)
+@pytest.mark.parametrize("parameterization", ["sample", "epsilon", "v_prediction", "flow"])
+def test_every_named_schedule_solves_the_gaussian_ode(ns, parameterization):
+    model = gaussian_model(ns, parameterization=parameterization)
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = exact_gaussian_solution(ns, noise * ns.init_scale(), 0.0)
+    scale = exact.abs().max().item()
+    for name in NAMED:
+        result = sample(model, build(name, ns, 20), noise, dtype=torch.float64)
+        err = (result.sample - exact).abs().max().item()
+        assert result.nfe == 20 and err < 0.15 * scale, (name, err)  # ddim, first order, is the loosest
+        # the same schedule in every parameterisation of the same model gives the same samples
+        if parameterization != "sample":
+            ref = sample(gaussian_model(ns, parameterization="sample"), build(name, ns, 20), noise).sample
+            assert (result.sample - ref).abs().max() < 1e-8
+
+
+def test_float32_and_float64_agree():
+    ns = VPDiscrete.from_diffusers_config({})
+    model = gaussian_model(ns)
+    noise = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    s = build("unipc-bh2-o3", ns, 8)
+    a = sample(model, s, noise, dtype=torch.float32).sample
+    b = sample(model, s, noise.double(), dtype=torch.float64).sample
+    assert a.dtype == torch.float32 and b.dtype == torch.float64
+    assert (a.double() - b).abs().max() < 1e-5
+
+
+def test_compensation_is_lagrange_interpolation_in_t():
+    times = torch.tensor([1.0, 0.8, 0.55, 0.3], dtype=torch.float64)
+    comp = compensation(3, torch.tensor(1.0, dtype=torch.float64), 2, times)
+    assert {j: round(float(w), 12) for j, w in comp.outputs} == {3: 1.0, 2: 0.0, 1: 0.0}
+    comp = compensation(3, torch.tensor(0.8, dtype=torch.float64), 2, times)
+    # outputs that are a quadratic in t are reproduced exactly at the shifted time
+    f = lambda t: 2 * t**2 - t + 0.5  # noqa: E731
+    target = 0.8 * 0.3 + 0.2 * 0.55
+    assert abs(sum(float(w) * f(float(times[j])) for j, w in comp.outputs) - f(target)) < 1e-12
+
+
+def _dc_schedule(ns, ratio):
+    base = build("unipc-bh2-o2", ns, 6)
+    steps = [dataclasses.replace(st, ratio=ratio if k >= 2 else 1.0) for k, st in enumerate(base.steps)]
+    return base.with_steps(steps)
+
+
+def test_ratios_change_the_sample_and_one_means_none():
+    ns = VPDiscrete.from_diffusers_config({})
+    model = gaussian_model(ns, parameterization="epsilon")
+    noise = torch.randn(8, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    plain = sample(model, build("unipc-bh2-o2", ns, 6), noise).sample
+    assert torch.equal(sample(model, _dc_schedule(ns, 1.0), noise).sample, plain)
+    assert (sample(model, _dc_schedule(ns, 0.9), noise).sample - plain).abs().max() > 1e-6
+
+
+def test_differentiable_in_ratios_and_times():
+    ns = VPDiscrete.from_diffusers_config({})
+    model = gaussian_model(ns, parameterization="epsilon")
+    noise = torch.randn(8, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    s = _dc_schedule(ns, 1.0)
+    ratios = torch.ones(len(s.steps), dtype=torch.float64, requires_grad=True)
+    times = torch.tensor(s.times, dtype=torch.float64, requires_grad=True)
+    out = sample(model, s, noise, differentiable=True, ratios=ratios, times=times)
+    exact = exact_gaussian_solution(ns, noise, 0.0)
+    ((out.sample - exact) ** 2).mean().backward()
+    assert torch.isfinite(ratios.grad).all() and ratios.grad[2:].abs().sum() > 0
+    assert ratios.grad[:2].abs().sum() == 0  # no compensation before dc_order outputs exist
+    assert torch.isfinite(times.grad[1:-1]).all() and times.grad[1:-1].abs().sum() > 0
+    with torch.no_grad():
+        assert not sample(model, s, noise).sample.requires_grad
+
+
+def test_corrector_uses_no_extra_model_call():
+    ns = VPLinear()
+    calls = []
+    inner = gaussian_model(ns)
+    model = TorchDenoiser(lambda x, tm: calls.append(1) or inner.fn(x, tm), ns, "sample")
+    s = build("unipc-bh2-o3", ns, 7)
+    assert sum(st.corrector != "none" for st in s.steps) == 6
+    assert sample(model, s, torch.randn(4, 2)).nfe == len(calls) == 7
+
+
+def test_final_denoise_costs_one_call_and_returns_x0():
+    ns = VPLinear()
+    model = gaussian_model(ns)
+    times = [1.0, 0.5, 0.1, 0.01]
+    s = Schedule(1.0, tuple(Step(t) for t in times[1:]), final_denoise=True)
+    noise = torch.randn(4, 2, dtype=torch.float64)
+    result = sample(model, s, noise, keep_states=True)
+    assert result.nfe == 4 and len(result.states) == 4
+    plain = sample(model, dataclasses.replace(s, final_denoise=False), noise).sample
+    x0, _ = to_data_and_noise(model(plain, torch.tensor(0.01)), plain, torch.exp(ns.log_alpha(torch.tensor(0.01))),
+                              ns.sigma(torch.tensor(0.01)), "sample")
+    assert torch.allclose(result.sample, x0)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.block.autotune_prunable = True
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x, t):
+        return self.out(self.block(self.inp(x)) + t[:, None] * 1e-3)
+
+
+def test_skip_masks_bypass_units_per_step():
+    torch.manual_seed(0)
+    ns = VPLinear()
+    model = TorchDenoiser(TinyNet(), ns, "epsilon")
+    assert model.units == ("block",)
+    noise = torch.randn(4, 3)
+    full = build("dpmsolver++2m", ns, 4)
+    pruned = full.with_steps([dataclasses.replace(st, skip=("block",)) if k == 1 else st
+                              for k, st in enumerate(full.steps)])
+    a, b = sample(model, full, noise), sample(model, pruned, noise)
+    assert a.nfe == b.nfe == 4 and (a.sample - b.sample).abs().max() > 1e-4
+    # the module is restored after the call
+    assert "forward" not in model.module.block.__dict__
+    assert torch.equal(sample(model, full, noise).sample, a.sample)
+
+
+def test_plan_is_shared_and_precomputed():
+    ns = VPDiscrete.from_diffusers_config({})
+    plan = make_plan(build("dpmsolver++3m", ns, 6), ns)
+    assert len(plan.steps) == 6 and [len(p.predictor.outputs) for p in plan.steps] == [1, 2, 3, 3, 2, 1]
