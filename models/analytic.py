@@ -58,8 +58,10 @@ def mixture_log_prob(
     x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, log_w: torch.Tensor, mu: torch.Tensor, var: torch.Tensor
 ) -> torch.Tensor:
     """log p_t(x) of the noised mixture sum_k w_k N(alpha mu_k, alpha^2 s_k^2 + sigma^2), by logsumexp."""
-    v = alpha * alpha * var + sigma * sigma
-    diff = x.unsqueeze(-2) - alpha * mu
+    a = alpha.reshape(-1, 1, 1) if alpha.ndim else alpha
+    s = sigma.reshape(-1, 1, 1) if sigma.ndim else sigma
+    v = a * a * var + s * s
+    diff = x.unsqueeze(-2) - a * mu
     log_n = -0.5 * (diff * diff / v + torch.log(v) + math.log(2 * math.pi)).sum(-1)
     return torch.logsumexp(log_w + log_n, dim=-1)
 
@@ -259,8 +261,9 @@ class GaussianMixtureDenoiser:
             raise SamplingError(f"{self.name}: an unconditional model takes no conditioning (cond must be None)")
         if skip:
             raise SamplingError(f"skip: the model has no unit {sorted(skip)[0]!r} (it has no prunable units)")
-        x0, eps = self.posterior(x, t)
+        self._check_x(x)
         a, s = self._alpha_sigma(t, self.dtype)
+        x0, eps = mixture_posterior(x.to(self.dtype), a, s, *self._params)
         if a.ndim:
             a, s = a.reshape(-1, 1), s.reshape(-1, 1)
         return output_from_posterior(x0, eps, a, s, self.parameterization)
