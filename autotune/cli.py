@@ -15,6 +15,7 @@ from autotune.errors import AutotuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search, fit and compile sampling schedules.")
 console = Console()
+
 err_console = Console(stderr=True)
 
 DTYPES = {"float32": "float32", "float64": "float64"}
@@ -153,6 +154,219 @@ def sample_cmd(
 
         save_grid(result.sample.detach().cpu(), png)
         console.print(f"wrote {png}")
+
+
+def _open_store(cache: Optional[str], no_cache: bool):
+    if no_cache:
+        return None
+    from autotune.cache.store import open_store
+
+    return open_store(cache)
+
+
+def _parse_nfes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise AutotuneError(f"--nfe: expected comma-separated integers like 4,5,6,8,10, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise AutotuneError(f"--nfe: expected positive integers, got {text!r}")
+    return values
+
+
+CACHE_HELP = "cache file or SQLAlchemy URL (default: the per-user cache; see `autotune cache stats`)"
+
+
+@app.command("eval")
+@_one_line_errors
+def eval_cmd(
+    model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
+    schedule: Path = typer.Option(..., "--schedule", help="schedule file"),
+    eval_set: str = typer.Option("report", "--set", help="report (final figures) or search (what searches see)"),
+    size: int = typer.Option(0, "--size", min=0, help="evaluation-set size (0: the default of the set)"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
+    cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the cache"),
+) -> None:
+    """Score a schedule file on MODEL: mse_ref against the reference ODE solution, trajectory error, NFE, time."""
+    from autotune.evaluate.evaluator import Evaluator, metrics_json
+    from autotune.models.registry import load_model
+    from autotune.space.fileformat import load
+
+    sched = load(schedule)
+    m = load_model(model)
+    sched.check_units(m.units)
+    evaluator = Evaluator(m, eval_set, size=size, store=_open_store(cache, no_cache))
+    metrics = evaluator.evaluate(sched)
+    if as_json:
+        console.print_json(metrics_json({**metrics, "eval_set": evaluator.eval_set.id}))
+        return
+    table = Table("metric", "value", title=f"{sched.name or schedule.name} on {model} ({evaluator.eval_set.id})")
+    for key in ("mse_ref", "traj_err", "nfe", "diverged", "diverged_at", "seconds", "cached"):
+        value = metrics.get(key)
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    for key, value in metrics.items():
+        if key not in ("mse_ref", "traj_err", "nfe", "diverged", "diverged_at", "seconds", "cached", "schedule_hash"):
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command("compare")
+@_one_line_errors
+def compare_cmd(
+    model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
+    nfe: str = typer.Option("4,5,6,8,10", "--nfe", help="comma-separated NFE values"),
+    schedules: list[Path] = typer.Option([], "--schedules", help="schedule files to compare (repeatable)"),
+    baselines: str = typer.Option("all", "--baselines", help="'all', 'none' or comma-separated named schedules"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale for the named schedules"),
+    eval_set: str = typer.Option("report", "--set", help="report or search"),
+    size: int = typer.Option(0, "--size", min=0, help="evaluation-set size (0: the default of the set)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="directory for compare.csv and compare.json"),
+    cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the cache"),
+) -> None:
+    """Every named hand-designed schedule and every given schedule, side by side: mse_ref per NFE."""
+    import csv
+    import dataclasses
+    import json
+
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.models.registry import load_model
+    from autotune.sampling.named import NAMED, build
+    from autotune.space.fileformat import load
+
+    nfes = _parse_nfes(nfe)
+    given = [load(p) for p in schedules]
+    m = load_model(model)
+    for s in given:
+        s.check_units(m.units)
+    names = list(NAMED) if baselines == "all" else [] if baselines == "none" else [
+        b.strip() for b in baselines.split(",") if b.strip()]
+    evaluator = Evaluator(m, eval_set, size=size, store=_open_store(cache, no_cache))
+    rows: list[dict] = []
+    for name in names:
+        for n in nfes:
+            s = build(name, m.noise, n)
+            if guidance is not None:
+                s = dataclasses.replace(s, guidance=guidance)
+            rows.append({"schedule": name, "file": "", **evaluator.evaluate(s)})
+    for path, s in zip(schedules, given):
+        rows.append({"schedule": s.name or path.stem, "file": str(path), **evaluator.evaluate(s)})
+    columns = sorted({r["nfe"] for r in rows})
+    table = Table("schedule", *[f"NFE {c}" for c in columns],
+                  title=f"mse_ref on {model}, {evaluator.eval_set.id} (lower is better; * best per NFE)")
+    best = {c: min((r["mse_ref"] for r in rows if r["nfe"] == c), default=None) for c in columns}
+    for label in dict.fromkeys(r["schedule"] for r in rows):
+        cells = []
+        for c in columns:
+            hits = [r for r in rows if r["schedule"] == label and r["nfe"] == c]
+            if not hits:
+                cells.append("")
+                continue
+            v = hits[0]["mse_ref"]
+            cells.append(("diverged" if hits[0]["diverged"] else f"{v:.3e}") + (" *" if v == best[c] else ""))
+        table.add_row(label, *cells)
+    console.print(table)
+    out = out or Path(f"compare-{Path(model).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ["schedule", "file", "nfe", "mse_ref", "traj_err", "diverged", "diverged_at", "seconds", "cached",
+            "schedule_hash"]
+    with open(out / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "compare.json").write_text(json.dumps(
+        {"model": model, "eval_set": evaluator.eval_set.id, "rows": [{k: r.get(k) for k in keys} for r in rows]},
+        indent=1, default=str))
+    console.print(f"wrote {out / 'compare.csv'} and {out / 'compare.json'}")
+
+
+@app.command("search")
+@_one_line_errors
+def search_cmd(
+    model: str = typer.Option("digits", "--model", help="diffusers pipeline directory or built-in model name"),
+    nfe: int = typer.Option(5, "--nfe", min=1, help="model evaluations of the searched schedule"),
+    method: str = typer.Option("evolution", "--method", help="search method (see `autotune search --help`)"),
+    budget: int = typer.Option(120, "--budget", min=1, help="true evaluations to spend (cache hits are free)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the search"),
+    workers: int = typer.Option(2, "--workers", min=0, help="Ray workers (0: evaluate in this process)"),
+    address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster instead of a local Ray"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale the schedule is tuned for"),
+    batch: int = typer.Option(8, "--batch", min=1, help="candidates per generation / batch"),
+    set_size: int = typer.Option(0, "--set-size", min=0, help="search-set size (0: default)"),
+    cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help="keep evaluations in memory only (no resume)"),
+    out: Path = typer.Option(..., "--out", help="schedule file to write"),
+) -> None:
+    """Search the unified space for the schedule with the lowest mse_ref at NFE model evaluations."""
+    import dataclasses
+
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.models.registry import load_model
+    from autotune.sampling.named import NAMED, build
+    from autotune.search.runner import EvaluatorSpec, InProcessPool, RayPool, run_search, search_id
+    from autotune.search.strategy import SearchContext, make_strategy
+    from autotune.space.encoding import ScheduleSpace
+    from autotune.space.fileformat import save
+
+    torch.set_num_threads(1 if workers else torch.get_num_threads())
+    m = load_model(model)
+    store = _open_store(cache, no_cache)
+    evaluator = Evaluator(m, "search", size=set_size, seed=seed, store=store)
+    seeds = tuple(dataclasses.replace(build(n, m.noise, nfe), guidance=guidance) for n in NAMED)
+    space = ScheduleSpace(nfe, m.noise.T, 0.0, ratio_range=None, guidance=guidance)
+    strategy = make_strategy(method, SearchContext(space, m.noise, seeds, seed))
+    sid = search_id(model=evaluator.fingerprint, nfe=nfe, method=method, budget=budget, seed=seed,
+                    guidance=guidance, eval_set=evaluator.eval_set.id, batch=batch, space=repr(space))
+    reference = evaluator.reference(guidance)  # computed once here, shipped to the workers
+    if workers == 0:
+        pool = InProcessPool(evaluator)
+    else:
+        spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
+                             evaluator.ref_steps)
+        pool = RayPool(spec, workers, address, references={evaluator._ref_version(guidance): reference})
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} evals"),
+               TextColumn("best mse_ref {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err_console, transient=False) as progress:
+            task = progress.add_task(f"{method} NFE {nfe}", total=budget, best="-")
+            result = run_search(
+                strategy, pool, budget, batch_size=batch, store=store, sid=sid,
+                callback=lambda p: progress.update(task, completed=p.true_evaluations, best=f"{p.best_value:.3e}"),
+            )
+    finally:
+        pool.close()
+    best = dataclasses.replace(result.best, name=f"{method}-nfe{nfe}", metadata={
+        "method": method, "model": model, "model_fingerprint": evaluator.fingerprint, "nfe": nfe,
+        "search_mse_ref": result.best_value, "true_evaluations": result.true_evaluations,
+        "cache_hits": result.cache_hits, "seconds": round(result.seconds, 2), "seed": seed,
+        "eval_set": evaluator.eval_set.id})
+    save(best, out)
+    console.print(f"wrote {out}: best search-set mse_ref {result.best_value:.4e} after {result.true_evaluations} "
+                  f"true evaluations ({result.cache_hits} cache hits) in {result.seconds:.1f} s"
+                  + (" (resumed)" if result.resumed else ""))
+    report = Evaluator(m, "report", store=store)
+    rows = [(best.name, report.evaluate(best))] + [(n, report.evaluate(s)) for n, s in zip(NAMED, seeds)]
+    table = Table("schedule", "report mse_ref", "vs best named", title=f"report set ({report.eval_set.id}), NFE {nfe}")
+    best_named = min(r["mse_ref"] for n, r in rows[1:])
+    for name, r in rows:
+        table.add_row(name, f"{r['mse_ref']:.4e}", f"{best_named / r['mse_ref']:.2f}x better" if name == best.name
+                      else f"{r['mse_ref'] / best_named:.2f}x")
+    console.print(table)
+
+
+def _default_cache() -> str:
+    from autotune.cache.store import default_cache_path
+
+    return default_cache_path()
+
+
+from autotune.cache_cli import cache_app  # noqa: E402  (the `cache` sub-commands)
+
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:

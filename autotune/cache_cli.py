@@ -1,0 +1,96 @@
+"""`autotune cache stats|clear|export`: look after the persistent cache. Mounted by autotune/cli.py."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from autotune.errors import AutotuneError
+
+cache_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Inspect, clear or export the evaluation cache.")
+console = Console()
+err_console = Console(stderr=True)
+
+CACHE_HELP = ("cache: a SQLite file path or a SQLAlchemy URL (postgresql://user@host/db); default "
+              "$AUTOTUNE_CACHE or ~/.cache/autotune/cache.sqlite")
+
+
+def _one_line_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AutotuneError as e:
+            err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cache_app.command("stats")
+@_one_line_errors
+def stats_cmd(cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP)) -> None:
+    """Rows per table and size on disk."""
+    from autotune.cache.store import open_store
+
+    with open_store(cache) as store:
+        st = store.stats()
+    console.print(f"{st['cache']} ({st['backend']}, schema {st['schema_version']})", highlight=False, soft_wrap=True)
+    table = Table("table", "rows")
+    for name, n in st["rows"].items():
+        table.add_row(name, f"{n:,}")
+    table.add_row("size on disk", _size(st["size_bytes"]))
+    console.print(table)
+
+
+@cache_app.command("clear")
+@_one_line_errors
+def clear_cmd(
+    cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
+    table: Optional[str] = typer.Option(None, "--table",
+                                        help="only this table: evaluations, references, search_states, "
+                                             "search_trials"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+) -> None:
+    """Delete cached rows (all tables, or one with --table)."""
+    from autotune.cache.store import TABLES, CacheError, open_store
+
+    if table is not None and table not in TABLES:
+        raise CacheError(f"--table must be one of {', '.join(TABLES)}, not {table!r}")
+    with open_store(cache) as store:
+        what = f"table {table}" if table else "every table"
+        if not yes and not typer.confirm(f"Delete {what} of {store.display}?", default=False):
+            console.print("nothing deleted")
+            raise typer.Exit(1)
+        deleted = store.clear(table)
+    console.print(", ".join(f"{name}: {n:,} deleted" for name, n in deleted.items()), highlight=False)
+
+
+@cache_app.command("export")
+@_one_line_errors
+def export_cmd(
+    out: Path = typer.Argument(..., help="a .jsonl file (evaluations only) or a directory (everything)"),
+    cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
+) -> None:
+    """Write the cache out as JSON lines (and .npz files for reference arrays)."""
+    from autotune.cache.store import open_store
+
+    with open_store(cache) as store:
+        counts = store.export(out)
+    console.print(f"{out}: " + ", ".join(f"{n:,} {name}" for name, n in counts.items()), highlight=False)

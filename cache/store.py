@@ -1,0 +1,627 @@
+"""The persistent cache: evaluations, reference trajectories and search state in one SQL database.
+
+One implementation over SQLAlchemy Core serves a local SQLite file (the default) and any SQLAlchemy URL
+(PostgreSQL for a store shared by a Ray cluster). Everything is content-addressed: an evaluation is keyed
+by (model fingerprint, evaluation-set id, schedule hash, metric version), a reference by (model fingerprint,
+evaluation-set id, reference version).
+
+Writes are one transaction each and upserts (``INSERT ... ON CONFLICT``), so several processes may write
+at once and a writer killed in the middle of a write leaves either the whole row or nothing. On SQLite
+the file runs in WAL mode with a 30 s busy timeout, ``synchronous=NORMAL``, and write transactions take
+the write lock up front (``BEGIN IMMEDIATE``) so concurrent writers queue instead of failing.
+
+Metrics and metadata are stored as JSON text; floats round-trip exactly, and non-finite floats (a
+diverged evaluation's NaN or inf) are written as ``{"$float": "nan"}`` so the text stays strict JSON.
+Arrays are stored as one blob per reference: the bytes of ``np.savez`` of a dict of arrays.
+
+Example:
+    >>> store = open_store(":memory:")
+    >>> key = EvalKey("model-fp", "set-0", "abc123", "m1")
+    >>> store.put_evaluation(key, {"mse": 0.25, "nfe": 5})
+    >>> store.get_evaluation(key)
+    {'mse': 0.25, 'nfe': 5}
+    >>> store.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from autotune.errors import AutotuneError
+
+SCHEMA_VERSION = 1
+TABLES = ("evaluations", "references", "search_states", "search_trials")
+_BUSY_TIMEOUT_S = 30.0
+_PG_SCHEMA_LOCK = 0x6175746F74756E65  # "autotune": serialises schema creation across processes
+__all__ = ["CacheError", "EvalKey", "SCHEMA_VERSION", "Store", "TABLES", "default_cache_path", "open_store"]
+
+
+class CacheError(AutotuneError, RuntimeError):
+    """The cache cannot be opened, read or written; the message names the URL or path."""
+
+
+@dataclass(frozen=True)
+class EvalKey:
+    """The identity of one evaluation: which model, on which evaluation set, of which schedule, scored how."""
+
+    model_fp: str
+    eval_set: str
+    schedule_hash: str
+    metric_version: str
+
+    def __post_init__(self) -> None:
+        for name in ("model_fp", "eval_set", "schedule_hash", "metric_version"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise CacheError(f"EvalKey.{name} must be a non-empty string, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------- JSON
+
+
+def _encode(obj: Any) -> Any:
+    """JSON-able copy of obj with non-finite floats tagged and numpy values as Python ones."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _encode(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _encode(obj.item())
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # a 0-d torch tensor
+        return _encode(obj.item())
+    raise TypeError(f"cannot store a {type(obj).__name__} as JSON")
+
+
+def _decode_hook(d: dict) -> Any:
+    if len(d) == 1 and "$float" in d:
+        return float(d["$float"])
+    return d
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON text for obj; floats round-trip exactly, NaN/inf are tagged (see the module doc)."""
+    return json.dumps(_encode(obj), allow_nan=False, separators=(",", ":"))
+
+
+def loads(text: str) -> Any:
+    """Inverse of :func:`dumps`."""
+    return json.loads(text, object_hook=_decode_hook)
+
+
+def _pack_arrays(arrays: Mapping[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{str(k): np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def _unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ------------------------------------------------------------------------------------------- locations
+
+
+def default_cache_path() -> str:
+    """``$AUTOTUNE_CACHE`` (a path or URL) or ``${XDG_CACHE_HOME:-~/.cache}/autotune/cache.sqlite``."""
+    env = os.environ.get("AUTOTUNE_CACHE")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "autotune", "cache.sqlite")
+
+
+def _short(exc: BaseException) -> str:
+    """One line from a driver / SQLAlchemy exception, without SQLAlchemy's background links."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip() or type(orig).__name__
+    first = text.splitlines()[0].strip()
+    return first.split(" (Background on this error")[0]
+
+
+def _schema(metadata):
+    from sqlalchemy import BigInteger, Column, Float, Integer, LargeBinary, Table, Text
+
+    Table("meta", metadata, Column("key", Text, primary_key=True), Column("value", Text, nullable=False))
+    Table(
+        "evaluations", metadata,
+        Column("model_fp", Text, primary_key=True), Column("eval_set", Text, primary_key=True),
+        Column("schedule_hash", Text, primary_key=True), Column("metric_version", Text, primary_key=True),
+        Column("metrics", Text, nullable=False), Column("schedule", Text, nullable=True),
+        Column("created_at", Float, nullable=False),
+    )
+    Table(
+        "references", metadata,
+        Column("model_fp", Text, primary_key=True), Column("eval_set", Text, primary_key=True),
+        Column("ref_version", Text, primary_key=True),
+        Column("meta", Text, nullable=False), Column("arrays", LargeBinary, nullable=False),
+        Column("nbytes", BigInteger, nullable=False), Column("created_at", Float, nullable=False),
+    )
+    Table(
+        "search_states", metadata,
+        Column("search_id", Text, primary_key=True), Column("state", Text, nullable=False),
+        Column("updated_at", Float, nullable=False),
+    )
+    Table(
+        "search_trials", metadata,
+        Column("search_id", Text, primary_key=True), Column("trial_number", Integer, primary_key=True,
+                                                            autoincrement=False),
+        Column("schedule_hash", Text, nullable=True), Column("metrics", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+    )
+    return metadata
+
+
+# ----------------------------------------------------------------------------------------------- store
+
+
+class Store:
+    """A cache database. Create it with :func:`open_store`.
+
+    Every method runs on a pooled connection of its own, so one Store may be shared by threads; a forked
+    child drops the parent's connections and opens its own, and a Store pickles as its URL, so it can be
+    handed to Ray tasks or spawned processes, which reconnect. Several processes may write at once.
+    """
+
+    def __init__(self, url: str, display: str, sqlite_path: Path | None) -> None:
+        from sqlalchemy import MetaData, create_engine, event
+        from sqlalchemy.engine import make_url
+
+        self.url = url
+        self.display = display
+        self.sqlite_path = sqlite_path
+        self._pid = os.getpid()
+        try:
+            parsed = make_url(url)
+            kwargs: dict[str, Any] = {}
+            if parsed.get_backend_name() == "sqlite":
+                kwargs["connect_args"] = {"timeout": _BUSY_TIMEOUT_S}
+            else:
+                kwargs["pool_pre_ping"] = True
+                if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+                    kwargs["connect_args"] = {"connect_timeout": 10}
+            engine = create_engine(parsed, **kwargs)
+        except Exception as e:  # ArgumentError, NoSuchModuleError, a missing driver (ImportError)
+            raise CacheError(f"cannot open cache {display}: {_short(e)}") from None
+        self.backend = engine.dialect.name
+        if self.backend == "sqlite":
+            @event.listens_for(engine, "connect")
+            def _sqlite_connect(dbapi_conn, _record):  # pragma: no cover - exercised through every test
+                dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (see _sqlite_begin)
+                cur = dbapi_conn.cursor()
+                cur.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+                if sqlite_path is not None:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _sqlite_begin(conn):
+                # Writers take the write lock at BEGIN, so a busy database makes them wait (busy_timeout)
+                # instead of failing when a deferred read transaction tries to upgrade.
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("autotune_write")
+                                     else "BEGIN")
+
+        self._engine = engine
+        self._write_engine = engine.execution_options(autotune_write=True)
+        self._md = _schema(MetaData())
+        self._t = self._md.tables
+        if self.backend == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif self.backend == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            engine.dispose()
+            raise CacheError(f"cannot open cache {display}: only SQLite and PostgreSQL are supported, "
+                             f"not {self.backend!r}")
+        self._insert = insert
+        self._ensure_schema()
+
+    # ------------------------------------------------------------------------------------ plumbing
+
+    def __repr__(self) -> str:
+        return f"Store({self.display!r})"
+
+    def __reduce__(self):
+        return (open_store, (self.url,))
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the connections (the data stays on disk)."""
+        self._engine.dispose()
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self._pid:  # forked: never reuse the parent's connections
+            self._engine.dispose(close=False)
+            self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            yield
+        except SQLAlchemyError as e:
+            raise CacheError(f"cache {self.display}: {what} failed: {_short(e)}") from None
+
+    @contextlib.contextmanager
+    def _read(self, what: str):
+        self._check_pid()
+        with self._errors(what), self._engine.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _write(self, what: str):
+        """One write transaction: committed as a whole when the block ends, rolled back on any error."""
+        self._check_pid()
+        with self._errors(what), self._write_engine.begin() as conn:
+            yield conn
+
+    def _ensure_schema(self) -> None:
+        from sqlalchemy import inspect, select
+        from sqlalchemy.exc import SQLAlchemyError
+
+        meta = self._t["meta"]
+        version_q = select(meta.c.value).where(meta.c.key == "schema_version")
+        try:
+            with self._engine.connect() as conn:
+                insp = inspect(conn)
+                ready = all(insp.has_table(t) for t in ("meta",) + TABLES)
+                version = conn.execute(version_q).scalar() if ready else None
+            if version is None:
+                with self._write_engine.begin() as conn:  # one process creates, the others wait
+                    if self.backend == "postgresql":
+                        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK})")
+                    self._md.create_all(conn, checkfirst=True)
+                    conn.execute(self._insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION))
+                                 .on_conflict_do_nothing(index_elements=["key"]))
+                    version = conn.execute(version_q).scalar()
+        except SQLAlchemyError as e:
+            self._engine.dispose()
+            raise CacheError(f"cannot open cache {self.display}: {_short(e)}") from None
+        if int(version) > SCHEMA_VERSION:
+            self._engine.dispose()
+            raise CacheError(f"cache {self.display} has schema version {version}; this autotune reads up to "
+                             f"{SCHEMA_VERSION}: upgrade autotune or use another --cache")
+
+    def _upsert(self, table: str, values: dict, keys: list[str], overwrite: bool):
+        stmt = self._insert(self._t[table]).values(**values)
+        if overwrite:
+            return stmt.on_conflict_do_update(index_elements=keys,
+                                              set_={k: stmt.excluded[k] for k in values if k not in keys})
+        return stmt.on_conflict_do_nothing(index_elements=keys)
+
+    # --------------------------------------------------------------------------------- evaluations
+
+    def _eval_values(self, key: EvalKey, metrics: Mapping[str, Any], schedule_json: str | None) -> dict:
+        if not isinstance(key, EvalKey):
+            raise CacheError(f"an evaluation key must be an EvalKey, got {type(key).__name__}")
+        if not isinstance(metrics, Mapping):
+            raise CacheError(f"metrics must be a dict, got {type(metrics).__name__}")
+        if schedule_json is not None and not isinstance(schedule_json, str):
+            raise CacheError(f"schedule_json must be JSON text or None, got {type(schedule_json).__name__}")
+        try:
+            text = dumps(dict(metrics))
+        except TypeError as e:
+            raise CacheError(f"metrics for {key.schedule_hash}: {e}") from None
+        return {"model_fp": key.model_fp, "eval_set": key.eval_set, "schedule_hash": key.schedule_hash,
+                "metric_version": key.metric_version, "metrics": text, "schedule": schedule_json,
+                "created_at": time.time()}
+
+    _EVAL_KEYS = ["model_fp", "eval_set", "schedule_hash", "metric_version"]
+
+    def put_evaluation(self, key: EvalKey, metrics: Mapping[str, Any], schedule_json: str | None = None,
+                       overwrite: bool = True) -> None:
+        """Store one evaluation (one transaction). overwrite=False keeps an existing row untouched."""
+        values = self._eval_values(key, metrics, schedule_json)
+        with self._write("writing an evaluation") as conn:
+            conn.execute(self._upsert("evaluations", values, self._EVAL_KEYS, overwrite))
+
+    def put_evaluations(self, items: Iterable[tuple[EvalKey, Mapping[str, Any], str | None]],
+                        overwrite: bool = True) -> int:
+        """Store many evaluations in one transaction (all or none); returns how many were written."""
+        n = 0
+        with self._write("writing evaluations") as conn:
+            for key, metrics, schedule_json in items:
+                conn.execute(self._upsert("evaluations", self._eval_values(key, metrics, schedule_json),
+                                          self._EVAL_KEYS, overwrite))
+                n += 1
+        return n
+
+    def _eval_where(self, key: EvalKey):
+        t = self._t["evaluations"]
+        return ((t.c.model_fp == key.model_fp) & (t.c.eval_set == key.eval_set)
+                & (t.c.schedule_hash == key.schedule_hash) & (t.c.metric_version == key.metric_version))
+
+    def get_evaluation(self, key: EvalKey) -> dict | None:
+        """The metrics stored for key, or None."""
+        from sqlalchemy import select
+
+        t = self._t["evaluations"]
+        with self._read("reading an evaluation") as conn:
+            text = conn.execute(select(t.c.metrics).where(self._eval_where(key))).scalar()
+        return None if text is None else loads(text)
+
+    def get_evaluations(self, keys: Iterable[EvalKey]) -> dict[EvalKey, dict]:
+        """The metrics of those keys that are stored (one read transaction)."""
+        from sqlalchemy import select
+
+        t = self._t["evaluations"]
+        out: dict[EvalKey, dict] = {}
+        with self._read("reading evaluations") as conn:
+            for key in keys:
+                text = conn.execute(select(t.c.metrics).where(self._eval_where(key))).scalar()
+                if text is not None:
+                    out[key] = loads(text)
+        return out
+
+    def iter_evaluations(self, model_fp: str | None = None, eval_set: str | None = None,
+                         metric_version: str | None = None) -> Iterator[dict]:
+        """Every stored evaluation (optionally filtered) as a dict: the key fields, ``metrics`` (a dict),
+        ``schedule`` (JSON text or None) and ``created_at`` (Unix seconds)."""
+        from sqlalchemy import select
+
+        t = self._t["evaluations"]
+        q = select(t).order_by(*[t.c[k] for k in self._EVAL_KEYS])
+        for name, value in (("model_fp", model_fp), ("eval_set", eval_set), ("metric_version", metric_version)):
+            if value is not None:
+                q = q.where(t.c[name] == value)
+        with self._read("listing evaluations") as conn:
+            for row in conn.execution_options(stream_results=True, yield_per=500).execute(q):
+                d = dict(row._mapping)
+                d["metrics"] = loads(d["metrics"])
+                yield d
+
+    # ---------------------------------------------------------------------------------- references
+
+    def put_reference(self, model_fp: str, eval_set: str, ref_version: str, arrays: Mapping[str, Any],
+                      meta: Mapping[str, Any] | None = None, overwrite: bool = True) -> None:
+        """Store a reference trajectory: named arrays (one ``np.savez`` blob) and JSON-able metadata."""
+        for name, value in (("model_fp", model_fp), ("eval_set", eval_set), ("ref_version", ref_version)):
+            if not isinstance(value, str) or not value:
+                raise CacheError(f"put_reference: {name} must be a non-empty string, got {value!r}")
+        try:
+            blob = _pack_arrays(arrays)
+            meta_text = dumps(dict(meta or {}))
+        except (TypeError, ValueError) as e:
+            raise CacheError(f"reference {model_fp}/{eval_set}/{ref_version}: {e}") from None
+        values = {"model_fp": model_fp, "eval_set": eval_set, "ref_version": ref_version, "meta": meta_text,
+                  "arrays": blob, "nbytes": len(blob), "created_at": time.time()}
+        with self._write("writing a reference") as conn:
+            conn.execute(self._upsert("references", values, ["model_fp", "eval_set", "ref_version"], overwrite))
+
+    def get_reference(self, model_fp: str, eval_set: str, ref_version: str
+                      ) -> tuple[dict[str, np.ndarray], dict] | None:
+        """(arrays, meta) of a stored reference, or None."""
+        from sqlalchemy import select
+
+        t = self._t["references"]
+        q = select(t.c.arrays, t.c.meta).where((t.c.model_fp == model_fp) & (t.c.eval_set == eval_set)
+                                               & (t.c.ref_version == ref_version))
+        with self._read("reading a reference") as conn:
+            row = conn.execute(q).first()
+        if row is None:
+            return None
+        return _unpack_arrays(bytes(row.arrays)), loads(row.meta)
+
+    # ------------------------------------------------------------------------------ search state
+
+    def put_search_state(self, search_id: str, state: Mapping[str, Any]) -> None:
+        """Store (replace) a search's resumable state."""
+        try:
+            text = dumps(dict(state))
+        except TypeError as e:
+            raise CacheError(f"search state {search_id}: {e}") from None
+        values = {"search_id": str(search_id), "state": text, "updated_at": time.time()}
+        with self._write("writing a search state") as conn:
+            conn.execute(self._upsert("search_states", values, ["search_id"], True))
+
+    def get_search_state(self, search_id: str) -> dict | None:
+        from sqlalchemy import select
+
+        t = self._t["search_states"]
+        with self._read("reading a search state") as conn:
+            text = conn.execute(select(t.c.state).where(t.c.search_id == str(search_id))).scalar()
+        return None if text is None else loads(text)
+
+    def add_trial(self, search_id: str, trial_number: int, schedule_hash: str | None,
+                  metrics: Mapping[str, Any]) -> None:
+        """Record (or replace) trial trial_number of a search."""
+        try:
+            text = dumps(dict(metrics))
+        except TypeError as e:
+            raise CacheError(f"trial {search_id}/{trial_number}: {e}") from None
+        values = {"search_id": str(search_id), "trial_number": int(trial_number), "schedule_hash": schedule_hash,
+                  "metrics": text, "created_at": time.time()}
+        with self._write("writing a trial") as conn:
+            conn.execute(self._upsert("search_trials", values, ["search_id", "trial_number"], True))
+
+    def trials(self, search_id: str) -> list[dict]:
+        """A search's trials in trial order: dicts with trial_number, schedule_hash, metrics."""
+        from sqlalchemy import select
+
+        t = self._t["search_trials"]
+        q = (select(t.c.trial_number, t.c.schedule_hash, t.c.metrics)
+             .where(t.c.search_id == str(search_id)).order_by(t.c.trial_number))
+        with self._read("reading trials") as conn:
+            rows = conn.execute(q).all()
+        return [{"trial_number": r.trial_number, "schedule_hash": r.schedule_hash, "metrics": loads(r.metrics)}
+                for r in rows]
+
+    # ------------------------------------------------------------------------------ maintenance
+
+    def stats(self) -> dict[str, Any]:
+        """``{"cache": where, "backend": ..., "schema_version": ..., "rows": {table: count},
+        "size_bytes": on-disk size (SQLite: file + WAL; PostgreSQL: the tables with indexes and TOAST)}``."""
+        from sqlalchemy import func, select, text
+
+        rows: dict[str, int] = {}
+        size: int | None = None
+        with self._read("reading statistics") as conn:
+            for name in TABLES:
+                rows[name] = int(conn.execute(select(func.count()).select_from(self._t[name])).scalar())
+            if self.backend == "postgresql":
+                size = 0
+                for name in ("meta",) + TABLES:
+                    size += int(conn.execute(
+                        text("SELECT COALESCE(pg_total_relation_size(to_regclass(:n)), 0)"),
+                        {"n": f'"{name}"'}).scalar())
+        if self.sqlite_path is not None:
+            size = sum(p.stat().st_size for p in (self.sqlite_path, Path(f"{self.sqlite_path}-wal"))
+                       if p.exists())
+        return {"cache": self.display, "backend": self.backend, "schema_version": SCHEMA_VERSION,
+                "rows": rows, "size_bytes": size}
+
+    def clear(self, table: str | None = None) -> dict[str, int]:
+        """Delete every row of one table (or of all four) in one transaction; returns rows deleted."""
+        from sqlalchemy import delete
+
+        names = TABLES if table is None else (table,)
+        for name in names:
+            if name not in TABLES:
+                raise CacheError(f"cache {self.display}: no table {name!r} (one of {', '.join(TABLES)})")
+        out = {}
+        with self._write("clearing") as conn:
+            for name in names:
+                out[name] = conn.execute(delete(self._t[name])).rowcount
+        if self.sqlite_path is not None and table is None:
+            with contextlib.suppress(Exception), self._engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return out
+
+    def export(self, path: str | os.PathLike) -> dict[str, int]:
+        """Write the cache out as plain files; returns rows written per table.
+
+        ``*.jsonl``: the evaluations only, one JSON object a line (key fields, ``metrics``, ``schedule``
+        as parsed JSON or null, ``created_at``). Any other path: a directory holding ``evaluations.jsonl``,
+        ``references.jsonl`` (key, meta, and ``arrays``: a ``.npz`` file under ``references/``),
+        ``search_states.jsonl`` and ``search_trials.jsonl``. Non-finite floats are written as in the store.
+        """
+        from sqlalchemy import select
+
+        out = Path(path)
+        counts: dict[str, int] = {}
+        try:
+            if out.suffix == ".jsonl":
+                out.parent.mkdir(parents=True, exist_ok=True)
+                counts["evaluations"] = self._export_evaluations(out)
+                return counts
+            out.mkdir(parents=True, exist_ok=True)
+            counts["evaluations"] = self._export_evaluations(out / "evaluations.jsonl")
+            (out / "references").mkdir(exist_ok=True)
+            t = self._t["references"]
+            n = 0
+            with self._read("exporting references") as conn, open(out / "references.jsonl", "w") as f:
+                for row in conn.execution_options(stream_results=True, yield_per=8).execute(
+                        select(t).order_by(t.c.model_fp, t.c.eval_set, t.c.ref_version)):
+                    ident = "\x00".join((row.model_fp, row.eval_set, row.ref_version))
+                    name = f"references/{hashlib.sha256(ident.encode()).hexdigest()[:24]}.npz"
+                    (out / name).write_bytes(bytes(row.arrays))
+                    f.write(dumps({"model_fp": row.model_fp, "eval_set": row.eval_set,
+                                   "ref_version": row.ref_version, "meta": loads(row.meta), "arrays": name,
+                                   "created_at": row.created_at}) + "\n")
+                    n += 1
+            counts["references"] = n
+            t = self._t["search_states"]
+            with self._read("exporting search states") as conn, open(out / "search_states.jsonl", "w") as f:
+                rows = conn.execute(select(t).order_by(t.c.search_id)).all()
+                for row in rows:
+                    f.write(dumps({"search_id": row.search_id, "state": loads(row.state),
+                                   "updated_at": row.updated_at}) + "\n")
+            counts["search_states"] = len(rows)
+            t = self._t["search_trials"]
+            with self._read("exporting trials") as conn, open(out / "search_trials.jsonl", "w") as f:
+                rows = conn.execute(select(t).order_by(t.c.search_id, t.c.trial_number)).all()
+                for row in rows:
+                    f.write(dumps({"search_id": row.search_id, "trial_number": row.trial_number,
+                                   "schedule_hash": row.schedule_hash, "metrics": loads(row.metrics),
+                                   "created_at": row.created_at}) + "\n")
+            counts["search_trials"] = len(rows)
+        except OSError as e:
+            raise CacheError(f"cannot export cache {self.display} to {out}: {e.strerror or e}") from None
+        return counts
+
+    def _export_evaluations(self, file: Path) -> int:
+        n = 0
+        with open(file, "w") as f:
+            for d in self.iter_evaluations():
+                sched = d["schedule"]
+                if sched is not None:
+                    with contextlib.suppress(ValueError):
+                        sched = json.loads(sched)
+                d["schedule"] = sched
+                f.write(dumps(d) + "\n")
+                n += 1
+        return n
+
+
+# ---------------------------------------------------------------------------------------------- open
+
+
+def open_store(url_or_path: str | os.PathLike | None = None) -> Store:
+    """Open (creating if needed) a cache.
+
+    Args:
+        url_or_path: None for the default (:func:`default_cache_path`); a filesystem path for a SQLite
+            file (its directory is created); ``":memory:"`` for a private in-memory SQLite database; or a
+            SQLAlchemy URL (anything containing ``://``), e.g. ``postgresql://user@host/db`` for a store
+            shared by a cluster (``postgresql://`` uses psycopg 3 when psycopg2 is not installed).
+
+    Raises:
+        CacheError: one line naming the URL or path (bad URL, missing driver, unreachable server, a file
+            that is not a database, a newer schema).
+    """
+    target = default_cache_path() if url_or_path is None else os.fspath(url_or_path)
+    if "://" in target:
+        from sqlalchemy.engine import make_url
+
+        try:
+            url = make_url(target)
+        except Exception as e:
+            raise CacheError(f"cannot open cache {target}: {_short(e)}") from None
+        display = url.render_as_string(hide_password=True)
+        if url.drivername == "postgresql":  # the bare name means psycopg2; fall back to psycopg 3
+            import importlib.util
+
+            if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+                url = url.set(drivername="postgresql+psycopg")
+        sqlite_path = None
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            sqlite_path = Path(url.database).expanduser().absolute()
+            with contextlib.suppress(OSError):
+                sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        return Store(url.render_as_string(hide_password=False), display, sqlite_path)
+    if target == ":memory:":
+        return Store("sqlite://", ":memory:", None)
+    path = Path(target).expanduser().absolute()
+    if path.is_dir():
+        raise CacheError(f"cannot open cache {path}: is a directory (name a file, e.g. {path / 'cache.sqlite'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"cannot open cache {path}: cannot create {path.parent}: {e.strerror or e}") from None
+    return Store(f"sqlite:///{path}", str(path), path)

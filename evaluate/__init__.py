@@ -1,0 +1,1 @@
+"""Evaluation sets (search vs report noise), reference ODE solutions, and metrics."""

@@ -1,0 +1,107 @@
+"""The Evaluator: scores schedules on a model and one evaluation set, remembering everything in a store.
+
+References are computed once per (model, set, guidance) and evaluations once per schedule hash; with a
+store (``autotune.cache``) both survive across processes and runs. Searches, `autotune eval` and
+`autotune compare` all score through this one class.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from autotune.evaluate.metrics import METRIC_VERSION, score
+from autotune.evaluate.reference import REF_VERSION, Reference, compute_reference
+from autotune.evaluate.sets import EvalSet, eval_set_for
+from autotune.sampling.denoiser import Denoiser
+from autotune.space.fileformat import dumps
+from autotune.space.schedule import Schedule
+
+
+class Evaluator:
+    """Score schedules of one model on one evaluation set.
+
+    Args:
+        model: the Denoiser.
+        kind: "search" or "report" evaluation set.
+        size, seed: of the evaluation set (0: the kind's default size).
+        store: an ``autotune.cache`` Store, or None to keep everything in memory only.
+        ref_steps: steps of the reference solver.
+    """
+
+    def __init__(self, model: Denoiser, kind: str = "search", size: int = 0, seed: int = 0, store: Any = None,
+                 ref_steps: int = 200) -> None:
+        self.model = model
+        self.eval_set: EvalSet = eval_set_for(model, kind, size, seed)
+        self.store = store
+        self.ref_steps = ref_steps
+        self.fingerprint = model.fingerprint()
+        self._references: dict[Any, Reference] = {}
+        self._memo: dict[str, dict[str, Any]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _ref_version(self, guidance: float | None) -> str:
+        return f"{REF_VERSION}-g{guidance}-k{self.ref_steps}"
+
+    def reference(self, guidance: float | None = None) -> Reference:
+        """The reference solution at this guidance (computed once, then read from memory or the store)."""
+        version = self._ref_version(guidance)
+        if version in self._references:
+            return self._references[version]
+        ref = None
+        if self.store is not None:
+            found = self.store.get_reference(self.fingerprint, self.eval_set.id, version)
+            if found is not None:
+                ref = Reference.from_arrays(*found)
+        if ref is None:
+            ref = compute_reference(self.model, self.eval_set, guidance, steps=self.ref_steps)
+            if self.store is not None:
+                self.store.put_reference(self.fingerprint, self.eval_set.id, version, ref.to_arrays(), ref.meta)
+        self._references[version] = ref
+        return ref
+
+    def key(self, schedule: Schedule):
+        from autotune.cache.store import EvalKey
+
+        return EvalKey(self.fingerprint, f"{self.eval_set.id}/{self._ref_version(schedule.guidance)}",
+                       schedule.hash(), METRIC_VERSION)
+
+    def cached(self, schedule: Schedule) -> dict[str, Any] | None:
+        """The stored metrics of this schedule, or None (never computes)."""
+        h = schedule.hash()
+        if h in self._memo:
+            return self._memo[h]
+        if self.store is not None:
+            found = self.store.get_evaluation(self.key(schedule))
+            if found is not None:
+                self._memo[h] = found
+                return found
+        return None
+
+    def evaluate(self, schedule: Schedule) -> dict[str, Any]:
+        """Metrics of the schedule (with ``cached``: whether they came from memory or the store)."""
+        found = self.cached(schedule)
+        if found is not None:
+            self.hits += 1
+            return {**found, "cached": True}
+        self.misses += 1
+        with torch.no_grad():
+            metrics = score(self.model, schedule, self.eval_set, self.reference(schedule.guidance))
+        metrics["schedule_hash"] = schedule.hash()
+        self._memo[schedule.hash()] = metrics
+        if self.store is not None:
+            self.store.put_evaluation(self.key(schedule), metrics, dumps(schedule))
+        return {**metrics, "cached": False}
+
+
+def metrics_json(metrics: dict[str, Any]) -> str:
+    """Metrics as JSON with inf/NaN spelled as strings (strict JSON readers reject the bare tokens)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            return str(v)
+        return v
+
+    return json.dumps({k: clean(v) for k, v in metrics.items()}, sort_keys=True)

@@ -1,0 +1,95 @@
+"""Reference trajectories: the ODE solved to high accuracy from an evaluation set's noise.
+
+The solution uses DPM-Solver++ 3M on a lambda-uniform grid of many steps from T to t_min, then one
+data-prediction step onto t = 0; a second solver (UniPC bh2 order 3 with its corrector, twice the steps)
+checks it, and the check's figure is stored with the reference. States are kept on a dense grid so that
+a trajectory loss at any schedule's times is read by linear interpolation in lambda.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from autotune.evaluate.sets import EvalSet
+from autotune.sampling.denoiser import Denoiser
+from autotune.sampling.executor import sample
+from autotune.sampling.noise import NoiseSchedule
+from autotune.space.schedule import Schedule, Step
+
+REF_VERSION = "ref1"
+
+
+@dataclass
+class Reference:
+    """Dense states of the reference solution (times decreasing, the last one t = 0) and its check."""
+
+    times: torch.Tensor  # (M,)
+    states: torch.Tensor  # (M, B, ...)
+    check_max_abs: float  # max |ref - second solver| on the final samples
+    check_mse: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.states[-1]
+
+    def state_at(self, noise: NoiseSchedule, t: float) -> torch.Tensor:
+        """The reference state at time t, linearly interpolated in lambda between stored states."""
+        if t <= 0.0:
+            return self.final
+        lam = noise.lambda_(self.times[:-1].double())  # increasing; the last stored time is t = 0
+        target = noise.lambda_(torch.tensor(float(t), dtype=torch.float64))
+        i = int(torch.searchsorted(lam, target.reshape(1)).clamp(1, len(lam) - 1))
+        w = float(((target - lam[i - 1]) / (lam[i] - lam[i - 1])).clamp(0.0, 1.0))
+        return (1.0 - w) * self.states[i - 1] + w * self.states[i]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"times": self.times.numpy(), "states": self.states.numpy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "Reference":
+        return cls(torch.from_numpy(arrays["times"]), torch.from_numpy(arrays["states"]),
+                   float(meta["check_max_abs"]), float(meta["check_mse"]), meta)
+
+
+def lambda_uniform_schedule(noise: NoiseSchedule, steps: int, order: int, solver: str = "dpm",
+                            corrector: str = "none") -> Schedule:
+    """A fine solver on a lambda-uniform grid from T to t_min, then a first-order step onto t = 0."""
+    lam = torch.linspace(float(noise.lambda_(torch.tensor(noise.T, dtype=torch.float64))),
+                         float(noise.lambda_(torch.tensor(noise.t_min, dtype=torch.float64))), steps + 1,
+                         dtype=torch.float64)
+    times = noise.t_of_lambda(lam).tolist()
+    times[0], times[-1] = noise.T, noise.t_min
+    out = []
+    for k, t in enumerate(times[1:]):
+        o = min(order, k + 1)
+        out.append(Step(t, order=o, solver=solver, corrector=corrector, corrector_order=o if corrector != "none" else 0))
+    out.append(Step(0.0, order=1, solver=solver))
+    return Schedule(noise.T, tuple(out), name=f"reference-{solver}-{steps}")
+
+
+def compute_reference(
+    model: Denoiser, eval_set: EvalSet, guidance: float | None = None, steps: int = 200, keep_every: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> Reference:
+    """Solve the ODE from the set's noise; check against a second solver with twice the steps."""
+    noise = eval_set.noise(dtype)
+    cond = eval_set.labels()
+    main = lambda_uniform_schedule(model.noise, steps, 3)
+    main = Schedule(main.t_start, main.steps, guidance=guidance, name=main.name)
+    result = sample(model, main, noise, cond, keep_states=True)
+    check = lambda_uniform_schedule(model.noise, 2 * steps, 3, solver="unip-bh2", corrector="bh2")
+    check = Schedule(check.t_start, check.steps, guidance=guidance, name=check.name)
+    other = sample(model, check, noise, cond).sample
+    keep = list(range(0, len(main.times) - 1, keep_every)) + [len(main.times) - 1]
+    times = torch.tensor([main.times[i] for i in keep], dtype=torch.float64)
+    states = torch.stack([result.states[i] for i in keep]).to(torch.float32)
+    diff = (result.sample - other).double()
+    meta = {"ref_version": REF_VERSION, "solver": main.name, "check_solver": check.name, "steps": steps,
+            "guidance": guidance, "eval_set": eval_set.id, "nfe": result.nfe,
+            "check_max_abs": float(diff.abs().max()), "check_mse": float((diff**2).mean())}
+    return Reference(times, states, meta["check_max_abs"], meta["check_mse"], meta)

@@ -1,0 +1,73 @@
+"""Evaluation sets: named, seeded initial noises (and class labels), in two disjoint kinds.
+
+The *search* set is what searches may see; the *report* set is only for final reports, so a searched
+schedule is never graded on the noise it was tuned on. The two kinds draw from different generator
+streams of the same base seed, and the set id names kind, seed, size and shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from autotune.errors import AutotuneError
+
+KINDS = ("search", "report")
+DEFAULT_SIZE = {"search": 32, "report": 64}  # sized for a 2-core CPU on the digits model
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The noise (and labels) a schedule is scored on.
+
+    Example:
+        >>> s = EvalSet("report", (1, 16, 16), size=4, num_classes=10)
+        >>> s.noise().shape, s.labels().tolist() == s.labels().tolist()
+        (torch.Size([4, 1, 16, 16]), True)
+    """
+
+    kind: str
+    sample_shape: tuple[int, ...]
+    size: int = 0
+    seed: int = 0
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise AutotuneError(f"--set: must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.size == 0:
+            object.__setattr__(self, "size", DEFAULT_SIZE[self.kind])
+        if self.size < 1:
+            raise AutotuneError(f"evaluation set size must be >= 1, got {self.size}")
+        object.__setattr__(self, "sample_shape", tuple(int(d) for d in self.sample_shape))
+
+    @property
+    def id(self) -> str:
+        shape = "x".join(map(str, self.sample_shape))
+        classes = f"-c{self.num_classes}" if self.num_classes else ""
+        return f"{self.kind}-s{self.seed}-n{self.size}-{shape}{classes}"
+
+    def _generator(self, stream: int) -> torch.Generator:
+        # distinct streams per kind and per purpose: search and report noises never coincide
+        return torch.Generator().manual_seed(1_000_003 * self.seed + 97 * KINDS.index(self.kind) + stream)
+
+    def noise(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Standard normal initial noise, shape (size, *sample_shape)."""
+        x = torch.randn((self.size, *self.sample_shape), generator=self._generator(0), dtype=torch.float64)
+        return x.to(dtype)
+
+    def labels(self) -> torch.Tensor | None:
+        """Balanced class labels (0, 1, ..., k-1, 0, ...) shuffled by the set's seed, or None."""
+        if not self.num_classes:
+            return None
+        labels = torch.arange(self.size) % self.num_classes
+        return labels[torch.randperm(self.size, generator=self._generator(1))]
+
+
+def eval_set_for(model, kind: str, size: int = 0, seed: int = 0) -> EvalSet:
+    """The evaluation set of a model (its sample shape and classes) of the given kind."""
+    shape = getattr(model, "sample_shape", None)
+    if not shape:
+        raise AutotuneError("this model does not declare its sample shape; it cannot be evaluated")
+    return EvalSet(kind, tuple(shape), size=size, seed=seed, num_classes=getattr(model, "num_classes", None))

@@ -1,0 +1,4 @@
+"""The built-in models: importing this module registers them all (see models/registry.py)."""
+
+from autotune.models import analytic  # noqa: F401  gmm2d, gmm64, gmm2d-flow
+from autotune.models import digits  # noqa: F401  digits (the default model)
