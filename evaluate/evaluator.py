@@ -32,7 +32,7 @@ class Evaluator:
     """
 
     def __init__(self, model: Denoiser, kind: str = "search", size: int = 0, seed: int = 0, store: Any = None,
-                 ref_steps: int = 200) -> None:
+                 ref_steps: int = 100) -> None:
         self.model = model
         self.eval_set: EvalSet = eval_set_for(model, kind, size, seed)
         self.store = store

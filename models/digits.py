@@ -39,7 +39,8 @@ CLASSIFIER_FILE = "digits_classifier.safetensors"
 def digits_noise() -> VPDiscrete:
     """The model's noise schedule: diffusers' DDPM default (linear betas 1e-4..0.02, 1000 steps)."""
     c = NOISE_CONFIG
-    return VPDiscrete.from_betas(betas_for(c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"]))
+    betas = betas_for(c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"])
+    return VPDiscrete.from_betas(betas)
 
 
 def timestep_embedding(tm: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

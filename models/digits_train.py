@@ -5,7 +5,11 @@ and scaled to [-1, 1]. The UNet learns epsilon on the DDPM linear-beta schedule 
 dropout to the null class (for classifier-free guidance), AdamW with warm-up and cosine decay, and
 an EMA of the weights (the EMA is what ships). Everything is seeded; progress goes through ``log``.
 
-    python -m autotune.models.digits_train --out models/weights --seed 0
+    python -m autotune.models.digits_train --out models/weights --seed 0 --steps 1200 --threads 1
+    python -m autotune.models.digits_train --only eval --grid docs/digits_grid.png   # accuracy + grid
+
+The shipped weights were trained with ``--threads 1``: on a 2-core machine shared with other processes,
+two torch threads made element-wise ops ~25x slower (thread barriers waiting on a busy core).
 """
 
 from __future__ import annotations
@@ -121,7 +125,7 @@ def _command(argv: list[str] | None) -> str:
     return "python -m autotune.models.digits_train " + " ".join(shlex.quote(a) for a in (argv or []))
 
 
-def train_digits(out_dir: str | Path, seed: int = 0, steps: int = 1500, threads: int = 2, log: Log = _no_log, *,
+def train_digits(out_dir: str | Path, seed: int = 0, steps: int = 1200, threads: int = 2, log: Log = _no_log, *,
                  batch: int = 128, lr: float = 2e-3, warmup: int = 100, label_dropout: float = 0.12,
                  ema_decay: float = 0.995, log_every: int = 50, argv: list[str] | None = None) -> dict:
     """Train the digits UNet; writes ``digits.safetensors`` (EMA weights) and ``digits_train.json``."""
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m autotune.models.digits_train", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=("unet", "classifier", "eval"), default=None)

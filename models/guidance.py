@@ -43,7 +43,9 @@ class ClassifierFreeGuidance:
             return null.expand(batch)
         return null.expand(batch, *null.shape[1:])
 
-    def __call__(self, x: torch.Tensor, tm: torch.Tensor, cond: Any = None, guidance: float | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, tm: torch.Tensor, cond: Any = None, guidance: float | None = None
+    ) -> torch.Tensor:
         """Unconditional when ``cond`` is None, conditional when ``guidance`` is None, else guided."""
         if cond is None:
             return self.inner(x, tm, self.null(x.shape[0], x))

@@ -1,0 +1,167 @@
+"""Search strategies (one conformance suite over the registry), the runner, resuming, and the CLI."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from autotune.cache.store import open_store
+from autotune.evaluate.evaluator import Evaluator
+from autotune.models.registry import load_model
+from autotune.sampling.named import NAMED, build
+from autotune.search.runner import InProcessPool, run_search, search_id
+from autotune.search.strategy import SearchContext, make_strategy, method_names
+from autotune.space.encoding import ScheduleSpace
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only add contention
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return load_model("gmm2d", torch.float64)
+
+
+def context(model, nfe=4, seed=0):
+    seeds = tuple(build(n, model.noise, nfe) for n in NAMED)
+    return SearchContext(ScheduleSpace(nfe, model.noise.T, 0.0, ratio_range=None), model.noise, seeds, seed)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_strategy_conformance(gmm, method):
+    """Every strategy: valid schedules in the space, JSON state, and a restored copy continues identically."""
+    ctx = context(gmm)
+    a = make_strategy(method, ctx)
+    for _ in range(3):
+        batch = a.ask(5)
+        assert len(batch) == 5
+        for i, s in enumerate(batch):
+            assert ctx.space.contains(s) and s.nfe == 4
+            a.tell(s, float(i) if i != 2 else math.inf)
+    state = json.loads(json.dumps(a.state()))  # JSON, not pickle
+    b = make_strategy(method, ctx)
+    b.load_state(state)
+    assert [s.hash() for s in a.ask(4)] == [s.hash() for s in b.ask(4)]
+
+
+def test_unknown_method_is_a_one_line_error(gmm):
+    from autotune.search.strategy import SearchError
+
+    with pytest.raises(SearchError, match="unknown search method"):
+        make_strategy("annealing", context(gmm))
+
+
+@pytest.mark.parametrize("method", ["evolution", "random"])
+def test_search_beats_the_named_baselines_on_gmm2d(gmm, method):
+    evaluator = Evaluator(gmm, "search", size=32)
+    strategy = make_strategy(method, context(gmm, nfe=4))
+    result = run_search(strategy, InProcessPool(evaluator), budget=40, batch_size=8)
+    named = min(evaluator.evaluate(build(n, gmm.noise, 4))["mse_ref"] for n in NAMED)
+    assert result.true_evaluations == 40 and result.best.nfe == 4
+    assert result.best_value <= named  # the baselines are proposed first: a search cannot lose to them
+    if method == "evolution":
+        assert result.best_value < 0.5 * named, (result.best_value, named)
+
+
+def test_interrupted_search_resumes_without_evaluating_twice(gmm, tmp_path):
+    store = open_store(str(tmp_path / "cache.sqlite"))
+    sid = search_id(test="resume")
+
+    class Stop(Exception):
+        pass
+
+    stopped_at = []
+
+    def stop_after_two_batches(progress):
+        if progress.true_evaluations >= 16:
+            stopped_at.append(progress.true_evaluations)
+            raise Stop
+
+    evaluator = Evaluator(gmm, "search", size=16, store=store)
+    with pytest.raises(Stop):
+        run_search(make_strategy("evolution", context(gmm)), InProcessPool(evaluator), 40, batch_size=8,
+                   store=store, sid=sid, callback=stop_after_two_batches)
+    evaluator = Evaluator(gmm, "search", size=16, store=store)  # a fresh process would start like this
+    result = run_search(make_strategy("evolution", context(gmm)), InProcessPool(evaluator), 40, batch_size=8,
+                        store=store, sid=sid)
+    assert result.resumed and result.true_evaluations == 40
+    assert evaluator.misses == 40 - stopped_at[0]  # only the remaining budget was computed
+    hashes = [t["hash"] for t in result.trials if not t["cached"]]
+    assert len(hashes) == len(set(hashes)) == 40  # no schedule was evaluated twice
+
+
+def _cli(*args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "autotune.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, **kwargs)
+
+
+def _saved_search(cache):
+    """The one saved search state in a cache file (read with sqlite3, as an outside observer would)."""
+    import sqlite3
+
+    from autotune.cache.store import loads
+
+    with sqlite3.connect(cache) as db:
+        rows = db.execute("SELECT state FROM search_states").fetchall()
+    assert len(rows) == 1
+    return loads(rows[0][0])
+
+
+def _search_rows(cache):
+    with open_store(str(cache)) as store:
+        return {e["schedule_hash"] for e in store.iter_evaluations() if e["eval_set"].startswith("search-")}
+
+
+def test_sigkilled_search_finishes_with_no_evaluation_done_twice(tmp_path):
+    cache = tmp_path / "cache.sqlite"
+    args = ["search", "--model", "gmm2d", "--nfe", "4", "--budget", "48", "--batch", "4", "--workers", "0",
+            "--cache", cache, "--out", tmp_path / "s.json"]
+    proc = subprocess.Popen([sys.executable, "-m", "autotune.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        if cache.exists() and len(_search_rows(cache)) >= 14:
+            break
+    assert proc.poll() is None, "the search finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _search_rows(cache)
+    saved = _saved_search(cache)["trials"]
+    assert 0 < len(saved) < 48 + len(NAMED)
+    done = _cli(*args, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "(resumed)" in done.stdout
+    trials = _saved_search(cache)["trials"]
+    assert [t["hash"] for t in trials[: len(saved)]] == [t["hash"] for t in saved]
+    computed = [t["hash"] for t in trials if not t["cached"]]
+    assert len(computed) == len(set(computed)) == 48  # the budget, each candidate computed once
+    for t in trials[len(saved):]:
+        if t["hash"] in before:  # already in the cache when the search restarted: must not be computed again
+            assert t["cached"], t
+    assert _search_rows(cache) == before | set(computed)
+
+
+def test_cli_search_writes_a_schedule_that_beats_the_baselines(tmp_path):
+    out = tmp_path / "best.json"
+    done = _cli("search", "--model", "gmm2d", "--nfe", "4", "--budget", "32", "--workers", "0", "--no-cache",
+                "--out", out, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from autotune.space.fileformat import load
+
+    best = load(out)
+    assert best.nfe == 4 and best.metadata["method"] == "evolution" and best.metadata["true_evaluations"] == 32
+    assert "x better" in done.stdout
