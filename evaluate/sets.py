@@ -14,7 +14,7 @@ import torch
 from autotune.errors import AutotuneError
 
 KINDS = ("search", "report")
-DEFAULT_SIZE = {"search": 32, "report": 64}  # sized for a 2-core CPU on the digits model
+DEFAULT_SIZE = {"search": 128, "report": 256}  # sized for a 2-core CPU on the digits model
 
 
 @dataclass(frozen=True)
