@@ -88,10 +88,12 @@ class RayPool:
         self.ray = ray
         if not ray.is_initialized():
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-                         **({} if address else {"num_cpus": max(workers, 1)}))
+                # address "local" starts a private Ray for this run even if another cluster runs on the machine
+                ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                         ignore_reinit_error=True, **({} if address else {"num_cpus": max(workers, 1)}))
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise SearchError(f"--address {address}: cannot join the Ray cluster ({e})") from None
+                where = f"--address {address}: cannot join the Ray cluster" if address else "cannot start a local Ray"
+                raise SearchError(f"{where} ({e})") from None
         self.spec = spec
         self.workers = workers
         self.retries = retries
