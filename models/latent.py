@@ -130,7 +130,9 @@ class LatentTextToImageDenoiser(TorchDenoiser):
         keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
         config = {
             "kind": "latent_text_to_image",
-            "unet": dict(cfg),
+            # without _name_or_path (where it was loaded from) and _diffusers_version: a copied directory
+            # is the same model
+            "unet": {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"},
             "scheduler": {k: scheduler_config.get(k) for k in keys},
         }
         super().__init__(self._unet_forward, noise, prediction, module=unet, round_time=True, config=config)

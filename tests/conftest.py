@@ -6,6 +6,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The test models are tiny: a second thread buys nothing and, on a busy 2-core machine, oversubscription
+# slows small ops down by 10-100x. One thread keeps the suite's time predictable.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def pipeline_dirs(tmp_path_factory):

@@ -78,8 +78,22 @@ def test_round_trip(sd_dir, model):
     for ours, theirs in ((model.unet, pipe.unet), (model.text_encoder, pipe.text_encoder)):
         a, b = ours.state_dict(), theirs.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    again = load_latent_pipeline_dir(sd_dir)
-    assert again.fingerprint() == model.fingerprint() and len(model.fingerprint()) == 16
+    assert len(model.fingerprint()) == 16
+
+
+def test_fingerprint(sd_dir, model, tmp_path):
+    """Same weights in another place: same fingerprint; other UNet weights or another text encoder: another."""
+    copy = tmp_path / "copied"
+    shutil.copytree(sd_dir, copy)
+    assert load_latent_pipeline_dir(copy).fingerprint() == model.fingerprint()
+    fresh = load_latent_pipeline_dir(copy)
+    with torch.no_grad():
+        next(fresh.text_encoder.parameters()).add_(1e-3)
+    assert fresh.fingerprint() != model.fingerprint()
+    fresh = load_latent_pipeline_dir(copy)
+    with torch.no_grad():
+        next(fresh.unet.parameters()).add_(1e-3)
+    assert fresh.fingerprint() != model.fingerprint()
 
 
 def test_prompt_embeddings_match_pipeline(sd_dir, model):
@@ -91,7 +105,8 @@ def test_prompt_embeddings_match_pipeline(sd_dir, model):
     assert ours.shape == (len(PROMPTS), 16, 32)
     assert torch.equal(ours, cond)
     assert model.null_embedding.shape == (1, 16, 32)
-    assert torch.equal(model.null_embedding.expand_as(uncond), uncond)
+    # the pipeline encodes B copies of "" in one batch, we encode one: equal up to batched-matmul rounding
+    assert (model.null_embedding.expand_as(uncond) - uncond).abs().max().item() <= 1e-6
 
 
 CASES = [(name, nfe) for name in ("dpmsolver++2m", "unipc-bh2-o2") for nfe in (5, 8)]
@@ -124,7 +139,10 @@ def test_float64_matches_pipeline_in_float64(sd_dir):
     ours = sample(m64, schedule, latents, m64.encode_prompts(PROMPTS)).sample
     pipe = _peer_pipeline(sd_dir, "dpmsolver++2m", m64.scheduler_config, dtype=torch.float64)
     ref = _run_pipeline(pipe, PROMPTS, latents, 8, 7.5)
-    assert ours.dtype == torch.float64 and (ours - ref).abs().max().item() <= 1e-9
+    # diffusers keeps alphas_cumprod and sigmas in float32 even in a float64 pipeline; we use float64
+    diff = (ours - ref).abs().max().item()
+    print(f"float64 dpmsolver++2m nfe=8 guidance=7.5: max abs diff {diff:.3g}")
+    assert ours.dtype == torch.float64 and diff <= TOL
 
 
 def test_decode_matches_pipeline_images(sd_dir, model):

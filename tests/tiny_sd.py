@@ -24,7 +24,8 @@ PROMPTS = ("a photo of the cat", "a red car", "a blue house on the sky", "the do
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-level alphabet: every byte maps to one printable unicode character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -1,0 +1,89 @@
+"""Evaluation sets, references, metrics, the Evaluator's cache use, and `autotune eval` / `autotune compare`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from autotune.cli import app
+from autotune.evaluate.evaluator import Evaluator
+from autotune.evaluate.metrics import score
+from autotune.evaluate.reference import compute_reference
+from autotune.evaluate.sets import EvalSet
+from autotune.models.diffusers_dir import load_pipeline_dir
+from autotune.models.registry import load_model
+from autotune.sampling.denoiser import TorchDenoiser
+from autotune.sampling.named import NAMED, build
+from autotune.sampling.noise import VPLinear
+
+runner = CliRunner()
+
+
+def test_search_and_report_sets_are_disjoint_and_reproducible():
+    a, b = EvalSet("search", (2,), size=8), EvalSet("report", (2,), size=8)
+    assert a.id != b.id and not torch.allclose(a.noise(), b.noise())
+    assert torch.equal(a.noise(), EvalSet("search", (2,), size=8).noise())
+    labels = EvalSet("report", (2,), size=20, num_classes=10).labels()
+    assert sorted(labels.tolist()) == sorted(list(range(10)) * 2)
+
+
+def test_reference_is_checked_and_far_more_accurate_than_the_schedules():
+    model = load_model("gmm2d", torch.float64)
+    s = EvalSet("search", (2,), size=64)
+    ref = compute_reference(model, s, steps=100, dtype=torch.float64)
+    exact = model.exact_ode_solution(s.noise(torch.float64), t_end=0.0)
+    true_err = float(((ref.final.double() - exact) ** 2).mean())
+    fastest = score(model, build("unipc-bh2-o3", model.noise, 10), s, ref)["mse_ref"]
+    assert true_err < 1e-3 * fastest and ref.check_mse < 1e-3 * fastest
+    assert ref.meta["check_solver"] != ref.meta["solver"]
+
+
+def test_diverging_schedule_scores_as_diverged_with_its_step():
+    ns = VPLinear()
+    model = TorchDenoiser(lambda x, tm: torch.where(tm[:, None] < 500, torch.full_like(x, math.nan), 0 * x), ns,
+                          "epsilon")
+    model.sample_shape = (2,)
+    ev = Evaluator(model, "search", size=4)
+    ev._references[ev._ref_version(None)] = compute_reference(
+        TorchDenoiser(lambda x, tm: 0 * x, ns, "epsilon"), ev.eval_set, steps=10)
+    metrics = ev.evaluate(build("ddim", ns, 4))  # evaluates at t = 1, .75, .5, .25: NaN from the call at .25
+    assert metrics["diverged"] and metrics["diverged_at"] == 3 and metrics["mse_ref"] == math.inf
+
+
+def test_second_eval_comes_from_the_cache(tmp_path):
+    schedule = tmp_path / "s.json"
+    assert runner.invoke(app, ["baseline", "unipc-bh2-o2", "--model", "gmm2d", "--nfe", "5", "--out",
+                               str(schedule)]).exit_code == 0
+    args = ["eval", "--model", "gmm2d", "--schedule", str(schedule), "--json", "--cache", str(tmp_path / "c.sqlite")]
+    first = runner.invoke(app, args)
+    second = runner.invoke(app, args)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    a, b = json.loads(first.output), json.loads(second.output)
+    assert {"nfe", "mse_ref", "diverged", "seconds"} <= set(a) and a["nfe"] == 5 and a["diverged"] is False
+    assert a["cached"] is False and b["cached"] is True and a["mse_ref"] == b["mse_ref"]
+
+
+def test_compare_agrees_with_diffusers_schedulers(pipeline_dirs, tmp_path):
+    """The table's mse_ref of each named schedule equals diffusers' own scheduler scored on the same noise."""
+    from peers import PEERS, run_peer
+
+    pipe = pipeline_dirs["v_prediction"]
+    result = runner.invoke(app, ["compare", "--model", str(pipe), "--nfe", "5,8", "--size", "8", "--no-cache",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert {r["schedule"] for r in rows} == set(NAMED)
+    model = load_pipeline_dir(pipe)
+    ev = Evaluator(model, "report", size=8)
+    ref = ev.reference(None).final.double()
+    noise = ev.eval_set.noise(torch.float32)
+    for r in rows:
+        if r["schedule"] not in PEERS or r["schedule"] == "unipc-bh1-o2":  # bh1 peer needs sigma_min, ours ends at 0
+            continue
+        peer = run_peer(r["schedule"], model.unet, model.scheduler_config, noise, r["nfe"]).double()
+        peer_mse = float(((peer - ref) ** 2).mean())
+        assert np.isclose(r["mse_ref"], peer_mse, rtol=1e-3, atol=1e-9), (r["schedule"], r["nfe"], peer_mse)
+    assert (tmp_path / "compare.csv").read_text().startswith("schedule,file,nfe,mse_ref")
