@@ -89,6 +89,8 @@ def baseline_cmd(
         schedule = dataclasses.replace(schedule, guidance=guidance)
     save(schedule, out)
     console.print(f"wrote {out}: {schedule.name}, NFE {schedule.nfe}, hash {schedule.hash()}")
+    if guidance is None and hasattr(m, "encode_prompts"):
+        console.print("note: a text-to-image model; this schedule is unguided (pass --guidance, e.g. 7.5, for CFG)")
 
 
 def _load_array(path: Path, what: str):
@@ -107,9 +109,13 @@ def sample_cmd(
     schedule: Path = typer.Option(..., "--schedule", help="schedule file"),
     out: Path = typer.Option(..., "--out", help="where to write the final samples (.npy)"),
     noise: Optional[Path] = typer.Option(None, "--noise", help="initial standard-normal noise (.npy, shape B x sample)"),
-    num: int = typer.Option(16, "--num", min=1, help="without --noise: how many samples to draw"),
+    num: Optional[int] = typer.Option(None, "--num", min=1,
+                                      help="without --noise: how many samples to draw (default 16, or one per prompt)"),
     seed: int = typer.Option(0, "--seed", help="without --noise: seed of the noise"),
     class_labels: Optional[Path] = typer.Option(None, "--class-labels", help="class labels (.npy of ints, length B)"),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="text-to-image models: a text file, one prompt per line (one for all, or one per sample)"
+    ),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="override the schedule's guidance scale"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64"),
     png: Optional[Path] = typer.Option(None, "--png", help="also write a grid image of the samples"),
@@ -130,6 +136,17 @@ def sample_cmd(
     sched.check_units(m.units)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
+    texts = None
+    if prompts is not None:
+        if class_labels is not None:
+            raise AutotuneError("--prompts and --class-labels: give one or the other")
+        if not hasattr(m, "encode_prompts"):
+            raise AutotuneError(f"--prompts: {model} is not a text-to-image model")
+        from autotune.models.latent import read_prompts
+
+        texts = read_prompts(prompts)
+    if num is None:
+        num = len(texts) if texts is not None else 16
     shape = tuple(getattr(m, "sample_shape", ()))
     if noise is not None:
         x = torch.from_numpy(np.ascontiguousarray(_load_array(noise, "--noise")))
@@ -145,6 +162,11 @@ def sample_cmd(
         if labels.ndim != 1 or labels.shape[0] != x.shape[0] or not np.issubdtype(labels.dtype, np.integer):
             raise AutotuneError(f"--class-labels {class_labels}: expected {x.shape[0]} integer labels")
         cond = torch.from_numpy(labels.astype(np.int64))
+    if texts is not None:
+        if len(texts) not in (1, x.shape[0]):
+            raise AutotuneError(f"--prompts {prompts}: {len(texts)} prompts for {x.shape[0]} samples "
+                                "(give one prompt, or one per sample)")
+        cond = m.encode_prompts(texts)  # once, before the loop; (1, L, D) is broadcast over the batch
     result = sample(m, sched, x.to(tdtype), cond)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, result.sample.detach().cpu().numpy())
@@ -152,7 +174,10 @@ def sample_cmd(
     if png is not None:
         from autotune.images import save_grid
 
-        save_grid(result.sample.detach().cpu(), png)
+        images = result.sample.detach()
+        if hasattr(m, "decode"):  # latent models: the VAE turns latents into images (outside the sampling loop)
+            images = m.decode(images)
+        save_grid(images.cpu(), png)
         console.print(f"wrote {png}")
 
 

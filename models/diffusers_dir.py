@@ -44,7 +44,8 @@ class DiffusersUNetDenoiser(TorchDenoiser):
         noise = VPDiscrete.from_diffusers_config(scheduler_config)
         keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
         config = {
-            "unet": dict(unet.config),
+            # private keys (_name_or_path, _diffusers_version) say where it was loaded from, not what it computes
+            "unet": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
             "scheduler": {k: scheduler_config.get(k) for k in keys},
         }
 
@@ -61,8 +62,11 @@ class DiffusersUNetDenoiser(TorchDenoiser):
         return fingerprint_module(self.unet, self.config)
 
 
-def load_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DiffusersUNetDenoiser:
+def load_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> TorchDenoiser:
     """Load the UNet and scheduler config of a diffusers pipeline directory.
+
+    A UNet2DConditionModel directory (unet + text_encoder + tokenizer + vae + scheduler) is handed to
+    ``autotune.models.latent.load_latent_pipeline_dir`` and gives a LatentTextToImageDenoiser.
 
     Raises:
         ModelError: the directory lacks a part, or its UNet is not a UNet2DModel.
@@ -76,9 +80,13 @@ def load_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, devi
     sched_dir = path / "scheduler"
     sched_config = _read_json(sched_dir / "scheduler_config.json")
     cls = unet_config.get("_class_name")
+    if cls == "UNet2DConditionModel":  # latent text-to-image (Stable Diffusion layout)
+        from autotune.models.latent import load_latent_pipeline_dir
+
+        return load_latent_pipeline_dir(path, dtype=dtype, device=device)
     if cls != "UNet2DModel":
         raise ModelError(
-            f"{path}/unet: {cls} is not supported yet (UNet2DModel only; conditional/latent pipelines: issue 3)"
+            f"{path}/unet: {cls} is not supported (UNet2DModel, or UNet2DConditionModel in a text-to-image pipeline)"
         )
     try:
         from diffusers import UNet2DModel
