@@ -119,6 +119,7 @@ def sample_cmd(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="override the schedule's guidance scale"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64"),
     png: Optional[Path] = typer.Option(None, "--png", help="also write a grid image of the samples"),
+    columns: Optional[int] = typer.Option(None, "--columns", min=1, help="samples per row of the --png grid"),
 ) -> None:
     """Run SCHEDULE on MODEL from the given noise and write the final samples."""
     import dataclasses
@@ -177,7 +178,7 @@ def sample_cmd(
         images = result.sample.detach()
         if hasattr(m, "decode"):  # latent models: the VAE turns latents into images (outside the sampling loop)
             images = m.decode(images)
-        save_grid(images.cpu(), png)
+        save_grid(images.cpu(), png, columns=columns)
         console.print(f"wrote {png}")
 
 
@@ -387,6 +388,41 @@ def _default_cache() -> str:
     from autotune.cache.store import default_cache_path
 
     return default_cache_path()
+
+
+zoo_app = typer.Typer(no_args_is_help=True, help="Train the built-in models (reproduces the shipped weights).")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("train")
+@_one_line_errors
+def zoo_train_cmd(
+    name: str = typer.Argument(..., help="digits (the UNet) or digits-classifier"),
+    out: Path = typer.Option(Path("zoo-weights"), "--out", help="folder for the weights and the training record"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: int = typer.Option(1200, "--steps", min=1, help="optimiser steps (digits)"),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch threads"),
+) -> None:
+    """Train a built-in model with the project's own script on data that ships in a package."""
+    from autotune.models import digits_train
+
+    def log(msg: str) -> None:
+        err_console.print(msg, highlight=False)
+
+    if name == "digits":
+        record = digits_train.train_digits(out, seed=seed, steps=steps, threads=threads, log=log,
+                                           argv=["autotune", "zoo", "train", "digits", "--seed", str(seed),
+                                                 "--steps", str(steps), "--threads", str(threads)])
+    elif name == "digits-classifier":
+        record = digits_train.train_classifier(out, seed=seed, threads=threads, log=log)
+    else:
+        raise AutotuneError(f"zoo train: unknown model {name!r} (digits, digits-classifier; gmm* are analytic)")
+    console.print(f"wrote {out}: {json_summary(record)}")
+
+
+def json_summary(record: dict) -> str:
+    keys = [k for k in ("steps", "seconds", "wall_seconds", "final_loss", "held_out_accuracy") if k in record]
+    return ", ".join(f"{k} {record[k]}" for k in keys) or "done"
 
 
 from autotune.cache_cli import cache_app  # noqa: E402  (the `cache` sub-commands)

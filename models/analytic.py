@@ -291,6 +291,16 @@ class GaussianMixtureDenoiser:
         z = torch.randn(n, self.sample_shape[0], generator=generator, dtype=torch.float64)
         return (self.means[comp] + self.stds[comp] * z).to(self.dtype)
 
+    def data_metrics(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """Exact negative log-likelihood of the samples under the mixture, and the sliced Wasserstein
+        distance to as many true samples (a fixed seed, so equal samples give equal figures)."""
+        from autotune.evaluate.distribution import sliced_wasserstein
+
+        x = samples.detach().double()
+        true = self.sample_data(x.shape[0], torch.Generator().manual_seed(12345)).double()
+        nll = -self.log_prob(x.to(self.dtype) if hasattr(self, "dtype") else x).double().mean()
+        return {"nll": float(nll), "swd": sliced_wasserstein(x, true)}
+
     def log_prob(self, x0: torch.Tensor) -> torch.Tensor:
         """Exact data log-density log p(x0) (natural log, per sample), computed in float64."""
         self._check_x(x0)

@@ -87,3 +87,31 @@ def test_compare_agrees_with_diffusers_schedulers(pipeline_dirs, tmp_path):
         peer_mse = float(((peer - ref) ** 2).mean())
         assert np.isclose(r["mse_ref"], peer_mse, rtol=1e-3, atol=1e-9), (r["schedule"], r["nfe"], peer_mse)
     assert (tmp_path / "compare.csv").read_text().startswith("schedule,file,nfe,mse_ref")
+
+
+def test_distribution_metrics_separate_data_from_noise():
+    from autotune.evaluate.distribution import frechet_distance, sliced_wasserstein
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 4))
+    assert abs(frechet_distance(a, a)) < 1e-8
+    assert frechet_distance(a, a + 1.0) == pytest.approx(4.0, rel=1e-6)  # a mean shift of 1 in 4 dimensions
+    t = torch.from_numpy(a)
+    assert sliced_wasserstein(t, t) == 0.0 and sliced_wasserstein(t, t + 1.0) > 0.3
+    gmm = load_model("gmm2d", torch.float64)
+    true = gmm.data_metrics(gmm.sample_data(256, torch.Generator().manual_seed(3)))
+    noise = gmm.data_metrics(torch.randn(256, 2, dtype=torch.float64))
+    assert true["nll"] < noise["nll"] and true["swd"] < noise["swd"]
+
+
+def test_digits_metrics_in_the_evaluation(tmp_path):
+    from autotune.models.digits_train import digits_data
+
+    digits = load_model("digits")
+    real, labels = digits_data()
+    good = digits.data_metrics(real[:256], labels[:256])
+    bad = digits.data_metrics(torch.randn(256, 1, 16, 16), labels[:256])
+    assert good["fd"] < 0.2 * bad["fd"] and good["class_acc"] > 0.95 and bad["class_acc"] < 0.5
+    metrics = Evaluator(digits, "search", size=16, ref_steps=20).evaluate(
+        __import__("dataclasses").replace(build("unipc-bh2-o2", digits.noise, 8), guidance=2.0))
+    assert {"fd", "class_acc", "mse_ref", "traj_err"} <= set(metrics) and metrics["class_acc"] > 0.6
