@@ -190,6 +190,24 @@ def _open_store(cache: Optional[str], no_cache: bool):
     return open_store(cache)
 
 
+def _cached_eval(store, model: str, sched, kind: str, size: int):
+    """(metrics, eval-set id) of a stored evaluation, found through the model memo, or None."""
+    from autotune.cache.store import EvalKey
+    from autotune.evaluate.ids import DEFAULT_REF_STEPS, DEFAULT_SIZE, METRIC_VERSION, eval_set_id, model_memo_key
+    from autotune.evaluate.ids import ref_version
+
+    if kind not in DEFAULT_SIZE:
+        return None  # the full path reports the bad --set
+    memo = store.get_search_state(model_memo_key(model))
+    if memo is None:
+        return None
+    set_id = eval_set_id(kind, 0, size or DEFAULT_SIZE[kind], memo["sample_shape"], memo["num_classes"])
+    key = EvalKey(memo["fingerprint"], f"{set_id}/{ref_version(sched.guidance, DEFAULT_REF_STEPS)}", sched.hash(),
+                  METRIC_VERSION)
+    found = store.get_evaluation(key)
+    return None if found is None else ({**found, "cached": True}, set_id)
+
+
 def _parse_nfes(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -215,19 +233,27 @@ def eval_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the cache"),
 ) -> None:
     """Score a schedule file on MODEL: mse_ref against the reference ODE solution, trajectory error, NFE, time."""
-    from autotune.evaluate.evaluator import Evaluator, metrics_json
-    from autotune.models.registry import load_model
+    from autotune.evaluate.ids import metrics_json
     from autotune.space.fileformat import load
 
     sched = load(schedule)
-    m = load_model(model)
-    sched.check_units(m.units)
-    evaluator = Evaluator(m, eval_set, size=size, store=_open_store(cache, no_cache))
-    metrics = evaluator.evaluate(sched)
+    store = _open_store(cache, no_cache)
+    found = _cached_eval(store, model, sched, eval_set, size) if store is not None else None
+    if found is not None:  # answered from the cache without importing torch or loading the model
+        metrics, set_id = found
+    else:
+        from autotune.evaluate.evaluator import Evaluator
+        from autotune.models.registry import load_model
+
+        m = load_model(model)
+        sched.check_units(m.units)
+        evaluator = Evaluator(m, eval_set, size=size, store=store)
+        evaluator.model_spec = model
+        metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
     if as_json:
-        console.print_json(metrics_json({**metrics, "eval_set": evaluator.eval_set.id}))
+        console.print_json(metrics_json({**metrics, "eval_set": set_id}))
         return
-    table = Table("metric", "value", title=f"{sched.name or schedule.name} on {model} ({evaluator.eval_set.id})")
+    table = Table("metric", "value", title=f"{sched.name or schedule.name} on {model} ({set_id})")
     for key in ("mse_ref", "traj_err", "nfe", "diverged", "diverged_at", "seconds", "cached"):
         value = metrics.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
@@ -269,6 +295,7 @@ def compare_cmd(
     names = list(NAMED) if baselines == "all" else [] if baselines == "none" else [
         b.strip() for b in baselines.split(",") if b.strip()]
     evaluator = Evaluator(m, eval_set, size=size, store=_open_store(cache, no_cache))
+    evaluator.model_spec = model
     rows: list[dict] = []
     for name in names:
         for n in nfes:
@@ -279,7 +306,9 @@ def compare_cmd(
     for path, s in zip(schedules, given):
         rows.append({"schedule": s.name or path.stem, "file": str(path), **evaluator.evaluate(s)})
     columns = sorted({r["nfe"] for r in rows})
-    table = Table("schedule", *[f"NFE {c}" for c in columns],
+    from rich.table import Column
+
+    table = Table(Column("schedule", no_wrap=True), *[Column(f"NFE {c}", no_wrap=True) for c in columns],
                   title=f"mse_ref on {model}, {evaluator.eval_set.id} (lower is better; * best per NFE)")
     best = {c: min((r["mse_ref"] for r in rows if r["nfe"] == c), default=None) for c in columns}
     for label in dict.fromkeys(r["schedule"] for r in rows):
@@ -375,6 +404,7 @@ def search_cmd(
                   f"true evaluations ({result.cache_hits} cache hits) in {result.seconds:.1f} s"
                   + (" (resumed)" if result.resumed else ""))
     report = Evaluator(m, "report", store=store)
+    report.model_spec = model
     rows = [(best.name, report.evaluate(best))] + [(n, report.evaluate(s)) for n, s in zip(NAMED, seeds)]
     table = Table("schedule", "report mse_ref", "vs best named", title=f"report set ({report.eval_set.id}), NFE {nfe}")
     best_named = min(r["mse_ref"] for n, r in rows[1:])

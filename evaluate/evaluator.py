@@ -7,13 +7,13 @@ store (``autotune.cache``) both survive across processes and runs. Searches, `au
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 
 from autotune.evaluate.metrics import METRIC_VERSION, score
-from autotune.evaluate.reference import REF_VERSION, Reference, compute_reference
+from autotune.evaluate.ids import DEFAULT_REF_STEPS, metrics_json, model_memo_key, ref_version  # noqa: F401
+from autotune.evaluate.reference import Reference, compute_reference
 from autotune.evaluate.sets import EvalSet, eval_set_for
 from autotune.sampling.denoiser import Denoiser
 from autotune.space.fileformat import dumps
@@ -32,7 +32,7 @@ class Evaluator:
     """
 
     def __init__(self, model: Denoiser, kind: str = "search", size: int = 0, seed: int = 0, store: Any = None,
-                 ref_steps: int = 100) -> None:
+                 ref_steps: int = DEFAULT_REF_STEPS) -> None:
         self.model = model
         self.eval_set: EvalSet = eval_set_for(model, kind, size, seed)
         self.store = store
@@ -42,9 +42,10 @@ class Evaluator:
         self._memo: dict[str, dict[str, Any]] = {}
         self.hits = 0
         self.misses = 0
+        self.model_spec: str | None = None  # the MODEL argument, when the model came from one
 
     def _ref_version(self, guidance: float | None) -> str:
-        return f"{REF_VERSION}-g{guidance}-k{self.ref_steps}"
+        return ref_version(guidance, self.ref_steps)
 
     def reference(self, guidance: float | None = None) -> Reference:
         """The reference solution at this guidance (computed once, then read from memory or the store)."""
@@ -94,14 +95,8 @@ class Evaluator:
         self._memo[schedule.hash()] = metrics
         if self.store is not None:
             self.store.put_evaluation(self.key(schedule), metrics, dumps(schedule))
+            if self.model_spec is not None:  # lets `autotune eval` find this row later without loading the model
+                self.store.put_search_state(model_memo_key(self.model_spec), {
+                    "fingerprint": self.fingerprint, "sample_shape": list(self.eval_set.sample_shape),
+                    "num_classes": self.eval_set.num_classes})
         return {**metrics, "cached": False}
-
-
-def metrics_json(metrics: dict[str, Any]) -> str:
-    """Metrics as JSON with inf/NaN spelled as strings (strict JSON readers reject the bare tokens)."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-            return str(v)
-        return v
-
-    return json.dumps({k: clean(v) for k, v in metrics.items()}, sort_keys=True)

@@ -21,7 +21,7 @@ from autotune.sampling.denoiser import Denoiser
 from autotune.sampling.executor import sample
 from autotune.space.schedule import Schedule
 
-METRIC_VERSION = "m2"  # m2: model data metrics (fd, class_acc, nll, swd)
+from autotune.evaluate.ids import METRIC_VERSION  # noqa: E402,F401  (one place for the version)
 LOWER_IS_BETTER = {"mse_ref": True, "traj_err": True, "nfe": True, "seconds": True}
 
 

@@ -22,7 +22,7 @@ from autotune.sampling.executor import sample
 from autotune.sampling.noise import NoiseSchedule
 from autotune.space.schedule import Schedule, Step
 
-REF_VERSION = "ref2"
+from autotune.evaluate.ids import REF_VERSION  # noqa: E402  (one place for the version)
 CHECK_SAMPLES = 32
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from autotune.errors import AutotuneError
+from autotune.evaluate.ids import DEFAULT_SIZE, eval_set_id
 
 KINDS = ("search", "report")
-DEFAULT_SIZE = {"search": 128, "report": 256}  # sized for a 2-core CPU on the digits model
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,7 @@ class EvalSet:
 
     @property
     def id(self) -> str:
-        shape = "x".join(map(str, self.sample_shape))
-        classes = f"-c{self.num_classes}" if self.num_classes else ""
-        return f"{self.kind}-s{self.seed}-n{self.size}-{shape}{classes}"
+        return eval_set_id(self.kind, self.seed, self.size, self.sample_shape, self.num_classes)
 
     def _generator(self, stream: int) -> torch.Generator:
         # distinct streams per kind and per purpose: search and report noises never coincide

@@ -96,9 +96,13 @@ def _unipc(variant: str, order: int) -> Callable[..., Schedule]:
 
 
 def ipndm(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
-    """iPNDM: order-4 Adams-Bashforth on the noise prediction with lower-order warm-up, linspace spacing."""
+    """iPNDM: order-4 Adams-Bashforth on the noise prediction with lower-order warm-up, linspace spacing.
+
+    Like the diffusers multistep schedulers, the last step onto sigma = 0 is first order: extrapolating the
+    noise over that infinite log-SNR step cost 60x in mse_ref on the digits model at NFE 10."""
     times = linspace_times(noise, nfe, final)
-    steps = [Step(t, order=min(4, k + 1), solver="ipndm", prediction="noise") for k, t in enumerate(times[1:])]
+    steps = [Step(t, order=1 if t == 0.0 else min(4, k + 1), solver="ipndm", prediction="noise")
+             for k, t in enumerate(times[1:])]
     return _schedule("ipndm", times, steps)
 
 

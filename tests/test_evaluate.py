@@ -115,3 +115,20 @@ def test_digits_metrics_in_the_evaluation(tmp_path):
     metrics = Evaluator(digits, "search", size=16, ref_steps=20).evaluate(
         __import__("dataclasses").replace(build("unipc-bh2-o2", digits.noise, 8), guidance=2.0))
     assert {"fd", "class_acc", "mse_ref", "traj_err"} <= set(metrics) and metrics["class_acc"] > 0.6
+
+
+def test_cached_eval_needs_neither_torch_nor_the_model(tmp_path):
+    """The second `autotune eval` is answered through the model memo: torch is never imported."""
+    import subprocess
+    import sys
+
+    schedule = tmp_path / "s.json"
+    assert runner.invoke(app, ["baseline", "ddim", "--model", "gmm2d", "--nfe", "4", "--out", str(schedule)]).exit_code == 0
+    args = ["eval", "--model", "gmm2d", "--schedule", str(schedule), "--json", "--cache", str(tmp_path / "c.sqlite")]
+    assert runner.invoke(app, args).exit_code == 0  # computes, stores the row and the model memo
+    code = ("import sys; from autotune.cli import app\n"
+            f"try:\n    app({args!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert '"cached": true' in done.stdout and done.stdout.strip().endswith("NO-TORCH"), done.stdout

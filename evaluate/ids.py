@@ -1,0 +1,52 @@
+"""Identifiers of evaluations and their JSON form, without torch (the cached fast path of `autotune eval`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+from pathlib import Path
+
+REF_VERSION = "ref2"  # bump when the reference solver changes
+METRIC_VERSION = "m2"  # m2: model data metrics (fd, class_acc, nll, swd)
+DEFAULT_SIZE = {"search": 128, "report": 256}  # evaluation-set sizes, fit for a 2-core CPU on `digits`
+DEFAULT_REF_STEPS = 100
+
+
+def metrics_json(metrics: dict[str, Any]) -> str:
+    """Metrics as strict JSON, with inf/NaN spelled as strings."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            return str(v)
+        return v
+
+    return json.dumps({k: clean(v) for k, v in metrics.items()}, sort_keys=True)
+
+
+def eval_set_id(kind: str, seed: int, size: int, sample_shape, num_classes: int | None) -> str:
+    shape = "x".join(str(int(d)) for d in sample_shape)
+    classes = f"-c{num_classes}" if num_classes else ""
+    return f"{kind}-s{seed}-n{size}-{shape}{classes}"
+
+
+def ref_version(guidance: float | None, ref_steps: int) -> str:
+    return f"{REF_VERSION}-g{guidance}-k{ref_steps}"
+
+
+def model_memo_key(spec: str) -> str:
+    """A key that changes whenever the files behind a MODEL argument change (path, size, mtime), so a memo
+    of the model's fingerprint under it can be trusted without loading the weights."""
+    from autotune import __version__
+
+    h = hashlib.sha256(f"{__version__}|{spec}".encode())
+    root = Path(spec)
+    if not root.is_dir():  # a built-in: its weights ship in the package
+        root = Path(__file__).resolve().parent.parent / "models" / "weights"
+    else:
+        h.update(str(root.resolve()).encode())
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{dirpath}/{name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return "model-memo:" + h.hexdigest()[:24]
