@@ -115,7 +115,7 @@ def _saved_search(cache):
     from autotune.cache.store import loads
 
     with sqlite3.connect(cache) as db:
-        rows = db.execute("SELECT state FROM search_states").fetchall()
+        rows = db.execute("SELECT state FROM search_states WHERE search_id NOT LIKE 'model-memo:%'").fetchall()
     assert len(rows) == 1
     return loads(rows[0][0])
 
