@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from autotune.errors import AutotuneError
+from autotune.cli_common import one_line_errors
 
 cache_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Inspect, clear or export the evaluation cache.")
 console = Console()
-err_console = Console(stderr=True)
 
 CACHE_HELP = ("cache: a SQLite file path or a SQLAlchemy URL (postgresql://user@host/db); default "
               "$AUTOTUNE_CACHE or ~/.cache/autotune/cache.sqlite")
 
 
-def _one_line_errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AutotuneError as e:
-            err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
+_one_line_errors = one_line_errors
 
 
 def _size(n: Optional[int]) -> str:

@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from autotune.cli_common import err_console, one_line_errors
 from autotune.errors import AutotuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search, fit and compile sampling schedules.")
 console = Console()
 
-err_console = Console(stderr=True)
 
 DTYPES = {"float32": "float32", "float64": "float64"}
 
 
-def _one_line_errors(fn: Callable) -> Callable:
-    """Turn every AutotuneError into `error: <what and where>` on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AutotuneError as e:
-            err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
+_one_line_errors = one_line_errors
 
 
 def _torch_dtype(name: str):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from autotune.evaluate.metrics import METRIC_VERSION, score
-from autotune.evaluate.ids import DEFAULT_REF_STEPS, metrics_json, model_memo_key, ref_version  # noqa: F401
+from autotune.evaluate.ids import DEFAULT_REF_STEPS, model_memo_key, ref_version
 from autotune.evaluate.reference import Reference, compute_reference
 from autotune.evaluate.sets import EvalSet, eval_set_for
 from autotune.sampling.denoiser import Denoiser

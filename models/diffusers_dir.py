@@ -21,7 +21,7 @@ from autotune.sampling.noise import VPDiscrete
 PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v_prediction"}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -72,13 +72,13 @@ def load_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, devi
         ModelError: the directory lacks a part, or its UNet is not a UNet2DModel.
     """
     path = Path(path)
-    index = _read_json(path / "model_index.json")
+    index = read_json(path / "model_index.json")
     for part in ("unet", "scheduler"):
         if part not in index:
             raise ModelError(f"{path}/model_index.json: no '{part}' entry (not a UNet diffusion pipeline)")
-    unet_config = _read_json(path / "unet" / "config.json")
+    unet_config = read_json(path / "unet" / "config.json")
     sched_dir = path / "scheduler"
-    sched_config = _read_json(sched_dir / "scheduler_config.json")
+    sched_config = read_json(sched_dir / "scheduler_config.json")
     cls = unet_config.get("_class_name")
     if cls == "UNet2DConditionModel":  # latent text-to-image (Stable Diffusion layout)
         from autotune.models.latent import load_latent_pipeline_dir

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from autotune.errors import ModelError
+from autotune.models.diffusers_dir import read_json
 from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
 from autotune.sampling.noise import VPDiscrete
@@ -58,15 +59,6 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ModelError(f"{path}: no prompts (expected one prompt per line)")
     return prompts
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing (not a diffusers pipeline directory?)") from None
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
 
 
 def _index_class(index: dict[str, Any], part: str) -> str | None:
@@ -275,11 +267,11 @@ def load_latent_pipeline_dir(
         ModelError: a part is missing or of an unsupported class.
     """
     path = Path(path)
-    index = _read_json(path / "model_index.json")
+    index = read_json(path / "model_index.json")
     for part in PARTS:
         if _index_class(index, part) is None:
             raise ModelError(f"{path}/model_index.json: no '{part}' entry (not a latent text-to-image pipeline)")
-    unet_config = _read_json(path / "unet" / "config.json")
+    unet_config = read_json(path / "unet" / "config.json")
     if unet_config.get("_class_name") != "UNet2DConditionModel":
         raise ModelError(f"{path}/unet: {unet_config.get('_class_name')} is not a UNet2DConditionModel")
     enc_cls = _index_class(index, "text_encoder")
@@ -291,8 +283,8 @@ def load_latent_pipeline_dir(
     vae_cls = _index_class(index, "vae")
     if vae_cls != "AutoencoderKL":
         raise ModelError(f"{path}/vae: {vae_cls} is not supported (AutoencoderKL)")
-    sched_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    vae_config = _read_json(path / "vae" / "config.json")
+    sched_config = read_json(path / "scheduler" / "scheduler_config.json")
+    vae_config = read_json(path / "vae" / "config.json")
     try:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer

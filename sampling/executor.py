@@ -6,7 +6,6 @@ looks at a tensor's value inside the loop, so the same loop traces and exports (
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
