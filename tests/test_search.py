@@ -165,3 +165,16 @@ def test_cli_search_writes_a_schedule_that_beats_the_baselines(tmp_path):
     best = load(out)
     assert best.nfe == 4 and best.metadata["method"] == "evolution" and best.metadata["true_evaluations"] == 32
     assert "x better" in done.stdout
+
+
+def test_gradient_refinement_lowers_the_loss_and_keeps_a_valid_grid(gmm):
+    from autotune.search.gradient import refine_times
+
+    evaluator = Evaluator(gmm, "search", size=32)
+    base = build("dpmsolver++2m", gmm.noise, 5)
+    refined = refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None), iterations=25, lr=0.1)
+    assert refined.losses[-1] < refined.losses[0]
+    s = refined.schedule
+    assert s.nfe == 5 and s.times[0] == base.times[0] and s.times[-1] == 0.0 and s.times != base.times
+    assert [st.order for st in s.steps] == [st.order for st in base.steps]
+    assert evaluator.evaluate(s)["mse_ref"] < evaluator.evaluate(base)["mse_ref"]
