@@ -206,12 +206,16 @@ def _one_thread() -> Iterator[None]:
 
 
 class _Standardiser:
-    """Per-column affine scaling to zero mean, unit variance (constant columns are only centred)."""
+    """Per-column centring; columns that are not 0/1 indicators are also scaled to unit variance.
+
+    One-hot columns keep their scale: standardising a rare category would blow it up to a large input.
+    """
 
     def __init__(self, x: np.ndarray) -> None:
         self.mean = x.mean(axis=0)
         std = x.std(axis=0)
-        self.std = np.where(std > 1e-8, std, 1.0)
+        binary = np.all((x == 0) | (x == 1), axis=0)
+        self.std = np.where((std > 1e-8) & ~binary, std, 1.0)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return (x - self.mean) / self.std
@@ -235,8 +239,8 @@ class MLPRanker:
         temperature: scale of prediction differences in the ranking loss (standardised target units).
     """
 
-    def __init__(self, seed: int = 0, members: int = 5, hidden: int = 64, epochs: int = 300, lr: float = 3e-3,
-                 weight_decay: float = 1e-3, rank_weight: float = 1.0, temperature: float = 0.2) -> None:
+    def __init__(self, seed: int = 0, members: int = 5, hidden: int = 64, epochs: int = 300, lr: float = 1e-2,
+                 weight_decay: float = 1.0, rank_weight: float = 1.0, temperature: float = 0.2) -> None:
         self.seed, self.members, self.hidden, self.epochs = seed, members, hidden, epochs
         self.lr, self.weight_decay, self.rank_weight, self.temperature = lr, weight_decay, rank_weight, temperature
         self._params: list[torch.Tensor] | None = None
@@ -289,15 +293,18 @@ class MLPRanker:
         self._params = [p.detach() for p in params]
         return self
 
-    def predict(self, X: np.ndarray, return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Ensemble mean prediction (N,), in target units; with ``return_std`` also the members' spread."""
+    def predict_members(self, X: np.ndarray) -> np.ndarray:
+        """Every member's prediction, (members, N), in target units."""
         if self._params is None:
             raise RuntimeError("MLPRanker.predict before fit")
         with _one_thread(), torch.no_grad():
             x = torch.from_numpy(self._xs(np.asarray(X, dtype=np.float64))).float()
-            p = self._forward(self._params, x).double().numpy() * self._y_std + self._y_mean
-        mean = p.mean(axis=0)
-        return (mean, p.std(axis=0)) if return_std else mean
+            return self._forward(self._params, x).double().numpy() * self._y_std + self._y_mean
+
+    def predict(self, X: np.ndarray, return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Ensemble mean prediction (N,), in target units; with ``return_std`` also the members' spread."""
+        p = self.predict_members(X)
+        return (p.mean(axis=0), p.std(axis=0)) if return_std else p.mean(axis=0)
 
 
 class ForestRegressor:
@@ -323,6 +330,14 @@ class ForestRegressor:
             random_state=self.seed, n_jobs=1,
         ).fit(np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64).ravel())
         return self
+
+    def predict_members(self, X: np.ndarray, groups: int = 5) -> np.ndarray:
+        """Predictions of ``groups`` sub-forests (the trees split into equal consecutive groups), (groups, N)."""
+        if self._forest is None:
+            raise RuntimeError("ForestRegressor.predict before fit")
+        X = np.asarray(X, dtype=np.float64)
+        per_tree = np.stack([t.predict(X) for t in self._forest.estimators_])
+        return np.stack([chunk.mean(axis=0) for chunk in np.array_split(per_tree, groups)])
 
     def predict(self, X: np.ndarray, return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Mean over trees (N,); with ``return_std`` also the trees' spread."""

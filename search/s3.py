@@ -1,0 +1,270 @@
+"""`s3`: predictor-guided search (S3, Liu et al., "A Unified Sampling Framework for Solver Searching of DPMs").
+
+The loop: evaluate a seed population truly (the named baselines, then prior samples and mutations of them,
+``n_init`` in all), train a light predictor (:mod:`autotune.predictors.s3`) from schedule features to
+``log(metric)``, run an evolutionary search *on the predictor* (thousands of cheap predicted candidates bred
+from the best truly evaluated vectors: tournament selection, per-step crossover, times jittered in log-SNR,
+discrete choices resampled; every child decoded into a valid schedule), and propose the predicted-best
+candidates not evaluated yet; retrain after every batch of tells and repeat until the runner's budget ends.
+
+The batch: its first schedule minimises the ensemble's lower confidence bound (``mean - kappa * spread``),
+each further one minimises a single member's prediction in turn (a Thompson-like draw), so a batch covers
+what the members disagree on. By default the search on the predictor runs one generation of 2048 children
+of the best true points: on gmm2d (NFE 4, 8 seeds) deeper searches (3-4 generations, with or without an
+uncertainty penalty) drifted to where the predictor is wrong and did worse at budgets 40-80; the
+``generations`` argument keeps them available. The predictor is retrained from scratch at every ask with
+a seed fixed by the search seed and the number of told points (on one thread), so the JSON state (told
+points, proposed hashes, rng, phase) is enough for a restored copy to ask exactly the same next batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from autotune.predictors.s3 import PREDICTORS, ScheduleFeatures, log_target, make_predictor
+from autotune.search.strategy import (SearchContext, SearchError, register, rng_from_state, rng_state,
+                                      schedule_from_json, schedule_to_json)
+from autotune.space.schedule import Schedule
+
+N_INIT = 24  # true evaluations before the first predictor (named seeds included)
+PRIOR_SHARE = 1 / 3  # of the non-named initial points drawn from the prior; the rest mutate a named seed
+GENERATIONS = 1  # generations of the evolutionary search on the predictor, per ask (see the module doc)
+CHILDREN = 2048  # predicted candidates per generation
+PARENTS = 48  # size of the pool children are bred from (true best and predicted best)
+TRUE_PARENTS = 16  # best truly evaluated schedules always kept in that pool
+TOURNAMENT = 3
+CROSSOVER_P = 0.5
+MUTATE_P = 0.15  # per discrete coordinate, at strength 1
+TIME_SIGMA = 0.25  # std of the log-SNR jitter of each time, in mean steps in lambda, at strength 1
+STRENGTHS = (0.5, 1.0, 2.0)  # mutation strengths, one drawn per child
+KAPPA = 0.5  # lower confidence bound: predicted mean - KAPPA * ensemble spread
+
+
+@register("s3")
+class S3:
+    """S3: true evaluations train a predictor; evolution on the predictor proposes the next true evaluations.
+
+    Args:
+        context: the space, noise schedule, seeds (named baselines) and rng seed.
+        n_init: true evaluations before the predictor takes over (named seeds first).
+        predictor: "mlp" (ranking-aware MLP ensemble) or "forest" (scikit-learn random forest).
+        generations, children: size of the evolutionary search on the predictor per ask.
+        kappa: weight of the ensemble spread in the lower confidence bound candidates are ranked by.
+        select: "members" (first pick by the bound, then one pick per ensemble member in turn) or "lcb"
+            (the whole batch by the bound).
+    """
+
+    name = "s3"
+
+    def __init__(self, context: SearchContext, n_init: int = N_INIT, predictor: str = "mlp",
+                 generations: int = GENERATIONS, children: int = CHILDREN, kappa: float = KAPPA,
+                 select: str = "members") -> None:
+        if select not in ("members", "lcb"):
+            raise SearchError(f"s3: select must be 'members' or 'lcb', got {select!r}")
+        if predictor not in PREDICTORS:
+            raise SearchError(f"s3: unknown predictor {predictor!r} (one of {', '.join(PREDICTORS)})")
+        self.context = context
+        self.space = context.space
+        self.n_init, self.predictor_kind = n_init, predictor
+        self.generations, self.children, self.kappa, self.select = generations, children, kappa, select
+        self.features = ScheduleFeatures(self.space, context.noise)
+        self.rng = np.random.default_rng(context.seed)
+        self.evaluated: list[tuple[Schedule, float]] = []  # told points, in tell order (inf = diverged)
+        self.proposed: list[str] = []  # hashes of every schedule asked for, in order
+        self._proposed_set: set[str] = set()
+        self._told_set: set[str] = set()
+        self.seed_cursor = 0  # named seeds handed out so far
+        self.rounds = 0  # asks answered by the predictor
+        coords = self.space.coords
+        self.time_idx = np.array([i for i, c in enumerate(coords) if c.family == "t"], dtype=np.int64)
+        self.other_idx = np.array([i for i, c in enumerate(coords) if c.family != "t"], dtype=np.int64)
+        self._other_real = np.array([coords[i].kind == "real" for i in self.other_idx], dtype=bool)
+        self.step_of = np.array([c.step for c in coords], dtype=np.int64)
+        self._lam = self._lambda_interval()
+
+    @property
+    def phase(self) -> str:
+        """"init" while the seed population is being proposed, then "model"."""
+        return "init" if len(self.proposed) < self.n_init else "model"
+
+    # -- ask / tell -----------------------------------------------------------------------------------------
+
+    def ask(self, n: int) -> list[Schedule]:
+        out: list[Schedule] = []
+        seeds = self.context.seeds
+        while len(out) < n and self.seed_cursor < len(seeds):
+            s = seeds[self.seed_cursor]
+            self.seed_cursor += 1
+            if self.space.contains(s) and self._propose(s):
+                out.append(s)
+        while len(out) < n and self.phase == "init":
+            out.append(self._initial_candidate())
+        if len(out) < n:
+            out += self._model_batch(n - len(out))
+        return out
+
+    def tell(self, schedule: Schedule, value: float) -> None:
+        h = schedule.hash()
+        if h in self._told_set or not self.space.contains(schedule):
+            return
+        self._told_set.add(h)
+        self.evaluated.append((schedule, float(value) if math.isfinite(value) else math.inf))
+
+    def _propose(self, s: Schedule) -> bool:
+        """Record ``s`` as asked for; False when it was asked for before."""
+        h = s.hash()
+        if h in self._proposed_set:
+            return False
+        self._proposed_set.add(h)
+        self.proposed.append(h)
+        return True
+
+    # -- the seed population --------------------------------------------------------------------------------
+
+    def _initial_candidate(self) -> Schedule:
+        """A prior sample (share PRIOR_SHARE) or a mutation of a random named seed, not proposed before."""
+        seeds = [s for s in self.context.seeds if self.space.contains(s)]
+        for _ in range(100):
+            if not seeds or self.rng.random() < PRIOR_SHARE:
+                s = self.space.sample_prior(self.rng)
+            else:
+                base = self.space.encode(seeds[int(self.rng.integers(len(seeds)))])
+                strength = np.array([STRENGTHS[int(self.rng.integers(len(STRENGTHS)))]])
+                s = self.space.decode(self._mutate(base[None, :], strength)[0])
+            if self._propose(s):
+                return s
+        return s  # a tiny space where every draw was proposed already: let the runner's cache answer
+
+    # -- the predictor and the evolutionary search on it ----------------------------------------------------
+
+    def _model_batch(self, n: int) -> list[Schedule]:
+        """The ``n`` predicted-best candidates not proposed before, from an evolutionary search on the predictor.
+
+        The first pick minimises the ensemble's lower confidence bound; pick ``j > 0`` minimises member
+        ``(j - 1) mod members`` alone (a Thompson-like draw), which spreads a batch over what the members
+        disagree on instead of spending it on near-copies of one predicted optimum.
+        """
+        finite = [v for _, v in self.evaluated if math.isfinite(v)]
+        if len(finite) < 2:  # nothing to learn from yet (all diverged, or nothing told): keep exploring
+            return [self._initial_candidate() for _ in range(n)]
+        self.rounds += 1
+        vectors = np.stack([self.space.encode(s) for s, _ in self.evaluated])
+        targets = log_target([v for _, v in self.evaluated])
+        seed = (int(self.context.seed) * 1_000_003 + len(self.evaluated)) % (2**31)
+        model = make_predictor(self.predictor_kind, seed=seed).fit(self.features(vectors), targets)
+
+        true_best = np.argsort(targets, kind="stable")[:TRUE_PARENTS]
+        pool_vecs, pool_scores = vectors[true_best], targets[true_best]
+        found: dict[str, Schedule] = {}  # candidates, in the order they were bred
+        preds = np.zeros((0, 0))  # (members, len(found)) predictions
+        for g in range(self.generations):
+            fresh: dict[str, tuple[Schedule, np.ndarray]] = {}
+            for vec in self._breed(pool_vecs, pool_scores, self.children):
+                s = self.space.decode(vec)
+                h = s.hash()
+                if h not in self._proposed_set and h not in found and h not in fresh:
+                    fresh[h] = (s, self.space.encode(s))
+            if fresh:
+                p = model.predict_members(self.features(np.stack([v for _, v in fresh.values()])))
+                preds = p if not found else np.concatenate([preds, p], axis=1)
+                found.update((h, s) for h, (s, _) in fresh.items())
+            if not found or g == self.generations - 1:
+                continue
+            score = preds.mean(axis=0) - self.kappa * preds.std(axis=0)
+            elite = np.argsort(score, kind="stable")[: PARENTS - len(true_best)]  # next pool: true + predicted best
+            candidates = list(found.values())
+            elite_vecs = np.stack([self.space.encode(candidates[i]) for i in elite])
+            pool_vecs = np.concatenate([vectors[true_best], elite_vecs])
+            pool_scores = np.concatenate([targets[true_best], score[elite]])
+        out: list[Schedule] = []
+        if found:
+            candidates = list(found.values())
+            score = preds.mean(axis=0) - self.kappa * preds.std(axis=0)
+            rankings = [np.argsort(score, kind="stable")]
+            if self.select == "members":
+                rankings += [np.argsort(member, kind="stable") for member in preds]
+            cursor = [0] * len(rankings)
+            while len(out) < min(n, len(candidates)):
+                r = 0 if len(out) == 0 or len(rankings) == 1 else 1 + (len(out) - 1) % (len(rankings) - 1)
+                while not self._propose(candidates[rankings[r][cursor[r]]]):
+                    cursor[r] += 1
+                out.append(candidates[rankings[r][cursor[r]]])
+        while len(out) < n:
+            out.append(self._initial_candidate())
+        return out
+
+    def _breed(self, vecs: np.ndarray, scores: np.ndarray, count: int) -> np.ndarray:
+        """``count`` children: tournament parents, per-step uniform crossover (w.p. CROSSOVER_P), mutation."""
+        def tournament() -> np.ndarray:
+            picks = self.rng.integers(len(vecs), size=(count, min(TOURNAMENT, len(vecs))))
+            return picks[np.arange(count), np.argmin(scores[picks], axis=1)]
+
+        a, b = vecs[tournament()], vecs[tournament()]
+        cross = self.rng.random(count) < CROSSOVER_P
+        take_b = self.rng.random((count, self.space.n_steps)) < 0.5
+        child = np.where((take_b & cross[:, None])[:, self.step_of], b, a)
+        strength = np.asarray(STRENGTHS)[self.rng.integers(len(STRENGTHS), size=count)]
+        return self._mutate(child, strength)
+
+    def _mutate(self, vecs: np.ndarray, strength: np.ndarray) -> np.ndarray:
+        """Rows of ``vecs`` mutated: times jittered in log-SNR, each other coordinate resampled w.p. MUTATE_P."""
+        vecs = vecs.copy()
+        if len(self.time_idx):
+            vecs[:, self.time_idx] = self._jitter_times(vecs[:, self.time_idx], strength)
+        if len(self.other_idx):
+            bounds = self.space.bounds[self.other_idx]
+            hit = self.rng.random((len(vecs), len(self.other_idx))) < MUTATE_P * strength[:, None]
+            u = self.rng.random((len(vecs), len(self.other_idx)))
+            draw = np.where(self._other_real, bounds[:, 0] + u * (bounds[:, 1] - bounds[:, 0]),
+                            np.floor(bounds[:, 0] + u * (bounds[:, 1] - bounds[:, 0] + 1)))
+            vecs[:, self.other_idx] = np.where(hit, np.minimum(draw, bounds[:, 1]), vecs[:, self.other_idx])
+        return vecs
+
+    def _lambda_interval(self) -> tuple[float, float] | None:
+        """log-SNR at t_start and at the end (t_min when ending on the data); None if not finite."""
+        noise, sp = self.context.noise, self.space
+        if noise is None:
+            return None
+        end = sp.t_end if sp.t_end > 0 else float(noise.t_min)
+        lam = noise.lambda_(torch.tensor([sp.t_start, end], dtype=torch.float64))
+        lo, hi = float(lam[0]), float(lam[1])
+        return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) and lo != hi else None
+
+    def _jitter_times(self, times: np.ndarray, strength: np.ndarray) -> np.ndarray:
+        """Move interior times by Gaussian noise in log-SNR (linearly in t without one), kept in the interval."""
+        sp, m = self.space, times.shape[1]
+        noise = self.rng.normal(0.0, 1.0, times.shape) * (TIME_SIGMA * strength[:, None] / (m + 1))
+        if self._lam is None:
+            span = sp.t_start - sp.t_end
+            return np.clip(times - noise * span, sp.t_end, sp.t_start)
+        lo, hi = self._lam
+        ns = self.context.noise
+        lam = ns.lambda_(torch.from_numpy(times.copy())).numpy()
+        lam = np.clip(np.nan_to_num(lam, nan=hi, posinf=hi, neginf=lo) + noise * abs(hi - lo), min(lo, hi),
+                      max(lo, hi))
+        return ns.t_of_lambda(torch.from_numpy(lam)).clamp(sp.t_end, sp.t_start).numpy()
+
+    # -- state ----------------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "rng": rng_state(self.rng),
+            "evaluated": [[schedule_to_json(s), v if math.isfinite(v) else None] for s, v in self.evaluated],
+            "proposed": list(self.proposed),
+            "seed_cursor": self.seed_cursor,
+            "rounds": self.rounds,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rng = rng_from_state(state["rng"])
+        self.evaluated = [(schedule_from_json(d), math.inf if v is None else float(v)) for d, v in state["evaluated"]]
+        self._told_set = {s.hash() for s, _ in self.evaluated}
+        self.proposed = list(state["proposed"])
+        self._proposed_set = set(self.proposed)
+        self.seed_cursor = int(state["seed_cursor"])
+        self.rounds = int(state["rounds"])

@@ -1,0 +1,205 @@
+"""S3: schedule features, the ranking-aware MLP and its scikit-learn comparison, and the `s3` search loop."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from autotune.evaluate.evaluator import Evaluator
+from autotune.models.registry import load_model
+from autotune.predictors.s3 import (ForestRegressor, MLPRanker, ScheduleFeatures, log_target, make_predictor,
+                                    ranking_quality)
+from autotune.sampling.named import NAMED, build
+from autotune.search.runner import InProcessPool, run_search
+from autotune.search.s3 import S3
+from autotune.search.strategy import SearchContext, SearchError, make_strategy
+from autotune.space.encoding import ScheduleSpace
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return load_model("gmm2d", torch.float64)
+
+
+def context(model, nfe=4, seed=0):
+    seeds = tuple(build(n, model.noise, nfe) for n in NAMED)
+    return SearchContext(ScheduleSpace(nfe, model.noise.T, 0.0, ratio_range=None), model.noise, seeds, seed)
+
+
+def synthetic(space, features, n, seed):
+    """Prior schedules with a smooth synthetic metric: log-SNR spacing near a target, plus per-choice costs."""
+    rng = np.random.default_rng(seed)
+    vecs = np.stack([space.encode(space.sample_prior(rng)) for _ in range(n)])
+    x = features(vecs)
+    names = features.names
+    pos = x[:, [i for i, name in enumerate(names) if name.startswith("pos[")]]
+    target = np.linspace(0, 1, pos.shape[1] + 2)[1:-1]
+    metric = 3.0 * ((pos - target) ** 2).sum(axis=1)
+    metric += 0.4 * x[:, names.index("solver[0]=ipndm")] + 0.2 * x[:, names.index("prediction[1]=noise")]
+    metric += 0.1 * x[:, names.index("order[2]")]
+    return vecs, np.exp(metric)  # a positive metric, learnt in log units
+
+
+# -- features and helpers -------------------------------------------------------------------------------------
+
+
+def test_features_place_times_in_log_snr_and_one_hot_the_choices(gmm):
+    space = context(gmm).space
+    f = ScheduleFeatures(space, gmm.noise)
+    vecs = np.stack([space.encode(space.sample_prior(np.random.default_rng(i))) for i in range(20)])
+    x = f(vecs)
+    assert x.shape == (20, f.dim) and np.all(np.isfinite(x))
+    pos = x[:, [i for i, n in enumerate(f.names) if n.startswith("pos[")]]
+    assert np.all((0 <= pos) & (pos <= 1)) and np.all(np.diff(pos, axis=1) >= 0)
+    steps = x[:, [i for i, n in enumerate(f.names) if n.startswith("dpos[")]]
+    assert np.allclose(steps.sum(axis=1), 1.0)
+    for family, k in (("solver", 4), ("prediction", 2), ("corrector", 3)):
+        cols = [i for i, n in enumerate(f.names) if n.startswith(f"{family}[1]=")]
+        assert len(cols) == k and np.all(x[:, cols].sum(axis=1) == 1)
+    # a time halfway in log-SNR sits at 0.5; without a noise schedule positions are linear in t
+    lo, hi = (float(gmm.noise.lambda_(torch.tensor(t, dtype=torch.float64))) for t in (1.0, gmm.noise.t_min))
+    t_mid = float(gmm.noise.t_of_lambda(torch.tensor((lo + hi) / 2, dtype=torch.float64)))
+    assert f.positions(np.array([t_mid]))[0] == pytest.approx(0.5)
+    assert ScheduleFeatures(space).positions(np.array([0.25]))[0] == pytest.approx(0.75)
+
+
+def test_log_target_ranks_diverged_last():
+    y = log_target([0.1, 1.0, math.inf, float("nan")])
+    assert y[0] < y[1] < y[2] == y[3] and np.all(np.isfinite(y))
+
+
+def test_ranking_quality_matches_scipy_with_ties():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 6, 40).astype(float), rng.integers(0, 6, 40).astype(float)
+    q = ranking_quality(a, b)
+    assert q.kendall == pytest.approx(scipy_stats.kendalltau(a, b).statistic)
+    assert q.spearman == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
+    assert ranking_quality([1, 2, 3], [3, 2, 1]).kendall == pytest.approx(-1.0)
+
+
+# -- predictors -----------------------------------------------------------------------------------------------
+
+
+def test_mlp_and_forest_learn_a_synthetic_ranking(gmm):
+    space = context(gmm).space
+    f = ScheduleFeatures(space, gmm.noise)
+    vecs, metric = synthetic(space, f, 200, seed=1)
+    x, y = f(vecs), log_target(metric)
+    quality, seconds = {}, {}
+    MLPRanker(epochs=2).fit(x[:10], y[:10])  # torch's one-off start-up cost (optimizer, kernels) is not the fit's
+    for kind in ("mlp", "forest"):
+        model = make_predictor(kind, seed=0)
+        start = time.perf_counter()
+        model.fit(x[:100], y[:100])
+        seconds[kind] = time.perf_counter() - start
+        quality[kind] = ranking_quality(model.predict(x[100:]), y[100:])
+        mean, spread = model.predict(x[100:], return_std=True)
+        assert mean.shape == spread.shape == (100,) and np.all(spread >= 0)
+    print(f"\nheld-out ranking on 100 points: mlp {quality['mlp']} in {seconds['mlp']:.2f} s, "
+          f"forest {quality['forest']} in {seconds['forest']:.2f} s")
+    assert quality["mlp"].kendall > 0.7, quality
+    assert quality["forest"].kendall > 0.5, quality
+    assert seconds["mlp"] < 1.5  # < 0.5 s on one free core; slack for a loaded test machine
+
+
+def test_mlp_is_deterministic_given_its_seed():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(30, 5))
+    y = x @ np.arange(5.0)
+    p1 = MLPRanker(seed=3, epochs=50).fit(x, y).predict(x)
+    p2 = MLPRanker(seed=3, epochs=50).fit(x, y).predict(x)
+    p3 = MLPRanker(seed=4, epochs=50).fit(x, y).predict(x)
+    assert np.array_equal(p1, p2) and not np.array_equal(p1, p3)
+    assert np.array_equal(ForestRegressor(seed=3).fit(x, y).predict(x), ForestRegressor(seed=3).fit(x, y).predict(x))
+    with pytest.raises(ValueError, match="unknown predictor"):
+        make_predictor("gp")
+
+
+# -- the search loop ------------------------------------------------------------------------------------------
+
+
+def test_restored_s3_asks_the_same_batch_in_the_model_phase(gmm):
+    ctx = context(gmm)
+    a = S3(ctx, n_init=10, children=256)
+    f = ScheduleFeatures(ctx.space, gmm.noise)
+    for _ in range(3):
+        batch = a.ask(6)
+        assert len({s.hash() for s in batch}) == 6 and all(ctx.space.contains(s) for s in batch)
+        values = f(np.stack([ctx.space.encode(s) for s in batch]))[:, 0] + 0.1  # a synthetic metric
+        for i, (s, v) in enumerate(zip(batch, values)):
+            a.tell(s, math.inf if i == 1 else float(v))
+    assert a.phase == "model" and a.rounds == 2
+    state = json.loads(json.dumps(a.state(), allow_nan=False))  # strict JSON: a diverged value is null
+    b = S3(ctx, n_init=10, children=256)
+    b.load_state(state)
+    assert [s.hash() for s in a.ask(5)] == [s.hash() for s in b.ask(5)]
+    told = {s.hash() for s, _ in a.evaluated}
+    assert not told & {s.hash() for s in a.ask(5)}  # never proposes a schedule twice
+
+
+def test_killed_s3_search_resumes_on_the_same_trajectory(gmm, tmp_path):
+    """Stopped in the predictor phase and resumed from the store, s3 proposes what an uninterrupted run does."""
+    from autotune.cache.store import open_store
+    from autotune.search.runner import search_id
+
+    def strategy():
+        return S3(context(gmm), n_init=16, children=256)
+
+    full = run_search(strategy(), InProcessPool(Evaluator(gmm, "search", size=16)), 40, batch_size=8)
+
+    class Stop(Exception):
+        pass
+
+    def stop(progress):
+        if progress.true_evaluations >= 32:
+            raise Stop
+
+    store = open_store(str(tmp_path / "cache.sqlite"))
+    sid = search_id(test="s3-resume")
+    with pytest.raises(Stop):
+        run_search(strategy(), InProcessPool(Evaluator(gmm, "search", size=16, store=store)), 40, batch_size=8,
+                   store=store, sid=sid, callback=stop)
+    evaluator = Evaluator(gmm, "search", size=16, store=store)
+    resumed = run_search(strategy(), InProcessPool(evaluator), 40, batch_size=8, store=store, sid=sid)
+    assert resumed.resumed and evaluator.misses == 8
+    assert [t["hash"] for t in resumed.trials] == [t["hash"] for t in full.trials]
+    assert resumed.best_value == full.best_value
+
+
+def test_s3_keeps_exploring_when_everything_diverged(gmm):
+    ctx = context(gmm)
+    strategy = S3(ctx, n_init=4, children=128)
+    for _ in range(3):
+        for s in strategy.ask(4):
+            strategy.tell(s, math.inf)
+    assert all(ctx.space.contains(s) for s in strategy.ask(4))
+    with pytest.raises(SearchError, match="predictor"):
+        S3(ctx, predictor="gp")
+
+
+def test_s3_beats_the_named_baselines_on_gmm2d_and_compares_with_evolution(gmm):
+    budget = 40
+    named = min(Evaluator(gmm, "search", size=32).evaluate(build(n, gmm.noise, 4))["mse_ref"] for n in NAMED)
+    best, seconds = {}, {}
+    for method in ("s3", "evolution"):
+        start = time.perf_counter()
+        result = run_search(make_strategy(method, context(gmm)), InProcessPool(Evaluator(gmm, "search", size=32)),
+                            budget=budget, batch_size=8)
+        seconds[method] = time.perf_counter() - start
+        assert result.true_evaluations == budget and result.best.nfe == 4
+        best[method] = result.best_value
+    print(f"\ngmm2d NFE 4, budget {budget}: best named {named:.3e}, s3 {best['s3']:.3e} ({seconds['s3']:.1f} s), "
+          f"evolution {best['evolution']:.3e} ({seconds['evolution']:.1f} s)")
+    assert best["s3"] < 0.5 * named, (best, named)
