@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search, fit 
 console = Console()
 
 
-DTYPES = {"float32": "float32", "float64": "float64"}
+DTYPES = ("float32", "float64")
 
 
 _one_line_errors = one_line_errors
@@ -372,7 +372,7 @@ def search_cmd(
     else:
         spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
                              evaluator.ref_steps)
-        pool = RayPool(spec, workers, address, references={evaluator._ref_version(guidance): reference})
+        pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference})
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} evals"),
                TextColumn("best mse_ref {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn())
     try:

@@ -38,20 +38,20 @@ class Evaluator:
         self.store = store
         self.ref_steps = ref_steps
         self.fingerprint = model.fingerprint()
-        self._references: dict[Any, Reference] = {}
+        self.references: dict[Any, Reference] = {}
         self._memo: dict[str, dict[str, Any]] = {}
         self.hits = 0
         self.misses = 0
         self.model_spec: str | None = None  # the MODEL argument, when the model came from one
 
-    def _ref_version(self, guidance: float | None) -> str:
+    def reference_version(self, guidance: float | None) -> str:
         return ref_version(guidance, self.ref_steps)
 
     def reference(self, guidance: float | None = None) -> Reference:
         """The reference solution at this guidance (computed once, then read from memory or the store)."""
-        version = self._ref_version(guidance)
-        if version in self._references:
-            return self._references[version]
+        version = self.reference_version(guidance)
+        if version in self.references:
+            return self.references[version]
         ref = None
         if self.store is not None:
             found = self.store.get_reference(self.fingerprint, self.eval_set.id, version)
@@ -61,13 +61,13 @@ class Evaluator:
             ref = compute_reference(self.model, self.eval_set, guidance, steps=self.ref_steps)
             if self.store is not None:
                 self.store.put_reference(self.fingerprint, self.eval_set.id, version, ref.to_arrays(), ref.meta)
-        self._references[version] = ref
+        self.references[version] = ref
         return ref
 
     def key(self, schedule: Schedule):
         from autotune.cache.store import EvalKey
 
-        return EvalKey(self.fingerprint, f"{self.eval_set.id}/{self._ref_version(schedule.guidance)}",
+        return EvalKey(self.fingerprint, f"{self.eval_set.id}/{self.reference_version(schedule.guidance)}",
                        schedule.hash(), METRIC_VERSION)
 
     def cached(self, schedule: Schedule) -> dict[str, Any] | None:

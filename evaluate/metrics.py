@@ -22,7 +22,6 @@ from autotune.sampling.executor import sample
 from autotune.space.schedule import Schedule
 
 from autotune.evaluate.ids import METRIC_VERSION  # noqa: E402,F401  (one place for the version)
-LOWER_IS_BETTER = {"mse_ref": True, "traj_err": True, "nfe": True, "seconds": True}
 
 
 def score(

@@ -34,25 +34,34 @@ def is_pipeline_dir(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
+SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                  "prediction_type")
+
+
+def read_scheduler_config(config: dict[str, Any]) -> tuple[VPDiscrete, str, dict[str, Any]]:
+    """(noise schedule, parameterisation, the keys that define them) of a diffusers scheduler config."""
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelError(f"scheduler config: prediction_type {prediction!r} is not supported")
+    return VPDiscrete.from_diffusers_config(config), PREDICTION_TYPES[prediction], {k: config.get(k) for k in
+                                                                                   SCHEDULER_KEYS}
+
+
 class DiffusersUNetDenoiser(TorchDenoiser):
     """A diffusers UNet2DModel with the noise schedule of its pipeline's scheduler config."""
 
     def __init__(self, unet: torch.nn.Module, scheduler_config: dict[str, Any], source: str = "") -> None:
-        prediction = scheduler_config.get("prediction_type", "epsilon")
-        if prediction not in PREDICTION_TYPES:
-            raise ModelError(f"scheduler config: prediction_type {prediction!r} is not supported")
-        noise = VPDiscrete.from_diffusers_config(scheduler_config)
-        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
+        noise, parameterization, scheduler_keys = read_scheduler_config(scheduler_config)
         config = {
             # private keys (_name_or_path, _diffusers_version) say where it was loaded from, not what it computes
             "unet": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
-            "scheduler": {k: scheduler_config.get(k) for k in keys},
+            "scheduler": scheduler_keys,
         }
 
         def forward(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
             return unet(x, timestep).sample
 
-        super().__init__(forward, noise, PREDICTION_TYPES[prediction], module=unet, round_time=True, config=config)
+        super().__init__(forward, noise, parameterization, module=unet, round_time=True, config=config)
         self.unet = unet
         self.scheduler_config = scheduler_config
         self.source = source

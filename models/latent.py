@@ -28,12 +28,10 @@ import torch
 from torch import nn
 
 from autotune.errors import ModelError
-from autotune.models.diffusers_dir import read_json
+from autotune.models.diffusers_dir import read_json, read_scheduler_config
 from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
-from autotune.sampling.noise import VPDiscrete
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 PARTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 TEXT_ENCODERS = ("CLIPTextModel",)
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
@@ -115,17 +113,13 @@ class LatentTextToImageDenoiser(TorchDenoiser):
             if cfg.get(key) is not None:
                 raise ModelError(f"{source or 'unet'}: UNet2DConditionModel with {key}={cfg.get(key)!r} is not "
                                  "supported (Stable Diffusion 1.x/2.x layout only)")
-        prediction = scheduler_config.get("prediction_type", "epsilon")
-        if prediction not in PREDICTION_TYPES:
-            raise ModelError(f"scheduler config: prediction_type {prediction!r} is not supported")
-        noise = VPDiscrete.from_diffusers_config(scheduler_config)
-        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
+        noise, prediction, scheduler_keys = read_scheduler_config(scheduler_config)
         config = {
             "kind": "latent_text_to_image",
             # without _name_or_path (where it was loaded from) and _diffusers_version: a copied directory
             # is the same model
             "unet": {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"},
-            "scheduler": {k: scheduler_config.get(k) for k in keys},
+            "scheduler": scheduler_keys,
         }
         super().__init__(self._unet_forward, noise, prediction, module=unet, round_time=True, config=config)
         self.unet = unet

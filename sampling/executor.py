@@ -34,7 +34,7 @@ def _apply(update: Update, x: torch.Tensor, hist: dict[str, dict[int, torch.Tens
     return out
 
 
-def _last_uses(schedule: Schedule, plan: Plan) -> dict[int, int]:
+def _last_uses(plan: Plan) -> dict[int, int]:
     """For each model output index, the last step that reads it (so older outputs can be freed)."""
     last: dict[int, int] = {}
     for k, sp in enumerate(plan.steps):
@@ -94,7 +94,7 @@ def sample(
     if plan is None:
         plan = make_plan(schedule, model.noise, times=times, ratios=ratios)
     spaces = sorted({sp.predictor.prediction for sp in plan.steps})
-    last_use = _last_uses(schedule, plan)
+    last_use = _last_uses(plan)
     alphas = plan.alphas.to(dtype)
     sigmas = plan.sigmas.to(dtype)
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()

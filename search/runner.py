@@ -105,7 +105,7 @@ class RayPool:
                 self.threads = spec.threads
                 torch.set_num_threads(spec.threads)
                 self.evaluator = _build_evaluator(spec)
-                self.evaluator._references.update(references)
+                self.evaluator.references.update(references)
 
             def pid(self) -> int:
                 return os.getpid()

@@ -20,3 +20,11 @@ def pipeline_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipelines")
     torch.manual_seed(0)
     return {pred: make_pipeline_dir(root / pred, pred) for pred in ("epsilon", "v_prediction")}
+
+
+@pytest.fixture(scope="session")
+def gmm():
+    """The analytic 2-D mixture in float64, shared by the search tests."""
+    from autotune.models.registry import load_model
+
+    return load_model("gmm2d", torch.float64)

@@ -20,15 +20,6 @@ from autotune.space.schedule import Schedule, Step
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (milliseconds per call on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _t(v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=F64)
 

@@ -18,7 +18,7 @@ import torch
 
 import autotune.models.analytic  # noqa: F401  (registers gmm2d)
 from autotune.models.registry import load_model
-from autotune.sampling.coefficients import make_plan
+
 from autotune.sampling.executor import sample
 from autotune.sampling.named import build
 from autotune.sampling.noise import VPLinear
@@ -33,15 +33,6 @@ ORDER_BANDS = {1: (0.8, 1.3), 2: (1.7, 2.5), 3: (2.6, 3.6)}
 # halved, so its local error is O(h^3) and its global order 2, not 3. The space's true third-order
 # multistep predictor is UniP-3 (`unip-bh1` / `unip-bh2` order 3), tested at order 3 below.
 DPM3_NOTE = "dpm order 3 = diffusers' 3M form: x0'' term halved (see above)"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (milliseconds per call on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- local truncation order on a smooth, state-independent model output ---------------------------------------

@@ -47,7 +47,7 @@ def test_diverging_schedule_scores_as_diverged_with_its_step():
                           "epsilon")
     model.sample_shape = (2,)
     ev = Evaluator(model, "search", size=4)
-    ev._references[ev._ref_version(None)] = compute_reference(
+    ev.references[ev.reference_version(None)] = compute_reference(
         TorchDenoiser(lambda x, tm: 0 * x, ns, "epsilon"), ev.eval_set, steps=10)
     metrics = ev.evaluate(build("ddim", ns, 4))  # evaluates at t = 1, .75, .5, .25: NaN from the call at .25
     assert metrics["diverged"] and metrics["diverged_at"] == 3 and metrics["mse_ref"] == math.inf

@@ -10,7 +10,7 @@ from autotune.sampling.coefficients import compensation, make_plan
 from autotune.sampling.denoiser import TorchDenoiser, to_data_and_noise
 from autotune.sampling.executor import sample
 from autotune.sampling.named import NAMED, build
-from autotune.sampling.noise import EDM, FlowMatching, VPDiscrete, VPLinear
+from autotune.sampling.noise import FlowMatching, VPDiscrete, VPLinear
 from autotune.space.schedule import Schedule, Step
 
 

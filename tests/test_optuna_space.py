@@ -19,37 +19,18 @@ optuna = pytest.importorskip("optuna")
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
 
 from autotune.evaluate.evaluator import Evaluator  # noqa: E402
-from autotune.models.registry import load_model  # noqa: E402
 from autotune.sampling.named import NAMED, build  # noqa: E402
 from autotune.sampling.noise import EDM, FlowMatching, VPDiscrete, VPLinear  # noqa: E402
 from autotune.search.optuna_space import DIVERGED_VALUE, OptunaSpace  # noqa: E402
 from autotune.search.runner import InProcessPool, run_search  # noqa: E402
-from autotune.search.strategy import SearchContext, make_strategy, method_names  # noqa: E402
+from autotune.search.strategy import make_strategy, method_names  # noqa: E402
 from autotune.space.encoding import ScheduleSpace  # noqa: E402
 from autotune.space.schedule import PREDICTIONS, SOLVERS  # noqa: E402
+from search_helpers import search_context  # noqa: E402
 
 METHODS = [m for m in method_names() if m.startswith("optuna-")]
 NOISES = {"vp_discrete": VPDiscrete.from_diffusers_config({}), "vp_linear": VPLinear(), "edm": EDM(),
           "flow": FlowMatching()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return load_model("gmm2d", torch.float64)
-
-
-def context(model, nfe=4, seed=0, **space):
-    seeds = tuple(build(n, model.noise, nfe) for n in NAMED)
-    space = {"ratio_range": None, **space}
-    return SearchContext(ScheduleSpace(nfe, model.noise.T, 0.0, **space), model.noise, seeds, seed)
 
 
 def test_registered():
@@ -149,7 +130,7 @@ def test_any_params_decode_to_a_valid_schedule_of_the_space(noise_space, lam, ca
 
 @pytest.mark.parametrize("method", METHODS)
 def test_seeds_come_first_then_valid_proposals(gmm, method):
-    ctx = context(gmm)
+    ctx = search_context(gmm)
     strategy = make_strategy(method, ctx)
     asked = strategy.ask(3) + strategy.ask(3) + strategy.ask(5)
     assert [s.hash() for s in asked[: len(ctx.seeds)]] == [s.hash() for s in ctx.seeds]
@@ -168,7 +149,7 @@ def test_seeds_come_first_then_valid_proposals(gmm, method):
 
 
 def test_seeds_outside_the_space_are_proposed_verbatim_and_not_learnt(gmm):
-    ctx = context(gmm, solvers=("dpm",), allow_corrector=False, predictions=("data",))
+    ctx = search_context(gmm, solvers=("dpm",), allow_corrector=False, predictions=("data",))
     inside = [s for s in ctx.seeds if ctx.space.contains(s)]
     outside = [s for s in ctx.seeds if not ctx.space.contains(s)]
     assert inside and outside
@@ -181,7 +162,7 @@ def test_seeds_outside_the_space_are_proposed_verbatim_and_not_learnt(gmm):
 
 
 def test_duplicate_schedules_are_told_to_their_trials_in_order(gmm):
-    ctx = context(gmm)
+    ctx = search_context(gmm)
     strategy = make_strategy("optuna-tpe", ctx)
     asked = strategy.ask(len(ctx.seeds))
     twins = [i for i, s in enumerate(asked) if s.hash() == asked[1].hash()]
@@ -194,7 +175,7 @@ def test_duplicate_schedules_are_told_to_their_trials_in_order(gmm):
 
 
 def test_a_schedule_never_asked_is_added_to_the_study(gmm):
-    ctx = context(gmm)
+    ctx = search_context(gmm)
     strategy = make_strategy("optuna-tpe", ctx)
     stranger = ctx.space.sample_prior(np.random.default_rng(5))
     strategy.tell(stranger, 0.5)
@@ -207,7 +188,7 @@ def test_a_schedule_never_asked_is_added_to_the_study(gmm):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_with_waiting_seeds_and_pending_trials(gmm, method):
-    ctx = context(gmm, seed=7)
+    ctx = search_context(gmm, seed=7)
     a = make_strategy(method, ctx)
     first = a.ask(4)  # three seeds still wait in the queue
     for s in first[:3]:
@@ -232,7 +213,7 @@ def test_resume_with_waiting_seeds_and_pending_trials(gmm, method):
 def test_cmaes_resume_replays_the_optimizer(gmm, caplog):
     if "optuna-cmaes" not in METHODS:
         pytest.skip("cmaes is not installed")
-    ctx = context(gmm)
+    ctx = search_context(gmm)
     a = make_strategy("optuna-cmaes", ctx)
     rng = np.random.default_rng(0)
     for _ in range(6):  # past the seeds and into CMA-ES generations
@@ -259,17 +240,17 @@ def test_cmaes_resume_replays_the_optimizer(gmm, caplog):
 def test_incompatible_state_is_a_search_error(gmm):
     from autotune.search.strategy import SearchError
 
-    a = make_strategy("optuna-tpe", context(gmm))
+    a = make_strategy("optuna-tpe", search_context(gmm))
     with pytest.raises(SearchError):
-        make_strategy("optuna-random", context(gmm)).load_state(a.state())
+        make_strategy("optuna-random", search_context(gmm)).load_state(a.state())
     with pytest.raises(SearchError, match="another search space"):
-        make_strategy("optuna-tpe", context(gmm, nfe=5)).load_state(a.state())
+        make_strategy("optuna-tpe", search_context(gmm, nfe=5)).load_state(a.state())
 
 
 def test_optuna_logging_is_left_as_it_was(gmm):
     optuna.logging.set_verbosity(optuna.logging.INFO)
     try:
-        strategy = make_strategy("optuna-tpe", context(gmm))
+        strategy = make_strategy("optuna-tpe", search_context(gmm))
         for s in strategy.ask(3):
             strategy.tell(s, 1.0)
         assert optuna.logging.get_verbosity() == optuna.logging.INFO
@@ -282,7 +263,7 @@ def test_search_on_gmm2d_beats_the_named_baselines(gmm, method):
     if method not in METHODS:
         pytest.skip("cmaes is not installed")
     evaluator = Evaluator(gmm, "search", size=32)
-    result = run_search(make_strategy(method, context(gmm)), InProcessPool(evaluator), budget=40, batch_size=8)
+    result = run_search(make_strategy(method, search_context(gmm)), InProcessPool(evaluator), budget=40, batch_size=8)
     named = min(evaluator.evaluate(build(n, gmm.noise, 4))["mse_ref"] for n in NAMED)
     assert result.true_evaluations == 40 and result.best.nfe == 4
     assert result.best_value <= named  # the baselines are evaluated first

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 
@@ -27,7 +26,7 @@ def local_pool():
     evaluator = Evaluator(model, "search", size=16)
     ref = evaluator.reference(None)
     spec = EvaluatorSpec("gmm2d", "search", 16, 0, None, evaluator.ref_steps)
-    pool = RayPool(spec, 2, references={evaluator._ref_version(None): ref})
+    pool = RayPool(spec, 2, references={evaluator.reference_version(None): ref})
     yield pool, evaluator, model
     pool.close()
     ray.shutdown()

@@ -9,32 +9,13 @@ import pytest
 import torch
 
 from autotune.evaluate.evaluator import Evaluator
-from autotune.models.registry import load_model
 from autotune.predictors.s3 import (ForestRegressor, MLPRanker, ScheduleFeatures, log_target, make_predictor,
                                     ranking_quality)
 from autotune.sampling.named import NAMED, build
 from autotune.search.runner import InProcessPool, run_search
 from autotune.search.s3 import S3
-from autotune.search.strategy import SearchContext, SearchError, make_strategy
-from autotune.space.encoding import ScheduleSpace
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return load_model("gmm2d", torch.float64)
-
-
-def context(model, nfe=4, seed=0):
-    seeds = tuple(build(n, model.noise, nfe) for n in NAMED)
-    return SearchContext(ScheduleSpace(nfe, model.noise.T, 0.0, ratio_range=None), model.noise, seeds, seed)
+from autotune.search.strategy import SearchError, make_strategy
+from search_helpers import search_context
 
 
 def synthetic(space, features, n, seed):
@@ -55,7 +36,7 @@ def synthetic(space, features, n, seed):
 
 
 def test_features_place_times_in_log_snr_and_one_hot_the_choices(gmm):
-    space = context(gmm).space
+    space = search_context(gmm).space
     f = ScheduleFeatures(space, gmm.noise)
     vecs = np.stack([space.encode(space.sample_prior(np.random.default_rng(i))) for i in range(20)])
     x = f(vecs)
@@ -93,7 +74,7 @@ def test_ranking_quality_matches_scipy_with_ties():
 
 
 def test_mlp_and_forest_learn_a_synthetic_ranking(gmm):
-    space = context(gmm).space
+    space = search_context(gmm).space
     f = ScheduleFeatures(space, gmm.noise)
     vecs, metric = synthetic(space, f, 200, seed=1)
     x, y = f(vecs), log_target(metric)
@@ -131,7 +112,7 @@ def test_mlp_is_deterministic_given_its_seed():
 
 
 def test_restored_s3_asks_the_same_batch_in_the_model_phase(gmm):
-    ctx = context(gmm)
+    ctx = search_context(gmm)
     a = S3(ctx, n_init=10, children=256)
     f = ScheduleFeatures(ctx.space, gmm.noise)
     for _ in range(3):
@@ -155,7 +136,7 @@ def test_killed_s3_search_resumes_on_the_same_trajectory(gmm, tmp_path):
     from autotune.search.runner import search_id
 
     def strategy():
-        return S3(context(gmm), n_init=16, children=256)
+        return S3(search_context(gmm), n_init=16, children=256)
 
     full = run_search(strategy(), InProcessPool(Evaluator(gmm, "search", size=16)), 40, batch_size=8)
 
@@ -179,7 +160,7 @@ def test_killed_s3_search_resumes_on_the_same_trajectory(gmm, tmp_path):
 
 
 def test_s3_keeps_exploring_when_everything_diverged(gmm):
-    ctx = context(gmm)
+    ctx = search_context(gmm)
     strategy = S3(ctx, n_init=4, children=128)
     for _ in range(3):
         for s in strategy.ask(4):
@@ -195,7 +176,7 @@ def test_s3_beats_the_named_baselines_on_gmm2d_and_compares_with_evolution(gmm):
     best, seconds = {}, {}
     for method in ("s3", "evolution"):
         start = time.perf_counter()
-        result = run_search(make_strategy(method, context(gmm)), InProcessPool(Evaluator(gmm, "search", size=32)),
+        result = run_search(make_strategy(method, search_context(gmm)), InProcessPool(Evaluator(gmm, "search", size=32)),
                             budget=budget, batch_size=8)
         seconds[method] = time.perf_counter() - start
         assert result.true_evaluations == budget and result.best.nfe == 4

@@ -8,41 +8,20 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import torch
 
 from autotune.cache.store import open_store
 from autotune.evaluate.evaluator import Evaluator
-from autotune.models.registry import load_model
 from autotune.sampling.named import NAMED, build
 from autotune.search.runner import InProcessPool, run_search, search_id
-from autotune.search.strategy import SearchContext, make_strategy, method_names
-from autotune.space.encoding import ScheduleSpace
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only add contention
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return load_model("gmm2d", torch.float64)
-
-
-def context(model, nfe=4, seed=0):
-    seeds = tuple(build(n, model.noise, nfe) for n in NAMED)
-    return SearchContext(ScheduleSpace(nfe, model.noise.T, 0.0, ratio_range=None), model.noise, seeds, seed)
+from autotune.search.strategy import make_strategy, method_names
+from search_helpers import search_context
 
 
 @pytest.mark.parametrize("method", method_names())
 def test_strategy_conformance(gmm, method):
     """Every strategy: valid schedules in the space, JSON state, and a restored copy continues identically."""
-    ctx = context(gmm)
+    ctx = search_context(gmm)
     a = make_strategy(method, ctx)
     for _ in range(3):
         batch = a.ask(5)
@@ -60,13 +39,13 @@ def test_unknown_method_is_a_one_line_error(gmm):
     from autotune.search.strategy import SearchError
 
     with pytest.raises(SearchError, match="unknown search method"):
-        make_strategy("annealing", context(gmm))
+        make_strategy("annealing", search_context(gmm))
 
 
 @pytest.mark.parametrize("method", ["evolution", "random"])
 def test_search_beats_the_named_baselines_on_gmm2d(gmm, method):
     evaluator = Evaluator(gmm, "search", size=32)
-    strategy = make_strategy(method, context(gmm, nfe=4))
+    strategy = make_strategy(method, search_context(gmm, nfe=4))
     result = run_search(strategy, InProcessPool(evaluator), budget=40, batch_size=8)
     named = min(evaluator.evaluate(build(n, gmm.noise, 4))["mse_ref"] for n in NAMED)
     assert result.true_evaluations == 40 and result.best.nfe == 4
@@ -91,10 +70,10 @@ def test_interrupted_search_resumes_without_evaluating_twice(gmm, tmp_path):
 
     evaluator = Evaluator(gmm, "search", size=16, store=store)
     with pytest.raises(Stop):
-        run_search(make_strategy("evolution", context(gmm)), InProcessPool(evaluator), 40, batch_size=8,
+        run_search(make_strategy("evolution", search_context(gmm)), InProcessPool(evaluator), 40, batch_size=8,
                    store=store, sid=sid, callback=stop_after_two_batches)
     evaluator = Evaluator(gmm, "search", size=16, store=store)  # a fresh process would start like this
-    result = run_search(make_strategy("evolution", context(gmm)), InProcessPool(evaluator), 40, batch_size=8,
+    result = run_search(make_strategy("evolution", search_context(gmm)), InProcessPool(evaluator), 40, batch_size=8,
                         store=store, sid=sid)
     assert result.resumed and result.true_evaluations == 40
     assert evaluator.misses == 40 - stopped_at[0]  # only the remaining budget was computed
