@@ -460,6 +460,11 @@ from autotune.cache_cli import cache_app  # noqa: E402  (the `cache` sub-command
 
 app.add_typer(cache_app, name="cache")
 
+from autotune import compile_cli, dc_cli, report_cli  # noqa: E402  (compile/bench, dc/cpr, report commands)
+
+for _module in (compile_cli, dc_cli, report_cli):
+    _module.register(app)
+
 
 def main() -> None:
     """Console-script entry point."""
