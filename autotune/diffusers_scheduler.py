@@ -1,0 +1,238 @@
+"""Replay a schedule file inside any diffusers pipeline, through the scheduler API pipelines call.
+
+    >>> pipe.scheduler = AutotuneScheduler.from_schedule("s.json", pipe.scheduler.config)   # doctest: +SKIP
+    >>> images = pipe(num_inference_steps=pipe.scheduler.num_inference_steps).images        # doctest: +SKIP
+
+The scheduler holds no solver formula of its own: it builds the schedule's :class:`Plan` with
+``coefficients.make_plan`` on the noise schedule of the pipeline's scheduler config (read by the same
+``read_scheduler_config`` the model adapters use) and replays the plan's linear updates in ``step()``,
+in the executor's order: the model output at tau_k is converted to (x0, eps) as the adapter converts it,
+the UniC corrector of the previous step runs with that new output, then DC compensation, then the
+predictor. The pipeline feeds its network the values of ``timesteps``, which are exactly the model times
+the adapter feeds (``noise.model_time``, snapped to integers within 1e-6), so a pipeline with this
+scheduler and ``autotune sample`` make the same network calls on the same states.
+
+For VP models ``init_noise_sigma`` is 1 and ``scale_model_input`` is the identity, as the pipelines expect.
+Guidance stays the pipeline's business (StableDiffusionPipeline applies CFG before calling ``step``).
+Skip masks cannot be replayed (a pipeline calls its own network; the scheduler cannot bypass blocks), so a
+schedule with any is refused by ``from_schedule`` with one error. Nothing is clipped: a DDPM config's
+``clip_sample`` / ``timestep_spacing`` are ignored because the schedule decides every time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from autotune.errors import ModelError, SamplingError, ScheduleError
+
+try:
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ModelError("AutotuneScheduler needs diffusers: pip install 'autotune-diffusion[diffusers]'") from e
+
+from autotune.models.diffusers_dir import read_scheduler_config
+from autotune.sampling.coefficients import Plan, Update, make_plan
+from autotune.sampling.denoiser import to_data_and_noise
+from autotune.sampling.noise import NoiseSchedule
+from autotune.space.fileformat import from_dict, load, to_dict
+from autotune.space.schedule import Schedule
+
+# the keys of a diffusers scheduler config that define the noise schedule and the network's output
+CONFIG_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+               "rescale_betas_zero_snr")
+ROUND_TOL = 1e-6  # the adapters' round_time: a model time within this of an integer is fed as that integer
+
+
+def check_replayable(schedule: Schedule, source: str | None = None) -> None:
+    """Raise ScheduleError if the schedule needs something the scheduler API cannot do (skip masks)."""
+    for k, step in enumerate(schedule.steps):
+        if step.skip:
+            raise ScheduleError(
+                f"steps[{k}].skip",
+                "skip masks cannot be replayed by a diffusers scheduler (the pipeline calls its whole network); "
+                "run this schedule with `autotune sample` instead", source)
+
+
+def fed_timesteps(noise: NoiseSchedule, times: torch.Tensor) -> torch.Tensor:
+    """The model times the adapter feeds the network at ``times`` (TorchDenoiser.model_time with round_time)."""
+    tm = noise.model_time(times.to(torch.float64))
+    tm = torch.where((tm - tm.round()).abs() < ROUND_TOL, tm.round(), tm)
+    # float32: what the adapter feeds a float32 network, and what diffusers' time embedding computes in anyway
+    return tm.to(torch.float32)
+
+
+def last_uses(plan: Plan) -> dict[int, int]:
+    """For each model output index, the last step() call that reads it (a corrector of step k runs in call k + 1)."""
+    last: dict[int, int] = {}
+    for k, sp in enumerate(plan.steps):
+        refs = [j for j, _ in sp.predictor.outputs]
+        if sp.corrector is not None:
+            refs += [j for j, _ in sp.corrector.outputs]
+        if sp.compensation is not None:
+            refs += [j for j, _ in sp.compensation.outputs]
+        for j in refs:
+            last[j] = max(last.get(j, -1), k + 1)
+    return last
+
+
+def apply_update(update: Update, x: torch.Tensor, outputs: Mapping[str, Mapping[int, torch.Tensor]]) -> torch.Tensor:
+    """``state * x + sum_j w_j m_j``, in x's dtype and in the executor's order of operations."""
+    out = update.state.to(device=x.device, dtype=x.dtype) * x
+    history = outputs[update.prediction]
+    for j, w in update.outputs:
+        out = out + w.to(device=x.device, dtype=x.dtype) * history[j]
+    return out
+
+
+@dataclass
+class ReplayState:
+    """What one run through the schedule keeps between step() calls (reset by set_timesteps)."""
+
+    step: int = 0
+    x_prev: torch.Tensor | None = None  # the (corrected) state at the previous time, for the pending corrector
+    outputs: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # prediction space -> {j: m_j}
+
+
+class AutotuneScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler that replays one autotune schedule exactly as ``autotune sample`` runs it.
+
+    Build it with :meth:`from_schedule`; the config keeps the schedule document and the noise-schedule keys,
+    so ``save_pretrained`` / ``from_pretrained`` round-trip it inside a pipeline directory.
+
+    Args:
+        schedule: the schedule document (``autotune.space.fileformat.to_dict``).
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
+            rescale_betas_zero_snr: the pipeline's noise schedule and network output, as in its scheduler config.
+
+    Raises:
+        ScheduleError: no schedule, an invalid one, or one with skip masks.
+        ModelError: a noise schedule or prediction type autotune does not support.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> from autotune.sampling.named import build
+        >>> base = DDPMScheduler(num_train_timesteps=1000)
+        >>> s = build("dpmsolver++2m", read_scheduler_config(dict(base.config))[0], 5)
+        >>> sched = AutotuneScheduler.from_schedule(s, base.config)
+        >>> sched.set_timesteps(5)
+        >>> sched.timesteps.tolist()
+        [999.0, 799.0, 599.0, 400.0, 200.0]
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1  # one network call per timestep
+
+    @register_to_config
+    def __init__(
+        self,
+        schedule: dict | None = None,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        if schedule is None:
+            raise ScheduleError("schedule", "AutotuneScheduler needs one: AutotuneScheduler.from_schedule(path, "
+                                            "pipe.scheduler.config)")
+        self.schedule = from_dict(schedule)
+        check_replayable(self.schedule)
+        self.noise, self.parameterization, _ = read_scheduler_config(dict(self.config))
+        self.plan = make_plan(self.schedule, self.noise)
+        self.init_noise_sigma = float(self.noise.init_scale())
+        self.num_inference_steps = self.schedule.nfe
+        n_calls = self.schedule.nfe  # steps, plus the final denoising call at tau_N if the schedule has one
+        self.timesteps = fed_timesteps(self.noise, self.plan.times[:n_calls])
+        self._spaces = sorted({sp.predictor.prediction for sp in self.plan.steps})
+        self._last_use = last_uses(self.plan)
+        self._state: ReplayState | None = None
+
+    @classmethod
+    def from_schedule(cls, schedule: Schedule | str | Path, config: Mapping[str, Any]) -> "AutotuneScheduler":
+        """The scheduler replaying ``schedule`` (a Schedule or a schedule file) for a pipeline whose current
+        scheduler has ``config`` (``pipe.scheduler.config``: its betas and prediction type are kept)."""
+        source = None
+        if not isinstance(schedule, Schedule):
+            source = str(schedule)
+            schedule = load(schedule)
+        check_replayable(schedule, source)
+        return cls(schedule=to_dict(schedule), **{k: config[k] for k in CONFIG_KEYS if k in config})
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None) -> None:
+        """Start a new run; ``num_inference_steps`` must be the schedule's NFE (or None)."""
+        nfe = self.schedule.nfe
+        if num_inference_steps is not None and int(num_inference_steps) != nfe:
+            raise SamplingError(
+                f"num_inference_steps={num_inference_steps}: this scheduler replays "
+                f"{self.schedule.name or self.schedule.hash()} with exactly {nfe} model evaluations; "
+                f"call the pipeline with num_inference_steps={nfe}")
+        self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
+        self._state = ReplayState(outputs={p: {} for p in self._spaces})
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        """The identity: VP networks take the state as it is."""
+        return sample
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor]:
+        """One network output in, the state at the next time of the schedule out (the ODE draws no noise,
+        so ``generator`` is unused)."""
+        state = self._state
+        if state is None:
+            raise SamplingError("AutotuneScheduler.step: call set_timesteps first")
+        k = state.step
+        n_steps = len(self.schedule.steps)
+        if k >= self.schedule.nfe:
+            raise SamplingError(f"AutotuneScheduler.step: the schedule has {self.schedule.nfe} model evaluations; "
+                                "step() was called once more (call set_timesteps to start again)")
+        expected = float(self.timesteps[k])
+        if abs(float(timestep) - expected) > 1e-3 * max(1.0, abs(expected)):
+            raise SamplingError(f"AutotuneScheduler.step: timestep {float(timestep):g} is not the schedule's next "
+                                f"({expected:g} at step {k}); the scheduler replays whole schedules from the start")
+        dtype = sample.dtype
+        alpha = self.plan.alphas.to(dtype)[k].to(sample.device)
+        sigma = self.plan.sigmas.to(dtype)[k].to(sample.device)
+        x = sample
+        x0, eps = to_data_and_noise(model_output.to(dtype), x, alpha, sigma, self.parameterization)
+        state.step = k + 1
+        if k == n_steps:  # the final denoising call: its data prediction is the sample (no corrector, as the executor)
+            return SchedulerOutput(prev_sample=x0) if return_dict else (x0,)
+        outputs = state.outputs
+        for p in self._spaces:
+            outputs[p][k] = x0 if p == "data" else eps
+        if k > 0 and self.plan.steps[k - 1].corrector is not None:
+            x = apply_update(self.plan.steps[k - 1].corrector, state.x_prev, outputs)
+        compensation = self.plan.steps[k].compensation
+        if compensation is not None:
+            for p in self._spaces:
+                comp = torch.zeros_like(outputs[p][k])
+                for j, w in compensation.outputs:
+                    comp = comp + w.to(device=x.device, dtype=dtype) * outputs[p][j]
+                outputs[p][k] = comp
+        for j in [j for j in outputs[self._spaces[0]] if self._last_use.get(j, -1) < k]:
+            for p in self._spaces:
+                del outputs[p][j]
+        state.x_prev = x
+        prev_sample = apply_update(self.plan.steps[k].predictor, x, outputs)
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Not supported: a schedule is replayed from pure noise at its start (no img2img / inpainting)."""
+        raise SamplingError("AutotuneScheduler replays whole schedules from noise; image-to-image and inpainting "
+                            "pipelines (add_noise) are not supported")
