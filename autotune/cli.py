@@ -93,9 +93,11 @@ def _load_array(path: Path, what: str):
 @app.command("sample")
 @_one_line_errors
 def sample_cmd(
-    model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
-    schedule: Path = typer.Option(..., "--schedule", help="schedule file"),
+    model: Optional[str] = typer.Option(None, "--model", help="diffusers pipeline directory or built-in model name"),
+    schedule: Optional[Path] = typer.Option(None, "--schedule", help="schedule file"),
     out: Path = typer.Option(..., "--out", help="where to write the final samples (.npy)"),
+    engine: Optional[Path] = typer.Option(None, "--engine",
+                                          help="engine directory from `autotune compile` (instead of --model/--schedule)"),
     noise: Optional[Path] = typer.Option(None, "--noise", help="initial standard-normal noise (.npy, shape B x sample)"),
     num: Optional[int] = typer.Option(None, "--num", min=1,
                                       help="without --noise: how many samples to draw (default 16, or one per prompt)"),
@@ -109,7 +111,7 @@ def sample_cmd(
     png: Optional[Path] = typer.Option(None, "--png", help="also write a grid image of the samples"),
     columns: Optional[int] = typer.Option(None, "--columns", min=1, help="samples per row of the --png grid"),
 ) -> None:
-    """Run SCHEDULE on MODEL from the given noise and write the final samples."""
+    """Run SCHEDULE on MODEL (or a compiled --engine) from the given noise and write the final samples."""
     import dataclasses
 
     import numpy as np
@@ -119,6 +121,16 @@ def sample_cmd(
     from autotune.sampling.executor import sample
     from autotune.space.fileformat import load
 
+    if engine is not None:
+        if model is not None or schedule is not None or prompts is not None or guidance is not None:
+            raise AutotuneError("--engine: the engine holds its model, schedule and guidance; drop --model, "
+                                "--schedule, --prompts and --guidance")
+        from autotune.compile_cli import sample_engine
+
+        sample_engine(engine, out, noise, num, seed, class_labels, png, columns)
+        return
+    if model is None or schedule is None:
+        raise AutotuneError("sample: give --model and --schedule, or --engine")
     tdtype = _torch_dtype(dtype)
     sched = load(schedule)  # a bad file fails before any model is loaded
     m = load_model(model, dtype=tdtype)
@@ -328,7 +340,7 @@ def compare_cmd(
 @_one_line_errors
 def search_cmd(
     model: str = typer.Option("digits", "--model", help="diffusers pipeline directory or built-in model name"),
-    nfe: int = typer.Option(5, "--nfe", min=1, help="model evaluations of the searched schedule"),
+    nfe: str = typer.Option("5", "--nfe", help="model evaluations of the searched schedule: 5, or a range like 4-10"),
     method: str = typer.Option("evolution", "--method", help="search method (see `autotune search --help`)"),
     budget: int = typer.Option(120, "--budget", min=1, help="true evaluations to spend (cache hits are free)"),
     seed: int = typer.Option(0, "--seed", help="seed of the search"),
@@ -341,10 +353,25 @@ def search_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="keep evaluations in memory only (no resume)"),
     refine: int = typer.Option(0, "--refine", min=0,
                                help="finish with this many gradient steps on the time grid (0: none)"),
+    objective: str = typer.Option("mse_ref", "--objective",
+                                  help="metric to optimise: mse_ref, traj_err, nfe, latency_ms or a model's metric "
+                                       "(minimised; class_acc maximised)"),
+    objectives: Optional[str] = typer.Option(
+        None, "--objectives", help="several, comma-separated (e.g. mse_ref,nfe,latency_ms): a Pareto search "
+                                   "(--method evolution, optuna-nsga2, optuna-tpe, random); the front goes to "
+                                   "<out stem>.pareto.json"),
+    stage2_budget: int = typer.Option(0, "--stage2-budget", min=0,
+                                      help="true evaluations for stage 2, skip masks under --latency-budget (0: off)"),
+    latency_budget: float = typer.Option(0.8, "--latency-budget", min=0.0,
+                                         help="stage 2: latency limit as a fraction of the unpruned schedule's"),
+    report_dir: Optional[Path] = typer.Option(None, "--report",
+                                              help="also write a report (report.md and plots) to this folder"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
 ) -> None:
-    """Search the unified space for the schedule with the lowest mse_ref at NFE model evaluations."""
+    """Search the unified space for the schedule with the lowest objective (or a Pareto front) at NFE model
+    evaluations; every trial is also an Optuna study in the cache (`optuna-dashboard <cache url>`)."""
     import dataclasses
+    import json
 
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -352,67 +379,152 @@ def search_cmd(
     from autotune.evaluate.evaluator import Evaluator
     from autotune.models.registry import load_model
     from autotune.sampling.named import NAMED, build
+    from autotune.search.latency import LATENCY, LatencySpec
+    from autotune.search.nfe_space import NFERangeSpace, parse_nfe
+    from autotune.search.optuna_record import StudyRecorder, study_name
     from autotune.search.runner import EvaluatorSpec, InProcessPool, RayPool, run_search, search_id
     from autotune.search.strategy import SearchContext, make_strategy
     from autotune.space.encoding import ScheduleSpace
-    from autotune.space.fileformat import save
+    from autotune.space.fileformat import save, to_dict
 
+    low, high = parse_nfe(nfe)
+    names = tuple(o.strip() for o in (objectives or objective).split(",") if o.strip())
+    if objectives is not None and objective != "mse_ref":
+        raise AutotuneError("--objective and --objectives: give one or the other")
+    if not names or len(set(names)) != len(names):
+        raise AutotuneError(f"--objectives: expected distinct comma-separated metric names, got {objectives!r}")
     torch.set_num_threads(1 if workers else torch.get_num_threads())
     m = load_model(model)
+    if stage2_budget and not m.units:
+        raise AutotuneError(f"--stage2-budget: {model} has no prunable units to skip")
     store = _open_store(cache, no_cache)
     evaluator = Evaluator(m, "search", size=set_size, seed=seed, store=store)
-    seeds = tuple(dataclasses.replace(build(n, m.noise, nfe), guidance=guidance) for n in NAMED)
-    space = ScheduleSpace(nfe, m.noise.T, 0.0, ratio_range=None, guidance=guidance)
-    strategy = make_strategy(method, SearchContext(space, m.noise, seeds, seed))
-    sid = search_id(model=evaluator.fingerprint, nfe=nfe, method=method, budget=budget, seed=seed,
-                    guidance=guidance, eval_set=evaluator.eval_set.id, batch=batch, space=repr(space))
+    seeds = tuple(dataclasses.replace(build(n, m.noise, k), guidance=guidance) for k in range(low, high + 1)
+                  for n in NAMED)
+    space = ScheduleSpace(high, m.noise.T, 0.0, ratio_range=None, guidance=guidance)
+    if low != high:
+        space = NFERangeSpace(space, low, high)
+    strategy = make_strategy(method, SearchContext(space, m.noise, seeds, seed, names))
+    extra = {} if names == ("mse_ref",) else {"objectives": names}  # ids of single-mse_ref searches unchanged
+    sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else nfe, method=method, budget=budget,
+                    seed=seed, guidance=guidance, eval_set=evaluator.eval_set.id, batch=batch, space=repr(space),
+                    **extra)
     reference = evaluator.reference(guidance)  # computed once here, shipped to the workers
+    latency = LatencySpec() if LATENCY in names else None
     if workers == 0:
-        pool = InProcessPool(evaluator)
+        pool = InProcessPool(evaluator, latency)
     else:
         spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
                              evaluator.ref_steps)
-        pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference})
+        pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference},
+                       latency=latency)
+    url = store.url if store is not None else None
+    attrs = {"model": model, "method": method, "nfe": nfe, "seed": seed, "budget": budget}
+    first = names[0]
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} evals"),
-               TextColumn("best mse_ref {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn())
+               TextColumn(f"best {first} " + "{task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    stage2 = None
     try:
         with Progress(*columns, console=err_console, transient=False) as progress:
             task = progress.add_task(f"{method} NFE {nfe}", total=budget, best="-")
             result = run_search(
-                strategy, pool, budget, batch_size=batch, store=store, sid=sid,
+                strategy, pool, budget, objectives=names, batch_size=batch, store=store, sid=sid,
+                recorder=StudyRecorder(url, sid, space, names, attrs),
                 callback=lambda p: progress.update(task, completed=p.true_evaluations, best=f"{p.best_value:.3e}"),
             )
+        winner, winner_value = result.best, result.best_value
+        if refine:
+            from autotune.search.gradient import refine_times
+
+            refined = refine_times(m, winner, evaluator.eval_set, reference, iterations=refine, seed=seed).schedule
+            refined_value = evaluator.evaluate(refined)["mse_ref"]
+            console.print(f"gradient refinement of the time grid: search-set mse_ref "
+                          f"{result.best_trial['mse_ref']:.4e} -> {refined_value:.4e}"
+                          + ("" if refined_value < result.best_trial["mse_ref"] else " (kept the unrefined)"))
+            if refined_value < result.best_trial["mse_ref"] and names == ("mse_ref",):
+                winner, winner_value = refined, refined_value
+        if stage2_budget:
+            from autotune.search.skip_stage import run_stage2
+
+            stage2 = run_stage2(winner, tuple(m.units), pool, stage2_budget, fraction=latency_budget, seed=seed,
+                                batch_size=batch, store=store, parent_id=sid, study_url=url, study_attrs=attrs)
+            if stage2.result is not None:
+                winner = stage2.result.best
     finally:
         pool.close()
-    winner, winner_value = result.best, result.best_value
-    if refine:
-        from autotune.search.gradient import refine_times
-
-        refined = refine_times(m, winner, evaluator.eval_set, reference, iterations=refine, seed=seed).schedule
-        refined_value = evaluator.evaluate(refined)["mse_ref"]
-        console.print(f"gradient refinement of the time grid: search-set mse_ref {winner_value:.4e} -> "
-                      f"{refined_value:.4e}" + ("" if refined_value < winner_value else " (kept the unrefined)"))
-        if refined_value < winner_value:
-            winner, winner_value = refined, refined_value
-    best = dataclasses.replace(winner, name=f"{method}-nfe{nfe}", metadata={
-        "method": method, "model": model, "model_fingerprint": evaluator.fingerprint, "nfe": nfe,
-        "search_mse_ref": winner_value, "refine_steps": refine, "true_evaluations": result.true_evaluations,
-        "cache_hits": result.cache_hits, "seconds": round(result.seconds, 2), "seed": seed,
-        "eval_set": evaluator.eval_set.id})
+    best = dataclasses.replace(winner, name=f"{method}-nfe{winner.nfe}", metadata={
+        "search_id": sid, "method": method, "model": model, "model_fingerprint": evaluator.fingerprint,
+        "nfe": winner.nfe, "objectives": list(names), "search_value": winner_value,
+        "search_mse_ref": result.best_trial.get("mse_ref"), "refine_steps": refine,
+        "true_evaluations": result.true_evaluations, "cache_hits": result.cache_hits,
+        "seconds": round(result.seconds, 2), "seed": seed, "eval_set": evaluator.eval_set.id,
+        **({"stage2": _stage2_meta(stage2)} if stage2 else {})})
     save(best, out)
-    console.print(f"wrote {out}: best search-set mse_ref {winner_value:.4e} after {result.true_evaluations} "
+    console.print(f"wrote {out}: best search-set {first} {winner_value:.4e} after {result.true_evaluations} "
                   f"true evaluations ({result.cache_hits} cache hits) in {result.seconds:.1f} s"
                   + (" (resumed)" if result.resumed else ""))
+    if stage2 and stage2.result is None:
+        console.print(f"stage 2: no skip mask met the latency limit {stage2.limit_ms:.2f} ms ({stage2.reason}); "
+                      "kept the stage-1 schedule")
+    elif stage2:
+        t = stage2.result.best_trial
+        console.print(f"stage 2 (skip masks): {sum(len(st.skip) for st in winner.steps)} unit calls skipped, "
+                      f"latency {t['latency_ms']:.2f} ms <= limit {stage2.limit_ms:.2f} ms ({latency_budget:g} x "
+                      f"unpruned {stage2.unpruned_ms:.2f} ms), search-set mse_ref {t['mse_ref']:.4e}")
+    if len(names) > 1:
+        front_path = out.with_name(f"{out.stem}.pareto.json")
+        from autotune.space.fileformat import loads
+
+        front_path.write_text(json.dumps([{"schedule": to_dict(loads(t["schedule"])), "objectives": t["objectives"]}
+                                          for t in result.front], indent=1, default=str))
+        table = Table("#", *names, "hash", title=f"Pareto front on the search set ({len(result.front)} schedules)")
+        for i, t in enumerate(result.front):
+            table.add_row(str(i), *[f"{t['objectives'][o]:.4g}" for o in names], t["hash"])
+        console.print(table)
+        console.print(f"wrote {front_path}")
+    if store is not None:
+        console.print(f"Optuna study {study_name(sid)}: optuna-dashboard {url}")
     report = Evaluator(m, "report", store=store)
     report.model_spec = model
-    rows = [(best.name, report.evaluate(best))] + [(n, report.evaluate(s)) for n, s in zip(NAMED, seeds)]
+    peers = [s for s in seeds if s.nfe == best.nfe]
+    ours = [(best.name, best)]
+    if stage2 and stage2.result is not None:  # the stage-1 schedule too, to show what the skips cost
+        ours.append((f"{best.name}-unpruned", dataclasses.replace(result.best, name=f"{best.name}-unpruned")))
+    rows = [(n, report.evaluate(s)) for n, s in ours] + [(s.name, report.evaluate(s)) for s in peers]
     table = Table("schedule", "report mse_ref", "vs best named", "median per sample",
-                  title=f"report set ({report.eval_set.id}), NFE {nfe}")
-    best_named = min(r["mse_ref"] for n, r in rows[1:])
+                  title=f"report set ({report.eval_set.id}), NFE {best.nfe}")
+    best_named = min(r["mse_ref"] for n, r in rows[len(ours):])
     for name, r in rows:
-        table.add_row(name, f"{r['mse_ref']:.4e}", f"{best_named / r['mse_ref']:.2f}x better" if name == best.name
-                      else f"{r['mse_ref'] / best_named:.2f}x", f"{r.get('mse_ref_median', float('nan')):.4e}")
+        ratio = r["mse_ref"] / best_named
+        versus = f"{ratio:.2f}x" if name not in dict(ours) else (
+            f"{1 / ratio:.2f}x better" if ratio < 1 else f"{ratio:.2f}x worse")
+        table.add_row(name, f"{r['mse_ref']:.4e}", versus, f"{r.get('mse_ref_median', float('nan')):.4e}")
     console.print(table)
+    if report_dir is not None:
+        from autotune.report import is_image_model, sample_images, write_search_report
+
+        trials = store.trials(sid) if store is not None else [
+            {"trial_number": t["number"], "schedule_hash": t["hash"],
+             "metrics": {k: v for k, v in t.items() if k not in ("number", "hash")}} for t in result.trials]
+        images = None
+        if is_image_model(m):
+            peer = min(zip(peers, rows[len(ours):]), key=lambda pr: pr[1][1]["mse_ref"])[0]
+            images = sample_images(report, {"best peer": peer, "searched": best}, reference_guidance=guidance)
+        path = write_search_report(report_dir, schedule=best, trials=trials,
+                                   baselines=[{"name": n, **r} for n, r in rows],
+                                   title=f"{method} search on {model}, NFE {nfe}", objectives=names, images=images)
+        console.print(f"wrote {path}")
+
+
+def _stage2_meta(stage2) -> dict:
+    """The schedule file's record of stage 2 (latencies are wall times on the search's workers)."""
+    meta = {"search_id": stage2.search_id, "latency_budget": stage2.fraction, "limit_ms": stage2.limit_ms,
+            "unpruned_latency_ms": stage2.unpruned_ms, "found": stage2.result is not None}
+    if stage2.result is not None:
+        t = stage2.result.best_trial
+        meta.update(latency_ms=t["latency_ms"], mse_ref=t["mse_ref"], true_evaluations=stage2.result.true_evaluations,
+                    cache_hits=stage2.result.cache_hits)
+    return meta
 
 
 def _default_cache() -> str:
@@ -449,6 +561,25 @@ def zoo_train_cmd(
     else:
         raise AutotuneError(f"zoo train: unknown model {name!r} (digits, digits-classifier; gmm* are analytic)")
     console.print(f"wrote {out}: {json_summary(record)}")
+
+
+@zoo_app.command("export")
+@_one_line_errors
+def zoo_export_cmd(
+    name: str = typer.Argument(..., help="digits"),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers: a DDPMPipeline directory"),
+    out: Path = typer.Option(..., "--out", help="pipeline directory to write"),
+) -> None:
+    """Write a built-in model as a diffusers pipeline directory that DDPMPipeline.from_pretrained loads."""
+    if fmt != "diffusers":
+        raise AutotuneError(f"zoo export: --format {fmt!r} is not supported (diffusers)")
+    if name != "digits":
+        raise AutotuneError(f"zoo export: unknown model {name!r} (digits; gmm* are analytic, without a network)")
+    from autotune.models.digits_diffusers import export_diffusers
+
+    export_diffusers(out)
+    console.print(f"wrote {out}: DDPMPipeline (unet DigitsUNet2DModel, scheduler DDPMScheduler); "
+                  "`import autotune.models.digits_diffusers` before DDPMPipeline.from_pretrained")
 
 
 def json_summary(record: dict) -> str:

@@ -460,6 +460,16 @@ class Store:
         with self._write("writing a trial") as conn:
             conn.execute(self._upsert("search_trials", values, ["search_id", "trial_number"], True))
 
+    def delete_trials(self, search_id: str, from_number: int = 0) -> int:
+        """Delete a search's trials numbered ``from_number`` and up (a resumed search drops the trials of a
+        batch its saved state does not cover); returns rows deleted."""
+        from sqlalchemy import delete
+
+        t = self._t["search_trials"]
+        with self._write("deleting trials") as conn:
+            return conn.execute(delete(t).where(t.c.search_id == str(search_id))
+                                .where(t.c.trial_number >= int(from_number))).rowcount
+
     def trials(self, search_id: str) -> list[dict]:
         """A search's trials in trial order: dicts with trial_number, schedule_hash, metrics."""
         from sqlalchemy import select

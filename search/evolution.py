@@ -1,10 +1,15 @@
-"""`evolution`: AutoDiffusion-style evolutionary search (Li et al., 2023), in two stages.
+"""`evolution`: AutoDiffusion-style evolutionary search (Li et al., 2023) over the unified space.
 
-Stage 1 evolves the time grid and the solver decisions (order, solver, prediction, corrector); stage 2
-evolves the per-step skip masks of prunable units (the architecture) with the stage-1 winner's grid and
-solvers fixed. Each generation: tournament selection, per-step uniform crossover, mutation (times jittered
-in log-SNR, discrete choices resampled), elitist survival. Candidates live as the space's vectors; the space's
-decoder repairs any child into a valid schedule.
+This is AutoDiffusion's first stage: it evolves the time grid and the solver decisions (order, solver,
+prediction, corrector; the step count too in an NFE-range space; skip masks when the space has units).
+The second stage, skip masks under a latency budget with the grid and solvers fixed, is
+:mod:`autotune.search.skip_stage`. Each generation: tournament selection, per-step uniform crossover,
+mutation (times jittered in log-SNR, discrete choices resampled), elitist survival. Candidates live as the
+space's vectors; the space's decoder repairs any child into a valid schedule.
+
+With several objectives (e.g. mse_ref, nfe, latency_ms) survival is NSGA-II's (Deb et al., 2002): the
+population keeps whole non-dominated fronts in order and cuts the last one by crowding distance; the
+tournament prefers the lower front, then the larger crowding distance.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from autotune.search.pareto import crowding_distance, nondominated_sort
 from autotune.search.strategy import (SearchContext, register, rng_from_state, rng_state, schedule_from_json,
                                       schedule_to_json)
 from autotune.space.schedule import Schedule
@@ -28,28 +34,25 @@ TIME_SIGMA = 0.25  # std of the log-SNR jitter of each time, in units of the mea
 
 @register("evolution")
 class Evolution:
-    """Two-stage evolutionary search; ``stage2_after`` is the fraction of told candidates before stage 2."""
+    """Evolutionary search; one objective: elitist by value; several: NSGA-II survival (see the module)."""
 
     name = "evolution"
+    multi_objective = True
+    varies_nfe = True
 
-    def __init__(self, context: SearchContext, population: int = POPULATION, stage2_after: float = 0.7,
-                 budget_hint: int = 200) -> None:
+    def __init__(self, context: SearchContext, population: int = POPULATION) -> None:
         self.context = context
         self.space = context.space
         self.rng = np.random.default_rng(context.seed)
         self.population_size = population
-        self.population: list[tuple[Schedule, float]] = []
+        self.n_objectives = len(context.objectives)
+        self.population: list[tuple[Schedule, tuple[float, ...]]] = []
         self.told = 0
         self.pending_seeds = list(context.seeds)
-        self.stage2_at = int(stage2_after * budget_hint) if self.space.units else math.inf
         self.coords = self.space.coords
         self.time_idx = [i for i, c in enumerate(self.coords) if c.family == "t"]
-        self.arch_idx = [i for i, c in enumerate(self.coords) if c.family == "skip"]
-        self.solver_idx = [i for i, c in enumerate(self.coords) if c.family not in ("t", "skip")]
-
-    @property
-    def stage(self) -> int:
-        return 2 if self.told >= self.stage2_at else 1
+        self.other_idx = [i for i, c in enumerate(self.coords) if c.family != "t"]
+        self._rank: dict[str, tuple[int, float]] = {}  # hash -> (front, -crowding): the tournament's key
 
     # -- ask / tell -----------------------------------------------------------------------------------------
 
@@ -68,21 +71,44 @@ class Evolution:
             out.append(self.space.decode(self._mutate(child)))
         return out
 
-    def tell(self, schedule: Schedule, value: float) -> None:
+    def tell(self, schedule: Schedule, value: float | tuple[float, ...]) -> None:
         self.told += 1
-        if not math.isfinite(value):
+        values = tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value),)
+        if not all(math.isfinite(v) for v in values):
             return
         if any(s.hash() == schedule.hash() for s, _ in self.population):
             return
-        self.population.append((schedule, float(value)))
-        self.population.sort(key=lambda sv: sv[1])
-        del self.population[self.population_size:]
+        self.population.append((schedule, values))
+        self._survive()
+
+    def _survive(self) -> None:
+        """Keep the best ``population_size``: by value (one objective), or by front then crowding (several)."""
+        if self.n_objectives == 1:
+            self.population.sort(key=lambda sv: sv[1][0])
+            del self.population[self.population_size:]
+            self._rank = {s.hash(): (i, 0.0) for i, (s, _) in enumerate(self.population)}
+            return
+        names = [str(i) for i in range(self.n_objectives)]
+        points = [dict(zip(names, v)) for _, v in self.population]
+        keep: list[int] = []
+        rank: dict[int, tuple[int, float]] = {}
+        for f, front in enumerate(nondominated_sort(points, names, ["minimize"] * len(names))):
+            crowd = crowding_distance([points[i] for i in front], names, ["minimize"] * len(names))
+            order = sorted(range(len(front)), key=lambda j: (-crowd[j], front[j]))
+            for j in order:
+                rank[front[j]] = (f, -crowd[j])
+            room = self.population_size - len(keep)
+            keep += [front[j] for j in order[:room]]
+            if len(keep) >= self.population_size:
+                break
+        self.population = [self.population[i] for i in sorted(keep)]
+        self._rank = {self.population[k][0].hash(): rank[i] for k, i in enumerate(sorted(keep))}
 
     # -- operators ------------------------------------------------------------------------------------------
 
     def _tournament(self) -> np.ndarray:
         picks = self.rng.choice(len(self.population), size=min(TOURNAMENT, len(self.population)), replace=False)
-        best = min(picks, key=lambda i: self.population[i][1])
+        best = min(picks, key=lambda i: (self._rank[self.population[i][0].hash()], i))
         return self.space.encode(self.population[best][0])
 
     def _crossover(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -91,18 +117,14 @@ class Evolution:
         steps = {c.step for c in self.coords}
         take_b = {k for k in steps if self.rng.random() < 0.5}
         for i, c in enumerate(self.coords):
-            if c.step in take_b and (self.stage == 2) == (c.family == "skip"):
+            if c.step in take_b:
                 child[i] = b[i]
         return child
 
     def _mutate(self, vec: np.ndarray, strength: float = 1.0) -> np.ndarray:
         vec = vec.copy()
-        if self.stage == 1:
-            self._jitter_times(vec, strength)
-            indices = self.solver_idx
-        else:
-            indices = self.arch_idx
-        for i in indices:
+        self._jitter_times(vec, strength)
+        for i in self.other_idx:
             if self.rng.random() < MUTATE_P * strength:
                 c = self.coords[i]
                 if c.kind == "real":
@@ -132,12 +154,14 @@ class Evolution:
         return {
             "rng": rng_state(self.rng),
             "told": self.told,
-            "population": [[schedule_to_json(s), v] for s, v in self.population],
+            "population": [[schedule_to_json(s), list(v)] for s, v in self.population],
             "pending_seeds": [schedule_to_json(s) for s in self.pending_seeds],
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.rng = rng_from_state(state["rng"])
         self.told = int(state["told"])
-        self.population = [(schedule_from_json(d), float(v)) for d, v in state["population"]]
+        self.population = [(schedule_from_json(d), tuple(float(x) for x in (v if isinstance(v, list) else [v])))
+                           for d, v in state["population"]]
         self.pending_seeds = [schedule_from_json(d) for d in state["pending_seeds"]]
+        self._survive()  # recomputes the tournament's ranks (a pure function of the population)

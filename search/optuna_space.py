@@ -1,4 +1,5 @@
-"""`optuna-tpe`, `optuna-cmaes`, `optuna-random`: the schedule space searched by Optuna's samplers (ask/tell).
+"""`optuna-tpe`, `optuna-cmaes`, `optuna-random`, `optuna-nsga2`: the schedule space searched by Optuna's
+samplers (ask/tell).
 
 Every coordinate of the :class:`~autotune.space.encoding.ScheduleSpace` becomes one Optuna distribution
 (:class:`OptunaSpace`); a trial's params form the space's vector, and ``space.decode`` turns any of them into a
@@ -18,11 +19,15 @@ valid schedule. The mapping, coordinate by coordinate:
 ``bool``    CategoricalDistribution((0, 1)); IntDistribution(0, 1) for CMA-ES.
 ==========  ==================================================================================================
 
-The study is an in-memory single-objective (minimize) study driven through ``study.ask(distributions)`` and
-``study.tell``. The seeds (``context.seeds``, e.g. the named baselines) that lie in the space are enqueued
-first with ``study.enqueue_trial`` (their encodings), so the first trials are the seeds and the proposal for
-such a trial is the seed schedule itself (bit for bit, whatever the lambda round trip does). Seeds outside
-the space are proposed verbatim before them and never reported to the study.
+The study is an in-memory study driven through ``study.ask(distributions)`` and ``study.tell``, minimising one
+objective, or several (``context.objectives``; told as a tuple, every value already in minimisation form) for
+the samplers that handle them (NSGA-II, TPE, random; ``multi_objective = True``). An NFE-range space's ``nfe``
+coordinate is one more IntDistribution.
+
+The seeds (``context.seeds``, e.g. the named baselines) that lie in the space are enqueued first with
+``study.enqueue_trial`` (their encodings), so the first trials are the seeds and the proposal for such a trial
+is the seed schedule itself (bit for bit, whatever the lambda round trip does). Seeds outside the space are
+proposed verbatim before them and never reported to the study.
 
 ``tell(schedule, value)`` finds the oldest pending trial whose schedule has that hash (several trials may
 decode to the same schedule). A schedule that was never asked but lies in the space is added to the study as
@@ -208,9 +213,12 @@ class _OptunaStrategy:
     name = ""
     categorical = True  # cat/bool coordinates as CategoricalDistribution
     replay = False  # load_state replays the ask/tell log (sampler state that trials alone do not determine)
+    multi_objective = False  # the sampler handles several objectives (told as a tuple, all minimised)
+    varies_nfe = True  # an NFERangeSpace's "nfe" coordinate is one more IntDistribution
 
     def __init__(self, context: SearchContext, time_scale: str = "lambda") -> None:
         self.context = context
+        self.n_objectives = len(context.objectives)
         self.map = OptunaSpace(context.space, context.noise, time_scale, self.categorical)
         space = context.space
         self.seed_params = {i: self.map.encode(s) for i, s in enumerate(context.seeds) if space.contains(s)}
@@ -222,7 +230,8 @@ class _OptunaStrategy:
 
     def _fresh(self) -> None:
         with _quiet():
-            self.study = optuna.create_study(direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0))
+            self.study = optuna.create_study(directions=["minimize"] * self.n_objectives,
+                                             sampler=optuna.samplers.RandomSampler(seed=0))
         self.trials: dict[int, dict[str, Any]] = {}  # number -> params, value, state, hash, seed
         self.pending: dict[str, list[int]] = {}  # schedule hash -> numbers of asked, untold trials
         self.waiting: list[tuple[int, int]] = []  # (trial number, seed index) enqueued, not asked yet
@@ -277,10 +286,12 @@ class _OptunaStrategy:
         self.events.append(["ask", trial.number])
         return schedule
 
-    def tell(self, schedule: Schedule, value: float) -> None:
-        value = float(value)
-        diverged = not math.isfinite(value)
-        told = DIVERGED_VALUE if diverged else min(value, DIVERGED_VALUE)
+    def tell(self, schedule: Schedule, value: float | tuple[float, ...]) -> None:
+        values = [float(v) for v in value] if isinstance(value, (tuple, list)) else [float(value)]
+        diverged = not all(math.isfinite(v) for v in values)
+        told_values = [DIVERGED_VALUE if diverged else min(v, DIVERGED_VALUE) for v in values]
+        told = told_values if self.n_objectives > 1 else told_values[0]
+        value = values if self.n_objectives > 1 else values[0]
         h = schedule.hash()
         numbers = self.pending.get(h)
         with _quiet():
@@ -303,9 +314,10 @@ class _OptunaStrategy:
         record["state"] = "diverged" if diverged else "complete"
         record["value"] = None if diverged else value
 
-    def _add(self, params: dict[str, Any], value: float | None) -> None:
+    def _add(self, params: dict[str, Any], value: float | list[float] | None) -> None:
         state = TrialState.RUNNING if value is None else TrialState.COMPLETE
-        self.study.add_trial(create_trial(state=state, value=value, params=params,
+        values = None if value is None else value if isinstance(value, list) else [value]
+        self.study.add_trial(create_trial(state=state, values=values, params=params,
                                           distributions={k: self.map.distributions[k] for k in params}))
 
     # -- state ----------------------------------------------------------------------------------------------
@@ -345,7 +357,11 @@ class _OptunaStrategy:
         self.asks = int(state["asks"])
         self.loose_left = int(state["loose_left"])
 
-    def _told_value(self, record: dict[str, Any]) -> float:
+    def _told_value(self, record: dict[str, Any]) -> float | list[float]:
+        if self.n_objectives > 1:
+            if record["state"] == "diverged":
+                return [DIVERGED_VALUE] * self.n_objectives
+            return [min(float(v), DIVERGED_VALUE) for v in record["value"]]
         return DIVERGED_VALUE if record["state"] == "diverged" else min(float(record["value"]), DIVERGED_VALUE)
 
     def _rebuild(self, records: dict[int, dict[str, Any]], waiting: list[tuple[int, int]]) -> None:
@@ -388,6 +404,7 @@ class OptunaTPE(_OptunaStrategy):
     """Multivariate TPE (constant liar for batches); the first ``n_startup`` trials (seeds included) random."""
 
     name = "optuna-tpe"
+    multi_objective = True
 
     def __init__(self, context: SearchContext, time_scale: str = "lambda", n_startup: int = 10) -> None:
         self.n_startup = n_startup
@@ -403,9 +420,31 @@ class OptunaRandom(_OptunaStrategy):
     """Optuna's RandomSampler over the same distributions (uniform in lambda for the times)."""
 
     name = "optuna-random"
+    multi_objective = True
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
+
+
+@register("optuna-nsga2")
+class OptunaNSGA2(_OptunaStrategy):
+    """NSGA-II (Deb et al., 2002) through Optuna's NSGAIISampler: generations of ``population`` trials.
+
+    Its generation bookkeeping lives in the study's system attributes, which re-added trials would not carry,
+    so a restored strategy replays the saved ask/tell log (as CMA-ES does). With one objective it is a plain
+    genetic algorithm.
+    """
+
+    name = "optuna-nsga2"
+    multi_objective = True
+    replay = True
+
+    def __init__(self, context: SearchContext, time_scale: str = "lambda", population: int = 16) -> None:
+        self.population = population
+        super().__init__(context, time_scale)
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.NSGAIISampler(population_size=self.population, seed=seed)
 
 
 class OptunaCmaEs(_OptunaStrategy):

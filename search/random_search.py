@@ -15,6 +15,8 @@ class RandomSearch:
     """Random search over the unified space (the seeds are proposed first, so it never loses to them)."""
 
     name = "random"
+    multi_objective = True  # it learns nothing from the values, so any number of objectives will do
+    varies_nfe = True
 
     def __init__(self, context: SearchContext) -> None:
         self.context = context

@@ -1,8 +1,17 @@
 """The search loop and its evaluation pools: in-process, or Ray actors that hold the model.
 
-The loop asks the strategy for a batch, scores it on a pool, tells the values back, records every trial
-and the strategy's state in the store after every batch. Re-running the same search continues from the
-saved state, and every schedule already scored is answered by the cache, so nothing is evaluated twice.
+The loop asks the strategy for a batch, scores it on a pool, tells the objective values back, records every
+candidate as a trial in the store (``store.add_trial``: the metrics, objectives and schedule JSON) and, after
+every batch, the strategy's state and counters (``store.put_search_state``; no trials in it, so a batch costs
+the same I/O however long the search has run). Re-running the same search reads the state and the trials
+back and continues; every schedule already scored is answered by the cache, so nothing is evaluated twice.
+Trials recorded after the last saved state (a batch cut short by a kill) are dropped and redone from the
+cache. With a :class:`~autotune.search.optuna_record.StudyRecorder` every trial also lands in an Optuna study.
+
+Objectives are metric names the evaluator returns (``mse_ref``, ``traj_err``, a model's data metrics such as
+``fd``), ``nfe``, or ``latency_ms`` (measured on the evaluating worker, see :mod:`autotune.search.latency`).
+One objective: the strategy is told a float; several: a tuple, every one in minimisation form (objectives
+where higher is better negated); the result's ``front`` is the Pareto front of the trials.
 """
 
 from __future__ import annotations
@@ -12,13 +21,15 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
 from autotune.evaluate.evaluator import Evaluator
+from autotune.search.latency import LATENCY, LatencySpec, measure_latency
+from autotune.search.pareto import direction, pareto_front
 from autotune.search.strategy import SearchError, Strategy
-from autotune.space.fileformat import dumps
+from autotune.space.fileformat import dumps, loads
 from autotune.space.schedule import Schedule
 
 
@@ -30,16 +41,25 @@ class Pool(Protocol):
     def close(self) -> None: ...
 
 
+def _score(evaluator: Evaluator, schedule: Schedule, latency: LatencySpec | None) -> dict[str, Any]:
+    """The evaluator's metrics, plus ``latency_ms`` measured here when asked for (never cached: per machine)."""
+    metrics = evaluator.evaluate(schedule)
+    if latency is not None and not metrics.get("diverged"):
+        metrics["latency_ms"] = measure_latency(evaluator.model, schedule, evaluator.eval_set, latency)
+    return metrics
+
+
 class InProcessPool:
-    """Scores candidates one after another in this process (``--workers 0``)."""
+    """Scores candidates one after another in this process (``--workers 0``); ``latency``: also time them."""
 
     workers = 0
 
-    def __init__(self, evaluator: Evaluator) -> None:
+    def __init__(self, evaluator: Evaluator, latency: LatencySpec | None = None) -> None:
         self.evaluator = evaluator
+        self.latency = latency
 
     def map(self, schedules: list[Schedule]) -> list[dict[str, Any]]:
-        return [self.evaluator.evaluate(s) for s in schedules]
+        return [_score(self.evaluator, s, self.latency) for s in schedules]
 
     def close(self) -> None:
         return None
@@ -77,7 +97,8 @@ class RayPool:
     """
 
     def __init__(self, spec: EvaluatorSpec, workers: int, address: str | None = None,
-                 references: dict[str, Any] | None = None, retries: int = 3) -> None:
+                 references: dict[str, Any] | None = None, retries: int = 3,
+                 latency: LatencySpec | None = None) -> None:
         import os
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -95,6 +116,7 @@ class RayPool:
                 where = f"--address {address}: cannot join the Ray cluster" if address else "cannot start a local Ray"
                 raise SearchError(f"{where} ({e})") from None
         self.spec = spec
+        self.latency = latency
         self.workers = workers
         self.retries = retries
         self.references = ray.put(references or {})
@@ -110,11 +132,9 @@ class RayPool:
             def pid(self) -> int:
                 return os.getpid()
 
-            def score(self, docs: list[str]) -> list[dict[str, Any]]:
-                from autotune.space.fileformat import loads
-
+            def score(self, docs: list[str], latency: LatencySpec | None) -> list[dict[str, Any]]:
                 torch.set_num_threads(self.threads)  # a reused worker keeps its first import's thread count
-                return [self.evaluator.evaluate(loads(d)) for d in docs]
+                return [_score(self.evaluator, loads(d), latency) for d in docs]
 
         self._actor_cls = EvalActor
         self.actors = [self._new_actor() for _ in range(workers)]
@@ -127,7 +147,7 @@ class RayPool:
         chunks = [list(range(i, len(schedules), self.workers)) for i in range(self.workers)]
         chunks = [c for c in chunks if c]
         results: dict[int, dict[str, Any]] = {}
-        pending = {i: (self.actors[i].score.remote([dumps(schedules[j]) for j in c]), c, 0)
+        pending = {i: (self.actors[i].score.remote([dumps(schedules[j]) for j in c], self.latency), c, 0)
                    for i, c in enumerate(chunks)}
         while pending:
             refs = {ref: i for i, (ref, _, _) in pending.items()}
@@ -142,7 +162,8 @@ class RayPool:
                     raise SearchError(f"a Ray worker died {tries + 1} times on the same candidates") from None
                 self.restarts += 1
                 self.actors[i] = self._new_actor()
-                pending[i] = (self.actors[i].score.remote([dumps(schedules[j]) for j in chunk]), chunk, tries + 1)
+                pending[i] = (self.actors[i].score.remote([dumps(schedules[j]) for j in chunk], self.latency),
+                              chunk, tries + 1)
         return [results[j] for j in range(len(schedules))]
 
     def worker_pids(self) -> list[int]:
@@ -165,6 +186,10 @@ class Progress:
 
 @dataclass
 class SearchResult:
+    """The best schedule by the first objective (among the feasible ones, with ``limits``), the counts, every
+    trial (dicts: number, hash, value, objectives, cached, nfe, schedule, ...) and, for several objectives,
+    the Pareto front (trials, one per schedule)."""
+
     best: Schedule
     best_value: float
     true_evaluations: int
@@ -172,6 +197,8 @@ class SearchResult:
     seconds: float
     trials: list[dict[str, Any]] = field(default_factory=list)
     resumed: bool = False
+    front: list[dict[str, Any]] = field(default_factory=list)
+    best_trial: dict[str, Any] = field(default_factory=dict)
 
 
 def search_id(**parts: Any) -> str:
@@ -179,37 +206,99 @@ def search_id(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+STATE_VERSION = 2  # 1 kept the trial list inside the state; 2 keeps a count (the trials are rows of their own)
+
+
+def objective_values(metrics: dict[str, Any], objectives: tuple[str, ...]) -> dict[str, float]:
+    """The objectives of one scored candidate (all inf when it diverged)."""
+    if metrics.get("diverged"):
+        return {o: math.inf for o in objectives}
+    out = {}
+    for o in objectives:
+        if o not in metrics:
+            known = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            hint = " (the pool times candidates only when given a LatencySpec)" if o == LATENCY else ""
+            raise SearchError(f"objective {o!r}: the evaluation returned no such metric (one of "
+                              f"{', '.join(known)}){hint}")
+        out[o] = float(metrics[o])
+    return out
+
+
+def _minimised(objectives: dict[str, float]) -> tuple[float, ...]:
+    """The objectives as values to minimise (higher-is-better ones negated; non-finite as +inf)."""
+    return tuple(math.inf if not math.isfinite(v) else (-v if direction(o) == "maximize" else v)
+                 for o, v in objectives.items())
+
+
+def _feasible(trial: dict[str, Any], limits: Mapping[str, float]) -> bool:
+    return all(trial["objectives"].get(k, math.inf) <= v for k, v in limits.items())
+
+
 def run_search(
     strategy: Strategy,
     pool: Pool,
     budget: int,
     *,
-    objective: str = "mse_ref",
+    objectives: Sequence[str] = ("mse_ref",),
+    limits: Mapping[str, float] | None = None,
     batch_size: int = 8,
     store: Any = None,
     sid: str | None = None,
     callback: Callable[[Progress], None] | None = None,
+    recorder: Any = None,
 ) -> SearchResult:
-    """Spend ``budget`` true evaluations (cache hits are free) and return the best schedule found."""
+    """Spend ``budget`` true evaluations (cache hits are free) and return the best schedule found.
+
+    Args:
+        strategy: an ask/tell strategy built for these objectives.
+        pool: scores candidates (InProcessPool or RayPool; with latency measurement for ``latency_ms``).
+        budget: true evaluations to spend.
+        objectives: names of the objectives; the first one picks ``best``.
+        limits: upper bounds on objectives (e.g. ``{"latency_ms": 12.0}``): ``best`` is the best feasible trial.
+        batch_size: candidates asked per batch.
+        store, sid: the cache and the search's id, for recording trials and resuming.
+        callback: called with a :class:`Progress` after every batch.
+        recorder: a StudyRecorder (or anything with ``record(trial, schedule)``), called for every trial.
+    """
     if budget < 1:
         raise SearchError(f"--budget must be >= 1, got {budget}")
+    objectives = tuple(objectives)
+    limits = dict(limits or {})
     start = time.perf_counter()
     true_evals = hits = 0
+    elapsed0 = 0.0
     trials: list[dict[str, Any]] = []
-    best: tuple[float, Schedule] | None = None
     resumed = False
     if store is not None and sid is not None:
         saved = store.get_search_state(sid)
         if saved is not None:
             strategy.load_state(saved["strategy"])
-            true_evals, hits, trials = saved["true_evaluations"], saved["cache_hits"], saved["trials"]
+            true_evals, hits = saved["true_evaluations"], saved["cache_hits"]
+            trials = _saved_trials(store, sid, saved)
+            elapsed0 = float(saved.get("seconds", 0.0))
             resumed = True
-    seen_best = [t for t in trials if math.isfinite(t["value"])]
-    if seen_best:
-        from autotune.space.fileformat import loads
+    best = _best(trials, limits)
 
-        b = min(seen_best, key=lambda t: t["value"])
-        best = (b["value"], loads(b["schedule"]))
+    def record(s: Schedule, m: dict[str, Any]) -> None:
+        nonlocal best
+        objs = objective_values(m, objectives)
+        value = objs[objectives[0]]
+        trial = {"number": len(trials), "hash": s.hash(), "value": value, "objectives": objs,
+                 "mse_ref": m.get("mse_ref", math.inf), "nfe": m.get("nfe", s.nfe), "cached": bool(m.get("cached")),
+                 "diverged": bool(m.get("diverged")), "method": strategy.name,
+                 "elapsed": elapsed0 + time.perf_counter() - start, "schedule": dumps(s)}
+        if LATENCY in m:
+            trial[LATENCY] = m[LATENCY]
+        if limits:
+            trial["feasible"] = _feasible(trial, limits)
+        trials.append(trial)
+        if store is not None and sid is not None:
+            store.add_trial(sid, trial["number"], trial["hash"], {k: v for k, v in trial.items()
+                                                                   if k not in ("number", "hash")})
+        if recorder is not None:
+            recorder.record(trial, s)
+        best = _better(best, trial, limits)
+
     asks = 0
     while true_evals < budget:
         asks += 1
@@ -218,22 +307,74 @@ def run_search(
         batch = strategy.ask(min(batch_size, max(budget - true_evals, 1)))
         metrics = pool.map(batch)
         for s, m in zip(batch, metrics):
-            value = float(m.get(objective, math.inf)) if not m.get("diverged") else math.inf
-            strategy.tell(s, value)
+            record(s, m)
+            objs = trials[-1]["objectives"]
+            told = _minimised(objs)
+            strategy.tell(s, told if len(objectives) > 1 else told[0])
             if m.get("cached"):
                 hits += 1
             else:
                 true_evals += 1
-            trials.append({"number": len(trials), "hash": s.hash(), "value": value, "cached": bool(m.get("cached")),
-                           "nfe": m.get("nfe"), "schedule": dumps(s)})
-            if math.isfinite(value) and (best is None or value < best[0]):
-                best = (value, s)
         if store is not None and sid is not None:
-            store.put_search_state(sid, {"strategy": strategy.state(), "true_evaluations": true_evals,
-                                         "cache_hits": hits, "trials": trials})
+            store.put_search_state(sid, {"version": STATE_VERSION, "strategy": strategy.state(),
+                                         "true_evaluations": true_evals, "cache_hits": hits, "trials": len(trials),
+                                         "seconds": elapsed0 + time.perf_counter() - start})
         if callback is not None:
-            callback(Progress(true_evals, hits, best[0] if best else math.inf, budget,
+            callback(Progress(true_evals, hits, best["value"] if best else math.inf, budget,
                               time.perf_counter() - start))
     if best is None:
-        raise SearchError("every candidate diverged; no schedule to return")
-    return SearchResult(best[1], best[0], true_evals, hits, time.perf_counter() - start, trials, resumed)
+        raise SearchError("every candidate diverged" + (" or broke a limit" if limits else "")
+                          + "; no schedule to return")
+    front = _front(trials, objectives) if len(objectives) > 1 else []
+    return SearchResult(loads(best["schedule"]), best["value"], true_evals, hits,
+                        elapsed0 + time.perf_counter() - start, trials, resumed, front, best)
+
+
+def _saved_trials(store: Any, sid: str, saved: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trials the saved state covers, read back from the store (later ones, from a cut batch, dropped)."""
+    count = saved.get("trials", 0)
+    if isinstance(count, list):  # a version-1 state: its trials move into the store's trial rows
+        for t in count:
+            store.add_trial(sid, t["number"], t["hash"], {k: v for k, v in t.items() if k not in ("number", "hash")})
+        count = len(count)
+    store.delete_trials(sid, count)
+    rows = store.trials(sid)
+    if [r["trial_number"] for r in rows] != list(range(count)):
+        raise SearchError(f"search {sid}: the saved state covers {count} trials, the cache holds "
+                          f"{len(rows)}; clear it with `autotune cache clear search_states` or change --seed")
+    out = []
+    for r in rows:
+        t = {"number": r["trial_number"], "hash": r["schedule_hash"], **r["metrics"]}
+        t.setdefault("objectives", {"value": t["value"]})
+        out.append(t)
+    return out
+
+
+def _key(trial: dict[str, Any]) -> float:
+    """The first objective of a trial, to minimise."""
+    name, value = next(iter(trial["objectives"].items()))
+    return _minimised({name: value})[0]
+
+
+def _better(best: dict[str, Any] | None, trial: dict[str, Any], limits: Mapping[str, float]) -> dict[str, Any] | None:
+    if not math.isfinite(_key(trial)) or (limits and not _feasible(trial, limits)):
+        return best
+    return trial if best is None or _key(trial) < _key(best) else best
+
+
+def _best(trials: list[dict[str, Any]], limits: Mapping[str, float]) -> dict[str, Any] | None:
+    best = None
+    for t in trials:
+        best = _better(best, t, limits)
+    return best
+
+
+def _front(trials: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The non-dominated finite trials, one per schedule, ordered by the first objective."""
+    unique: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        if all(math.isfinite(v) for v in t["objectives"].values()):
+            unique.setdefault(t["hash"], t)
+    pool = list(unique.values())
+    front = [pool[i] for i in pareto_front([t["objectives"] for t in pool], objectives)]
+    return sorted(front, key=_key)

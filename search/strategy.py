@@ -3,6 +3,12 @@
 A strategy proposes schedules (``ask``), is told their objective value (``tell``, lower is better, inf for a
 diverged schedule), and can be saved and restored as JSON (``state`` / ``restore``), so the same strategy
 runs in-process, on Ray workers, or resumes after a kill. Adding one is a class plus one registry line.
+
+Several objectives (``SearchContext.objectives``, e.g. mse_ref, nfe, latency_ms): the strategy is told a tuple,
+one value per objective, every one to be minimised (the runner negates the objectives where higher is
+better). Only strategies whose class sets ``multi_objective = True`` accept tuples, and only those with
+``varies_nfe = True`` accept a space whose NFE varies (:class:`~autotune.search.nfe_space.NFERangeSpace`);
+``make_strategy`` refuses the others with one line.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ class SearchError(AutotuneError):
 
 @dataclass(frozen=True)
 class SearchContext:
-    """What every strategy is built from: the space, the model's noise schedule, seeds, the rng seed."""
+    """What every strategy is built from: the space, the model's noise schedule, seeds, the rng seed, objectives."""
 
-    space: ScheduleSpace
+    space: ScheduleSpace | Any  # a ScheduleSpace, or an NFERangeSpace (same attributes) when the NFE varies
     noise: NoiseSchedule
     seeds: tuple[Schedule, ...] = ()  # starting points, e.g. the named baselines at this NFE
     seed: int = 0
+    objectives: tuple[str, ...] = ("mse_ref",)  # one: tell(schedule, float); several: tell(schedule, tuple)
 
 
 class Strategy(Protocol):
@@ -38,7 +45,7 @@ class Strategy(Protocol):
 
     def ask(self, n: int) -> list[Schedule]: ...
 
-    def tell(self, schedule: Schedule, value: float) -> None: ...
+    def tell(self, schedule: Schedule, value: float | tuple[float, ...]) -> None: ...
 
     def state(self) -> dict[str, Any]: ...
 
@@ -63,7 +70,14 @@ def make_strategy(name: str, context: SearchContext) -> Strategy:
     _load_builtin_strategies()
     if name not in STRATEGIES:
         raise SearchError(f"--method: unknown search method {name!r} (one of {', '.join(sorted(STRATEGIES))})")
-    return STRATEGIES[name](context)
+    factory = STRATEGIES[name]
+    if len(context.objectives) > 1 and not getattr(factory, "multi_objective", False):
+        able = ", ".join(n for n, f in sorted(STRATEGIES.items()) if getattr(f, "multi_objective", False))
+        raise SearchError(f"--method {name} optimises one objective; for {','.join(context.objectives)} use {able}")
+    if not isinstance(context.space, ScheduleSpace) and not getattr(factory, "varies_nfe", False):
+        able = ", ".join(n for n, f in sorted(STRATEGIES.items()) if getattr(f, "varies_nfe", False))
+        raise SearchError(f"--method {name} searches one NFE; for an NFE range use {able}")
+    return factory(context)
 
 
 def method_names() -> list[str]:

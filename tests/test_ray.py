@@ -52,6 +52,19 @@ def test_a_killed_worker_is_retried(local_pool):
     assert pool.restarts >= 1
 
 
+def test_ray_workers_time_candidates_for_the_latency_objective(local_pool):
+    from autotune.search.latency import LatencySpec
+
+    pool, _, model = local_pool
+    pool.latency = LatencySpec(batch=4, repeats=2)  # measured on the actor that scores the candidate
+    try:
+        results = pool.map([build("ddim", model.noise, 4), build("ddim", model.noise, 8)])
+    finally:
+        pool.latency = None
+    assert all(r["latency_ms"] > 0 for r in results)
+    assert "latency_ms" not in pool.map([build("ddim", model.noise, 4)])[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -81,6 +81,28 @@ def test_interrupted_search_resumes_without_evaluating_twice(gmm, tmp_path):
     assert len(hashes) == len(set(hashes)) == 40  # no schedule was evaluated twice
 
 
+def test_resume_drops_trials_the_saved_state_does_not_cover(gmm, tmp_path):
+    """Rows written after the last saved state (a kill between a batch's trials and its state) are redone."""
+    store = open_store(str(tmp_path / "cache.sqlite"))
+    sid = search_id(test="stray")
+
+    def search(budget):
+        return run_search(make_strategy("evolution", search_context(gmm)),
+                          InProcessPool(Evaluator(gmm, "search", size=16, store=store)), budget, batch_size=8,
+                          store=store, sid=sid)
+
+    first = search(8)
+    count = store.get_search_state(sid)["trials"]
+    assert count == len(first.trials) == len(store.trials(sid))
+    for k in range(3):  # a cut batch's rows: recorded, but not covered by the state
+        store.add_trial(sid, count + k, "stray", {"value": 0.0, "cached": False, "objectives": {"mse_ref": 0.0}})
+    second = search(16)
+    assert second.resumed and second.true_evaluations == 16
+    rows = store.trials(sid)
+    assert [r["trial_number"] for r in rows] == list(range(len(second.trials)))
+    assert "stray" not in {r["schedule_hash"] for r in rows} and second.best_value > 0.0
+
+
 def _cli(*args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "autotune.cli", *map(str, args)], capture_output=True, text=True,
@@ -88,15 +110,20 @@ def _cli(*args, **kwargs):
 
 
 def _saved_search(cache):
-    """The one saved search state in a cache file (read with sqlite3, as an outside observer would)."""
+    """The one saved search: its id, its state and its trial rows (read with sqlite3, as an outside observer)."""
     import sqlite3
 
     from autotune.cache.store import loads
 
     with sqlite3.connect(cache) as db:
-        rows = db.execute("SELECT state FROM search_states WHERE search_id NOT LIKE 'model-memo:%'").fetchall()
-    assert len(rows) == 1
-    return loads(rows[0][0])
+        rows = db.execute("SELECT search_id, state FROM search_states "
+                          "WHERE search_id NOT LIKE 'model-memo:%'").fetchall()
+        assert len(rows) == 1
+        sid, state = rows[0][0], loads(rows[0][1])
+        trials = [{"number": n, "hash": h, **loads(m)} for n, h, m in db.execute(
+            "SELECT trial_number, schedule_hash, metrics FROM search_trials WHERE search_id = ? ORDER BY trial_number",
+            (sid,))]
+    return sid, state, trials
 
 
 def _search_rows(cache):
@@ -105,6 +132,10 @@ def _search_rows(cache):
 
 
 def test_sigkilled_search_finishes_with_no_evaluation_done_twice(tmp_path):
+    """A real process killed with SIGKILL mid-search; the re-run resumes from the saved state and the trial rows,
+    answers everything already scored from the cache (counted as cache hits), and computes only the rest."""
+    import optuna
+
     cache = tmp_path / "cache.sqlite"
     args = ["search", "--model", "gmm2d", "--nfe", "4", "--budget", "48", "--batch", "4", "--workers", "0",
             "--cache", cache, "--out", tmp_path / "s.json"]
@@ -118,20 +149,34 @@ def test_sigkilled_search_finishes_with_no_evaluation_done_twice(tmp_path):
     assert proc.poll() is None, "the search finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     before = _search_rows(cache)
-    saved = _saved_search(cache)["trials"]
-    assert 0 < len(saved) < 48 + len(NAMED)
+    sid, state, rows = _saved_search(cache)
+    count = state["trials"]
+    assert isinstance(count, int)  # the state keeps a count; the trials are rows of their own
+    assert set(state) == {"version", "strategy", "true_evaluations", "cache_hits", "trials", "seconds"}
+    assert 0 < count < 48 + len(NAMED) and len(rows) >= count
+    saved = rows[:count]
+    assert [t["number"] for t in saved] == list(range(count))
     done = _cli(*args, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "(resumed)" in done.stdout
-    trials = _saved_search(cache)["trials"]
-    assert [t["hash"] for t in trials[: len(saved)]] == [t["hash"] for t in saved]
+    _, state, trials = _saved_search(cache)
+    assert [t["number"] for t in trials] == list(range(state["trials"]))  # rows past the saved state were redone
+    assert [t["hash"] for t in trials[:count]] == [t["hash"] for t in saved]
     computed = [t["hash"] for t in trials if not t["cached"]]
     assert len(computed) == len(set(computed)) == 48  # the budget, each candidate computed once
-    for t in trials[len(saved):]:
+    resumed_part = trials[count:]
+    for t in resumed_part:
         if t["hash"] in before:  # already in the cache when the search restarted: must not be computed again
             assert t["cached"], t
+    hits = sum(t["cached"] for t in trials)
+    assert hits == state["cache_hits"] and f"({hits} cache hits)" in " ".join(done.stdout.split())
+    assert sum(t["cached"] for t in resumed_part) >= len(rows) - count  # the cut batch came from the cache
     assert _search_rows(cache) == before | set(computed)
+    study = optuna.load_study(study_name=f"autotune-{sid}", storage=f"sqlite:///{cache}")
+    numbers = sorted(t.user_attrs["trial_number"] for t in study.trials)
+    assert numbers == list(range(len(trials)))  # every trial once in the Optuna study, resumed or not
 
 
 def test_cli_search_writes_a_schedule_that_beats_the_baselines(tmp_path):

@@ -1,0 +1,157 @@
+"""Every search, whatever its method, recorded as an Optuna study in the cache's database (for optuna-dashboard).
+
+The study is named ``autotune-<search id>`` and lives in the same SQLAlchemy database as the cache (its
+tables — studies, trials, trial_params, trial_values, ... — do not clash with the cache's meta, evaluations,
+references, search_states and search_trials), so ``optuna-dashboard sqlite:///<cache file>`` (or the
+PostgreSQL URL of a shared cache) shows every search. One Optuna trial per search trial:
+
+* params: the schedule's coordinates in the search space (:mod:`autotune.space.encoding`; times as
+  themselves, categorical choices by name, skips as booleans) with their distributions, plus ``nfe`` when
+  the NFE varies; a schedule outside the space (a seed) has no params.
+* values: the objectives, raw, with the study's directions (minimise, or maximise for e.g. class_acc);
+  a diverged schedule is a FAIL trial.
+* user attributes: trial_number (the search's), schedule_hash, nfe, method, cached, schedule (its JSON).
+
+Recording is idempotent by trial number, so a resumed search adds only the trials the study lacks. A search
+without a cache (``--no-cache``) records into Optuna's in-memory storage, i.e. nothing is kept. On SQLite
+the study's transactions take the write lock up front (as the cache's do), so Ray workers writing
+evaluations at the same time queue instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from autotune.search.pareto import direction
+from autotune.space.encoding import ScheduleSpace
+from autotune.space.schedule import Schedule
+
+_BUSY_TIMEOUT_S = 30.0
+
+
+def study_name(search_id: str) -> str:
+    """The Optuna study name of a search."""
+    return f"autotune-{search_id}"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def storage_for(url: str | None) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage on the cache's SQLAlchemy URL, or in-memory storage (no URL, or in-memory SQLite)."""
+    if url is None or url in ("sqlite://", "sqlite:///:memory:"):
+        return optuna.storages.InMemoryStorage()
+    sqlite = url.startswith("sqlite")
+    kwargs = {"connect_args": {"timeout": _BUSY_TIMEOUT_S}} if sqlite else {"pool_pre_ping": True}
+    with _quiet():
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    if sqlite:
+        _write_lock_up_front(storage.engine)
+    return storage
+
+
+def _write_lock_up_front(engine: Any) -> None:
+    """BEGIN IMMEDIATE for every transaction of Optuna's SQLite engine (a deferred one could fail on upgrade)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):  # pragma: no cover - runs on every new connection
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself
+        dbapi_conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):  # pragma: no cover - runs on every transaction
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners existed are dropped
+
+
+def _distribution(space: ScheduleSpace, c: Any) -> BaseDistribution:
+    if c.kind == "real":
+        return FloatDistribution(float(c.low), float(c.high))
+    if c.kind == "int":
+        return IntDistribution(int(c.low), int(c.high))
+    if c.kind == "bool":
+        return CategoricalDistribution((False, True))
+    return CategoricalDistribution(space.choices(c.family))
+
+
+def schedule_params(space: Any, s: Schedule) -> tuple[dict[str, Any], dict[str, BaseDistribution]]:
+    """The schedule's coordinates in ``space`` (a ScheduleSpace or an NFERangeSpace) as Optuna params."""
+    params: dict[str, Any] = {}
+    dists: dict[str, BaseDistribution] = {}
+    if not space.contains(s):
+        return params, dists
+    if not isinstance(space, ScheduleSpace):  # an NFE range: the schedule's own fixed-NFE space, and its nfe
+        params["nfe"] = len(s.steps)
+        dists["nfe"] = IntDistribution(space.low, space.high)
+        space = space.space(len(s.steps))
+    for c, x in zip(space.coords, space.encode(s)):
+        d = _distribution(space, c)
+        dists[c.name] = d
+        if c.kind == "real":
+            params[c.name] = float(x)
+        elif c.kind == "int":
+            params[c.name] = int(x)
+        else:
+            params[c.name] = d.choices[int(x)]
+    return params, dists
+
+
+class StudyRecorder:
+    """Adds a search's trials to its Optuna study (created on first use; see the module docstring).
+
+    Args:
+        url: the cache's SQLAlchemy URL (``Store.url``), or None for in-memory storage.
+        search_id: the search's id (the study is ``autotune-<search_id>``).
+        space: the search space (for the params).
+        objectives: objective names (the study's values, in order).
+        attrs: study user attributes (model, method, NFE, ...), set when the study is created.
+    """
+
+    def __init__(self, url: str | None, search_id: str, space: Any, objectives: Sequence[str],
+                 attrs: Mapping[str, Any] | None = None) -> None:
+        self.space = space
+        self.objectives = tuple(objectives)
+        self.name = study_name(search_id)
+        self.storage = storage_for(url)
+        with _quiet():
+            self.study = optuna.create_study(storage=self.storage, study_name=self.name, load_if_exists=True,
+                                             directions=[direction(o) for o in self.objectives])
+            if list(self.study.user_attrs) == []:
+                for k, v in {"objectives": list(self.objectives), **dict(attrs or {})}.items():
+                    self.study.set_user_attr(k, v)
+            self.recorded = {t.user_attrs.get("trial_number") for t in self.study.get_trials(deepcopy=False)}
+
+    def record(self, trial: Mapping[str, Any], schedule: Schedule) -> None:
+        """Add one search trial (a runner trial dict: number, hash, objectives, ...) unless it is there."""
+        number = int(trial["number"])
+        if number in self.recorded:
+            return
+        objectives = trial.get("objectives") or {self.objectives[0]: trial["value"]}
+        values = [float(objectives[o]) for o in self.objectives]
+        failed = not all(math.isfinite(v) for v in values)
+        params, dists = schedule_params(self.space, schedule)
+        attrs = {"trial_number": number, "schedule_hash": trial["hash"], "nfe": trial.get("nfe"),
+                 "method": trial.get("method"), "cached": bool(trial.get("cached")), "schedule": trial["schedule"]}
+        with _quiet():
+            self.study.add_trial(create_trial(
+                state=TrialState.FAIL if failed else TrialState.COMPLETE, values=None if failed else values,
+                params=params, distributions=dists, user_attrs=attrs))
+        self.recorded.add(number)

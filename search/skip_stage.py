@@ -1,0 +1,179 @@
+"""Stage 2 of AutoDiffusion (Li et al., 2023): per-step skip masks under a latency budget.
+
+With the time grid and the solver decisions of a stage-1 schedule fixed, evolve which prunable units
+(``Denoiser.units``, see :func:`autotune.sampling.denoiser.prunable_units`) each step skips, to minimise
+mse_ref subject to measured latency <= ``limit_ms`` (the runner measures ``latency_ms`` on the evaluating
+worker; the CLI sets the limit to a fraction of the unpruned schedule's latency). A mask is one bit per
+(step, unit); a schedule carries it as ``Step.skip``. Constraint handling is Deb's feasibility rule: every
+feasible mask ranks above every infeasible one; feasible masks rank by mse_ref, infeasible ones by how far
+they exceed the limit. Each generation: binary tournament, uniform crossover of the bits, bit-flip
+mutation (at least one bit), elitist survival; a mask already asked for is not asked again.
+
+The strategy is told ``(mse_ref, latency_ms)`` (run it with ``objectives=("mse_ref", "latency_ms")`` and
+``limits={"latency_ms": limit_ms}``, so the runner's best is the best feasible mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from autotune.search.strategy import SearchError, rng_from_state, rng_state, schedule_from_json, schedule_to_json
+from autotune.space.schedule import Schedule
+
+POPULATION = 12
+DENSITIES = (0.1, 0.25, 0.4, 0.6)  # share of skipped bits in the initial random masks
+INITIAL = 8  # random masks before breeding starts
+
+
+def without_skips(s: Schedule) -> Schedule:
+    """The schedule with every step's skip mask cleared (the unpruned network)."""
+    return dataclasses.replace(s, steps=tuple(dataclasses.replace(st, skip=()) for st in s.steps))
+
+
+class SkipMaskSearch:
+    """Ask/tell evolution of the skip masks of ``base`` (grid and solvers fixed); see the module docstring.
+
+    Args:
+        base: the stage-1 schedule (its own skip masks are dropped).
+        units: the model's prunable units.
+        limit_ms: the latency budget in milliseconds.
+        seed: rng seed.
+    """
+
+    name = "skip-mask"
+    multi_objective = True
+
+    def __init__(self, base: Schedule, units: tuple[str, ...], limit_ms: float, seed: int = 0,
+                 population: int = POPULATION) -> None:
+        if not units:
+            raise SearchError("stage 2 needs a model with prunable units (this model has none)")
+        self.base = without_skips(base)
+        self.units = tuple(units)
+        self.limit = float(limit_ms)
+        self.bits = [(k, u) for k in range(len(self.base.steps)) for u in self.units]
+        self.population_size = population
+        self.rng = np.random.default_rng(seed)
+        self.population: list[tuple[Schedule, tuple[float, float]]] = []
+        self.asked: set[str] = set()
+        self.initial_left = INITIAL
+
+    # -- masks <-> schedules ----------------------------------------------------------------------------------
+
+    def schedule(self, mask: np.ndarray) -> Schedule:
+        skips: list[list[str]] = [[] for _ in self.base.steps]
+        for on, (k, u) in zip(mask, self.bits):
+            if on:
+                skips[k].append(u)
+        steps = tuple(dataclasses.replace(st, skip=tuple(sk)) for st, sk in zip(self.base.steps, skips))
+        return dataclasses.replace(self.base, steps=steps)
+
+    def mask(self, s: Schedule) -> np.ndarray:
+        return np.array([u in s.steps[k].skip for k, u in self.bits], dtype=bool)
+
+    def _fitness(self, values: tuple[float, float]) -> tuple[int, float]:
+        """Deb's rule: (0, mse_ref) when within the limit, else (1, excess latency)."""
+        mse, latency = values
+        return (0, mse) if latency <= self.limit else (1, latency - self.limit)
+
+    # -- ask / tell -------------------------------------------------------------------------------------------
+
+    def ask(self, n: int) -> list[Schedule]:
+        out: list[Schedule] = []
+        while len(out) < n:
+            for _ in range(50):  # a fresh mask; a tiny mask space may run out, then the cache answers repeats
+                s = self.schedule(self._candidate())
+                if s.hash() not in self.asked:
+                    break
+            self.asked.add(s.hash())
+            out.append(s)
+        return out
+
+    def _candidate(self) -> np.ndarray:
+        if self.initial_left > 0 or len(self.population) < 2:
+            self.initial_left = max(self.initial_left - 1, 0)
+            density = DENSITIES[int(self.rng.integers(len(DENSITIES)))]
+            return self.rng.random(len(self.bits)) < density
+        a, b = self._tournament(), self._tournament()
+        child = np.where(self.rng.random(len(self.bits)) < 0.5, a, b)
+        flips = self.rng.random(len(self.bits)) < 1.0 / len(self.bits)
+        flips[int(self.rng.integers(len(self.bits)))] = True
+        return child ^ flips
+
+    def _tournament(self) -> np.ndarray:
+        i, j = self.rng.choice(len(self.population), size=2, replace=False)
+        return self.mask(self.population[min(i, j)][0])  # the population is kept sorted: lower index is fitter
+
+    def tell(self, schedule: Schedule, value: Any) -> None:
+        values = tuple(float(v) for v in value)
+        if len(values) != 2:
+            raise SearchError("stage 2 is told (mse_ref, latency_ms)")
+        if not all(math.isfinite(v) for v in values) or any(s.hash() == schedule.hash() for s, _ in self.population):
+            return
+        self.population.append((schedule, values))
+        self.population.sort(key=lambda sv: self._fitness(sv[1]))
+        del self.population[self.population_size:]
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"rng": rng_state(self.rng), "limit": self.limit, "initial_left": self.initial_left,
+                "asked": sorted(self.asked),
+                "population": [[schedule_to_json(s), list(v)] for s, v in self.population]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rng = rng_from_state(state["rng"])
+        self.limit = float(state["limit"])
+        self.initial_left = int(state["initial_left"])
+        self.asked = set(state["asked"])
+        self.population = [(schedule_from_json(d), (float(v[0]), float(v[1]))) for d, v in state["population"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2:
+    """What stage 2 found: the runner's result (None when no mask met the limit) and the latency figures."""
+
+    result: Any  # SearchResult | None
+    search_id: str
+    limit_ms: float
+    unpruned_ms: float
+    fraction: float
+    reason: str = ""  # why no mask was found
+
+
+def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *, fraction: float, seed: int = 0,
+               batch_size: int = 8, store: Any = None, parent_id: str = "", study_url: str | None = None,
+               study_attrs: dict[str, Any] | None = None, latency: Any = None) -> Stage2:
+    """Stage 2 on ``base``: skip masks minimising mse_ref with latency <= ``fraction`` x the unpruned latency.
+
+    The pool is switched to measuring latency (on its workers); the unpruned schedule is measured first, and a
+    resumed stage (same parent search, base, budget, fraction and seed) keeps the limit it started with.
+    ``latency``: a LatencySpec (default: 8 samples, median of 5 runs after 1 warm-up).
+    """
+    from autotune.search.latency import LATENCY, LatencySpec
+    from autotune.search.optuna_record import StudyRecorder
+    from autotune.search.runner import run_search, search_id
+    from autotune.search.strategy import SearchError
+    from autotune.space.encoding import ScheduleSpace
+
+    if not 0 < fraction:
+        raise SearchError(f"--latency-budget must be > 0, got {fraction}")
+    pool.latency = latency or LatencySpec()
+    unpruned = without_skips(base)
+    sid = search_id(parent=parent_id, stage=2, base=unpruned.hash(), budget=budget, fraction=fraction, seed=seed)
+    saved = store.get_search_state(sid) if store is not None else None
+    unpruned_ms = float(pool.map([unpruned])[0][LATENCY])
+    limit = float(saved["strategy"]["limit"]) if saved else fraction * unpruned_ms
+    strategy = SkipMaskSearch(unpruned, tuple(units), limit, seed)
+    names = ("mse_ref", LATENCY)
+    space = ScheduleSpace.for_schedule(unpruned, units=tuple(units))  # the study's params: the masks
+    recorder = StudyRecorder(study_url, sid, space, names, {**(study_attrs or {}), "stage": 2})
+    try:
+        result = run_search(strategy, pool, budget, objectives=names, limits={LATENCY: limit},
+                            batch_size=batch_size, store=store, sid=sid, recorder=recorder)
+    except SearchError as e:
+        return Stage2(None, sid, limit, unpruned_ms, fraction, str(e))
+    return Stage2(result, sid, limit, unpruned_ms, fraction)

@@ -1,0 +1,79 @@
+"""Every search is an Optuna study in the cache's database: trials, values, params, attributes, resume."""
+
+import math
+
+import optuna
+import pytest
+
+from autotune.cache.store import open_store
+from autotune.evaluate.evaluator import Evaluator
+from autotune.sampling.named import build
+from autotune.search.optuna_record import StudyRecorder, storage_for, study_name
+from autotune.search.runner import InProcessPool, run_search, search_id
+from autotune.search.strategy import make_strategy
+from autotune.space.fileformat import dumps
+from search_helpers import search_context
+
+
+@pytest.mark.parametrize("method", ["random", "evolution"])
+def test_a_search_is_an_optuna_study_in_the_cache(gmm, tmp_path, method):
+    store = open_store(str(tmp_path / "cache.sqlite"))
+    sid = search_id(test="study", method=method)
+    ctx = search_context(gmm)
+    recorder = StudyRecorder(store.url, sid, ctx.space, ["mse_ref"], {"model": "gmm2d"})
+    result = run_search(make_strategy(method, ctx), InProcessPool(Evaluator(gmm, "search", size=16, store=store)),
+                        12, batch_size=4, store=store, sid=sid, recorder=recorder)
+    study = optuna.load_study(study_name=study_name(sid), storage=f"sqlite:///{tmp_path / 'cache.sqlite'}")
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == len(result.trials) == len(store.trials(sid))
+    for t, trial in zip(sorted(done, key=lambda t: t.user_attrs["trial_number"]), result.trials):
+        assert t.values == [trial["value"]]
+        assert t.user_attrs["schedule_hash"] == trial["hash"] and t.user_attrs["method"] == method
+        assert t.user_attrs["nfe"] == 4 and t.user_attrs["schedule"] == trial["schedule"]
+        assert ctx.space.decode(_vector(ctx.space, t.params)).hash() == trial["hash"]  # params = the schedule
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE]
+    assert study.user_attrs["model"] == "gmm2d" and study.user_attrs["objectives"] == ["mse_ref"]
+    assert store.stats()["rows"]["search_trials"] == len(result.trials)  # the cache's own tables are intact
+
+
+def _vector(space, params):
+    """The space's vector from a trial's params (choices by name, skips as booleans)."""
+    out = []
+    for c in space.coords:
+        v = params[c.name]
+        out.append(space.choices(c.family).index(v) if c.kind == "cat" else float(v))
+    return out
+
+
+def test_params_are_the_schedule_coordinates(gmm):
+    ctx = search_context(gmm)
+    s = build("unipc-bh2-o2", gmm.noise, 4)
+    rec = StudyRecorder(None, "p", ctx.space, ["mse_ref", "nfe", "class_acc"])
+    rec.record({"number": 0, "hash": s.hash(), "value": 0.1, "objectives": {"mse_ref": 0.1, "nfe": 4,
+                                                                             "class_acc": 0.5},
+                "nfe": 4, "method": "m", "schedule": dumps(s)}, s)
+    t = rec.study.trials[0]
+    assert [t.params[f"t[{k}]"] for k in range(3)] == list(s.times[1:4])
+    assert t.params["solver[0]"] == s.steps[0].solver and t.params["corrector[1]"] == s.steps[1].corrector
+    assert t.values == [0.1, 4.0, 0.5]
+    assert [d.name for d in rec.study.directions] == ["MINIMIZE", "MINIMIZE", "MAXIMIZE"]
+
+
+def test_recording_is_idempotent_and_diverged_trials_fail(gmm, tmp_path):
+    store = open_store(str(tmp_path / "c.sqlite"))
+    ctx = search_context(gmm)
+    s = build("ddim", gmm.noise, 4)
+    trial = {"number": 0, "hash": s.hash(), "value": math.inf, "objectives": {"mse_ref": math.inf}, "nfe": 4,
+             "method": "m", "schedule": dumps(s)}
+    StudyRecorder(store.url, "idem", ctx.space, ["mse_ref"]).record(trial, s)
+    again = StudyRecorder(store.url, "idem", ctx.space, ["mse_ref"])  # a resumed search reopens the study
+    again.record(trial, s)
+    again.record({**trial, "number": 1, "value": 0.5, "objectives": {"mse_ref": 0.5}}, s)
+    trials = again.study.trials
+    assert [t.user_attrs["trial_number"] for t in trials] == [0, 1]
+    assert trials[0].state == optuna.trial.TrialState.FAIL and trials[1].values == [0.5]
+
+
+def test_no_cache_means_in_memory_storage():
+    assert isinstance(storage_for(None), optuna.storages.InMemoryStorage)
+    assert isinstance(storage_for("sqlite://"), optuna.storages.InMemoryStorage)
