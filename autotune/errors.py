@@ -24,3 +24,7 @@ class ModelError(AutotuneError, ValueError):
 
 class SamplingError(AutotuneError, RuntimeError):
     """The executor cannot run a schedule on a model (e.g. a unit the model does not have)."""
+
+
+class BackendError(AutotuneError, RuntimeError):
+    """An engine cannot be built, loaded or run (missing backend, manifest mismatch, bad inputs)."""

@@ -157,7 +157,9 @@ def check_labels(cond: Any, batch: int) -> torch.Tensor:
         labels = labels.expand(batch)
     if labels.shape != (batch,):
         raise ModelError(f"digits: cond must have shape ({batch},), got {tuple(labels.shape)}")
-    if not torch.jit.is_tracing() and batch and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
+    # a traced or compiled graph cannot branch on values: engines check labels at their input instead
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if not tracing and batch and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
         raise ModelError(f"digits: class labels must be in 0..{NUM_CLASSES - 1}")
     return labels
 
