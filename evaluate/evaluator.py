@@ -7,7 +7,7 @@ store (``autotune.cache``) both survive across processes and runs. Searches, `au
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -43,6 +43,9 @@ class Evaluator:
         self.hits = 0
         self.misses = 0
         self.model_spec: str | None = None  # the MODEL argument, when the model came from one
+        # DC-Solver hook (search/dc_fit.py: attach_ratio_source): maps a candidate to the schedule actually
+        # scored, with fitted or CPR-predicted compensation ratios; None scores candidates as they are
+        self.ratio_source: Callable[["Evaluator", Schedule], Schedule] | None = None
 
     def reference_version(self, guidance: float | None) -> str:
         return ref_version(guidance, self.ref_steps)
@@ -84,6 +87,12 @@ class Evaluator:
 
     def evaluate(self, schedule: Schedule) -> dict[str, Any]:
         """Metrics of the schedule (with ``cached``: whether they came from memory or the store)."""
+        if self.ratio_source is not None:  # DC-Solver hook: score (and store) the schedule with its ratios
+            fitted = self.ratio_source(self, schedule)
+            return {**self._evaluate(fitted), "evaluated_schedule": dumps(fitted)}
+        return self._evaluate(schedule)
+
+    def _evaluate(self, schedule: Schedule) -> dict[str, Any]:
         found = self.cached(schedule)
         if found is not None:
             self.hits += 1

@@ -189,8 +189,11 @@ def ipndm_update(k: int, order: int, prediction: str, lam, alpha, sigma) -> Upda
 
 
 def compensation(k: int, ratio: torch.Tensor, dc_order: int, times: torch.Tensor) -> Compensation:
-    """DC-Solver dynamic compensation: Lagrange interpolation through m_k .. m_{k-dc_order}, in t, at
-    ``ratio * tau_k + (1 - ratio) * tau_{k-1}`` (ratio 1 returns m_k)."""
+    """DC-Solver dynamic compensation (Zhao et al. 2024, eq. of Sec. 3.2 and ``dynamic_compensation`` in their
+    code): Lagrange interpolation in t (not lambda) through m_k .. m_{k-dc_order} at
+    ``ratio * tau_k + (1 - ratio) * tau_{k-1}`` (ratio 1 returns m_k). The outputs m_j are the stored ones,
+    themselves compensated at their own step, as in the paper's code, which overwrites its output buffer.
+    What the paper does and what we do is written down in ``autotune.search.dc_fit``."""
     target_t = ratio * times[k] + (1.0 - ratio) * times[k - 1]
     nodes = [k - i for i in range(dc_order + 1)]
     weights = []
@@ -235,8 +238,9 @@ def make_plan(
         if step.corrector != "none":
             corr = unic_update(k, step.corrector_order, step.prediction, step.corrector, lam, alpha, sigma)
         comp = None
-        if step.ratio != 1.0 or ratios.requires_grad:
-            if k >= schedule.dc_order:
-                comp = compensation(k, ratios[k], schedule.dc_order, times)
+        # the override tensor decides (not the schedule's own ratio): a fitted ratio passed as a plain tensor
+        # must apply; a tensor that requires grad always gets the compensation so its gradient exists
+        if k >= schedule.dc_order and (ratios.requires_grad or float(ratios[k]) != 1.0):
+            comp = compensation(k, ratios[k], schedule.dc_order, times)
         steps.append(StepPlan(pred, corr, comp))
     return Plan(times, alpha, sigma, tuple(steps), schedule.final_denoise)
