@@ -366,6 +366,9 @@ def search_cmd(
                                          help="stage 2: latency limit as a fraction of the unpruned schedule's"),
     report_dir: Optional[Path] = typer.Option(None, "--report",
                                               help="also write a report (report.md and plots) to this folder"),
+    ratios: Optional[str] = typer.Option(None, "--ratios",
+                                         help="fit | cpr:FILE — score every candidate with DC-Solver ratios fitted for "
+                                              "it (or predicted by a CPR file) instead of searching them"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
 ) -> None:
     """Search the unified space for the schedule with the lowest objective (or a Pareto front) at NFE model
@@ -399,6 +402,10 @@ def search_cmd(
         raise AutotuneError(f"--stage2-budget: {model} has no prunable units to skip")
     store = _open_store(cache, no_cache)
     evaluator = Evaluator(m, "search", size=set_size, seed=seed, store=store)
+    if ratios is not None:
+        from autotune.search.dc_fit import attach_ratio_source
+
+        attach_ratio_source(evaluator, ratios)  # a bad spec or CPR file fails here, before any evaluation
     seeds = tuple(dataclasses.replace(build(n, m.noise, k), guidance=guidance) for k in range(low, high + 1)
                   for n in NAMED)
     space = ScheduleSpace(high, m.noise.T, 0.0, ratio_range=None, guidance=guidance)
@@ -406,6 +413,8 @@ def search_cmd(
         space = NFERangeSpace(space, low, high)
     strategy = make_strategy(method, SearchContext(space, m.noise, seeds, seed, names))
     extra = {} if names == ("mse_ref",) else {"objectives": names}  # ids of single-mse_ref searches unchanged
+    if ratios is not None:
+        extra["ratios"] = ratios
     sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else nfe, method=method, budget=budget,
                     seed=seed, guidance=guidance, eval_set=evaluator.eval_set.id, batch=batch, space=repr(space),
                     **extra)
@@ -415,7 +424,7 @@ def search_cmd(
         pool = InProcessPool(evaluator, latency)
     else:
         spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
-                             evaluator.ref_steps)
+                             evaluator.ref_steps, ratios=ratios)
         pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference},
                        latency=latency)
     url = store.url if store is not None else None
@@ -437,7 +446,12 @@ def search_cmd(
             from autotune.search.gradient import refine_times
 
             refined = refine_times(m, winner, evaluator.eval_set, reference, iterations=refine, seed=seed).schedule
-            refined_value = evaluator.evaluate(refined)["mse_ref"]
+            scored = evaluator.evaluate(refined)
+            refined_value = scored["mse_ref"]
+            if "evaluated_schedule" in scored:  # --ratios: the refined grid with the ratios fitted for it
+                from autotune.space.fileformat import loads as _loads
+
+                refined = _loads(scored["evaluated_schedule"])
             console.print(f"gradient refinement of the time grid: search-set mse_ref "
                           f"{result.best_trial['mse_ref']:.4e} -> {refined_value:.4e}"
                           + ("" if refined_value < result.best_trial["mse_ref"] else " (kept the unrefined)"))

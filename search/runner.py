@@ -76,6 +76,7 @@ class EvaluatorSpec:
     cache: str | None
     ref_steps: int
     threads: int = 1
+    ratios: str | None = None  # "fit" or "cpr:FILE": candidates scored with DC ratios (search/dc_fit.py)
 
 
 def _build_evaluator(spec: EvaluatorSpec) -> Evaluator:
@@ -86,8 +87,13 @@ def _build_evaluator(spec: EvaluatorSpec) -> Evaluator:
         from autotune.cache.store import open_store
 
         store = open_store(spec.cache)
-    return Evaluator(load_model(spec.model), spec.kind, size=spec.size, seed=spec.seed, store=store,
-                     ref_steps=spec.ref_steps)
+    evaluator = Evaluator(load_model(spec.model), spec.kind, size=spec.size, seed=spec.seed, store=store,
+                          ref_steps=spec.ref_steps)
+    if spec.ratios is not None:
+        from autotune.search.dc_fit import attach_ratio_source
+
+        attach_ratio_source(evaluator, spec.ratios)
+    return evaluator
 
 
 class RayPool:
@@ -286,7 +292,9 @@ def run_search(
         trial = {"number": len(trials), "hash": s.hash(), "value": value, "objectives": objs,
                  "mse_ref": m.get("mse_ref", math.inf), "nfe": m.get("nfe", s.nfe), "cached": bool(m.get("cached")),
                  "diverged": bool(m.get("diverged")), "method": strategy.name,
-                 "elapsed": elapsed0 + time.perf_counter() - start, "schedule": dumps(s)}
+                 "elapsed": elapsed0 + time.perf_counter() - start,
+                 # with fitted / CPR ratios (``--ratios``) the schedule scored is the candidate with its ratios
+                 "schedule": m.get("evaluated_schedule") or dumps(s)}
         if LATENCY in m:
             trial[LATENCY] = m[LATENCY]
         if limits:

@@ -218,3 +218,34 @@ def _digits():
     from autotune.models.registry import load_model
 
     return load_model("digits")
+
+
+def test_search_with_fitted_ratios_writes_the_fitted_schedule(tmp_path):
+    """`autotune search --ratios fit`: every candidate is scored with ratios fitted for it; the trials and the
+    written file carry those ratios, and the search-set value is that of the fitted schedule."""
+    import json
+
+    from autotune.cache.store import open_store
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.models.registry import load_model
+    from autotune.space.fileformat import load
+
+    cache = str(tmp_path / "c.sqlite")
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(app, ["search", "--model", "gmm2d", "--nfe", "5", "--budget", "8", "--batch", "4",
+                                 "--workers", "0", "--ratios", "fit", "--cache", cache, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    best = load(out)
+    assert any(abs(st.ratio - 1.0) > 1e-3 for st in best.steps)
+    meta = json.loads(out.read_text())["metadata"]
+    trials = open_store(cache).trials(meta["search_id"])
+    from autotune.space.fileformat import loads
+
+    assert len(trials) >= 8
+    top = min(trials, key=lambda t: t["metrics"]["value"])
+    assert [st.ratio for st in loads(top["metrics"]["schedule"]).steps] == [st.ratio for st in best.steps]
+    plain = Evaluator(load_model("gmm2d"), "search").evaluate(best)["mse_ref"]
+    assert abs(plain - meta["search_value"]) <= 1e-9 * max(1.0, plain)
+    bad = CliRunner().invoke(app, ["search", "--model", "gmm2d", "--nfe", "5", "--budget", "2", "--workers", "0",
+                                   "--ratios", "guess", "--no-cache", "--out", str(tmp_path / "b.json")])
+    assert bad.exit_code == 2 and "--ratios" in bad.output

@@ -1,0 +1,191 @@
+"""Searched schedules vs diffusers' own schedulers, side by side on the same model, noise and machine.
+
+For each model and NFE: every diffusers peer (DPM-Solver++ 2M/3M with and without Karras sigmas, UniPC
+bh1/bh2 orders 2/3, DEIS orders 2/3) runs its own `scheduler.step` loop over our model wrapper, and the
+schedule found by `autotune search` (the CLI itself, run as a subprocess, so the figure is what a user gets)
+is scored by the Evaluator. Both are scored on the *report* evaluation set against the same reference
+solution: mse_ref (mean over samples) and the median per-sample error. The search only ever sees the search
+set. Also printed: the search's wall time and true evaluations, and the issue's two targets (>= 2x lower
+than the best peer at NFE <= 5; searched NFE 5 <= best peer at NFE 8).
+
+    python bench/search.py                         # digits and a diffusers pipeline directory, NFE 4,5,6,8,10
+    python bench/search.py --models digits --nfe 5 --budget 60 --refine 10    # a quick look
+
+`--json FILE` also writes every row. The diffusers pipeline directory is the tiny DDPM UNet trained by
+tests/peers.py (400 Adam steps on smooth 8x8 images; built once into --work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# peer name -> (diffusers scheduler class, constructor arguments beyond the model's noise schedule)
+PEERS = {
+    "dpmsolver++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmsolver++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpmsolver++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                             "use_karras_sigmas": True}),
+    "dpmsolver++3m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3,
+                                                             "use_karras_sigmas": True}),
+    "unipc-bh1-o2": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2}),
+    "unipc-bh2-o2": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2}),
+    "unipc-bh2-o3": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 3}),
+    "deis-o2": ("DEISMultistepScheduler", {"solver_order": 2}),
+    "deis-o3": ("DEISMultistepScheduler", {"solver_order": 3}),
+}
+
+
+def diffusers_scheduler(model, peer: str):
+    """The peer's diffusers scheduler on exactly the model's noise schedule (its betas) and parameterisation."""
+    import diffusers
+
+    cls_name, kwargs = PEERS[peer]
+    acp = model.noise.alphas_cumprod
+    betas = 1.0 - acp / np.concatenate([[1.0], acp[:-1]])
+    return getattr(diffusers, cls_name)(num_train_timesteps=len(acp), trained_betas=betas.tolist(),
+                                        prediction_type=model.parameterization, **kwargs)
+
+
+def run_peer(model, peer: str, noise: torch.Tensor, labels, nfe: int, guidance) -> torch.Tensor:
+    """diffusers' loop as its pipelines run it; the network sees training step n at our time (n + 1) / N."""
+    sched = diffusers_scheduler(model, peer)
+    sched.set_timesteps(nfe)
+    n_train = model.noise.num_train_timesteps
+    x = noise * sched.init_noise_sigma
+    calls = 0
+    with torch.no_grad():
+        for step in sched.timesteps:
+            t = torch.tensor((float(step) + 1.0) / n_train, dtype=torch.float64)
+            out = model(sched.scale_model_input(x, step), t, labels, guidance=guidance)
+            calls += 1
+            x = sched.step(out, step, x).prev_sample
+    assert calls == nfe, f"{peer}: {calls} model calls for NFE {nfe}"
+    return x
+
+
+def per_sample_error(samples: torch.Tensor, reference) -> torch.Tensor:
+    return ((samples.double() - reference.final.double()) ** 2).flatten(1).mean(1)
+
+
+def pipeline_dir(work: Path) -> Path:
+    """The tiny diffusers DDPM pipeline directory of the test suite, trained once into ``work``."""
+    path = work / "tiny-ddpm-eps"
+    if not (path / "model_index.json").exists():
+        sys.path.insert(0, str(ROOT))
+        from tests.peers import make_pipeline_dir
+
+        make_pipeline_dir(path)
+    return path
+
+
+def run_search(model_arg: str, nfe: int, args, out: Path) -> dict:
+    """`autotune search` as a user runs it; returns the written schedule's metadata plus the wall time."""
+    cmd = ["autotune", "search", "--model", model_arg, "--nfe", str(nfe), "--method", args.method,
+           "--budget", str(args.budget), "--workers", str(args.workers), "--seed", str(args.seed),
+           "--refine", str(args.refine), "--cache", args.cache, "--out", str(out)]
+    if args.guidance is not None:
+        cmd += ["--guidance", str(args.guidance)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"search failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    meta = json.loads(out.read_text())["metadata"]
+    return {**meta, "wall_seconds": wall}
+
+
+def bench_model(name: str, model_arg: str, args, work: Path) -> list[dict]:
+    from autotune.cache.store import open_store
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.models.registry import load_model
+    from autotune.space.fileformat import load
+
+    model = load_model(model_arg)
+    report = Evaluator(model, "report", store=open_store(args.cache))
+    reference = report.reference(args.guidance)
+    noise, labels = report.eval_set.noise(torch.float32), report.eval_set.labels()
+    rows = []
+    for nfe in args.nfe:
+        peers = {}
+        for peer in PEERS:
+            err = per_sample_error(run_peer(model, peer, noise, labels, nfe, args.guidance), reference)
+            peers[peer] = (float(err.mean()), float(err.median()))
+        best_peer = min(peers, key=lambda p: peers[p][0])
+        out = work / f"{name}-nfe{nfe}.json"
+        meta = run_search(model_arg, nfe, args, out)
+        ours = report.evaluate(load(out))
+        rows.append({"model": name, "nfe": nfe, "peers": peers, "best_peer": best_peer,
+                     "best_peer_mse": peers[best_peer][0], "best_peer_median": peers[best_peer][1],
+                     "ours_mse": ours["mse_ref"], "ours_median": ours["mse_ref_median"],
+                     "ratio": peers[best_peer][0] / ours["mse_ref"], "search_wall_s": meta["wall_seconds"],
+                     "search_seconds": meta.get("seconds"), "true_evaluations": meta.get("true_evaluations"),
+                     "schedule": str(out)})
+        r = rows[-1]
+        print(f"{name:10s} NFE {nfe:2d}  best peer {best_peer:22s} {r['best_peer_mse']:.3e} "
+              f"(median {r['best_peer_median']:.3e})  ours {r['ours_mse']:.3e} (median {r['ours_median']:.3e})  "
+              f"{r['ratio']:.2f}x  search {r['search_wall_s']:.0f} s / {r['true_evaluations']} evals", flush=True)
+    return rows
+
+
+def targets(rows: list[dict]) -> list[str]:
+    lines = []
+    for model in sorted({r["model"] for r in rows}):
+        by_nfe = {r["nfe"]: r for r in rows if r["model"] == model}
+        for nfe in sorted(n for n in by_nfe if n <= 5):
+            r = by_nfe[nfe]
+            lines.append(f"{model}: NFE {nfe} ours {r['ratio']:.2f}x lower than the best peer ({r['best_peer']})"
+                         f" — target >= 2x: {'met' if r['ratio'] >= 2 else 'NOT met'}")
+        if 5 in by_nfe and 8 in by_nfe:
+            ours5, peer8 = by_nfe[5]["ours_mse"], by_nfe[8]["best_peer_mse"]
+            lines.append(f"{model}: searched NFE 5 {ours5:.3e} vs best peer at NFE 8 {peer8:.3e} "
+                         f"({by_nfe[8]['best_peer']}) — target ours <= peer: {'met' if ours5 <= peer8 else 'NOT met'}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="digits,pipeline", help="digits and/or pipeline (a diffusers directory)")
+    parser.add_argument("--nfe", default="4,5,6,8,10")
+    parser.add_argument("--method", default="evolution")
+    parser.add_argument("--budget", type=int, default=120)
+    parser.add_argument("--refine", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--work", default="bench-search-work", help="folder for schedules, the cache, the pipeline")
+    parser.add_argument("--json", default=None, help="also write every row here")
+    args = parser.parse_args()
+    args.nfe = [int(n) for n in args.nfe.split(",")]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    args.cache = str(work / "cache.sqlite")
+    torch.set_num_threads(1)
+    os.environ.setdefault("AUTOTUNE_CACHE", args.cache)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; method {args.method}, budget {args.budget}, "
+          f"refine {args.refine}, workers {args.workers}; report set scored against the reference", flush=True)
+    rows = []
+    for name in args.models.split(","):
+        model_arg = {"digits": "digits", "pipeline": None}.get(name, name)
+        if name == "pipeline":
+            model_arg = str(pipeline_dir(work))
+        rows += bench_model(name, model_arg, args, work)
+    print()
+    for line in targets(rows):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
