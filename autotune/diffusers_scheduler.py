@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ModelError("AutotuneScheduler needs diffusers: pip install 'autotune-diffusion[diffusers]'") from e
 
 from autotune.models.diffusers_dir import read_scheduler_config
-from autotune.sampling.coefficients import Plan, Update, make_plan
+from autotune.sampling.coefficients import Update, make_plan
 from autotune.sampling.denoiser import to_data_and_noise
 from autotune.sampling.noise import NoiseSchedule
 from autotune.space.fileformat import from_dict, load, to_dict
@@ -64,20 +64,6 @@ def fed_timesteps(noise: NoiseSchedule, times: torch.Tensor) -> torch.Tensor:
     tm = torch.where((tm - tm.round()).abs() < ROUND_TOL, tm.round(), tm)
     # float32: what the adapter feeds a float32 network, and what diffusers' time embedding computes in anyway
     return tm.to(torch.float32)
-
-
-def last_uses(plan: Plan) -> dict[int, int]:
-    """For each model output index, the last step() call that reads it (a corrector of step k runs in call k + 1)."""
-    last: dict[int, int] = {}
-    for k, sp in enumerate(plan.steps):
-        refs = [j for j, _ in sp.predictor.outputs]
-        if sp.corrector is not None:
-            refs += [j for j, _ in sp.corrector.outputs]
-        if sp.compensation is not None:
-            refs += [j for j, _ in sp.compensation.outputs]
-        for j in refs:
-            last[j] = max(last.get(j, -1), k + 1)
-    return last
 
 
 def apply_update(update: Update, x: torch.Tensor, outputs: Mapping[str, Mapping[int, torch.Tensor]]) -> torch.Tensor:
@@ -151,7 +137,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         n_calls = self.schedule.nfe  # steps, plus the final denoising call at tau_N if the schedule has one
         self.timesteps = fed_timesteps(self.noise, self.plan.times[:n_calls])
         self._spaces = sorted({sp.predictor.prediction for sp in self.plan.steps})
-        self._last_use = last_uses(self.plan)
+        self._last_use = self.plan.last_uses()
         self._state: ReplayState | None = None
 
     @classmethod

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from autotune.errors import BackendError
-from autotune.sampling.coefficients import Plan, Update, make_plan
+from autotune.sampling.coefficients import Update, make_plan
 from autotune.sampling.denoiser import Denoiser, to_data_and_noise
 from autotune.space.schedule import Schedule
 
@@ -73,25 +73,11 @@ def _bake_update(update: Update, dtype: torch.dtype) -> LinearUpdate:
                         update.prediction)
 
 
-def _last_uses(plan: Plan) -> dict[int, int]:
-    """For each model output index, the last step that reads it (as the executor frees them)."""
-    last: dict[int, int] = {}
-    for k, sp in enumerate(plan.steps):
-        refs = [j for j, _ in sp.predictor.outputs]
-        if sp.corrector is not None:
-            refs += [j for j, _ in sp.corrector.outputs]
-        if sp.compensation is not None:
-            refs += [j for j, _ in sp.compensation.outputs]
-        for j in refs:
-            last[j] = max(last.get(j, -1), k + 1)  # a corrector of step k runs at the start of step k + 1
-    return last
-
-
 def bake_program(schedule: Schedule, model: Denoiser, dtype: torch.dtype = torch.float32) -> Program:
     """Every constant of the loop of ``schedule`` on ``model``, from ``make_plan`` (the one formula place)."""
     schedule.check_units(model.units)
     plan = make_plan(schedule, model.noise)
-    last_use = _last_uses(plan)
+    last_use = plan.last_uses()
     alphas = plan.alphas.to(dtype)
     sigmas = plan.sigmas.to(dtype)
     steps = []

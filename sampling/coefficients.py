@@ -64,6 +64,20 @@ class Plan:
     steps: tuple[StepPlan, ...]
     final_denoise: bool
 
+    def last_uses(self) -> dict[int, int]:
+        """For each model output index, the last step that reads it (so older outputs can be freed); a
+        corrector of step k runs at the start of step k + 1, once step k + 1's output is known."""
+        last: dict[int, int] = {}
+        for k, sp in enumerate(self.steps):
+            refs = [j for j, _ in sp.predictor.outputs]
+            if sp.corrector is not None:
+                refs += [j for j, _ in sp.corrector.outputs]
+            if sp.compensation is not None:
+                refs += [j for j, _ in sp.compensation.outputs]
+            for j in refs:
+                last[j] = max(last.get(j, -1), k + 1)
+        return last
+
 
 def _combine(*terms: tuple[torch.Tensor | float, Weights]) -> Weights:
     """Linear combination of weight dicts: sum of coef * weights."""

@@ -34,20 +34,6 @@ def _apply(update: Update, x: torch.Tensor, hist: dict[str, dict[int, torch.Tens
     return out
 
 
-def _last_uses(plan: Plan) -> dict[int, int]:
-    """For each model output index, the last step that reads it (so older outputs can be freed)."""
-    last: dict[int, int] = {}
-    for k, sp in enumerate(plan.steps):
-        refs = [j for j, _ in sp.predictor.outputs]
-        if sp.corrector is not None:
-            refs += [j for j, _ in sp.corrector.outputs]
-        if sp.compensation is not None:
-            refs += [j for j, _ in sp.compensation.outputs]
-        for j in refs:
-            last[j] = max(last.get(j, -1), k + 1)  # a corrector of step k runs at the start of step k + 1
-    return last
-
-
 def sample(
     model: Denoiser,
     schedule: Schedule,
@@ -94,7 +80,7 @@ def sample(
     if plan is None:
         plan = make_plan(schedule, model.noise, times=times, ratios=ratios)
     spaces = sorted({sp.predictor.prediction for sp in plan.steps})
-    last_use = _last_uses(plan)
+    last_use = plan.last_uses()
     alphas = plan.alphas.to(dtype)
     sigmas = plan.sigmas.to(dtype)
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
