@@ -20,14 +20,14 @@ from typing import Sequence
 import numpy as np
 
 from autotune.errors import ScheduleError
-from autotune.space.encoding import Coord, ScheduleSpace
+from autotune.space.encoding import Coord, CoordinateViews, ScheduleSpace
 from autotune.space.schedule import Schedule
 
 NFE = "nfe"  # the name and family of the extra coordinate
 
 
 @dataclasses.dataclass(frozen=True)
-class NFERangeSpace:
+class NFERangeSpace(CoordinateViews):
     """The schedules of ``template`` with any step count in ``low..high`` (each as ``template`` at that count).
 
     Args:
@@ -83,24 +83,6 @@ class NFERangeSpace:
     @cached_property
     def coords(self) -> tuple[Coord, ...]:
         return (Coord(NFE, NFE, -1, self.low, self.high, "int"),) + self.widest.coords
-
-    @cached_property
-    def names(self) -> tuple[str, ...]:
-        return tuple(c.name for c in self.coords)
-
-    @property
-    def dim(self) -> int:
-        return len(self.coords)
-
-    @cached_property
-    def bounds(self) -> np.ndarray:
-        b = np.array([(c.low, c.high) for c in self.coords], dtype=np.float64).reshape(len(self.coords), 2)
-        b.setflags(write=False)
-        return b
-
-    @cached_property
-    def kinds(self) -> tuple[str, ...]:
-        return tuple(c.kind for c in self.coords)
 
     @cached_property
     def _index(self) -> dict[str, int]:

@@ -20,15 +20,14 @@ evaluations at the same time queue instead of failing.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from autotune.search.optuna_space import quiet_optuna
 from autotune.search.pareto import direction
 from autotune.space.encoding import ScheduleSpace
 from autotune.space.schedule import Schedule
@@ -41,25 +40,13 @@ def study_name(search_id: str) -> str:
     return f"autotune-{search_id}"
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            yield
-    finally:
-        optuna.logging.set_verbosity(previous)
-
-
 def storage_for(url: str | None) -> optuna.storages.BaseStorage:
     """Optuna's RDB storage on the cache's SQLAlchemy URL, or in-memory storage (no URL, or in-memory SQLite)."""
     if url is None or url in ("sqlite://", "sqlite:///:memory:"):
         return optuna.storages.InMemoryStorage()
     sqlite = url.startswith("sqlite")
     kwargs = {"connect_args": {"timeout": _BUSY_TIMEOUT_S}} if sqlite else {"pool_pre_ping": True}
-    with _quiet():
+    with quiet_optuna():
         storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     if sqlite:
         _write_lock_up_front(storage.engine)
@@ -131,7 +118,7 @@ class StudyRecorder:
         self.objectives = tuple(objectives)
         self.name = study_name(search_id)
         self.storage = storage_for(url)
-        with _quiet():
+        with quiet_optuna():
             self.study = optuna.create_study(storage=self.storage, study_name=self.name, load_if_exists=True,
                                              directions=[direction(o) for o in self.objectives])
             if list(self.study.user_attrs) == []:
@@ -150,7 +137,7 @@ class StudyRecorder:
         params, dists = schedule_params(self.space, schedule)
         attrs = {"trial_number": number, "schedule_hash": trial["hash"], "nfe": trial.get("nfe"),
                  "method": trial.get("method"), "cached": bool(trial.get("cached")), "schedule": trial["schedule"]}
-        with _quiet():
+        with quiet_optuna():
             self.study.add_trial(create_trial(
                 state=TrialState.FAIL if failed else TrialState.COMPLETE, values=None if failed else values,
                 params=params, distributions=dists, user_attrs=attrs))

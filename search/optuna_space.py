@@ -82,7 +82,7 @@ _log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_optuna() -> Iterator[None]:
     """Optuna at WARNING verbosity, its experimental/user warnings muted; restored afterwards."""
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -229,7 +229,7 @@ class _OptunaStrategy:
     # -- the study ------------------------------------------------------------------------------------------
 
     def _fresh(self) -> None:
-        with _quiet():
+        with quiet_optuna():
             self.study = optuna.create_study(directions=["minimize"] * self.n_objectives,
                                              sampler=optuna.samplers.RandomSampler(seed=0))
         self.trials: dict[int, dict[str, Any]] = {}  # number -> params, value, state, hash, seed
@@ -244,7 +244,7 @@ class _OptunaStrategy:
         return trials[-1].number + 1 if trials else 0
 
     def _enqueue_seeds(self, seeds: list[int]) -> None:
-        with _quiet():
+        with quiet_optuna():
             for i in seeds:
                 number = self._next_number()
                 self.study.enqueue_trial(self.seed_params[i])
@@ -268,7 +268,7 @@ class _OptunaStrategy:
         while self.loose_left and len(out) < n:  # seeds outside the space: proposed verbatim, never learnt from
             out.append(self.context.seeds[self.loose_seeds[len(self.loose_seeds) - self.loose_left]])
             self.loose_left -= 1
-        with _quiet():
+        with quiet_optuna():
             while len(out) < n:
                 out.append(self._ask_one())
         return out
@@ -294,7 +294,7 @@ class _OptunaStrategy:
         value = values if self.n_objectives > 1 else values[0]
         h = schedule.hash()
         numbers = self.pending.get(h)
-        with _quiet():
+        with quiet_optuna():
             if numbers:
                 number = numbers.pop(0)
                 if not numbers:
@@ -344,7 +344,7 @@ class _OptunaStrategy:
         records = {int(r["number"]): {"params": dict(r["params"]), "value": r["value"], "state": r["state"],
                                       "hash": r["hash"], "seed": r["seed"]} for r in state["trials"]}
         events = [[str(k), int(n)] for k, n in state["events"]]
-        with _quiet():
+        with quiet_optuna():
             if not (self.replay and self._replay(records, events)):
                 self._rebuild(records, [(int(n), int(i)) for n, i in state["waiting"]])
         self.trials = records

@@ -65,8 +65,34 @@ class Coord:
     unit: str = ""
 
 
+class CoordinateViews:
+    """Names, dimension, bounds and kinds of a space, derived from its ``coords`` (shared by every space)."""
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        """A name per coordinate, e.g. ``"t[3]"`` or ``"skip[3].<unit>"``."""
+        return tuple(c.name for c in self.coords)
+
+    @property
+    def dim(self) -> int:
+        """Length of the vector."""
+        return len(self.coords)
+
+    @cached_property
+    def bounds(self) -> np.ndarray:
+        """(dim, 2) float64 array of inclusive (low, high) per coordinate."""
+        b = np.array([(c.low, c.high) for c in self.coords], dtype=np.float64).reshape(len(self.coords), 2)
+        b.setflags(write=False)
+        return b
+
+    @cached_property
+    def kinds(self) -> tuple[str, ...]:
+        """Per coordinate: "real", "int", "cat" (an index into :meth:`choices`) or "bool"."""
+        return tuple(c.kind for c in self.coords)
+
+
 @dataclass(frozen=True)
-class ScheduleSpace:
+class ScheduleSpace(CoordinateViews):
     """The schedules with ``n_steps`` steps from ``t_start`` down to ``t_end``; see the module docstring.
 
     Args:
@@ -141,27 +167,6 @@ class ScheduleSpace:
         """Every coordinate of the vector, in order."""
         return tuple(_layout(self))
 
-    @cached_property
-    def names(self) -> tuple[str, ...]:
-        """A name per coordinate, e.g. ``"t[3]"`` or ``"skip[3].<unit>"``."""
-        return tuple(c.name for c in self.coords)
-
-    @property
-    def dim(self) -> int:
-        """Length of the vector."""
-        return len(self.coords)
-
-    @cached_property
-    def bounds(self) -> np.ndarray:
-        """(dim, 2) float64 array of inclusive (low, high) per coordinate."""
-        b = np.array([(c.low, c.high) for c in self.coords], dtype=np.float64).reshape(len(self.coords), 2)
-        b.setflags(write=False)
-        return b
-
-    @cached_property
-    def kinds(self) -> tuple[str, ...]:
-        """Per coordinate: "real", "int", "cat" (an index into :meth:`choices`) or "bool"."""
-        return tuple(c.kind for c in self.coords)
 
     def choices(self, family: str) -> tuple[str, ...]:
         """The values a categorical family's index selects from ("solver", "prediction", "corrector")."""
