@@ -366,6 +366,9 @@ def search_cmd(
                                          help="stage 2: latency limit as a fraction of the unpruned schedule's"),
     report_dir: Optional[Path] = typer.Option(None, "--report",
                                               help="also write a report (report.md and plots) to this folder"),
+    validate: int = typer.Option(512, "--validate", min=0,
+                                 help="choose among the finalists (best trials, refined grid) on a held-out "
+                                      "validation set of this many samples (0: keep the search-set best)"),
     ratios: Optional[str] = typer.Option(None, "--ratios",
                                          help="fit | cpr:FILE — score every candidate with DC-Solver ratios fitted for "
                                               "it (or predicted by a CPR file) instead of searching them"),
@@ -446,17 +449,34 @@ def search_cmd(
             from autotune.search.gradient import refine_times
 
             refined = refine_times(m, winner, evaluator.eval_set, reference, iterations=refine, seed=seed).schedule
-            scored = evaluator.evaluate(refined)
-            refined_value = scored["mse_ref"]
-            if "evaluated_schedule" in scored:  # --ratios: the refined grid with the ratios fitted for it
+            refined_metrics = evaluator.evaluate(refined)
+            refined_value = refined_metrics["mse_ref"]
+            if "evaluated_schedule" in refined_metrics:  # --ratios: the refined grid with the ratios fitted for it
                 from autotune.space.fileformat import loads as _loads
 
-                refined = _loads(scored["evaluated_schedule"])
+                refined = _loads(refined_metrics["evaluated_schedule"])
             console.print(f"gradient refinement of the time grid: search-set mse_ref "
                           f"{result.best_trial['mse_ref']:.4e} -> {refined_value:.4e}"
                           + ("" if refined_value < result.best_trial["mse_ref"] else " (kept the unrefined)"))
             if refined_value < result.best_trial["mse_ref"] and names == ("mse_ref",):
                 winner, winner_value = refined, refined_value
+        validation = None
+        if validate and names == ("mse_ref",):
+            from autotune.search.validate import finalists, pick_on_validation
+
+            held_out = Evaluator(m, "validation", size=validate, seed=seed, store=store)
+            extra = [("refined", refined)] if refine else []
+            chosen, scored = pick_on_validation(held_out, finalists(result.trials, extra + [("best", result.best)]))
+            table = Table("finalist", "search mse_ref", "validation mse_ref", "median",
+                          title=f"finalists on the held-out validation set ({held_out.eval_set.id})")
+            for f in scored:
+                table.add_row(f.label + (" (chosen)" if f is chosen else ""),
+                              f"{evaluator.evaluate(f.schedule)['mse_ref']:.4e}", f"{f.validation['mse_ref']:.4e}",
+                              f"{f.validation.get('mse_ref_median', float('nan')):.4e}")
+            console.print(table)
+            winner, winner_value = chosen.schedule, evaluator.evaluate(chosen.schedule)["mse_ref"]
+            validation = {"set": held_out.eval_set.id, "chosen": chosen.label, "mse_ref": chosen.validation["mse_ref"],
+                          "finalists": {f.label: f.validation["mse_ref"] for f in scored}}
         if stage2_budget:
             from autotune.search.skip_stage import run_stage2
 
@@ -472,6 +492,7 @@ def search_cmd(
         "search_mse_ref": result.best_trial.get("mse_ref"), "refine_steps": refine,
         "true_evaluations": result.true_evaluations, "cache_hits": result.cache_hits,
         "seconds": round(result.seconds, 2), "seed": seed, "eval_set": evaluator.eval_set.id,
+        **({"validation": validation} if validation else {}),
         **({"stage2": _stage2_meta(stage2)} if stage2 else {})})
     save(best, out)
     console.print(f"wrote {out}: best search-set {first} {winner_value:.4e} after {result.true_evaluations} "

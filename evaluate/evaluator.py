@@ -25,7 +25,7 @@ class Evaluator:
 
     Args:
         model: the Denoiser.
-        kind: "search" or "report" evaluation set.
+        kind: "search", "validation" or "report" evaluation set.
         size, seed: of the evaluation set (0: the kind's default size).
         store: an ``autotune.cache`` Store, or None to keep everything in memory only.
         ref_steps: steps of the reference solver.

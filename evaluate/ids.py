@@ -10,7 +10,7 @@ from pathlib import Path
 
 REF_VERSION = "ref2"  # bump when the reference solver changes
 METRIC_VERSION = "m3"  # m2: model data metrics (fd, class_acc, nll, swd); m3: mse_ref_median
-DEFAULT_SIZE = {"search": 128, "report": 256}  # evaluation-set sizes, fit for a 2-core CPU on `digits`
+DEFAULT_SIZE = {"search": 128, "report": 256, "validation": 512}  # set sizes, fit for a 2-core CPU on `digits`
 DEFAULT_REF_STEPS = 100
 
 

@@ -1,8 +1,9 @@
-"""Evaluation sets: named, seeded initial noises (and class labels), in two disjoint kinds.
+"""Evaluation sets: named, seeded initial noises (and class labels), in three disjoint kinds.
 
-The *search* set is what searches may see; the *report* set is only for final reports, so a searched
-schedule is never graded on the noise it was tuned on. The two kinds draw from different generator
-streams of the same base seed, and the set id names kind, seed, size and shape.
+The *search* set is what searches may see; the *validation* set is held out from the search and used only
+to choose among its finalists (e.g. whether a refined grid generalises); the *report* set is only for final
+reports, so a searched schedule is never graded on the noise it was tuned or chosen on. The kinds draw from
+different generator streams of the same base seed, and the set id names kind, seed, size and shape.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from autotune.errors import AutotuneError
 from autotune.evaluate.ids import DEFAULT_SIZE, eval_set_id
 
-KINDS = ("search", "report")
+KINDS = ("search", "report", "validation")  # the index is part of the generator seed: append only
 
 
 @dataclass(frozen=True)

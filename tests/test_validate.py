@@ -1,0 +1,53 @@
+"""Finalists chosen on the held-out validation set (search/validate.py, `autotune search --validate`)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from autotune.cli import app
+from autotune.evaluate.sets import EvalSet
+from autotune.sampling.named import build
+from autotune.sampling.noise import VPLinear
+from autotune.search.validate import finalists, pick_on_validation
+from autotune.space.fileformat import dumps
+
+
+def test_validation_noise_is_disjoint_from_search_and_report():
+    sets = {kind: EvalSet(kind, (2,), size=64, seed=0).noise() for kind in ("search", "validation", "report")}
+    for a in sets:
+        for b in sets:
+            if a != b:
+                assert not torch.isclose(sets[a][:, None], sets[b][None]).all(-1).any()
+
+
+def test_finalists_put_extras_first_then_best_distinct_trials():
+    ns = VPLinear()
+    a, b, c = (build(n, ns, 5) for n in ("ddim", "dpmsolver++2m", "unipc-bh2-o2"))
+    trials = [{"number": 0, "value": 3.0, "schedule": dumps(a)}, {"number": 1, "value": 1.0, "schedule": dumps(b)},
+              {"number": 2, "value": 1.0, "schedule": dumps(b)}, {"number": 3, "value": float("inf"),
+                                                                  "schedule": dumps(c)}]
+    out = finalists(trials, extra=[("refined", c)], top=3)
+    assert [label for label, _ in out] == ["refined", "trial 1", "trial 0"]  # inf dropped, repeat of b dropped
+    assert finalists(trials, top=1)[0][1].hash() == b.hash()
+
+
+def test_pick_on_validation_takes_the_lowest_validation_error():
+    class Fake:
+        def evaluate(self, s):
+            return {"mse_ref": {"x": 2.0, "y": 0.5, "z": 1.0}[s]}
+
+    best, scored = pick_on_validation(Fake(), [("a", "x"), ("b", "y"), ("c", "z")])
+    assert best.label == "b" and [f.validation["mse_ref"] for f in scored] == [2.0, 0.5, 1.0]
+
+
+def test_search_records_the_validation_choice(tmp_path):
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(app, ["search", "--model", "gmm2d", "--nfe", "4", "--budget", "8", "--workers", "0",
+                                 "--refine", "3", "--validate", "64", "--no-cache", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    v = json.loads(out.read_text())["metadata"]["validation"]
+    assert v["set"].startswith("validation-s0-n64") and "refined" in v["finalists"]
+    assert v["mse_ref"] == min(v["finalists"].values()) == v["finalists"][v["chosen"]]
