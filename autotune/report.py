@@ -407,6 +407,11 @@ def write_search_report(
             md.append(_table(["trial", "schedule hash", *objectives], rows) + "\n")
         else:
             md.append("## Pareto front\n\nThe trials carry no `objectives`; no front to show.\n")
+    return _finish(out_dir, md, images)
+
+
+def _finish(out_dir: Path, md: list[str], images: Mapping[str, Any] | None) -> Path:
+    """Append the sample grids (if any) and write ``report.md``."""
     if images:
         plot_samples(images, out_dir / "samples.png")
         md.append("## Samples from the same noise\n")
@@ -440,13 +445,7 @@ def write_compare_report(out_dir: Path, *, rows: list[dict], schedules: Sequence
                       + "\n")
         md.append(_img(file, f"time grid of {name}"))
         md.append(schedule_table(s))
-    if images:
-        plot_samples(images, out_dir / "samples.png")
-        md.append("## Samples from the same noise\n")
-        md.append(_img("samples.png", "sample grids"))
-    path = out_dir / "report.md"
-    path.write_text("\n".join(md))
-    return path
+    return _finish(out_dir, md, images)
 
 
 # ----------------------------------------------------------------------------------------------- gathering

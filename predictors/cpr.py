@@ -178,12 +178,9 @@ def dumps(cpr: CPR) -> str:
 
 def save_cpr(cpr: CPR, path: str | Path) -> Path:
     """Write a CPR file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(cpr))
-    tmp.replace(path)
-    return path
+    from autotune.space.fileformat import write_atomically
+
+    return write_atomically(path, dumps(cpr))
 
 
 def _number(x: Any) -> bool:

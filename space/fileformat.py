@@ -51,14 +51,19 @@ def dumps(s: Schedule) -> str:
     return json.dumps(to_dict(s), indent=2, allow_nan=False) + "\n"
 
 
-def save(s: Schedule, path: str | Path) -> Path:
-    """Write a schedule file atomically (a crash never leaves half a file)."""
+def write_atomically(path: str | Path, text: str) -> Path:
+    """Write a text file so that a crash never leaves half of it (write beside, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(s))
+    tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def save(s: Schedule, path: str | Path) -> Path:
+    """Write a schedule file atomically."""
+    return write_atomically(path, dumps(s))
 
 
 def _reject_constant(name: str) -> float:
