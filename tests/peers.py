@@ -87,3 +87,18 @@ def run_peer(name: str, unet, scheduler_config: dict, noise: torch.Tensor, nfe: 
             out = unet(sched.scale_model_input(x, t), t).sample
             x = sched.step(out, t, x).prev_sample
     return x
+
+
+def record_prev_samples(scheduler) -> list[torch.Tensor]:
+    """Wrap ``scheduler.step`` to keep every ``prev_sample``: the state a pipeline holds before its [0, 1] map
+    and clamp, which is what `autotune sample` returns."""
+    states: list[torch.Tensor] = []
+    step = scheduler.step
+
+    def recording(*args, **kwargs):
+        out = step(*args, **kwargs)
+        states.append(out.prev_sample)
+        return out
+
+    scheduler.step = recording
+    return states

@@ -16,6 +16,7 @@ from autotune.models.diffusers_dir import read_scheduler_config  # noqa: E402
 from autotune.sampling.named import build  # noqa: E402
 from autotune.space.fileformat import save  # noqa: E402
 from autotune.space.schedule import Schedule, Step  # noqa: E402
+from peers import record_prev_samples  # noqa: E402
 
 TOL = 1e-4
 BATCH = 4
@@ -70,15 +71,7 @@ def test_ddpm_pipeline_equals_autotune_sample(pipeline_dirs, tmp_path, predictio
     for i, schedule in enumerate(_schedules(noise_schedule)):
         path = save(schedule, tmp_path / f"{schedule.name}.json")
         pipe = _ddpm_pipeline(model_dir, path)
-        finals = []
-        step = pipe.scheduler.step
-
-        def recording(*args, **kwargs):
-            out = step(*args, **kwargs)
-            finals.append(out.prev_sample)
-            return out
-
-        pipe.scheduler.step = recording  # the state the pipeline holds after the last step, before its [0, 1] map
+        finals = record_prev_samples(pipe.scheduler)
         seed = 10 + i
         with torch.no_grad():
             images = pipe(batch_size=BATCH, generator=torch.Generator().manual_seed(seed),

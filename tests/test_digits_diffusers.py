@@ -23,6 +23,7 @@ from autotune.models.digits_diffusers import DigitsUNet2DModel  # noqa: E402
 from autotune.sampling.named import build  # noqa: E402
 from autotune.space.fileformat import save  # noqa: E402
 from autotune.space.schedule import Schedule, Step  # noqa: E402
+from peers import record_prev_samples  # noqa: E402
 
 TOL = 1e-4
 BATCH = 3
@@ -114,15 +115,7 @@ def test_ddpm_pipeline_equals_autotune_sample(exported, builtin, tmp_path):
     for i, schedule in enumerate(_schedules(builtin.noise)):
         path = save(schedule, tmp_path / f"{schedule.name}.json")
         pipe.scheduler = AutotuneScheduler.from_schedule(path, pipe.scheduler.config)
-        finals = []
-        step = pipe.scheduler.step
-
-        def recording(*args, **kwargs):
-            out = step(*args, **kwargs)
-            finals.append(out.prev_sample)
-            return out
-
-        pipe.scheduler.step = recording  # the state before the pipeline's [0, 1] map and clamp
+        finals = record_prev_samples(pipe.scheduler)
         seed = 20 + i
         with torch.no_grad():
             images = pipe(batch_size=BATCH, generator=torch.Generator().manual_seed(seed),
