@@ -6,14 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from autotune.cli_common import one_line_errors
+from autotune.cli_common import console, one_line_errors
 
 cache_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Inspect, clear or export the evaluation cache.")
-console = Console()
 
 CACHE_HELP = ("cache: a SQLite file path or a SQLAlchemy URL (postgresql://user@host/db); default "
               "$AUTOTUNE_CACHE or ~/.cache/autotune/cache.sqlite")

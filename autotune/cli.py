@@ -7,14 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from autotune.cli_common import err_console, one_line_errors
+from autotune.cli_common import CACHE_HELP, console, err_console, one_line_errors, open_store_option
 from autotune.errors import AutotuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search, fit and compile sampling schedules.")
-console = Console()
 
 
 DTYPES = ("float32", "float64")
@@ -182,14 +180,6 @@ def sample_cmd(
         console.print(f"wrote {png}")
 
 
-def _open_store(cache: Optional[str], no_cache: bool):
-    if no_cache:
-        return None
-    from autotune.cache.store import open_store
-
-    return open_store(cache)
-
-
 def _cached_eval(store, model: str, sched, kind: str, size: int):
     """(metrics, eval-set id) of a stored evaluation, found through the model memo, or None."""
     from autotune.cache.store import EvalKey
@@ -218,9 +208,6 @@ def _parse_nfes(text: str) -> list[int]:
     return values
 
 
-CACHE_HELP = "cache file or SQLAlchemy URL (default: the per-user cache; see `autotune cache stats`)"
-
-
 @app.command("eval")
 @_one_line_errors
 def eval_cmd(
@@ -237,7 +224,7 @@ def eval_cmd(
     from autotune.space.fileformat import load
 
     sched = load(schedule)
-    store = _open_store(cache, no_cache)
+    store = open_store_option(cache, no_cache)
     found = _cached_eval(store, model, sched, eval_set, size) if store is not None else None
     if found is not None:  # answered from the cache without importing torch or loading the model
         metrics, set_id = found
@@ -294,7 +281,7 @@ def compare_cmd(
         s.check_units(m.units)
     names = list(NAMED) if baselines == "all" else [] if baselines == "none" else [
         b.strip() for b in baselines.split(",") if b.strip()]
-    evaluator = Evaluator(m, eval_set, size=size, store=_open_store(cache, no_cache))
+    evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache))
     evaluator.model_spec = model
     rows: list[dict] = []
     for name in names:
@@ -403,7 +390,7 @@ def search_cmd(
     m = load_model(model)
     if stage2_budget and not m.units:
         raise AutotuneError(f"--stage2-budget: {model} has no prunable units to skip")
-    store = _open_store(cache, no_cache)
+    store = open_store_option(cache, no_cache)
     evaluator = Evaluator(m, "search", size=set_size, seed=seed, store=store)
     if ratios is not None:
         from autotune.search.dc_fit import attach_ratio_source

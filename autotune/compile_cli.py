@@ -6,13 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from autotune.cli_common import one_line_errors
+from autotune.cli_common import console, one_line_errors
 from autotune.errors import AutotuneError
-
-console = Console()
 
 
 def _csv(text: str, what: str) -> list[str]:

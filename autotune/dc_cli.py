@@ -7,27 +7,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from autotune.cli_common import one_line_errors
+from autotune.cli_common import console, one_line_errors, open_store_option
 from autotune.errors import AutotuneError
 
-console = Console()
 dc_app = typer.Typer(add_completion=False, no_args_is_help=True,
                      help="DC-Solver: fit a schedule's compensation ratios to the reference trajectory.")
 cpr_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Cascade polynomial regression: predict DC ratios for unseen NFE and guidance.")
 
 CACHE_HELP = "cache file or SQLAlchemy URL for references and fits (default: the per-user cache)"
-
-
-def _store(cache: Optional[str], no_cache: bool):
-    if no_cache:
-        return None
-    from autotune.cache.store import open_store
-
-    return open_store(cache)
 
 
 def _settings(datapoints: int, iterations: int, lr: float, method: str):
@@ -103,7 +93,7 @@ def dc_fit_cmd(
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
     m = load_model(model)
-    evaluator = Evaluator(m, "search", size=datapoints, store=_store(cache, no_cache))
+    evaluator = Evaluator(m, "search", size=datapoints, store=open_store_option(cache, no_cache))
     reference = evaluator.reference(sched.guidance)
     fit = fit_ratios(m, sched, evaluator.eval_set, reference, settings)
     fitted = dataclasses.replace(fit.schedule, metadata={
@@ -149,7 +139,8 @@ def cpr_fit_cmd(
     m = load_model(model)
     table = Table("NFE", "guidance", "ratios", "loss before", "loss after", "seconds")
     start = time.perf_counter()
-    fits = fit_grid(m, solver, nfes, guidances, settings, store=_store(cache, no_cache), callback=lambda f: table.add_row(
+    store = open_store_option(cache, no_cache)
+    fits = fit_grid(m, solver, nfes, guidances, settings, store=store, callback=lambda f: table.add_row(
         str(f.nfe), str(f.guidance), _ratios_text(f.fit.ratios), f"{f.fit.loss_before:.3e}",
         f"{f.fit.loss_after:.3e}", f"{f.fit.seconds:.1f}"))
     cpr = regress_grid(fits, m.fingerprint(), solver, degs, settings)

@@ -6,15 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from autotune.cli_common import one_line_errors
+from autotune.cli_common import CACHE_HELP, console, one_line_errors
 from autotune.errors import AutotuneError
 
-console = Console()
 report_app = typer.Typer(no_args_is_help=True, help="Markdown + PNG reports of a search or a comparison.")
 
-CACHE_HELP = "cache file or SQLAlchemy URL (default: the per-user cache; see `autotune cache stats`)"
 DEFAULT_NFES = (4, 5, 6, 8, 10)
 
 
