@@ -130,7 +130,7 @@ def default_cache_path() -> str:
     return os.path.join(base, "autotune", "cache.sqlite")
 
 
-def _short(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """One line from a driver / SQLAlchemy exception, without SQLAlchemy's background links."""
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip() or type(orig).__name__
@@ -201,7 +201,7 @@ class Store:
                     kwargs["connect_args"] = {"connect_timeout": 10}
             engine = create_engine(parsed, **kwargs)
         except Exception as e:  # ArgumentError, NoSuchModuleError, a missing driver (ImportError)
-            raise CacheError(f"cannot open cache {display}: {_short(e)}") from None
+            raise CacheError(f"cannot open cache {display}: {one_line(e)}") from None
         self.backend = engine.dialect.name
         if self.backend == "sqlite":
             @event.listens_for(engine, "connect")
@@ -266,7 +266,7 @@ class Store:
         try:
             yield
         except SQLAlchemyError as e:
-            raise CacheError(f"cache {self.display}: {what} failed: {_short(e)}") from None
+            raise CacheError(f"cache {self.display}: {what} failed: {one_line(e)}") from None
 
     @contextlib.contextmanager
     def _read(self, what: str):
@@ -302,7 +302,7 @@ class Store:
                     version = conn.execute(version_q).scalar()
         except SQLAlchemyError as e:
             self._engine.dispose()
-            raise CacheError(f"cannot open cache {self.display}: {_short(e)}") from None
+            raise CacheError(f"cannot open cache {self.display}: {one_line(e)}") from None
         if int(version) > SCHEMA_VERSION:
             self._engine.dispose()
             raise CacheError(f"cache {self.display} has schema version {version}; this autotune reads up to "
@@ -612,7 +612,7 @@ def open_store(url_or_path: str | os.PathLike | None = None) -> Store:
         try:
             url = make_url(target)
         except Exception as e:
-            raise CacheError(f"cannot open cache {target}: {_short(e)}") from None
+            raise CacheError(f"cannot open cache {target}: {one_line(e)}") from None
         display = url.render_as_string(hide_password=True)
         if url.drivername == "postgresql":  # the bare name means psycopg2; fall back to psycopg 3
             import importlib.util

@@ -12,21 +12,31 @@ PostgreSQL URL of a shared cache) shows every search. One Optuna trial per searc
   a diverged schedule is a FAIL trial.
 * user attributes: trial_number (the search's), schedule_hash, nfe, method, cached, schedule (its JSON).
 
-Recording is idempotent by trial number, so a resumed search adds only the trials the study lacks. A search
-without a cache (``--no-cache``) records into Optuna's in-memory storage, i.e. nothing is kept. On SQLite
-the study's transactions take the write lock up front (as the cache's do), so Ray workers writing
-evaluations at the same time queue instead of failing.
+Recording is idempotent by trial number, so a resumed search adds only the trials the study lacks, and two
+copies of the same search running at once add each trial once. A search without a cache (``--no-cache``)
+records into Optuna's in-memory storage, i.e. nothing is kept. On SQLite the study's transactions take the
+write lock up front (as the cache's do), so Ray workers writing evaluations at the same time queue instead
+of failing.
+
+Processes sharing a database take one lock (:func:`interprocess_lock`) around what Optuna does in several
+transactions: creating its tables and stamping their alembic version on a new database (checked, then done:
+two processes at once both try), and checking that a trial number is missing before adding it. Any database
+error becomes one :class:`~autotune.cache.store.CacheError` line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
-from typing import Any, Mapping, Sequence
+import os
+from typing import Any, Iterator, Mapping, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from autotune.cache.store import CacheError, one_line
 from autotune.search.optuna_space import quiet_optuna
 from autotune.search.pareto import direction
 from autotune.space.encoding import ScheduleSpace
@@ -40,9 +50,16 @@ def study_name(search_id: str) -> str:
     return f"autotune-{search_id}"
 
 
+def _in_memory(url: str | None) -> bool:
+    return url is None or url in ("sqlite://", "sqlite:///:memory:")
+
+
 def storage_for(url: str | None) -> optuna.storages.BaseStorage:
-    """Optuna's RDB storage on the cache's SQLAlchemy URL, or in-memory storage (no URL, or in-memory SQLite)."""
-    if url is None or url in ("sqlite://", "sqlite:///:memory:"):
+    """Optuna's RDB storage on the cache's SQLAlchemy URL, or in-memory storage (no URL, or in-memory SQLite).
+
+    Creating it on a new database creates Optuna's tables: the caller holds :func:`interprocess_lock`.
+    """
+    if _in_memory(url):
         return optuna.storages.InMemoryStorage()
     sqlite = url.startswith("sqlite")
     kwargs = {"connect_args": {"timeout": _BUSY_TIMEOUT_S}} if sqlite else {"pool_pre_ping": True}
@@ -51,6 +68,50 @@ def storage_for(url: str | None) -> optuna.storages.BaseStorage:
     if sqlite:
         _write_lock_up_front(storage.engine)
     return storage
+
+
+_PG_STUDY_LOCK = int.from_bytes(hashlib.sha256(b"autotune optuna studies").digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def interprocess_lock(url: str | None) -> Iterator[None]:
+    """Held by one process at a time among those using the database at ``url``.
+
+    SQLite: ``flock`` on ``<database file>.lock`` beside it (a lock inside the database itself would also
+    block Optuna's own writes while held). PostgreSQL: a session advisory lock on a connection of its own.
+    In-memory storage lives in one process and needs none.
+    """
+    if _in_memory(url):
+        yield
+        return
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        import fcntl
+
+        fd = os.open(f"{parsed.database}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(parsed, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_STUDY_LOCK})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_STUDY_LOCK})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def _write_lock_up_front(engine: Any) -> None:
@@ -110,21 +171,41 @@ class StudyRecorder:
         space: the search space (for the params).
         objectives: objective names (the study's values, in order).
         attrs: study user attributes (model, method, NFE, ...), set when the study is created.
+
+    Raises:
+        CacheError: one line, when the database cannot be read or written (e.g. a corrupted file).
     """
 
     def __init__(self, url: str | None, search_id: str, space: Any, objectives: Sequence[str],
                  attrs: Mapping[str, Any] | None = None) -> None:
+        self.url = url
         self.space = space
         self.objectives = tuple(objectives)
         self.name = study_name(search_id)
-        self.storage = storage_for(url)
-        with quiet_optuna():
+        with self._database("opening the study"), interprocess_lock(url), quiet_optuna():
+            self.storage = storage_for(url)
             self.study = optuna.create_study(storage=self.storage, study_name=self.name, load_if_exists=True,
                                              directions=[direction(o) for o in self.objectives])
             if list(self.study.user_attrs) == []:
                 for k, v in {"objectives": list(self.objectives), **dict(attrs or {})}.items():
                     self.study.set_user_attr(k, v)
-            self.recorded = {t.user_attrs.get("trial_number") for t in self.study.get_trials(deepcopy=False)}
+        self.recorded: set[int] = set()
+
+    @contextlib.contextmanager
+    def _database(self, what: str) -> Iterator[None]:
+        """Database errors (Optuna's storage runs on SQLAlchemy) as one CacheError line."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            yield
+        except SQLAlchemyError as e:
+            where = "in memory" if _in_memory(self.url) else f"in {_display(self.url)}"
+            raise CacheError(f"Optuna study {self.name} {where}: {what} failed: {one_line(e)}") from None
+
+    def _refresh(self) -> None:
+        """Trial numbers in the study, including those another process (a copy of this search) added.
+        The study's storage reads only trials added since the last call."""
+        self.recorded |= {t.user_attrs.get("trial_number") for t in self.study.get_trials(deepcopy=False)}
 
     def record(self, trial: Mapping[str, Any], schedule: Schedule) -> None:
         """Add one search trial (a runner trial dict: number, hash, objectives, ...) unless it is there."""
@@ -137,8 +218,19 @@ class StudyRecorder:
         params, dists = schedule_params(self.space, schedule)
         attrs = {"trial_number": number, "schedule_hash": trial["hash"], "nfe": trial.get("nfe"),
                  "method": trial.get("method"), "cached": bool(trial.get("cached")), "schedule": trial["schedule"]}
-        with quiet_optuna():
+        # checked and added under the lock: a copy of this search may be adding the same number right now
+        with self._database(f"recording trial {number}"), interprocess_lock(self.url), quiet_optuna():
+            self._refresh()
+            if number in self.recorded:
+                return
             self.study.add_trial(create_trial(
                 state=TrialState.FAIL if failed else TrialState.COMPLETE, values=None if failed else values,
                 params=params, distributions=dists, user_attrs=attrs))
         self.recorded.add(number)
+
+
+def _display(url: str | None) -> str:
+    """The URL without its password (as the cache names itself in messages)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
