@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from autotune.cli_common import console, one_line_errors
 
@@ -39,11 +38,9 @@ def stats_cmd(cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HE
     with open_store(cache) as store:
         st = store.stats()
     console.print(f"{st['cache']} ({st['backend']}, schema {st['schema_version']})", highlight=False, soft_wrap=True)
-    table = Table("table", "rows")
-    for name, n in st["rows"].items():
-        table.add_row(name, f"{n:,}")
-    table.add_row("size on disk", _size(st["size_bytes"]))
-    console.print(table)
+    from autotune.tables import cache_stats_table
+
+    console.print(cache_stats_table(st["rows"], _size(st["size_bytes"])))
 
 
 @cache_app.command("clear")

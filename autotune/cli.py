@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from autotune.cli_common import CACHE_HELP, console, err_console, one_line_errors, open_store_option
 from autotune.errors import AutotuneError
@@ -37,19 +36,18 @@ def models_cmd(
     """List the built-in models (or describe one model) with parameterisation, noise schedule and size."""
     from autotune.models.registry import BUILTIN, builtin_names, describe, load_model
 
-    table = Table("model", "parameterisation", "noise schedule", "parameters", "sample shape", "units", "about")
+    from autotune.tables import model_notes, models_table
+
     names = [model] if model else builtin_names()
-    for name in names:
-        info = describe(load_model(name))
-        about = BUILTIN[name].description if name in BUILTIN else "diffusers pipeline directory"
-        table.add_row(
-            name, str(info["parameterization"]), str(info["noise"]), f"{info['parameters']:,}",
-            "x".join(map(str, info["sample_shape"])), str(info["units"]), about,
-        )
+    infos = [{**describe(load_model(name)), "name": name,
+              "about": BUILTIN[name].description if name in BUILTIN else "diffusers pipeline directory"}
+             for name in names]
     if not names:
         console.print("no built-in models installed; pass a diffusers pipeline directory as --model")
         return
-    console.print(table)
+    console.print(models_table(infos))
+    for line in model_notes(infos):
+        console.print(line, highlight=False)
 
 
 @app.command("baseline")
@@ -220,7 +218,7 @@ def eval_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the cache"),
 ) -> None:
     """Score a schedule file on MODEL: mse_ref against the reference ODE solution, trajectory error, NFE, time."""
-    from autotune.evaluate.ids import metrics_json
+    from autotune.evaluate.ids import PER_SAMPLE, metrics_json
     from autotune.space.fileformat import load
 
     sched = load(schedule)
@@ -238,16 +236,12 @@ def eval_cmd(
         evaluator.model_spec = model
         metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
     if as_json:
-        console.print_json(metrics_json({**metrics, "eval_set": set_id}))
+        shown = {k: v for k, v in metrics.items() if k != PER_SAMPLE}  # a payload for paired comparisons
+        console.print_json(metrics_json({**shown, "eval_set": set_id}))
         return
-    table = Table("metric", "value", title=f"{sched.name or schedule.name} on {model} ({set_id})")
-    for key in ("mse_ref", "traj_err", "nfe", "diverged", "diverged_at", "seconds", "cached"):
-        value = metrics.get(key)
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    for key, value in metrics.items():
-        if key not in ("mse_ref", "traj_err", "nfe", "diverged", "diverged_at", "seconds", "cached", "schedule_hash"):
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)
+    from autotune.tables import metrics_table
+
+    console.print(metrics_table(metrics, f"{sched.name or schedule.name} on {model} ({set_id})"))
 
 
 @app.command("compare")
@@ -292,27 +286,16 @@ def compare_cmd(
             rows.append({"schedule": name, "file": "", **evaluator.evaluate(s)})
     for path, s in zip(schedules, given):
         rows.append({"schedule": s.name or path.stem, "file": str(path), **evaluator.evaluate(s)})
-    columns = sorted({r["nfe"] for r in rows})
-    from rich.table import Column
+    from autotune.evaluate.metrics import ERROR_FIGURES
+    from autotune.tables import compare_tables, data_metric_names
 
-    table = Table(Column("schedule", no_wrap=True), *[Column(f"NFE {c}", no_wrap=True) for c in columns],
-                  title=f"mse_ref on {model}, {evaluator.eval_set.id} (lower is better; * best per NFE)")
-    best = {c: min((r["mse_ref"] for r in rows if r["nfe"] == c), default=None) for c in columns}
-    for label in dict.fromkeys(r["schedule"] for r in rows):
-        cells = []
-        for c in columns:
-            hits = [r for r in rows if r["schedule"] == label and r["nfe"] == c]
-            if not hits:
-                cells.append("")
-                continue
-            v = hits[0]["mse_ref"]
-            cells.append(("diverged" if hits[0]["diverged"] else f"{v:.3e}") + (" *" if v == best[c] else ""))
-        table.add_row(label, *cells)
-    console.print(table)
+    shown = [{**r, "name": r["schedule"]} for r in rows]
+    for table in compare_tables(shown, names, f"{model}, {evaluator.eval_set.id}"):
+        console.print(table)
     out = out or Path(f"compare-{Path(model).name}")
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["schedule", "file", "nfe", "mse_ref", "traj_err", "diverged", "diverged_at", "seconds", "cached",
-            "schedule_hash"]
+    keys = ["schedule", "file", "nfe", *ERROR_FIGURES, *data_metric_names(rows), "traj_err", "diverged",
+            "diverged_at", "seconds", "cached", "schedule_hash"]
     with open(out / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -454,13 +437,10 @@ def search_cmd(
             held_out = Evaluator(m, "validation", size=validate, seed=seed, store=store)
             extra = [("refined", refined)] if refine else []
             chosen, scored = pick_on_validation(held_out, finalists(result.trials, extra + [("best", result.best)]))
-            table = Table("finalist", "search mse_ref", "validation mse_ref", "median",
-                          title=f"finalists on the held-out validation set ({held_out.eval_set.id})")
-            for f in scored:
-                table.add_row(f.label + (" (chosen)" if f is chosen else ""),
-                              f"{evaluator.evaluate(f.schedule)['mse_ref']:.4e}", f"{f.validation['mse_ref']:.4e}",
-                              f"{f.validation.get('mse_ref_median', float('nan')):.4e}")
-            console.print(table)
+            from autotune.tables import finalists_table
+
+            console.print(finalists_table(scored, chosen, [evaluator.evaluate(f.schedule)["mse_ref"] for f in scored],
+                                          held_out.eval_set.id))
             winner, winner_value = chosen.schedule, evaluator.evaluate(chosen.schedule)["mse_ref"]
             validation = {"set": held_out.eval_set.id, "chosen": chosen.label, "mse_ref": chosen.validation["mse_ref"],
                           "finalists": {f.label: f.validation["mse_ref"] for f in scored}}
@@ -499,10 +479,9 @@ def search_cmd(
 
         front_path.write_text(json.dumps([{"schedule": to_dict(loads(t["schedule"])), "objectives": t["objectives"]}
                                           for t in result.front], indent=1, default=str))
-        table = Table("#", *names, "hash", title=f"Pareto front on the search set ({len(result.front)} schedules)")
-        for i, t in enumerate(result.front):
-            table.add_row(str(i), *[f"{t['objectives'][o]:.4g}" for o in names], t["hash"])
-        console.print(table)
+        from autotune.tables import pareto_table
+
+        console.print(pareto_table(result.front, names))
         console.print(f"wrote {front_path}")
     if store is not None:
         console.print(f"Optuna study {study_name(sid)}: optuna-dashboard {url}")
@@ -513,15 +492,11 @@ def search_cmd(
     if stage2 and stage2.result is not None:  # the stage-1 schedule too, to show what the skips cost
         ours.append((f"{best.name}-unpruned", dataclasses.replace(result.best, name=f"{best.name}-unpruned")))
     rows = [(n, report.evaluate(s)) for n, s in ours] + [(s.name, report.evaluate(s)) for s in peers]
-    table = Table("schedule", "report mse_ref", "vs best named", "median per sample",
-                  title=f"report set ({report.eval_set.id}), NFE {best.nfe}")
-    best_named = min(r["mse_ref"] for n, r in rows[len(ours):])
-    for name, r in rows:
-        ratio = r["mse_ref"] / best_named
-        versus = f"{ratio:.2f}x" if name not in dict(ours) else (
-            f"{1 / ratio:.2f}x better" if ratio < 1 else f"{ratio:.2f}x worse")
-        table.add_row(name, f"{r['mse_ref']:.4e}", versus, f"{r.get('mse_ref_median', float('nan')):.4e}")
-    console.print(table)
+    from autotune.tables import report_tables
+
+    shown = [{**r, "name": n} for n, r in rows]
+    for table in report_tables(shown, shown[len(ours):], f"report set {report.eval_set.id}, NFE {best.nfe}"):
+        console.print(table)
     if report_dir is not None:
         from autotune.report import is_image_model, sample_images, write_search_report
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from autotune.cli_common import console, one_line_errors
 from autotune.errors import AutotuneError
@@ -90,15 +89,9 @@ def bench_cmd(
     m, sched = _model_and_schedule(model, schedule, None)
     rows = bench(m, sched, ways, sizes, repeats=repeats, threads=threads)
     rel = ratios(rows)
-    table = Table(title=f"{model}, schedule {sched.hash()}, NFE {sched.nfe}, {threads} thread(s)")
-    for col in ("way", "batch", "ms", "x faster than eager", "/ (NFE x bare)"):
-        table.add_column(col)
-    for r in rows:
-        e = rel[(r.way, r.batch)]
-        table.add_row(r.way, str(r.batch), f"{1e3 * r.seconds:.2f}",
-                      f"{e['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in e else "",
-                      f"{e['vs_bare']:.2f}" if "vs_bare" in e else "")
-    console.print(table)
+    from autotune.tables import bench_table
+
+    console.print(bench_table(rows, rel, f"{model}, schedule {sched.hash()}, NFE {sched.nfe}, {threads} thread(s)"))
     for way, note in dict((r.way, r.note) for r in rows if r.note).items():
         console.print(f"{way}: {note}", highlight=False)
 

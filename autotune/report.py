@@ -32,6 +32,7 @@ import numpy as np
 
 from autotune.errors import AutotuneError
 from autotune.space.schedule import Schedule
+from autotune.tables import DATA_METRICS, best_row, data_metric_names, mean_interval_text, sci, versus
 
 SOLVER_MARKERS = {"dpm": "o", "unip-bh1": "s", "unip-bh2": "D", "ipndm": "^"}
 ORDER_COLOURS = {1: "#4477aa", 2: "#228833", 3: "#ee7733", 4: "#aa3377"}
@@ -290,6 +291,45 @@ def nfe_table(rows: Sequence[Mapping[str, Any]], metric: str = "mse_ref") -> str
     return _table(["schedule"] + [f"NFE {n}" for n in nfes], out)
 
 
+def versus_sentence(ours: Mapping[str, Any], best_named: Mapping[str, Any]) -> str:
+    """The report's one-line verdict, in the convention of :func:`autotune.tables.versus`."""
+    v = versus(ours, best_named)
+    ci = v.interval_text()
+    return (f"{ours['name']}: mse_ref {sci(ours.get('mse_ref'))} (95% CI "
+            f"{mean_interval_text(ours)}); the best named schedule, "
+            f"{best_named['name']}, {sci(best_named.get('mse_ref'))}: **{v.text()}**"
+            + (f" (paired bootstrap 95% CI of the ratio {ci})" if ci != "-" else "")
+            + ". Ratio = best named mean / this mean: > 1 means lower error.\n")
+
+
+def figures_table(rows: Sequence[Mapping[str, Any]], best_named: Mapping[str, Any] | None) -> str:
+    """Every schedule at one NFE, best first: mean with its bootstrap 95 % interval, median, p99, the
+    tail mean, the model's distribution metrics and :func:`autotune.tables.versus` the best named schedule."""
+    extra = data_metric_names(rows)
+    header = ["schedule", "NFE", "mean", "95% CI", "median", "p99", "worst 5% mean",
+              *[DATA_METRICS[k] for k in extra]]
+    if best_named is not None:
+        header += [f"vs best named ({best_named['name']})", "95% CI of ratio"]
+    out = []
+    for r in sorted(rows, key=lambda r: float(r.get("mse_ref", math.inf))):
+        cells = [r["name"], r["nfe"], sci(r.get("mse_ref")), mean_interval_text(r),
+                 sci(r.get("mse_ref_median")), sci(r.get("mse_ref_p99")), sci(r.get("mse_ref_cvar")),
+                 *[r.get(k) for k in extra]]
+        if best_named is not None:
+            v = versus(r, best_named)
+            cells += [v.text(), v.interval_text()]
+        out.append(cells)
+    return _table(header, out)
+
+
+def figures_section(rows: Sequence[Mapping[str, Any]], named: Sequence[Mapping[str, Any]],
+                    ours: Mapping[str, Any] | None) -> str:
+    """The verdict sentence (when there is a schedule of ours and a named one) and :func:`figures_table`."""
+    best_named = best_row(named)
+    lead = versus_sentence(ours, best_named) + "\n" if ours is not None and best_named is not None else ""
+    return lead + figures_table(rows, best_named) + "\n"
+
+
 def peer_nfe_to_match(rows: Sequence[Mapping[str, Any]], name: str, nfe: int, value: float,
                       metric: str = "mse_ref") -> list[tuple[str, str]]:
     """For every other schedule: the smallest NFE (among the rows) at which it is at least as good as
@@ -363,19 +403,10 @@ def write_search_report(
     md.append(_table(("", ""), facts) + "\n")
     here = [r for r in baselines if int(r["nfe"]) == schedule.nfe]
     ours = [r for r in here if r["name"] == name]
-    named = [r for r in here if r["name"] != name and _finite(r.get("mse_ref"))]
     md.append(f"## Report set, NFE {schedule.nfe}\n")
-    if ours and named:
-        best_named = min(named, key=lambda r: r["mse_ref"])
-        ratio = best_named["mse_ref"] / ours[0]["mse_ref"] if ours[0]["mse_ref"] else math.inf
-        md.append(f"{name}: mse_ref {_fmt(ours[0]['mse_ref'])}; the best named schedule, {best_named['name']}, "
-                  f"{_fmt(best_named['mse_ref'])}: **{ratio:.2f}x** " + ("lower" if ratio >= 1 else "higher (worse)")
-                  + ".\n")
-    best_here = min((r["mse_ref"] for r in named), default=None)
-    table_rows = [(r["name"], r["nfe"], r.get("mse_ref"), r.get("mse_ref_median"),
-                   _fmt(r["mse_ref"] / best_here) + "x" if best_here and _finite(r.get("mse_ref")) else "")
-                  for r in sorted(here, key=lambda r: float(r.get("mse_ref", math.inf)))]
-    md.append(_table(("schedule", "NFE", "mse_ref", "median per sample", "vs best named"), table_rows) + "\n")
+    from autotune.sampling.named import NAMED  # peers are the named schedules (not e.g. our unpruned stage 1)
+
+    md.append(figures_section(here, [r for r in here if r["name"] in NAMED], ours[0] if ours else None))
     if len({int(r["nfe"]) for r in baselines}) > 1 and ours and _finite(ours[0].get("mse_ref")):
         md.append(f"NFE each named schedule needs to match {name} (among the NFEs evaluated):\n")
         md.append(_table(("schedule", "NFE needed"), peer_nfe_to_match(baselines, name, schedule.nfe,
@@ -438,6 +469,8 @@ def write_compare_report(out_dir: Path, *, rows: list[dict], schedules: Sequence
         plot_schedule(s, out_dir / file)
         mine = [r for r in rows if r["name"] == name and _finite(r.get("mse_ref"))]
         md.append(f"## {name}\n")
+        here = [r for r in rows if int(r["nfe"]) == s.nfe]
+        md.append(figures_section(here, [r for r in here if r["name"] not in names], mine[0] if mine else None))
         if mine and len({int(r["nfe"]) for r in rows}) > 1:
             md.append(f"mse_ref {_fmt(mine[0]['mse_ref'])} at NFE {s.nfe}; NFE each other schedule needs to match "
                       "it (among the NFEs evaluated):\n")

@@ -29,6 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autotune.evaluate.ids import PER_SAMPLE
+from autotune.evaluate.metrics import encode_errors
+from autotune.tables import Versus, versus  # the one better/worse convention: ratio = best peer / ours
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # peer name -> (diffusers scheduler class, constructor arguments beyond the model's noise schedule)
@@ -129,11 +133,13 @@ def bench_model(name: str, model_arg: str, args, work: Path) -> list[dict]:
     noise, labels = report.eval_set.noise(torch.float32), report.eval_set.labels()
     rows = []
     for nfe in args.nfe:
-        peers = {}
+        peers, peer_errors = {}, {}
         for peer in PEERS:
             err = per_sample_error(run_peer(model, peer, noise, labels, nfe, args.guidance), reference)
             peers[peer] = (float(err.mean()), float(err.median()))
+            peer_errors[peer] = {"mse_ref": peers[peer][0], PER_SAMPLE: encode_errors(err.numpy())}
         best_peer = min(peers, key=lambda p: peers[p][0])
+        vs_peer = peer_errors[best_peer]
         out = work / f"{name}-nfe{nfe}.json"
         meta = run_search(model_arg, nfe, args, out)
         ours = report.evaluate(load(out))
@@ -143,16 +149,21 @@ def bench_model(name: str, model_arg: str, args, work: Path) -> list[dict]:
         rows.append({"model": name, "nfe": nfe, "peers": peers, "best_peer": best_peer,
                      "best_peer_mse": peers[best_peer][0], "best_peer_median": peers[best_peer][1],
                      "ours_mse": ours["mse_ref"], "ours_median": ours["mse_ref_median"],
-                     "ratio": peers[best_peer][0] / ours["mse_ref"], "search_wall_s": meta["wall_seconds"],
+                     "ratio": versus(ours, vs_peer).ratio, "ratio_ci": versus(ours, vs_peer).interval_text(),
+                     "search_wall_s": meta["wall_seconds"],
                      "search_seconds": meta.get("seconds"), "true_evaluations": meta.get("true_evaluations"),
                      "ours_dc_mse": ours_dc["mse_ref"], "ours_dc_median": ours_dc["mse_ref_median"],
-                     "ratio_dc": peers[best_peer][0] / ours_dc["mse_ref"], "dc_fit_s": dc_seconds,
+                     "ratio_dc": versus(ours_dc, vs_peer).ratio if args.dc else math.nan,
+                     "ratio_dc_ci": versus(ours_dc, vs_peer).interval_text() if args.dc else None,
+                     "dc_fit_s": dc_seconds,
                      "schedule": str(out)})
         r = rows[-1]
         print(f"{name:10s} NFE {nfe:2d}  best peer {best_peer:22s} {r['best_peer_mse']:.3e} "
               f"(median {r['best_peer_median']:.3e})  ours {r['ours_mse']:.3e} (median {r['ours_median']:.3e})  "
-              f"{r['ratio']:.2f}x  search {r['search_wall_s']:.0f} s / {r['true_evaluations']} evals"
-              + (f"  | + dc fit {r['ours_dc_mse']:.3e} (median {r['ours_dc_median']:.3e}) {r['ratio_dc']:.2f}x, "
+              f"{Versus(r['ratio']).text()} {r['ratio_ci']}  search {r['search_wall_s']:.0f} s / "
+              f"{r['true_evaluations']} evals"
+              + (f"  | + dc fit {r['ours_dc_mse']:.3e} (median {r['ours_dc_median']:.3e}) "
+                 f"{Versus(r['ratio_dc']).text()} {r['ratio_dc_ci']}, "
                  f"{r['dc_fit_s']:.0f} s" if args.dc else ""), flush=True)
     return rows
 
@@ -165,9 +176,11 @@ def targets(rows: list[dict]) -> list[str]:
             r = by_nfe[nfe]
             for label, ratio in (("searched", r["ratio"]), ("searched + dc fit", r["ratio_dc"])):
                 if math.isfinite(ratio):
-                    lines.append(f"{model}: NFE {nfe} {label} {ratio:.2f}x lower mse_ref than the best peer "
-                                 f"({r['best_peer']}) — target >= 2x: {'met' if ratio >= 2 else 'NOT met'}; median "
-                                 f"{r['best_peer_median'] / r['ours_median' if label == 'searched' else 'ours_dc_median']:.2f}x")
+                    median = r["best_peer_median"] / r["ours_median" if label == "searched" else "ours_dc_median"]
+                    lines.append(f"{model}: NFE {nfe} {label} vs the best peer ({r['best_peer']}): mse_ref "
+                                 f"{Versus(ratio).text()} — target >= 2x better: "
+                                 f"{'met' if ratio >= 2 else 'NOT met'}; "
+                                 f"median {Versus(median).text()}")
         if 5 in by_nfe and 8 in by_nfe:
             peer8 = by_nfe[8]["best_peer_mse"]
             for label, key in (("searched", "ours_mse"), ("searched + dc fit", "ours_dc_mse")):

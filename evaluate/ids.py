@@ -9,8 +9,13 @@ from typing import Any
 from pathlib import Path
 
 REF_VERSION = "ref2"  # bump when the reference solver changes
-METRIC_VERSION = "m3"  # m2: model data metrics (fd, class_acc, nll, swd); m3: mse_ref_median
-DEFAULT_SIZE = {"search": 128, "report": 256, "validation": 512}  # set sizes, fit for a 2-core CPU on `digits`
+# m2: model data metrics (fd, class_acc, nll, swd); m3: mse_ref_median; m4: mse_ref_ci_low/high (bootstrap),
+# mse_ref_p99, mse_ref_cvar and the per-sample errors (PER_SAMPLE)
+METRIC_VERSION = "m4"
+PER_SAMPLE = "mse_ref_per_sample"  # per-sample errors (base64 float32): for paired comparisons, not for display
+# set sizes, fit for a 2-core CPU on `digits`; the report set is large enough that a bootstrap interval of the
+# mean separates 2x from 1.3x (at 256 one sample switching mode could double the mean)
+DEFAULT_SIZE = {"search": 128, "report": 1024, "validation": 512}
 DEFAULT_REF_STEPS = 100
 
 

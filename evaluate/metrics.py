@@ -1,47 +1,126 @@
 """Metrics of one schedule on one evaluation set, computed in one pass over its samples.
 
 ``mse_ref``: mean squared error of the final samples against the reference solution from the same noise
-(the figure DPM-Solver-v3 and DC-Solver report); ``traj_err``: mean squared error of the states at the
-schedule's times against the reference trajectory (interpolated in lambda); ``nfe``: model calls made;
-``seconds``: wall time of the sampling; a model may add distribution metrics through ``data_metrics``.
-A schedule whose state becomes NaN or inf scores as diverged, with the step where it happened.
+(the figure DPM-Solver-v3 and DC-Solver report), with the spread of the per-sample error around it:
+``mse_ref_ci_low`` / ``mse_ref_ci_high`` (bootstrap 95 % interval of the mean), ``mse_ref_median``,
+``mse_ref_p99`` and ``mse_ref_cvar`` (mean of the worst 5 % of samples: a tail objective); the per-sample
+errors themselves travel as ``mse_ref_per_sample`` (float32, base64) so that two schedules scored on the
+same noise can be compared sample by sample (:func:`ratio_interval`). ``traj_err``: mean squared error of
+the states at the schedule's times against the reference trajectory (interpolated in lambda); ``nfe``:
+model calls made; ``seconds``: wall time of the sampling; a model may add distribution metrics through
+``data_metrics``. A schedule whose state becomes NaN or inf scores as diverged, with the step where it
+happened.
+
+The statistics are numpy only (torch is imported by :func:`score` alone), so tables and reports use them
+without loading torch.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from autotune.evaluate.reference import Reference
-from autotune.evaluate.sets import EvalSet
-from autotune.sampling.denoiser import Denoiser
-from autotune.sampling.executor import sample
-from autotune.space.schedule import Schedule
+from autotune.evaluate.ids import METRIC_VERSION, PER_SAMPLE  # noqa: F401  (one place for the version)
 
-from autotune.evaluate.ids import METRIC_VERSION  # noqa: E402,F401  (one place for the version)
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from autotune.evaluate.reference import Reference
+    from autotune.evaluate.sets import EvalSet
+    from autotune.sampling.denoiser import Denoiser
+    from autotune.space.schedule import Schedule
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0  # fixed: the same errors always give the same interval (cached rows stay reproducible)
+CONFIDENCE = 0.95
+TAIL_SHARE = 0.05  # mse_ref_cvar: the mean of this share of the worst samples
+
+# the figures of the per-sample error; all inf when the schedule diverged
+ERROR_FIGURES = ("mse_ref", "mse_ref_ci_low", "mse_ref_ci_high", "mse_ref_median", "mse_ref_p99", "mse_ref_cvar")
+
+
+def bootstrap_indices(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """(resamples, n) sample indices drawn with replacement from a fixed-seed generator: deterministic, and
+    the same draws for two vectors of the same length (a paired bootstrap)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _interval(draws: np.ndarray) -> tuple[float, float]:
+    tail = (1.0 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def mean_interval(errors: np.ndarray) -> tuple[float, float]:
+    """Percentile-bootstrap 95 % interval of the mean of ``errors``."""
+    x = np.asarray(errors, dtype=np.float64)
+    return _interval(x[bootstrap_indices(len(x))].mean(axis=1))
+
+
+def ratio_interval(peer: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
+    """Paired-bootstrap 95 % interval of mean(peer) / mean(ours), the two scored on the same noise (each
+    resample takes the same samples from both, so the noise they share cancels)."""
+    a, b = np.asarray(peer, dtype=np.float64), np.asarray(ours, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap: per-sample errors of different lengths ({len(a)} and {len(b)})")
+    idx = bootstrap_indices(len(a))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _interval(a[idx].mean(axis=1) / b[idx].mean(axis=1))
+
+
+def tail_mean(errors: np.ndarray, share: float = TAIL_SHARE) -> float:
+    """Mean of the worst ``share`` of the samples (at least one): the conditional value at risk."""
+    x = np.sort(np.asarray(errors, dtype=np.float64))
+    k = max(1, math.ceil(share * len(x)))
+    return float(x[-k:].mean())
+
+
+def error_summary(errors: np.ndarray) -> dict[str, float]:
+    """The ``ERROR_FIGURES`` of a vector of per-sample errors."""
+    x = np.asarray(errors, dtype=np.float64)
+    low, high = mean_interval(x)
+    return {"mse_ref": float(x.mean()), "mse_ref_ci_low": low, "mse_ref_ci_high": high,
+            # the mean can be carried by one sample that lands in another mode; the median shows the typical
+            # sample, p99 and the tail mean the bad ones
+            "mse_ref_median": float(np.median(x)), "mse_ref_p99": float(np.percentile(x, 99)),
+            "mse_ref_cvar": tail_mean(x)}
+
+
+def encode_errors(errors: np.ndarray) -> str:
+    """Per-sample errors as base64 of little-endian float32 (4 bytes a sample in the store row)."""
+    return base64.b64encode(np.asarray(errors, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_errors(text: str) -> np.ndarray:
+    """The inverse of :func:`encode_errors`."""
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float64)
 
 
 def score(
-    model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, dtype: torch.dtype = torch.float32
+    model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, dtype: torch.dtype | None = None
 ) -> dict[str, Any]:
     """Run the schedule on the set's noise and compare with the reference; never raises on divergence."""
-    noise = eval_set.noise(dtype)
+    import torch
+
+    from autotune.sampling.executor import sample
+
+    noise = eval_set.noise(dtype or torch.float32)
     start = time.perf_counter()
     result = sample(model, schedule, noise, eval_set.labels(), keep_states=True, check_finite=True)
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": seconds, "diverged": result.diverged_at is not None,
                                "diverged_at": result.diverged_at}
     if result.diverged_at is not None:
-        metrics.update(mse_ref=math.inf, traj_err=math.inf)
+        metrics.update({k: math.inf for k in ERROR_FIGURES}, traj_err=math.inf)
         return metrics
     final = result.sample.double()
-    per_sample = ((final - reference.final.double()) ** 2).flatten(1).mean(1)
-    metrics["mse_ref"] = float(per_sample.mean())
-    # the mean can be carried by one sample that lands in another mode; the median shows the typical sample
-    metrics["mse_ref_median"] = float(per_sample.median())
+    per_sample = ((final - reference.final.double()) ** 2).flatten(1).mean(1).numpy()
+    metrics.update(error_summary(per_sample))
+    metrics[PER_SAMPLE] = encode_errors(per_sample)
     errors = [
         float(((state.double() - reference.state_at(model.noise, t).double()) ** 2).mean())
         for state, t in zip(result.states[1:], schedule.times[1:])

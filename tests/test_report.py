@@ -141,7 +141,7 @@ def test_search_report_with_images(gmm, tmp_path):
     path = write_search_report(tmp_path, schedule=searched, trials=store.trials("img"), baselines=rows,
                                title="t", images=images)
     assert "samples.png" in _embedded_pngs(path)
-    assert "**10.00x** lower" in path.read_text()
+    assert "**10.00x better**" in path.read_text()
 
 
 def test_peer_nfe_to_match():
