@@ -10,11 +10,15 @@ loading it raises that line as a BackendError.
 - ``tensorrt``: ``model.onnx`` plus ``model.plan``, a serialized TensorRT engine built with the TensorRT
   Python API (FP32 or FP16, one optimisation profile over batch sizes), run on CUDA. Written against the
   documented TensorRT 10 API; not run here (its wheels cannot be installed on these machines).
-- ``torch``: ``model.pt2``, the baked module as a ``torch.export`` program (weights once, dynamic batch),
-  run under ``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``) on a GPU; on a CPU it runs
-  the exported graph eagerly unless compiling is asked for (Inductor took minutes per batch size on CPU
-  for no gain on the digits UNet). FP16 is ``torch.autocast`` around the call: convolutions and matmuls
-  in half precision, the solver's arithmetic and the state in float32.
+- ``torch``: no serialized program: the artifact is the schedule file, and loading rebuilds the baked
+  module from this package's code and the model (the caller's, or the built-in model the manifest names),
+  exports it with ``torch.export`` (weights once, dynamic batch) and runs it under ``torch.compile`` with
+  CUDA graphs (``mode="reduce-overhead"``) on a GPU; on a CPU it runs the exported graph eagerly unless
+  compiling is asked for (Inductor took minutes per batch size on CPU for no gain on the digits UNet).
+  FP16 is ``torch.autocast`` around the call: convolutions and matmuls in half precision, the solver's
+  arithmetic and the state in float32.
+
+Loading an engine directory never runs code from it: see each backend's ``load`` for why that holds.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from autotune.compile.manifest import BATCH, Manifest, TensorSpec
+from autotune.compile.manifest import BATCH, SCHEDULE_FILE, Manifest, TensorSpec, inside
 from autotune.errors import BackendError
 
 PRECISIONS = ("fp32", "fp16")
@@ -70,7 +74,9 @@ class Backend(Protocol):
 
     def build(self, request: BuildRequest) -> BuiltArtifact: ...
 
-    def load(self, engine_dir: Path, manifest: Manifest, **options: Any) -> BackendRunner: ...
+    def load(self, engine_dir: Path, manifest: Manifest, **options: Any) -> BackendRunner:
+        """The engine as a runner; ``options`` always carry ``model`` (the caller's Denoiser or None) and
+        ``schedule`` (the directory's, hash-checked), plus the backend's own options."""
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -131,6 +137,10 @@ class OnnxRuntimeBackend:
 
     def load(self, engine_dir: Path, manifest: Manifest, provider: str = "cpu", threads: int = 0,
              **options: Any) -> BackendRunner:
+        """An InferenceSession over the artifact. Safe on any directory: ONNX is a protobuf of operators,
+        never Python, and the only files it can make the runtime read, external tensor data, are checked to
+        lie inside the engine directory first (``check_external_data``; onnxruntime >= 1.2x checks too, older
+        versions read any path)."""
         import onnxruntime as ort
 
         if provider not in self.PROVIDERS:
@@ -144,7 +154,9 @@ class OnnxRuntimeBackend:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(engine_dir / manifest.artifact), opts, providers=[ep])
+        artifact = inside(engine_dir, manifest.artifact, "the artifact")
+        check_external_data(artifact, engine_dir)
+        session = ort.InferenceSession(str(artifact), opts, providers=[ep])
         check_onnx_io(session, manifest, engine_dir)
         out_name = manifest.outputs[0].name
 
@@ -152,6 +164,52 @@ class OnnxRuntimeBackend:
             return session.run([out_name], inputs)[0]
 
         return BackendRunner(run, f"onnxruntime {ort.__version__} ({ep})")
+
+
+def _tensors(graph: Any):
+    """Every TensorProto a graph holds: initializers, sparse initializers, and node attributes, subgraphs too."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _attribute_tensors(node.attribute)
+
+
+def _attribute_tensors(attributes: Any):
+    for attr in attributes:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("g"):
+            yield from _tensors(attr.g)
+        for sub in attr.graphs:
+            yield from _tensors(sub)
+
+
+def check_external_data(model_path: Path, engine_dir: Path) -> None:
+    """Every external-data file the ONNX model at ``model_path`` names lies inside ``engine_dir``.
+
+    The model is parsed without its external data (a protobuf parse: no code runs), and each tensor stored
+    outside it must name a location that resolves, relative to the model's folder as ONNX defines it, to a
+    file inside the engine directory; ``..``, absolute paths and symlinks leading elsewhere are refused."""
+    import onnx
+    from onnx import TensorProto
+
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends; name it in one line
+        raise BackendError(f"{model_path}: not a readable ONNX model ({type(e).__name__})") from None
+    tensors = list(_tensors(proto.graph))
+    for function in proto.functions:
+        for node in function.node:
+            tensors.extend(_attribute_tensors(node.attribute))
+    for tensor in tensors:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        inside(engine_dir, location, f"{model_path.name}: the external data of initializer {tensor.name!r},",
+               base=model_path.parent)
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16",
@@ -224,11 +282,14 @@ class TensorRTBackend:
         return BuiltArtifact("model.plan", info)
 
     def load(self, engine_dir: Path, manifest: Manifest, **options: Any) -> BackendRunner:
+        """Deserialize the plan with host code refused: a version-compatible plan can embed host code
+        (a lean runtime, plugins), which would run in this process; ours never embed any."""
         import tensorrt as trt
 
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
-        engine = runtime.deserialize_cuda_engine((engine_dir / manifest.artifact).read_bytes())
+        runtime.engine_host_code_allowed = False  # TensorRT's default, set so no other default can change it
+        engine = runtime.deserialize_cuda_engine(inside(engine_dir, manifest.artifact, "the artifact").read_bytes())
         if engine is None:
             raise BackendError(f"{engine_dir / manifest.artifact}: TensorRT cannot deserialize it "
                                "(built by another TensorRT version or for another GPU?)")
@@ -255,7 +316,17 @@ class TensorRTBackend:
 
 @register
 class TorchBackend:
-    """PyTorch: a ``torch.export`` program of the baked module, under ``torch.compile`` (CUDA graphs on a GPU)."""
+    """PyTorch: the baked module rebuilt from this package's code, exported and run under ``torch.compile``.
+
+    Safety guarantee: loading a torch engine directory never deserializes code or pickles from it. A
+    ``torch.export`` archive (``model.pt2``) unpickles every weight it marks ``use_pickle`` (a crafted one ran
+    a shell command), and torch warns never to load one from an untrusted source; so this backend writes no
+    program and ``load`` never calls ``torch.export.load``. The directory contributes only the schedule file
+    (strict JSON, hash-checked) and the manifest; the network is the caller's model, or the built-in model
+    the manifest names (package code and package weights, fingerprint-checked), never a path from the
+    manifest. ``torch.export`` then runs here, on our own module. Directories holding a program (written
+    before this change) are refused with one line saying to rebuild them.
+    """
 
     name = "torch"
     precisions = ("fp32", "fp16")
@@ -264,27 +335,33 @@ class TorchBackend:
         return None  # runs wherever PyTorch does
 
     def build(self, request: BuildRequest) -> BuiltArtifact:
-        args = tuple(request.example_inputs[s.name] for s in request.inputs)
-        batch = torch.export.Dim.DYNAMIC
-        dynamic = tuple({i: batch for i, d in enumerate(s.shape) if d == BATCH} for s in request.inputs)
-        started = time.perf_counter()
-        with torch.no_grad():
-            program = torch.export.export(request.baked.eval(), args, dynamic_shapes=dynamic, strict=False)
-        seconds = time.perf_counter() - started
-        torch.export.save(program, str(request.out_dir / "model.pt2"))
-        return BuiltArtifact("model.pt2", {"exporter": "torch.export (non-strict)", "export_s": round(seconds, 2),
-                                           "torch": torch.__version__})
+        # nothing to serialize: the engine is the schedule (written by build_engine) plus the model's identity
+        return BuiltArtifact(SCHEDULE_FILE, {"program": "rebuilt and exported with torch.export at load time",
+                                             "torch": torch.__version__})
 
-    def load(self, engine_dir: Path, manifest: Manifest, device: str | None = None, compile: str = "auto",
-             **options: Any) -> BackendRunner:
+    def load(self, engine_dir: Path, manifest: Manifest, model: Any = None, schedule: Any = None,
+             device: str | None = None, compile: str = "auto", **options: Any) -> BackendRunner:
         """``compile``: "auto" (torch.compile with CUDA graphs on a GPU, the exported graph as is on a CPU),
-        "on" (torch.compile anywhere) or "off"."""
+        "on" (torch.compile anywhere) or "off". ``model``: the Denoiser the engine was built from; None
+        rebuilds the built-in model the manifest names."""
+        from autotune.compile.bake import BakedSampler
+
         if compile not in ("auto", "on", "off"):
             raise BackendError(f"torch backend: compile={compile!r} (auto, on or off)")
+        if manifest.artifact != SCHEDULE_FILE:
+            raise BackendError(f"{engine_dir / manifest.artifact}: a serialized torch program; loading one can run "
+                               "code (torch.export.load unpickles what the archive marks as pickled), so autotune "
+                               "does not load it: rebuild the engine with `autotune compile`")
+        if schedule is None:
+            raise BackendError("torch backend: load needs the engine's schedule (use load_engine)")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BackendError("torch backend: device cuda asked for, but torch.cuda.is_available() is False")
-        module = torch.export.load(str(engine_dir / manifest.artifact)).module().to(dev)
+        if model is None:
+            model = _builtin_model(engine_dir, manifest)
+        started = time.perf_counter()
+        module = _export(BakedSampler(model, schedule, torch.float32).eval(), manifest).to(dev)
+        export_s = time.perf_counter() - started
         half = manifest.precision == "fp16"
         if half:
             _drop_dtype_asserts(module)
@@ -304,8 +381,40 @@ class TorchBackend:
                 out = module(*args)
             return out.float().cpu().numpy()
 
-        what = f"torch {torch.__version__} on {dev.type}: {how}" + (", fp16 autocast" if half else "")
+        what = (f"torch {torch.__version__} on {dev.type}: {how}" + (", fp16 autocast" if half else "")
+                + f", exported at load in {export_s:.1f} s")
         return BackendRunner(run, what)
+
+
+def _builtin_model(engine_dir: Path, manifest: Manifest) -> Any:
+    """The built-in model a torch engine names, from this package (never a directory), fingerprint-checked."""
+    from autotune.models.registry import BUILTIN, builtin_names
+
+    spec = str(manifest.model.get("spec", ""))
+    if spec not in builtin_names():
+        raise BackendError(f"{engine_dir}: a torch engine of {spec!r}, which is not a built-in model: give the model "
+                           "(load_engine(DIR, model)); an engine never loads a model from a path its manifest names")
+    model = BUILTIN[spec].factory(torch.float32)
+    if model.fingerprint() != manifest.model.get("fingerprint"):
+        raise BackendError(f"{engine_dir}: built for {spec} with fingerprint {manifest.model.get('fingerprint')}, "
+                           f"this install's {spec} is {model.fingerprint()} (rebuild the engine)")
+    return model
+
+
+def _export(baked: torch.nn.Module, manifest: Manifest) -> torch.fx.GraphModule:
+    """``torch.export`` of our own baked module (dynamic batch), traced on zero inputs of the manifest's specs."""
+    batch = 2  # not 1: export specializes a dimension of size 1
+    args = tuple(torch.zeros(tuple(batch if d == BATCH else int(d) for d in s.shape), dtype=getattr(torch, s.dtype))
+                 for s in manifest.inputs)
+    dynamic = tuple({i: torch.export.Dim.DYNAMIC for i, d in enumerate(s.shape) if d == BATCH}
+                    for s in manifest.inputs)
+    with torch.no_grad():
+        try:
+            program = torch.export.export(baked, args, dynamic_shapes=dynamic, strict=False)
+        except Exception as e:  # the exporter raises many unrelated types; name it in one line
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise BackendError(f"torch backend: torch.export failed: {type(e).__name__}: {first}") from None
+    return program.module()
 
 
 def _drop_dtype_asserts(module: torch.fx.GraphModule) -> None:

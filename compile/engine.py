@@ -104,6 +104,10 @@ def load_engine(engine_dir: str | Path, model: Denoiser | None = None, **options
     ``options`` go to the backend's loader: onnxruntime ``provider`` ("cpu", "cuda", "tensorrt") and
     ``threads``; torch ``device`` and ``compile`` ("auto", "on", "off").
 
+    Loading never runs code from the directory: every file the manifest names stays inside it, ONNX external
+    data too, and a torch engine is rebuilt from this package's code (``backends.TorchBackend``), so a torch
+    engine of a model that is not built in needs ``model``.
+
     Example:
         >>> engine = load_engine("engines/digits-5")                          # doctest: +SKIP
         >>> engine(**engine.example_inputs(batch=2)).shape                     # doctest: +SKIP
@@ -111,9 +115,9 @@ def load_engine(engine_dir: str | Path, model: Denoiser | None = None, **options
     """
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
-    check_directory(engine_dir, manifest, None if model is None else model.fingerprint())
+    schedule = check_directory(engine_dir, manifest, None if model is None else model.fingerprint())
     backend = get_backend(manifest.backend)
-    runner = backend.load(engine_dir, manifest, **options)
+    runner = backend.load(engine_dir, manifest, model=model, schedule=schedule, **options)
     return Engine(engine_dir, manifest, runner, runner.description)
 
 

@@ -1,9 +1,13 @@
 """The engine directory's ``manifest.json``: what an engine takes, returns, was built from, and how well it matched.
 
-An engine directory holds the backend's artifact (``model.onnx``, ``model.plan``, ``model.pt2``), the
+An engine directory holds the backend's artifact (``model.onnx``, ``model.plan``; torch: the schedule), the
 schedule file and this manifest. Loading reads the manifest strictly and checks the directory against it
 (schedule hash, artifact checksum, and, when a model is given, its fingerprint); a runner checks every
 call's inputs against the manifest's names, dtypes and shapes. Every mismatch is one BackendError line.
+
+A manifest is data from whoever made the directory (its checksums catch corruption, not tampering), so every
+file it names must stay inside the directory once ``..`` and symlinks are resolved (``inside``): loading an
+engine never reads, hashes or hands to a runtime a file elsewhere.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from autotune.errors import AutotuneError, BackendError
+
+if TYPE_CHECKING:
+    from autotune.space.schedule import Schedule
 
 MANIFEST = "manifest.json"
 SCHEDULE_FILE = "schedule.json"
@@ -85,15 +92,33 @@ def _spec(doc: Any, where: str) -> TensorSpec:
         raise BackendError(f"{where}: not a tensor spec ({e})") from None
 
 
+def inside(engine_dir: str | Path, name: str, what: str, base: Path | None = None) -> Path:
+    """``base / name`` (``base`` defaults to ``engine_dir``), refused unless it resolves inside ``engine_dir``.
+
+    ``..``, absolute names and symlinks pointing elsewhere all resolve outside and raise one BackendError
+    line; a symlink to another file inside the directory is fine. Returns the path as joined (not resolved),
+    so messages keep the user's spelling.
+    """
+    engine_dir = Path(engine_dir)
+    root = engine_dir.resolve()
+    path = (base if base is not None else engine_dir) / name
+    if not path.resolve().is_relative_to(root):
+        raise BackendError(f"{engine_dir}: {what} {name!r} is outside the engine directory "
+                           "(an engine may only name files inside its own directory)")
+    return path
+
+
 def read_manifest(engine_dir: str | Path) -> Manifest:
     """The manifest of an engine directory, read strictly (one BackendError line naming what is wrong)."""
-    path = Path(engine_dir) / MANIFEST
+    path = inside(engine_dir, MANIFEST, "the manifest")
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise BackendError(f"{path}: missing (not an engine directory; build one with `autotune compile`)") from None
     except json.JSONDecodeError as e:
         raise BackendError(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, RecursionError, IsADirectoryError) as e:  # not UTF-8, nested too deeply
+        raise BackendError(f"{path}: not a readable manifest ({type(e).__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise BackendError(f"{path}: not an autotune engine manifest (format must be {FORMAT!r})")
     if doc.get("version") != VERSION:
@@ -129,12 +154,14 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_directory(engine_dir: str | Path, manifest: Manifest, model_fingerprint: str | None = None) -> None:
-    """The directory matches its manifest: schedule hash, artifact checksum, and the model's fingerprint."""
+def check_directory(engine_dir: str | Path, manifest: Manifest, model_fingerprint: str | None = None) -> Schedule:
+    """The directory matches its manifest: schedule hash, artifact checksum, and the model's fingerprint.
+
+    Returns the engine's schedule (read and hash-checked here, so no one reads it twice)."""
     from autotune.space.fileformat import load
 
     engine_dir = Path(engine_dir)
-    sched_path = engine_dir / str(manifest.schedule.get("file", SCHEDULE_FILE))
+    sched_path = inside(engine_dir, str(manifest.schedule.get("file", SCHEDULE_FILE)), "the schedule file")
     try:
         schedule = load(sched_path)
     except AutotuneError as e:
@@ -142,7 +169,7 @@ def check_directory(engine_dir: str | Path, manifest: Manifest, model_fingerprin
     if schedule.hash() != manifest.schedule.get("hash"):
         raise BackendError(f"{sched_path}: schedule hash {schedule.hash()} does not match the manifest's "
                            f"{manifest.schedule.get('hash')} (the engine was built from another schedule)")
-    artifact = engine_dir / manifest.artifact
+    artifact = inside(engine_dir, manifest.artifact, "the artifact")
     if not artifact.is_file():
         raise BackendError(f"{artifact}: missing (the manifest names it as the {manifest.backend} artifact)")
     digest = file_sha256(artifact)
@@ -152,3 +179,4 @@ def check_directory(engine_dir: str | Path, manifest: Manifest, model_fingerprin
     if model_fingerprint is not None and model_fingerprint != manifest.model.get("fingerprint"):
         raise BackendError(f"{engine_dir}: built for model fingerprint {manifest.model.get('fingerprint')}, "
                            f"the given model is {model_fingerprint}")
+    return schedule

@@ -126,7 +126,7 @@ def bench(
                 options = {"threads": threads} if w == "onnxruntime" else {}
                 build_engine(model, schedule, root / w, w, model_spec="bench", parity_noises=2,
                              load_options=options)
-                engine = load_engine(root / w, **options)
+                engine = load_engine(root / w, model, **options)  # a torch engine is rebuilt from the model
                 notes[w] = engine.description
                 runners[w] = lambda d, engine=engine: engine(**{k: v.numpy() for k, v in d.items()})
         for batch in batches:

@@ -114,6 +114,15 @@ class RayPool:
             raise SearchError("Ray is not installed: pip install 'autotune-diffusion[search]', or use --workers 0")
         self.ray = ray
         if not ray.is_initialized():
+            # A private Ray runs without auth, so it must listen on loopback only. Ray binds its servers to the
+            # node IP, which is 127.0.0.1 only with its cluster mode off (ray_constants.ENABLE_RAY_CLUSTER, from
+            # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import); ray.init has no public option for it, and rewrites
+            # _node_ip_address="127.0.0.1" to the outward address. Off while our Ray starts, then restored so a
+            # later --address join is unaffected (tests/test_security.py lists the sockets it opens).
+            from ray._private import ray_constants
+
+            cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+            ray_constants.ENABLE_RAY_CLUSTER = bool(address) and cluster_mode
             try:
                 # address "local" starts a private Ray for this run even if another cluster runs on the machine
                 ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
@@ -121,6 +130,8 @@ class RayPool:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"--address {address}: cannot join the Ray cluster" if address else "cannot start a local Ray"
                 raise SearchError(f"{where} ({e})") from None
+            finally:
+                ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
         self.spec = spec
         self.latency = latency
         self.workers = workers

@@ -232,9 +232,9 @@ def test_torch_backend_fp32_exact_and_fp16_close(digits, tmp_path):
     """The torch backend on this machine (torch.compile only on a GPU by default), fp32 and fp16 autocast."""
     s = _with_steps(build("dpmsolver++2m", digits.noise, 2), s1={"skip": ("mid_attn",)})
     s = dataclasses.replace(s, guidance=1.5)
-    man = build_engine(digits, s, tmp_path / "t32", "torch", "fp32", parity_noises=2)
+    man = build_engine(digits, s, tmp_path / "t32", "torch", "fp32", parity_noises=2, model_spec="digits")
     assert man.parity["engine_vs_executor_max_abs"] <= 1e-5
-    engine = load_engine(tmp_path / "t32")
+    engine = load_engine(tmp_path / "t32")  # no model given: the built-in digits is rebuilt from the package
     assert engine(**engine.example_inputs(1)).shape == (1, 1, 16, 16)
     man16 = build_engine(digits, s, tmp_path / "t16", "torch", "fp16", parity_noises=2)
     assert 0 < man16.parity["engine_vs_executor_max_abs"] < 0.2  # half precision really ran, and stayed close
