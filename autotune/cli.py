@@ -403,8 +403,10 @@ def search_cmd(
     url = store.url if store is not None else None
     attrs = {"model": model, "method": method, "nfe": nfe, "seed": seed, "budget": budget}
     first = names[0]
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} evals"),
-               TextColumn(f"best {first} " + "{task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}", style="bold", markup=False), BarColumn(),  # user text: no markup
+               TextColumn("{task.completed}/{task.total} evals"),
+               TextColumn(f"best {first} " + "{task.fields[best]}", markup=False), TimeElapsedColumn(),
+               TimeRemainingColumn())
     stage2 = None
     try:
         with Progress(*columns, console=err_console, transient=False) as progress:

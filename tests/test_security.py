@@ -266,6 +266,15 @@ def test_markup_in_paths_and_schedule_names_is_printed_literally(tmp_path, gmm):
     assert "[/x]missing.json" in _one_error_line(res)
 
 
+def test_markup_in_an_objective_name_does_not_break_the_search_progress_bar(tmp_path):
+    res = CliRunner().invoke(app, ["search", "--model", "gmm2d", "--nfe", "3", "--objective", "[/x]", "--budget", "2",
+                                   "--no-cache", "--out", str(tmp_path / "s.json")])
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: objective '[/x]'"), res.output
+
+
 def test_the_shared_consoles_render_no_markup_in_tables():
     from rich.table import Table
 
