@@ -1,4 +1,4 @@
-"""`autotune cache stats|clear|export`: look after the persistent cache. Mounted by autotune/cli.py."""
+"""`autotune cache stats|clear|export|check`: look after the persistent cache. Mounted by autotune/cli.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from autotune.cli_common import console, one_line_errors
 
 cache_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Inspect, clear or export the evaluation cache.")
+                        help="Inspect, check, clear or export the evaluation cache.")
 
 CACHE_HELP = ("cache: a SQLite file path or a SQLAlchemy URL (postgresql://user@host/db); default "
               "$AUTOTUNE_CACHE or ~/.cache/autotune/cache.sqlite")
@@ -78,3 +78,22 @@ def export_cmd(
     with open_store(cache) as store:
         counts = store.export(out)
     console.print(f"{out}: " + ", ".join(f"{n:,} {name}" for name, n in counts.items()), highlight=False)
+
+
+@cache_app.command("check")
+@_one_line_errors
+def check_cmd(
+    cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
+    quick: bool = typer.Option(False, "--quick", help="SQLite: quick_check (indexes not cross-checked; faster)"),
+) -> None:
+    """Check the cache database for damage: one line, OK or what is broken (exit 1 when broken)."""
+    from autotune.cache.store import open_store
+
+    with open_store(cache, create=False) as store:
+        problems = store.check(quick=quick)
+    if not problems:
+        console.print(f"{store.display}: OK", highlight=False, soft_wrap=True)
+        return
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    console.print(f"{store.display}: broken: {problems[0]}{more}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)

@@ -138,6 +138,13 @@ def one_line(exc: BaseException) -> str:
     return first.split(" (Background on this error")[0]
 
 
+def _damage_hint(exc: BaseException, store: "Store") -> str:
+    """For an error that says the database file is damaged: how to see what is broken."""
+    if "malformed" not in str(getattr(exc, "orig", None) or exc):
+        return ""
+    return f" (`autotune cache check --cache {store.display}` lists the damage)"
+
+
 def _schema(metadata):
     from sqlalchemy import BigInteger, Column, Float, Integer, LargeBinary, Table, Text
 
@@ -266,7 +273,7 @@ class Store:
         try:
             yield
         except SQLAlchemyError as e:
-            raise CacheError(f"cache {self.display}: {what} failed: {one_line(e)}") from None
+            raise CacheError(f"cache {self.display}: {what} failed: {one_line(e)}{_damage_hint(e, self)}") from None
 
     @contextlib.contextmanager
     def _read(self, what: str):
@@ -506,6 +513,35 @@ class Store:
         return {"cache": self.display, "backend": self.backend, "schema_version": SCHEMA_VERSION,
                 "rows": rows, "size_bytes": size}
 
+    def check(self, quick: bool = False) -> list[str]:
+        """What is broken in the database, one line each (at most 100); empty when nothing is.
+
+        SQLite: ``PRAGMA integrity_check`` (every page, record, index and constraint), or with ``quick``
+        ``PRAGMA quick_check`` (pages and records, indexes not cross-checked; faster on a large file).
+        PostgreSQL: every table read through by sequential scan, so a damaged heap page fails the read (the
+        server's ``amcheck`` extension checks indexes, which this does not).
+        """
+        from sqlalchemy import text
+        from sqlalchemy.exc import DBAPIError
+
+        problems: list[str] = []
+        self._check_pid()
+        try:
+            with self._engine.connect() as conn:
+                if self.backend == "sqlite":
+                    pragma = "quick_check" if quick else "integrity_check"
+                    for (row,) in conn.exec_driver_sql(f"PRAGMA {pragma}(100)"):  # may fail part-way: keep each
+                        problems += [line for line in str(row).splitlines()
+                                     if line != "ok" and not line.startswith("*** in database")]
+                else:
+                    for setting in ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan"):
+                        conn.exec_driver_sql(f"SET LOCAL {setting} = off")
+                    for name in ("meta",) + TABLES:
+                        conn.execute(text(f'SELECT count(*) FROM "{name}"')).scalar()
+        except DBAPIError as e:  # e.g. "database disk image is malformed": the check itself hit the damage
+            problems.append(one_line(e))
+        return problems[:100]
+
     def clear(self, table: str | None = None) -> dict[str, int]:
         """Delete every row of one table (or of all four) in one transaction; returns rows deleted."""
         from sqlalchemy import delete
@@ -592,7 +628,7 @@ class Store:
 # ---------------------------------------------------------------------------------------------- open
 
 
-def open_store(url_or_path: str | os.PathLike | None = None) -> Store:
+def open_store(url_or_path: str | os.PathLike | None = None, create: bool = True) -> Store:
     """Open (creating if needed) a cache.
 
     Args:
@@ -600,6 +636,7 @@ def open_store(url_or_path: str | os.PathLike | None = None) -> Store:
             file (its directory is created); ``":memory:"`` for a private in-memory SQLite database; or a
             SQLAlchemy URL (anything containing ``://``), e.g. ``postgresql://user@host/db`` for a store
             shared by a cluster (``postgresql://`` uses psycopg 3 when psycopg2 is not installed).
+        create: False to refuse a SQLite file that does not exist yet (for commands that only look).
 
     Raises:
         CacheError: one line naming the URL or path (bad URL, missing driver, unreachable server, a file
@@ -622,12 +659,16 @@ def open_store(url_or_path: str | os.PathLike | None = None) -> Store:
         sqlite_path = None
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
             sqlite_path = Path(url.database).expanduser().absolute()
+            if not create and not sqlite_path.exists():
+                raise CacheError(f"no cache at {display}")
             with contextlib.suppress(OSError):
                 sqlite_path.parent.mkdir(parents=True, exist_ok=True)
         return Store(url.render_as_string(hide_password=False), display, sqlite_path)
     if target == ":memory:":
         return Store("sqlite://", ":memory:", None)
     path = Path(target).expanduser().absolute()
+    if not create and not path.exists():
+        raise CacheError(f"no cache at {path}")
     if path.is_dir():
         raise CacheError(f"cannot open cache {path}: is a directory (name a file, e.g. {path / 'cache.sqlite'})")
     try:

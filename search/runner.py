@@ -96,16 +96,55 @@ def _build_evaluator(spec: EvaluatorSpec) -> Evaluator:
     return evaluator
 
 
-class RayPool:
-    """Ray actors, each holding the model and an Evaluator, scoring chunks of a batch in parallel.
+FIRST_CANDIDATE_TIMEOUT_S = 600.0  # before any candidate has been timed (the first may also warm the worker up)
+MIN_CANDIDATE_TIMEOUT_S = 60.0  # never less, however fast candidates have been (a busy machine has slow moments)
+CANDIDATE_TIMEOUT_FACTOR = 20.0  # the default limit: this many times the slowest candidate measured so far
+STARTUP_TIMEOUT_S = 300.0  # no worker at all after this long: the cluster cannot serve the search
+WAIT_NOTICE_S = 10.0  # still no worker after this long: say what the search is waiting for
 
-    A worker that dies has its chunk resubmitted to a fresh actor (up to ``retries`` times).
+
+def candidate_timeout(configured: float | None, slowest: float | None) -> float:
+    """Seconds one candidate may take on a worker before the worker counts as stalled: ``configured`` when
+    given; else CANDIDATE_TIMEOUT_FACTOR times the slowest candidate measured so far (``slowest``), at least
+    MIN_CANDIDATE_TIMEOUT_S; FIRST_CANDIDATE_TIMEOUT_S while nothing has been measured."""
+    if configured is not None:
+        return configured
+    if slowest is None:
+        return FIRST_CANDIDATE_TIMEOUT_S
+    return max(MIN_CANDIDATE_TIMEOUT_S, CANDIDATE_TIMEOUT_FACTOR * slowest)
+
+
+@dataclass
+class _Worker:
+    """One actor: asked for at ``since``; ``pid`` is set once it has started (model loaded, ready to score)."""
+
+    actor: Any
+    since: float
+    pid: int | None = None
+
+
+class RayPool:
+    """Ray actors, each holding the model and an Evaluator, scoring a batch one candidate at a time each.
+
+    The pool starts on the workers the cluster gives it: it waits for the first (saying so after
+    WAIT_NOTICE_S; a SearchError after ``startup_timeout_s``), briefly for the rest, then scores on those that
+    started while the others join as the cluster frees CPUs for them. A worker that dies, or that gives no
+    result within :func:`candidate_timeout` (``timeout_s``: seconds per candidate, None to derive it from the
+    measured evaluation times) is killed and replaced, and its candidate retried on another worker, up to
+    ``retries`` times per candidate. ``notify`` receives one line for each thing the user should know (the
+    pool itself never prints).
     """
 
     def __init__(self, spec: EvaluatorSpec, workers: int, address: str | None = None,
                  references: dict[str, Any] | None = None, retries: int = 3,
-                 latency: LatencySpec | None = None) -> None:
+                 latency: LatencySpec | None = None, *, timeout_s: float | None = None,
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S, notify: Callable[[str], None] | None = None) -> None:
         import os
+
+        if workers < 1:
+            raise SearchError(f"a Ray pool needs at least 1 worker, got {workers} (--workers 0 scores in-process)")
+        if timeout_s is not None and timeout_s <= 0:
+            raise SearchError(f"the timeout per candidate must be > 0 seconds, got {timeout_s:g}")
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         try:
@@ -136,6 +175,9 @@ class RayPool:
         self.latency = latency
         self.workers = workers
         self.retries = retries
+        self.timeout_s = timeout_s
+        self.startup_timeout_s = startup_timeout_s
+        self.notify = notify or (lambda _line: None)
         self.references = ray.put(references or {})
 
         @ray.remote(num_cpus=1, max_restarts=0)
@@ -154,42 +196,157 @@ class RayPool:
                 return [_score(self.evaluator, loads(d), latency) for d in docs]
 
         self._actor_cls = EvalActor
-        self.actors = [self._new_actor() for _ in range(workers)]
+        self._ready: list[_Worker] = []  # started: scoring, or idle between batches
+        self._starting: dict[Any, _Worker] = {}  # the ref of its pid() call -> the worker
+        self._slowest: float | None = None  # seconds of the slowest candidate measured so far
+        self._start_failures = 0
         self.restarts = 0
+        for _ in range(workers):
+            self._start_worker()
+        try:
+            self._await_first_workers()
+        except BaseException:
+            self.close()
+            raise
 
-    def _new_actor(self):
-        return self._actor_cls.remote(self.spec, self.references)
+    # ------------------------------------------------------------------------------------ workers
+
+    def _start_worker(self) -> None:
+        actor = self._actor_cls.remote(self.spec, self.references)
+        self._starting[actor.pid.remote()] = _Worker(actor, time.monotonic())
+
+    def _cpus(self) -> str:
+        """How many CPUs the cluster has free, of how many (what a worker waits for)."""
+        free = self.ray.available_resources().get("CPU", 0.0)
+        total = self.ray.cluster_resources().get("CPU", 0.0)
+        return f"the cluster has {free:g} of {total:g} CPUs free"
+
+    def _started(self, ref: Any) -> _Worker | None:
+        """Take a finished pid() call of a starting worker: the worker, now ready; None when it failed to start
+        (a replacement is asked for; SearchError after ``retries`` failures in a row)."""
+        w = self._starting.pop(ref)
+        try:
+            w.pid = self.ray.get(ref)
+        except self.ray.exceptions.RayError as e:
+            self._start_failures += 1
+            if self._start_failures > self.retries:
+                last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise SearchError(f"Ray workers failed to start {self._start_failures} times in a row ({last})") \
+                    from None
+            self._start_worker()
+            return None
+        self._start_failures = 0
+        self._ready.append(w)
+        return w
+
+    def _wait_for_a_worker(self, since: float) -> None:
+        """Block until a starting worker is ready (or failed): a line after WAIT_NOTICE_S, a SearchError after
+        ``startup_timeout_s`` counted from ``since``."""
+        noticed = False
+        while True:
+            waited = time.monotonic() - since
+            if waited >= self.startup_timeout_s:
+                raise SearchError(f"no Ray worker started within {self.startup_timeout_s:g} s ({self._cpus()}, a "
+                                  "worker needs 1; other searches may hold them): retry later, ask fewer --workers, "
+                                  "or use --workers 0")
+            until = self.startup_timeout_s if noticed else min(WAIT_NOTICE_S, self.startup_timeout_s)
+            done, _ = self.ray.wait(list(self._starting), num_returns=1, timeout=max(0.0, until - waited))
+            if done:
+                self._started(done[0])
+                return
+            if not noticed and time.monotonic() - since >= WAIT_NOTICE_S:
+                noticed = True
+                self.notify(f"waiting up to {self.startup_timeout_s:g} s for a Ray worker: {self._cpus()} "
+                            "(a worker needs 1)")
+
+    def _await_first_workers(self) -> None:
+        """Wait for the first worker, then as long again (at least 5 s) for the others; say when some are still
+        waiting for the cluster (they join the search when they start)."""
+        t0 = time.monotonic()
+        while not self._ready:
+            self._wait_for_a_worker(t0)
+        deadline = time.monotonic() + max(5.0, time.monotonic() - t0)
+        while self._starting:
+            done, _ = self.ray.wait(list(self._starting), num_returns=1,
+                                    timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                break
+            self._started(done[0])
+        if self._starting:
+            self.notify(f"{len(self._ready)} of {self.workers} Ray workers started; the search runs on them, "
+                        f"waiting for CPUs for the other {len(self._starting)} ({self._cpus()}), which join as "
+                        "they start")
+
+    def _drop(self, w: _Worker) -> None:
+        """Kill a worker that died or stalled and ask for a replacement."""
+        self.restarts += 1
+        self._ready.remove(w)
+        self.ray.kill(w.actor, no_restart=True)
+        self._start_worker()
+
+    # ---------------------------------------------------------------------------------------- map
 
     def map(self, schedules: list[Schedule]) -> list[dict[str, Any]]:
-        chunks = [list(range(i, len(schedules), self.workers)) for i in range(self.workers)]
-        chunks = [c for c in chunks if c]
+        todo = list(range(len(schedules)))  # candidates not yet handed out (retried ones go first)
+        tries = [0] * len(schedules)
         results: dict[int, dict[str, Any]] = {}
-        pending = {i: (self.actors[i].score.remote([dumps(schedules[j]) for j in c], self.latency), c, 0)
-                   for i, c in enumerate(chunks)}
-        while pending:
-            refs = {ref: i for i, (ref, _, _) in pending.items()}
-            done, _ = self.ray.wait(list(refs), num_returns=1)
-            i = refs[done[0]]
-            ref, chunk, tries = pending.pop(i)
-            try:
-                for j, m in zip(chunk, self.ray.get(ref)):
-                    results[j] = m
-            except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError):
-                if tries >= self.retries:
-                    raise SearchError(f"a Ray worker died {tries + 1} times on the same candidates") from None
-                self.restarts += 1
-                self.actors[i] = self._new_actor()
-                pending[i] = (self.actors[i].score.remote([dumps(schedules[j]) for j in chunk], self.latency),
-                              chunk, tries + 1)
+        busy: dict[Any, tuple[_Worker, int, float]] = {}  # ref of a score() call -> (worker, candidate, when sent)
+        idle = list(self._ready)
+        no_worker_since: float | None = None
+
+        def retry(j: int, why: str) -> None:
+            tries[j] += 1
+            if tries[j] > self.retries:
+                raise SearchError(f"candidate {j + 1} of the batch: {why} ({tries[j]} times); giving up")
+            todo.insert(0, j)
+
+        while len(results) < len(schedules):
+            while todo and idle:
+                w, j = idle.pop(), todo.pop(0)
+                busy[w.actor.score.remote([dumps(schedules[j])], self.latency)] = (w, j, time.monotonic())
+            if not busy:  # every worker died or stalled and their replacements have not started yet
+                no_worker_since = no_worker_since or time.monotonic()
+                self._wait_for_a_worker(no_worker_since)
+                idle = list(self._ready)
+                continue
+            no_worker_since = None
+            limit = candidate_timeout(self.timeout_s, self._slowest)
+            first_deadline = min(sent for _, _, sent in busy.values()) + limit
+            done, _ = self.ray.wait(list(busy) + list(self._starting), num_returns=1,
+                                    timeout=max(0.0, first_deadline - time.monotonic()))
+            now = time.monotonic()
+            if done and done[0] in self._starting:  # a worker joined (a late start, or a replacement)
+                w = self._started(done[0])
+                if w is not None:
+                    idle.append(w)
+            elif done:
+                w, j, sent = busy.pop(done[0])
+                try:
+                    results[j] = self.ray.get(done[0])[0]
+                except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError):
+                    self._drop(w)
+                    retry(j, "its Ray worker died")
+                    self.notify(f"Ray worker pid {w.pid} died; its candidate is retried on another worker")
+                    continue
+                self._slowest = max(self._slowest or 0.0, now - sent)
+                idle.append(w)
+            for ref, (w, j, sent) in list(busy.items()):
+                if now - sent >= limit:  # alive but silent (stopped, deadlocked, swapping): kill and retry
+                    del busy[ref]
+                    self._drop(w)
+                    retry(j, f"its Ray worker gave no result within {limit:g} s")
+                    self.notify(f"Ray worker pid {w.pid} gave no result within {limit:g} s for one candidate; "
+                                "killed it, the candidate is retried on another worker")
         return [results[j] for j in range(len(schedules))]
 
     def worker_pids(self) -> list[int]:
-        return self.ray.get([a.pid.remote() for a in self.actors])
+        """Process ids of the workers that have started."""
+        return [w.pid for w in self._ready]
 
     def close(self) -> None:
-        for a in self.actors:
-            self.ray.kill(a)
-        self.actors = []
+        for w in self._ready + list(self._starting.values()):
+            self.ray.kill(w.actor, no_restart=True)
+        self._ready, self._starting = [], {}
 
 
 @dataclass
