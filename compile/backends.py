@@ -139,8 +139,8 @@ class OnnxRuntimeBackend:
              **options: Any) -> BackendRunner:
         """An InferenceSession over the artifact. Safe on any directory: ONNX is a protobuf of operators,
         never Python, and the only files it can make the runtime read, external tensor data, are checked to
-        lie inside the engine directory first (``check_external_data``; onnxruntime >= 1.2x checks too, older
-        versions read any path)."""
+        lie inside the engine directory first (``check_external_data``: onnxruntime 1.32 refuses such paths
+        itself, but our pin allows releases from 1.18, and its refusal is a traceback, not one line)."""
         import onnxruntime as ort
 
         if provider not in self.PROVIDERS:
