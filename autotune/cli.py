@@ -316,6 +316,9 @@ def search_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the search"),
     workers: int = typer.Option(2, "--workers", min=0, help="Ray workers (0: evaluate in this process)"),
     address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster instead of a local Ray"),
+    candidate_timeout: float = typer.Option(0.0, "--candidate-timeout", min=0.0,
+                                            help="Ray: seconds a candidate may take before its worker counts as "
+                                                 "stalled and is replaced (0: 20x the slowest measured, >= 60 s)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale the schedule is tuned for"),
     batch: int = typer.Option(8, "--batch", min=1, help="candidates per generation / batch"),
     set_size: int = typer.Option(0, "--set-size", min=0, help="search-set size (0: default)"),
@@ -399,7 +402,8 @@ def search_cmd(
         spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
                              evaluator.ref_steps, ratios=ratios)
         pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference},
-                       latency=latency)
+                       latency=latency, timeout_s=candidate_timeout or None,
+                       notify=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
     url = store.url if store is not None else None
     attrs = {"model": model, "method": method, "nfe": nfe, "seed": seed, "budget": budget}
     first = names[0]

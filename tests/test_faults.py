@@ -164,7 +164,7 @@ def _bounded(fn, seconds: float):
     t.start()
     t.join(seconds)
     if t.is_alive():
-        pytest.fail(f"still running after {seconds:.0f} s: a stalled worker hangs the search")
+        pytest.fail(f"still running after {seconds:.0f} s: the pool hangs")
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -235,6 +235,17 @@ def test_a_search_starts_on_the_workers_the_cluster_can_give_and_says_so(ray_two
         assert "no Ray worker started within 3 s" in msg and "CPU" in msg and "\n" not in msg, msg
     finally:
         pool.close()
+
+
+def test_the_search_command_says_it_starts_on_fewer_workers(ray_two_cpus, tmp_path):
+    """`autotune search --workers 3` on the 2-CPU Ray: the pool's line reaches the user on stderr."""
+    from autotune.cli import app
+
+    args = ["search", "--model", "gmm2d", "--nfe", "4", "--budget", "8", "--batch", "4", "--workers", "3",
+            "--validate", "0", "--no-cache", "--out", str(tmp_path / "s.json")]
+    r = _bounded(lambda: CliRunner().invoke(app, args), 180)
+    assert r.exit_code == 0, r.output
+    assert "2 of 3 Ray workers started" in r.stderr, r.stderr
 
 
 # ------------------------------------------------------------------------------------- corrupted page
