@@ -9,7 +9,10 @@ from typing import Optional
 import typer
 
 from autotune.cli_common import CACHE_HELP, console, err_console, one_line_errors, open_store_option
-from autotune.errors import AutotuneError
+from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, MAX_SEED, MAX_THREADS, check_guidance, check_guided_model
+from autotune.cli_common import check_output_dir, check_output_file
+from autotune.errors import AutotuneError, InputError
+from autotune.space.fileformat import MAX_NFE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search, fit and compile sampling schedules.")
 
@@ -55,7 +58,7 @@ def models_cmd(
 def baseline_cmd(
     name: str = typer.Argument(..., help="ddim, dpmsolver++2m, dpmsolver++3m, unipc-bh1-o2, unipc-bh2-o2, unipc-bh2-o3, ipndm"),
     model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
-    nfe: int = typer.Option(..., "--nfe", min=1, help="model evaluations"),
+    nfe: int = typer.Option(..., "--nfe", min=1, max=MAX_NFE, help=f"model evaluations (1..{MAX_NFE})"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
     final: str = typer.Option("zero", "--final", help="last step onto sigma = 0 ('zero') or to t_min ('sigma_min')"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
@@ -67,7 +70,10 @@ def baseline_cmd(
     from autotune.sampling.named import build
     from autotune.space.fileformat import save
 
+    check_output_file(out, "--out")
+    check_guidance(guidance)
     m = load_model(model)
+    check_guided_model(m, guidance, model)
     schedule = build(name, m.noise, nfe, final=final)
     if guidance is not None:
         schedule = dataclasses.replace(schedule, guidance=guidance)
@@ -81,9 +87,43 @@ def _load_array(path: Path, what: str):
     import numpy as np
 
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise AutotuneError(f"{what} {path}: cannot read as a .npy array ({e})") from None
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(f"{what} {path}: cannot read as a .npy array ({e})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+        array.close()
+        raise InputError(f"{what} {path}: an .npz archive, not one .npy array")
+    return array
+
+
+def read_noise(path: Path):
+    """``--noise``: a (batch >= 1, ...) array of finite real floats, refused otherwise (NaN noise gives NaN
+    samples; complex, boolean or string arrays are not noise)."""
+    import numpy as np
+
+    x = _load_array(path, "--noise")
+    if x.dtype.kind != "f":
+        raise InputError(f"--noise {path}: expected floating-point noise, got dtype {x.dtype}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise InputError(f"--noise {path}: expected shape (batch >= 1, *sample), got {x.shape}")
+    if x.shape[0] > MAX_BATCH:
+        raise InputError(f"--noise {path}: {x.shape[0]} samples; at most {MAX_BATCH} per call")
+    if not np.isfinite(x).all():
+        raise InputError(f"--noise {path}: holds NaN or infinite values")
+    return x
+
+
+def save_npy(path: Path, array) -> None:
+    """Write one .npy file atomically, at exactly ``path`` (np.save alone appends .npy to other names)."""
+    import io
+
+    import numpy as np
+
+    from autotune.space.fileformat import write_atomically
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomically(path, buffer.getvalue())
 
 
 @app.command("sample")
@@ -95,9 +135,9 @@ def sample_cmd(
     engine: Optional[Path] = typer.Option(None, "--engine",
                                           help="engine directory from `autotune compile` (instead of --model/--schedule)"),
     noise: Optional[Path] = typer.Option(None, "--noise", help="initial standard-normal noise (.npy, shape B x sample)"),
-    num: Optional[int] = typer.Option(None, "--num", min=1,
+    num: Optional[int] = typer.Option(None, "--num", min=1, max=MAX_BATCH,
                                       help="without --noise: how many samples to draw (default 16, or one per prompt)"),
-    seed: int = typer.Option(0, "--seed", help="without --noise: seed of the noise"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="without --noise: seed of the noise"),
     class_labels: Optional[Path] = typer.Option(None, "--class-labels", help="class labels (.npy of ints, length B)"),
     prompts: Optional[Path] = typer.Option(
         None, "--prompts", help="text-to-image models: a text file, one prompt per line (one for all, or one per sample)"
@@ -117,6 +157,9 @@ def sample_cmd(
     from autotune.sampling.executor import sample
     from autotune.space.fileformat import load
 
+    check_output_file(out, "--out")
+    check_output_file(png, "--png")
+    check_guidance(guidance)
     if engine is not None:
         if model is not None or schedule is not None or prompts is not None or guidance is not None:
             raise AutotuneError("--engine: the engine holds its model, schedule and guidance; drop --model, "
@@ -133,6 +176,7 @@ def sample_cmd(
     sched.check_units(m.units)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
+    check_guided_model(m, sched.guidance, model)
     texts = None
     if prompts is not None:
         if class_labels is not None:
@@ -146,7 +190,7 @@ def sample_cmd(
         num = len(texts) if texts is not None else 16
     shape = tuple(getattr(m, "sample_shape", ()))
     if noise is not None:
-        x = torch.from_numpy(np.ascontiguousarray(_load_array(noise, "--noise")))
+        x = torch.from_numpy(np.ascontiguousarray(read_noise(noise)))
         if shape and tuple(x.shape[1:]) != shape:
             raise AutotuneError(f"--noise {noise}: shape {tuple(x.shape)} does not fit samples of shape {shape}")
     else:
@@ -165,8 +209,7 @@ def sample_cmd(
                                 "(give one prompt, or one per sample)")
         cond = m.encode_prompts(texts)  # once, before the loop; (1, L, D) is broadcast over the batch
     result = sample(m, sched, x.to(tdtype), cond)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, result.sample.detach().cpu().numpy())
+    save_npy(out, result.sample.detach().cpu().numpy())
     console.print(f"wrote {out}: {tuple(result.sample.shape)} samples, NFE {result.nfe}, schedule {sched.hash()}")
     if png is not None:
         from autotune.images import save_grid
@@ -201,8 +244,8 @@ def _parse_nfes(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise AutotuneError(f"--nfe: expected comma-separated integers like 4,5,6,8,10, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise AutotuneError(f"--nfe: expected positive integers, got {text!r}")
+    if not values or min(values) < 1 or max(values) > MAX_NFE:
+        raise InputError(f"--nfe: expected integers in 1..{MAX_NFE}, got {text!r}")
     return values
 
 
@@ -212,7 +255,7 @@ def eval_cmd(
     model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
     schedule: Path = typer.Option(..., "--schedule", help="schedule file"),
     eval_set: str = typer.Option("report", "--set", help="report (final figures) or search (what searches see)"),
-    size: int = typer.Option(0, "--size", min=0, help="evaluation-set size (0: the default of the set)"),
+    size: int = typer.Option(0, "--size", min=0, max=MAX_BATCH, help="evaluation-set size (0: the default of the set)"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the cache"),
@@ -232,6 +275,7 @@ def eval_cmd(
 
         m = load_model(model)
         sched.check_units(m.units)
+        check_guided_model(m, sched.guidance, model)
         evaluator = Evaluator(m, eval_set, size=size, store=store)
         evaluator.model_spec = model
         metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
@@ -253,7 +297,7 @@ def compare_cmd(
     baselines: str = typer.Option("all", "--baselines", help="'all', 'none' or comma-separated named schedules"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale for the named schedules"),
     eval_set: str = typer.Option("report", "--set", help="report or search"),
-    size: int = typer.Option(0, "--size", min=0, help="evaluation-set size (0: the default of the set)"),
+    size: int = typer.Option(0, "--size", min=0, max=MAX_BATCH, help="evaluation-set size (0: the default of the set)"),
     out: Optional[Path] = typer.Option(None, "--out", help="directory for compare.csv and compare.json"),
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the cache"),
@@ -269,10 +313,14 @@ def compare_cmd(
     from autotune.space.fileformat import load
 
     nfes = _parse_nfes(nfe)
+    check_guidance(guidance)
+    out = check_output_dir(out or Path(f"compare-{Path(model).name}"), "--out")
     given = [load(p) for p in schedules]
     m = load_model(model)
     for s in given:
         s.check_units(m.units)
+        check_guided_model(m, s.guidance, model)
+    check_guided_model(m, guidance, model)
     names = list(NAMED) if baselines == "all" else [] if baselines == "none" else [
         b.strip() for b in baselines.split(",") if b.strip()]
     evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache))
@@ -292,7 +340,6 @@ def compare_cmd(
     shown = [{**r, "name": r["schedule"]} for r in rows]
     for table in compare_tables(shown, names, f"{model}, {evaluator.eval_set.id}"):
         console.print(table)
-    out = out or Path(f"compare-{Path(model).name}")
     out.mkdir(parents=True, exist_ok=True)
     keys = ["schedule", "file", "nfe", *ERROR_FIGURES, *data_metric_names(rows), "traj_err", "diverged",
             "diverged_at", "seconds", "cached", "schedule_hash"]
@@ -313,15 +360,12 @@ def search_cmd(
     nfe: str = typer.Option("5", "--nfe", help="model evaluations of the searched schedule: 5, or a range like 4-10"),
     method: str = typer.Option("evolution", "--method", help="search method (see `autotune search --help`)"),
     budget: int = typer.Option(120, "--budget", min=1, help="true evaluations to spend (cache hits are free)"),
-    seed: int = typer.Option(0, "--seed", help="seed of the search"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="seed of the search"),
     workers: int = typer.Option(2, "--workers", min=0, help="Ray workers (0: evaluate in this process)"),
     address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster instead of a local Ray"),
-    candidate_timeout: float = typer.Option(0.0, "--candidate-timeout", min=0.0,
-                                            help="Ray: seconds a candidate may take before its worker counts as "
-                                                 "stalled and is replaced (0: 20x the slowest measured, >= 60 s)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale the schedule is tuned for"),
-    batch: int = typer.Option(8, "--batch", min=1, help="candidates per generation / batch"),
-    set_size: int = typer.Option(0, "--set-size", min=0, help="search-set size (0: default)"),
+    batch: int = typer.Option(8, "--batch", min=1, max=MAX_BATCH, help="candidates per generation / batch"),
+    set_size: int = typer.Option(0, "--set-size", min=0, max=MAX_BATCH, help="search-set size (0: default)"),
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="keep evaluations in memory only (no resume)"),
     refine: int = typer.Option(0, "--refine", min=0,
@@ -339,7 +383,7 @@ def search_cmd(
                                          help="stage 2: latency limit as a fraction of the unpruned schedule's"),
     report_dir: Optional[Path] = typer.Option(None, "--report",
                                               help="also write a report (report.md and plots) to this folder"),
-    validate: int = typer.Option(512, "--validate", min=0,
+    validate: int = typer.Option(512, "--validate", min=0, max=MAX_BATCH,
                                  help="choose among the finalists (best trials, refined grid) on a held-out "
                                       "validation set of this many samples (0: keep the search-set best)"),
     ratios: Optional[str] = typer.Option(None, "--ratios",
@@ -372,8 +416,16 @@ def search_cmd(
         raise AutotuneError("--objective and --objectives: give one or the other")
     if not names or len(set(names)) != len(names):
         raise AutotuneError(f"--objectives: expected distinct comma-separated metric names, got {objectives!r}")
+    if high > MAX_NFE:
+        raise InputError(f"--nfe {nfe}: at most {MAX_NFE} model evaluations")
+    check_output_file(out, "--out")
+    check_output_dir(report_dir, "--report")
+    check_guidance(guidance)
+    if not 0.0 < latency_budget < float("inf"):  # NaN fails this too
+        raise InputError(f"--latency-budget {latency_budget}: expected a positive fraction like 0.8")
     torch.set_num_threads(1 if workers else torch.get_num_threads())
     m = load_model(model)
+    check_guided_model(m, guidance, model)
     if stage2_budget and not m.units:
         raise AutotuneError(f"--stage2-budget: {model} has no prunable units to skip")
     store = open_store_option(cache, no_cache)
@@ -382,6 +434,12 @@ def search_cmd(
         from autotune.search.dc_fit import attach_ratio_source
 
         attach_ratio_source(evaluator, ratios)  # a bad spec or CPR file fails here, before any evaluation
+        cpr = getattr(evaluator.ratio_source, "cpr", None)
+        if cpr is not None:  # a CPR of another model fails here too, and a grid it was not fitted on is said
+            cpr.check_model(evaluator.fingerprint)
+            for n in range(low, high + 1):
+                for note in cpr.outside_grid(n, guidance):
+                    err_console.print(f"warning: {note}", highlight=False, soft_wrap=True)
     seeds = tuple(dataclasses.replace(build(n, m.noise, k), guidance=guidance) for k in range(low, high + 1)
                   for n in NAMED)
     space = ScheduleSpace(high, m.noise.T, 0.0, ratio_range=None, guidance=guidance)
@@ -402,8 +460,7 @@ def search_cmd(
         spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
                              evaluator.ref_steps, ratios=ratios)
         pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference},
-                       latency=latency, timeout_s=candidate_timeout or None,
-                       notify=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
+                       latency=latency)
     url = store.url if store is not None else None
     attrs = {"model": model, "method": method, "nfe": nfe, "seed": seed, "budget": budget}
     first = names[0]
@@ -545,11 +602,12 @@ app.add_typer(zoo_app, name="zoo")
 def zoo_train_cmd(
     name: str = typer.Argument(..., help="digits (the UNet) or digits-classifier"),
     out: Path = typer.Option(Path("zoo-weights"), "--out", help="folder for the weights and the training record"),
-    seed: int = typer.Option(0, "--seed"),
-    steps: int = typer.Option(1200, "--steps", min=1, help="optimiser steps (digits)"),
-    threads: int = typer.Option(2, "--threads", min=1, help="torch threads"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
+    steps: int = typer.Option(1200, "--steps", min=1, max=MAX_ITERATIONS, help="optimiser steps (digits)"),
+    threads: int = typer.Option(2, "--threads", min=1, max=MAX_THREADS, help="torch threads"),
 ) -> None:
     """Train a built-in model with the project's own script on data that ships in a package."""
+    check_output_dir(out, "--out")
     from autotune.models import digits_train
 
     def log(msg: str) -> None:
@@ -578,6 +636,7 @@ def zoo_export_cmd(
         raise AutotuneError(f"zoo export: --format {fmt!r} is not supported (diffusers)")
     if name != "digits":
         raise AutotuneError(f"zoo export: unknown model {name!r} (digits; gmm* are analytic, without a network)")
+    check_output_dir(out, "--out")
     from autotune.models.digits_diffusers import export_diffusers
 
     export_diffusers(out)

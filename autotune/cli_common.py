@@ -8,6 +8,7 @@ names, error messages quoting them), and with markup on, ``[/x]`` in a file name
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Callable, Optional
 
 import typer
@@ -43,3 +44,78 @@ def one_line_errors(fn: Callable) -> Callable:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+# ---------------------------------------------------------------------------------------------- input bounds
+# Beyond these a command would run for hours or exhaust memory instead of answering; say so at once.
+MAX_BATCH = 65536  # samples per set, batch, --num, --datapoints
+MAX_THREADS = 256
+MAX_ITERATIONS = 100_000  # optimiser steps, timed repeats
+MAX_GUIDANCE = 100.0  # classifier-free guidance scales in use are 1..20
+MAX_SEED = 2**63 - 1  # torch and numpy seeds are 64-bit
+
+
+def check_guidance(value: Optional[float], flag: str = "--guidance") -> Optional[float]:
+    """A guidance scale from the command line: None, or a finite number in [0, MAX_GUIDANCE]."""
+    import math
+
+    from autotune.errors import InputError
+
+    if value is not None and not (math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
+        raise InputError(f"{flag} {value:g}: expected a guidance scale in 0..{MAX_GUIDANCE:g}")
+    return value
+
+
+def check_guided_model(model, guidance: Optional[float], name: str) -> None:
+    """Refuse a guidance scale for a model without a condition to guide by (it would be ignored silently)."""
+    from autotune.errors import InputError
+
+    guided = bool(getattr(model, "num_classes", None)) or hasattr(model, "encode_prompts")
+    if guidance is not None and not guided:
+        raise InputError(f"guidance {guidance:g}: {name} is unconditional, so classifier-free guidance does not "
+                         "apply (drop --guidance, or use a schedule without guidance)")
+
+
+def _first_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_file(path: Optional[Path], flag: str) -> Optional[Path]:
+    """Refuse, before any work, an output file that cannot be written: a directory, a path under a file,
+    a folder without write access."""
+    import os
+
+    from autotune.errors import OutputError
+
+    if path is None:
+        return None
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a directory; give a file path")
+    base = _first_existing(path.parent)
+    if not base.is_dir():
+        raise OutputError(f"{flag} {path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: {base} is not writable")
+    return path
+
+
+def check_output_dir(path: Optional[Path], flag: str) -> Optional[Path]:
+    """Refuse, before any work, an output folder that cannot be made or written: an existing file, a path
+    under a file, a folder without write access."""
+    import os
+
+    from autotune.errors import OutputError
+
+    if path is None:
+        return None
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path}: is a file; give a folder")
+    base = _first_existing(path)
+    if not base.is_dir():
+        raise OutputError(f"{flag} {path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: {base} is not writable")
+    return path

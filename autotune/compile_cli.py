@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from autotune.cli_common import console, one_line_errors
-from autotune.errors import AutotuneError
+from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, MAX_THREADS, check_guidance, check_guided_model
+from autotune.cli_common import check_output_dir, check_output_file, console, one_line_errors
+from autotune.errors import AutotuneError, InputError
 
 
 def _csv(text: str, what: str) -> list[str]:
@@ -23,8 +24,8 @@ def _batches(text: str) -> list[int]:
         values = [int(p) for p in _csv(text, "--batch")]
     except ValueError:
         raise AutotuneError(f"--batch {text!r}: expected comma-separated positive integers, e.g. 1,16") from None
-    if any(v < 1 for v in values):
-        raise AutotuneError(f"--batch {text!r}: batch sizes must be >= 1")
+    if any(v < 1 or v > MAX_BATCH for v in values):
+        raise InputError(f"--batch {text!r}: batch sizes must be in 1..{MAX_BATCH}")
     return values
 
 
@@ -34,11 +35,13 @@ def _model_and_schedule(model: str, schedule: Path, guidance: Optional[float]):
     from autotune.models.registry import load_model
     from autotune.space.fileformat import load
 
+    check_guidance(guidance)
     sched = load(schedule)  # a bad file fails before any model is loaded
     m = load_model(model)
     sched.check_units(m.units)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
+    check_guided_model(m, sched.guidance, model)
     return m, sched
 
 
@@ -49,13 +52,14 @@ def compile_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (tensorrt, torch)"),
     out: Path = typer.Option(..., "--out", help="engine directory to write"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="override the schedule's guidance (baked in)"),
-    max_batch: int = typer.Option(64, "--max-batch", min=1, help="tensorrt: largest batch of the profile"),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, max=MAX_BATCH, help="tensorrt: largest batch of the profile"),
 ) -> None:
     """Bake SCHEDULE on MODEL into an engine directory (artifact, schedule file, manifest.json)."""
     import torch
 
     from autotune.compile import build_engine
 
+    check_output_dir(out, "--out")
     torch.set_num_threads(1)
     m, sched = _model_and_schedule(model, schedule, guidance)
     man = build_engine(m, sched, out, backend, precision, model_spec=model, max_batch=max_batch)
@@ -75,8 +79,9 @@ def bench_cmd(
     backends: str = typer.Option("eager,baked,onnxruntime", "--backends",
                                  help="comma list of eager, baked, onnxruntime, tensorrt, torch, bare"),
     batch: str = typer.Option("1,16", "--batch", help="comma list of batch sizes"),
-    repeats: int = typer.Option(5, "--repeats", min=1, help="timed calls per cell (the median is shown)"),
-    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for torch and onnxruntime"),
+    repeats: int = typer.Option(5, "--repeats", min=1, max=MAX_ITERATIONS,
+                                help="timed calls per cell (the median is shown)"),
+    threads: int = typer.Option(1, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch and onnxruntime"),
 ) -> None:
     """Latency of SCHEDULE on MODEL: eager executor vs baked module vs engines, side by side."""
     import torch
@@ -101,13 +106,15 @@ def sample_engine(engine_dir: Path, out: Path, noise: Optional[Path], num: Optio
     """`autotune sample --engine DIR`: run a compiled engine on the noise (and labels) and write the samples."""
     import numpy as np
 
-    from autotune.cli import _load_array
+    from autotune.cli import _load_array, read_noise, save_npy
     from autotune.compile import load_engine
 
+    if not engine_dir.is_dir():
+        raise InputError(f"--engine {engine_dir}: not a directory (an engine directory from `autotune compile`)")
     eng = load_engine(engine_dir)
     specs = {s.name: s for s in eng.manifest.inputs}
     if noise is not None:
-        x = _load_array(noise, "--noise").astype(np.float32)
+        x = read_noise(noise).astype(np.float32)
     else:
         shape = tuple(int(d) for d in specs["noise"].shape[1:])
         x = np.random.default_rng(seed).standard_normal((num or 16, *shape)).astype(np.float32)
@@ -125,8 +132,7 @@ def sample_engine(engine_dir: Path, out: Path, noise: Optional[Path], num: Optio
     if missing:
         raise AutotuneError(f"--engine {engine_dir}: needs inputs {missing}, which `sample` cannot provide")
     result = eng(**feed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, result)
+    save_npy(out, result)
     sched = eng.manifest.schedule
     console.print(f"wrote {out}: {tuple(result.shape)} samples, NFE {sched['nfe']}, schedule {sched['hash']}, "
                   f"engine {eng.manifest.backend} {eng.manifest.precision} ({eng.description})")

@@ -9,8 +9,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from autotune.cli_common import console, one_line_errors, open_store_option
-from autotune.errors import AutotuneError
+from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, check_guidance, check_guided_model, check_output_file
+from autotune.cli_common import console, err_console, one_line_errors, open_store_option
+from autotune.errors import AutotuneError, InputError
+from autotune.space.fileformat import MAX_NFE
 
 dc_app = typer.Typer(add_completion=False, no_args_is_help=True,
                      help="DC-Solver: fit a schedule's compensation ratios to the reference trajectory.")
@@ -21,25 +23,30 @@ CACHE_HELP = "cache file or SQLAlchemy URL for references and fits (default: the
 
 
 def _settings(datapoints: int, iterations: int, lr: float, method: str):
+    import math
+
     from autotune.search.dc_fit import FitSettings
+
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"--lr {lr}: expected a positive learning rate like 0.1")
 
     return FitSettings(datapoints=datapoints, iterations=iterations, lr=lr, method=method)
 
 
 def _parse_range(text: str) -> list[int]:
     """'4-10' or '4,6,8' (or a mix: '4-6,8')."""
-    values: list[int] = []
+    bounds: list[tuple[int, int]] = []
     try:
         for part in (p.strip() for p in text.split(",") if p.strip()):
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                values += list(range(lo, hi + 1))
-            else:
-                values.append(int(part))
+            lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part[1:] else (int(part), int(part))
+            bounds.append((lo, hi))
     except ValueError:
         raise AutotuneError(f"--nfe: expected integers like 4-10 or 4,6,8, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise AutotuneError(f"--nfe: expected positive integers, got {text!r}")
+    if any(lo > hi or lo < 1 or hi > MAX_NFE for lo, hi in bounds):  # before a range of 10**9 is listed
+        raise InputError(f"--nfe: expected integers or rising ranges in 1..{MAX_NFE}, got {text!r}")
+    values = [n for lo, hi in bounds for n in range(lo, hi + 1)]
+    if not values:
+        raise InputError(f"--nfe: expected at least one NFE, got {text!r}")
     return sorted(set(values))
 
 
@@ -50,7 +57,12 @@ def _parse_floats(text: str, option: str) -> list[float]:
         raise AutotuneError(f"{option}: expected comma-separated numbers like 1,2,4, got {text!r}") from None
     if not values:
         raise AutotuneError(f"{option}: expected at least one number")
+    for v in values:
+        check_guidance(v, option)
     return sorted(set(values))
+
+
+MAX_DEGREE = 8  # the paper uses 3,2,2; higher degrees only fit noise
 
 
 def _degrees(text: str) -> tuple[int, int, int]:
@@ -58,8 +70,9 @@ def _degrees(text: str) -> tuple[int, int, int]:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 3 or min(values) < 0:
-        raise AutotuneError(f"--degrees: expected STEP,GUIDANCE,NFE integers >= 0 like 3,2,2, got {text!r}")
+    if len(values) != 3 or min(values) < 0 or max(values) > MAX_DEGREE:
+        raise AutotuneError(f"--degrees: expected STEP,GUIDANCE,NFE integers in 0..{MAX_DEGREE} like 3,2,2, "
+                            f"got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -74,8 +87,9 @@ def dc_fit_cmd(
     schedule: Path = typer.Option(..., "--schedule", help="schedule file whose ratios are fitted"),
     out: Path = typer.Option(..., "--out", help="schedule file to write (the input with fitted ratios)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="override the schedule's guidance scale"),
-    datapoints: int = typer.Option(10, "--datapoints", min=1, help="search-set samples the fit sees"),
-    iterations: int = typer.Option(40, "--iterations", min=0, help="AdamW iterations (per step for greedy)"),
+    datapoints: int = typer.Option(10, "--datapoints", min=1, max=MAX_BATCH, help="search-set samples the fit sees"),
+    iterations: int = typer.Option(40, "--iterations", min=0, max=MAX_ITERATIONS,
+                                   help="AdamW iterations (per step for greedy)"),
     lr: float = typer.Option(0.1, "--lr", help="AdamW learning rate"),
     method: str = typer.Option("joint", "--method", help="joint (trajectory loss, all ratios) or greedy (paper's "
                                                           "step-by-step search)"),
@@ -89,10 +103,14 @@ def dc_fit_cmd(
     from autotune.space.fileformat import load, save
 
     settings = _settings(datapoints, iterations, lr, method)
+    check_output_file(out, "--out")
+    check_guidance(guidance)
     sched = load(schedule)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
     m = load_model(model)
+    sched.check_units(m.units)
+    check_guided_model(m, sched.guidance, model)
     evaluator = Evaluator(m, "search", size=datapoints, store=open_store_option(cache, no_cache))
     reference = evaluator.reference(sched.guidance)
     fit = fit_ratios(m, sched, evaluator.eval_set, reference, settings)
@@ -118,8 +136,8 @@ def cpr_fit_cmd(
     out: Path = typer.Option(..., "--out", help="CPR file to write"),
     solver: str = typer.Option("unipc-bh2-o2", "--solver", help="named schedule the ratios are fitted on"),
     degrees: str = typer.Option("3,2,2", "--degrees", help="polynomial degrees STEP,GUIDANCE,NFE"),
-    datapoints: int = typer.Option(10, "--datapoints", min=1, help="search-set samples each fit sees"),
-    iterations: int = typer.Option(40, "--iterations", min=0, help="AdamW iterations per fit"),
+    datapoints: int = typer.Option(10, "--datapoints", min=1, max=MAX_BATCH, help="search-set samples each fit sees"),
+    iterations: int = typer.Option(40, "--iterations", min=0, max=MAX_ITERATIONS, help="AdamW iterations per fit"),
     lr: float = typer.Option(0.1, "--lr", help="AdamW learning rate"),
     method: str = typer.Option("joint", "--method", help="joint or greedy (see `autotune dc fit --help`)"),
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
@@ -136,7 +154,9 @@ def cpr_fit_cmd(
     guidances = [None] if guidance is None else _parse_floats(guidance, "--guidance")
     degs = _degrees(degrees)
     settings = _settings(datapoints, iterations, lr, method)
+    check_output_file(out, "--out")
     m = load_model(model)
+    check_guided_model(m, guidances[0], model)
     table = Table("NFE", "guidance", "ratios", "loss before", "loss after", "seconds")
     start = time.perf_counter()
     store = open_store_option(cache, no_cache)
@@ -157,16 +177,20 @@ def cpr_apply_cmd(
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
     schedule: Optional[Path] = typer.Option(None, "--schedule", help="schedule to give ratios (default: the "
                                                                       "CPR's solver at --nfe; needs --model)"),
-    nfe: Optional[int] = typer.Option(None, "--nfe", min=1, help="steps (default: the schedule's)"),
+    nfe: Optional[int] = typer.Option(None, "--nfe", min=1, max=MAX_NFE, help="steps (default: the schedule's)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale (default: the schedule's)"),
-    model: Optional[str] = typer.Option(None, "--model", help="check the CPR was fitted on this model"),
+    model: Optional[str] = typer.Option(None, "--model", help="check the CPR was fitted on this model (needed "
+                                                              "when the schedule records no model fingerprint)"),
 ) -> None:
-    """Predict ratios for (NFE, guidance) instantly and write the schedule with them."""
+    """Predict ratios for (NFE, guidance) instantly and write the schedule with them. An NFE or guidance
+    outside the grid the CPR was fitted on is clamped into it, with a warning."""
     import time
 
     from autotune.predictors.cpr import load_cpr
     from autotune.space.fileformat import load, save
 
+    check_output_file(out, "--out")
+    check_guidance(guidance)
     cpr = load_cpr(cpr_file)
     m = None
     if model is not None:
@@ -184,8 +208,16 @@ def cpr_apply_cmd(
         from autotune.search.dc_fit import base_schedule
 
         sched = base_schedule(m, cpr.solver, nfe, None)
+    if m is None:
+        recorded = _recorded_fingerprint(sched.metadata)
+        if recorded is None:
+            raise InputError(f"--model: {schedule} records no model fingerprint; give --model so that the CPR "
+                             "is checked against the model it was fitted on")
+        cpr.check_model(recorded)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
+    for note in cpr.outside_grid(len(sched.steps), sched.guidance):
+        err_console.print(f"warning: {note}", highlight=False, soft_wrap=True)
     start = time.perf_counter()
     result = cpr.apply(sched)
     seconds = time.perf_counter() - start
@@ -195,6 +227,14 @@ def cpr_apply_cmd(
     console.print(f"ratios: {_ratios_text(result.steps[k].ratio for k in range(len(result.steps)))} "
                   f"(predicted in {1e3 * seconds:.2f} ms)")
     console.print(f"wrote {out}: NFE {result.nfe}, guidance {result.guidance}, hash {result.hash()}")
+
+
+def _recorded_fingerprint(metadata: dict) -> Optional[str]:
+    """The model fingerprint a schedule file records: written by `search`, `dc fit` or `cpr apply`."""
+    for where in (metadata, metadata.get("dc_fit"), metadata.get("cpr")):
+        if isinstance(where, dict) and isinstance(where.get("model_fingerprint"), str):
+            return where["model_fingerprint"]
+    return None
 
 
 def register(app: typer.Typer) -> None:

@@ -28,3 +28,11 @@ class SamplingError(AutotuneError, RuntimeError):
 
 class BackendError(AutotuneError, RuntimeError):
     """An engine cannot be built, loaded or run (missing backend, manifest mismatch, bad inputs)."""
+
+
+class InputError(AutotuneError, ValueError):
+    """A value or file handed to a command is unusable (out of range, wrong dtype, not finite, wrong shape)."""
+
+
+class OutputError(AutotuneError, OSError):
+    """An output path cannot be written (a directory where a file goes, a file where a folder goes, no access)."""

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from autotune.cli_common import CACHE_HELP, console, one_line_errors
+from autotune.cli_common import CACHE_HELP, check_output_dir, console, one_line_errors
 from autotune.errors import AutotuneError
 
 report_app = typer.Typer(no_args_is_help=True, help="Markdown + PNG reports of a search or a comparison.")
@@ -25,8 +25,10 @@ def _parse_nfes(text: str) -> list[int]:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
         raise AutotuneError(f"--nfe: expected comma-separated integers like 4,5,6,8,10, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise AutotuneError(f"--nfe: expected positive integers, got {text!r}")
+    from autotune.space.fileformat import MAX_NFE
+
+    if not values or values[0] < 1 or values[-1] > MAX_NFE:
+        raise AutotuneError(f"--nfe: expected integers in 1..{MAX_NFE}, got {text!r}")
     return values
 
 
@@ -79,6 +81,7 @@ def report_search_cmd(
     from autotune.sampling.named import build
     from autotune.space.fileformat import load
 
+    check_output_dir(out, "--out")
     sched = load(schedule)
     meta = sched.metadata
     sid = meta.get("search_id")
@@ -143,6 +146,7 @@ def report_compare_cmd(
     from autotune.report import baseline_rows, is_image_model, sample_images, schedule_row, write_compare_report
     from autotune.space.fileformat import load
 
+    check_output_dir(out, "--out")
     paths = [Path(p.strip()) for p in schedules.split(",") if p.strip()]
     given = [load(p) for p in paths]  # a bad file fails before the model is loaded
     names = _baseline_names(baselines)

@@ -8,7 +8,6 @@ handled here; conditional and latent pipelines come with the built-in models iss
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,35 @@ PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A config file of a pipeline directory: a JSON object, or ONE ModelError naming the file."""
+    from autotune.space.fileformat import read_json_file
+
+    if not path.exists():
+        raise ModelError(f"{path}: missing (not a diffusers pipeline directory?)")
+    doc = read_json_file(path, ModelError, "config file")
+    if not isinstance(doc, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def from_pretrained(cls: Any, folder: Path, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(folder)`` with every failure of the user's files (missing, truncated or garbage
+    weights, a pickle ``.bin`` the weights-only loader refuses, config values the class rejects) as ONE
+    ModelError naming the folder. ``low_cpu_mem_usage=False``: the other path only asks for `accelerate`."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing (not a diffusers pipeline directory?)") from None
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_pretrained(str(folder), low_cpu_mem_usage=False, **kwargs)
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers raises OSError, ValueError, RuntimeError, safetensors' own
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelError(f"{folder}: cannot load {cls.__name__} ({type(e).__name__}: {first})") from None
+
+
+def _positive_int(config: dict[str, Any], key: str, where: Path) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
 
 
 def is_pipeline_dir(path: str | Path) -> bool:
@@ -97,9 +119,11 @@ def load_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, devi
         raise ModelError(
             f"{path}/unet: {cls} is not supported (UNet2DModel, or UNet2DConditionModel in a text-to-image pipeline)"
         )
+    for key in ("in_channels", "sample_size"):  # the sample shape is read from these
+        _positive_int(unet_config, key, path / "unet" / "config.json")
     try:
         from diffusers import UNet2DModel
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ModelError("loading a diffusers directory needs `pip install autotune-diffusion[diffusers]`") from e
-    unet = UNet2DModel.from_pretrained(str(path / "unet"), torch_dtype=dtype).to(device).eval()
+    unet = from_pretrained(UNet2DModel, path / "unet", torch_dtype=dtype).to(device).eval()
     return DiffusersUNetDenoiser(unet, sched_config, source=str(path))

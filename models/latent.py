@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from autotune.errors import ModelError
-from autotune.models.diffusers_dir import read_json, read_scheduler_config
+from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config
 from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
 
@@ -70,9 +70,9 @@ def is_latent_pipeline_dir(path: str | Path) -> bool:
     """A pipeline directory whose UNet is a UNet2DConditionModel (with a text encoder and a VAE)."""
     path = Path(path)
     try:
-        index = json.loads((path / "model_index.json").read_text())
-        unet = json.loads((path / "unet" / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        index = read_json(path / "model_index.json")
+        unet = read_json(path / "unet" / "config.json")
+    except ModelError:  # not a readable pipeline directory: the loader says what is wrong with it
         return False
     return unet.get("_class_name") == "UNet2DConditionModel" and "text_encoder" in index and "vae" in index
 
@@ -292,18 +292,15 @@ def load_latent_pipeline_dir(
             p.requires_grad_(False)
         return module
 
+    unet = frozen(from_pretrained(UNet2DConditionModel, path / "unet", dtype=dtype))
+    text_encoder = frozen(from_pretrained(CLIPTextModel, path / "text_encoder", dtype=dtype))
     try:
-        unet = frozen(UNet2DConditionModel.from_pretrained(str(path / "unet"), dtype=dtype))
-        text_encoder = frozen(CLIPTextModel.from_pretrained(str(path / "text_encoder"), dtype=dtype))
         tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: cannot load the pipeline ({e})") from None
+        raise ModelError(f"{path}/tokenizer: cannot load ({e})") from None
 
     def load_vae() -> nn.Module:
-        try:
-            return frozen(AutoencoderKL.from_pretrained(str(path / "vae"), dtype=dtype))
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{path}/vae: cannot load ({e})") from None
+        return frozen(from_pretrained(AutoencoderKL, path / "vae", dtype=dtype))
 
     return LatentTextToImageDenoiser(unet, text_encoder, tokenizer, sched_config, vae_loader=load_vae,
                                      vae_config=vae_config, source=str(path))

@@ -37,6 +37,7 @@ from autotune.space.schedule import Schedule
 SCHEMA_VERSION = 1
 KIND = "autotune.cpr"
 DEFAULT_DEGREES = (3, 2, 2)  # step position, guidance, NFE: the paper's
+MAX_RATIO = 10.0  # fitted DC ratios sit near 1; a prediction outside (0, MAX_RATIO] is an extrapolation gone wild
 _KEYS = {"schema_version", "kind", "model_fingerprint", "solver", "dc_order", "degrees", "scales", "grid",
          "coefficients", "fit"}
 
@@ -87,14 +88,48 @@ class CPR:
             raise CPRError("guidance: this CPR was fitted without guidance; give none")
         return 0.0 if guidance is None else float(guidance)
 
+    def _fitted_point(self, nfe: int, guidance: float | None) -> tuple[float, int]:
+        """(guidance, NFE) clamped into the grid the CPR was fitted on: a polynomial is only trusted there
+        (outside, the issue saw ratios from -168 to 19); ``outside_grid`` says when this moved a value."""
+        g = self._check_guidance(guidance)
+        if self.conditional:
+            gs = [x for x in self.grid_guidance if x is not None]
+            g = min(max(g, min(gs)), max(gs))
+        return g, min(max(nfe, min(self.grid_nfe)), max(self.grid_nfe))
+
+    def outside_grid(self, nfe: int, guidance: float | None = None) -> list[str]:
+        """What ``predict(nfe, guidance)`` clamps into the fitted grid, one sentence each (empty: nothing)."""
+        g, n = self._fitted_point(nfe, guidance)
+        notes = []
+        if n != nfe:
+            notes.append(f"NFE {nfe} is outside the NFE grid {min(self.grid_nfe)}..{max(self.grid_nfe)} this CPR "
+                         f"was fitted on; ratios predicted as at NFE {n}")
+        if guidance is not None and g != guidance:
+            gs = [x for x in self.grid_guidance if x is not None]
+            notes.append(f"guidance {guidance:g} is outside the guidance grid {min(gs):g}..{max(gs):g} this CPR was "
+                         f"fitted on; ratios predicted as at guidance {g:g}")
+        return notes
+
     def predict(self, nfe: int, guidance: float | None = None) -> tuple[float, ...]:
-        """One ratio per step of an N-step schedule (the first ``dc_order`` are 1)."""
+        """One ratio per step of an N-step schedule (the first ``dc_order`` are 1); N and the guidance are
+        clamped into the fitted grid (see ``outside_grid``).
+
+        Raises:
+            CPRError: a bad request, or a predicted ratio outside (0, MAX_RATIO] (a broken file).
+        """
         if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
             raise CPRError(f"nfe: must be an integer >= 1, got {nfe!r}")
-        g = self._check_guidance(guidance)
+        if guidance is not None and not math.isfinite(guidance):
+            raise CPRError(f"guidance: must be a finite number, got {guidance!r}")
+        g, n = self._fitted_point(nfe, guidance)
         ratios = [1.0] * min(self.dc_order, nfe)
-        ratios += [float(features(((k + 1) / nfe, g, nfe), self.degrees, self.scales) @ self.coefficients.ravel())
-                   for k in range(self.dc_order, nfe)]
+        with np.errstate(all="ignore"):  # an overflow shows as a non-finite ratio, refused below
+            ratios += [float(features(((k + 1) / nfe, g, n), self.degrees, self.scales) @ self.coefficients.ravel())
+                       for k in range(self.dc_order, nfe)]
+        for k, r in enumerate(ratios):
+            if not 0.0 < r <= MAX_RATIO:
+                raise CPRError(f"ratio of step {k}: the CPR predicts {r:g} at NFE {nfe}, guidance {guidance}, "
+                               f"outside (0, {MAX_RATIO:g}]: the CPR file does not fit this configuration")
         return tuple(ratios)
 
     def apply(self, schedule: Schedule) -> Schedule:
@@ -108,6 +143,12 @@ class CPR:
         if fingerprint != self.model_fingerprint:
             raise CPRError(f"model: this CPR was fitted on model {self.model_fingerprint[:12]}, "
                            f"not on {fingerprint[:12]}")
+
+
+def grid_scales(grid_nfe: Sequence[int], grid_guidance: Sequence[float | None]) -> tuple[float, float]:
+    """(guidance, NFE) divisors of a grid: its largest |guidance| (1 when unguided or all 0) and largest N."""
+    g_max = max((abs(g) for g in grid_guidance if g is not None), default=0.0)
+    return (float(g_max) if g_max > 0 else 1.0, float(max(grid_nfe)))
 
 
 def features(point: tuple[float, float, int], degrees: Sequence[int], scales: Sequence[float]) -> np.ndarray:
@@ -142,8 +183,7 @@ def fit_cpr(samples: Iterable[RatioSample], model_fingerprint: str, solver: str,
         raise CPRError(f"fit: no configuration has more than dc_order={dc_order} steps")
     steps_seen = len({round(r[0], 12) for r in rows})
     used = (min(degrees[0], steps_seen - 1), min(degrees[1], len(gs) - 1), min(degrees[2], len(nfes) - 1))
-    g_max = max((abs(g) for g in gs if g is not None), default=0.0)
-    scales = (g_max if g_max > 0 else 1.0, float(max(nfes)))
+    scales = grid_scales(nfes, gs)
     design = np.stack([features(r, used, scales) for r in rows])
     y = np.array(targets)
     coef, *_ = np.linalg.lstsq(design, y, rcond=None)  # minimum-norm solution where the grid is thin
@@ -238,27 +278,26 @@ def from_dict(doc: Any, source: str = "cpr") -> CPR:
         raise bad("coefficients", "must be finite")
     if not isinstance(doc["fit"], dict):
         raise bad("fit", "must be an object")
+    expected = grid_scales(grid["nfe"], gl)
+    if not all(math.isclose(sc[k], e, rel_tol=1e-9) for k, e in zip(("guidance", "nfe"), expected)):
+        raise bad("scales", f"{sc} do not match the grid (expected guidance {expected[0]:g}, nfe {expected[1]:g}: "
+                            "its largest values)")
     return CPR(doc["model_fingerprint"], doc["solver"], doc["dc_order"], (deg["step"], deg["guidance"], deg["nfe"]),
                (float(sc["guidance"]), float(sc["nfe"])), tuple(grid["nfe"]),
                tuple(None if g is None else float(g) for g in gl), coef, doc["fit"])
 
 
 def loads(text: str, source: str = "cpr") -> CPR:
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CPRError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return from_dict(doc, source)
+    from autotune.space.fileformat import parse_json
+
+    return from_dict(parse_json(text, CPRError, source), source)
 
 
 def load_cpr(path: str | Path) -> CPR:
     """Read a CPR file strictly."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise CPRError(f"{path}: cannot read ({e.strerror})") from None
-    return loads(text, str(path))
+    from autotune.space.fileformat import read_json_file
+
+    return from_dict(read_json_file(path, CPRError, "CPR file"), str(path))
 
 
 def with_fit_info(cpr: CPR, **info: Any) -> CPR:

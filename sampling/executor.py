@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from autotune.errors import SamplingError
 from autotune.sampling.coefficients import Plan, Update, make_plan
 from autotune.sampling.denoiser import Denoiser, to_data_and_noise
 from autotune.space.schedule import Schedule
@@ -32,6 +33,25 @@ def _apply(update: Update, x: torch.Tensor, hist: dict[str, dict[int, torch.Tens
     for j, w in update.outputs:
         out = out + w.to(dtype) * outputs[j]
     return out
+
+
+def check_inputs(model: Denoiser, schedule: Schedule, noise: torch.Tensor) -> None:
+    """Refuse what would otherwise come out as NaN or garbage samples without an error: noise that is not
+    a finite floating-point batch, a schedule starting beyond the model's noise schedule.
+
+    Raises:
+        SamplingError: naming what is wrong.
+    """
+    if not noise.is_floating_point():
+        raise SamplingError(f"noise: expected a floating-point tensor, got {noise.dtype}")
+    if noise.ndim < 1 or noise.shape[0] == 0:
+        raise SamplingError(f"noise: expected a batch of at least one sample, got shape {tuple(noise.shape)}")
+    t_max = float(model.noise.T)
+    if schedule.t_start > t_max * (1 + 1e-9):
+        raise SamplingError(f"schedule: t_start {schedule.t_start:g} is beyond the model's noise schedule "
+                            f"(t in [0, {t_max:g}])")
+    if not torch.jit.is_tracing() and not bool(torch.isfinite(noise.detach()).all()):
+        raise SamplingError("noise: holds NaN or infinite values")
 
 
 def sample(
@@ -76,6 +96,7 @@ def sample(
         >>> sample(model, build("dpmsolver++2m", ns, 5), torch.randn(4, 2)).nfe
         5
     """
+    check_inputs(model, schedule, noise)
     dtype = dtype or noise.dtype
     if plan is None:
         plan = make_plan(schedule, model.noise, times=times, ratios=ratios)

@@ -25,6 +25,7 @@ from autotune.space.schedule import Schedule, Step, step_to_dict
 
 SCHEMA_VERSION = 1
 KIND = "autotune.schedule"
+MAX_NFE = 1000  # the most model evaluations (steps) any command or file accepts: far beyond fast sampling
 _TOP_KEYS = {"schema_version", "kind", "name", "nfe", "t_start", "guidance", "final_denoise", "dc_order", "steps",
              "hash", "metadata"}
 _STEP_KEYS = {"t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip"}
@@ -51,14 +52,66 @@ def dumps(s: Schedule) -> str:
     return json.dumps(to_dict(s), indent=2, allow_nan=False) + "\n"
 
 
-def write_atomically(path: str | Path, text: str) -> Path:
-    """Write a text file so that a crash never leaves half of it (write beside, then rename)."""
+def write_atomically(path: str | Path, data: str | bytes) -> Path:
+    """Write a file so that a crash or a refusal never leaves half of it (write beside, then rename).
+
+    Raises:
+        OutputError: the path is a directory, a parent is a file, or the folder is not writable; no
+            ``<path>.tmp`` is left behind.
+    """
+    from autotune.errors import OutputError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; give a file path")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
     return path
+
+
+def read_json_file(path: str | Path, error: type[Exception], what: str) -> Any:
+    """The parsed JSON of a file; every way the file can be unreadable becomes ONE ``error`` naming it.
+
+    Guards what json and open let escape: a directory, a missing file, bytes that are not UTF-8, nesting
+    deeper than the parser's recursion limit, numbers beyond Python's digit limit, NaN/Infinity literals.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {what}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: {what} is not UTF-8 text") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    return parse_json(text, error, f"{path}: {what}")
+
+
+def parse_json(text: str, error: type[Exception], where: str) -> Any:
+    """``json.loads`` with NaN/Infinity refused and every parse failure one ``error`` starting with ``where``."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except json.JSONDecodeError as e:
+        raise error(f"{where} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise error(f"{where} is not usable JSON (nested too deeply)") from None
+    except ValueError as e:  # NaN/Infinity, ints beyond Python's digit limit
+        raise error(f"{where} is not usable JSON ({e})") from None
 
 
 def save(s: Schedule, path: str | Path) -> Path:
@@ -90,7 +143,9 @@ def loads(text: str, source: str | None = None, units: Iterable[str] | None = No
 def load(path: str | Path, units: Iterable[str] | None = None) -> Schedule:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ScheduleError("(file)", "is a directory, not a schedule file", str(path)) from None
     except OSError as e:
         raise ScheduleError("(file)", f"cannot read: {e.strerror or e}", str(path)) from None
     except UnicodeDecodeError:
@@ -142,6 +197,8 @@ def from_dict(doc: Any) -> Schedule:
     if unknown:
         raise ScheduleError(_key(unknown[0]), "unknown field")
     steps_doc = _get(doc, "steps", "", (list,))
+    if len(steps_doc) > MAX_NFE:
+        raise ScheduleError("steps", f"{len(steps_doc)} steps; at most {MAX_NFE} are supported")
     steps = []
     for k, sd in enumerate(steps_doc):
         where = f"steps[{k}]."
