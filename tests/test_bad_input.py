@@ -569,3 +569,97 @@ def test_counts() -> None:
         if verdict != "clean":
             print(f"  {verdict:9s} {cid}: {why[:200]}")
     assert counts["traceback"] == counts["silent"] == 0
+
+
+# --------------------------------------------------------------------------------------------- the library side
+
+
+def _grid_cpr():
+    from autotune.predictors.cpr import RatioSample, fit_cpr
+
+    def truth(x, g, n):
+        return 1.0 + 0.05 * x * g - 0.01 * n * x**2
+
+    return fit_cpr([RatioSample(n, g, tuple([1.0, 1.0] + [truth((k + 1) / n, g, n) for k in range(2, n)]))
+                    for n in (4, 6, 8) for g in (1.0, 2.0, 3.0)], "fp", "unipc-bh2-o2")
+
+
+def test_cpr_clamps_outside_its_grid_and_says_which():
+    from autotune.predictors.cpr import features
+
+    cpr = _grid_cpr()
+    assert cpr.outside_grid(6, 2.0) == []
+    far = cpr.predict(40, 2.0)
+    # the polynomial evaluated at the grid's edge (N = 8), at the 40 steps' own positions
+    edge = [float(features(((k + 1) / 40, 2.0, 8), cpr.degrees, cpr.scales) @ cpr.coefficients.ravel())
+            for k in range(2, 40)]
+    assert list(far[2:]) == pytest.approx(edge) and all(0.5 < r < 1.5 for r in far)
+    assert [n.split(" is ")[0] for n in cpr.outside_grid(40, 30.0)] == ["NFE 40", "guidance 30"]
+    assert cpr.predict(5, 30.0) == cpr.predict(5, 3.0)
+    assert cpr.predict(2, 0.5) == (1.0, 1.0)
+
+
+def test_cpr_refuses_absurd_files_and_predictions():
+    import dataclasses
+
+    from autotune.predictors.cpr import CPRError, loads, to_dict
+
+    cpr = _grid_cpr()
+    doc = to_dict(cpr)
+    with pytest.raises(CPRError, match="scales"):
+        loads(json.dumps({**doc, "scales": {"guidance": 3.0, "nfe": 1e-300}}), "c.json")
+    assert loads(json.dumps(doc)).predict(5, 2.0) == cpr.predict(5, 2.0)
+    wild = dataclasses.replace(cpr, coefficients=cpr.coefficients * 0 + 1e300)
+    with pytest.raises(CPRError, match="outside"):
+        wild.predict(5, 2.0)
+    with pytest.raises(CPRError, match="finite"):
+        cpr.predict(5, float("nan"))
+
+
+def test_executor_refuses_noise_that_cannot_give_samples():
+    import dataclasses
+
+    import torch
+
+    from autotune.errors import SamplingError
+    from autotune.models.registry import load_model
+    from autotune.sampling.executor import sample
+    from autotune.sampling.named import build
+
+    m = load_model("gmm2d", torch.float64)
+    s = build("ddim", m.noise, 3)
+    ok = torch.zeros(2, 2, dtype=torch.float64)
+    assert torch.isfinite(sample(m, s, ok).sample).all()
+    for bad, why in ((torch.full((2, 2), float("nan")), "NaN"), (torch.zeros(2, 2, dtype=torch.int64), "floating"),
+                     (torch.zeros(0, 2), "at least one")):
+        with pytest.raises(SamplingError, match=why):
+            sample(m, s, bad)
+    with pytest.raises(SamplingError, match="t_start"):
+        sample(m, dataclasses.replace(s, t_start=7.0), ok)
+
+
+def test_write_atomically_leaves_nothing_behind(tmp_path):
+    from autotune.errors import OutputError
+    from autotune.space.fileformat import write_atomically
+
+    (tmp_path / "afile").write_text("x")
+    for target in (tmp_path, tmp_path / "afile" / "out.json"):
+        with pytest.raises(OutputError):
+            write_atomically(target, "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert write_atomically(tmp_path / "new" / "o.bin", b"\x00").read_bytes() == b"\x00"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("content, why", [(b"[" * 100_000, "nested too deeply"), (b'{"a": "\xff"}', "UTF-8"),
+                                          (b'{"a": NaN}', "NaN"), (b"{", "not valid JSON")])
+def test_read_json_file_turns_every_failure_into_one_error(tmp_path, content, why):
+    from autotune.errors import ModelError
+    from autotune.space.fileformat import read_json_file
+
+    path = tmp_path / "c.json"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=why):
+        read_json_file(path, ModelError, "config file")
+    with pytest.raises(ModelError, match="is a directory"):
+        read_json_file(tmp_path, ModelError, "config file")
