@@ -113,6 +113,16 @@ def read_noise(path: Path):
     return x
 
 
+def check_finite_samples(samples, diverged_at: Optional[int] = None) -> None:
+    """Refuse to write samples holding NaN or inf (a diverging schedule, an overflowing dtype)."""
+    import numpy as np
+
+    if diverged_at is not None or not np.isfinite(samples).all():
+        where = f" from step {diverged_at} on" if diverged_at is not None else ""
+        raise InputError(f"the samples are not finite{where} (the schedule diverges on this noise and model); "
+                         "nothing written")
+
+
 def save_npy(path: Path, array) -> None:
     """Write one .npy file atomically, at exactly ``path`` (np.save alone appends .npy to other names)."""
     import io
@@ -159,6 +169,8 @@ def sample_cmd(
 
     check_output_file(out, "--out")
     check_output_file(png, "--png")
+    if png is not None and png.suffix.lower() != ".png":
+        raise InputError(f"--png {png}: name a .png file")
     check_guidance(guidance)
     if engine is not None:
         if model is not None or schedule is not None or prompts is not None or guidance is not None:
@@ -208,7 +220,8 @@ def sample_cmd(
             raise AutotuneError(f"--prompts {prompts}: {len(texts)} prompts for {x.shape[0]} samples "
                                 "(give one prompt, or one per sample)")
         cond = m.encode_prompts(texts)  # once, before the loop; (1, L, D) is broadcast over the batch
-    result = sample(m, sched, x.to(tdtype), cond)
+    result = sample(m, sched, x.to(tdtype), cond, check_finite=True)
+    check_finite_samples(result.sample.detach().cpu().numpy(), result.diverged_at)
     save_npy(out, result.sample.detach().cpu().numpy())
     console.print(f"wrote {out}: {tuple(result.sample.shape)} samples, NFE {result.nfe}, schedule {sched.hash()}")
     if png is not None:

@@ -106,7 +106,7 @@ def sample_engine(engine_dir: Path, out: Path, noise: Optional[Path], num: Optio
     """`autotune sample --engine DIR`: run a compiled engine on the noise (and labels) and write the samples."""
     import numpy as np
 
-    from autotune.cli import _load_array, read_noise, save_npy
+    from autotune.cli import _load_array, check_finite_samples, read_noise, save_npy
     from autotune.compile import load_engine
 
     if not engine_dir.is_dir():
@@ -132,6 +132,7 @@ def sample_engine(engine_dir: Path, out: Path, noise: Optional[Path], num: Optio
     if missing:
         raise AutotuneError(f"--engine {engine_dir}: needs inputs {missing}, which `sample` cannot provide")
     result = eng(**feed)
+    check_finite_samples(result)
     save_npy(out, result)
     sched = eng.manifest.schedule
     console.print(f"wrote {out}: {tuple(result.shape)} samples, NFE {sched['nfe']}, schedule {sched['hash']}, "

@@ -60,11 +60,48 @@ SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_en
                   "prediction_type")
 
 
+MAX_TRAIN_STEPS = 100_000  # diffusers models train on 1000 steps; beyond this a config is a mistake, not a model
+
+
+def _check_scheduler_values(config: dict[str, Any]) -> None:
+    """Types and sizes of the keys the noise schedule is built from, checked before any array is made."""
+    def bad(key: str, why: str) -> ModelError:
+        return ModelError(f"scheduler config: {key} {config.get(key)!r}: {why}")
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    steps = config.get("num_train_timesteps", 1000)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 2 <= steps <= MAX_TRAIN_STEPS:
+        raise bad("num_train_timesteps", f"must be an integer in 2..{MAX_TRAIN_STEPS}")
+    for key in ("beta_start", "beta_end"):
+        if key in config and not number(config[key]):
+            raise bad(key, "must be a number")
+    betas = config.get("trained_betas")
+    if betas is not None and not (isinstance(betas, list) and 2 <= len(betas) <= MAX_TRAIN_STEPS
+                                  and all(number(b) for b in betas)):
+        raise ModelError(f"scheduler config: trained_betas must be a list of 2..{MAX_TRAIN_STEPS} numbers")
+    if not isinstance(config.get("beta_schedule", "linear"), str):
+        raise bad("beta_schedule", "must be a name")
+    prediction = config.get("prediction_type", "epsilon")
+    if not isinstance(prediction, str) or prediction not in PREDICTION_TYPES:
+        raise bad("prediction_type", f"is not supported ({', '.join(PREDICTION_TYPES)})")
+
+
+def read_scheduler_file(path: Path) -> dict[str, Any]:
+    """A pipeline's ``scheduler/scheduler_config.json``, its noise-schedule values checked (errors name the file)."""
+    config = read_json(path)
+    try:
+        _check_scheduler_values(config)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+    return config
+
+
 def read_scheduler_config(config: dict[str, Any]) -> tuple[VPDiscrete, str, dict[str, Any]]:
     """(noise schedule, parameterisation, the keys that define them) of a diffusers scheduler config."""
+    _check_scheduler_values(config)
     prediction = config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise ModelError(f"scheduler config: prediction_type {prediction!r} is not supported")
     return VPDiscrete.from_diffusers_config(config), PREDICTION_TYPES[prediction], {k: config.get(k) for k in
                                                                                    SCHEDULER_KEYS}
 
@@ -81,7 +118,14 @@ class DiffusersUNetDenoiser(TorchDenoiser):
         }
 
         def forward(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            return unet(x, timestep).sample
+            try:
+                return unet(x, timestep).sample
+            except (RuntimeError, ValueError, TypeError, ZeroDivisionError, IndexError) as e:
+                # a network whose config loads but whose forward fails (e.g. 0 attention heads): the user's
+                # directory, not a bug of ours, so one line naming it
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise ModelError(f"{source or 'unet'}: the UNet fails on a batch of shape {tuple(x.shape)} "
+                                 f"({type(e).__name__}: {first})") from None
 
         super().__init__(forward, noise, parameterization, module=unet, round_time=True, config=config)
         self.unet = unet
@@ -109,7 +153,7 @@ def load_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, devi
             raise ModelError(f"{path}/model_index.json: no '{part}' entry (not a UNet diffusion pipeline)")
     unet_config = read_json(path / "unet" / "config.json")
     sched_dir = path / "scheduler"
-    sched_config = read_json(sched_dir / "scheduler_config.json")
+    sched_config = read_scheduler_file(sched_dir / "scheduler_config.json")
     cls = unet_config.get("_class_name")
     if cls == "UNet2DConditionModel":  # latent text-to-image (Stable Diffusion layout)
         from autotune.models.latent import load_latent_pipeline_dir

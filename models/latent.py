@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from autotune.errors import ModelError
-from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config
+from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config, read_scheduler_file
 from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
 
@@ -277,7 +277,7 @@ def load_latent_pipeline_dir(
     vae_cls = _index_class(index, "vae")
     if vae_cls != "AutoencoderKL":
         raise ModelError(f"{path}/vae: {vae_cls} is not supported (AutoencoderKL)")
-    sched_config = read_json(path / "scheduler" / "scheduler_config.json")
+    sched_config = read_scheduler_file(path / "scheduler" / "scheduler_config.json")
     vae_config = read_json(path / "vae" / "config.json")
     try:
         from diffusers import AutoencoderKL, UNet2DConditionModel

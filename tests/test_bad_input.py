@@ -53,11 +53,13 @@ UNDER_FILE = "{w}/afile/x.json"  # a path whose parent is a regular file: unwrit
 
 MODEL_DIRS = ("no_index", "index_list", "index_garbage", "unet_config_list", "unet_config_not_utf8",
               "unet_config_deep", "sched_config_list", "sched_bad_betas", "weights_truncated", "weights_garbage",
-              "weights_missing", "weights_pickle_bin", "unet_unknown_class", "unet_dir_missing", "sample_size_str")
+              "weights_missing", "weights_pickle_bin", "unet_unknown_class", "unet_dir_missing", "sample_size_str",
+              "sched_steps_text", "sched_steps_huge", "sched_beta_text", "sched_trained_betas_bad",
+              "sched_prediction_list", "in_channels_zero")
 SCHEDULE_FILES = ("missing", "empty", "garbage", "not_utf8", "deep_list", "deep_object", "list", "nan",
                   "huge_int", "too_many_steps", "version_2", "bad_order", "t_outside", "deep_metadata")
 NOISE_FILES = ("missing", "garbage", "text", "npz", "object", "str", "complex", "bool", "nan", "inf", "shape3d",
-               "scalar", "empty_batch", "one_d")
+               "scalar", "empty_batch", "one_d", "overflows_float32")
 CPR_FILES = ("missing", "empty", "garbage", "not_utf8", "deep", "list", "tiny_scale", "scale_mismatch",
              "huge_coefficients", "nan_text", "grid_nfe_str", "fingerprint_int")
 ENGINE_DIRS = ("empty", "manifest_list", "manifest_garbage", "manifest_not_utf8", "manifest_deep",
@@ -78,6 +80,10 @@ CASES: list[Case] = [
     *[case(f"baseline-dir-{d}", "baseline", "ddim", "--model", f"{{w}}/m_{d}", "--nfe", 3, "--out", OUT)
       for d in MODEL_DIRS],
     case("models-dir-empty", "models", "--model", "{o}"),
+    case("sample-dir-forward-fails", "sample", "--model", "{w}/m_forward_fails", "--schedule", "{w}/tiny.json",
+         "--num", 2, "--out", "{o}/x.npy"),
+    case("eval-dir-forward-fails", "eval", "--model", "{w}/m_forward_fails", "--schedule", "{w}/tiny.json",
+         "--size", 4, "--no-cache"),
     # ---------------------------------------------------------------- baseline
     case("baseline-nfe-0", "baseline", "ddim", "--model", "gmm2d", "--nfe", 0, "--out", OUT),
     case("baseline-nfe-negative", "baseline", "ddim", "--model", "gmm2d", "--nfe", -3, "--out", OUT),
@@ -148,6 +154,10 @@ CASES: list[Case] = [
          "--png", "{w}/afile/g.png"),
     case("sample-png-is-dir", "sample", "--model", "gmm2d", "--schedule", GOOD, "--out", "{o}/x.npy",
          "--png", "{w}/afolder"),
+    case("sample-noise-overflows-float64", "sample", "--model", "gmm2d", "--schedule", GOOD, "--noise",
+         "{w}/n_overflows_float32.npy", "--dtype", "float64", "--out", "{o}/x.npy"),
+    case("sample-png-not-png", "sample", "--model", "gmm2d", "--schedule", GOOD, "--out", "{o}/x.npy",
+         "--png", "{o}/grid.txt"),
     case("sample-columns-0", "sample", "--model", "gmm2d", "--schedule", GOOD, "--out", "{o}/x.npy",
          "--columns", 0),
     case("sample-no-schedule", "sample", "--model", "gmm2d", "--out", "{o}/x.npy"),
@@ -334,7 +344,7 @@ def _write_model_dirs(w: Path) -> None:
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=4, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 4),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=2)
+                       norm_num_groups=2, attention_head_dim=2)
     sched = DDPMScheduler(num_train_timesteps=100)
     ok = w / "m_ok"
     unet.save_pretrained(str(ok / "unet"))
@@ -372,6 +382,17 @@ def _write_model_dirs(w: Path) -> None:
 
     shutil.rmtree(w / "m_unet_dir_missing" / "unet")
     (w / "m_sample_size_str" / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "sample_size": "big"}))
+    (w / "m_in_channels_zero" / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "in_channels": 0}))
+    # loads, but 4 channels over heads of 8 give 0 attention heads: the forward divides by zero
+    broken = w / "m_forward_fails"
+    UNet2DModel.from_config({**unet_cfg, "attention_head_dim": 8}).save_pretrained(str(broken / "unet"))
+    sched.save_pretrained(str(broken / "scheduler"))
+    (broken / "model_index.json").write_bytes((ok / "model_index.json").read_bytes())
+    sched_cfg = json.loads((ok / "scheduler" / "scheduler_config.json").read_text())
+    for name, change in {"steps_text": {"num_train_timesteps": "many"}, "steps_huge": {"num_train_timesteps": 10**12},
+                         "beta_text": {"beta_start": "small"}, "trained_betas_bad": {"trained_betas": ["a", 1]},
+                         "prediction_list": {"prediction_type": ["epsilon"]}}.items():
+        (w / f"m_sched_{name}" / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched_cfg, **change}))
 
 
 def _write_schedule_files(w: Path) -> None:
@@ -423,7 +444,7 @@ def _write_noise_and_labels(w: Path) -> None:
         "nan": np.where(np.arange(8).reshape(4, 2) == 3, np.nan, ok).astype(np.float32),
         "inf": np.where(np.arange(8).reshape(4, 2) == 3, np.inf, ok).astype(np.float32),
         "shape3d": np.zeros((4, 2, 2), np.float32), "scalar": np.float32(1.0), "empty_batch": np.zeros((0, 2)),
-        "one_d": np.zeros(2, np.float32),
+        "one_d": np.zeros(2, np.float32), "overflows_float32": np.full((4, 2), 1e200),
     }
     for name, a in arrays.items():
         np.save(w / f"n_{name}.npy", a)
