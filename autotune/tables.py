@@ -50,7 +50,7 @@ def fig(v: Any) -> str:
         return "-"
     if isinstance(v, bool) or isinstance(v, int) or not isinstance(v, float):
         return str(v)
-    return f"{v:.3g}"
+    return f"{v:#.3g}".rstrip(".")  # '#' keeps trailing zeros (24.0, 0.330); a bare '217.' loses its dot
 
 
 def interval(low: Any, high: Any, fmt=sci) -> str:
@@ -233,11 +233,12 @@ def model_notes(models: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def finalists_table(scored: Sequence[Any], chosen: Any, search_values: Sequence[float], set_id: str) -> Table:
     """`autotune search --validate`: every finalist's search-set and held-out validation figures."""
-    table = Table(_name("finalist"), _num("search mean"), _num("validation mean"), _num("median"),
+    # the choice is by mean + a share of the worst-5 % mean (search/selection.py), so both are shown
+    table = Table(_name("finalist"), _num("search mean"), _num("validation mean"), _num("worst 5%"),
                   title=f"finalists on the held-out validation set ({set_id})", title_justify="left")
     for f, value in zip(scored, search_values):
         table.add_row(f.label + (" (chosen)" if f is chosen else ""), sci(value), sci(f.validation["mse_ref"]),
-                      sci(f.validation.get("mse_ref_median")))
+                      sci(f.validation.get("mse_ref_cvar")))
     return table
 
 
