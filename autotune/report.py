@@ -32,7 +32,7 @@ import numpy as np
 
 from autotune.errors import AutotuneError
 from autotune.space.schedule import Schedule
-from autotune.tables import DATA_METRICS, best_row, data_metric_names, mean_interval_text, sci, versus
+from autotune.tables import DATA_METRICS, best_row, data_metric_names, fig, mean_interval_text, sci, versus
 
 SOLVER_MARKERS = {"dpm": "o", "unip-bh1": "s", "unip-bh2": "D", "ipndm": "^"}
 ORDER_COLOURS = {1: "#4477aa", 2: "#228833", 3: "#ee7733", 4: "#aa3377"}
@@ -314,7 +314,7 @@ def figures_table(rows: Sequence[Mapping[str, Any]], best_named: Mapping[str, An
     for r in sorted(rows, key=lambda r: float(r.get("mse_ref", math.inf))):
         cells = [r["name"], r["nfe"], sci(r.get("mse_ref")), mean_interval_text(r),
                  sci(r.get("mse_ref_median")), sci(r.get("mse_ref_p99")), sci(r.get("mse_ref_cvar")),
-                 *[r.get(k) for k in extra]]
+                 *[fig(r.get(k)) for k in extra]]
         if best_named is not None:
             v = versus(r, best_named)
             cells += [v.text(), v.interval_text()]

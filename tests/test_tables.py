@@ -135,13 +135,14 @@ def test_report_prose_agrees_with_its_table(gmm, tmp_path):
 
     s = dataclasses.replace(build("unipc-bh2-o3", gmm.noise, 5), name="searched")
     trials = [{"trial_number": 0, "schedule_hash": s.hash(), "metrics": {"value": 0.01, "mse_ref": 0.01, "nfe": 5}}]
-    rows = [{"name": "searched", "nfe": 5, "mse_ref": 0.01}, {"name": "ddim", "nfe": 5, "mse_ref": 0.021},
+    rows = [{"name": "searched", "nfe": 5, "mse_ref": 0.01, "fd": 12.345}, {"name": "ddim", "nfe": 5, "mse_ref": 0.021},
             {"name": "ipndm", "nfe": 5, "mse_ref": 0.05}]
     path = write_search_report(tmp_path, schedule=s, trials=trials, baselines=rows, title="t")
     text = path.read_text()
     prose = re.search(r"\*\*([^*]+)\*\*", text.split("## Report set")[1]).group(1)
     row = next(ln for ln in text.splitlines() if ln.startswith("| searched | 5 |"))
     assert prose == "2.10x better" and "| 2.10x better |" in row
+    assert "| 12.3 |" in row  # distribution metrics in 3 significant digits, as the CLI prints them
     named_row = next(ln for ln in text.splitlines() if ln.startswith("| ipndm | 5 |"))
     assert "| 0.42x (worse) |" in named_row  # the named rows in the same convention
 
