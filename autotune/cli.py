@@ -171,6 +171,8 @@ def sample_cmd(
     check_output_file(png, "--png")
     if png is not None and png.suffix.lower() != ".png":
         raise InputError(f"--png {png}: name a .png file")
+    if noise is not None and num is not None:
+        raise InputError("--noise and --num: the noise file sets the number of samples; give one or the other")
     check_guidance(guidance)
     if engine is not None:
         if model is not None or schedule is not None or prompts is not None or guidance is not None:
@@ -305,7 +307,7 @@ def eval_cmd(
 @_one_line_errors
 def compare_cmd(
     model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
-    nfe: str = typer.Option("4,5,6,8,10", "--nfe", help="comma-separated NFE values"),
+    nfe: str = typer.Option("4,5,6,8,10", "--nfe", help=f"comma-separated NFE values (each 1..{MAX_NFE})"),
     schedules: list[Path] = typer.Option([], "--schedules", help="schedule files to compare (repeatable)"),
     baselines: str = typer.Option("all", "--baselines", help="'all', 'none' or comma-separated named schedules"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale for the named schedules"),
@@ -370,9 +372,11 @@ def compare_cmd(
 @_one_line_errors
 def search_cmd(
     model: str = typer.Option("digits", "--model", help="diffusers pipeline directory or built-in model name"),
-    nfe: str = typer.Option("5", "--nfe", help="model evaluations of the searched schedule: 5, or a range like 4-10"),
+    nfe: str = typer.Option("5", "--nfe", help="model evaluations of the searched schedule: 5, or a range like 4-10 "
+                                                f"(at most {MAX_NFE})"),
     method: str = typer.Option("evolution", "--method", help="search method (see `autotune search --help`)"),
-    budget: int = typer.Option(120, "--budget", min=1, help="true evaluations to spend (cache hits are free)"),
+    budget: int = typer.Option(120, "--budget", min=1, max=MAX_ITERATIONS,
+                               help="true evaluations to spend (cache hits are free)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="seed of the search"),
     workers: int = typer.Option(2, "--workers", min=0, help="Ray workers (0: evaluate in this process)"),
     address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster instead of a local Ray"),
@@ -381,7 +385,7 @@ def search_cmd(
     set_size: int = typer.Option(0, "--set-size", min=0, max=MAX_BATCH, help="search-set size (0: default)"),
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="keep evaluations in memory only (no resume)"),
-    refine: int = typer.Option(0, "--refine", min=0,
+    refine: int = typer.Option(0, "--refine", min=0, max=MAX_ITERATIONS,
                                help="finish with this many gradient steps on the time grid (0: none)"),
     objective: str = typer.Option("mse_ref", "--objective",
                                   help="metric to optimise: mse_ref, traj_err, nfe, latency_ms or a model's metric "
@@ -390,7 +394,7 @@ def search_cmd(
         None, "--objectives", help="several, comma-separated (e.g. mse_ref,nfe,latency_ms): a Pareto search "
                                    "(--method evolution, optuna-nsga2, optuna-tpe, random); the front goes to "
                                    "<out stem>.pareto.json"),
-    stage2_budget: int = typer.Option(0, "--stage2-budget", min=0,
+    stage2_budget: int = typer.Option(0, "--stage2-budget", min=0, max=MAX_ITERATIONS,
                                       help="true evaluations for stage 2, skip masks under --latency-budget (0: off)"),
     latency_budget: float = typer.Option(0.8, "--latency-budget", min=0.0,
                                          help="stage 2: latency limit as a fraction of the unpruned schedule's"),

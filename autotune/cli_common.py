@@ -50,7 +50,7 @@ def one_line_errors(fn: Callable) -> Callable:
 # Beyond these a command would run for hours or exhaust memory instead of answering; say so at once.
 MAX_BATCH = 65536  # samples per set, batch, --num, --datapoints
 MAX_THREADS = 256
-MAX_ITERATIONS = 100_000  # optimiser steps, timed repeats
+MAX_ITERATIONS = 100_000  # optimiser steps, timed repeats, search budgets
 MAX_GUIDANCE = 100.0  # classifier-free guidance scales in use are 1..20
 MAX_SEED = 2**63 - 1  # torch and numpy seeds are 64-bit
 

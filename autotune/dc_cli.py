@@ -130,7 +130,7 @@ def dc_fit_cmd(
 @one_line_errors
 def cpr_fit_cmd(
     model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
-    nfe: str = typer.Option(..., "--nfe", help="NFE grid, e.g. 4-10 or 4,6,8,10"),
+    nfe: str = typer.Option(..., "--nfe", help=f"NFE grid, e.g. 4-10 or 4,6,8,10 (each 1..{MAX_NFE})"),
     guidance: Optional[str] = typer.Option(None, "--guidance", help="guidance grid, e.g. 1,2,4,6,8 "
                                                                      "(omit for an unguided model)"),
     out: Path = typer.Option(..., "--out", help="CPR file to write"),
@@ -177,7 +177,8 @@ def cpr_apply_cmd(
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
     schedule: Optional[Path] = typer.Option(None, "--schedule", help="schedule to give ratios (default: the "
                                                                       "CPR's solver at --nfe; needs --model)"),
-    nfe: Optional[int] = typer.Option(None, "--nfe", min=1, max=MAX_NFE, help="steps (default: the schedule's)"),
+    nfe: Optional[int] = typer.Option(None, "--nfe", min=1, max=MAX_NFE,
+                                      help=f"steps, 1..{MAX_NFE} (default: the schedule's)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale (default: the schedule's)"),
     model: Optional[str] = typer.Option(None, "--model", help="check the CPR was fitted on this model (needed "
                                                               "when the schedule records no model fingerprint)"),

@@ -8,14 +8,16 @@ class AutotuneError(Exception):
 
 
 class ScheduleError(AutotuneError, ValueError):
-    """A schedule (or schedule file) is invalid; ``field`` names the offending field, e.g. ``steps[3].order``."""
+    """A schedule (or schedule file) is invalid; ``field`` names the offending field, e.g. ``steps[3].order``,
+    or is "" when the file as a whole is wrong (unreadable, not JSON): `schedule.json: not valid JSON (...)`."""
 
     def __init__(self, field: str, reason: str, source: str | None = None) -> None:
         self.field = field
         self.reason = reason
         self.source = source
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}{field}: {reason}")
+        what = f"{field}: " if field else ""
+        super().__init__(f"{where}{what}{reason}")
 
 
 class ModelError(AutotuneError, ValueError):

@@ -49,13 +49,16 @@ def _baseline_names(text: str) -> list[str]:
 def _evaluator(model: str, eval_set: str, size: int, cache: Optional[str], no_cache: bool):
     from autotune.evaluate.evaluator import Evaluator
     from autotune.models.registry import load_model
+    from autotune.progress_cli import step
 
     store = None
     if not no_cache:
         from autotune.cache.store import open_store
 
         store = open_store(cache)
-    evaluator = Evaluator(load_model(model), eval_set, size=size, store=store)
+    with step(f"loading {model}"):
+        m = load_model(model)
+    evaluator = Evaluator(m, eval_set, size=size, store=store)
     evaluator.model_spec = model
     return evaluator, store
 
@@ -77,6 +80,7 @@ def report_search_cmd(
     (multi-objective searches) and sample grids (reference, best named peer, searched) from the same noise."""
     import dataclasses
 
+    from autotune.progress_cli import step
     from autotune.report import baseline_rows, is_image_model, sample_images, schedule_row, write_search_report
     from autotune.sampling.named import build
     from autotune.space.fileformat import load
@@ -104,8 +108,10 @@ def report_search_cmd(
     evaluator, _ = _evaluator(model, "report", size, cache, False)
     sched.check_units(evaluator.model.units)
     name = sched.name or "searched"
-    rows = [schedule_row(evaluator, sched, name)] + baseline_rows(evaluator, _baseline_names(baselines), nfes,
-                                                                  sched.guidance)
+    with step("scoring the schedule and the baselines, report set") as progress:
+        evaluator.progress = progress  # the report set's reference, solved first unless cached
+        rows = [schedule_row(evaluator, sched, name)] + baseline_rows(evaluator, _baseline_names(baselines), nfes,
+                                                                      sched.guidance)
     images = None
     if samples and is_image_model(evaluator.model):
         peers = [r for r in rows[1:] if int(r["nfe"]) == sched.nfe and not r.get("diverged")]
@@ -115,11 +121,13 @@ def report_search_cmd(
             peer = build(best["name"], evaluator.model.noise, sched.nfe)
             grids[f"best peer: {best['name']}"] = dataclasses.replace(peer, guidance=sched.guidance)
         grids[f"searched: {name}"] = sched
-        images = sample_images(evaluator, grids, samples, sched.guidance)
+        with step(f"sampling {len(grids)} grids of {samples}"):
+            images = sample_images(evaluator, grids, samples, sched.guidance)
     objectives = meta.get("objectives") or ["mse_ref"]
     title = f"Search report: {name} on {model}, NFE {sched.nfe}"
-    path = write_search_report(out, schedule=sched, trials=trials, baselines=rows, title=title,
-                               objectives=objectives, images=images)
+    with step(f"writing the report to {out}"):
+        path = write_search_report(out, schedule=sched, trials=trials, baselines=rows, title=title,
+                                   objectives=objectives, images=images)
     console.print(f"wrote {path} ({len(trials)} trials, {len(rows)} report-set rows, "
                   f"{evaluator.misses} evaluated, {evaluator.hits} from the cache)")
 
@@ -143,6 +151,7 @@ def report_compare_cmd(
     given schedule's time-grid plot."""
     import dataclasses
 
+    from autotune.progress_cli import step
     from autotune.report import baseline_rows, is_image_model, sample_images, schedule_row, write_compare_report
     from autotune.space.fileformat import load
 
@@ -161,11 +170,15 @@ def report_compare_cmd(
             label = f"{label} ({p.name})"  # a file holding a named schedule must not merge into that line
         labelled.append((label, s))
     given = [dataclasses.replace(s, name=label) for label, s in labelled]
-    rows = baseline_rows(evaluator, names, _parse_nfes(nfe), guidance)
-    rows += [schedule_row(evaluator, s, s.name) for s in given]
+    with step(f"scoring the schedules, {evaluator.eval_set.kind} set") as progress:
+        evaluator.progress = progress  # the set's reference, solved first unless cached
+        rows = baseline_rows(evaluator, names, _parse_nfes(nfe), guidance)
+        rows += [schedule_row(evaluator, s, s.name) for s in given]
     images = None
     if samples and is_image_model(evaluator.model) and given:
-        images = sample_images(evaluator, {s.name: s for s in given}, samples, given[0].guidance)
+        with step(f"sampling {len(given)} grids of {samples}"):
+            images = sample_images(evaluator, {s.name: s for s in given}, samples, given[0].guidance)
     title = f"Comparison on {model} ({evaluator.eval_set.id})"
-    path = write_compare_report(out, rows=rows, schedules=given, title=title, images=images)
+    with step(f"writing the report to {out}"):
+        path = write_compare_report(out, rows=rows, schedules=given, title=title, images=images)
     console.print(f"wrote {path} ({len(rows)} rows: {evaluator.misses} evaluated, {evaluator.hits} from the cache)")

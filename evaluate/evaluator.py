@@ -13,6 +13,7 @@ import torch
 
 from autotune.evaluate.metrics import METRIC_VERSION, score
 from autotune.evaluate.ids import DEFAULT_REF_STEPS, model_memo_key, ref_version
+from autotune.evaluate.progress import ProgressFn
 from autotune.evaluate.reference import Reference, compute_reference
 from autotune.evaluate.sets import EvalSet, eval_set_for
 from autotune.sampling.denoiser import Denoiser
@@ -46,6 +47,8 @@ class Evaluator:
         # DC-Solver hook (search/dc_fit.py: attach_ratio_source): maps a candidate to the schedule actually
         # scored, with fitted or CPR-predicted compensation ratios; None scores candidates as they are
         self.ratio_source: Callable[["Evaluator", Schedule], Schedule] | None = None
+        # hears how far a reference solve is (the one step here that takes long); the CLI draws it
+        self.progress: ProgressFn | None = None
 
     def reference_version(self, guidance: float | None) -> str:
         return ref_version(guidance, self.ref_steps)
@@ -61,7 +64,7 @@ class Evaluator:
             if found is not None:
                 ref = Reference.from_arrays(*found)
         if ref is None:
-            ref = compute_reference(self.model, self.eval_set, guidance, steps=self.ref_steps)
+            ref = compute_reference(self.model, self.eval_set, guidance, steps=self.ref_steps, progress=self.progress)
             if self.store is not None:
                 self.store.put_reference(self.fingerprint, self.eval_set.id, version, ref.to_arrays(), ref.meta)
         self.references[version] = ref

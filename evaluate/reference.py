@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from autotune.evaluate.progress import ProgressFn, report
 from autotune.evaluate.sets import EvalSet
 from autotune.sampling.denoiser import Denoiser
 from autotune.sampling.executor import sample
@@ -77,19 +78,28 @@ def lambda_uniform_schedule(noise: NoiseSchedule, steps: int, order: int, solver
 
 def compute_reference(
     model: Denoiser, eval_set: EvalSet, guidance: float | None = None, steps: int = 100, keep_every: int = 1,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, progress: ProgressFn | None = None,
 ) -> Reference:
-    """Solve the ODE from the set's noise; check against a second solver with 1.5x the steps."""
+    """Solve the ODE from the set's noise; check against a second solver with 1.5x the steps.
+
+    ``progress`` hears of every step of both solvers (task "reference, <kind> set")."""
     noise = eval_set.noise(dtype)
     cond = eval_set.labels()
     main = lambda_uniform_schedule(model.noise, steps, 3, solver="unip-bh2", corrector="bh2")
     main = Schedule(main.t_start, main.steps, guidance=guidance, name=main.name)
-    result = sample(model, main, noise, cond, keep_states=True)
     check = lambda_uniform_schedule(model.noise, (3 * steps) // 2, 3, solver="unip-bh2")
     check = Schedule(check.t_start, check.steps, guidance=guidance, name=check.name)
     # the check is a figure of accuracy, not the reference itself: the first CHECK_SAMPLES noises suffice
-    n = min(CHECK_SAMPLES, noise.shape[0])
-    other = sample(model, check, noise[:n], None if cond is None else cond[:n]).sample
+    n, size = min(CHECK_SAMPLES, noise.shape[0]), noise.shape[0]
+    # progress in sample-steps, so that the bar moves with the work (the check is the smaller part)
+    task, solved = f"reference, {eval_set.kind} set", len(main.steps) * size
+    total = solved + len(check.steps) * n
+    report(progress, task, 0, total)
+    result = sample(model, main, noise, cond, keep_states=True,
+                    callback=lambda k, _: report(progress, task, (k + 1) * size, total))
+    other = sample(model, check, noise[:n], None if cond is None else cond[:n],
+                   callback=lambda k, _: report(progress, task, solved + (k + 1) * n, total)).sample
+    report(progress, task, total, total)  # done, whatever steps a final denoise adds
     keep = list(range(0, len(main.times) - 1, keep_every)) + [len(main.times) - 1]
     times = torch.tensor([main.times[i] for i in keep], dtype=torch.float64)
     states = torch.stack([result.states[i] for i in keep]).to(torch.float32)

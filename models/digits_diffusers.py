@@ -7,13 +7,16 @@ without ``class_labels`` it runs the null class, i.e. the unconditional model th
 diffusers records a component defined outside its own libraries under its full module path
 (``["autotune.models.digits_diffusers", "DigitsUNet2DModel"]`` in ``model_index.json``) and, from 0.42 on,
 resolves that name only from ``sys.modules``: import this module before ``DDPMPipeline.from_pretrained``.
+``DigitsDDPMPipeline.from_pretrained`` loads the same directory without diffusers' warnings (that the unet
+is not a UNet2DModel, and that `accelerate` is missing).
 
-    >>> import autotune.models.digits_diffusers  # doctest: +SKIP
-    >>> pipe = DDPMPipeline.from_pretrained("digits-pipe")  # doctest: +SKIP
+    >>> from autotune.models.digits_diffusers import DigitsDDPMPipeline  # doctest: +SKIP
+    >>> pipe = DigitsDDPMPipeline.from_pretrained("digits-pipe")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +25,7 @@ import torch
 from autotune.errors import ModelError
 
 try:
-    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers import DDPMPipeline, DDPMScheduler, SchedulerMixin
     from diffusers.configuration_utils import ConfigMixin, register_to_config
     from diffusers.models.modeling_utils import ModelMixin  # diffusers finds the load method through this name
     from diffusers.models.unets.unet_2d import UNet2DOutput
@@ -97,6 +100,23 @@ class DigitsUNet2DModel(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=eps) if return_dict else (eps,)
 
 
+class DigitsDDPMPipeline(DDPMPipeline):
+    """DDPMPipeline holding the digits unet: loads an exported directory (`autotune zoo export digits`).
+
+    The same pipeline as DDPMPipeline; only loading differs. diffusers checks each component against the
+    pipeline's annotations, and DDPMPipeline's say UNet2DModel; this one names DigitsUNet2DModel. The whole
+    network is 4 MB, so it is loaded in full (``low_cpu_mem_usage=False``) rather than through `accelerate`.
+    """
+
+    def __init__(self, unet: DigitsUNet2DModel, scheduler: SchedulerMixin) -> None:
+        super().__init__(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "DigitsDDPMPipeline":
+        kwargs.setdefault("low_cpu_mem_usage", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
 def digits_scheduler(**overrides: Any) -> DDPMScheduler:
     """diffusers' DDPMScheduler on the digits noise schedule (linear betas 1e-4..0.02, 1000 steps, epsilon)."""
     return DDPMScheduler(**{**NOISE_CONFIG, "prediction_type": PARAMETERIZATION, **overrides})
@@ -113,4 +133,15 @@ def export_diffusers(out: str | Path, weights_dir: str | Path | None = None) -> 
         raise ModelError(f"{out}: exists and is not a directory")
     pipe = DDPMPipeline(unet=DigitsUNet2DModel.from_digits_weights(weights_dir), scheduler=digits_scheduler())
     pipe.save_pretrained(str(out))
+    # safetensors writes its files readable by the owner only (0600); weights are no secret: give them the
+    # mode every other file of the directory has, the one the umask allows
+    for weights in (out / "unet").glob("*.safetensors"):
+        os.chmod(weights, 0o666 & ~_umask())
     return out
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -51,6 +51,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> Denoiser:
     """
     from autotune.models.diffusers_dir import is_pipeline_dir, load_pipeline_dir
 
+    if not spec.strip():  # Path("") is the current directory: an empty name must not mean "here"
+        raise ModelError("model: empty name (give a built-in model name or a pipeline directory)")
     if Path(spec).is_dir():
         if not is_pipeline_dir(spec):
             raise ModelError(f"{spec}: a directory without model_index.json (not a diffusers pipeline directory)")

@@ -120,7 +120,7 @@ def save(s: Schedule, path: str | Path) -> Path:
 
 
 def _reject_constant(name: str) -> float:
-    raise ScheduleError("(file)", f"{name} is not allowed in a schedule file")
+    raise ScheduleError("", f"{name} is not allowed in a schedule file")
 
 
 def loads(text: str, source: str | None = None, units: Iterable[str] | None = None) -> Schedule:
@@ -130,7 +130,7 @@ def loads(text: str, source: str | None = None, units: Iterable[str] | None = No
     except ScheduleError as e:
         raise ScheduleError(e.field, e.reason, source) from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, and ints beyond Python's digit limit
-        raise ScheduleError("(file)", f"not valid JSON ({e})", source) from None
+        raise ScheduleError("", f"not valid JSON ({e})", source) from None
     try:
         schedule = from_dict(doc)
         if units is not None:
@@ -145,11 +145,11 @@ def load(path: str | Path, units: Iterable[str] | None = None) -> Schedule:
     try:
         text = path.read_text(encoding="utf-8")
     except IsADirectoryError:
-        raise ScheduleError("(file)", "is a directory, not a schedule file", str(path)) from None
+        raise ScheduleError("", "is a directory, not a schedule file", str(path)) from None
     except OSError as e:
-        raise ScheduleError("(file)", f"cannot read: {e.strerror or e}", str(path)) from None
+        raise ScheduleError("", f"cannot read: {e.strerror or e}", str(path)) from None
     except UnicodeDecodeError:
-        raise ScheduleError("(file)", "not a UTF-8 text file", str(path)) from None
+        raise ScheduleError("", "not a UTF-8 text file", str(path)) from None
     return loads(text, str(path), units)
 
 
@@ -187,7 +187,7 @@ def _key(key: str) -> str:
 def from_dict(doc: Any) -> Schedule:
     """Build a Schedule from a parsed document, validating types, version and every schedule rule."""
     if not isinstance(doc, dict):
-        raise ScheduleError("(file)", f"expected a JSON object, got {type(doc).__name__}")
+        raise ScheduleError("", f"expected a JSON object, got {type(doc).__name__}")
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION or type(version) is not int:
         raise ScheduleError("schema_version", f"unsupported version {version!r} (this autotune reads {SCHEMA_VERSION})")

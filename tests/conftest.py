@@ -1,3 +1,7 @@
+import os
+import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,3 +32,52 @@ def gmm():
     from autotune.models.registry import load_model
 
     return load_model("gmm2d", torch.float64)
+
+
+# Why the PostgreSQL cache tests were skipped, if they were: said at the end of the run, not only with -rs.
+_POSTGRES_SKIPPED: list[str] = []
+
+
+def _start_postgres() -> tuple[str, list[str], str]:
+    """(url, stop command, data folder) of a throwaway server started by .ci/postgres.sh (which installs
+    PostgreSQL when run as root); RuntimeError saying why not."""
+    script = Path(__file__).resolve().parent.parent / ".ci" / "postgres.sh"
+    # sourced (so it exports the server's variables), then its stop-at-exit trap cleared: the server must
+    # outlive this shell, and the session fixture stops it
+    code = ('source "$1" >&2 || exit 1; trap - EXIT; '
+            'printf "%s\\n" "$AUTOTUNE_TEST_POSTGRES_URL" "$AUTOTUNE_TEST_POSTGRES_STOP" "$AUTOTUNE_TEST_POSTGRES_DIR"')
+    try:
+        proc = subprocess.run(["bash", "-c", code, "conftest", str(script)], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"{script.name} did not run ({e})") from None
+    lines = proc.stdout.splitlines()
+    if proc.returncode != 0 or len(lines) != 3 or not lines[0]:
+        said = " ".join(proc.stderr.split())[-300:] or f"exit {proc.returncode}"
+        raise RuntimeError(f"{script.name} could not start a server: {said}")
+    return lines[0], shlex.split(lines[1]), lines[2]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL database for the cache tests: $AUTOTUNE_TEST_POSTGRES_URL, or else a throwaway server
+    for this session (the same .ci/postgres.sh that CI used to source), stopped when the session ends."""
+    url = os.environ.get("AUTOTUNE_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    try:
+        url, stop, datadir = _start_postgres()
+    except RuntimeError as e:
+        _POSTGRES_SKIPPED.append(str(e))
+        pytest.skip(f"no PostgreSQL: {e}")
+    try:
+        yield url
+    finally:
+        subprocess.run(stop, capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for why in _POSTGRES_SKIPPED:
+        terminalreporter.write_line(f"PostgreSQL cache tests skipped: {why}", yellow=True)

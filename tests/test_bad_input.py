@@ -158,6 +158,16 @@ CASES: list[Case] = [
          "{w}/n_overflows_float32.npy", "--dtype", "float64", "--out", "{o}/x.npy"),
     case("sample-png-not-png", "sample", "--model", "gmm2d", "--schedule", GOOD, "--out", "{o}/x.npy",
          "--png", "{o}/grid.txt"),
+    case("sample-noise-and-num", "sample", "--model", "gmm2d", "--schedule", GOOD, "--noise", NOISE, "--num", 3,
+         "--out", "{o}/x.npy"),
+    case("sample-model-empty-name", "sample", "--model", "", "--schedule", GOOD, "--out", "{o}/x.npy"),
+    case("search-budget-huge", "search", "--model", "gmm2d", "--budget", 10**9, "--workers", 0, "--no-cache",
+         "--out", OUT),
+    *[case(f"sample-prompts-{name}", "sample", "--model", "{w}/sd", "--schedule", "{w}/sd.json", "--prompts",
+           path, *extra, "--out", "{o}/x.npy") for name, path, extra in (
+        ("not-utf8", "{w}/p_not_utf8.txt", ()), ("dir", "{w}/afolder", ()), ("empty", "{w}/p_empty.txt", ()),
+        ("count", "{w}/p_three.txt", ("--num", 2)), ("with-labels", "{w}/p_three.txt",
+                                                      ("--class-labels", "{w}/l_ok4.npy")))],
     case("sample-columns-0", "sample", "--model", "gmm2d", "--schedule", GOOD, "--out", "{o}/x.npy",
          "--columns", 0),
     case("sample-no-schedule", "sample", "--model", "gmm2d", "--out", "{o}/x.npy"),
@@ -460,6 +470,9 @@ def _write_noise_and_labels(w: Path) -> None:
         np.save(w / f"l_{name}.npy", a)
     (w / "l_garbage.npy").write_bytes(b"garbage")
     (w / "prompts.txt").write_text("a cat\n")
+    (w / "p_not_utf8.txt").write_bytes(b"a \xff cat\n")
+    (w / "p_empty.txt").write_text("\n  \n")
+    (w / "p_three.txt").write_text("a cat\na dog\na car\n")
 
 
 def _write_cpr_files(w: Path) -> None:
@@ -513,6 +526,20 @@ def _write_engine_dirs(w: Path) -> None:
         (w / f"e_{name}" / MANIFEST).write_text(json.dumps(doc))
 
 
+def _write_text_to_image(w: Path) -> None:
+    """An untrained tiny Stable Diffusion directory (tests/tiny_sd.py) and a guided schedule for it."""
+    import dataclasses
+
+    from tiny_sd import make_tiny_sd_dir
+
+    from autotune.models.registry import load_model
+    from autotune.sampling.named import build
+    from autotune.space.fileformat import save
+
+    make_tiny_sd_dir(w / "sd", train_steps=0)
+    save(dataclasses.replace(build("ddim", load_model(str(w / "sd")).noise, 2), guidance=3.0), w / "sd.json")
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     pytest.importorskip("diffusers")
@@ -525,6 +552,7 @@ def workspace(tmp_path_factory) -> Path:
     _write_noise_and_labels(w)
     _write_cpr_files(w)
     _write_engine_dirs(w)
+    _write_text_to_image(w)
     return w
 
 

@@ -1,30 +1,27 @@
 """The cache conformance suite (tests/test_cache.py) against a real PostgreSQL server.
 
-Runs when AUTOTUNE_TEST_POSTGRES_URL names a database this user may create schemas in (`.ci/postgres.sh`
-starts a throwaway server and sets it); skipped otherwise. Each cache a test opens lives in a schema of its
-own (selected through the connection's search_path), dropped afterwards.
+Runs on the database AUTOTUNE_TEST_POSTGRES_URL names (one this user may create schemas in), or else on a
+throwaway server the ``postgres_url`` fixture (tests/conftest.py) starts with `.ci/postgres.sh`; skipped,
+with the reason at the end of the run, only when no server can be had. Each cache a test opens lives in a
+schema of its own (selected through the connection's search_path), dropped afterwards.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 
 from test_cache import CacheConformance
 
-URL = os.environ.get("AUTOTUNE_TEST_POSTGRES_URL")
-pytestmark = pytest.mark.skipif(not URL, reason="AUTOTUNE_TEST_POSTGRES_URL is not set (.ci/postgres.sh sets it)")
-
 
 @pytest.fixture(scope="module")
-def admin_engine():
+def admin_engine(postgres_url):
     pytest.importorskip("psycopg")
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
-    url = make_url(URL)
+    url = make_url(postgres_url)
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     engine = create_engine(url, isolation_level="AUTOCOMMIT")

@@ -142,12 +142,11 @@ def test_ddpm_pipeline_equals_autotune_sample(exported, builtin, tmp_path):
 
 README_SNIPPET = """
 import torch
-from diffusers import DDPMPipeline
-import autotune.models.digits_diffusers  # diffusers finds the unet class in sys.modules
+from autotune.models.digits_diffusers import DigitsDDPMPipeline
 from autotune import AutotuneScheduler
 from autotune.images import save_grid
 
-pipe = DDPMPipeline.from_pretrained("digits-pipe")
+pipe = DigitsDDPMPipeline.from_pretrained("digits-pipe")
 pipe.scheduler = AutotuneScheduler.from_schedule("s.json", pipe.scheduler.config)
 images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0),
               num_inference_steps=pipe.scheduler.num_inference_steps, output_type="pt").images
