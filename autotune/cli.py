@@ -14,7 +14,43 @@ from autotune.cli_common import check_output_dir, check_output_file
 from autotune.errors import AutotuneError, InputError
 from autotune.space.fileformat import MAX_NFE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search, fit and compile sampling schedules.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search, fit and compile sampling schedules.",
+                  context_settings={"help_option_names": ["-h", "--help"]})  # sub-commands inherit -h
+
+
+def _flags_without_type() -> None:
+    """typer 0.2x shows every on/off flag (--help too) with a `<bool>` type, as if it took a value; a flag
+    takes none, so its type column stays empty. (Older typer has no display_type_rich and no such type.)"""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "autotune_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.autotune_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from autotune import __version__
+
+        console.print(f"autotune {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Show the version and exit."),
+) -> None:
+    """Search, fit and compile sampling schedules."""
 
 
 DTYPES = ("float32", "float64")
@@ -34,9 +70,14 @@ def _torch_dtype(name: str):
 @app.command("models")
 @_one_line_errors
 def models_cmd(
-    model: Optional[str] = typer.Option(None, "--model", help="Describe this model (a directory or built-in name)."),
+    name: Optional[str] = typer.Argument(None, metavar="MODEL",
+                                         help="Describe this model (a directory or built-in name)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The same as MODEL."),
 ) -> None:
     """List the built-in models (or describe one model) with parameterisation, noise schedule and size."""
+    if name is not None and model is not None and name != model:
+        raise AutotuneError(f"models: give one model, as MODEL or --model (got {name!r} and {model!r})")
+    model = name or model
     from autotune.models.registry import BUILTIN, builtin_names, describe, load_model
 
     from autotune.tables import model_notes, models_table
@@ -287,13 +328,17 @@ def eval_cmd(
     else:
         from autotune.evaluate.evaluator import Evaluator
         from autotune.models.registry import load_model
+        from autotune.progress_cli import step
 
-        m = load_model(model)
+        with step(f"loading {model}"):
+            m = load_model(model)
         sched.check_units(m.units)
         check_guided_model(m, sched.guidance, model)
         evaluator = Evaluator(m, eval_set, size=size, store=store)
         evaluator.model_spec = model
-        metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
+        with step(f"scoring the schedule, {evaluator.eval_set.kind} set") as progress:
+            evaluator.progress = progress  # the set's reference, solved first unless cached
+            metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
     if as_json:
         shown = {k: v for k, v in metrics.items() if k != PER_SAMPLE}  # a payload for paired comparisons
         console.print_json(metrics_json({**shown, "eval_set": set_id}))
@@ -313,7 +358,10 @@ def compare_cmd(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale for the named schedules"),
     eval_set: str = typer.Option("report", "--set", help="report or search"),
     size: int = typer.Option(0, "--size", min=0, max=MAX_BATCH, help="evaluation-set size (0: the default of the set)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="directory for compare.csv and compare.json"),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help="folder for compare.csv and compare.json (default compare-MODEL), "
+                                            "or a file name ending in .csv or .json: that file, with the other "
+                                            "format beside it"),
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the cache"),
 ) -> None:
@@ -327,11 +375,17 @@ def compare_cmd(
     from autotune.sampling.named import NAMED, build
     from autotune.space.fileformat import load
 
+    from autotune.evaluate.progress import report
+    from autotune.progress_cli import step
+
     nfes = _parse_nfes(nfe)
     check_guidance(guidance)
-    out = check_output_dir(out or Path(f"compare-{Path(model).name}"), "--out")
+    csv_path, json_path = _compare_paths(out or Path(f"compare-{Path(model).name}"))
+    check_output_file(csv_path, "--out")
+    check_output_file(json_path, "--out")
     given = [load(p) for p in schedules]
-    m = load_model(model)
+    with step(f"loading {model}"):
+        m = load_model(model)
     for s in given:
         s.check_units(m.units)
         check_guided_model(m, s.guidance, model)
@@ -340,41 +394,71 @@ def compare_cmd(
         b.strip() for b in baselines.split(",") if b.strip()]
     evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache))
     evaluator.model_spec = model
-    rows: list[dict] = []
+    jobs: list[tuple[str, str, object]] = []  # (label, file, schedule)
     for name in names:
         for n in nfes:
             s = build(name, m.noise, n)
             if guidance is not None:
                 s = dataclasses.replace(s, guidance=guidance)
-            rows.append({"schedule": name, "file": "", **evaluator.evaluate(s)})
-    for path, s in zip(schedules, given):
-        rows.append({"schedule": s.name or path.stem, "file": str(path), **evaluator.evaluate(s)})
+            jobs.append((name, "", s))
+    jobs += [(s.name or path.stem, str(path), s) for path, s in zip(schedules, given)]
+    rows: list[dict] = []
+    what = f"scoring {len(jobs)} schedule{'' if len(jobs) == 1 else 's'}, {evaluator.eval_set.kind} set"
+    with step(what) as progress:
+        evaluator.progress = progress  # the set's reference, solved first unless cached
+        for label, file, s in jobs:
+            rows.append({"schedule": label, "file": file, **evaluator.evaluate(s)})
+            report(progress, "schedules", len(rows), len(jobs))
     from autotune.evaluate.metrics import ERROR_FIGURES
     from autotune.tables import compare_tables, data_metric_names
 
     shown = [{**r, "name": r["schedule"]} for r in rows]
     for table in compare_tables(shown, names, f"{model}, {evaluator.eval_set.id}"):
         console.print(table)
-    out.mkdir(parents=True, exist_ok=True)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     keys = ["schedule", "file", "nfe", *ERROR_FIGURES, *data_metric_names(rows), "traj_err", "diverged",
             "diverged_at", "seconds", "cached", "schedule_hash"]
-    with open(out / "compare.csv", "w", newline="") as f:
+    with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "compare.json").write_text(json.dumps(
+    json_path.write_text(json.dumps(
         {"model": model, "eval_set": evaluator.eval_set.id, "rows": [{k: r.get(k) for k in keys} for r in rows]},
         indent=1, default=str))
-    console.print(f"wrote {out / 'compare.csv'} and {out / 'compare.json'}")
+    console.print(f"wrote {csv_path} and {json_path}", highlight=False, soft_wrap=True)
 
 
-@app.command("search")
+def _compare_paths(out: Path) -> tuple[Path, Path]:
+    """(csv, json) that `compare --out` names: a name ending in .csv or .json is that file, the other format
+    beside it with the same stem (what `--out cmp.csv` asks for); otherwise a folder holding compare.csv and
+    compare.json."""
+    if out.suffix.lower() in (".csv", ".json") and not out.is_dir():
+        return out.with_suffix(".csv"), out.with_suffix(".json")
+    if out.exists() and not out.is_dir():
+        raise AutotuneError(f"--out {out}: exists and is not a folder (name a folder, or a .csv or .json file)")
+    return out / "compare.csv", out / "compare.json"
+
+
+class _SearchCommand(typer.core.TyperCommand):
+    """`autotune search`, whose --method help lists the registered methods. They are looked up only when the
+    help is shown: importing the strategies takes seconds that no search should pay before its work."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from autotune.search.strategy import method_names
+
+        for param in self.params:
+            if param.name == "method":
+                param.help = f"search method: {', '.join(method_names())} (the README says what each does)"
+        super().format_help(ctx, formatter)
+
+
+@app.command("search", cls=_SearchCommand)
 @_one_line_errors
 def search_cmd(
     model: str = typer.Option("digits", "--model", help="diffusers pipeline directory or built-in model name"),
     nfe: str = typer.Option("5", "--nfe", help="model evaluations of the searched schedule: 5, or a range like 4-10 "
                                                 f"(at most {MAX_NFE})"),
-    method: str = typer.Option("evolution", "--method", help="search method (see `autotune search --help`)"),
+    method: str = typer.Option("evolution", "--method", help="search method"),
     budget: int = typer.Option(120, "--budget", min=1, max=MAX_ITERATIONS,
                                help="true evaluations to spend (cache hits are free)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="seed of the search"),
@@ -413,35 +497,38 @@ def search_cmd(
     import dataclasses
     import json
 
-    import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from autotune.progress_cli import command_seconds, step
 
-    from autotune.evaluate.evaluator import Evaluator
-    from autotune.models.registry import load_model
-    from autotune.sampling.named import NAMED, build
-    from autotune.search.latency import LATENCY, LatencySpec
-    from autotune.search.nfe_space import NFERangeSpace, parse_nfe
-    from autotune.search.optuna_record import StudyRecorder, study_name
-    from autotune.search.runner import EvaluatorSpec, InProcessPool, RayPool, run_search, search_id
-    from autotune.search.strategy import SearchContext, make_strategy
-    from autotune.space.encoding import ScheduleSpace
-    from autotune.space.fileformat import save, to_dict
-
-    low, high = parse_nfe(nfe)
     names = tuple(o.strip() for o in (objectives or objective).split(",") if o.strip())
     if objectives is not None and objective != "mse_ref":
         raise AutotuneError("--objective and --objectives: give one or the other")
     if not names or len(set(names)) != len(names):
         raise AutotuneError(f"--objectives: expected distinct comma-separated metric names, got {objectives!r}")
-    if high > MAX_NFE:
-        raise InputError(f"--nfe {nfe}: at most {MAX_NFE} model evaluations")
     check_output_file(out, "--out")
     check_output_dir(report_dir, "--report")
     check_guidance(guidance)
     if not 0.0 < latency_budget < float("inf"):  # NaN fails this too
         raise InputError(f"--latency-budget {latency_budget}: expected a positive fraction like 0.8")
-    torch.set_num_threads(1 if workers else torch.get_num_threads())
-    m = load_model(model)
+    with step(f"loading {model}"):  # importing torch and the search modules is much of this wait
+        import torch
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from autotune.evaluate.evaluator import Evaluator
+        from autotune.models.registry import load_model
+        from autotune.sampling.named import NAMED, build
+        from autotune.search.latency import LATENCY, LatencySpec
+        from autotune.search.nfe_space import NFERangeSpace, parse_nfe
+        from autotune.search.optuna_record import StudyRecorder, study_name
+        from autotune.search.runner import EvaluatorSpec, InProcessPool, RayPool, run_search, search_id
+        from autotune.search.strategy import SearchContext, make_strategy
+        from autotune.space.encoding import ScheduleSpace
+        from autotune.space.fileformat import save, to_dict
+
+        low, high = parse_nfe(nfe)
+        if high > MAX_NFE:
+            raise InputError(f"--nfe {nfe}: at most {MAX_NFE} model evaluations")
+        torch.set_num_threads(1 if workers else torch.get_num_threads())
+        m = load_model(model)
     check_guided_model(m, guidance, model)
     if stage2_budget and not m.units:
         raise AutotuneError(f"--stage2-budget: {model} has no prunable units to skip")
@@ -469,15 +556,19 @@ def search_cmd(
     sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else nfe, method=method, budget=budget,
                     seed=seed, guidance=guidance, eval_set=evaluator.eval_set.id, batch=batch, space=repr(space),
                     **extra)
-    reference = evaluator.reference(guidance)  # computed once here, shipped to the workers
+    with step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
+        evaluator.progress = progress
+        reference = evaluator.reference(guidance)  # computed once here, shipped to the workers
+    evaluator.progress = None
     latency = LatencySpec() if LATENCY in names else None
     if workers == 0:
         pool = InProcessPool(evaluator, latency)
     else:
         spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
                              evaluator.ref_steps, ratios=ratios)
-        pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference},
-                       latency=latency)
+        with step(f"starting Ray ({workers} workers)" if address is None else f"joining Ray at {address}"):
+            pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference},
+                           latency=latency)
     url = store.url if store is not None else None
     attrs = {"model": model, "method": method, "nfe": nfe, "seed": seed, "budget": budget}
     first = names[0]
@@ -498,8 +589,9 @@ def search_cmd(
         if refine:
             from autotune.search.gradient import refine_times
 
-            refined = refine_times(m, winner, evaluator.eval_set, reference, iterations=refine, seed=seed).schedule
-            refined_metrics = evaluator.evaluate(refined)
+            with step(f"refining the time grid ({refine} gradient steps)"):
+                refined = refine_times(m, winner, evaluator.eval_set, reference, iterations=refine, seed=seed).schedule
+                refined_metrics = evaluator.evaluate(refined)
             refined_value = refined_metrics["mse_ref"]
             if "evaluated_schedule" in refined_metrics:  # --ratios: the refined grid with the ratios fitted for it
                 from autotune.space.fileformat import loads as _loads
@@ -516,7 +608,11 @@ def search_cmd(
 
             held_out = Evaluator(m, "validation", size=validate, seed=seed, store=store)
             extra = [("refined", refined)] if refine else []
-            chosen, scored = pick_on_validation(held_out, finalists(result.trials, extra + [("best", result.best)]))
+            candidates = finalists(result.trials, extra + [("best", result.best)])
+            what = f"validation: {len(candidates)} finalists, {held_out.eval_set.size} held-out samples"
+            with step(what) as progress:
+                held_out.progress = progress  # the validation set's reference, solved first unless cached
+                chosen, scored = pick_on_validation(held_out, candidates, progress=progress)
             from autotune.tables import finalists_table
 
             console.print(finalists_table(scored, chosen, [evaluator.evaluate(f.schedule)["mse_ref"] for f in scored],
@@ -527,8 +623,9 @@ def search_cmd(
         if stage2_budget:
             from autotune.search.skip_stage import run_stage2
 
-            stage2 = run_stage2(winner, tuple(m.units), pool, stage2_budget, fraction=latency_budget, seed=seed,
-                                batch_size=batch, store=store, parent_id=sid, study_url=url, study_attrs=attrs)
+            with step(f"stage 2: skip masks, {stage2_budget} evaluations"):
+                stage2 = run_stage2(winner, tuple(m.units), pool, stage2_budget, fraction=latency_budget, seed=seed,
+                                    batch_size=batch, store=store, parent_id=sid, study_url=url, study_attrs=attrs)
             if stage2.result is not None:
                 winner = stage2.result.best
     finally:
@@ -543,8 +640,7 @@ def search_cmd(
         **({"stage2": _stage2_meta(stage2)} if stage2 else {})})
     save(best, out)
     console.print(f"wrote {out}: best search-set {first} {winner_value:.4e} after {result.true_evaluations} "
-                  f"true evaluations ({result.cache_hits} cache hits) in {result.seconds:.1f} s"
-                  + (" (resumed)" if result.resumed else ""))
+                  f"true evaluations ({result.cache_hits} cache hits)" + (" (resumed)" if result.resumed else ""))
     if stage2 and stage2.result is None:
         console.print(f"stage 2: no skip mask met the latency limit {stage2.limit_ms:.2f} ms ({stage2.reason}); "
                       "kept the stage-1 schedule")
@@ -564,14 +660,17 @@ def search_cmd(
         console.print(pareto_table(result.front, names))
         console.print(f"wrote {front_path}")
     if store is not None:
-        console.print(f"Optuna study {study_name(sid)}: optuna-dashboard {url}")
+        console.print(f"Optuna study {study_name(sid)}; browse it with:")
+        console.print(f"optuna-dashboard {url}", highlight=False, soft_wrap=True)  # one line, to copy whole
     report = Evaluator(m, "report", store=store)
     report.model_spec = model
     peers = [s for s in seeds if s.nfe == best.nfe]
     ours = [(best.name, best)]
     if stage2 and stage2.result is not None:  # the stage-1 schedule too, to show what the skips cost
         ours.append((f"{best.name}-unpruned", dataclasses.replace(result.best, name=f"{best.name}-unpruned")))
-    rows = [(n, report.evaluate(s)) for n, s in ours] + [(s.name, report.evaluate(s)) for s in peers]
+    with step(f"scoring {len(ours) + len(peers)} schedules, report set") as progress:
+        report.progress = progress  # the report set's reference, solved first unless cached
+        rows = [(n, report.evaluate(s)) for n, s in ours] + [(s.name, report.evaluate(s)) for s in peers]
     from autotune.tables import report_tables
 
     shown = [{**r, "name": n} for n, r in rows]
@@ -584,13 +683,17 @@ def search_cmd(
             {"trial_number": t["number"], "schedule_hash": t["hash"],
              "metrics": {k: v for k, v in t.items() if k not in ("number", "hash")}} for t in result.trials]
         images = None
-        if is_image_model(m):
-            peer = min(zip(peers, rows[len(ours):]), key=lambda pr: pr[1][1]["mse_ref"])[0]
-            images = sample_images(report, {"best peer": peer, "searched": best}, reference_guidance=guidance)
-        path = write_search_report(report_dir, schedule=best, trials=trials,
-                                   baselines=[{"name": n, **r} for n, r in rows],
-                                   title=f"{method} search on {model}, NFE {nfe}", objectives=names, images=images)
+        with step(f"writing the report to {report_dir}"):
+            if is_image_model(m):
+                peer = min(zip(peers, rows[len(ours):]), key=lambda pr: pr[1][1]["mse_ref"])[0]
+                images = sample_images(report, {"best peer": peer, "searched": best}, reference_guidance=guidance)
+            path = write_search_report(report_dir, schedule=best, trials=trials,
+                                       baselines=[{"name": n, **r} for n, r in rows],
+                                       title=f"{method} search on {model}, NFE {nfe}", objectives=names,
+                                       images=images)
         console.print(f"wrote {path}")
+    console.print(f"finished in {command_seconds():.1f} s (the search loop: {result.seconds:.1f} s"
+                  + (", over several runs)" if result.resumed else ")"), highlight=False)
 
 
 def _stage2_meta(stage2) -> dict:
@@ -657,8 +760,8 @@ def zoo_export_cmd(
     from autotune.models.digits_diffusers import export_diffusers
 
     export_diffusers(out)
-    console.print(f"wrote {out}: DDPMPipeline (unet DigitsUNet2DModel, scheduler DDPMScheduler); "
-                  "`import autotune.models.digits_diffusers` before DDPMPipeline.from_pretrained")
+    console.print(f"wrote {out}: DDPMPipeline (unet DigitsUNet2DModel, scheduler DDPMScheduler); load it with "
+                  "DigitsDDPMPipeline.from_pretrained (from autotune.models.digits_diffusers)", highlight=False)
 
 
 def json_summary(record: dict) -> str:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from autotune.evaluate.progress import ProgressFn, report
 from autotune.space.fileformat import loads
 from autotune.space.schedule import Schedule
 
@@ -44,11 +45,18 @@ def finalists(trials: Sequence[dict[str, Any]], extra: Sequence[tuple[str, Sched
     return out
 
 
-def pick_on_validation(evaluator, candidates: Sequence[tuple[str, Schedule]], objective: str = "mse_ref"
-                       ) -> tuple[Finalist, list[Finalist]]:
-    """Score every candidate on the validation evaluator; the best (lowest ``objective``) and all of them."""
+def pick_on_validation(evaluator, candidates: Sequence[tuple[str, Schedule]], objective: str = "mse_ref",
+                       progress: ProgressFn | None = None) -> tuple[Finalist, list[Finalist]]:
+    """Score every candidate on the validation evaluator; the best (lowest ``objective``) and all of them.
+
+    ``progress`` hears of each finalist scored (task "finalists, validation set"); the validation set's
+    reference reports through ``evaluator.progress``."""
     if not candidates:
         raise ValueError("pick_on_validation: no candidates")
-    scored = [Finalist(label, s, evaluator.evaluate(s)) for label, s in candidates]
+    scored: list[Finalist] = []
+    report(progress, "finalists, validation set", 0, len(candidates))
+    for label, s in candidates:
+        scored.append(Finalist(label, s, evaluator.evaluate(s)))
+        report(progress, "finalists, validation set", len(scored), len(candidates))
     best = min(scored, key=lambda f: f.validation.get(objective, math.inf))
     return best, scored

@@ -304,11 +304,7 @@ def test_a_damaged_database_under_the_study_recorder_is_one_line(tmp_path):
     assert "junk.sqlite" in msg and "not a database" in msg and "\n" not in msg, msg
 
 
-POSTGRES = os.environ.get("AUTOTUNE_TEST_POSTGRES_URL")
-
-
-@pytest.mark.skipif(not POSTGRES, reason="AUTOTUNE_TEST_POSTGRES_URL is not set (.ci/postgres.sh sets it)")
-def test_postgres_check_and_two_recorders_of_one_search(gmm):
+def test_postgres_check_and_two_recorders_of_one_search(gmm, postgres_url):
     """On PostgreSQL: `check` reads every table through; two recorders of the same search (the advisory-lock
     path) add each trial once."""
     import uuid
@@ -318,12 +314,12 @@ def test_postgres_check_and_two_recorders_of_one_search(gmm):
     from autotune.space.fileformat import dumps
     from search_helpers import search_context
 
-    with open_store(POSTGRES) as store:
+    with open_store(postgres_url) as store:
         store.put_evaluation(EvalKey("fp", "set", "h", "m1"), {"x": 1.0})
         assert store.check() == [] and store.check(quick=True) == []
     space, s = search_context(gmm).space, build("ddim", gmm.noise, 4)
     sid = f"pg-{uuid.uuid4().hex[:8]}"
-    a, b = (StudyRecorder(POSTGRES, sid, space, ["mse_ref"]) for _ in range(2))
+    a, b = (StudyRecorder(postgres_url, sid, space, ["mse_ref"]) for _ in range(2))
     for n in range(6):
         for rec in (a, b):
             rec.record({"number": n, "hash": s.hash(), "value": 0.5, "objectives": {"mse_ref": 0.5}, "nfe": 4,
