@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from autotune.cli_common import CACHE_HELP, check_output_dir, console, one_line_errors
+from autotune.cli_common import CACHE_HELP, check_guidance, check_guided_model, check_output_dir, console
+from autotune.cli_common import one_line_errors
 from autotune.errors import AutotuneError
 
 report_app = typer.Typer(no_args_is_help=True, help="Markdown + PNG reports of a search or a comparison.")
@@ -107,6 +108,7 @@ def report_search_cmd(
         nfes = sorted(set(nfes) | {sched.nfe})
     evaluator, _ = _evaluator(model, "report", size, cache, False)
     sched.check_units(evaluator.model.units)
+    check_guided_model(evaluator.model, sched.guidance, model)
     name = sched.name or "searched"
     with step("scoring the schedule and the baselines, report set") as progress:
         evaluator.progress = progress  # the report set's reference, solved first unless cached
@@ -162,9 +164,11 @@ def report_compare_cmd(
     if not given and not names:
         raise AutotuneError("nothing to compare: pass --schedules or leave --baselines at 'all'")
     evaluator, _ = _evaluator(model, eval_set, size, cache, no_cache)
+    check_guided_model(evaluator.model, check_guidance(guidance), model)
     labelled = []
     for p, s in zip(paths, given):
         s.check_units(evaluator.model.units)
+        check_guided_model(evaluator.model, s.guidance, model)
         label = s.name or p.stem
         if label in names or label in [n for n, _ in labelled]:
             label = f"{label} ({p.name})"  # a file holding a named schedule must not merge into that line

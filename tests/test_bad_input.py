@@ -324,6 +324,12 @@ CASES: list[Case] = [
          "{w}/nope.json", "--out", "{o}/r", "--no-cache"),
     case("report-compare-guidance-nan", "report", "compare", "--model", "gmm2d", "--nfe", "3", "--baselines",
          "ddim", "--guidance", "nan", "--out", "{o}/r", "--no-cache"),
+    case("report-compare-guidance-unconditional", "report", "compare", "--model", "gmm2d", "--nfe", "3",
+         "--baselines", "ddim", "--guidance", 2, "--size", 8, "--out", "{o}/r", "--no-cache"),
+    case("report-compare-schedule-guided-unconditional", "report", "compare", "--model", "gmm2d", "--schedules",
+         "{w}/good_guided.json", "--baselines", "none", "--size", 8, "--out", "{o}/r", "--no-cache"),
+    case("eval-schedule-guided-unconditional", "eval", "--model", "gmm2d", "--schedule", "{w}/good_guided.json",
+         "--size", 8, "--no-cache"),
     # ---------------------------------------------------------------- zoo
     case("zoo-train-unknown", "zoo", "train", "nope", "--out", "{o}/z"),
     case("zoo-train-steps-0", "zoo", "train", "digits", "--steps", 0, "--out", "{o}/z"),
@@ -415,6 +421,7 @@ def _write_schedule_files(w: Path) -> None:
     gmm = load_model("gmm2d")
     good = build("dpmsolver++2m", gmm.noise, 5)
     save(good, w / "good.json")
+    save(dataclasses.replace(good, guidance=2.0), w / "good_guided.json")
     save(build("unipc-bh2-o2", gmm.noise, 5), w / "unipc.json")
     save(build("ddim", gmm.noise, 2), w / "ddim2.json")
     digits = load_model("digits")
