@@ -464,6 +464,9 @@ def search_cmd(
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="seed of the search"),
     workers: int = typer.Option(2, "--workers", min=0, help="Ray workers (0: evaluate in this process)"),
     address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster instead of a local Ray"),
+    candidate_timeout: float = typer.Option(0.0, "--candidate-timeout", min=0.0,
+                                            help="Ray: seconds a candidate may take before its worker counts as "
+                                                 "stalled and is replaced (0: 20x the slowest measured, >= 60 s)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale the schedule is tuned for"),
     batch: int = typer.Option(8, "--batch", min=1, max=MAX_BATCH, help="candidates per generation / batch"),
     set_size: int = typer.Option(0, "--set-size", min=0, max=MAX_BATCH, help="search-set size (0: default)"),
@@ -568,7 +571,8 @@ def search_cmd(
                              evaluator.ref_steps, ratios=ratios)
         with step(f"starting Ray ({workers} workers)" if address is None else f"joining Ray at {address}"):
             pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference},
-                           latency=latency)
+                           latency=latency, timeout_s=candidate_timeout or None,
+                           notify=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
     url = store.url if store is not None else None
     attrs = {"model": model, "method": method, "nfe": nfe, "seed": seed, "budget": budget}
     first = names[0]
@@ -604,11 +608,13 @@ def search_cmd(
                 winner, winner_value = refined, refined_value
         validation = None
         if validate and names == ("mse_ref",):
+            from autotune.search.selection import selection_value
             from autotune.search.validate import finalists, pick_on_validation
 
             held_out = Evaluator(m, "validation", size=validate, seed=seed, store=store)
             extra = [("refined", refined)] if refine else []
-            candidates = finalists(result.trials, extra + [("best", result.best)])
+            named_here = [(f"named {s.name}", s) for s in seeds if s.nfe == result.best.nfe]
+            candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
             what = f"validation: {len(candidates)} finalists, {held_out.eval_set.size} held-out samples"
             with step(what) as progress:
                 held_out.progress = progress  # the validation set's reference, solved first unless cached
@@ -619,7 +625,8 @@ def search_cmd(
                                           held_out.eval_set.id))
             winner, winner_value = chosen.schedule, evaluator.evaluate(chosen.schedule)["mse_ref"]
             validation = {"set": held_out.eval_set.id, "chosen": chosen.label, "mse_ref": chosen.validation["mse_ref"],
-                          "finalists": {f.label: f.validation["mse_ref"] for f in scored}}
+                          "finalists": {f.label: f.validation["mse_ref"] for f in scored},
+                          "selection": {f.label: selection_value(f.validation) for f in scored}}
         if stage2_budget:
             from autotune.search.skip_stage import run_stage2
 

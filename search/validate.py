@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from autotune.evaluate.progress import ProgressFn, report
+from autotune.search.selection import TOP_FINALISTS, selection_value
 from autotune.space.fileformat import loads
 from autotune.space.schedule import Schedule
 
@@ -25,8 +26,8 @@ class Finalist:
     validation: dict[str, Any]
 
 
-def finalists(trials: Sequence[dict[str, Any]], extra: Sequence[tuple[str, Schedule]] = (), top: int = 3
-              ) -> list[tuple[str, Schedule]]:
+def finalists(trials: Sequence[dict[str, Any]], extra: Sequence[tuple[str, Schedule]] = (),
+              top: int = TOP_FINALISTS) -> list[tuple[str, Schedule]]:
     """``extra`` (e.g. the refined grid) and the ``top`` distinct best finite trials, best first, no repeats."""
     out: list[tuple[str, Schedule]] = []
     seen: set[str] = set()
@@ -58,5 +59,8 @@ def pick_on_validation(evaluator, candidates: Sequence[tuple[str, Schedule]], ob
     for label, s in candidates:
         scored.append(Finalist(label, s, evaluator.evaluate(s)))
         report(progress, "finalists, validation set", len(scored), len(candidates))
-    best = min(scored, key=lambda f: f.validation.get(objective, math.inf))
+    if objective == "mse_ref":  # the default: mean plus a tail term (search/selection.py says why)
+        best = min(scored, key=lambda f: selection_value(f.validation))
+    else:
+        best = min(scored, key=lambda f: f.validation.get(objective, math.inf))
     return best, scored

@@ -11,6 +11,7 @@ from autotune.cli import app
 from autotune.evaluate.sets import EvalSet
 from autotune.sampling.named import build
 from autotune.sampling.noise import VPLinear
+from autotune.search.selection import TAIL_WEIGHT, selection_value
 from autotune.search.validate import finalists, pick_on_validation
 from autotune.space.fileformat import dumps
 
@@ -34,13 +35,32 @@ def test_finalists_put_extras_first_then_best_distinct_trials():
     assert finalists(trials, top=1)[0][1].hash() == b.hash()
 
 
-def test_pick_on_validation_takes_the_lowest_validation_error():
-    class Fake:
-        def evaluate(self, s):
-            return {"mse_ref": {"x": 2.0, "y": 0.5, "z": 1.0}[s]}
+def test_pick_on_validation_takes_the_lowest_mean_plus_tail():
+    # y has the lowest mean but a heavy tail (a few samples in another mode); z is a little worse on average
+    # and has no tail: the default choice is z. With the tail of y as light as z's, y wins.
+    figures = {"x": (2.0, 4.0), "y": (0.5, 8.0), "z": (0.8, 1.2)}
 
-    best, scored = pick_on_validation(Fake(), [("a", "x"), ("b", "y"), ("c", "z")])
-    assert best.label == "b" and [f.validation["mse_ref"] for f in scored] == [2.0, 0.5, 1.0]
+    class Fake:
+        def __init__(self, figures):
+            self.figures = figures
+
+        def evaluate(self, s):
+            mean, tail = self.figures[s]
+            return {"mse_ref": mean, "mse_ref_cvar": tail, "diverged": False}
+
+    best, scored = pick_on_validation(Fake(figures), [("a", "x"), ("b", "y"), ("c", "z")])
+    assert best.label == "c" and [f.validation["mse_ref"] for f in scored] == [2.0, 0.5, 0.8]
+    assert selection_value(scored[1].validation) == 0.5 + TAIL_WEIGHT * 8.0
+    best, _ = pick_on_validation(Fake({**figures, "y": (0.5, 1.2)}), [("a", "x"), ("b", "y"), ("c", "z")])
+    assert best.label == "b"
+    # another objective is chosen on its own figure alone
+    best, _ = pick_on_validation(Fake(figures), [("a", "x"), ("b", "y")], objective="mse_ref_cvar")
+    assert best.label == "a"
+
+
+def test_selection_value_of_a_diverged_or_unscored_schedule_is_inf():
+    assert selection_value({"mse_ref": float("inf"), "mse_ref_cvar": float("inf"), "diverged": True}) == float("inf")
+    assert selection_value({"mse_ref": 1.0}) == float("inf")
 
 
 def test_search_records_the_validation_choice(tmp_path):
@@ -50,4 +70,6 @@ def test_search_records_the_validation_choice(tmp_path):
     assert r.exit_code == 0, r.output
     v = json.loads(out.read_text())["metadata"]["validation"]
     assert v["set"].startswith("validation-s0-n64") and "refined" in v["finalists"]
-    assert v["mse_ref"] == min(v["finalists"].values()) == v["finalists"][v["chosen"]]
+    assert v["mse_ref"] == v["finalists"][v["chosen"]]
+    assert v["selection"][v["chosen"]] == min(v["selection"].values())
+    assert any(label.startswith("named ") for label in v["finalists"])  # the named schedules compete too
