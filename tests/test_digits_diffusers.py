@@ -179,7 +179,7 @@ def test_errors(tmp_path):
     for args, message in (
         (["gmm2d", "--out", str(tmp_path / "x")], "unknown model 'gmm2d'"),
         (["digits", "--format", "onnx", "--out", str(tmp_path / "x")], "--format 'onnx' is not supported"),
-        (["digits", "--out", str(tmp_path / "file")], "exists and is not a directory"),
+        (["digits", "--out", str(tmp_path / "file")], "is a file; give a folder"),
     ):
         result = runner.invoke(app, ["zoo", "export", *args])
         assert result.exit_code == 2 and message in result.output, result.output
