@@ -530,7 +530,8 @@ def search_cmd(
         low, high = parse_nfe(nfe)
         if high > MAX_NFE:
             raise InputError(f"--nfe {nfe}: at most {MAX_NFE} model evaluations")
-        torch.set_num_threads(1 if workers else torch.get_num_threads())
+        # the driver keeps every core: it solves the search, validation and report references itself, and
+        # waits idle while the Ray workers (one thread each) score candidates
         m = load_model(model)
     check_guided_model(m, guidance, model)
     if stage2_budget and not m.units:
