@@ -10,6 +10,7 @@ import typer
 from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, MAX_THREADS, check_guidance, check_guided_model
 from autotune.cli_common import check_output_dir, check_output_file, console, one_line_errors
 from autotune.errors import AutotuneError, InputError
+from autotune.progress_cli import step
 
 
 def _csv(text: str, what: str) -> list[str]:
@@ -61,8 +62,10 @@ def compile_cmd(
 
     check_output_dir(out, "--out")
     torch.set_num_threads(1)
-    m, sched = _model_and_schedule(model, schedule, guidance)
-    man = build_engine(m, sched, out, backend, precision, model_spec=model, max_batch=max_batch)
+    with step(f"loading {model}"):
+        m, sched = _model_and_schedule(model, schedule, guidance)
+    with step(f"baking, exporting ({backend}) and checking parity"):
+        man = build_engine(m, sched, out, backend, precision, model_spec=model, max_batch=max_batch)
     p = man.parity
     console.print(f"wrote {out}: {man.backend} {man.precision}, {man.artifact}, NFE {sched.nfe}, "
                   f"schedule {sched.hash()}")
@@ -91,8 +94,10 @@ def bench_cmd(
     torch.set_num_threads(threads)
     ways = _csv(backends, "--backends")
     sizes = _batches(batch)
-    m, sched = _model_and_schedule(model, schedule, None)
-    rows = bench(m, sched, ways, sizes, repeats=repeats, threads=threads)
+    with step(f"loading {model}"):
+        m, sched = _model_and_schedule(model, schedule, None)
+    with step(f"building and timing {', '.join(ways)} at batch {', '.join(map(str, sizes))}"):
+        rows = bench(m, sched, ways, sizes, repeats=repeats, threads=threads)
     rel = ratios(rows)
     from autotune.tables import bench_table
 

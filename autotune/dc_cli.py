@@ -12,6 +12,7 @@ from rich.table import Table
 from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, check_guidance, check_guided_model, check_output_file
 from autotune.cli_common import console, err_console, one_line_errors, open_store_option
 from autotune.errors import AutotuneError, InputError
+from autotune.progress_cli import step
 from autotune.space.fileformat import MAX_NFE
 
 dc_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -108,12 +109,16 @@ def dc_fit_cmd(
     sched = load(schedule)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
-    m = load_model(model)
+    with step(f"loading {model}"):
+        m = load_model(model)
     sched.check_units(m.units)
     check_guided_model(m, sched.guidance, model)
     evaluator = Evaluator(m, "search", size=datapoints, store=open_store_option(cache, no_cache))
-    reference = evaluator.reference(sched.guidance)
-    fit = fit_ratios(m, sched, evaluator.eval_set, reference, settings)
+    with step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
+        evaluator.progress = progress
+        reference = evaluator.reference(sched.guidance)
+    with step(f"fitting ratios ({settings.method}, {settings.iterations} iterations)"):
+        fit = fit_ratios(m, sched, evaluator.eval_set, reference, settings)
     fitted = dataclasses.replace(fit.schedule, metadata={
         **sched.metadata, "dc_fit": {**settings.as_dict(), "model_fingerprint": evaluator.fingerprint,
                                      "fit_set": evaluator.eval_set.id, "loss_before": fit.loss_before,
