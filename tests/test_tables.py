@@ -229,5 +229,5 @@ def test_cli_search_closing_table_at_80_columns(width80, tmp_path):
     text = result.output
     assert ELLIPSIS not in text
     closing = text[text.index("report set report-s0-n1024-2, NFE 5"):]
-    assert "evolution-nfe5" in closing and "95% CI of mean" in closing and "p99" in closing
-    assert re.search(r"evolution-nfe5 .*\d\.\d\dx (better|\(worse\)|\(same\))", closing)
+    assert "s3-nfe5" in closing and "95% CI of mean" in closing and "p99" in closing
+    assert re.search(r"s3-nfe5 .*\d\.\d\dx (better|\(worse\)|\(same\))", closing)
