@@ -208,10 +208,8 @@ def sample_cmd(
     import dataclasses
 
     import numpy as np
-    import torch
 
-    from autotune.models.registry import load_model
-    from autotune.sampling.executor import sample
+    from autotune.progress_cli import step
     from autotune.space.fileformat import load
 
     check_output_file(out, "--out")
@@ -231,9 +229,15 @@ def sample_cmd(
         return
     if model is None or schedule is None:
         raise AutotuneError("sample: give --model and --schedule, or --engine")
-    tdtype = _torch_dtype(dtype)
     sched = load(schedule)  # a bad file fails before any model is loaded
-    m = load_model(model, dtype=tdtype)
+    with step(f"loading {model}"):  # importing torch is much of this wait
+        import torch
+
+        from autotune.models.registry import load_model
+        from autotune.sampling.executor import sample
+
+        tdtype = _torch_dtype(dtype)
+        m = load_model(model, dtype=tdtype)
     sched.check_units(m.units)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
@@ -773,9 +777,12 @@ def zoo_export_cmd(
     if name != "digits":
         raise AutotuneError(f"zoo export: unknown model {name!r} (digits; gmm* are analytic, without a network)")
     check_output_dir(out, "--out")
-    from autotune.models.digits_diffusers import export_diffusers
+    from autotune.progress_cli import step
 
-    export_diffusers(out)
+    with step(f"writing {out}"):  # importing diffusers is most of this wait
+        from autotune.models.digits_diffusers import export_diffusers
+
+        export_diffusers(out)
     console.print(f"wrote {out}: DDPMPipeline (unet DigitsUNet2DModel, scheduler DDPMScheduler); load it with "
                   "DigitsDDPMPipeline.from_pretrained (from autotune.models.digits_diffusers)", highlight=False)
 
