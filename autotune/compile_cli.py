@@ -112,11 +112,13 @@ def sample_engine(engine_dir: Path, out: Path, noise: Optional[Path], num: Optio
     import numpy as np
 
     from autotune.cli import _load_array, check_finite_samples, read_noise, save_npy
-    from autotune.compile import load_engine
 
     if not engine_dir.is_dir():
         raise InputError(f"--engine {engine_dir}: not a directory (an engine directory from `autotune compile`)")
-    eng = load_engine(engine_dir)
+    with step(f"loading the engine in {engine_dir}"):  # the runtime's import and session start are this wait
+        from autotune.compile import load_engine
+
+        eng = load_engine(engine_dir)
     specs = {s.name: s for s in eng.manifest.inputs}
     if noise is not None:
         x = read_noise(noise).astype(np.float32)
