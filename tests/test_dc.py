@@ -242,8 +242,9 @@ def test_search_with_fitted_ratios_writes_the_fitted_schedule(tmp_path):
     from autotune.space.fileformat import loads
 
     assert len(trials) >= 8
-    top = min(trials, key=lambda t: t["metrics"]["value"])
-    assert [st.ratio for st in loads(top["metrics"]["schedule"]).steps] == [st.ratio for st in best.steps]
+    # the written file is one of the scored (fitted) schedules; which one the validation set chose
+    scored = {loads(t["metrics"]["schedule"]).hash() for t in trials}
+    assert best.hash() in scored
     plain = Evaluator(load_model("gmm2d"), "search").evaluate(best)["mse_ref"]
     assert abs(plain - meta["search_value"]) <= 1e-9 * max(1.0, plain)
     bad = CliRunner().invoke(app, ["search", "--model", "gmm2d", "--nfe", "5", "--budget", "2", "--workers", "0",
