@@ -26,6 +26,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from autotune.evaluate.metrics import tail_mean
+from autotune.search.selection import TOP_FINALISTS
+
 
 def per_sample_errors(model, schedule, eval_set, reference) -> np.ndarray | None:
     """Squared error vs the reference, one number per sample; None when the schedule diverges."""
@@ -40,14 +43,13 @@ def per_sample_errors(model, schedule, eval_set, reference) -> np.ndarray | None
 
 AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
     "mean": lambda e: float(e.mean()),
-    # mean of the worst 5 %: the tail a mode switch lands in
-    "cvar": lambda e: float(np.sort(e)[-max(1, len(e) // 20):].mean()),
-    "mean+cvar": lambda e: float(e.mean() + 0.25 * np.sort(e)[-max(1, len(e) // 20):].mean()),
+    # mean of the worst 5 % (the metrics' mse_ref_cvar): the tail a mode switch lands in
+    "cvar": lambda e: tail_mean(e),
+    "mean+cvar": lambda e: float(e.mean() + 0.25 * tail_mean(e)),
     # an upper confidence bound of the mean: pessimistic about schedules scored on few lucky samples
     "ucb": lambda e: float(e.mean() + 2.0 * e.std(ddof=1) / math.sqrt(len(e))),
     "ucb3": lambda e: float(e.mean() + 3.0 * e.std(ddof=1) / math.sqrt(len(e))),
-    "ucb+cvar": lambda e: float(e.mean() + 2.0 * e.std(ddof=1) / math.sqrt(len(e))
-                                + 0.25 * np.sort(e)[-max(1, len(e) // 20):].mean()),
+    "ucb+cvar": lambda e: float(e.mean() + 2.0 * e.std(ddof=1) / math.sqrt(len(e)) + 0.25 * tail_mean(e)),
 }
 
 
@@ -160,13 +162,14 @@ RULES = ("top3-mean", "top8+named-mean", "top8+named-tail")
 def choose(rule: str, vs: list[dict[str, float]], n_found: int) -> int:
     """Index of the finalist a selection rule keeps: ``vs`` = validation figures of the found schedules
     (best first, ``n_found`` of them) followed by the named schedules'."""
-    from autotune.search.selection import TAIL_WEIGHT
+    from autotune.search.selection import selection_value
 
     if rule == "top3-mean":  # the rule before search/selection.py
         return min(range(min(3, n_found)), key=lambda i: vs[i]["mean"])
     if rule == "top8+named-mean":
         return min(range(len(vs)), key=lambda i: vs[i]["mean"])
-    return min(range(len(vs)), key=lambda i: vs[i]["mean"] + TAIL_WEIGHT * vs[i]["cvar"])
+    # the product's own rule, on the figures the evaluator would return
+    return min(range(len(vs)), key=lambda i: selection_value({"mse_ref": vs[i]["mean"], "mse_ref_cvar": vs[i]["cvar"]}))
 
 
 def run_one(model, store, args, nfe: int, seed: int, vname: str, sets_cache: dict) -> dict[str, tuple]:
@@ -218,7 +221,7 @@ def run_one(model, store, args, nfe: int, seed: int, vname: str, sets_cache: dic
                     key=lambda t: t["value"])
     found, seen = [], set()
     for t in ranked:
-        if t["hash"] not in seen and len(found) < 8:
+        if t["hash"] not in seen and len(found) < TOP_FINALISTS:
             seen.add(t["hash"])
             found.append(loads(t["schedule"]))
     cands = found + list(seeds)
