@@ -138,10 +138,18 @@ class DiffusersUNetDenoiser(TorchDenoiser):
 
 
 def load_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> TorchDenoiser:
-    """Load the UNet and scheduler config of a diffusers pipeline directory.
+    """The Denoiser of a diffusers pipeline directory, by the loader of its family (``models/families.py``).
 
-    A UNet2DConditionModel directory (unet + text_encoder + tokenizer + vae + scheduler) is handed to
-    ``autotune.models.latent.load_latent_pipeline_dir`` and gives a LatentTextToImageDenoiser.
+    Raises:
+        ModelError: ONE line: the directory lacks a part, or its family is not supported (naming those that are).
+    """
+    from autotune.models.families import family_of
+
+    return family_of(path).load(Path(path), dtype=dtype, device=device)
+
+
+def load_unet_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> TorchDenoiser:
+    """Load the UNet2DModel and scheduler config of a DDPM-layout pipeline directory (pixel space, unconditional).
 
     Raises:
         ModelError: the directory lacks a part, or its UNet is not a UNet2DModel.
@@ -155,14 +163,8 @@ def load_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32, devi
     sched_dir = path / "scheduler"
     sched_config = read_scheduler_file(sched_dir / "scheduler_config.json")
     cls = unet_config.get("_class_name")
-    if cls == "UNet2DConditionModel":  # latent text-to-image (Stable Diffusion layout)
-        from autotune.models.latent import load_latent_pipeline_dir
-
-        return load_latent_pipeline_dir(path, dtype=dtype, device=device)
     if cls != "UNet2DModel":
-        raise ModelError(
-            f"{path}/unet: {cls} is not supported (UNet2DModel, or UNet2DConditionModel in a text-to-image pipeline)"
-        )
+        raise ModelError(f"{path}/unet: {cls} is not a UNet2DModel")
     for key in ("in_channels", "sample_size"):  # the sample shape is read from these
         _positive_int(unet_config, key, path / "unet" / "config.json")
     try:
