@@ -103,7 +103,8 @@ def models_cmd(
 @app.command("baseline")
 @_one_line_errors
 def baseline_cmd(
-    name: str = typer.Argument(..., help="ddim, dpmsolver++2m, dpmsolver++3m, unipc-bh1-o2, unipc-bh2-o2, unipc-bh2-o3, ipndm"),
+    name: str = typer.Argument(..., help="ddim, dpmsolver++2m, dpmsolver++3m, unipc-bh1-o2, unipc-bh2-o2, unipc-bh2-o3, ipndm; "
+                              "flow models also flow-euler, flow-euler-shift1|3|6, unipc-flow, dpmsolver++2m-flow"),
     model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
     nfe: int = typer.Option(..., "--nfe", min=1, max=MAX_NFE, help=f"model evaluations (1..{MAX_NFE})"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
@@ -382,7 +383,7 @@ def compare_cmd(
 
     from autotune.evaluate.evaluator import Evaluator
     from autotune.models.registry import load_model
-    from autotune.sampling.named import NAMED, build
+    from autotune.sampling.named import build, names_for
     from autotune.space.fileformat import load
 
     from autotune.evaluate.progress import report
@@ -400,7 +401,7 @@ def compare_cmd(
         s.check_units(m.units)
         check_guided_model(m, s.guidance, model)
     check_guided_model(m, guidance, model)
-    names = list(NAMED) if baselines == "all" else [] if baselines == "none" else [
+    names = names_for(m.noise) if baselines == "all" else [] if baselines == "none" else [
         b.strip() for b in baselines.split(",") if b.strip()]
     evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache))
     evaluator.model_spec = model
@@ -530,7 +531,7 @@ def search_cmd(
 
         from autotune.evaluate.evaluator import Evaluator
         from autotune.models.registry import load_model
-        from autotune.sampling.named import NAMED, build
+        from autotune.sampling.named import build, names_for
         from autotune.search.latency import LATENCY, LatencySpec
         from autotune.search.nfe_space import NFERangeSpace, parse_nfe
         from autotune.search.optuna_record import StudyRecorder, study_name
@@ -561,7 +562,7 @@ def search_cmd(
                 for note in cpr.outside_grid(n, guidance):
                     err_console.print(f"warning: {note}", highlight=False, soft_wrap=True)
     seeds = tuple(dataclasses.replace(build(n, m.noise, k), guidance=guidance) for k in range(low, high + 1)
-                  for n in NAMED)
+                  for n in names_for(m.noise))
     space = ScheduleSpace(high, m.noise.T, 0.0, ratio_range=None, guidance=guidance)
     if low != high:
         space = NFERangeSpace(space, low, high)

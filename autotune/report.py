@@ -404,9 +404,9 @@ def write_search_report(
     here = [r for r in baselines if int(r["nfe"]) == schedule.nfe]
     ours = [r for r in here if r["name"] == name]
     md.append(f"## Report set, NFE {schedule.nfe}\n")
-    from autotune.sampling.named import NAMED  # peers are the named schedules (not e.g. our unpruned stage 1)
+    from autotune.sampling.named import ALL_NAMED  # peers are the named schedules (not e.g. our unpruned stage 1)
 
-    md.append(figures_section(here, [r for r in here if r["name"] in NAMED], ours[0] if ours else None))
+    md.append(figures_section(here, [r for r in here if r["name"] in ALL_NAMED], ours[0] if ours else None))
     if len({int(r["nfe"]) for r in baselines}) > 1 and ours and _finite(ours[0].get("mse_ref")):
         md.append(f"NFE each named schedule needs to match {name} (among the NFEs evaluated):\n")
         md.append(_table(("schedule", "NFE needed"), peer_nfe_to_match(baselines, name, schedule.nfe,

@@ -33,17 +33,18 @@ def _parse_nfes(text: str) -> list[int]:
     return values
 
 
-def _baseline_names(text: str) -> list[str]:
-    from autotune.sampling.named import NAMED
+def _baseline_names(text: str, noise=None) -> list[str]:
+    """The --baselines list; "all" is every named schedule that applies to the model (flow ones for flow models)."""
+    from autotune.sampling.named import ALL_NAMED, NAMED, names_for
 
     if text == "all":
-        return list(NAMED)
+        return names_for(noise) if noise is not None else list(NAMED)
     if text == "none":
         return []
     names = [b.strip() for b in text.split(",") if b.strip()]
     for n in names:
-        if n not in NAMED:
-            raise AutotuneError(f"--baselines: unknown schedule {n!r} (one of {', '.join(NAMED)}, all, none)")
+        if n not in ALL_NAMED:
+            raise AutotuneError(f"--baselines: unknown schedule {n!r} (one of {', '.join(ALL_NAMED)}, all, none)")
     return names
 
 
@@ -112,7 +113,7 @@ def report_search_cmd(
     name = sched.name or "searched"
     with step("scoring the schedule and the baselines, report set") as progress:
         evaluator.progress = progress  # the report set's reference, solved first unless cached
-        rows = [schedule_row(evaluator, sched, name)] + baseline_rows(evaluator, _baseline_names(baselines), nfes,
+        rows = [schedule_row(evaluator, sched, name)] + baseline_rows(evaluator, _baseline_names(baselines, evaluator.model.noise), nfes,
                                                                       sched.guidance)
     images = None
     if samples and is_image_model(evaluator.model):
@@ -165,6 +166,7 @@ def report_compare_cmd(
         raise AutotuneError("nothing to compare: pass --schedules or leave --baselines at 'all'")
     evaluator, _ = _evaluator(model, eval_set, size, cache, no_cache)
     check_guided_model(evaluator.model, check_guidance(guidance), model)
+    names = _baseline_names(baselines, evaluator.model.noise)
     labelled = []
     for p, s in zip(paths, given):
         s.check_units(evaluator.model.units)

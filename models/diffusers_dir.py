@@ -15,9 +15,16 @@ import torch
 
 from autotune.errors import ModelError
 from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module
-from autotune.sampling.noise import VPDiscrete
+from autotune.sampling.noise import FlowMatching, VPDiscrete
 
-PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v_prediction"}
+PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v_prediction",
+                    "flow_prediction": "flow"}
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+FLOW_KEYS = ("_class_name", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+             "max_image_seq_len", "time_shift_type", "shift_terminal", "use_flow_sigmas", "flow_shift")
+# sigma conversions the flow peers do not reproduce: refused at load rather than replayed wrongly
+FLOW_UNSUPPORTED = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                    "stochastic_sampling")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -98,9 +105,75 @@ def read_scheduler_file(path: Path) -> dict[str, Any]:
     return config
 
 
-def read_scheduler_config(config: dict[str, Any]) -> tuple[VPDiscrete, str, dict[str, Any]]:
-    """(noise schedule, parameterisation, the keys that define them) of a diffusers scheduler config."""
+def is_flow_config(config: dict[str, Any]) -> bool:
+    """A flow-matching scheduler config: FlowMatchEuler, or a multistep scheduler with ``use_flow_sigmas``."""
+    return (config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas"))
+            or config.get("prediction_type") == "flow_prediction")
+
+
+def dynamic_shift_mu(config: dict[str, Any], image_seq_len: int) -> float:
+    """mu of resolution-dependent shifting: linear in the image's token count, as the SD3 / Flux pipelines set it."""
+    base_len = float(config.get("base_image_seq_len", 256))
+    max_len = float(config.get("max_image_seq_len", 4096))
+    base_shift = float(config.get("base_shift", 0.5))
+    max_shift = float(config.get("max_shift", 1.15))
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
+def _check_flow_values(config: dict[str, Any]) -> None:
+    def number(key: str, low: float = 0.0) -> None:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > low):
+            raise ModelError(f"scheduler config: {key} {value!r}: must be a number above {low:g}")
+
+    for key in ("shift", "flow_shift", "base_image_seq_len", "max_image_seq_len"):
+        number(key)
+    for key in ("base_shift", "max_shift"):
+        number(key, low=-1e9)
+    if config.get("base_image_seq_len", 256) == config.get("max_image_seq_len", 4096):
+        raise ModelError("scheduler config: base_image_seq_len equals max_image_seq_len (mu is undefined)")
+    for key in FLOW_UNSUPPORTED:
+        if config.get(key):
+            raise ModelError(f"scheduler config: {key}=true is not supported for flow-matching models")
+    if config.get("use_flow_sigmas") and config.get("prediction_type") != "flow_prediction":
+        raise ModelError(f"scheduler config: prediction_type {config.get('prediction_type')!r} with use_flow_sigmas "
+                         "is not supported (flow_prediction)")
+
+
+def read_flow_scheduler_config(config: dict[str, Any], image_seq_len: int | None = None) -> FlowMatching:
+    """The FlowMatching schedule of a flow scheduler config, with the shift its pipeline applies.
+
+    ``image_seq_len`` (the number of image tokens the transformer sees) fixes mu when the config asks for
+    ``use_dynamic_shifting``; a model without a fixed resolution cannot give one and is refused.
+    """
+    _check_flow_values(config)
+    steps = int(config.get("num_train_timesteps", 1000))
+    mu = None
+    if config.get("use_dynamic_shifting"):
+        if image_seq_len is None:
+            raise ModelError("scheduler config: use_dynamic_shifting=true needs the image sequence length, which "
+                             "only transformer pipelines (SD3, Flux) give")
+        mu = dynamic_shift_mu(config, image_seq_len)
+    shift = config.get("flow_shift") if config.get("use_flow_sigmas") else config.get("shift", 1.0)
+    terminal = config.get("shift_terminal")
+    return FlowMatching(t_min=1.0 / steps, time_scale=float(steps), shift=float(shift or 1.0), mu=mu,
+                        time_shift_type=str(config.get("time_shift_type", "exponential")),
+                        shift_terminal=float(terminal) if terminal else None)
+
+
+def read_scheduler_config(config: dict[str, Any], image_seq_len: int | None = None
+                          ) -> tuple[VPDiscrete | FlowMatching, str, dict[str, Any]]:
+    """(noise schedule, parameterisation, the keys that define them) of a diffusers scheduler config.
+
+    A flow-matching config (FlowMatchEulerDiscreteScheduler, or ``use_flow_sigmas``) gives a FlowMatching
+    schedule and the velocity ("flow") parameterisation; anything else a discrete VP (DDPM) schedule.
+    """
     _check_scheduler_values(config)
+    if is_flow_config(config):
+        noise = read_flow_scheduler_config(config, image_seq_len)
+        keys = {k: config.get(k) for k in ("num_train_timesteps", *FLOW_KEYS) if k in config}
+        return noise, "flow", keys
     prediction = config.get("prediction_type", "epsilon")
     return VPDiscrete.from_diffusers_config(config), PREDICTION_TYPES[prediction], {k: config.get(k) for k in
                                                                                    SCHEDULER_KEYS}
@@ -127,7 +200,8 @@ class DiffusersUNetDenoiser(TorchDenoiser):
                 raise ModelError(f"{source or 'unet'}: the UNet fails on a batch of shape {tuple(x.shape)} "
                                  f"({type(e).__name__}: {first})") from None
 
-        super().__init__(forward, noise, parameterization, module=unet, round_time=True, config=config)
+        # a discrete DDPM model is fed integer steps; a flow model sigma x N as a float, as its scheduler does
+        super().__init__(forward, noise, parameterization, module=unet, round_time=noise.kind != "flow", config=config)
         self.unet = unet
         self.scheduler_config = scheduler_config
         self.source = source

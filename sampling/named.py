@@ -3,17 +3,20 @@
 Every one starts at T and never clips x0. On a discrete (DDPM) noise schedule they reproduce the diffusers
 scheduler of the same name: ``ddim`` = DDIMScheduler(timestep_spacing="trailing", clip_sample=False);
 the others = the multistep scheduler with ``timestep_spacing="linspace"`` and its default lower-order
-warm-up and final steps. On continuous schedules the same spacing rules are applied to t.
+warm-up and final steps. On continuous schedules the same spacing rules are applied to t. On flow-matching
+models the ``FLOW_NAMED`` ones reproduce diffusers' flow schedulers (FlowMatchEulerDiscreteScheduler with the
+model's own shift or fixed shifts; UniPC and DPM-Solver++ with ``use_flow_sigmas``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 
 from autotune.errors import ScheduleError
-from autotune.sampling.noise import NoiseSchedule, VPDiscrete
+from autotune.sampling.noise import FlowMatching, NoiseSchedule, VPDiscrete
 from autotune.space.schedule import Schedule, Step
 
 FINALS = ("zero", "sigma_min")
@@ -55,18 +58,34 @@ def ddim(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
     return _schedule("ddim", times, [Step(t) for t in times[1:]])
 
 
+def _dpm_steps(times: list[float], order: int, final: str = "zero") -> list[Step]:
+    nfe = len(times) - 1
+    steps = []
+    for k, t in enumerate(times[1:]):
+        o = min(order, k + 1)
+        if k == nfe - 1 and (nfe < 15 or final == "zero"):
+            o = 1  # diffusers' lower_order_final (always when the last step goes to sigma = 0)
+        elif k == nfe - 2 and nfe < 15:
+            o = min(o, 2)
+        steps.append(Step(t, order=o, solver="dpm", prediction="data"))
+    return steps
+
+
+def _unipc_steps(times: list[float], variant: str, order: int) -> list[Step]:
+    nfe = len(times) - 1
+    steps = []
+    for k, t in enumerate(times[1:]):
+        o = min(order, nfe - k, k + 1)
+        last = k == nfe - 1
+        steps.append(Step(t, order=o, solver=f"unip-{variant}", prediction="data",
+                          corrector="none" if last else variant, corrector_order=0 if last else o))
+    return steps
+
+
 def _dpmsolver_pp(order: int) -> Callable[..., Schedule]:
     def build(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
         times = linspace_times(noise, nfe, final)
-        steps = []
-        for k, t in enumerate(times[1:]):
-            o = min(order, k + 1)
-            if k == nfe - 1 and (nfe < 15 or final == "zero"):
-                o = 1  # diffusers' lower_order_final (always when the last step goes to sigma = 0)
-            elif k == nfe - 2 and nfe < 15:
-                o = min(o, 2)
-            steps.append(Step(t, order=o, solver="dpm", prediction="data"))
-        return _schedule(f"dpmsolver++{order}m", times, steps)
+        return _schedule(f"dpmsolver++{order}m", times, _dpm_steps(times, order, final))
 
     build.__doc__ = f"DPM-Solver++ {order}M (data prediction, midpoint form) on linspace spacing."
     return build
@@ -75,21 +94,7 @@ def _dpmsolver_pp(order: int) -> Callable[..., Schedule]:
 def _unipc(variant: str, order: int) -> Callable[..., Schedule]:
     def build(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
         times = linspace_times(noise, nfe, final)
-        steps = []
-        for k, t in enumerate(times[1:]):
-            o = min(order, nfe - k, k + 1)
-            last = k == nfe - 1
-            steps.append(
-                Step(
-                    t,
-                    order=o,
-                    solver=f"unip-{variant}",
-                    prediction="data",
-                    corrector="none" if last else variant,
-                    corrector_order=0 if last else o,
-                )
-            )
-        return _schedule(f"unipc-{variant}-o{order}", times, steps)
+        return _schedule(f"unipc-{variant}-o{order}", times, _unipc_steps(times, variant, order))
 
     build.__doc__ = f"UniPC {variant} order {order}: UniP predictor + UniC corrector (data prediction), linspace."
     return build
@@ -117,6 +122,93 @@ NAMED: dict[str, Callable[..., Schedule]] = {
 }
 
 
+# -- flow matching: the sigma grids diffusers' flow schedulers step through ------------------------------
+
+def _flow(noise: NoiseSchedule, name: str) -> FlowMatching:
+    if not isinstance(noise, FlowMatching):
+        raise ScheduleError("name", f"{name!r} is a flow-matching schedule; this model's noise schedule is "
+                                    f"{noise.kind} (use one of {', '.join(NAMED)})")
+    return noise
+
+
+def _below_start(noise: FlowMatching, sigmas: list[float]) -> list[float]:
+    # sigma = 1 is alpha = 0 (lambda = -inf): start at T = 1 - 1e-6 as diffusers' UniPC does for flow models
+    return [min(s, noise.T) for s in sigmas]
+
+
+def flow_euler_times(noise: FlowMatching, nfe: int) -> list[float]:
+    """FlowMatchEulerDiscreteScheduler's sigmas in the model's pipeline (its shift, dynamic shift and terminal
+    stretch, and the sigmas the pipeline passes), then 0."""
+    return _below_start(noise, noise.inference_sigmas(nfe)) + [0.0]
+
+
+def unipc_flow_times(noise: FlowMatching, nfe: int) -> list[float]:
+    """UniPCMultistepScheduler(use_flow_sigmas=True): linspace(1, 1/N, nfe + 1) without its last point, shifted
+    (by exp(mu) under dynamic shifting, else flow_shift), then 0."""
+    sigmas = np.linspace(1.0, 1.0 / noise.num_train_timesteps, nfe + 1)[:-1]
+    shifted = noise.shifted(sigmas) if noise.mu is not None else _static_shift(sigmas, noise.shift)
+    return _below_start(noise, [float(s) for s in np.asarray(shifted, dtype=np.float32)]) + [0.0]
+
+
+def dpm_flow_times(noise: FlowMatching, nfe: int) -> list[float]:
+    """DPMSolverMultistepScheduler(use_flow_sigmas=True): 1 - linspace(1, 1/N, nfe + 1), shifted by flow_shift
+    (exp(mu) under dynamic shifting), reversed, its 0 dropped, then 0 as the final sigma."""
+    alphas = np.linspace(1.0, 1.0 / noise.num_train_timesteps, nfe + 1)
+    sigmas = np.flip(_static_shift(1.0 - alphas, noise.multistep_flow_shift))[:-1]
+    return _below_start(noise, [float(s) for s in np.asarray(sigmas, dtype=np.float32)]) + [0.0]
+
+
+def _static_shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def flow_euler(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
+    """Euler on the flow ODE (= DDIM) through the sigmas of the model's own FlowMatchEulerDiscreteScheduler."""
+    times = flow_euler_times(_flow(noise, "flow-euler"), nfe)
+    return _schedule("flow-euler", times, [Step(t) for t in times[1:]])
+
+
+def _flow_euler_shift(shift: float) -> Callable[..., Schedule]:
+    name = f"flow-euler-shift{shift:g}"
+
+    def build(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
+        plain = replace(_flow(noise, name), shift=shift, mu=None, shift_terminal=None, pipeline_sigmas=False)
+        times = flow_euler_times(plain, nfe)
+        return _schedule(name, times, [Step(t) for t in times[1:]])
+
+    build.__doc__ = f"Euler through FlowMatchEulerDiscreteScheduler(shift={shift:g})'s sigmas."
+    return build
+
+
+def unipc_flow(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
+    """UniPC bh2 order 2 with use_flow_sigmas (as Wan's pipeline configures it), flow_shift = the model's shift."""
+    times = unipc_flow_times(_flow(noise, "unipc-flow"), nfe)
+    return _schedule("unipc-flow", times, _unipc_steps(times, "bh2", 2))
+
+
+def dpmsolver_pp_flow(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
+    """DPM-Solver++ 2M with use_flow_sigmas, flow_shift = the model's shift."""
+    times = dpm_flow_times(_flow(noise, "dpmsolver++2m-flow"), nfe)
+    return _schedule("dpmsolver++2m-flow", times, _dpm_steps(times, 2))
+
+
+# flow-only schedules: offered (baselines, finalists, reports) only for flow-matching models
+FLOW_NAMED: dict[str, Callable[..., Schedule]] = {
+    "flow-euler": flow_euler,
+    "flow-euler-shift1": _flow_euler_shift(1.0),
+    "flow-euler-shift3": _flow_euler_shift(3.0),
+    "flow-euler-shift6": _flow_euler_shift(6.0),
+    "unipc-flow": unipc_flow,
+    "dpmsolver++2m-flow": dpmsolver_pp_flow,
+}
+ALL_NAMED: dict[str, Callable[..., Schedule]] = {**NAMED, **FLOW_NAMED}
+
+
+def names_for(noise: NoiseSchedule) -> list[str]:
+    """The named schedules that apply to a model with this noise schedule (flow ones only for flow models)."""
+    return list(ALL_NAMED) if isinstance(noise, FlowMatching) else list(NAMED)
+
+
 def build(name: str, noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
     """A named schedule at ``nfe`` model evaluations.
 
@@ -125,10 +217,10 @@ def build(name: str, noise: NoiseSchedule, nfe: int, final: str = "zero") -> Sch
         >>> build("unipc-bh2-o3", VPLinear(), 6).nfe
         6
     """
-    if name not in NAMED:
-        raise ScheduleError("name", f"unknown schedule {name!r} (one of {', '.join(NAMED)})")
+    if name not in ALL_NAMED:
+        raise ScheduleError("name", f"unknown schedule {name!r} (one of {', '.join(ALL_NAMED)})")
     if not isinstance(nfe, int) or nfe < 1:
         raise ScheduleError("nfe", f"must be an integer >= 1, got {nfe!r}")
     if final not in FINALS:
         raise ScheduleError("final", f"must be one of {', '.join(FINALS)}, got {final!r}")
-    return NAMED[name](noise, nfe, final)
+    return ALL_NAMED[name](noise, nfe, final)

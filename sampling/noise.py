@@ -236,15 +236,75 @@ class EDM:
         return {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
 
+TIME_SHIFTS = ("exponential", "linear")
+
+
 @dataclass(frozen=True)
 class FlowMatching:
-    """Rectified flow / flow matching: alpha = 1 - t, sigma = t on [0, 1]; velocity u = eps - x0."""
+    """Rectified flow / flow matching: alpha = 1 - t, sigma = t on [0, 1]; velocity u = eps - x0.
+
+    The ODE does not depend on the shift fields: they say which sigmas the model's own diffusers pipeline
+    steps through (FlowMatchEulerDiscreteScheduler's ``shift``, or its resolution-dependent ``mu`` with
+    ``use_dynamic_shifting``, ``shift_terminal``, and whether the pipeline passes ``sigmas`` itself as
+    Flux's does), so that the named flow schedules reproduce that pipeline. See ``inference_sigmas``.
+    """
 
     t_min: float = 1e-3
     time_scale: float = 1000.0  # diffusers' flow models see t * num_train_timesteps
     # start just below 1 (as diffusers does): at t = 1 alpha = 0, lambda = -inf, and UniPC's B(h) is infinite
     T: float = 1.0 - 1e-6
     kind: str = "flow"
+    shift: float = 1.0  # static shift: sigma -> shift sigma / (1 + (shift - 1) sigma)
+    mu: float | None = None  # dynamic shift (use_dynamic_shifting), fixed by the model's resolution
+    time_shift_type: str = "exponential"
+    shift_terminal: float | None = None
+    pipeline_sigmas: bool = False  # the pipeline passes sigmas = linspace(1, 1/n, n) (Flux) instead of None (SD3)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ModelError(f"flow schedule: shift must be a positive number, got {self.shift!r}")
+        if self.mu is not None and not math.isfinite(self.mu):
+            raise ModelError(f"flow schedule: mu must be a finite number, got {self.mu!r}")
+        if self.time_shift_type not in TIME_SHIFTS:
+            raise ModelError(f"flow schedule: time_shift_type {self.time_shift_type!r} is not one of "
+                             f"{', '.join(TIME_SHIFTS)}")
+        if self.shift_terminal is not None and not 0 < self.shift_terminal < 1:
+            raise ModelError(f"flow schedule: shift_terminal must be in (0, 1), got {self.shift_terminal!r}")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(round(self.time_scale))
+
+    def shifted(self, sigmas: np.ndarray) -> np.ndarray:
+        """The pipeline's shift of a sigma grid: dynamic (mu) when the model has one, else the static shift."""
+        if self.mu is not None:
+            if self.time_shift_type == "exponential":
+                return math.exp(self.mu) / (math.exp(self.mu) + (1.0 / sigmas - 1.0))
+            return self.mu / (self.mu + (1.0 / sigmas - 1.0))
+        return self.shift * sigmas / (1.0 + (self.shift - 1.0) * sigmas)
+
+    @property
+    def multistep_flow_shift(self) -> float:
+        """``flow_shift`` of UniPC / DPM-Solver with ``use_flow_sigmas``: exp(mu) under dynamic shifting."""
+        return math.exp(self.mu) if self.mu is not None else self.shift
+
+    def inference_sigmas(self, nfe: int) -> list[float]:
+        """The ``nfe`` decreasing sigmas FlowMatchEulerDiscreteScheduler.set_timesteps gives in this model's
+        pipeline (float32 as there; the final 0 not included)."""
+        n = self.num_train_timesteps
+        if self.pipeline_sigmas:
+            sigmas = np.linspace(1.0, 1.0 / nfe, nfe).astype(np.float32)
+        else:
+            # the scheduler's own range: its training sigmas, already shifted once when the shift is static
+            train = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
+            if self.mu is None:
+                train = self.shift * train / (1 + (self.shift - 1) * train)
+            sigmas = (np.linspace(float(train[0]) * n, float(train[-1]) * n, nfe) / n).astype(np.float32)
+        sigmas = np.asarray(self.shifted(sigmas), dtype=np.float32)
+        if self.shift_terminal:
+            one_minus = 1.0 - sigmas
+            sigmas = 1.0 - one_minus / (one_minus[-1] / (1.0 - self.shift_terminal))
+        return [float(s) for s in np.asarray(sigmas, dtype=np.float32)]
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         return torch.log1p(-_as_tensor(t))
@@ -266,4 +326,10 @@ class FlowMatching:
         return 1.0
 
     def to_config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "t_min": self.t_min}
+        config: dict[str, Any] = {"kind": self.kind, "t_min": self.t_min}
+        # only what differs from a plain flow model, so existing fingerprints (gmm2d-flow) do not move
+        for key, default in (("time_scale", 1000.0), ("shift", 1.0), ("mu", None), ("time_shift_type", "exponential"),
+                             ("shift_terminal", None), ("pipeline_sigmas", False)):
+            if getattr(self, key) != default:
+                config[key] = getattr(self, key)
+        return config
