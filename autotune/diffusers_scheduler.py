@@ -13,6 +13,9 @@ the adapter feeds (``noise.model_time``, snapped to integers within 1e-6), so a 
 scheduler and ``autotune sample`` make the same network calls on the same states.
 
 For VP models ``init_noise_sigma`` is 1 and ``scale_model_input`` is the identity, as the pipelines expect.
+For flow-matching pipelines (a FlowMatch scheduler config, or ``use_flow_sigmas``) the network is fed sigma x N
+as a float, the keys the pipeline reads to compute ``mu`` are kept, and ``set_timesteps`` takes the ``sigmas=``
+/ ``mu=`` that SD3 / Flux pipelines pass (their defaults accepted, a conflicting list refused with one line).
 Guidance stays the pipeline's business (StableDiffusionPipeline applies CFG before calling ``step``).
 Skip masks cannot be replayed (a pipeline calls its own network; the scheduler cannot bypass blocks), so a
 schedule with any is refused by ``from_schedule`` with one error. Nothing is clipped: a DDPM config's
@@ -35,16 +38,21 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ModelError("AutotuneScheduler needs diffusers: pip install 'autotune-diffusion[diffusers]'") from e
 
-from autotune.models.diffusers_dir import read_scheduler_config
+from autotune.models.diffusers_dir import is_flow_config, read_scheduler_config
 from autotune.sampling.coefficients import Update, make_plan
 from autotune.sampling.denoiser import to_data_and_noise
-from autotune.sampling.noise import NoiseSchedule
+from autotune.sampling.noise import FlowMatching, NoiseSchedule
 from autotune.space.fileformat import from_dict, load, to_dict
 from autotune.space.schedule import Schedule
 
 # the keys of a diffusers scheduler config that define the noise schedule and the network's output
 CONFIG_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
                "rescale_betas_zero_snr")
+# a flow pipeline reads these from its scheduler's config (to compute mu, or to decide which sigmas to pass):
+# kept so that it calls set_timesteps as it would with its own scheduler; they do not change the replay
+FLOW_CONFIG_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+                    "max_image_seq_len", "time_shift_type", "shift_terminal", "use_flow_sigmas", "flow_shift")
+SIGMA_TOL = 1e-4  # sigmas a pipeline passes are float32 copies of ours at best
 ROUND_TOL = 1e-6  # the adapters' round_time: a model time within this of an integer is fed as that integer
 
 
@@ -59,9 +67,11 @@ def check_replayable(schedule: Schedule, source: str | None = None) -> None:
 
 
 def fed_timesteps(noise: NoiseSchedule, times: torch.Tensor) -> torch.Tensor:
-    """The model times the adapter feeds the network at ``times`` (TorchDenoiser.model_time with round_time)."""
+    """The model times the adapter feeds the network at ``times`` (TorchDenoiser.model_time, with round_time for
+    discrete models; a flow model is fed sigma x N as a float, as FlowMatchEulerDiscreteScheduler feeds it)."""
     tm = noise.model_time(times.to(torch.float64))
-    tm = torch.where((tm - tm.round()).abs() < ROUND_TOL, tm.round(), tm)
+    if noise.kind != "flow":
+        tm = torch.where((tm - tm.round()).abs() < ROUND_TOL, tm.round(), tm)
     # float32: what the adapter feeds a float32 network, and what diffusers' time embedding computes in anyway
     return tm.to(torch.float32)
 
@@ -124,13 +134,29 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         trained_betas: Any = None,
         prediction_type: str = "epsilon",
         rescale_betas_zero_snr: bool = False,
+        flow: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
     ) -> None:
         if schedule is None:
             raise ScheduleError("schedule", "AutotuneScheduler needs one: AutotuneScheduler.from_schedule(path, "
                                             "pipe.scheduler.config)")
         self.schedule = from_dict(schedule)
         check_replayable(self.schedule)
-        self.noise, self.parameterization, _ = read_scheduler_config(dict(self.config))
+        if flow:  # the flow ODE only: the pipeline's shift picks sigmas, and the schedule has already picked them
+            steps = int(num_train_timesteps)
+            self.noise, self.parameterization = FlowMatching(t_min=1.0 / steps, time_scale=float(steps)), "flow"
+        else:
+            self.noise, self.parameterization, _ = read_scheduler_config(
+                {k: v for k, v in dict(self.config).items() if k in CONFIG_KEYS})
         self.plan = make_plan(self.schedule, self.noise)
         self.init_noise_sigma = float(self.noise.init_scale())
         self.num_inference_steps = self.schedule.nfe
@@ -149,21 +175,72 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
             source = str(schedule)
             schedule = load(schedule)
         check_replayable(schedule, source)
+        config = dict(config)
+        if is_flow_config(config):
+            flow_keys = {k: config[k] for k in FLOW_CONFIG_KEYS if k in config}
+            return cls(schedule=to_dict(schedule), flow=True, num_train_timesteps=config.get("num_train_timesteps", 1000),
+                       **flow_keys)
         return cls(schedule=to_dict(schedule), **{k: config[k] for k in CONFIG_KEYS if k in config})
 
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None) -> None:
-        """Start a new run; ``num_inference_steps`` must be the schedule's NFE (or None)."""
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: Any = None,
+        mu: float | None = None,
+        timesteps: Any = None,
+    ) -> None:
+        """Start a new run; ``num_inference_steps`` must be the schedule's NFE (or None).
+
+        Flow pipelines pass ``mu`` (ignored: the schedule fixed its sigmas when it was searched) and Flux's passes
+        ``sigmas=linspace(1, 1/n, n)`` (its default, accepted). Any other ``sigmas`` or ``timesteps`` list must be
+        the schedule's own; a conflicting one is refused with one line, never silently replaced.
+        """
         nfe = self.schedule.nfe
+        given = sigmas if sigmas is not None else timesteps
+        if num_inference_steps is None and given is not None:
+            num_inference_steps = len(given)
         if num_inference_steps is not None and int(num_inference_steps) != nfe:
             raise SamplingError(
                 f"num_inference_steps={num_inference_steps}: this scheduler replays "
                 f"{self.schedule.name or self.schedule.hash()} with exactly {nfe} model evaluations; "
                 f"call the pipeline with num_inference_steps={nfe}")
+        if sigmas is not None:
+            self._check_given("sigmas", sigmas, self._own_sigmas(), self._default_sigmas(nfe))
+        if timesteps is not None:
+            self._check_given("timesteps", timesteps, self.timesteps.to(torch.float64).cpu(), None)
         self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
         self._state = ReplayState(outputs={p: {} for p in self._spaces})
+
+    def _own_sigmas(self) -> torch.Tensor:
+        """The schedule's model-call times as diffusers' ``sigmas``: sigma itself for flow, sigma / alpha for VP."""
+        times = self.plan.times[:self.schedule.nfe].to(torch.float64)
+        if self.noise.kind == "flow":
+            return times
+        return self.noise.sigma(times) / torch.exp(self.noise.log_alpha(times))
+
+    def _default_sigmas(self, nfe: int) -> torch.Tensor | None:
+        # what FluxPipeline passes when its user gave none: not a choice to honour, so not a conflict
+        return torch.linspace(1.0, 1.0 / nfe, nfe, dtype=torch.float64) if self.noise.kind == "flow" else None
+
+    def _check_given(self, what: str, given: Any, own: torch.Tensor, default: torch.Tensor | None) -> None:
+        try:
+            values = torch.as_tensor([float(v) for v in given], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise SamplingError(f"set_timesteps({what}=...): expected a list of numbers") from None
+
+        def same(ref: torch.Tensor | None) -> bool:
+            return ref is not None and values.shape == ref.shape and bool(
+                ((values - ref).abs() <= SIGMA_TOL * ref.abs().clamp(min=1.0)).all())
+
+        if not (same(own) or same(default)):
+            shown = ", ".join(f"{v:.4g}" for v in own.tolist())
+            raise SamplingError(f"set_timesteps({what}=...): the pipeline asks for its own {what}, but this scheduler "
+                                f"replays {self.schedule.name or self.schedule.hash()} ({what} {shown}); "
+                                f"call the pipeline without {what}=")
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """The identity: VP networks take the state as it is."""

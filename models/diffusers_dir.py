@@ -106,8 +106,12 @@ def read_scheduler_file(path: Path) -> dict[str, Any]:
 
 
 def is_flow_config(config: dict[str, Any]) -> bool:
-    """A flow-matching scheduler config: FlowMatchEuler, or a multistep scheduler with ``use_flow_sigmas``."""
-    return (config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas"))
+    """A flow-matching scheduler config: FlowMatchEuler, or a multistep scheduler with ``use_flow_sigmas``.
+
+    The config of a scheduler built in Python (``pipe.scheduler.config``) has no ``_class_name``: there a
+    FlowMatch scheduler is told by its ``shift`` with no betas (every DDPM-family scheduler has betas)."""
+    flow_match_keys = "shift" in config and "beta_schedule" not in config and "trained_betas" not in config
+    return (config.get("_class_name") in FLOW_SCHEDULERS or flow_match_keys or bool(config.get("use_flow_sigmas"))
             or config.get("prediction_type") == "flow_prediction")
 
 

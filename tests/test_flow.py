@@ -214,3 +214,56 @@ def test_unsupported_family_is_one_line(tmp_path):
         load_model(str(path))
     msg = str(info.value)
     assert "PixArtAlphaPipeline" in msg and "PixArtTransformer2DModel" in msg and "SDXL" in msg and "\n" not in msg
+
+
+def _searched_like(noise: FlowMatching):
+    """A schedule no diffusers scheduler makes: UniPC-flow times moved, orders and correctors mixed."""
+    import dataclasses
+
+    base = build("unipc-flow", noise, 6)
+    times = [0.9, 0.7, 0.45, 0.25, 0.08, 0.0]
+    steps = tuple(dataclasses.replace(s, t=t) for s, t in zip(base.steps, times))
+    return dataclasses.replace(base, steps=steps, name="searched-like")
+
+
+@pytest.mark.parametrize("which", ["flow-euler", "unipc-flow", "searched"])
+def test_autotune_scheduler_in_the_flow_pipeline_equals_sample(flow_dir, model, which):
+    """DDPMPipeline over the flow directory with AutotuneScheduler swapped in ends where our executor ends."""
+    from diffusers import DDPMPipeline
+
+    from autotune.diffusers_scheduler import AutotuneScheduler
+    from tests.peers import record_prev_samples
+
+    schedule = _searched_like(model.noise) if which == "searched" else build(which, model.noise, 5)
+    pipe = DDPMPipeline.from_pretrained(str(flow_dir))
+    pipe.scheduler = AutotuneScheduler.from_schedule(schedule, pipe.scheduler.config)
+    finals = record_prev_samples(pipe.scheduler)
+    with torch.no_grad():
+        pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=schedule.nfe,
+             output_type="np")
+    noise = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(4))
+    ours = sample(model, schedule, noise).sample
+    assert len(finals) == schedule.nfe and (finals[-1] - ours).abs().max().item() <= TOL
+
+
+def test_autotune_scheduler_sigmas_and_mu(model):
+    """Flux passes sigmas=linspace(1, 1/n, n) and mu: accepted; the schedule's own sigmas: accepted; a
+    conflicting list: one line."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from autotune.diffusers_scheduler import AutotuneScheduler
+    from autotune.errors import SamplingError
+
+    config = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
+    schedule = build("unipc-flow", model.noise, 5)
+    sched = AutotuneScheduler.from_schedule(schedule, config)
+    assert sched.config.use_dynamic_shifting and sched.config.base_image_seq_len == 256  # pipelines read these
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 5, 5), mu=0.8)
+    own = [schedule.t_start] + [s.t for s in schedule.steps[:-1]]
+    sched.set_timesteps(5, sigmas=own)
+    np.testing.assert_allclose(sched.timesteps.numpy(), np.array(own) * 1000, rtol=1e-6)
+    with pytest.raises(SamplingError, match="sigmas") as info:
+        sched.set_timesteps(sigmas=[1.0, 0.8, 0.5, 0.3, 0.1])
+    assert "\n" not in str(info.value)
+    with pytest.raises(SamplingError, match="num_inference_steps=4"):
+        sched.set_timesteps(sigmas=[1.0, 0.8, 0.5, 0.3])
