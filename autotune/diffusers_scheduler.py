@@ -161,7 +161,12 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = float(self.noise.init_scale())
         self.num_inference_steps = self.schedule.nfe
         n_calls = self.schedule.nfe  # steps, plus the final denoising call at tau_N if the schedule has one
-        self.timesteps = fed_timesteps(self.noise, self.plan.times[:n_calls])
+        self._own = fed_timesteps(self.noise, self.plan.times[:n_calls])  # the model times this schedule calls at
+        self.timesteps = self._own
+        # a schedule starting below T is the tail an image-to-image pipeline runs: it may ask for more steps and
+        # then start at the index where the schedule's own steps begin (set_begin_index)
+        self.partial = self.schedule.t_start < float(self.noise.T) * (1 - 1e-9)
+        self._begin = 0
         self._spaces = sorted({sp.predictor.prediction for sp in self.plan.steps})
         self._last_use = self.plan.last_uses()
         self._state: ReplayState | None = None
@@ -203,6 +208,16 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         given = sigmas if sigmas is not None else timesteps
         if num_inference_steps is None and given is not None:
             num_inference_steps = len(given)
+        total = nfe if num_inference_steps is None else int(num_inference_steps)
+        if self.partial and total > nfe and sigmas is None and timesteps is None:
+            self._begin = total - nfe
+            lead = torch.linspace(float(self.noise.T), self.schedule.t_start, self._begin + 1, dtype=torch.float64)[:-1]
+            self.timesteps = torch.cat([fed_timesteps(self.noise, lead), self._own])
+            self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
+            self._state = ReplayState(outputs={p: {} for p in self._spaces})
+            return
+        self._begin = 0
+        self.timesteps = self._own
         if num_inference_steps is not None and int(num_inference_steps) != nfe:
             raise SamplingError(
                 f"num_inference_steps={num_inference_steps}: this scheduler replays "
@@ -211,7 +226,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is not None:
             self._check_given("sigmas", sigmas, self._own_sigmas(), self._default_sigmas(nfe))
         if timesteps is not None:
-            self._check_given("timesteps", timesteps, self.timesteps.to(torch.float64).cpu(), None)
+            self._check_given("timesteps", timesteps, self._own.to(torch.float64).cpu(), None)
         self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
         self._state = ReplayState(outputs={p: {} for p in self._spaces})
 
@@ -264,7 +279,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         if k >= self.schedule.nfe:
             raise SamplingError(f"AutotuneScheduler.step: the schedule has {self.schedule.nfe} model evaluations; "
                                 "step() was called once more (call set_timesteps to start again)")
-        expected = float(self.timesteps[k])
+        expected = float(self._own[k])
         if abs(float(timestep) - expected) > 1e-3 * max(1.0, abs(expected)):
             raise SamplingError(f"AutotuneScheduler.step: timestep {float(timestep):g} is not the schedule's next "
                                 f"({expected:g} at step {k}); the scheduler replays whole schedules from the start")
@@ -295,7 +310,34 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         prev_sample = apply_update(self.plan.steps[k].predictor, x, outputs)
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Image-to-image pipelines start at ``begin_index``: it must be where this schedule's own steps begin."""
+        if int(begin_index) != self._begin:
+            what = (f"starts below T (t_start {self.schedule.t_start:g}) with {self.schedule.nfe} steps: call the "
+                    f"pipeline with int(num_inference_steps x strength) = {self.schedule.nfe}" if self.partial else
+                    "starts at T: run it with strength 1 (or search a schedule for your strength)")
+            raise SamplingError(f"set_begin_index({begin_index}): {self.schedule.name or self.schedule.hash()} {what}")
+
+    def _time_of(self, timestep: Any) -> torch.Tensor:
+        """The schedule time whose model time is ``timestep`` (the pipeline noises its image to our start)."""
+        value = float(torch.as_tensor(timestep).flatten()[0])
+        own = self._own.to(torch.float64).cpu()
+        k = int((own - value).abs().argmin())
+        if abs(float(own[k]) - value) > 1e-3 * max(1.0, abs(value)):
+            raise SamplingError(f"AutotuneScheduler: timestep {value:g} is not one of the schedule's "
+                                f"({', '.join(f'{v:g}' for v in own.tolist())})")
+        return self.plan.times[k]
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Not supported: a schedule is replayed from pure noise at its start (no img2img / inpainting)."""
-        raise SamplingError("AutotuneScheduler replays whole schedules from noise; image-to-image and inpainting "
-                            "pipelines (add_noise) are not supported")
+        """``alpha_t x0 + sigma_t eps`` at the schedule time of ``timesteps`` (DDPM-family image-to-image)."""
+        from autotune.sampling.noise import noised
+
+        return noised(self.noise, original_samples, noise, float(self._time_of(timesteps)))
+
+    def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow image-to-image (SD3's): ``(1 - sigma) x0 + sigma eps`` at the schedule time of ``timestep``."""
+        from autotune.sampling.noise import noised
+
+        if noise is None:
+            raise SamplingError("AutotuneScheduler.scale_noise: noise is required")
+        return noised(self.noise, sample, noise, float(self._time_of(timestep)))

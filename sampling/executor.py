@@ -68,8 +68,9 @@ def sample(
     check_finite: bool = False,
     plan: Plan | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    start: torch.Tensor | None = None,
 ) -> SampleResult:
-    """Run ``schedule`` on ``model`` from the initial noise (a standard normal draw).
+    """Run ``schedule`` on ``model`` from the initial noise (a standard normal draw), or from ``start``.
 
     Args:
         model: any Denoiser.
@@ -83,6 +84,8 @@ def sample(
         keep_states: also return the state at every visited time (after correction).
         check_finite: record the first step whose state is not finite (costs one sync per step).
         callback: ``callback(k, x)`` after each step, outside any traced region.
+        start: the state at the schedule's ``t_start`` instead of ``noise`` x the prior std: for image-to-image,
+            an image noised to t_start (``sampling.noise.noised``); ``noise`` then only gives the batch checks.
 
     Returns:
         SampleResult with ``nfe`` counted from the model calls actually made.
@@ -108,7 +111,7 @@ def sample(
     nfe = 0
     diverged_at = None
     with grad_ctx:
-        x = noise.to(dtype) * model.noise.init_scale()
+        x = noise.to(dtype) * model.noise.init_scale() if start is None else start.to(dtype)
         states = [x] if keep_states else []
         hist: dict[str, dict[int, torch.Tensor]] = {p: {} for p in spaces}
         x_prev = x

@@ -204,6 +204,25 @@ FLOW_NAMED: dict[str, Callable[..., Schedule]] = {
 ALL_NAMED: dict[str, Callable[..., Schedule]] = {**NAMED, **FLOW_NAMED}
 
 
+def for_strength(schedule: Schedule, strength: float) -> Schedule:
+    """The part of a full schedule an image-to-image pipeline runs at ``strength``: its last int(N x strength)
+    steps from the time of the first one kept, the lower-order warm-up restarted (there is no model output
+    from before the first kept step), as diffusers' multistep schedulers do after ``set_begin_index``."""
+    if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ScheduleError("strength", f"must be in (0, 1], got {strength!r}")
+    n = len(schedule.steps)
+    kept = min(int(n * strength), n)
+    if kept < 1:
+        raise ScheduleError("strength", f"{strength:g} of {n} steps keeps no step (int({n} x {strength:g}) = 0)")
+    first = n - kept
+    steps = tuple(
+        replace(st, order=min(st.order, j + 1),
+                corrector_order=min(st.corrector_order, j + 1) if st.corrector != "none" else st.corrector_order)
+        for j, st in enumerate(schedule.steps[first:]))
+    return replace(schedule, t_start=schedule.times[first], steps=steps,
+                   name=f"{schedule.name or 'schedule'}@strength{strength:g}")
+
+
 def names_for(noise: NoiseSchedule) -> list[str]:
     """The named schedules that apply to a model with this noise schedule (flow ones only for flow models)."""
     return list(ALL_NAMED) if isinstance(noise, FlowMatching) else list(NAMED)

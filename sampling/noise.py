@@ -40,6 +40,13 @@ def alpha(ns: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     return torch.exp(ns.log_alpha(t))
 
 
+def noised(ns: NoiseSchedule, data: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """The forward process at time t: ``alpha_t x0 + sigma_t eps`` (the start of an image-to-image run)."""
+    tt = torch.tensor(float(t), dtype=torch.float64)
+    a, s = torch.exp(ns.log_alpha(tt)), ns.sigma(tt)
+    return (a.to(data.dtype) * data + s.to(data.dtype) * noise.to(data.dtype))
+
+
 def _as_tensor(t: torch.Tensor | float) -> torch.Tensor:
     return t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
 
