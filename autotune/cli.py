@@ -505,6 +505,9 @@ def search_cmd(
     ratios: Optional[str] = typer.Option(None, "--ratios",
                                          help="fit | cpr:FILE — score every candidate with DC-Solver ratios fitted for "
                                               "it (or predicted by a CPR file) instead of searching them"),
+    strength: Optional[float] = typer.Option(
+        None, "--strength", help="image-to-image: search the schedule an img2img pipeline runs at this strength "
+                                 "(0 < s < 1), starting below T from the eval set's images noised there"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
 ) -> None:
     """Search the unified space for the schedule with the lowest objective (or a Pareto front) at NFE model
@@ -525,6 +528,8 @@ def search_cmd(
     check_guidance(guidance)
     if not 0.0 < latency_budget < float("inf"):  # NaN fails this too
         raise InputError(f"--latency-budget {latency_budget}: expected a positive fraction like 0.8")
+    if strength is not None:
+        _check_strength(strength, nfe, refine, ratios)
     with step(f"loading {model}"):  # importing torch and the search modules is much of this wait
         import torch
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -561,9 +566,9 @@ def search_cmd(
             for n in range(low, high + 1):
                 for note in cpr.outside_grid(n, guidance):
                     err_console.print(f"warning: {note}", highlight=False, soft_wrap=True)
-    seeds = tuple(dataclasses.replace(build(n, m.noise, k), guidance=guidance) for k in range(low, high + 1)
-                  for n in names_for(m.noise))
-    space = ScheduleSpace(high, m.noise.T, 0.0, ratio_range=None, guidance=guidance)
+    t_start, named_peers = _named_peers(m.noise, low, high, strength, guidance)
+    seeds = tuple(s for s in named_peers if s.t_start == t_start)  # the strategy's seeds lie in its space
+    space = ScheduleSpace(high, t_start, 0.0, ratio_range=None, guidance=guidance)
     if low != high:
         space = NFERangeSpace(space, low, high)
     strategy = make_strategy(method, SearchContext(space, m.noise, seeds, seed, names))
@@ -576,6 +581,9 @@ def search_cmd(
     with step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
         evaluator.progress = progress
         reference = evaluator.reference(guidance)  # computed once here, shipped to the workers
+        references = {evaluator.reference_version(guidance): reference}
+        if strength is not None:  # img2img: solved from the images (the full reference's samples) noised to t_start
+            references[evaluator.reference_version(guidance, t_start)] = evaluator.reference(guidance, t_start)
     evaluator.progress = None
     latency = LatencySpec() if LATENCY in names else None
     if workers == 0:
@@ -584,7 +592,7 @@ def search_cmd(
         spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
                              evaluator.ref_steps, ratios=ratios)
         with step(f"starting Ray ({workers} workers)" if address is None else f"joining Ray at {address}"):
-            pool = RayPool(spec, workers, address, references={evaluator.reference_version(guidance): reference},
+            pool = RayPool(spec, workers, address, references=references,
                            latency=latency, timeout_s=candidate_timeout or None,
                            notify=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
     url = store.url if store is not None else None
@@ -627,7 +635,7 @@ def search_cmd(
 
             held_out = Evaluator(m, "validation", size=validate, seed=seed, store=store)
             extra = [("refined", refined)] if refine else []
-            named_here = [(f"named {s.name}", s) for s in seeds if s.nfe == result.best.nfe]
+            named_here = [(f"named {s.name}", s) for s in named_peers if s.nfe == result.best.nfe]
             candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
             what = f"validation: {len(candidates)} finalists, {held_out.eval_set.size} held-out samples"
             with step(what) as progress:
@@ -685,7 +693,7 @@ def search_cmd(
         console.print(f"optuna-dashboard {url}", highlight=False, soft_wrap=True)  # one line, to copy whole
     report = Evaluator(m, "report", store=store)
     report.model_spec = model
-    peers = [s for s in seeds if s.nfe == best.nfe]
+    peers = [s for s in named_peers if s.nfe == best.nfe]
     ours = [(best.name, best)]
     if stage2 and stage2.result is not None:  # the stage-1 schedule too, to show what the skips cost
         ours.append((f"{best.name}-unpruned", dataclasses.replace(result.best, name=f"{best.name}-unpruned")))
@@ -715,6 +723,30 @@ def search_cmd(
         console.print(f"wrote {path}")
     console.print(f"finished in {command_seconds():.1f} s (the search loop: {result.seconds:.1f} s"
                   + (", over several runs)" if result.resumed else ")"), highlight=False)
+
+
+def _check_strength(strength: float, nfe: str, refine: int, ratios: Optional[str]) -> None:
+    """--strength goes with one NFE, and not with the options that solve from pure noise (refine, ratios)."""
+    if not 0.0 < strength < 1.0:  # NaN fails this too
+        raise InputError(f"--strength {strength}: expected a fraction in (0, 1), like 0.6 (1 is a full run)")
+    if not nfe.strip().isdigit():
+        raise InputError(f"--strength: give one --nfe (got {nfe!r})")
+    if refine or ratios is not None:
+        raise InputError("--strength: --refine and --ratios solve from pure noise; they do not apply to img2img")
+
+
+def _named_peers(noise, low: int, high: int, strength: Optional[float], guidance: Optional[float]):
+    """(the time the search starts at, the named schedules it competes with at each NFE in low..high)."""
+    import dataclasses
+
+    from autotune.sampling.named import build, img2img_peers, names_for
+
+    if strength is None:
+        peers = [build(n, noise, k) for k in range(low, high + 1) for n in names_for(noise)]
+        t_start = float(noise.T)
+    else:
+        t_start, peers = img2img_peers(noise, low, strength)
+    return t_start, tuple(dataclasses.replace(s, guidance=guidance) for s in peers)
 
 
 def _stage2_meta(stage2) -> dict:

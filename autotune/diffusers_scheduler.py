@@ -41,7 +41,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from autotune.models.diffusers_dir import is_flow_config, read_scheduler_config
 from autotune.sampling.coefficients import Update, make_plan
 from autotune.sampling.denoiser import to_data_and_noise
-from autotune.sampling.noise import FlowMatching, NoiseSchedule
+from autotune.sampling.noise import FlowMatching, NoiseSchedule, starts_from_image
 from autotune.space.fileformat import from_dict, load, to_dict
 from autotune.space.schedule import Schedule
 
@@ -165,7 +165,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self._own
         # a schedule starting below T is the tail an image-to-image pipeline runs: it may ask for more steps and
         # then start at the index where the schedule's own steps begin (set_begin_index)
-        self.partial = self.schedule.t_start < float(self.noise.T) * (1 - 1e-9)
+        self.partial = starts_from_image(self.noise, self.schedule.t_start)
         self._begin = 0
         self._spaces = sorted({sp.predictor.prediction for sp in self.plan.steps})
         self._last_use = self.plan.last_uses()

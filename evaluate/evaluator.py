@@ -50,12 +50,28 @@ class Evaluator:
         # hears how far a reference solve is (the one step here that takes long); the CLI draws it
         self.progress: ProgressFn | None = None
 
-    def reference_version(self, guidance: float | None) -> str:
-        return ref_version(guidance, self.ref_steps)
+    def partial_start(self, schedule: Schedule) -> float | None:
+        """The schedule's t_start when it starts below T (image-to-image), else None."""
+        from autotune.sampling.noise import starts_from_image
 
-    def reference(self, guidance: float | None = None) -> Reference:
-        """The reference solution at this guidance (computed once, then read from memory or the store)."""
-        version = self.reference_version(guidance)
+        return schedule.t_start if starts_from_image(self.model.noise, schedule.t_start) else None
+
+    def reference_version(self, guidance: float | None, t_start: float | None = None) -> str:
+        return ref_version(guidance, self.ref_steps, t_start)
+
+    def start_state(self, guidance: float | None, t_start: float) -> torch.Tensor:
+        """Image-to-image start: the set's images noised to t_start. The images are the model's own samples
+        (the full reference's final states: no dataset is needed, and they are what the model makes), noised
+        with the set's second noise draw."""
+        from autotune.sampling.noise import noised
+
+        images = self.reference(guidance).final
+        return noised(self.model.noise, images, self.eval_set.image_noise(images.dtype), t_start)
+
+    def reference(self, guidance: float | None = None, t_start: float | None = None) -> Reference:
+        """The reference solution at this guidance, from T or from the noised images at ``t_start`` (computed
+        once, then read from memory or the store)."""
+        version = self.reference_version(guidance, t_start)
         if version in self.references:
             return self.references[version]
         ref = None
@@ -64,7 +80,9 @@ class Evaluator:
             if found is not None:
                 ref = Reference.from_arrays(*found)
         if ref is None:
-            ref = compute_reference(self.model, self.eval_set, guidance, steps=self.ref_steps, progress=self.progress)
+            start = None if t_start is None else self.start_state(guidance, t_start)
+            ref = compute_reference(self.model, self.eval_set, guidance, steps=self.ref_steps, progress=self.progress,
+                                    t_start=t_start, start=start)
             if self.store is not None:
                 self.store.put_reference(self.fingerprint, self.eval_set.id, version, ref.to_arrays(), ref.meta)
         self.references[version] = ref
@@ -73,7 +91,8 @@ class Evaluator:
     def key(self, schedule: Schedule):
         from autotune.cache.store import EvalKey
 
-        return EvalKey(self.fingerprint, f"{self.eval_set.id}/{self.reference_version(schedule.guidance)}",
+        version = self.reference_version(schedule.guidance, self.partial_start(schedule))
+        return EvalKey(self.fingerprint, f"{self.eval_set.id}/{version}",
                        schedule.hash(), METRIC_VERSION)
 
     def cached(self, schedule: Schedule) -> dict[str, Any] | None:
@@ -101,8 +120,11 @@ class Evaluator:
             self.hits += 1
             return {**found, "cached": True}
         self.misses += 1
+        t_start = self.partial_start(schedule)
         with torch.no_grad():
-            metrics = score(self.model, schedule, self.eval_set, self.reference(schedule.guidance))
+            start = None if t_start is None else self.start_state(schedule.guidance, t_start)
+            metrics = score(self.model, schedule, self.eval_set, self.reference(schedule.guidance, t_start),
+                            start_state=start)
         metrics["schedule_hash"] = schedule.hash()
         self._memo[schedule.hash()] = metrics
         if self.store is not None:

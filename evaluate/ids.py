@@ -35,8 +35,11 @@ def eval_set_id(kind: str, seed: int, size: int, sample_shape, num_classes: int 
     return f"{kind}-s{seed}-n{size}-{shape}{classes}"
 
 
-def ref_version(guidance: float | None, ref_steps: int) -> str:
-    return f"{REF_VERSION}-g{guidance}-k{ref_steps}"
+def ref_version(guidance: float | None, ref_steps: int, t_start: float | None = None) -> str:
+    """The reference's identity; ``t_start`` for an image-to-image reference (solved from the set's images noised
+    to t_start instead of from pure noise at T)."""
+    start = "" if t_start is None else f"-from{float(t_start)!r}"
+    return f"{REF_VERSION}-g{guidance}-k{ref_steps}{start}"
 
 
 def model_memo_key(spec: str) -> str:

@@ -101,16 +101,19 @@ def decode_errors(text: str) -> np.ndarray:
 
 
 def score(
-    model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, dtype: torch.dtype | None = None
+    model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, dtype: torch.dtype | None = None,
+    start_state: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Run the schedule on the set's noise and compare with the reference; never raises on divergence."""
+    """Run the schedule on the set's noise (or from ``start_state`` at its t_start: image-to-image) and compare
+    with the reference solved from the same start; never raises on divergence."""
     import torch
 
     from autotune.sampling.executor import sample
 
     noise = eval_set.noise(dtype or torch.float32)
     start = time.perf_counter()
-    result = sample(model, schedule, noise, eval_set.labels(), keep_states=True, check_finite=True)
+    result = sample(model, schedule, noise, eval_set.labels(), keep_states=True, check_finite=True,
+                    start=None if start_state is None else start_state.to(noise.dtype))
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": seconds, "diverged": result.diverged_at is not None,
                                "diverged_at": result.diverged_at}

@@ -61,33 +61,36 @@ class Reference:
 
 
 def lambda_uniform_schedule(noise: NoiseSchedule, steps: int, order: int, solver: str = "dpm",
-                            corrector: str = "none") -> Schedule:
-    """A fine solver on a lambda-uniform grid from T to t_min, then a first-order step onto t = 0."""
-    lam = torch.linspace(float(noise.lambda_(torch.tensor(noise.T, dtype=torch.float64))),
+                            corrector: str = "none", t_start: float | None = None) -> Schedule:
+    """A fine solver on a lambda-uniform grid from T (or ``t_start``) to t_min, then a first-order step onto 0."""
+    t0 = noise.T if t_start is None else float(t_start)
+    lam = torch.linspace(float(noise.lambda_(torch.tensor(t0, dtype=torch.float64))),
                          float(noise.lambda_(torch.tensor(noise.t_min, dtype=torch.float64))), steps + 1,
                          dtype=torch.float64)
     times = noise.t_of_lambda(lam).tolist()
-    times[0], times[-1] = noise.T, noise.t_min
+    times[0], times[-1] = t0, noise.t_min
     out = []
     for k, t in enumerate(times[1:]):
         o = min(order, k + 1)
         out.append(Step(t, order=o, solver=solver, corrector=corrector, corrector_order=o if corrector != "none" else 0))
     out.append(Step(0.0, order=1, solver=solver))
-    return Schedule(noise.T, tuple(out), name=f"reference-{solver}-{steps}")
+    return Schedule(t0, tuple(out), name=f"reference-{solver}-{steps}")
 
 
 def compute_reference(
     model: Denoiser, eval_set: EvalSet, guidance: float | None = None, steps: int = 100, keep_every: int = 1,
     dtype: torch.dtype = torch.float32, progress: ProgressFn | None = None,
+    t_start: float | None = None, start: torch.Tensor | None = None,
 ) -> Reference:
     """Solve the ODE from the set's noise; check against a second solver with 1.5x the steps.
 
+    With ``t_start`` and ``start`` (image-to-image) both solve from the state ``start`` at ``t_start``.
     ``progress`` hears of every step of both solvers (task "reference, <kind> set")."""
     noise = eval_set.noise(dtype)
     cond = eval_set.labels()
-    main = lambda_uniform_schedule(model.noise, steps, 3, solver="unip-bh2", corrector="bh2")
+    main = lambda_uniform_schedule(model.noise, steps, 3, solver="unip-bh2", corrector="bh2", t_start=t_start)
     main = Schedule(main.t_start, main.steps, guidance=guidance, name=main.name)
-    check = lambda_uniform_schedule(model.noise, (3 * steps) // 2, 3, solver="unip-bh2")
+    check = lambda_uniform_schedule(model.noise, (3 * steps) // 2, 3, solver="unip-bh2", t_start=t_start)
     check = Schedule(check.t_start, check.steps, guidance=guidance, name=check.name)
     # the check is a figure of accuracy, not the reference itself: the first CHECK_SAMPLES noises suffice
     n, size = min(CHECK_SAMPLES, noise.shape[0]), noise.shape[0]
@@ -95,9 +98,10 @@ def compute_reference(
     task, solved = f"reference, {eval_set.kind} set", len(main.steps) * size
     total = solved + len(check.steps) * n
     report(progress, task, 0, total)
-    result = sample(model, main, noise, cond, keep_states=True,
+    result = sample(model, main, noise, cond, keep_states=True, start=start,
                     callback=lambda k, _: report(progress, task, (k + 1) * size, total))
     other = sample(model, check, noise[:n], None if cond is None else cond[:n],
+                   start=None if start is None else start[:n],
                    callback=lambda k, _: report(progress, task, solved + (k + 1) * n, total)).sample
     report(progress, task, total, total)  # done, whatever steps a final denoise adds
     keep = list(range(0, len(main.times) - 1, keep_every)) + [len(main.times) - 1]
@@ -105,6 +109,6 @@ def compute_reference(
     states = torch.stack([result.states[i] for i in keep]).to(torch.float32)
     diff = (result.sample[:n] - other).double()
     meta = {"ref_version": REF_VERSION, "solver": main.name, "check_solver": check.name, "steps": steps,
-            "guidance": guidance, "eval_set": eval_set.id, "nfe": result.nfe,
+            "guidance": guidance, "eval_set": eval_set.id, "nfe": result.nfe, "t_start": main.t_start,
             "check_max_abs": float(diff.abs().max()), "check_mse": float((diff**2).mean())}
     return Reference(times, states, meta["check_max_abs"], meta["check_mse"], meta)

@@ -56,6 +56,12 @@ class EvalSet:
         x = torch.randn((self.size, *self.sample_shape), generator=self._generator(0), dtype=torch.float64)
         return x.to(dtype)
 
+    def image_noise(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """A second standard normal draw, for image-to-image: the noise an image is noised with to t_start
+        (independent of ``noise``, from which the images themselves come)."""
+        x = torch.randn((self.size, *self.sample_shape), generator=self._generator(2), dtype=torch.float64)
+        return x.to(dtype)
+
     def labels(self) -> torch.Tensor | None:
         """Balanced class labels (0, 1, ..., k-1, 0, ...) shuffled by the set's seed, or None."""
         if not self.num_classes:

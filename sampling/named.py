@@ -220,7 +220,32 @@ def for_strength(schedule: Schedule, strength: float) -> Schedule:
                 corrector_order=min(st.corrector_order, j + 1) if st.corrector != "none" else st.corrector_order)
         for j, st in enumerate(schedule.steps[first:]))
     return replace(schedule, t_start=schedule.times[first], steps=steps,
-                   name=f"{schedule.name or 'schedule'}@strength{strength:g}")
+                   name=f"{schedule.name or 'schedule'}@{strength:g}")
+
+
+def steps_for_strength(nfe: int, strength: float) -> int:
+    """The num_inference_steps at which an image-to-image pipeline at ``strength`` runs ``nfe`` steps
+    (the smallest N with int(N x strength) = nfe)."""
+    if not 0 < strength <= 1:
+        raise ScheduleError("strength", f"must be in (0, 1], got {strength!r}")
+    n = max(nfe, int(nfe / strength))
+    while int(n * strength) < nfe:
+        n += 1
+    if int(n * strength) != nfe:
+        raise ScheduleError("strength", f"no step count runs exactly {nfe} steps at strength {strength:g}")
+    return n
+
+
+def img2img_peers(noise: NoiseSchedule, nfe: int, strength: float) -> tuple[float, list[Schedule]]:
+    """(the start time a search at this strength uses, every named schedule as an img2img pipeline runs it).
+
+    The start time is that of the multistep schedulers' linspace grid cut at ``strength`` (the one most
+    peers share); a peer with another grid (ddim's trailing one) starts elsewhere and is scored from its own
+    start, on the same images and noise."""
+    total = steps_for_strength(nfe, strength)
+    peers = [for_strength(build(name, noise, total), strength) for name in names_for(noise)]
+    t_start = for_strength(build("dpmsolver++2m", noise, total), strength).t_start
+    return t_start, peers
 
 
 def names_for(noise: NoiseSchedule) -> list[str]:

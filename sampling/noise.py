@@ -40,6 +40,16 @@ def alpha(ns: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     return torch.exp(ns.log_alpha(t))
 
 
+# a schedule starting this far below T (relative) starts from a noised image (image-to-image); closer to T it
+# starts from pure noise, as DPM-Solver's flow sigmas do at 1 - 1/N (alpha 1e-3: the image is invisible there)
+IMAGE_START_BELOW = 1e-2
+
+
+def starts_from_image(ns: NoiseSchedule, t_start: float) -> bool:
+    """Whether a schedule starting at ``t_start`` is an image-to-image run (its state there a noised image)."""
+    return float(t_start) < float(ns.T) * (1.0 - IMAGE_START_BELOW)
+
+
 def noised(ns: NoiseSchedule, data: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
     """The forward process at time t: ``alpha_t x0 + sigma_t eps`` (the start of an image-to-image run)."""
     tt = torch.tensor(float(t), dtype=torch.float64)
