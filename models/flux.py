@@ -41,7 +41,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -49,6 +48,7 @@ import torch
 from torch import nn
 
 from autotune.errors import ModelError
+from autotune.models.conditions import PooledTextCondition
 from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config, read_scheduler_file
 from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.models.latent import check_parts, frozen, tokenizer_max_length
@@ -64,74 +64,6 @@ MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default max_sequence_length, and the
 PIPELINE_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: latent pixels of its default resolution
 ENCODE_CHUNK = 64  # prompts per text-encoder forward
 MAX_LATENT_SIZE = 4096  # latent pixels per side; beyond this a size is a mistake, not a resolution
-
-
-@dataclass(frozen=True)
-class PooledTextCondition:
-    """A text condition of a batch as the transformer text-to-image pipelines (Flux, SD3) hand it over:
-    per-token prompt embeddings and one pooled embedding per sample (SDXL's ``SDXLCondition`` also carries
-    time ids, so it is not this).
-
-    Attributes:
-        prompt_embeds: ``(B, L, D)`` (Flux: T5's last hidden states, ``encoder_hidden_states``).
-        pooled_embeds: ``(B, P)`` (Flux: CLIP's pooled output, ``pooled_projections``).
-
-    It indexes and expands along the batch like a tensor, so code that slices a batch of conditions
-    (``cond[:n]``) or broadcasts one condition to all samples works on it unchanged.
-
-    Example:
-        >>> c = PooledTextCondition(torch.zeros(1, 4, 8), torch.zeros(1, 3))
-        >>> len(c.expand(5)), c.expand(5)[1:3].prompt_embeds.shape
-        (5, torch.Size([2, 4, 8]))
-    """
-
-    prompt_embeds: torch.Tensor
-    pooled_embeds: torch.Tensor
-
-    def __post_init__(self) -> None:
-        for name, dims in (("prompt_embeds", 3), ("pooled_embeds", 2)):
-            value = getattr(self, name)
-            if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.dim() != dims:
-                what = (f"a {value.dim()}-d {value.dtype} tensor" if isinstance(value, torch.Tensor)
-                        else type(value).__name__)
-                raise ModelError(f"PooledTextCondition.{name}: expected a {dims}-d floating-point tensor, got {what}")
-        if self.prompt_embeds.shape[0] != self.pooled_embeds.shape[0]:
-            raise ModelError(f"PooledTextCondition: {self.prompt_embeds.shape[0]} prompt embeddings but "
-                             f"{self.pooled_embeds.shape[0]} pooled embeddings")
-
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PooledTextCondition":
-        return PooledTextCondition(fn(self.prompt_embeds), fn(self.pooled_embeds))
-
-    def __getitem__(self, index: Any) -> "PooledTextCondition":
-        """Rows of the batch: a slice, an index list or tensor, or an int (kept as a batch of one)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        return self._map(lambda t: t[index])
-
-    def expand(self, batch: int) -> "PooledTextCondition":
-        """This condition for ``batch`` samples: one condition is broadcast (a view), ``batch`` are kept."""
-        if len(self) == batch:
-            return self
-        if len(self) != 1:
-            raise ModelError(f"{len(self)} prompt conditions for a batch of {batch} latents (give one per sample, "
-                             "or one for all)")
-        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
-
-    def to(self, *args: Any, **kwargs: Any) -> "PooledTextCondition":
-        """Every tensor moved or cast as ``Tensor.to(*args, **kwargs)``."""
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-    def cat(self, other: "PooledTextCondition") -> "PooledTextCondition":
-        """This batch followed by ``other``'s."""
-        return PooledTextCondition(torch.cat([self.prompt_embeds, other.prompt_embeds.to(self.prompt_embeds)]),
-                                   torch.cat([self.pooled_embeds, other.pooled_embeds.to(self.pooled_embeds)]))
-
-    def with_null(self, null: "PooledTextCondition") -> "PooledTextCondition":
-        """This batch followed by the null condition for each sample, for one guided forward."""
-        return self.cat(null.expand(len(self)).to(self.prompt_embeds.device))
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ Prompts are encoded once, as ``StableDiffusion3Pipeline.encode_prompt`` does: bo
 first tokenizer's ``model_max_length``; the penultimate hidden states of the two CLIP encoders are concatenated
 along the features and zero-padded to the T5 width; the T5 states (``max_sequence_length`` tokens, 256 by
 default) follow them along the tokens. The pooled embedding is the two CLIP projections side by side. Both
-travel together in an :class:`SD3Condition`, which indexes and expands along the batch like a tensor.
+travel together in an :class:`PooledTextCondition`, which indexes and expands along the batch like a tensor.
 
 The model is a velocity (flow) predictor fed sigma x num_train_timesteps as a float, as FlowMatchEuler's
 timesteps are; the noise schedule is the scheduler config's FlowMatching with the pipeline's shift (with
@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from autotune.errors import ModelError
+from autotune.models.conditions import PooledTextCondition
 from autotune.models.diffusers_dir import (
     from_pretrained,
     is_flow_config,
@@ -68,73 +68,6 @@ MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 token count
 MAX_T5_LENGTH = 512  # the pipeline refuses longer
 
 
-@dataclass(frozen=True)
-class SD3Condition:
-    """SD3's conditioning of a batch: what the pipeline hands its transformer besides the latents and timestep.
-
-    Attributes:
-        prompt_embeds: ``(B, L, D)``: the CLIP penultimate states (both encoders, zero-padded to D) followed by
-            the T5 states (``encoder_hidden_states``).
-        pooled_embeds: ``(B, P)``: both CLIP encoders' projected pooled outputs (``pooled_projections``).
-
-    It indexes and expands along the batch like a tensor, so code that slices a batch of conditions
-    (``cond[:n]``) or broadcasts one condition to all samples works on it unchanged.
-
-    Example:
-        >>> c = SD3Condition(torch.zeros(1, 4, 8), torch.zeros(1, 3))
-        >>> len(c.expand(5)), c.expand(5)[1:3].prompt_embeds.shape
-        (5, torch.Size([2, 4, 8]))
-    """
-
-    prompt_embeds: torch.Tensor
-    pooled_embeds: torch.Tensor
-
-    def __post_init__(self) -> None:
-        for name, dims in (("prompt_embeds", 3), ("pooled_embeds", 2)):
-            value = getattr(self, name)
-            if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.dim() != dims:
-                what = (f"a {value.dim()}-d {value.dtype} tensor" if isinstance(value, torch.Tensor)
-                        else type(value).__name__)
-                raise ModelError(f"SD3Condition.{name}: expected a {dims}-d floating-point tensor, got {what}")
-        if self.prompt_embeds.shape[0] != self.pooled_embeds.shape[0]:
-            raise ModelError(f"SD3Condition: the batch sizes differ (prompt_embeds {self.prompt_embeds.shape[0]}, "
-                             f"pooled_embeds {self.pooled_embeds.shape[0]})")
-
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "SD3Condition":
-        return SD3Condition(fn(self.prompt_embeds), fn(self.pooled_embeds))
-
-    def __getitem__(self, index: Any) -> "SD3Condition":
-        """Rows of the batch: a slice, an index list or tensor, or an int (kept as a batch of one)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        return self._map(lambda t: t[index])
-
-    def expand(self, batch: int) -> "SD3Condition":
-        """This condition for ``batch`` samples: one condition is broadcast (a view), ``batch`` are kept."""
-        if len(self) == batch:
-            return self
-        if len(self) != 1:
-            raise ModelError(f"SD3: {len(self)} prompt conditions for a batch of {batch} latents (give one per "
-                             "sample, or one for all)")
-        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
-
-    def to(self, *args: Any, **kwargs: Any) -> "SD3Condition":
-        """Every tensor moved or cast as ``Tensor.to(*args, **kwargs)``."""
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-    def cat(self, other: "SD3Condition") -> "SD3Condition":
-        """This batch followed by ``other``'s."""
-        return SD3Condition(torch.cat([self.prompt_embeds, other.prompt_embeds.to(self.prompt_embeds)]),
-                            torch.cat([self.pooled_embeds, other.pooled_embeds.to(self.pooled_embeds)]))
-
-    def with_null(self, null: "SD3Condition") -> "SD3Condition":
-        """This batch followed by the null condition for each sample, for one guided forward."""
-        return self.cat(null.expand(len(self)).to(self.prompt_embeds.device))
-
-
 def _t5_identity(tokenizer: Any, max_length: int) -> dict[str, Any]:
     """What decides a T5 tokenizer's ids: its whole model (a Unigram's pieces AND scores: the scores choose the
     segmentation), normaliser and pre-tokeniser, the special tokens and the padded length."""
@@ -153,7 +86,7 @@ def _t5_identity(tokenizer: Any, max_length: int) -> dict[str, Any]:
 class SD3Denoiser(TorchDenoiser):
     """An SD3 model: SD3Transformer2DModel + two CLIP text encoders (+ T5) + VAE + flow scheduler config.
 
-    ``cond`` is an :class:`SD3Condition` from :meth:`encode_prompts` (one condition is broadcast over the batch),
+    ``cond`` is an :class:`PooledTextCondition` from :meth:`encode_prompts` (one condition is broadcast over the batch),
     or a list of B prompt strings, encoded once (the last list is memoised). ``cond=None`` samples with the
     null condition (the empty prompt). With a ``guidance`` scale, the conditional and unconditional halves run
     in ONE batched transformer forward.
@@ -250,7 +183,7 @@ class SD3Denoiser(TorchDenoiser):
         if projections != self.pooled_dim:
             raise ModelError(f"{where}: the CLIP projections add up to {projections}, but the transformer's "
                              f"pooled_projection_dim is {self.pooled_dim}")
-        self._memo: tuple[tuple[str, ...], SD3Condition] | None = None
+        self._memo: tuple[tuple[str, ...], PooledTextCondition] | None = None
         self.null_condition = self.encode_prompts([""])  # the pipeline's default negative prompt
         self.cfg = ClassifierFreeGuidance(self._transformer_forward, self.null_condition)
         self._text_fingerprint: str | None = None
@@ -274,7 +207,7 @@ class SD3Denoiser(TorchDenoiser):
                                 add_special_tokens=True, return_tensors="pt").input_ids
         return self.t5(ids.to(next(self.t5.parameters()).device))[0].to(device=device, dtype=self.t5.dtype)
 
-    def encode_prompts(self, prompts: Sequence[str] | str) -> SD3Condition:
+    def encode_prompts(self, prompts: Sequence[str] | str) -> PooledTextCondition:
         """The condition of B prompts as StableDiffusion3Pipeline.encode_prompt computes it (no grad)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -289,7 +222,7 @@ class SD3Denoiser(TorchDenoiser):
                 clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
                 embeds.append(torch.cat([clip, t5], dim=-2))
                 pooled.append(torch.cat([p1, p2], dim=-1))
-        return SD3Condition(torch.cat(embeds), torch.cat(pooled))
+        return PooledTextCondition(torch.cat(embeds), torch.cat(pooled))
 
     def _encoded(self, cond: Any) -> Any:
         """``cond`` with a prompt string or list of prompts replaced by its encoding (the last list is kept, so
@@ -301,12 +234,12 @@ class SD3Denoiser(TorchDenoiser):
             return self._memo[1]
         return cond
 
-    def condition(self, cond: Any, x: torch.Tensor) -> SD3Condition:
-        """Validate ``cond`` (an SD3Condition or prompt strings) for the batch ``x``, expanded to it."""
+    def condition(self, cond: Any, x: torch.Tensor) -> PooledTextCondition:
+        """Validate ``cond`` (a PooledTextCondition or prompt strings) for the batch ``x``, expanded to it."""
         cond = self._encoded(cond)
         where = self.source or "sd3"
-        if not isinstance(cond, SD3Condition):
-            raise ModelError(f"{where}: cond must be an SD3Condition from encode_prompts (prompt and pooled "
+        if not isinstance(cond, PooledTextCondition):
+            raise ModelError(f"{where}: cond must be a PooledTextCondition from encode_prompts (prompt and pooled "
                              f"embeddings), or a list of prompts; got {type(cond).__name__}")
         if cond.prompt_embeds.shape[-1] != self.joint_dim or cond.pooled_embeds.shape[-1] != self.pooled_dim:
             raise ModelError(f"{where}: prompt embeddings {tuple(cond.prompt_embeds.shape)} and pooled embeddings "
@@ -323,7 +256,7 @@ class SD3Denoiser(TorchDenoiser):
         with skipping(self.module, skip) if skip else contextlib.nullcontext():
             return self.cfg(x, tm, cond, guidance)
 
-    def _transformer_forward(self, x: torch.Tensor, tm: torch.Tensor, cond: SD3Condition) -> torch.Tensor:
+    def _transformer_forward(self, x: torch.Tensor, tm: torch.Tensor, cond: PooledTextCondition) -> torch.Tensor:
         dtype = self.transformer.dtype
         cond = cond.to(device=x.device, dtype=dtype)
         try:

@@ -243,7 +243,7 @@ def test_cond_forms_and_bad_conditions(model):
         (lambda: model(x, t, torch.zeros(len(PROMPTS), dtype=torch.long)), "cond must be"),
         (lambda: model(x[:, :, :7], t, cond), "H and W even"),
         (lambda: model(x[:, :3], t, cond), "expected"),
-        (lambda: PooledTextCondition(cond.prompt_embeds, cond.pooled_embeds[:2]), "4 prompt embeddings but 2"),
+        (lambda: PooledTextCondition(cond.prompt_embeds, cond.pooled_embeds[:2]), "batch sizes differ .prompt_embeds 4, pooled_embeds 2."),
         (lambda: model.encode_prompts([]), "non-empty"),
     ]
     for call, match in cases:

@@ -22,7 +22,8 @@ pytest.importorskip("transformers")
 
 from autotune.errors import ModelError  # noqa: E402
 from autotune.models.registry import load_model  # noqa: E402
-from autotune.models.sd3 import SD3Condition, SD3Denoiser, load_sd3_pipeline_dir  # noqa: E402
+from autotune.models.conditions import PooledTextCondition as SD3Condition
+from autotune.models.sd3 import SD3Denoiser, load_sd3_pipeline_dir  # noqa: E402
 from autotune.sampling.denoiser import Denoiser  # noqa: E402
 from autotune.sampling.executor import sample  # noqa: E402
 from autotune.sampling.named import build  # noqa: E402
@@ -252,7 +253,7 @@ def test_cond_forms(model):
         model(x, t, cond[:2])
     with pytest.raises(ModelError, match="expected"):
         model(x, t, SD3Condition(cond.prompt_embeds[..., :8], cond.pooled_embeds))
-    with pytest.raises(ModelError, match="cond must be an SD3Condition"):
+    with pytest.raises(ModelError, match="cond must be a PooledTextCondition"):
         model(x, t, cond.prompt_embeds)
     with pytest.raises(ModelError, match="batch sizes differ"):
         SD3Condition(cond.prompt_embeds, cond.pooled_embeds[:1])
