@@ -406,8 +406,8 @@ def _export(baked: torch.nn.Module, manifest: Manifest) -> torch.fx.GraphModule:
     batch = 2  # not 1: export specializes a dimension of size 1
     args = tuple(torch.zeros(tuple(batch if d == BATCH else int(d) for d in s.shape), dtype=getattr(torch, s.dtype))
                  for s in manifest.inputs)
-    dynamic = tuple({i: torch.export.Dim.DYNAMIC for i, d in enumerate(s.shape) if d == BATCH}
-                    for s in manifest.inputs)
+    dims = [{i: torch.export.Dim.DYNAMIC for i, d in enumerate(s.shape) if d == BATCH} for s in manifest.inputs]
+    dynamic = (dims[0], tuple(dims[1:]))  # as BakedSampler.forward(noise, *conditions) takes them
     with torch.no_grad():
         try:
             program = torch.export.export(baked, args, dynamic_shapes=dynamic, strict=False)

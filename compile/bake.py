@@ -116,8 +116,17 @@ def _apply(update: LinearUpdate, x: torch.Tensor, hist: dict[str, dict[int, torc
     return out
 
 
+def condition_of_inputs(model: Denoiser, conditions: tuple[torch.Tensor, ...]) -> Any:
+    """The model's ``cond`` from the engine inputs after the noise, in ``engine_io`` order: one tensor (labels,
+    prompt embeddings) as it is, several (SDXL) through the model's ``engine_condition``."""
+    if hasattr(model, "engine_condition"):
+        names = [name for name, _ in model.engine_condition_inputs()]
+        return model.engine_condition(dict(zip(names, conditions)))
+    return conditions[0] if conditions else None
+
+
 class BakedSampler(nn.Module):
-    """``forward(noise[, cond]) -> sample``: the schedule's whole loop on the model, unrolled.
+    """``forward(noise[, *conditions]) -> sample``: the schedule's whole loop on the model, unrolled.
 
     Args:
         model: a Denoiser whose network is a torch module (``model.module``), e.g. ``digits`` or a
@@ -163,7 +172,9 @@ class BakedSampler(nn.Module):
                 out = self.model(x, t, cond, skip=skip, guidance=self.program.guidance)
         return out.to(self.dtype)
 
-    def forward(self, noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    def forward(self, noise: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        """The samples from ``noise`` and the engine's condition inputs after it, in ``engine_io`` order."""
+        cond = condition_of_inputs(self.model, conditions)
         prog = self.program
         param = self.model.parameterization
         x = noise.to(self.dtype) * prog.init_scale

@@ -39,6 +39,8 @@ def engine_io(model: Denoiser) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec
     inputs = [TensorSpec("noise", "float32", (BATCH, *shape))]
     if getattr(model, "num_classes", None):
         inputs.append(TensorSpec("class_labels", "int64", (BATCH,)))
+    elif hasattr(model, "engine_condition_inputs"):  # a condition of several tensors (SDXL)
+        inputs += [TensorSpec(name, "float32", (BATCH, *dims)) for name, dims in model.engine_condition_inputs()]
     elif hasattr(model, "encode_prompts"):
         emb = tuple(int(d) for d in model.null_embedding.shape[1:])
         inputs.append(TensorSpec("prompt_embeds", "float32", (BATCH, *emb)))
@@ -50,12 +52,15 @@ def example_inputs(model: Denoiser, inputs: tuple[TensorSpec, ...], batch: int,
     """Seeded inputs for ``batch`` samples: standard normal noise, labels 0, 1, 2, ..., the empty prompt."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
+    nulls = model.engine_null_inputs(batch) if hasattr(model, "engine_null_inputs") else {}
     for spec in inputs:
         dims = tuple(batch if d == BATCH else int(d) for d in spec.shape)
         if spec.name == "noise":
             out[spec.name] = torch.randn(dims, generator=g, dtype=torch.float32)
         elif spec.name == "class_labels":
             out[spec.name] = torch.arange(batch, dtype=torch.int64) % int(model.num_classes)
+        elif spec.name in nulls:
+            out[spec.name] = nulls[spec.name]
         else:
             out[spec.name] = model.null_embedding.to(torch.float32).expand(dims).contiguous()
     return out
@@ -63,7 +68,10 @@ def example_inputs(model: Denoiser, inputs: tuple[TensorSpec, ...], batch: int,
 
 def executor_sample(model: Denoiser, schedule: Schedule, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """What the executor gives for one engine input dict (the reference every engine is measured against)."""
-    cond = next((v for k, v in inputs.items() if k != "noise"), None)
+    if hasattr(model, "engine_condition"):  # a condition of several named inputs (SDXL)
+        cond = model.engine_condition(inputs)
+    else:
+        cond = next((v for k, v in inputs.items() if k != "noise"), None)
     return sample(model, schedule, inputs["noise"], cond).sample
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from autotune.compile.backends import BACKENDS
-from autotune.compile.bake import BakedSampler
+from autotune.compile.bake import BakedSampler, condition_of_inputs
 from autotune.compile.engine import build_engine, engine_io, example_inputs, executor_sample, load_engine
 from autotune.errors import BackendError
 from autotune.sampling.denoiser import Denoiser
@@ -57,8 +57,8 @@ class NetworkCall(torch.nn.Module):
         self.t = torch.tensor(schedule.t_start, dtype=torch.float64)
         self.guidance = schedule.guidance
 
-    def forward(self, x: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        return self.model(x, self.t, cond, guidance=self.guidance)
+    def forward(self, x: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        return self.model(x, self.t, condition_of_inputs(self.model, conditions), guidance=self.guidance)
 
 
 def _bare_session(model: Denoiser, schedule: Schedule, workdir: Path, threads: int):

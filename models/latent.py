@@ -71,8 +71,8 @@ def index_class(index: dict[str, Any], part: str) -> str | None:
     return str(entry[1])
 
 
-def check_parts(path: Path, index: dict[str, Any], required: Sequence[str], what: str,
-                classes: dict[str, Sequence[str]]) -> None:
+def check_parts(path: Path, index: dict[str, Any], required: Sequence[str] = (), what: str = "",
+                classes: dict[str, Sequence[str]] | None = None) -> None:
     """Every part in ``required`` has an entry in model_index.json, of one of the ``classes`` given for it.
 
     Raises:
@@ -81,7 +81,7 @@ def check_parts(path: Path, index: dict[str, Any], required: Sequence[str], what
     for part in required:
         if index_class(index, part) is None:
             raise ModelError(f"{path}/model_index.json: no '{part}' entry (not {what})")
-    for part, allowed in classes.items():
+    for part, allowed in (classes or {}).items():
         cls = index_class(index, part)
         if cls not in allowed:
             raise ModelError(f"{path}/{part}: {cls} is not supported ({', '.join(allowed)})")
@@ -375,13 +375,13 @@ def load_latent_pipeline_dir(
     """
     path = Path(path)
     index = read_json(path / "model_index.json")
-    check_parts(path, index, PARTS, "a latent text-to-image pipeline", {})
+    check_parts(path, index, PARTS, "a latent text-to-image pipeline")
     unet_config = read_json(path / "unet" / "config.json")
     if unet_config.get("_class_name") != "UNet2DConditionModel":
         raise ModelError(f"{path}/unet: {unet_config.get('_class_name')} is not a UNet2DConditionModel")
     # before any weights load: an SDXL-like UNet would otherwise fail later, inside the first forward
     check_unet_extras(unet_config, f"{path}/unet", {}, "Stable Diffusion 1.x/2.x layout only")
-    check_parts(path, index, (), "", {"text_encoder": TEXT_ENCODERS, "tokenizer": TOKENIZERS,
+    check_parts(path, index, classes={"text_encoder": TEXT_ENCODERS, "tokenizer": TOKENIZERS,
                                       "vae": ("AutoencoderKL",)})
     sched_config = read_scheduler_file(path / "scheduler" / "scheduler_config.json")
     vae_config = read_json(path / "vae" / "config.json")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -89,7 +89,8 @@ class SDXLCondition:
                         else type(value).__name__)
                 raise ModelError(f"SDXLCondition.{name}: expected a {dims}-d floating-point tensor, got {what}")
         batches = {name: getattr(self, name).shape[0] for name, _ in fields}
-        if len(set(batches.values())) != 1:
+        # compared, not put in a set: under an ONNX trace the sizes are traced values, distinct as set members
+        if any(b != batches["prompt_embeds"] for b in batches.values()):
             raise ModelError(f"SDXLCondition: the batch sizes differ ({', '.join(f'{k} {v}' for k, v in batches.items())})")
         if self.time_ids.shape[1] != TIME_IDS:
             raise ModelError(f"SDXLCondition.time_ids: expected {TIME_IDS} per sample (original size, crop "
@@ -109,10 +110,11 @@ class SDXLCondition:
 
     def expand(self, batch: int) -> "SDXLCondition":
         """This condition for ``batch`` samples: one condition is broadcast (a view), ``batch`` are kept."""
-        if len(self) == batch:
+        size = self.prompt_embeds.shape[0]  # not len(): that would fix a traced export's batch to a constant
+        if size == batch:
             return self
-        if len(self) != 1:
-            raise ModelError(f"SDXL: {len(self)} prompt conditions for a batch of {batch} latents (give one per "
+        if size != 1:
+            raise ModelError(f"SDXL: {size} prompt conditions for a batch of {batch} latents (give one per "
                              "sample, or one for all)")
         return self._map(lambda t: t.expand(batch, *t.shape[1:]))
 
@@ -256,6 +258,24 @@ class SDXLDenoiser(LatentPipelineDenoiser):
                              f"(B, {self.pooled_dim})")
         return cond.expand(x.shape[0]).to(x.device)
 
+    # -- engines (compile/engine.py) ------------------------------------------------------------------
+
+    def engine_condition_inputs(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """The float32 engine inputs the condition is fed through, each with its shape after the batch
+        (named as the pipeline's ``__call__`` arguments and ``added_cond_kwargs`` are)."""
+        return (("prompt_embeds", (self.max_length, self.embedding_dim)), ("pooled_prompt_embeds", (self.pooled_dim,)),
+                ("add_time_ids", (TIME_IDS,)))
+
+    def engine_condition(self, inputs: Mapping[str, torch.Tensor]) -> SDXLCondition:
+        """The condition of an engine input dict (traceable: no value is read)."""
+        return SDXLCondition(inputs["prompt_embeds"], inputs["pooled_prompt_embeds"], inputs["add_time_ids"])
+
+    def engine_null_inputs(self, batch: int) -> dict[str, torch.Tensor]:
+        """The null condition (with the default time ids) for ``batch`` samples, as float32 engine inputs."""
+        null = self.null_condition.expand(batch).to(torch.float32)
+        return {"prompt_embeds": null.prompt_embeds.contiguous(), "pooled_prompt_embeds": null.pooled_embeds.contiguous(),
+                "add_time_ids": null.time_ids.contiguous()}
+
     # -- the network ------------------------------------------------------------------------------
 
     def _unet_forward(self, x: torch.Tensor, tm: torch.Tensor, cond: SDXLCondition) -> torch.Tensor:
@@ -298,9 +318,9 @@ def load_sdxl_pipeline_dir(path: str | Path, dtype: torch.dtype = torch.float32,
     """
     path = Path(path)
     index = read_json(path / "model_index.json")
-    check_parts(path, index, PARTS, "an SDXL text-to-image pipeline", {})
+    check_parts(path, index, PARTS, "an SDXL text-to-image pipeline")
     check_sdxl_unet(read_json(path / "unet" / "config.json"), f"{path}/unet")  # before any weights load
-    check_parts(path, index, (), "", CLASSES)
+    check_parts(path, index, classes=CLASSES)
     force_zeros = index.get("force_zeros_for_empty_prompt", True)  # the pipeline's default when unsaved
     if not isinstance(force_zeros, bool):
         raise ModelError(f"{path}/model_index.json: force_zeros_for_empty_prompt must be true or false, got "
