@@ -31,7 +31,9 @@ class BatchedCondition:
                         else type(value).__name__)
                 raise ModelError(f"{name}.{key}: expected a {dims}-d floating-point tensor, got {what}")
         sizes = {key: getattr(self, key).shape[0] for key in self.DIMS}
-        if len(set(sizes.values())) > 1:
+        first = next(iter(sizes.values()), None)
+        # compared, not put in a set: under an ONNX trace the sizes are traced values, distinct as set members
+        if any(size != first for size in sizes.values()):
             raise ModelError(f"{name}: the batch sizes differ ({', '.join(f'{k} {v}' for k, v in sizes.items())})")
 
     @property

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from autotune.errors import ModelError
+from autotune.models.conditions import BatchedCondition
 from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_file
 from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.models.latent import (
@@ -58,7 +59,7 @@ FAMILY = "SDXL: addition_embed_type='text_time', no class, time-cond or encoder-
 
 
 @dataclass(frozen=True)
-class SDXLCondition:
+class SDXLCondition(BatchedCondition):
     """SDXL's conditioning of a batch: what the pipeline hands its UNet besides the latents and the timestep.
 
     Attributes:
@@ -67,76 +68,31 @@ class SDXLCondition:
         pooled_embeds: ``(B, P)``, the second encoder's projected pooled output (``added_cond_kwargs["text_embeds"]``).
         time_ids: ``(B, 6)``, original size, crop top-left and target size (``added_cond_kwargs["time_ids"]``).
 
-    It indexes and expands along the batch like a tensor, so code that slices a batch of conditions
-    (``cond[:n]``) or broadcasts one condition to all samples works on it unchanged.
+    It indexes and expands along the batch like a tensor (``models/conditions.py``), so code that slices a batch
+    of conditions (``cond[:n]``) or broadcasts one condition to all samples works on it unchanged.
 
     Example:
         >>> c = SDXLCondition(torch.zeros(1, 4, 8), torch.zeros(1, 3), torch.ones(1, 6))
-        >>> len(c.expand(5)), c.expand(5)[1:3].prompt_embeds.shape
-        (5, torch.Size([2, 4, 8]))
+        >>> len(c.expand(5)), c.expand(5)[1:3].time_ids.shape
+        (5, torch.Size([2, 6]))
     """
 
+    DIMS: ClassVar[dict[str, int]] = {"prompt_embeds": 3, "pooled_embeds": 2, "time_ids": 2}
     prompt_embeds: torch.Tensor
     pooled_embeds: torch.Tensor
     time_ids: torch.Tensor
 
     def __post_init__(self) -> None:
-        fields = (("prompt_embeds", 3), ("pooled_embeds", 2), ("time_ids", 2))
-        for name, dims in fields:
-            value = getattr(self, name)
-            if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.dim() != dims:
-                what = (f"a {value.dim()}-d {value.dtype} tensor" if isinstance(value, torch.Tensor)
-                        else type(value).__name__)
-                raise ModelError(f"SDXLCondition.{name}: expected a {dims}-d floating-point tensor, got {what}")
-        batches = {name: getattr(self, name).shape[0] for name, _ in fields}
-        # compared, not put in a set: under an ONNX trace the sizes are traced values, distinct as set members
-        if any(b != batches["prompt_embeds"] for b in batches.values()):
-            raise ModelError(f"SDXLCondition: the batch sizes differ ({', '.join(f'{k} {v}' for k, v in batches.items())})")
+        super().__post_init__()
         if self.time_ids.shape[1] != TIME_IDS:
             raise ModelError(f"SDXLCondition.time_ids: expected {TIME_IDS} per sample (original size, crop "
                              f"top-left, target size), got {self.time_ids.shape[1]}")
 
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "SDXLCondition":
-        return SDXLCondition(fn(self.prompt_embeds), fn(self.pooled_embeds), fn(self.time_ids))
-
-    def __getitem__(self, index: Any) -> "SDXLCondition":
-        """Rows of the batch: a slice, an index list or tensor, or an int (kept as a batch of one)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        return self._map(lambda t: t[index])
-
-    def expand(self, batch: int) -> "SDXLCondition":
-        """This condition for ``batch`` samples: one condition is broadcast (a view), ``batch`` are kept."""
-        size = self.prompt_embeds.shape[0]  # not len(): that would fix a traced export's batch to a constant
-        if size == batch:
-            return self
-        if size != 1:
-            raise ModelError(f"SDXL: {size} prompt conditions for a batch of {batch} latents (give one per "
-                             "sample, or one for all)")
-        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
-
-    def to(self, *args: Any, **kwargs: Any) -> "SDXLCondition":
-        """Every tensor moved or cast as ``Tensor.to(*args, **kwargs)``."""
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-    def cat(self, other: "SDXLCondition") -> "SDXLCondition":
-        """This batch followed by ``other``'s."""
-        return SDXLCondition(torch.cat([self.prompt_embeds, other.prompt_embeds.to(self.prompt_embeds)]),
-                             torch.cat([self.pooled_embeds, other.pooled_embeds.to(self.pooled_embeds)]),
-                             torch.cat([self.time_ids, other.time_ids.to(self.time_ids)]))
-
     def with_null(self, null: "SDXLCondition") -> "SDXLCondition":
         """This batch followed by the null condition for each sample, for one guided forward. The null half
         keeps this batch's time ids: the pipeline's negative sizes default to the positive ones."""
-        # the batch size as the tensor reports it (not len()), so that traced exports keep the batch dynamic
-        batch = self.prompt_embeds.shape[0]
-        embeds = null.prompt_embeds.to(self.prompt_embeds.device)
-        pooled = null.pooled_embeds.to(self.pooled_embeds.device)
-        return self.cat(SDXLCondition(embeds.expand(batch, *embeds.shape[1:]), pooled.expand(batch, *pooled.shape[1:]),
-                                      self.time_ids))
+        null = null.expand(self.batch).to(self.prompt_embeds.device)
+        return self.cat(SDXLCondition(null.prompt_embeds, null.pooled_embeds, self.time_ids))
 
 
 class SDXLDenoiser(LatentPipelineDenoiser):

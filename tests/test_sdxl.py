@@ -210,7 +210,7 @@ def test_cond_forms(model):
     assert torch.equal(model(x, t, list(PROMPTS), guidance=3.0), ref)
     assert torch.equal(model(x, t, cond[:1]), model(x, t, cond[:1].expand(len(PROMPTS))))
     assert torch.allclose(model(x, t, None), model(x, t, model.null_condition), atol=1e-6)
-    with pytest.raises(ModelError, match="2 prompt conditions for a batch of 4"):
+    with pytest.raises(ModelError, match="2 prompt conditions for a batch of 4 samples"):
         model(x, t, cond[:2])
     with pytest.raises(ModelError, match="cond must be an SDXLCondition"):
         model(x, t, cond.prompt_embeds)  # embeddings alone lack the pooled embeddings and time ids
@@ -230,7 +230,7 @@ def test_condition_value():
     assert c.expand(3) is c and len(c[:1].expand(7)) == 7 and c.to(torch.float64).time_ids.dtype == torch.float64
     doubled = c.with_null(SDXLCondition(torch.zeros(1, 4, 8), torch.zeros(1, 5), torch.zeros(1, 6)))
     assert len(doubled) == 6 and not doubled.prompt_embeds[3:].any() and torch.equal(doubled.time_ids[3:], c.time_ids)
-    with pytest.raises(ModelError, match="3 prompt conditions for a batch of 2"):
+    with pytest.raises(ModelError, match="3 prompt conditions for a batch of 2 samples"):
         c.expand(2)
     with pytest.raises(ModelError, match="batch sizes differ"):
         SDXLCondition(torch.randn(3, 4, 8), torch.randn(2, 5), torch.ones(3, 6))
