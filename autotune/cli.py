@@ -505,6 +505,9 @@ def search_cmd(
     ratios: Optional[str] = typer.Option(None, "--ratios",
                                          help="fit | cpr:FILE — score every candidate with DC-Solver ratios fitted for "
                                               "it (or predicted by a CPR file) instead of searching them"),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="text-to-image models: evaluate on these prompts (a text file, one per line, cycled "
+                                "over every evaluation set); without it, on the empty prompt"),
     strength: Optional[float] = typer.Option(
         None, "--strength", help="image-to-image: search the schedule an img2img pipeline runs at this strength "
                                  "(0 < s < 1), starting below T from the eval set's images noised there"),
@@ -530,6 +533,11 @@ def search_cmd(
         raise InputError(f"--latency-budget {latency_budget}: expected a positive fraction like 0.8")
     if strength is not None:
         _check_strength(strength, nfe, refine, ratios)
+    prompt_list: tuple[str, ...] = ()
+    if prompts is not None:
+        from autotune.models.latent import read_prompts
+
+        prompt_list = tuple(read_prompts(prompts))
     with step(f"loading {model}"):  # importing torch and the search modules is much of this wait
         import torch
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -555,7 +563,7 @@ def search_cmd(
     if stage2_budget and not m.units:
         raise AutotuneError(f"--stage2-budget: {model} has no prunable units to skip")
     store = open_store_option(cache, no_cache)
-    evaluator = Evaluator(m, "search", size=set_size, seed=seed, store=store)
+    evaluator = Evaluator(m, "search", size=set_size, seed=seed, store=store, prompts=prompt_list)
     if ratios is not None:
         from autotune.search.dc_fit import attach_ratio_source
 
@@ -590,7 +598,7 @@ def search_cmd(
         pool = InProcessPool(evaluator, latency)
     else:
         spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
-                             evaluator.ref_steps, ratios=ratios)
+                             evaluator.ref_steps, ratios=ratios, prompts=prompt_list)
         with step(f"starting Ray ({workers} workers)" if address is None else f"joining Ray at {address}"):
             pool = RayPool(spec, workers, address, references=references,
                            latency=latency, timeout_s=candidate_timeout or None,
@@ -633,7 +641,7 @@ def search_cmd(
             from autotune.search.selection import selection_value
             from autotune.search.validate import finalists, pick_on_validation
 
-            held_out = Evaluator(m, "validation", size=validate, seed=seed, store=store)
+            held_out = Evaluator(m, "validation", size=validate, seed=seed, store=store, prompts=prompt_list)
             extra = [("refined", refined)] if refine else []
             named_here = [(f"named {s.name}", s) for s in named_peers if s.nfe == result.best.nfe]
             candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
@@ -691,7 +699,7 @@ def search_cmd(
     if store is not None:
         console.print(f"Optuna study {study_name(sid)}; browse it with:")
         console.print(f"optuna-dashboard {url}", highlight=False, soft_wrap=True)  # one line, to copy whole
-    report = Evaluator(m, "report", store=store)
+    report = Evaluator(m, "report", store=store, prompts=prompt_list)
     report.model_spec = model
     peers = [s for s in named_peers if s.nfe == best.nfe]
     ours = [(best.name, best)]

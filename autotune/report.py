@@ -520,7 +520,7 @@ def sample_images(evaluator: Any, schedules: Mapping[str, Schedule], count: int 
 
     model = evaluator.model
     noise = evaluator.eval_set.noise(torch.float32)[:count]
-    labels = evaluator.eval_set.labels()
+    labels = evaluator.eval_set.conditions()
     labels = None if labels is None else labels[:count]
     out: dict[str, Any] = {"reference": evaluator.reference(reference_guidance).final[:count].float()}
     with torch.no_grad():

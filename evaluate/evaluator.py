@@ -28,14 +28,15 @@ class Evaluator:
         model: the Denoiser.
         kind: "search", "validation" or "report" evaluation set.
         size, seed: of the evaluation set (0: the kind's default size).
+        prompts: a text-to-image model's prompts, cycled over the set (none: the empty prompt).
         store: an ``autotune.cache`` Store, or None to keep everything in memory only.
         ref_steps: steps of the reference solver.
     """
 
     def __init__(self, model: Denoiser, kind: str = "search", size: int = 0, seed: int = 0, store: Any = None,
-                 ref_steps: int = DEFAULT_REF_STEPS) -> None:
+                 ref_steps: int = DEFAULT_REF_STEPS, prompts: tuple[str, ...] = ()) -> None:
         self.model = model
-        self.eval_set: EvalSet = eval_set_for(model, kind, size, seed)
+        self.eval_set: EvalSet = eval_set_for(model, kind, size, seed, prompts)
         self.store = store
         self.ref_steps = ref_steps
         self.fingerprint = model.fingerprint()

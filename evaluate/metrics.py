@@ -112,7 +112,7 @@ def score(
 
     noise = eval_set.noise(dtype or torch.float32)
     start = time.perf_counter()
-    result = sample(model, schedule, noise, eval_set.labels(), keep_states=True, check_finite=True,
+    result = sample(model, schedule, noise, eval_set.conditions(), keep_states=True, check_finite=True,
                     start=None if start_state is None else start_state.to(noise.dtype))
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": seconds, "diverged": result.diverged_at is not None,

@@ -87,7 +87,7 @@ def compute_reference(
     With ``t_start`` and ``start`` (image-to-image) both solve from the state ``start`` at ``t_start``.
     ``progress`` hears of every step of both solvers (task "reference, <kind> set")."""
     noise = eval_set.noise(dtype)
-    cond = eval_set.labels()
+    cond = eval_set.conditions()
     main = lambda_uniform_schedule(model.noise, steps, 3, solver="unip-bh2", corrector="bh2", t_start=t_start)
     main = Schedule(main.t_start, main.steps, guidance=guidance, name=main.name)
     check = lambda_uniform_schedule(model.noise, (3 * steps) // 2, 3, solver="unip-bh2", t_start=t_start)

@@ -8,6 +8,7 @@ different generator streams of the same base seed, and the set id names kind, se
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ class EvalSet:
     size: int = 0
     seed: int = 0
     num_classes: int | None = None
+    prompts: tuple[str, ...] = ()  # text-to-image: sample i gets prompts[i % len(prompts)]
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -42,10 +44,17 @@ class EvalSet:
         if self.size < 1:
             raise AutotuneError(f"evaluation set size must be >= 1, got {self.size}")
         object.__setattr__(self, "sample_shape", tuple(int(d) for d in self.sample_shape))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if self.prompts and self.num_classes:
+            raise AutotuneError("an evaluation set has class labels or prompts, not both")
 
     @property
     def id(self) -> str:
-        return eval_set_id(self.kind, self.seed, self.size, self.sample_shape, self.num_classes)
+        base = eval_set_id(self.kind, self.seed, self.size, self.sample_shape, self.num_classes)
+        if not self.prompts:
+            return base
+        digest = hashlib.sha256("\n".join(self.prompts).encode("utf-8")).hexdigest()[:12]
+        return f"{base}-p{len(self.prompts)}.{digest}"
 
     def _generator(self, stream: int) -> torch.Generator:
         # distinct streams per kind and per purpose: search and report noises never coincide
@@ -70,9 +79,19 @@ class EvalSet:
         return labels[torch.randperm(self.size, generator=self._generator(1))]
 
 
-def eval_set_for(model, kind: str, size: int = 0, seed: int = 0) -> EvalSet:
-    """The evaluation set of a model (its sample shape and classes) of the given kind."""
+    def conditions(self) -> torch.Tensor | list[str] | None:
+        """What each sample is conditioned on: its class label, its prompt (cycled over the set), or None."""
+        if self.prompts:
+            return [self.prompts[i % len(self.prompts)] for i in range(self.size)]
+        return self.labels()
+
+
+def eval_set_for(model, kind: str, size: int = 0, seed: int = 0, prompts: tuple[str, ...] = ()) -> EvalSet:
+    """The evaluation set of a model (its sample shape and classes, or the prompts given) of the given kind."""
     shape = getattr(model, "sample_shape", None)
     if not shape:
         raise AutotuneError("this model does not declare its sample shape; it cannot be evaluated")
-    return EvalSet(kind, tuple(shape), size=size, seed=seed, num_classes=getattr(model, "num_classes", None))
+    if prompts and not callable(getattr(model, "encode_prompts", None)):
+        raise AutotuneError("--prompts: this model is not a text-to-image model (it takes no prompts)")
+    return EvalSet(kind, tuple(shape), size=size, seed=seed, num_classes=getattr(model, "num_classes", None),
+                   prompts=tuple(prompts))

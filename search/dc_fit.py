@@ -123,7 +123,7 @@ def _fit_batch(eval_set: EvalSet, reference: Reference, n: int):
     """(noise, labels, reference states) of the first n datapoints of the set."""
     n = min(n, eval_set.size)
     noise = eval_set.noise(torch.float32)[:n]
-    labels = eval_set.labels()
+    labels = eval_set.conditions()
     return noise, None if labels is None else labels[:n], n
 
 

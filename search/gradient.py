@@ -52,7 +52,7 @@ def refine_times(
     logits = torch.log(increments / increments.sum()).clone().requires_grad_(True)
     optimiser = torch.optim.Adam([logits], lr=lr)
     noise = eval_set.noise(torch.float32)
-    labels = eval_set.labels()
+    labels = eval_set.conditions()
     g = torch.Generator().manual_seed(seed)
 
     def grid(logit: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def measure_latency(model: Denoiser, schedule: Schedule, eval_set: EvalSet, spec
                     dtype: torch.dtype = torch.float32) -> float:
     """Median wall time in ms of sampling ``schedule`` on the set's first ``spec.batch`` noises, on this worker."""
     noise = eval_set.noise(dtype)[: spec.batch]
-    labels = eval_set.labels()
+    labels = eval_set.conditions()
     cond = labels[: spec.batch] if labels is not None else None
     times = []
     with torch.no_grad():

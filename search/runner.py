@@ -77,6 +77,7 @@ class EvaluatorSpec:
     ref_steps: int
     threads: int = 1
     ratios: str | None = None  # "fit" or "cpr:FILE": candidates scored with DC ratios (search/dc_fit.py)
+    prompts: tuple[str, ...] = ()  # a text-to-image model's evaluation prompts
 
 
 def _build_evaluator(spec: EvaluatorSpec) -> Evaluator:
@@ -88,7 +89,7 @@ def _build_evaluator(spec: EvaluatorSpec) -> Evaluator:
 
         store = open_store(spec.cache)
     evaluator = Evaluator(load_model(spec.model), spec.kind, size=spec.size, seed=spec.seed, store=store,
-                          ref_steps=spec.ref_steps)
+                          ref_steps=spec.ref_steps, prompts=spec.prompts)
     if spec.ratios is not None:
         from autotune.search.dc_fit import attach_ratio_source
 
