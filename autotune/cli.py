@@ -499,6 +499,8 @@ def search_cmd(
                                          help="stage 2: latency limit as a fraction of the unpruned schedule's"),
     report_dir: Optional[Path] = typer.Option(None, "--report",
                                               help="also write a report (report.md and plots) to this folder"),
+    report_size: int = typer.Option(0, "--report-size", min=0, max=MAX_BATCH,
+                                    help="samples of the closing table's report set (0: 1024)"),
     validate: int = typer.Option(512, "--validate", min=0, max=MAX_BATCH,
                                  help="choose among the finalists (best trials, refined grid) on a held-out "
                                       "validation set of this many samples (0: keep the search-set best)"),
@@ -699,7 +701,7 @@ def search_cmd(
     if store is not None:
         console.print(f"Optuna study {study_name(sid)}; browse it with:")
         console.print(f"optuna-dashboard {url}", highlight=False, soft_wrap=True)  # one line, to copy whole
-    report = Evaluator(m, "report", store=store, prompts=prompt_list)
+    report = Evaluator(m, "report", size=report_size, store=store, prompts=prompt_list)
     report.model_spec = model
     peers = [s for s in named_peers if s.nfe == best.nfe]
     ours = [(best.name, best)]

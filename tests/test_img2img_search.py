@@ -56,12 +56,13 @@ def test_search_with_strength_writes_a_partial_schedule_that_beats_the_cut_peers
     out = tmp_path / "s.json"
     result = CliRunner().invoke(app, ["search", "--model", "gmm2d", "--nfe", "4", "--strength", "0.6", "--method",
                                       "random", "--budget", "16", "--workers", "0", "--validate", "64", "--no-cache",
-                                      "--out", str(out)])
+                                      "--report-size", "256", "--out", str(out)])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     t_start, _ = img2img_peers(load_model("gmm2d").noise, 4, 0.6)
     assert doc["t_start"] == pytest.approx(t_start) and doc["nfe"] == 4
     assert "dpmsolver++2m@0.6" in result.output and "vs " in result.output
+    assert "report-s0-n256" in result.output  # --report-size sets the closing table's set
 
 
 @pytest.mark.parametrize("args,match", [

@@ -49,20 +49,18 @@ def test_prompts_for_a_model_without_text_are_one_line():
         Evaluator(load_model("gmm2d"), "search", size=4, prompts=("a cat",))
 
 
-def test_cli_search_with_prompts(sd_dir, tmp_path, monkeypatch):
+def test_cli_search_with_prompts(sd_dir, tmp_path):
     import json
 
     from typer.testing import CliRunner
 
     from autotune.cli import app
-    from autotune.evaluate import ids
-
-    monkeypatch.setitem(ids.DEFAULT_SIZE, "report", 8)  # the closing table's set: small for a test
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "s.json"
     result = CliRunner().invoke(app, ["search", "--model", str(sd_dir), "--nfe", "4", "--guidance", "7.5",
                                       "--prompts", str(prompts), "--method", "random", "--budget", "4", "--workers",
-                                      "0", "--set-size", "8", "--validate", "0", "--no-cache", "--out", str(out)])
+                                      "0", "--set-size", "8", "--validate", "0", "--report-size", "8", "--no-cache",
+                                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "-p4." in json.loads(out.read_text())["metadata"]["eval_set"]
