@@ -267,3 +267,25 @@ def test_autotune_scheduler_sigmas_and_mu(model):
     assert "\n" not in str(info.value)
     with pytest.raises(SamplingError, match="num_inference_steps=4"):
         sched.set_timesteps(sigmas=[1.0, 0.8, 0.5, 0.3])
+
+
+def test_search_and_compile_on_a_flow_directory(flow_dir, tmp_path):
+    """The default machinery on a flow directory: a search writes a schedule (flow named ones among its
+    peers), and the ONNX engine of it equals the executor (the CLI's own parity line)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+
+    runner, out = CliRunner(), tmp_path / "s.json"
+    result = runner.invoke(app, [str(a) for a in [
+        "search", "--model", flow_dir, "--nfe", 4, "--method", "random", "--budget", 8, "--workers", 0, "--set-size",
+        16, "--validate", 0, "--report-size", 16, "--no-cache", "--out", out]])
+    assert result.exit_code == 0, result.output
+    assert "flow-euler" in result.output and "unipc-flow" in result.output
+    result = runner.invoke(app, [str(a) for a in ["compile", "--model", flow_dir, "--schedule", out, "--out",
+                                                  tmp_path / "engine"]])
+    assert result.exit_code == 0, result.output
+    engine = float(re.search(r"engine ([0-9.e+-]+) \(max abs\)", result.output).group(1))
+    assert engine <= 1e-3

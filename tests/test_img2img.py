@@ -152,3 +152,59 @@ def test_for_strength_refuses_what_keeps_nothing(model):
     for bad in (0.0, 1.5, 0.1):
         with pytest.raises(ScheduleError, match="strength"):
             for_strength(full, bad)
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from tiny_sd3 import make_tiny_sd3_dir
+
+    return make_tiny_sd3_dir(tmp_path_factory.mktemp("img2img-sd3") / "tiny-sd3")
+
+
+def _sd3_img2img(sd3_dir, scheduler=None):
+    """StableDiffusion3Img2ImgPipeline over the tiny SD3 directory; records what scale_noise saw."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+    from tiny_sd3 import load_sd3_pipeline
+
+    pipe = StableDiffusion3Img2ImgPipeline(**load_sd3_pipeline(sd3_dir, scheduler=scheduler).components)
+    pipe.set_progress_bar_config(disable=True)
+    seen: dict[str, torch.Tensor] = {}
+    scale_noise = pipe.scheduler.scale_noise
+
+    def recording(sample, timestep, noise=None):
+        out = scale_noise(sample, timestep, noise)
+        seen.update(x0=sample.clone(), noise=noise.clone(), start=out.clone())
+        return out
+
+    pipe.scheduler.scale_noise = recording
+    return pipe, seen
+
+
+def _run_sd3(pipe, strength):
+    with torch.no_grad():
+        return pipe(prompt=list(PROMPTS[:2]), image=_images(), strength=strength, num_inference_steps=STEPS,
+                    guidance_scale=GUIDANCE, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_sd3_img2img_equals_the_cut_flow_euler_and_runs_a_partial_schedule(sd3_dir):
+    """StableDiffusion3Img2ImgPipeline: the named flow-euler cut at the strength, and AutotuneScheduler with a
+    partial schedule, each equal to our executor from the same noised latents. (SD3's img2img keeps
+    N - int(N - N s) steps, which differs from int(N s) when N s is not exact in binary: strength 0.5 here.)"""
+    from autotune.diffusers_scheduler import AutotuneScheduler
+    from autotune.models.registry import load_model
+
+    model, strength = load_model(str(sd3_dir)), 0.5
+    pipe, seen = _sd3_img2img(sd3_dir)
+    ref = _run_sd3(pipe, strength)
+    part = for_strength(dataclasses.replace(build("flow-euler", model.noise, STEPS), guidance=GUIDANCE), strength)
+    start = noised(model.noise, seen["x0"], seen["noise"], part.t_start)
+    assert (start - seen["start"]).abs().max().item() <= TOL
+    ours = sample(model, part, seen["noise"], list(PROMPTS[:2]), start=start).sample
+    assert (ours - ref).abs().max().item() <= TOL
+
+    moved = dataclasses.replace(part, steps=tuple(dataclasses.replace(s, t=s.t * 0.95) for s in part.steps))
+    pipe, seen = _sd3_img2img(sd3_dir, AutotuneScheduler.from_schedule(moved, load_model(str(sd3_dir)).scheduler_config))
+    ref = _run_sd3(pipe, strength)
+    assert (seen["start"] - noised(model.noise, seen["x0"], seen["noise"], moved.t_start)).abs().max().item() <= TOL
+    ours = sample(model, moved, seen["noise"], list(PROMPTS[:2]), start=seen["start"]).sample
+    assert (ours - ref).abs().max().item() <= TOL
