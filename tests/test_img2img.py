@@ -208,3 +208,34 @@ def test_sd3_img2img_equals_the_cut_flow_euler_and_runs_a_partial_schedule(sd3_d
     assert (seen["start"] - noised(model.noise, seen["x0"], seen["noise"], moved.t_start)).abs().max().item() <= TOL
     ours = sample(model, moved, seen["noise"], list(PROMPTS[:2]), start=seen["start"]).sample
     assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_sdxl_img2img_runs_a_partial_schedule(tmp_path_factory):
+    """StableDiffusionXLImg2ImgPipeline (base layout, no aesthetic score) with AutotuneScheduler replaying a
+    partial schedule equals our executor from the latents its add_noise made."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from tiny_sdxl import load_sdxl_pipeline, make_tiny_sdxl_dir
+
+    from autotune.diffusers_scheduler import AutotuneScheduler
+    from autotune.models.registry import load_model
+
+    path = make_tiny_sdxl_dir(tmp_path_factory.mktemp("img2img-sdxl") / "tiny-sdxl")
+    model = load_model(str(path))
+    schedule = _searched_partial(model)
+    base = load_sdxl_pipeline(path, scheduler=AutotuneScheduler.from_schedule(schedule, model.scheduler_config))
+    pipe = StableDiffusionXLImg2ImgPipeline(**base.components, requires_aesthetics_score=False)
+    pipe.set_progress_bar_config(disable=True)
+    seen: dict[str, torch.Tensor] = {}
+    add_noise = pipe.scheduler.add_noise
+
+    def recording(original, noise, timesteps):
+        out = add_noise(original, noise, timesteps)
+        seen.update(noise=noise.clone(), start=out.clone())
+        return out
+
+    pipe.scheduler.add_noise = recording
+    with torch.no_grad():
+        ref = pipe(prompt=list(PROMPTS[:2]), image=_images(), strength=STRENGTH, num_inference_steps=STEPS,
+                   guidance_scale=GUIDANCE, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    ours = sample(model, schedule, seen["noise"], list(PROMPTS[:2]), start=seen["start"]).sample
+    assert (ours - ref).abs().max().item() <= TOL
