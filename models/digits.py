@@ -25,7 +25,7 @@ from autotune.errors import ModelError
 from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.models.registry import BuiltinModel, register
 from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
-from autotune.sampling.noise import VPDiscrete, betas_for
+from autotune.sampling.noise import NoiseSchedule, VPDiscrete, betas_for
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # label index of "no class" (classifier-free guidance)
@@ -165,12 +165,17 @@ def check_labels(cond: Any, batch: int) -> torch.Tensor:
 
 
 class DigitsDenoiser(TorchDenoiser):
-    """The Denoiser of the ``digits`` model: ``cond`` = class labels (None: unconditional), CFG by ``guidance``."""
+    """The Denoiser of the ``digits`` model: ``cond`` = class labels (None: unconditional), CFG by ``guidance``.
 
-    def __init__(self, unet: DigitsUNet, noise: VPDiscrete | None = None) -> None:
+    ``noise``, ``parameterization``, ``config`` and ``round_time`` default to ``digits`` (DDPM steps, epsilon);
+    ``digits-flow`` (models/digits_flow.py) passes its own, so both share the labels, CFG and data metrics.
+    """
+
+    def __init__(self, unet: DigitsUNet, noise: NoiseSchedule | None = None, *, parameterization: str = "epsilon",
+                 config: dict[str, Any] | None = None, round_time: bool = True) -> None:
         noise = noise or digits_noise()
-        config = {"name": "digits", "noise": NOISE_CONFIG, "parameterization": "epsilon", "arch": UNET_ARCH}
-        super().__init__(unet, noise, "epsilon", module=unet, round_time=True, config=config)
+        config = config or {"name": "digits", "noise": NOISE_CONFIG, "parameterization": "epsilon", "arch": UNET_ARCH}
+        super().__init__(unet, noise, parameterization, module=unet, round_time=round_time, config=config)
         self.cfg = ClassifierFreeGuidance(unet, torch.tensor(NULL_CLASS, dtype=torch.long))
         self.sample_shape = SAMPLE_SHAPE
         self.num_classes = NUM_CLASSES
@@ -215,14 +220,14 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise ModelError(f"{path}: missing (train it with `python -m autotune.models.digits_train`)")
+        raise ModelError(f"{path}: missing (train it with `python -m autotune.models.digits_train`, see its --model)")
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _load_into(module: nn.Module, path: Path, dtype: torch.dtype) -> nn.Module:
+def load_weights_into(module: nn.Module, path: Path, dtype: torch.dtype) -> nn.Module:
     """Load ``path`` strictly into ``module``; returns it in eval mode, cast to ``dtype``, without grads."""
     try:
         module.load_state_dict(_load_state(path))
@@ -237,7 +242,7 @@ def _load_into(module: nn.Module, path: Path, dtype: torch.dtype) -> nn.Module:
 def load_digits(dtype: torch.dtype = torch.float32, weights_dir: str | Path | None = None) -> DigitsDenoiser:
     """The shipped ``digits`` Denoiser (EMA weights), in ``dtype``."""
     path = Path(weights_dir or WEIGHTS_DIR) / UNET_FILE
-    return DigitsDenoiser(_load_into(build_unet(), path, dtype))
+    return DigitsDenoiser(load_weights_into(build_unet(), path, dtype))
 
 
 class DigitsClassifier(nn.Module):
@@ -270,7 +275,7 @@ class DigitsClassifier(nn.Module):
 def load_classifier(dtype: torch.dtype = torch.float32, weights_dir: str | Path | None = None) -> DigitsClassifier:
     """The shipped digits classifier, in eval mode."""
     path = Path(weights_dir or WEIGHTS_DIR) / CLASSIFIER_FILE
-    return _load_into(DigitsClassifier(), path, dtype)
+    return load_weights_into(DigitsClassifier(), path, dtype)
 
 
 def training_record(weights_dir: str | Path | None = None, name: str = "digits_train.json") -> dict[str, Any]:
