@@ -211,7 +211,14 @@ def build_engine(
     )
     write_manifest(out_dir, manifest)  # without parity first: the loader checks the directory against it
     engine = load_engine(out_dir, model, **(load_options or {}))
-    engine_out = engine(**{k: v.numpy() for k, v in check.items()})
+    try:
+        engine_out = engine(**{k: v.numpy() for k, v in check.items()})
+    except Exception as e:  # noqa: BLE001 - runtimes raise their own types; the user gets one line
+        (out_dir / MANIFEST).unlink()
+        first = (str(e).strip().splitlines() or [""])[-1][:300]
+        raise BackendError(f"{out_dir}: the {backend} engine fails on a batch of {parity_noises} (exported at batch "
+                           f"{len(next(iter(examples.values())))}): {type(e).__name__}: {first}; the engine was not "
+                           "written") from None
     parity = {
         "noises": parity_noises,
         "seed": PARITY_SEED,

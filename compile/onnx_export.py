@@ -8,6 +8,7 @@ and what onnxruntime and TensorRT 8.6+ both read).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +20,25 @@ from autotune.errors import BackendError
 
 OPSET = 17
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
+
+
+@contextlib.contextmanager
+def _exportable_rms_norm():
+    """torch.nn.RMSNorm (Flux's q/k norms) as mean / rsqrt / mul while exporting: opset 17 has no RMSNorm, and the
+    TorchScript exporter refuses ``aten::rms_norm``. The same formula as torch's (eps None: the dtype's eps)."""
+    original = torch.nn.RMSNorm.forward
+
+    def decomposed(self: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        return y * self.weight if self.weight is not None else y
+
+    torch.nn.RMSNorm.forward = decomposed
+    try:
+        yield
+    finally:
+        torch.nn.RMSNorm.forward = original
 
 
 def export_onnx(baked: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: Path,
@@ -34,7 +54,7 @@ def export_onnx(baked: torch.nn.Module, example_inputs: dict[str, torch.Tensor],
     dynamic = {n: {0: "batch"} for n in [*input_names, *output_names]}
     started = time.perf_counter()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _exportable_rms_norm():
             # the tracer warns about every Python bool / shape read in the models; the loop is fixed by design
             warnings.simplefilter("ignore")
             torch.onnx.export(baked.eval(), args, str(path), input_names=input_names, output_names=output_names,

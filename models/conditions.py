@@ -95,3 +95,24 @@ class PooledTextCondition(BatchedCondition):
     DIMS: ClassVar[dict[str, int]] = {"prompt_embeds": 3, "pooled_embeds": 2}
     prompt_embeds: torch.Tensor
     pooled_embeds: torch.Tensor
+
+
+class PooledTextEngineInputs:
+    """What `autotune compile` needs of a model conditioned on a :class:`PooledTextCondition` (SD3, Flux): its
+    condition as two float32 engine inputs, named as the pipelines' ``__call__`` arguments. The model has a
+    ``null_condition`` (the empty prompt's encoding), which fixes the shapes and feeds example inputs."""
+
+    null_condition: PooledTextCondition
+
+    def engine_condition_inputs(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        null = self.null_condition
+        return (("prompt_embeds", tuple(int(d) for d in null.prompt_embeds.shape[1:])),
+                ("pooled_prompt_embeds", tuple(int(d) for d in null.pooled_embeds.shape[1:])))
+
+    def engine_condition(self, inputs: dict[str, torch.Tensor]) -> PooledTextCondition:
+        """The condition of an engine input dict (traceable: no value is read)."""
+        return PooledTextCondition(inputs["prompt_embeds"], inputs["pooled_prompt_embeds"])
+
+    def engine_null_inputs(self, batch: int) -> dict[str, torch.Tensor]:
+        null = self.null_condition.expand(batch).to(torch.float32)
+        return {"prompt_embeds": null.prompt_embeds.contiguous(), "pooled_prompt_embeds": null.pooled_embeds.contiguous()}

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from autotune.errors import ModelError
-from autotune.models.conditions import PooledTextCondition
+from autotune.models.conditions import PooledTextCondition, PooledTextEngineInputs
 from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config, read_scheduler_file
 from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.models.latent import check_parts, frozen, tokenizer_max_length
@@ -187,7 +187,7 @@ def check_transformer_config(config: Any, source: str, latent_channels: int | No
         raise ModelError(f"{source}: in_channels {channels} is not 4 x the VAE's latent_channels {latent_channels}")
 
 
-class FluxDenoiser(TorchDenoiser):
+class FluxDenoiser(PooledTextEngineInputs, TorchDenoiser):
     """A Flux model: FluxTransformer2DModel + CLIP (pooled) and T5 text encoders + VAE + flow scheduler config.
 
     ``cond`` is a :class:`PooledTextCondition` from :meth:`encode_prompts` (one condition is broadcast over the

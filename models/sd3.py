@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from autotune.errors import ModelError
-from autotune.models.conditions import PooledTextCondition
+from autotune.models.conditions import PooledTextCondition, PooledTextEngineInputs
 from autotune.models.diffusers_dir import (
     from_pretrained,
     is_flow_config,
@@ -83,7 +83,7 @@ def _t5_identity(tokenizer: Any, max_length: int) -> dict[str, Any]:
             "class": type(tokenizer).__name__}
 
 
-class SD3Denoiser(TorchDenoiser):
+class SD3Denoiser(PooledTextEngineInputs, TorchDenoiser):
     """An SD3 model: SD3Transformer2DModel + two CLIP text encoders (+ T5) + VAE + flow scheduler config.
 
     ``cond`` is an :class:`PooledTextCondition` from :meth:`encode_prompts` (one condition is broadcast over the batch),
