@@ -209,7 +209,9 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is None and given is not None:
             num_inference_steps = len(given)
         total = nfe if num_inference_steps is None else int(num_inference_steps)
-        if self.partial and total > nfe and sigmas is None and timesteps is None:
+        if self.partial and total > nfe and timesteps is None:
+            if sigmas is not None:  # Flux's img2img passes its default linspace(1, 1/N, N) for the whole run
+                self._check_given("sigmas", sigmas, None, self._default_sigmas(total))
             self._begin = total - nfe
             lead = torch.linspace(float(self.noise.T), self.schedule.t_start, self._begin + 1, dtype=torch.float64)[:-1]
             self.timesteps = torch.cat([fed_timesteps(self.noise, lead), self._own])
@@ -241,7 +243,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         # what FluxPipeline passes when its user gave none: not a choice to honour, so not a conflict
         return torch.linspace(1.0, 1.0 / nfe, nfe, dtype=torch.float64) if self.noise.kind == "flow" else None
 
-    def _check_given(self, what: str, given: Any, own: torch.Tensor, default: torch.Tensor | None) -> None:
+    def _check_given(self, what: str, given: Any, own: torch.Tensor | None, default: torch.Tensor | None) -> None:
         try:
             values = torch.as_tensor([float(v) for v in given], dtype=torch.float64)
         except (TypeError, ValueError):
@@ -252,7 +254,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
                 ((values - ref).abs() <= SIGMA_TOL * ref.abs().clamp(min=1.0)).all())
 
         if not (same(own) or same(default)):
-            shown = ", ".join(f"{v:.4g}" for v in own.tolist())
+            shown = ", ".join(f"{v:.4g}" for v in (own if own is not None else self._own_sigmas()).tolist())
             raise SamplingError(f"set_timesteps({what}=...): the pipeline asks for its own {what}, but this scheduler "
                                 f"replays {self.schedule.name or self.schedule.hash()} ({what} {shown}); "
                                 f"call the pipeline without {what}=")

@@ -239,3 +239,42 @@ def test_sdxl_img2img_runs_a_partial_schedule(tmp_path_factory):
                    guidance_scale=GUIDANCE, output_type="latent", generator=torch.Generator().manual_seed(0)).images
     ours = sample(model, schedule, seen["noise"], list(PROMPTS[:2]), start=seen["start"]).sample
     assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_flux_img2img_runs_a_partial_schedule(tmp_path_factory):
+    """FluxImg2ImgPipeline passes sigmas=linspace(1, 1/N, N) and mu for the whole run, then slices by strength:
+    AutotuneScheduler accepts that default, replays the partial schedule, and equals our executor."""
+    from diffusers import FluxImg2ImgPipeline
+    from tiny_flux import make_tiny_flux_dir
+
+    from autotune.diffusers_scheduler import AutotuneScheduler
+    from autotune.models.flux import pack_latents, unpack_latents
+    from autotune.models.registry import load_model
+
+    path = make_tiny_flux_dir(tmp_path_factory.mktemp("img2img-flux") / "tiny-flux")
+    model, strength = load_model(str(path)), 0.5
+    part = for_strength(dataclasses.replace(build("flow-euler", model.noise, STEPS), guidance=3.5), strength)
+    moved = dataclasses.replace(part, steps=tuple(dataclasses.replace(s, t=s.t * 0.95) for s in part.steps))
+    pipe = FluxImg2ImgPipeline.from_pretrained(str(path))
+    pipe.scheduler = AutotuneScheduler.from_schedule(moved, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seen: dict[str, torch.Tensor] = {}
+    scale_noise = pipe.scheduler.scale_noise
+
+    def recording(sample, timestep, noise=None):
+        out = scale_noise(sample, timestep, noise)
+        seen.update(noise=noise.clone(), start=out.clone())
+        return out
+
+    pipe.scheduler.scale_noise = recording
+    h, w = model.sample_shape[1:]
+    size = h * pipe.vae_scale_factor
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = pipe(prompt=list(PROMPTS[:2]), image=images, strength=strength, num_inference_steps=STEPS,
+                   guidance_scale=3.5, height=size, width=size, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    ref = unpack_latents(ref, h, w)
+    ours = sample(model, moved, seen["noise"], list(PROMPTS[:2]), start=seen["start"]).sample
+    assert ours.shape == ref.shape and (ours - ref).abs().max().item() <= TOL
+    assert pack_latents(ours).shape[1] == (h // 2) * (w // 2)
