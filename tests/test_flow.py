@@ -289,3 +289,18 @@ def test_search_and_compile_on_a_flow_directory(flow_dir, tmp_path):
     assert result.exit_code == 0, result.output
     engine = float(re.search(r"engine ([0-9.e+-]+) \(max abs\)", result.output).group(1))
     assert engine <= 1e-3
+
+
+def test_search_on_a_vp_directory(pipeline_dirs, tmp_path):
+    """The same search on a DDPM (VP, epsilon) directory: flow named schedules are not offered there."""
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+
+    out = tmp_path / "s.json"
+    result = CliRunner().invoke(app, [str(a) for a in [
+        "search", "--model", pipeline_dirs["epsilon"], "--nfe", 4, "--method", "random", "--budget", 8, "--workers",
+        0, "--set-size", 16, "--validate", 0, "--report-size", 16, "--no-cache", "--out", out]])
+    assert result.exit_code == 0, result.output
+    assert "dpmsolver++2m" in result.output and "flow-euler" not in result.output
+    assert json.loads(out.read_text())["nfe"] == 4
