@@ -127,7 +127,9 @@ def baseline_cmd(
         schedule = dataclasses.replace(schedule, guidance=guidance)
     save(schedule, out)
     console.print(f"wrote {out}: {schedule.name}, NFE {schedule.nfe}, hash {schedule.hash()}")
-    if guidance is None and hasattr(m, "encode_prompts"):
+    if guidance is None and getattr(m, "guidance_embeds", False):  # Flux dev: the guidance is a network input
+        console.print("note: a guidance-distilled model; without --guidance it runs at the pipeline's default scale")
+    elif guidance is None and hasattr(m, "encode_prompts"):
         console.print("note: a text-to-image model; this schedule is unguided (pass --guidance, e.g. 7.5, for CFG)")
 
 
@@ -783,7 +785,8 @@ app.add_typer(zoo_app, name="zoo")
 @zoo_app.command("train")
 @_one_line_errors
 def zoo_train_cmd(
-    name: str = typer.Argument(..., help="digits (the UNet) or digits-classifier"),
+    name: str = typer.Argument(..., help="digits (the UNet), digits-flow (the same UNet as a rectified flow) or "
+                                         "digits-classifier"),
     out: Path = typer.Option(Path("zoo-weights"), "--out", help="folder for the weights and the training record"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     steps: int = typer.Option(1200, "--steps", min=1, max=MAX_ITERATIONS, help="optimiser steps (digits)"),
@@ -796,14 +799,15 @@ def zoo_train_cmd(
     def log(msg: str) -> None:
         err_console.print(msg, highlight=False)
 
-    if name == "digits":
-        record = digits_train.train_digits(out, seed=seed, steps=steps, threads=threads, log=log,
-                                           argv=["autotune", "zoo", "train", "digits", "--seed", str(seed),
+    if name in ("digits", "digits-flow"):
+        record = digits_train.train_digits(out, seed=seed, steps=steps, threads=threads, log=log, model_name=name,
+                                           argv=["autotune", "zoo", "train", name, "--seed", str(seed),
                                                  "--steps", str(steps), "--threads", str(threads)])
     elif name == "digits-classifier":
         record = digits_train.train_classifier(out, seed=seed, threads=threads, log=log)
     else:
-        raise AutotuneError(f"zoo train: unknown model {name!r} (digits, digits-classifier; gmm* are analytic)")
+        raise AutotuneError(f"zoo train: unknown model {name!r} (digits, digits-flow, digits-classifier; gmm* are "
+                            "analytic)")
     console.print(f"wrote {out}: {json_summary(record)}")
 
 

@@ -175,3 +175,14 @@ def test_training_smoke(tmp_path):
     assert (tmp_path / UNET_FILE).is_file() and (tmp_path / TRAIN_RECORD).is_file()
     assert not (tmp_path / "digits.safetensors").exists()  # the flow run leaves digits' files alone
     assert load_digits_flow(weights_dir=tmp_path).fingerprint() != load_digits_flow().fingerprint()
+
+
+def test_zoo_train_cli_trains_digits_flow(tmp_path):
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+
+    result = CliRunner().invoke(app, ["zoo", "train", "digits-flow", "--out", str(tmp_path), "--steps", "2",
+                                      "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "digits_flow.safetensors").is_file() and (tmp_path / "digits_flow_train.json").is_file()
