@@ -51,7 +51,7 @@ from autotune.errors import ModelError
 from autotune.models.conditions import PooledTextCondition, PooledTextEngineInputs
 from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config, read_scheduler_file
 from autotune.models.guidance import ClassifierFreeGuidance
-from autotune.models.latent import check_parts, frozen, tokenizer_max_length
+from autotune.models.latent import VAEDecoding, check_parts, frozen, tokenizer_max_length, vae_scale_factor
 from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
 from autotune.sampling.noise import FlowMatching
 
@@ -117,18 +117,12 @@ def _tokenizer_identity(tokenizer: Any, max_length: int) -> dict[str, Any]:
             "class": type(tokenizer).__name__}
 
 
-def _vae_scale_factor(vae_config: dict[str, Any]) -> int:
-    """Image pixels per latent pixel, as FluxPipeline computes it (2 ** (number of VAE blocks - 1))."""
-    blocks = vae_config.get("block_out_channels", (0,) * 4)
-    return 2 ** (len(blocks) - 1) if isinstance(blocks, (list, tuple)) and blocks else 8
-
-
 def default_latent_size(vae_config: dict[str, Any], height: int | None = None, width: int | None = None,
                         source: str = "") -> tuple[int, int]:
     """Latent (H, W) of the default resolution, rounded as FluxPipeline rounds (``2 * (pixels // (2 x vae
     factor))``). Pixels: ``height``/``width`` when given, else the VAE config's ``sample_size``, else the
     pipeline's ``128 x vae factor``."""
-    factor = _vae_scale_factor(vae_config)
+    factor = vae_scale_factor(vae_config)
     size = vae_config.get("sample_size")
     if isinstance(size, (list, tuple)) and len(size) == 2:
         base = (size[0], size[1])
@@ -187,7 +181,7 @@ def check_transformer_config(config: Any, source: str, latent_channels: int | No
         raise ModelError(f"{source}: in_channels {channels} is not 4 x the VAE's latent_channels {latent_channels}")
 
 
-class FluxDenoiser(PooledTextEngineInputs, TorchDenoiser):
+class FluxDenoiser(PooledTextEngineInputs, VAEDecoding, TorchDenoiser):
     """A Flux model: FluxTransformer2DModel + CLIP (pooled) and T5 text encoders + VAE + flow scheduler config.
 
     ``cond`` is a :class:`PooledTextCondition` from :meth:`encode_prompts` (one condition is broadcast over the
@@ -208,6 +202,8 @@ class FluxDenoiser(PooledTextEngineInputs, TorchDenoiser):
         source: where the model came from (for messages).
     """
 
+    DEFAULT_SCALING = 1.0  # scaling_factor when the VAE config lacks it (none: Flux configs always have one)
+
     def __init__(
         self,
         transformer: nn.Module,
@@ -225,7 +221,7 @@ class FluxDenoiser(PooledTextEngineInputs, TorchDenoiser):
     ) -> None:
         where = source or "flux"
         self.source = source
-        self.vae_config = dict(vae.config) if vae is not None else dict(vae_config or {})
+        self.init_vae(vae, vae_loader, vae_config)
         latent_channels = vae_latent_channels(self.vae_config, where)
         cfg = transformer.config
         check_transformer_config(cfg, f"{where}/transformer", latent_channels)
@@ -261,8 +257,6 @@ class FluxDenoiser(PooledTextEngineInputs, TorchDenoiser):
         }
         super().__init__(self._forward, noise, "flow", module=transformer, round_time=False, config=config)
         self.scheduler_config = scheduler_config
-        self._vae = vae
-        self._vae_loader = vae_loader
         self.num_classes = None
         self._memo: tuple[tuple[str, ...], PooledTextCondition] | None = None
         self._ids: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -371,32 +365,10 @@ class FluxDenoiser(PooledTextEngineInputs, TorchDenoiser):
 
     # -- images -----------------------------------------------------------------------------------
 
-    @property
-    def vae(self) -> nn.Module:
-        if self._vae is None:
-            if self._vae_loader is None:
-                raise ModelError(f"{self.source or 'flux'}: no VAE to decode latents with")
-            self._vae = self._vae_loader()
-        return self._vae
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return _vae_scale_factor(self.vae_config)
-
     def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """Images in [-1, 1], ``(B, 3, H x f, W x f)``, from final (unpacked) latents: ``latents / scaling_factor
-        + shift_factor`` through the VAE, as FluxPipeline decodes; in the VAE's dtype."""
+        """Images in [-1, 1] from final (unpacked) latents, as FluxPipeline decodes them (``VAEDecoding``)."""
         self._check_latents(latents)
-        vae = self.vae
-        scale = float(vae.config.get("scaling_factor", 1.0) or 1.0)
-        shift = float(vae.config.get("shift_factor", 0.0) or 0.0)
-        device = next(vae.parameters()).device
-        out = []
-        with torch.no_grad():
-            for i in range(0, latents.shape[0], batch_size):
-                z = latents[i:i + batch_size].to(device=device, dtype=vae.dtype)
-                out.append(vae.decode(z / scale + shift).sample.clamp(-1, 1))
-        return torch.cat(out)
+        return super().decode(latents, batch_size)
 
     # -- identity ---------------------------------------------------------------------------------
 

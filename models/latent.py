@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -151,7 +151,65 @@ def check_unet_extras(unet_config: Any, source: str, allowed: dict[str, Any], fa
                              f"({family})")
 
 
-class LatentPipelineDenoiser(TorchDenoiser):
+def vae_scale_factor(vae_config: dict[str, Any]) -> int:
+    """Image pixels per latent pixel, as the pipelines compute it: 2 ** (number of VAE blocks - 1)."""
+    blocks = vae_config.get("block_out_channels", (0,) * 4)
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, (list, tuple)) and blocks else 8
+
+
+class VAEDecoding:
+    """The VAE side of every latent family: loaded on the first :meth:`decode` (never inside a sampling loop),
+    its scale factor from its config, and the decode the pipelines do. A family sets ``DEFAULT_SCALING`` (the
+    ``scaling_factor`` its VAEs have when the config does not say) and calls :meth:`init_vae`."""
+
+    DEFAULT_SCALING: ClassVar[float] = 0.18215
+    source: str
+
+    def init_vae(self, vae: nn.Module | None, vae_loader: Callable[[], nn.Module] | None,
+                 vae_config: dict[str, Any] | None) -> None:
+        self._vae = vae
+        self._vae_loader = vae_loader
+        self.vae_config = dict(vae.config) if vae is not None else dict(vae_config or {})
+
+    @property
+    def vae(self) -> nn.Module:
+        if self._vae is None:
+            if self._vae_loader is None:
+                raise ModelError(f"{self.source or 'latent model'}: no VAE to decode latents with")
+            self._vae = self._vae_loader()
+        return self._vae
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for Stable Diffusion), from the VAE config."""
+        return vae_scale_factor(self.vae_config)
+
+    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Images in [-1, 1], ``(B, 3, H, W)``, from final latents: ``latents * latents_std / scaling_factor +
+        latents_mean`` when the VAE config has both (as the SDXL pipeline denormalises), else
+        ``latents / scaling_factor [+ shift_factor]`` (SD, SD3, Flux); in the VAE's own dtype."""
+        vae = self.vae
+        scale = float(vae.config.get("scaling_factor", self.DEFAULT_SCALING) or self.DEFAULT_SCALING)
+        shift = vae.config.get("shift_factor", None)
+        mean, std = vae.config.get("latents_mean", None), vae.config.get("latents_std", None)
+        device = next(vae.parameters()).device
+        out = []
+        with torch.no_grad():
+            for i in range(0, latents.shape[0], batch_size):
+                z = latents[i:i + batch_size].to(device=device, dtype=vae.dtype)
+                if mean is not None and std is not None:
+                    channels = (1, -1, 1, 1)
+                    z = z * torch.tensor(std, dtype=z.dtype, device=device).view(channels) / scale + \
+                        torch.tensor(mean, dtype=z.dtype, device=device).view(channels)
+                else:
+                    z = z / scale
+                    if shift is not None:
+                        z = z + float(shift)
+                out.append(vae.decode(z).sample.clamp(-1, 1))
+        return torch.cat(out)
+
+
+class LatentPipelineDenoiser(VAEDecoding, TorchDenoiser):
     """What the latent text-to-image families share: the UNet as the network (discrete times, unit skipping),
     the sample shape from its config, the VAE loaded on the first :meth:`decode`, prompt lists encoded once
     (the last one memoised), and the guided call (``self.cfg``, set by the subclass with its null condition).
@@ -186,9 +244,7 @@ class LatentPipelineDenoiser(TorchDenoiser):
         self.unet = unet
         self.scheduler_config = scheduler_config
         self.source = source
-        self._vae = vae
-        self._vae_loader = vae_loader
-        self.vae_config = dict(vae.config) if vae is not None else dict(vae_config or {})
+        self.init_vae(vae, vae_loader, vae_config)
         self.num_classes = None
         size = cfg.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -230,44 +286,6 @@ class LatentPipelineDenoiser(TorchDenoiser):
             return self.cfg(x, tm, cond, guidance)
 
     # -- images -----------------------------------------------------------------------------------
-
-    @property
-    def vae(self) -> nn.Module:
-        if self._vae is None:
-            if self._vae_loader is None:
-                raise ModelError(f"{self.source or 'latent model'}: no VAE to decode latents with")
-            self._vae = self._vae_loader()
-        return self._vae
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel (8 for Stable Diffusion), from the VAE config."""
-        return 2 ** (len(self.vae_config.get("block_out_channels", (0,) * 4)) - 1)
-
-    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """Images in [-1, 1], ``(B, 3, H, W)``, from final latents: ``latents * latents_std / scaling_factor +
-        latents_mean`` when the VAE config has both (as the SDXL pipeline denormalises), else
-        ``latents / scaling_factor [+ shift_factor]``; in the VAE's own dtype."""
-        vae = self.vae
-        scale = float(vae.config.get("scaling_factor", 0.18215) or 0.18215)
-        shift = vae.config.get("shift_factor", None)
-        mean, std = vae.config.get("latents_mean", None), vae.config.get("latents_std", None)
-        device = next(vae.parameters()).device
-        out = []
-        with torch.no_grad():
-            for i in range(0, latents.shape[0], batch_size):
-                z = latents[i:i + batch_size].to(device=device, dtype=vae.dtype)
-                if mean is not None and std is not None:
-                    channels = (1, -1, 1, 1)
-                    z = z * torch.tensor(std, dtype=z.dtype, device=device).view(channels) / scale + \
-                        torch.tensor(mean, dtype=z.dtype, device=device).view(channels)
-                else:
-                    z = z / scale
-                    if shift is not None:
-                        z = z + float(shift)
-                out.append(vae.decode(z).sample.clamp(-1, 1))
-        return torch.cat(out)
-
 
 class LatentTextToImageDenoiser(LatentPipelineDenoiser):
     """A latent text-to-image model: UNet2DConditionModel + CLIP text encoder + VAE + scheduler config.

@@ -51,6 +51,7 @@ from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.models.latent import (
     ENCODE_CHUNK,
     TOKENIZERS,
+    VAEDecoding,
     check_parts,
     frozen,
     index_class,
@@ -83,7 +84,7 @@ def _t5_identity(tokenizer: Any, max_length: int) -> dict[str, Any]:
             "class": type(tokenizer).__name__}
 
 
-class SD3Denoiser(PooledTextEngineInputs, TorchDenoiser):
+class SD3Denoiser(PooledTextEngineInputs, VAEDecoding, TorchDenoiser):
     """An SD3 model: SD3Transformer2DModel + two CLIP text encoders (+ T5) + VAE + flow scheduler config.
 
     ``cond`` is an :class:`PooledTextCondition` from :meth:`encode_prompts` (one condition is broadcast over the batch),
@@ -102,6 +103,8 @@ class SD3Denoiser(PooledTextEngineInputs, TorchDenoiser):
         max_sequence_length: T5 tokens per prompt (the pipeline's ``max_sequence_length``).
         source: where the model came from (for messages).
     """
+
+    DEFAULT_SCALING = 1.5305  # scaling_factor when the VAE config lacks it (SD3's VAE)
 
     def __init__(
         self,
@@ -166,9 +169,7 @@ class SD3Denoiser(PooledTextEngineInputs, TorchDenoiser):
         self.transformer = transformer
         self.scheduler_config = scheduler_config
         self.source = source
-        self._vae = vae
-        self._vae_loader = vae_loader
-        self.vae_config = dict(vae.config) if vae is not None else dict(vae_config or {})
+        self.init_vae(vae, vae_loader, vae_config)
         self.num_classes = None
         self.sample_shape = (int(cfg.in_channels), int(size), int(size))
         clip_width = sum(int(enc.config.hidden_size) for enc in self.text_encoders)
@@ -269,33 +270,6 @@ class SD3Denoiser(PooledTextEngineInputs, TorchDenoiser):
                              f"{tuple(x.shape)} ({type(e).__name__}: {first})") from None
 
     # -- images -----------------------------------------------------------------------------------
-
-    @property
-    def vae(self) -> nn.Module:
-        if self._vae is None:
-            if self._vae_loader is None:
-                raise ModelError(f"{self.source or 'sd3'}: no VAE to decode latents with")
-            self._vae = self._vae_loader()
-        return self._vae
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel (8 for SD3), from the VAE config."""
-        return 2 ** (len(self.vae_config.get("block_out_channels", (0,) * 4)) - 1)
-
-    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """Images in [-1, 1], ``(B, 3, H, W)``: the VAE decodes ``latents / scaling_factor + shift_factor``, as the
-        SD3 pipeline does, in the VAE's own dtype."""
-        vae = self.vae
-        scale = float(vae.config.get("scaling_factor", 1.5305) or 1.5305)
-        shift = float(vae.config.get("shift_factor", None) or 0.0)
-        device = next(vae.parameters()).device
-        out = []
-        with torch.no_grad():
-            for i in range(0, latents.shape[0], batch_size):
-                z = latents[i:i + batch_size].to(device=device, dtype=vae.dtype)
-                out.append(vae.decode(z / scale + shift).sample.clamp(-1, 1))
-        return torch.cat(out)
 
     # -- identity ---------------------------------------------------------------------------------
 
