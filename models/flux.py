@@ -51,7 +51,9 @@ from autotune.errors import ModelError
 from autotune.models.conditions import PooledTextCondition, PooledTextEngineInputs
 from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config, read_scheduler_file
 from autotune.models.guidance import ClassifierFreeGuidance
-from autotune.models.latent import VAEDecoding, check_parts, frozen, tokenizer_max_length, vae_scale_factor
+from autotune.models.latent import (
+    PromptMemo, VAEDecoding, check_parts, frozen, tokenizer_max_length, vae_scale_factor,
+)
 from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
 from autotune.sampling.noise import FlowMatching
 
@@ -181,7 +183,7 @@ def check_transformer_config(config: Any, source: str, latent_channels: int | No
         raise ModelError(f"{source}: in_channels {channels} is not 4 x the VAE's latent_channels {latent_channels}")
 
 
-class FluxDenoiser(PooledTextEngineInputs, VAEDecoding, TorchDenoiser):
+class FluxDenoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoiser):
     """A Flux model: FluxTransformer2DModel + CLIP (pooled) and T5 text encoders + VAE + flow scheduler config.
 
     ``cond`` is a :class:`PooledTextCondition` from :meth:`encode_prompts` (one condition is broadcast over the
@@ -285,16 +287,6 @@ class FluxDenoiser(PooledTextEngineInputs, VAEDecoding, TorchDenoiser):
                              return_tensors="pt").input_ids
                 embeds.append(t5(ids.to(next(t5.parameters()).device), output_hidden_states=False)[0].to(t5.dtype))
         return PooledTextCondition(torch.cat(embeds), torch.cat(pooled).to(embeds[0].device))
-
-    def _encoded(self, cond: Any) -> Any:
-        """``cond`` with a prompt string or list of prompts replaced by its encoding (the last list is kept, so a
-        loop passing the same prompts every step encodes them once)."""
-        if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and isinstance(cond[0], str)):
-            key = (cond,) if isinstance(cond, str) else tuple(cond)
-            if self._memo is None or self._memo[0] != key:
-                self._memo = (key, self.encode_prompts(list(key)))
-            return self._memo[1]
-        return cond
 
     def condition(self, cond: Any, x: torch.Tensor) -> PooledTextCondition:
         """Validate ``cond`` (a PooledTextCondition, prompt strings, or None) for the batch ``x``, expanded to it."""

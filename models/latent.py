@@ -209,7 +209,24 @@ class VAEDecoding:
         return torch.cat(out)
 
 
-class LatentPipelineDenoiser(VAEDecoding, TorchDenoiser):
+class PromptMemo:
+    """Prompt strings in place of a condition: encoded by the model's ``encode_prompts``, the last list kept, so
+    a sampling loop that passes the same prompts at every step encodes them once."""
+
+    _memo: tuple[tuple[str, ...], Any] | None = None
+
+    def _encoded(self, cond: Any) -> Any:
+        """``cond`` with a prompt string or a list of prompts replaced by its encoding (the last list is kept,
+        so a loop that passes the same prompts every step encodes them once)."""
+        if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and isinstance(cond[0], str)):
+            key = (cond,) if isinstance(cond, str) else tuple(cond)
+            if self._memo is None or self._memo[0] != key:
+                self._memo = (key, self.encode_prompts(list(key)))
+            return self._memo[1]
+        return cond
+
+
+class LatentPipelineDenoiser(VAEDecoding, PromptMemo, TorchDenoiser):
     """What the latent text-to-image families share: the UNet as the network (discrete times, unit skipping),
     the sample shape from its config, the VAE loaded on the first :meth:`decode`, prompt lists encoded once
     (the last one memoised), and the guided call (``self.cfg``, set by the subclass with its null condition).
@@ -261,16 +278,6 @@ class LatentPipelineDenoiser(VAEDecoding, TorchDenoiser):
 
     def _unet_forward(self, x: torch.Tensor, tm: torch.Tensor, cond: Any) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
-
-    def _encoded(self, cond: Any) -> Any:
-        """``cond`` with a prompt string or a list of prompts replaced by its encoding (the last list is kept,
-        so a loop that passes the same prompts every step encodes them once)."""
-        if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and isinstance(cond[0], str)):
-            key = (cond,) if isinstance(cond, str) else tuple(cond)
-            if self._memo is None or self._memo[0] != key:
-                self._memo = (key, self.encode_prompts(list(key)))
-            return self._memo[1]
-        return cond
 
     def _check_prompts(self, prompts: Sequence[str] | str) -> list[str]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -51,6 +51,7 @@ from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.models.latent import (
     ENCODE_CHUNK,
     TOKENIZERS,
+    PromptMemo,
     VAEDecoding,
     check_parts,
     frozen,
@@ -84,7 +85,7 @@ def _t5_identity(tokenizer: Any, max_length: int) -> dict[str, Any]:
             "class": type(tokenizer).__name__}
 
 
-class SD3Denoiser(PooledTextEngineInputs, VAEDecoding, TorchDenoiser):
+class SD3Denoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoiser):
     """An SD3 model: SD3Transformer2DModel + two CLIP text encoders (+ T5) + VAE + flow scheduler config.
 
     ``cond`` is an :class:`PooledTextCondition` from :meth:`encode_prompts` (one condition is broadcast over the batch),
@@ -224,16 +225,6 @@ class SD3Denoiser(PooledTextEngineInputs, VAEDecoding, TorchDenoiser):
                 embeds.append(torch.cat([clip, t5], dim=-2))
                 pooled.append(torch.cat([p1, p2], dim=-1))
         return PooledTextCondition(torch.cat(embeds), torch.cat(pooled))
-
-    def _encoded(self, cond: Any) -> Any:
-        """``cond`` with a prompt string or list of prompts replaced by its encoding (the last list is kept, so
-        a loop that passes the same prompts every step encodes them once)."""
-        if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and isinstance(cond[0], str)):
-            key = (cond,) if isinstance(cond, str) else tuple(cond)
-            if self._memo is None or self._memo[0] != key:
-                self._memo = (key, self.encode_prompts(list(key)))
-            return self._memo[1]
-        return cond
 
     def condition(self, cond: Any, x: torch.Tensor) -> PooledTextCondition:
         """Validate ``cond`` (a PooledTextCondition or prompt strings) for the batch ``x``, expanded to it."""
