@@ -316,7 +316,8 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         """Image-to-image pipelines start at ``begin_index``: it must be where this schedule's own steps begin."""
         if int(begin_index) != self._begin:
             what = (f"starts below T (t_start {self.schedule.t_start:g}) with {self.schedule.nfe} steps: call the "
-                    f"pipeline with int(num_inference_steps x strength) = {self.schedule.nfe}" if self.partial else
+                    f"pipeline with a num_inference_steps and strength that keep exactly {self.schedule.nfe} steps "
+                    f"(int(N x strength) in SD / SDXL, N - int(N - N x strength) in SD3 / Flux)" if self.partial else
                     "starts at T: run it with strength 1 (or search a schedule for your strength)")
             raise SamplingError(f"set_begin_index({begin_index}): {self.schedule.name or self.schedule.hash()} {what}")
 

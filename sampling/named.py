@@ -204,16 +204,26 @@ FLOW_NAMED: dict[str, Callable[..., Schedule]] = {
 ALL_NAMED: dict[str, Callable[..., Schedule]] = {**NAMED, **FLOW_NAMED}
 
 
-def for_strength(schedule: Schedule, strength: float) -> Schedule:
-    """The part of a full schedule an image-to-image pipeline runs at ``strength``: its last int(N x strength)
+def kept_steps(n: int, strength: float, flow: bool = False) -> int:
+    """How many of its N steps an image-to-image pipeline runs at ``strength``: int(N x strength) (rounded down)
+    in the SD 1.x / SDXL pipelines; N - int(N - N x strength) (rounded up) in the flow ones (SD3, Flux): N = 10
+    at 0.55 keeps 5 there and 6 here."""
+    if flow:
+        return n - int(max(n - n * strength, 0))
+    return min(int(n * strength), n)
+
+
+def for_strength(schedule: Schedule, strength: float, flow: bool = False) -> Schedule:
+    """The part of a full schedule an image-to-image pipeline runs at ``strength``: its last ``kept_steps``
     steps from the time of the first one kept, the lower-order warm-up restarted (there is no model output
-    from before the first kept step), as diffusers' multistep schedulers do after ``set_begin_index``."""
+    from before the first kept step), as diffusers' multistep schedulers do after ``set_begin_index``.
+    ``flow``: cut as the flow pipelines (SD3, Flux) cut."""
     if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise ScheduleError("strength", f"must be in (0, 1], got {strength!r}")
     n = len(schedule.steps)
-    kept = min(int(n * strength), n)
+    kept = kept_steps(n, strength, flow)
     if kept < 1:
-        raise ScheduleError("strength", f"{strength:g} of {n} steps keeps no step (int({n} x {strength:g}) = 0)")
+        raise ScheduleError("strength", f"{strength:g} of {n} steps keeps no step")
     first = n - kept
     steps = tuple(
         replace(st, order=min(st.order, j + 1),
@@ -223,15 +233,15 @@ def for_strength(schedule: Schedule, strength: float) -> Schedule:
                    name=f"{schedule.name or 'schedule'}@{strength:g}")
 
 
-def steps_for_strength(nfe: int, strength: float) -> int:
+def steps_for_strength(nfe: int, strength: float, flow: bool = False) -> int:
     """The num_inference_steps at which an image-to-image pipeline at ``strength`` runs ``nfe`` steps
-    (the smallest N with int(N x strength) = nfe)."""
+    (the smallest N whose ``kept_steps`` is nfe)."""
     if not 0 < strength <= 1:
         raise ScheduleError("strength", f"must be in (0, 1], got {strength!r}")
-    n = max(nfe, int(nfe / strength))
-    while int(n * strength) < nfe:
+    n = max(1, int(nfe / strength) - 1)
+    while kept_steps(n, strength, flow) < nfe:
         n += 1
-    if int(n * strength) != nfe:
+    if kept_steps(n, strength, flow) != nfe:
         raise ScheduleError("strength", f"no step count runs exactly {nfe} steps at strength {strength:g}")
     return n
 
@@ -242,9 +252,10 @@ def img2img_peers(noise: NoiseSchedule, nfe: int, strength: float) -> tuple[floa
     The start time is that of the multistep schedulers' linspace grid cut at ``strength`` (the one most
     peers share); a peer with another grid (ddim's trailing one) starts elsewhere and is scored from its own
     start, on the same images and noise."""
-    total = steps_for_strength(nfe, strength)
-    peers = [for_strength(build(name, noise, total), strength) for name in names_for(noise)]
-    t_start = for_strength(build("dpmsolver++2m", noise, total), strength).t_start
+    flow = isinstance(noise, FlowMatching)  # its img2img pipelines (SD3, Flux) cut as flow pipelines do
+    total = steps_for_strength(nfe, strength, flow)
+    peers = [for_strength(build(name, noise, total), strength, flow) for name in names_for(noise)]
+    t_start = for_strength(build("dpmsolver++2m", noise, total), strength, flow).t_start
     return t_start, peers
 
 

@@ -105,7 +105,7 @@ def test_a_strength_that_does_not_fit_is_one_line(sd_dir, model):
 
     schedule = _searched_partial(model)  # 6 steps
     pipe, _ = _img2img(sd_dir, AutotuneScheduler.from_schedule(schedule, model.scheduler_config))
-    with pytest.raises(SamplingError, match="= 6") as info:
+    with pytest.raises(SamplingError, match="exactly 6 steps") as info:
         _run(pipe, steps=10, strength=0.8)
     assert "\n" not in str(info.value)
     full = AutotuneScheduler.from_schedule(build("ddim", model.noise, 6), model.scheduler_config)
@@ -189,14 +189,17 @@ def _run_sd3(pipe, strength):
 def test_sd3_img2img_equals_the_cut_flow_euler_and_runs_a_partial_schedule(sd3_dir):
     """StableDiffusion3Img2ImgPipeline: the named flow-euler cut at the strength, and AutotuneScheduler with a
     partial schedule, each equal to our executor from the same noised latents. (SD3's img2img keeps
-    N - int(N - N s) steps, which differs from int(N s) when N s is not exact in binary: strength 0.5 here.)"""
+    N - int(N - N s) steps, N s rounded up where SD 1.x rounds down: 0.55 with N = 10 keeps 6 steps, cut by
+    ``for_strength(..., flow=True)``.)"""
     from autotune.diffusers_scheduler import AutotuneScheduler
     from autotune.models.registry import load_model
 
-    model, strength = load_model(str(sd3_dir)), 0.5
+    model, strength = load_model(str(sd3_dir)), 0.55
     pipe, seen = _sd3_img2img(sd3_dir)
     ref = _run_sd3(pipe, strength)
-    part = for_strength(dataclasses.replace(build("flow-euler", model.noise, STEPS), guidance=GUIDANCE), strength)
+    part = for_strength(dataclasses.replace(build("flow-euler", model.noise, STEPS), guidance=GUIDANCE), strength,
+                        flow=True)
+    assert part.nfe == 6  # the flow pipelines' rule (SD 1.x's would keep 5)
     start = noised(model.noise, seen["x0"], seen["noise"], part.t_start)
     assert (start - seen["start"]).abs().max().item() <= TOL
     ours = sample(model, part, seen["noise"], list(PROMPTS[:2]), start=start).sample
