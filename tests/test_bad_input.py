@@ -163,6 +163,19 @@ CASES: list[Case] = [
     case("sample-model-empty-name", "sample", "--model", "", "--schedule", GOOD, "--out", "{o}/x.npy"),
     case("search-budget-huge", "search", "--model", "gmm2d", "--budget", 10**9, "--workers", 0, "--no-cache",
          "--out", OUT),
+    # image-to-image, prompts and flow names (issue 15)
+    *[case(f"search-strength-{name}", "search", "--model", "gmm2d", "--workers", 0, "--no-cache", *extra,
+           "--out", OUT) for name, extra in (
+        ("zero", ("--strength", 0)), ("one", ("--strength", 1)), ("nan", ("--strength", "nan")),
+        ("text", ("--strength", "half")), ("nfe-range", ("--strength", 0.5, "--nfe", "4-6")),
+        ("refine", ("--strength", 0.5, "--refine", 2)), ("ratios", ("--strength", 0.5, "--ratios", "fit")))],
+    case("search-prompts-no-text-model", "search", "--model", "gmm2d", "--prompts", "{w}/p_three.txt", "--workers",
+         0, "--no-cache", "--out", OUT),
+    case("search-prompts-empty", "search", "--model", "{w}/sd", "--prompts", "{w}/p_empty.txt", "--workers", 0,
+         "--no-cache", "--out", OUT),
+    case("search-report-size-negative", "search", "--model", "gmm2d", "--report-size", -1, "--workers", 0,
+         "--no-cache", "--out", OUT),
+    case("baseline-flow-name-on-vp-model", "baseline", "flow-euler", "--model", "gmm2d", "--nfe", 4, "--out", OUT),
     *[case(f"sample-prompts-{name}", "sample", "--model", "{w}/sd", "--schedule", "{w}/sd.json", "--prompts",
            path, *extra, "--out", "{o}/x.npy") for name, path, extra in (
         ("not-utf8", "{w}/p_not_utf8.txt", ()), ("dir", "{w}/afolder", ()), ("empty", "{w}/p_empty.txt", ()),
