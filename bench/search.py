@@ -31,21 +31,20 @@ import torch
 
 from autotune.evaluate.ids import PER_SAMPLE
 from autotune.evaluate.metrics import encode_errors
+from autotune.sampling.named import DIFFUSERS_PEERS
 from autotune.tables import Versus, versus  # the one better/worse convention: ratio = best peer / ours
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# peer name -> (diffusers scheduler class, constructor arguments beyond the model's noise schedule)
+# peer name -> (diffusers scheduler class, constructor arguments beyond the model's noise schedule): the named
+# schedules' own peers (declared once in sampling/named.py) and the Karras / DEIS variants no named one has
 PEERS = {
-    "dpmsolver++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmsolver++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    **{name: DIFFUSERS_PEERS[name] for name in ("dpmsolver++2m", "dpmsolver++3m", "unipc-bh1-o2", "unipc-bh2-o2",
+                                                 "unipc-bh2-o3")},
     "dpmsolver++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                              "use_karras_sigmas": True}),
     "dpmsolver++3m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3,
                                                              "use_karras_sigmas": True}),
-    "unipc-bh1-o2": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2}),
-    "unipc-bh2-o2": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2}),
-    "unipc-bh2-o3": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 3}),
     "deis-o2": ("DEISMultistepScheduler", {"solver_order": 2}),
     "deis-o3": ("DEISMultistepScheduler", {"solver_order": 3}),
 }

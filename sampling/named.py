@@ -122,6 +122,25 @@ NAMED: dict[str, Callable[..., Schedule]] = {
 }
 
 
+# each named schedule's diffusers peer, declared once (tests/peers.py and bench/search.py read it): the
+# scheduler class and the constructor arguments, on top of the model's own scheduler config, with which
+# diffusers steps through the same times with the same updates (tests/test_peers.py: max abs <= 1e-4)
+DIFFUSERS_PEERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}),
+    "dpmsolver++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                      "timestep_spacing": "linspace"}),
+    "dpmsolver++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3,
+                                                      "timestep_spacing": "linspace"}),
+    "unipc-bh2-o2": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2,
+                                                 "timestep_spacing": "linspace"}),
+    "unipc-bh2-o3": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 3,
+                                                 "timestep_spacing": "linspace"}),
+    # diffusers' bh1 returns NaN on a last step onto sigma = 0; its sigma_min final is what ours reproduces
+    "unipc-bh1-o2": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2,
+                                                 "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}),
+}
+
+
 # -- flow matching: the sigma grids diffusers' flow schedulers step through ------------------------------
 
 def _flow(noise: NoiseSchedule, name: str) -> FlowMatching:

@@ -6,18 +6,7 @@ from pathlib import Path
 
 import torch
 
-PEERS = {
-    # our name -> (diffusers class name, constructor overrides)
-    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}),
-    "dpmsolver++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                      "timestep_spacing": "linspace"}),
-    "dpmsolver++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3,
-                                                      "timestep_spacing": "linspace"}),
-    "unipc-bh2-o2": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2, "timestep_spacing": "linspace"}),
-    "unipc-bh2-o3": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 3, "timestep_spacing": "linspace"}),
-    "unipc-bh1-o2": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2, "timestep_spacing": "linspace",
-                                                 "final_sigmas_type": "sigma_min"}),
-}
+from autotune.sampling.named import DIFFUSERS_PEERS as PEERS  # noqa: E402  (declared once, with the schedules)
 
 
 def tiny_unet(prediction_type: str = "epsilon", seed: int = 0, dtype=torch.float32):
