@@ -371,6 +371,8 @@ def compare_cmd(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale for the named schedules"),
     eval_set: str = typer.Option("report", "--set", help="report or search"),
     size: int = typer.Option(0, "--size", min=0, max=MAX_BATCH, help="evaluation-set size (0: the default of the set)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="text-to-image models: evaluate on these prompts "
+                                           "(one per line, cycled over the set); without it, the empty prompt"),
     out: Optional[Path] = typer.Option(None, "--out",
                                        help="folder for compare.csv and compare.json (default compare-MODEL), "
                                             "or a file name ending in .csv or .json: that file, with the other "
@@ -384,6 +386,7 @@ def compare_cmd(
     import json
 
     from autotune.evaluate.evaluator import Evaluator
+    from autotune.models.latent import read_prompts
     from autotune.models.registry import load_model
     from autotune.sampling.named import build, names_for
     from autotune.space.fileformat import load
@@ -405,7 +408,8 @@ def compare_cmd(
     check_guided_model(m, guidance, model)
     names = names_for(m.noise) if baselines == "all" else [] if baselines == "none" else [
         b.strip() for b in baselines.split(",") if b.strip()]
-    evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache))
+    prompt_list = tuple(read_prompts(prompts)) if prompts is not None else ()
+    evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache), prompts=prompt_list)
     evaluator.model_spec = model
     jobs: list[tuple[str, str, object]] = []  # (label, file, schedule)
     for name in names:

@@ -64,3 +64,26 @@ def test_cli_search_with_prompts(sd_dir, tmp_path):
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "-p4." in json.loads(out.read_text())["metadata"]["eval_set"]
+
+
+def test_cli_compare_with_prompts(sd_dir, tmp_path):
+    """`autotune compare --prompts` scores the named schedules on the prompts (another set id than without)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    rows = {}
+    for label, extra in (("prompts", ["--prompts", str(prompts)]), ("empty", [])):
+        out = tmp_path / f"{label}.json"
+        result = CliRunner().invoke(app, ["compare", "--model", str(sd_dir), "--nfe", "4", "--baselines",
+                                          "dpmsolver++2m", "--guidance", "7.5", "--size", "8", "--no-cache", "--out",
+                                          str(out), *extra])
+        assert result.exit_code == 0, result.output
+        rows[label] = json.loads(out.read_text())
+    assert "-p4." in rows["prompts"]["eval_set"] and "-p" not in rows["empty"]["eval_set"]
+    mse = {k: [r["mse_ref"] for r in v["rows"]] for k, v in rows.items()}
+    assert mse["prompts"] != mse["empty"]  # the prompts reach the scores
