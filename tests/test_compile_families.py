@@ -48,3 +48,17 @@ def test_flux_engine_is_refused_in_one_line(tmp_path):
     assert result.exit_code != 0
     assert "fails on a batch of 4 (exported at batch 2)" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "engine" / "manifest.json").exists()
+
+
+def test_digits_flow_engine_equals_the_executor(tmp_path):
+    """The built-in flow model bakes like digits: noise + class_labels in, parity within 1e-3."""
+    runner = CliRunner()
+    schedule = tmp_path / "s.json"
+    result = runner.invoke(app, ["baseline", "unipc-flow", "--model", "digits-flow", "--nfe", "5", "--guidance", "2",
+                                 "--out", str(schedule)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["compile", "--model", "digits-flow", "--schedule", str(schedule), "--out",
+                                 str(tmp_path / "engine")])
+    assert result.exit_code == 0, result.output
+    engine = float(re.search(r"engine ([0-9.e+-]+) \(max abs\)", result.output).group(1))
+    assert engine <= 1e-3
