@@ -552,7 +552,6 @@ def search_cmd(
 
         from autotune.evaluate.evaluator import Evaluator
         from autotune.models.registry import load_model
-        from autotune.sampling.named import build, names_for
         from autotune.search.latency import LATENCY, LatencySpec
         from autotune.search.nfe_space import NFERangeSpace, parse_nfe
         from autotune.search.optuna_record import StudyRecorder, study_name

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from autotune.errors import ScheduleError
-from autotune.sampling.noise import FlowMatching, NoiseSchedule, VPDiscrete
+from autotune.sampling.noise import FlowMatching, NoiseSchedule, VPDiscrete, static_shift
 from autotune.space.schedule import Schedule, Step
 
 FINALS = ("zero", "sigma_min")
@@ -165,20 +165,15 @@ def unipc_flow_times(noise: FlowMatching, nfe: int) -> list[float]:
     """UniPCMultistepScheduler(use_flow_sigmas=True): linspace(1, 1/N, nfe + 1) without its last point, shifted
     (by exp(mu) under dynamic shifting, else flow_shift), then 0."""
     sigmas = np.linspace(1.0, 1.0 / noise.num_train_timesteps, nfe + 1)[:-1]
-    shifted = noise.shifted(sigmas) if noise.mu is not None else _static_shift(sigmas, noise.shift)
-    return _below_start(noise, [float(s) for s in np.asarray(shifted, dtype=np.float32)]) + [0.0]
+    return _below_start(noise, [float(s) for s in np.asarray(noise.shifted(sigmas), dtype=np.float32)]) + [0.0]
 
 
 def dpm_flow_times(noise: FlowMatching, nfe: int) -> list[float]:
     """DPMSolverMultistepScheduler(use_flow_sigmas=True): 1 - linspace(1, 1/N, nfe + 1), shifted by flow_shift
     (exp(mu) under dynamic shifting), reversed, its 0 dropped, then 0 as the final sigma."""
     alphas = np.linspace(1.0, 1.0 / noise.num_train_timesteps, nfe + 1)
-    sigmas = np.flip(_static_shift(1.0 - alphas, noise.multistep_flow_shift))[:-1]
+    sigmas = np.flip(static_shift(1.0 - alphas, noise.multistep_flow_shift))[:-1]
     return _below_start(noise, [float(s) for s in np.asarray(sigmas, dtype=np.float32)]) + [0.0]
-
-
-def _static_shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
-    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
 def flow_euler(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:

@@ -256,6 +256,11 @@ class EDM:
 TIME_SHIFTS = ("exponential", "linear")
 
 
+def static_shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """The flow schedulers' static shift of a sigma grid: ``shift s / (1 + (shift - 1) s)``."""
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
 @dataclass(frozen=True)
 class FlowMatching:
     """Rectified flow / flow matching: alpha = 1 - t, sigma = t on [0, 1]; velocity u = eps - x0.
@@ -298,7 +303,7 @@ class FlowMatching:
             if self.time_shift_type == "exponential":
                 return math.exp(self.mu) / (math.exp(self.mu) + (1.0 / sigmas - 1.0))
             return self.mu / (self.mu + (1.0 / sigmas - 1.0))
-        return self.shift * sigmas / (1.0 + (self.shift - 1.0) * sigmas)
+        return static_shift(sigmas, self.shift)
 
     @property
     def multistep_flow_shift(self) -> float:
@@ -315,7 +320,7 @@ class FlowMatching:
             # the scheduler's own range: its training sigmas, already shifted once when the shift is static
             train = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
             if self.mu is None:
-                train = self.shift * train / (1 + (self.shift - 1) * train)
+                train = self.shifted(train)
             sigmas = (np.linspace(float(train[0]) * n, float(train[-1]) * n, nfe) / n).astype(np.float32)
         sigmas = np.asarray(self.shifted(sigmas), dtype=np.float32)
         if self.shift_terminal:
