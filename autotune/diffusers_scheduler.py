@@ -38,10 +38,10 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ModelError("AutotuneScheduler needs diffusers: pip install 'autotune-diffusion[diffusers]'") from e
 
-from autotune.models.diffusers_dir import is_flow_config, read_scheduler_config
+from autotune.models.diffusers_dir import is_flow_config, read_flow_scheduler_config, read_scheduler_config
 from autotune.sampling.coefficients import Update, make_plan
 from autotune.sampling.denoiser import to_data_and_noise
-from autotune.sampling.noise import FlowMatching, NoiseSchedule, starts_from_image
+from autotune.sampling.noise import NoiseSchedule, noised, starts_from_image
 from autotune.space.fileformat import from_dict, load, to_dict
 from autotune.space.schedule import Schedule
 
@@ -74,6 +74,12 @@ def fed_timesteps(noise: NoiseSchedule, times: torch.Tensor) -> torch.Tensor:
         tm = torch.where((tm - tm.round()).abs() < ROUND_TOL, tm.round(), tm)
     # float32: what the adapter feeds a float32 network, and what diffusers' time embedding computes in anyway
     return tm.to(torch.float32)
+
+
+def _same_timestep(a: float, b: float) -> bool:
+    """Two model times are the same timestep: equal up to the float32 round trips a pipeline puts them through
+    (relative to ``b``, at least 1e-3 absolute)."""
+    return abs(a - b) <= 1e-3 * max(1.0, abs(b))
 
 
 def apply_update(update: Update, x: torch.Tensor, outputs: Mapping[str, Mapping[int, torch.Tensor]]) -> torch.Tensor:
@@ -152,8 +158,8 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         self.schedule = from_dict(schedule)
         check_replayable(self.schedule)
         if flow:  # the flow ODE only: the pipeline's shift picks sigmas, and the schedule has already picked them
-            steps = int(num_train_timesteps)
-            self.noise, self.parameterization = FlowMatching(t_min=1.0 / steps, time_scale=float(steps)), "flow"
+            self.noise = read_flow_scheduler_config({"num_train_timesteps": int(num_train_timesteps)})
+            self.parameterization = "flow"
         else:
             self.noise, self.parameterization, _ = read_scheduler_config(
                 {k: v for k, v in dict(self.config).items() if k in CONFIG_KEYS})
@@ -214,22 +220,20 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
                 self._check_given("sigmas", sigmas, None, self._default_sigmas(total))
             self._begin = total - nfe
             lead = torch.linspace(float(self.noise.T), self.schedule.t_start, self._begin + 1, dtype=torch.float64)[:-1]
-            self.timesteps = torch.cat([fed_timesteps(self.noise, lead), self._own])
-            self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
-            self._state = ReplayState(outputs={p: {} for p in self._spaces})
-            return
-        self._begin = 0
-        self.timesteps = self._own
-        if num_inference_steps is not None and int(num_inference_steps) != nfe:
-            raise SamplingError(
-                f"num_inference_steps={num_inference_steps}: this scheduler replays "
-                f"{self.schedule.name or self.schedule.hash()} with exactly {nfe} model evaluations; "
-                f"call the pipeline with num_inference_steps={nfe}")
-        if sigmas is not None:
-            self._check_given("sigmas", sigmas, self._own_sigmas(), self._default_sigmas(nfe))
-        if timesteps is not None:
-            self._check_given("timesteps", timesteps, self._own.to(torch.float64).cpu(), None)
-        self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
+            timesteps_now = torch.cat([fed_timesteps(self.noise, lead), self._own])
+        else:
+            if total != nfe:
+                raise SamplingError(
+                    f"num_inference_steps={num_inference_steps}: this scheduler replays "
+                    f"{self.schedule.name or self.schedule.hash()} with exactly {nfe} model evaluations; "
+                    f"call the pipeline with num_inference_steps={nfe}")
+            if sigmas is not None:
+                self._check_given("sigmas", sigmas, self._own_sigmas(), self._default_sigmas(nfe))
+            if timesteps is not None:
+                self._check_given("timesteps", timesteps, self._own.to(torch.float64).cpu(), None)
+            self._begin = 0
+            timesteps_now = self._own
+        self.timesteps = timesteps_now.to(device) if device is not None else timesteps_now
         self._state = ReplayState(outputs={p: {} for p in self._spaces})
 
     def _own_sigmas(self) -> torch.Tensor:
@@ -282,7 +286,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
             raise SamplingError(f"AutotuneScheduler.step: the schedule has {self.schedule.nfe} model evaluations; "
                                 "step() was called once more (call set_timesteps to start again)")
         expected = float(self._own[k])
-        if abs(float(timestep) - expected) > 1e-3 * max(1.0, abs(expected)):
+        if not _same_timestep(float(timestep), expected):
             raise SamplingError(f"AutotuneScheduler.step: timestep {float(timestep):g} is not the schedule's next "
                                 f"({expected:g} at step {k}); the scheduler replays whole schedules from the start")
         dtype = sample.dtype
@@ -326,21 +330,17 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         value = float(torch.as_tensor(timestep).flatten()[0])
         own = self._own.to(torch.float64).cpu()
         k = int((own - value).abs().argmin())
-        if abs(float(own[k]) - value) > 1e-3 * max(1.0, abs(value)):
+        if not _same_timestep(float(own[k]), value):
             raise SamplingError(f"AutotuneScheduler: timestep {value:g} is not one of the schedule's "
                                 f"({', '.join(f'{v:g}' for v in own.tolist())})")
         return self.plan.times[k]
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``alpha_t x0 + sigma_t eps`` at the schedule time of ``timesteps`` (DDPM-family image-to-image)."""
-        from autotune.sampling.noise import noised
-
         return noised(self.noise, original_samples, noise, float(self._time_of(timesteps)))
 
     def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Flow image-to-image (SD3's): ``(1 - sigma) x0 + sigma eps`` at the schedule time of ``timestep``."""
-        from autotune.sampling.noise import noised
-
         if noise is None:
             raise SamplingError("AutotuneScheduler.scale_noise: noise is required")
         return noised(self.noise, sample, noise, float(self._time_of(timestep)))
