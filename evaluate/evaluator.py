@@ -17,6 +17,7 @@ from autotune.evaluate.progress import ProgressFn
 from autotune.evaluate.reference import Reference, compute_reference
 from autotune.evaluate.sets import EvalSet, eval_set_for
 from autotune.sampling.denoiser import Denoiser
+from autotune.sampling.noise import noised, starts_from_image
 from autotune.space.fileformat import dumps
 from autotune.space.schedule import Schedule
 
@@ -41,6 +42,7 @@ class Evaluator:
         self.ref_steps = ref_steps
         self.fingerprint = model.fingerprint()
         self.references: dict[Any, Reference] = {}
+        self._starts: dict[tuple[float | None, float], torch.Tensor] = {}  # image-to-image start states
         self._memo: dict[str, dict[str, Any]] = {}
         self.hits = 0
         self.misses = 0
@@ -53,8 +55,6 @@ class Evaluator:
 
     def partial_start(self, schedule: Schedule) -> float | None:
         """The schedule's t_start when it starts below T (image-to-image), else None."""
-        from autotune.sampling.noise import starts_from_image
-
         return schedule.t_start if starts_from_image(self.model.noise, schedule.t_start) else None
 
     def reference_version(self, guidance: float | None, t_start: float | None = None) -> str:
@@ -63,11 +63,12 @@ class Evaluator:
     def start_state(self, guidance: float | None, t_start: float) -> torch.Tensor:
         """Image-to-image start: the set's images noised to t_start. The images are the model's own samples
         (the full reference's final states: no dataset is needed, and they are what the model makes), noised
-        with the set's second noise draw."""
-        from autotune.sampling.noise import noised
-
-        images = self.reference(guidance).final
-        return noised(self.model.noise, images, self.eval_set.image_noise(images.dtype), t_start)
+        with the set's second noise draw (made once per guidance and start, not per candidate scored)."""
+        key = (guidance, float(t_start))
+        if key not in self._starts:
+            images = self.reference(guidance).final
+            self._starts[key] = noised(self.model.noise, images, self.eval_set.image_noise(images.dtype), t_start)
+        return self._starts[key]
 
     def reference(self, guidance: float | None = None, t_start: float | None = None) -> Reference:
         """The reference solution at this guidance, from T or from the noised images at ``t_start`` (computed
