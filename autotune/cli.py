@@ -797,7 +797,10 @@ def zoo_train_cmd(
 ) -> None:
     """Train a built-in model with the project's own script on data that ships in a package."""
     check_output_dir(out, "--out")
-    from autotune.models import digits_train
+    from autotune.progress_cli import step
+
+    with step("loading torch and the training code"):  # the import is most of the wait before step 1
+        from autotune.models import digits_train
 
     def log(msg: str) -> None:
         err_console.print(msg, highlight=False)
