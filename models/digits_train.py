@@ -184,7 +184,6 @@ def train_digits(out_dir: str | Path, seed: int = 0, steps: int = 1200, threads:
         ema = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         curve, window, t0 = [], [], time.perf_counter()
-        log(f"training {model_name}: {steps} steps of {batch}, a line every {log_every}")
         for step in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, lr, warmup)
