@@ -3,7 +3,8 @@
 We use PyTorch's TorchScript exporter (``dynamo=False``): measured here, it exported the unrolled
 5-step loop over a small UNet in about 1.7 s with every weight stored once, and needs no ``onnxscript``;
 the dynamo exporter took 22.7 s on the same module. Opset 17 (GroupNorm and LayerNorm patterns, einsum,
-and what onnxruntime and TensorRT 8.6+ both read).
+and what onnxruntime and TensorRT 8.6+ both read). Two swaps hold only while exporting: torch's RMSNorm decomposed
+(opset 17 has none) and diffusers' rotary embedding split with ``unflatten`` (so Flux keeps a dynamic batch).
 """
 
 from __future__ import annotations
@@ -41,6 +42,50 @@ def _exportable_rms_norm():
         torch.nn.RMSNorm.forward = original
 
 
+ROTARY_MODULES = ("diffusers.models.transformers.transformer_flux",)  # modules calling apply_rotary_emb by name
+
+
+@contextlib.contextmanager
+def _batch_free_rotary_embedding():
+    """diffusers' ``apply_rotary_emb`` (Flux's attention: q and k as pairs) with ``unflatten`` while exporting.
+
+    It splits the head dim into pairs with ``x.reshape(*x.shape[:-1], -1, 2)``. Traced, those ``x.shape`` reads are
+    ``aten::size`` calls, but the exporter writes ``aten::size`` of a value whose type it holds as static as a
+    Constant, and here it does: the attention's ``query.unflatten(-1, (-1, head_dim))`` exports as a Reshape to a
+    shape of unknown length (its dim index is computed in the graph), ONNX shape inference gives up on it and the
+    exporter keeps the traced type (2, tokens, heads, head_dim) through the RMSNorm and ``torch.cat([encoder_q,
+    q])``. So the graph reshaped to ``[2, 528, 1, -1, 2]`` (the export batch) and a batch of 1 or 3 failed in the
+    rotation's broadcast. ``x.unflatten(-1, (-1, 2))`` is the same reshape, exported as ``Shape -> Slice -> Concat
+    -> Reshape`` of the run-time shape. Only the ``use_real`` / unbind-dim -1 path (Flux's) is rewritten, bit-equal;
+    every other call goes to diffusers' own function. Swapped in the modules that imported it by name, when they are
+    loaded, and restored on exit."""
+    import sys
+
+    modules = [m for m in (sys.modules.get(name) for name in ROTARY_MODULES) if hasattr(m, "apply_rotary_emb")]
+    originals = [m.apply_rotary_emb for m in modules]
+
+    def patched(original: Any) -> Any:
+        def apply_rotary_emb(x: torch.Tensor, freqs_cis: Any, use_real: bool = True, use_real_unbind_dim: int = -1,
+                             sequence_dim: int = 2) -> torch.Tensor:
+            if not (use_real and use_real_unbind_dim == -1 and sequence_dim in (1, 2)):
+                return original(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)
+            cos, sin = freqs_cis  # (S, D)
+            index = (None, slice(None), None, slice(None)) if sequence_dim == 1 else (None, None)
+            cos, sin = cos[index].to(x.device), sin[index].to(x.device)
+            x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+            x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+            return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+        return apply_rotary_emb
+
+    for module, original in zip(modules, originals):
+        module.apply_rotary_emb = patched(original)
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            module.apply_rotary_emb = original
+
+
 def export_onnx(baked: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: Path,
                 input_names: list[str], output_names: list[str], opset: int = OPSET) -> dict[str, Any]:
     """Write ``baked`` as ONNX at ``path`` (batch dimension 0 of every input and output dynamic).
@@ -54,7 +99,7 @@ def export_onnx(baked: torch.nn.Module, example_inputs: dict[str, torch.Tensor],
     dynamic = {n: {0: "batch"} for n in [*input_names, *output_names]}
     started = time.perf_counter()
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _exportable_rms_norm():
+        with torch.no_grad(), warnings.catch_warnings(), _exportable_rms_norm(), _batch_free_rotary_embedding():
             # the tracer warns about every Python bool / shape read in the models; the loop is fixed by design
             warnings.simplefilter("ignore")
             torch.onnx.export(baked.eval(), args, str(path), input_names=input_names, output_names=output_names,
