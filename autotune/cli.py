@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,13 +13,8 @@ from autotune.cli_common import CACHE_HELP, console, err_console, one_line_error
 from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, MAX_SEED, MAX_THREADS, check_guidance, check_guided_model
 from autotune.cli_common import check_output_dir, check_output_file
 from autotune.errors import AutotuneError, InputError
+from autotune.search.job import DEFAULT_METHOD, DEFAULT_PARETO_METHOD  # torch-free; the --method help names them
 from autotune.space.fileformat import MAX_NFE
-
-# s3 is the default single-objective method: on held-out noise it beat evolution on gmm64 (12 runs, 2.81x vs
-# 1.88x the best named schedule's mean) and on digits NFE 5 (2.10x vs 1.49x); bench/generalise.py. It is
-# single-objective, so a Pareto search (--objectives) defaults to evolution.
-DEFAULT_METHOD = "s3"
-DEFAULT_PARETO_METHOD = "evolution"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search, fit and compile sampling schedules.",
                   context_settings={"help_option_names": ["-h", "--help"]})  # sub-commands inherit -h
@@ -210,8 +206,6 @@ def sample_cmd(
     """Run SCHEDULE on MODEL (or a compiled --engine) from the given noise and write the final samples."""
     import dataclasses
 
-    import numpy as np
-
     from autotune.progress_cli import step
     from autotune.space.fileformat import load
 
@@ -233,9 +227,7 @@ def sample_cmd(
     if model is None or schedule is None:
         raise AutotuneError("sample: give --model and --schedule, or --engine")
     sched = load(schedule)  # a bad file fails before any model is loaded
-    with step(f"loading {model}"):  # importing torch is much of this wait
-        import torch
-
+    with step(f"loading {model}"):  # importing torch (with the executor) is much of this wait
         from autotune.models.registry import load_model
         from autotune.sampling.executor import sample
 
@@ -245,37 +237,11 @@ def sample_cmd(
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
     check_guided_model(m, sched.guidance, model)
-    texts = None
-    if prompts is not None:
-        if class_labels is not None:
-            raise AutotuneError("--prompts and --class-labels: give one or the other")
-        if not hasattr(m, "encode_prompts"):
-            raise AutotuneError(f"--prompts: {model} is not a text-to-image model")
-        from autotune.models.latent import read_prompts
-
-        texts = read_prompts(prompts)
+    texts = _sample_prompts(m, model, prompts, class_labels)
     if num is None:
         num = len(texts) if texts is not None else 16
-    shape = tuple(getattr(m, "sample_shape", ()))
-    if noise is not None:
-        x = torch.from_numpy(np.ascontiguousarray(read_noise(noise)))
-        if shape and tuple(x.shape[1:]) != shape:
-            raise AutotuneError(f"--noise {noise}: shape {tuple(x.shape)} does not fit samples of shape {shape}")
-    else:
-        if not shape:
-            raise AutotuneError("this model does not declare its sample shape: pass --noise")
-        x = torch.randn((num, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    cond = None
-    if class_labels is not None:
-        labels = _load_array(class_labels, "--class-labels")
-        if labels.ndim != 1 or labels.shape[0] != x.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-            raise AutotuneError(f"--class-labels {class_labels}: expected {x.shape[0]} integer labels")
-        cond = torch.from_numpy(labels.astype(np.int64))
-    if texts is not None:
-        if len(texts) not in (1, x.shape[0]):
-            raise AutotuneError(f"--prompts {prompts}: {len(texts)} prompts for {x.shape[0]} samples "
-                                "(give one prompt, or one per sample)")
-        cond = m.encode_prompts(texts)  # once, before the loop; (1, L, D) is broadcast over the batch
+    x = _initial_noise(m, noise, num, seed)
+    cond = _sample_condition(m, x.shape[0], class_labels, prompts, texts)
     result = sample(m, sched, x.to(tdtype), cond, check_finite=True)
     check_finite_samples(result.sample.detach().cpu().numpy(), result.diverged_at)
     save_npy(out, result.sample.detach().cpu().numpy())
@@ -288,6 +254,55 @@ def sample_cmd(
             images = m.decode(images)
         save_grid(images.cpu(), png, columns=columns)
         console.print(f"wrote {png}")
+
+
+def _sample_prompts(m, model: str, prompts: Optional[Path], class_labels: Optional[Path]) -> Optional[list[str]]:
+    """`sample --prompts`: the prompt texts, refused with class labels or for a model without text."""
+    if prompts is None:
+        return None
+    if class_labels is not None:
+        raise AutotuneError("--prompts and --class-labels: give one or the other")
+    if not hasattr(m, "encode_prompts"):
+        raise AutotuneError(f"--prompts: {model} is not a text-to-image model")
+    from autotune.models.latent import read_prompts
+
+    return read_prompts(prompts)
+
+
+def _initial_noise(m, noise: Optional[Path], num: int, seed: int):
+    """The starting noise: the --noise file (checked against the model's sample shape), or ``num`` seeded draws."""
+    import numpy as np
+    import torch
+
+    shape = tuple(getattr(m, "sample_shape", ()))
+    if noise is not None:
+        x = torch.from_numpy(np.ascontiguousarray(read_noise(noise)))
+        if shape and tuple(x.shape[1:]) != shape:
+            raise AutotuneError(f"--noise {noise}: shape {tuple(x.shape)} does not fit samples of shape {shape}")
+        return x
+    if not shape:
+        raise AutotuneError("this model does not declare its sample shape: pass --noise")
+    return torch.randn((num, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _sample_condition(m, batch: int, class_labels: Optional[Path], prompts: Optional[Path],
+                      texts: Optional[list[str]]):
+    """The condition of ``batch`` samples: class labels, encoded prompts, or None."""
+    import numpy as np
+    import torch
+
+    cond = None
+    if class_labels is not None:
+        labels = _load_array(class_labels, "--class-labels")
+        if labels.ndim != 1 or labels.shape[0] != batch or not np.issubdtype(labels.dtype, np.integer):
+            raise AutotuneError(f"--class-labels {class_labels}: expected {batch} integer labels")
+        cond = torch.from_numpy(labels.astype(np.int64))
+    if texts is not None:
+        if len(texts) not in (1, batch):
+            raise AutotuneError(f"--prompts {prompts}: {len(texts)} prompts for {batch} samples "
+                                "(give one prompt, or one per sample)")
+        cond = m.encode_prompts(texts)  # once, before the loop; (1, L, D) is broadcast over the batch
+    return cond
 
 
 def _cached_eval(store, model: str, sched, kind: str, size: int):
@@ -523,262 +538,135 @@ def search_cmd(
 ) -> None:
     """Search the unified space for the schedule with the lowest objective (or a Pareto front) at NFE model
     evaluations; every trial is also an Optuna study in the cache (`optuna-dashboard <cache url>`)."""
-    import dataclasses
-    import json
+    from autotune.search.job import JobConfig, run_search_job
 
-    from autotune.progress_cli import command_seconds, step
+    names = _objective_names(objective, objectives)
+    check_output_file(out, "--out")
+    check_output_dir(report_dir, "--report")
+    check_guidance(guidance)
+    config = JobConfig(
+        model=model, out=out, nfe=nfe, method=method, budget=budget, seed=seed, objectives=names, workers=workers,
+        address=address, candidate_timeout=candidate_timeout, guidance=guidance, batch=batch, set_size=set_size,
+        refine=refine, stage2_budget=stage2_budget, latency_budget=latency_budget, validate=validate, ratios=ratios,
+        prompts=_read_prompt_file(prompts), strength=strength, report_size=report_size)
+    store = open_store_option(cache, no_cache)
+    outcome = run_search_job(config, store, hooks=_search_hooks(names[0]))
+    _print_search(outcome)
+    if report_dir is not None:
+        _write_search_report(outcome, report_dir, store)
+    _print_finished(outcome)
 
+
+def _objective_names(objective: str, objectives: Optional[str]) -> tuple[str, ...]:
+    """--objective or --objectives as a tuple of distinct metric names."""
     names = tuple(o.strip() for o in (objectives or objective).split(",") if o.strip())
     if objectives is not None and objective != "mse_ref":
         raise AutotuneError("--objective and --objectives: give one or the other")
     if not names or len(set(names)) != len(names):
         raise AutotuneError(f"--objectives: expected distinct comma-separated metric names, got {objectives!r}")
-    method = method or (DEFAULT_METHOD if len(names) == 1 else DEFAULT_PARETO_METHOD)
-    check_output_file(out, "--out")
-    check_output_dir(report_dir, "--report")
-    check_guidance(guidance)
-    if not 0.0 < latency_budget < float("inf"):  # NaN fails this too
-        raise InputError(f"--latency-budget {latency_budget}: expected a positive fraction like 0.8")
-    if strength is not None:
-        _check_strength(strength, nfe, refine, ratios)
-    prompt_list: tuple[str, ...] = ()
-    if prompts is not None:
-        from autotune.models.latent import read_prompts
+    return names
 
-        prompt_list = tuple(read_prompts(prompts))
-    with step(f"loading {model}"):  # importing torch and the search modules is much of this wait
-        import torch
+
+def _read_prompt_file(prompts: Optional[Path]) -> tuple[str, ...]:
+    if prompts is None:
+        return ()
+    from autotune.models.latent import read_prompts
+
+    return tuple(read_prompts(prompts))
+
+
+def _search_hooks(objective: str):
+    """The job's steps as progress_cli lines, its search loop as a bar with the best value so far, its notes on
+    stderr."""
+    from autotune import progress_cli
+    from autotune.search.job import JobHooks
+
+    @contextlib.contextmanager
+    def search_bar(description: str, budget: int):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from autotune.evaluate.evaluator import Evaluator
-        from autotune.models.registry import load_model
-        from autotune.search.latency import LATENCY, LatencySpec
-        from autotune.search.nfe_space import NFERangeSpace, parse_nfe
-        from autotune.search.optuna_record import StudyRecorder, study_name
-        from autotune.search.runner import EvaluatorSpec, InProcessPool, RayPool, run_search, search_id
-        from autotune.search.strategy import SearchContext, make_strategy
-        from autotune.space.encoding import ScheduleSpace
-        from autotune.space.fileformat import save, to_dict
-
-        low, high = parse_nfe(nfe)
-        if high > MAX_NFE:
-            raise InputError(f"--nfe {nfe}: at most {MAX_NFE} model evaluations")
-        # the driver keeps every core: it solves the search, validation and report references itself, and
-        # waits idle while the Ray workers (one thread each) score candidates
-        m = load_model(model)
-    check_guided_model(m, guidance, model)
-    if stage2_budget and not m.units:
-        raise AutotuneError(f"--stage2-budget: {model} has no prunable units to skip")
-    store = open_store_option(cache, no_cache)
-    evaluator = Evaluator(m, "search", size=set_size, seed=seed, store=store, prompts=prompt_list)
-    if ratios is not None:
-        from autotune.search.dc_fit import attach_ratio_source
-
-        attach_ratio_source(evaluator, ratios)  # a bad spec or CPR file fails here, before any evaluation
-        cpr = getattr(evaluator.ratio_source, "cpr", None)
-        if cpr is not None:  # a CPR of another model fails here too, and a grid it was not fitted on is said
-            cpr.check_model(evaluator.fingerprint)
-            for n in range(low, high + 1):
-                for note in cpr.outside_grid(n, guidance):
-                    err_console.print(f"warning: {note}", highlight=False, soft_wrap=True)
-    t_start, named_peers = _named_peers(m.noise, low, high, strength, guidance)
-    seeds = tuple(s for s in named_peers if s.t_start == t_start)  # the strategy's seeds lie in its space
-    space = ScheduleSpace(high, t_start, 0.0, ratio_range=None, guidance=guidance)
-    if low != high:
-        space = NFERangeSpace(space, low, high)
-    strategy = make_strategy(method, SearchContext(space, m.noise, seeds, seed, names))
-    extra = {} if names == ("mse_ref",) else {"objectives": names}  # ids of single-mse_ref searches unchanged
-    if ratios is not None:
-        extra["ratios"] = ratios
-    sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else nfe, method=method, budget=budget,
-                    seed=seed, guidance=guidance, eval_set=evaluator.eval_set.id, batch=batch, space=repr(space),
-                    **extra)
-    with step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
-        evaluator.progress = progress
-        reference = evaluator.reference(guidance)  # computed once here, shipped to the workers
-        references = {evaluator.reference_version(guidance): reference}
-        if strength is not None:  # img2img: solved from the images (the full reference's samples) noised to t_start
-            references[evaluator.reference_version(guidance, t_start)] = evaluator.reference(guidance, t_start)
-    evaluator.progress = None
-    latency = LatencySpec() if LATENCY in names else None
-    if workers == 0:
-        pool = InProcessPool(evaluator, latency)
-    else:
-        spec = EvaluatorSpec(model, "search", set_size, seed, None if no_cache else (cache or _default_cache()),
-                             evaluator.ref_steps, ratios=ratios, prompts=prompt_list)
-        with step(f"starting Ray ({workers} workers)" if address is None else f"joining Ray at {address}"):
-            pool = RayPool(spec, workers, address, references=references,
-                           latency=latency, timeout_s=candidate_timeout or None,
-                           notify=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
-    url = store.url if store is not None else None
-    attrs = {"model": model, "method": method, "nfe": nfe, "seed": seed, "budget": budget}
-    first = names[0]
-    columns = (TextColumn("{task.description}", style="bold", markup=False), BarColumn(),  # user text: no markup
-               TextColumn("{task.completed}/{task.total} evals"),
-               TextColumn(f"best {first} " + "{task.fields[best]}", markup=False), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    stage2 = None
-    try:
+        columns = (TextColumn("{task.description}", style="bold", markup=False), BarColumn(),  # user text: no markup
+                   TextColumn("{task.completed}/{task.total} evals"),
+                   TextColumn(f"best {objective} " + "{task.fields[best]}", markup=False), TimeElapsedColumn(),
+                   TimeRemainingColumn())
         with Progress(*columns, console=err_console, transient=False) as progress:
-            task = progress.add_task(f"{method} NFE {nfe}", total=budget, best="-")
-            result = run_search(
-                strategy, pool, budget, objectives=names, batch_size=batch, store=store, sid=sid,
-                recorder=StudyRecorder(url, sid, space, names, attrs),
-                callback=lambda p: progress.update(task, completed=p.true_evaluations, best=f"{p.best_value:.3e}"),
-            )
-        winner, winner_value = result.best, result.best_value
-        if refine:
-            from autotune.search.gradient import refine_times
+            task = progress.add_task(description, total=budget, best="-")
+            yield lambda p: progress.update(task, completed=p.true_evaluations, best=f"{p.best_value:.3e}")
 
-            with step(f"refining the time grid ({refine} gradient steps)"):
-                refined = refine_times(m, winner, evaluator.eval_set, reference, iterations=refine, seed=seed).schedule
-                refined_metrics = evaluator.evaluate(refined)
-            refined_value = refined_metrics["mse_ref"]
-            if "evaluated_schedule" in refined_metrics:  # --ratios: the refined grid with the ratios fitted for it
-                from autotune.space.fileformat import loads as _loads
+    def notify(line: str) -> None:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-                refined = _loads(refined_metrics["evaluated_schedule"])
-            console.print(f"gradient refinement of the time grid: search-set mse_ref "
-                          f"{result.best_trial['mse_ref']:.4e} -> {refined_value:.4e}"
-                          + ("" if refined_value < result.best_trial["mse_ref"] else " (kept the unrefined)"))
-            if refined_value < result.best_trial["mse_ref"] and names == ("mse_ref",):
-                winner, winner_value = refined, refined_value
-        validation = None
-        if validate and names == ("mse_ref",):
-            from autotune.search.selection import selection_value
-            from autotune.search.validate import finalists, pick_on_validation
+    return JobHooks(step=progress_cli.step, search_progress=search_bar, notify=notify)
 
-            held_out = Evaluator(m, "validation", size=validate, seed=seed, store=store, prompts=prompt_list)
-            extra = [("refined", refined)] if refine else []
-            named_here = [(f"named {s.name}", s) for s in named_peers if s.nfe == result.best.nfe]
-            candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
-            what = f"validation: {len(candidates)} finalists, {held_out.eval_set.size} held-out samples"
-            with step(what) as progress:
-                held_out.progress = progress  # the validation set's reference, solved first unless cached
-                chosen, scored = pick_on_validation(held_out, candidates, progress=progress)
-            from autotune.tables import finalists_table
 
-            console.print(finalists_table(scored, chosen, [evaluator.evaluate(f.schedule)["mse_ref"] for f in scored],
-                                          held_out.eval_set.id))
-            winner, winner_value = chosen.schedule, evaluator.evaluate(chosen.schedule)["mse_ref"]
-            validation = {"set": held_out.eval_set.id, "chosen": chosen.label, "mse_ref": chosen.validation["mse_ref"],
-                          "finalists": {f.label: f.validation["mse_ref"] for f in scored},
-                          "selection": {f.label: selection_value(f.validation) for f in scored}}
-        if stage2_budget:
-            from autotune.search.skip_stage import run_stage2
+def _print_search(outcome) -> None:
+    """stdout of a search, in the order its stages ran: refinement, finalists, the files, the study, the
+    report set's tables."""
+    from autotune.tables import finalists_table, pareto_table
 
-            with step(f"stage 2: skip masks, {stage2_budget} evaluations"):
-                stage2 = run_stage2(winner, tuple(m.units), pool, stage2_budget, fraction=latency_budget, seed=seed,
-                                    batch_size=batch, store=store, parent_id=sid, study_url=url, study_attrs=attrs)
-            if stage2.result is not None:
-                winner = stage2.result.best
-    finally:
-        pool.close()
-    best = dataclasses.replace(winner, name=f"{method}-nfe{winner.nfe}", metadata={
-        "search_id": sid, "method": method, "model": model, "model_fingerprint": evaluator.fingerprint,
-        "nfe": winner.nfe, "objectives": list(names), "search_value": winner_value,
-        "search_mse_ref": result.best_trial.get("mse_ref"), "refine_steps": refine,
-        "true_evaluations": result.true_evaluations, "cache_hits": result.cache_hits,
-        "seconds": round(result.seconds, 2), "seed": seed, "eval_set": evaluator.eval_set.id,
-        **({"validation": validation} if validation else {}),
-        **({"stage2": _stage2_meta(stage2)} if stage2 else {})})
-    save(best, out)
-    console.print(f"wrote {out}: best search-set {first} {winner_value:.4e} after {result.true_evaluations} "
-                  f"true evaluations ({result.cache_hits} cache hits)" + (" (resumed)" if result.resumed else ""))
+    config, result, names = outcome.config, outcome.search, outcome.config.objectives
+    if outcome.refinement is not None:
+        before, after = outcome.refinement.before, outcome.refinement.after
+        console.print(f"gradient refinement of the time grid: search-set mse_ref {before:.4e} -> {after:.4e}"
+                      + ("" if after < before else " (kept the unrefined)"))
+    if outcome.validation is not None:
+        v = outcome.validation
+        console.print(finalists_table(v.scored, v.chosen, v.search_values, v.set_id))
+    console.print(f"wrote {outcome.schedule_path}: best search-set {names[0]} {outcome.best_value:.4e} after "
+                  f"{result.true_evaluations} true evaluations ({result.cache_hits} cache hits)"
+                  + (" (resumed)" if result.resumed else ""))
+    _print_stage2(outcome.stage2, outcome.best, config.latency_budget)
+    if outcome.pareto_path is not None:
+        console.print(pareto_table(result.front, names))
+        console.print(f"wrote {outcome.pareto_path}")
+    if outcome.study_url is not None:
+        from autotune.search.optuna_record import study_name
+
+        console.print(f"Optuna study {study_name(outcome.search_id)}; browse it with:")
+        console.print(f"optuna-dashboard {outcome.study_url}", highlight=False, soft_wrap=True)  # one line, to copy
+    from autotune.tables import report_tables
+
+    shown = [{**r.metrics, "name": r.name} for r in outcome.ours + outcome.peers]
+    title = f"report set {outcome.report_set}, NFE {outcome.best.nfe}"
+    for table in report_tables(shown, shown[len(outcome.ours):], title):
+        console.print(table)
+
+
+def _print_stage2(stage2, best, latency_budget: float) -> None:
     if stage2 and stage2.result is None:
         console.print(f"stage 2: no skip mask met the latency limit {stage2.limit_ms:.2f} ms ({stage2.reason}); "
                       "kept the stage-1 schedule")
     elif stage2:
         t = stage2.result.best_trial
-        console.print(f"stage 2 (skip masks): {sum(len(st.skip) for st in winner.steps)} unit calls skipped, "
+        console.print(f"stage 2 (skip masks): {sum(len(st.skip) for st in best.steps)} unit calls skipped, "
                       f"latency {t['latency_ms']:.2f} ms <= limit {stage2.limit_ms:.2f} ms ({latency_budget:g} x "
                       f"unpruned {stage2.unpruned_ms:.2f} ms), search-set mse_ref {t['mse_ref']:.4e}")
-    if len(names) > 1:
-        front_path = out.with_name(f"{out.stem}.pareto.json")
-        from autotune.space.fileformat import loads
-
-        front_path.write_text(json.dumps([{"schedule": to_dict(loads(t["schedule"])), "objectives": t["objectives"]}
-                                          for t in result.front], indent=1, default=str))
-        from autotune.tables import pareto_table
-
-        console.print(pareto_table(result.front, names))
-        console.print(f"wrote {front_path}")
-    if store is not None:
-        console.print(f"Optuna study {study_name(sid)}; browse it with:")
-        console.print(f"optuna-dashboard {url}", highlight=False, soft_wrap=True)  # one line, to copy whole
-    report = Evaluator(m, "report", size=report_size, store=store, prompts=prompt_list)
-    report.model_spec = model
-    peers = [s for s in named_peers if s.nfe == best.nfe]
-    ours = [(best.name, best)]
-    if stage2 and stage2.result is not None:  # the stage-1 schedule too, to show what the skips cost
-        ours.append((f"{best.name}-unpruned", dataclasses.replace(result.best, name=f"{best.name}-unpruned")))
-    with step(f"scoring {len(ours) + len(peers)} schedules, report set") as progress:
-        report.progress = progress  # the report set's reference, solved first unless cached
-        rows = [(n, report.evaluate(s)) for n, s in ours] + [(s.name, report.evaluate(s)) for s in peers]
-    from autotune.tables import report_tables
-
-    shown = [{**r, "name": n} for n, r in rows]
-    for table in report_tables(shown, shown[len(ours):], f"report set {report.eval_set.id}, NFE {best.nfe}"):
-        console.print(table)
-    if report_dir is not None:
-        from autotune.report import is_image_model, sample_images, write_search_report
-
-        trials = store.trials(sid) if store is not None else [
-            {"trial_number": t["number"], "schedule_hash": t["hash"],
-             "metrics": {k: v for k, v in t.items() if k not in ("number", "hash")}} for t in result.trials]
-        images = None
-        with step(f"writing the report to {report_dir}"):
-            if is_image_model(m):
-                peer = min(zip(peers, rows[len(ours):]), key=lambda pr: pr[1][1]["mse_ref"])[0]
-                images = sample_images(report, {"best peer": peer, "searched": best}, reference_guidance=guidance)
-            path = write_search_report(report_dir, schedule=best, trials=trials,
-                                       baselines=[{"name": n, **r} for n, r in rows],
-                                       title=f"{method} search on {model}, NFE {nfe}", objectives=names,
-                                       images=images)
-        console.print(f"wrote {path}")
-    console.print(f"finished in {command_seconds():.1f} s (the search loop: {result.seconds:.1f} s"
-                  + (", over several runs)" if result.resumed else ")"), highlight=False)
 
 
-def _check_strength(strength: float, nfe: str, refine: int, ratios: Optional[str]) -> None:
-    """--strength goes with one NFE, and not with the options that solve from pure noise (refine, ratios)."""
-    if not 0.0 < strength < 1.0:  # NaN fails this too
-        raise InputError(f"--strength {strength}: expected a fraction in (0, 1), like 0.6 (1 is a full run)")
-    if not nfe.strip().isdigit():
-        raise InputError(f"--strength: give one --nfe (got {nfe!r})")
-    if refine or ratios is not None:
-        raise InputError("--strength: --refine and --ratios solve from pure noise; they do not apply to img2img")
+def _write_search_report(outcome, report_dir: Path, store) -> None:
+    """report.md and its plots from the job's trials and report-set rows (with sample images for image models)."""
+    from autotune.progress_cli import step
+    from autotune.report import is_image_model, sample_images, write_search_report
+
+    config, best = outcome.config, outcome.best
+    images = None
+    with step(f"writing the report to {report_dir}"):
+        if is_image_model(outcome.model):
+            peer = min(outcome.peers, key=lambda r: r.metrics["mse_ref"]).schedule
+            images = sample_images(outcome.report_evaluator, {"best peer": peer, "searched": best},
+                                   reference_guidance=config.guidance)
+        path = write_search_report(report_dir, schedule=best, trials=outcome.trial_records(store),
+                                   baselines=[{"name": r.name, **r.metrics} for r in outcome.ours + outcome.peers],
+                                   title=f"{outcome.method} search on {config.model}, NFE {config.nfe}",
+                                   objectives=config.objectives, images=images)
+    console.print(f"wrote {path}")
 
 
-def _named_peers(noise, low: int, high: int, strength: Optional[float], guidance: Optional[float]):
-    """(the time the search starts at, the named schedules it competes with at each NFE in low..high)."""
-    import dataclasses
+def _print_finished(outcome) -> None:
+    from autotune.progress_cli import command_seconds
 
-    from autotune.sampling.named import build, img2img_peers, names_for
-
-    if strength is None:
-        peers = [build(n, noise, k) for k in range(low, high + 1) for n in names_for(noise)]
-        t_start = float(noise.T)
-    else:
-        t_start, peers = img2img_peers(noise, low, strength)
-    return t_start, tuple(dataclasses.replace(s, guidance=guidance) for s in peers)
-
-
-def _stage2_meta(stage2) -> dict:
-    """The schedule file's record of stage 2 (latencies are wall times on the search's workers)."""
-    meta = {"search_id": stage2.search_id, "latency_budget": stage2.fraction, "limit_ms": stage2.limit_ms,
-            "unpruned_latency_ms": stage2.unpruned_ms, "found": stage2.result is not None}
-    if stage2.result is not None:
-        t = stage2.result.best_trial
-        meta.update(latency_ms=t["latency_ms"], mse_ref=t["mse_ref"], true_evaluations=stage2.result.true_evaluations,
-                    cache_hits=stage2.result.cache_hits)
-    return meta
-
-
-def _default_cache() -> str:
-    from autotune.cache.store import default_cache_path
-
-    return default_cache_path()
+    console.print(f"finished in {command_seconds():.1f} s (the search loop: {outcome.search.seconds:.1f} s"
+                  + (", over several runs)" if outcome.search.resumed else ")"), highlight=False)
 
 
 zoo_app = typer.Typer(no_args_is_help=True, help="Train the built-in models (reproduces the shipped weights).")

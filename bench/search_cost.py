@@ -1,9 +1,12 @@
 """Search cost: true evaluations each method needs to reach the final quality of `evolution`.
 
-Every method searches the same space (same model, NFE, search set, seeds = the named schedules) in this
-process with the same budget of true evaluations. The target is evolution's final best search-set value;
-for each method the bench prints its own final best and the first true evaluation at which its best-so-far
-reached the target (or "not reached"), the ratio to evolution's, and wall time.
+Every method runs the search stage of `autotune search` itself (search/job.py: the same space, search set,
+seeds = the named schedules, batches and search id) in this process with the same budget of true evaluations
+and no cache, so each method pays its own way; validation, refinement and the report set are off, as they do
+not change the count. The target is evolution's final best search-set value; for each method the bench
+prints its own final best and the first true evaluation at which its best-so-far reached the target (or "not
+reached"), the ratio to evolution's, and the search loop's wall time (the search set's reference is solved
+before it).
 
     python bench/search_cost.py                                   # digits, NFE 5, budget 120
     python bench/search_cost.py --methods evolution,s3 --budget 200
@@ -12,9 +15,7 @@ reached the target (or "not reached"), the ratio to evolution's, and wall time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
-import time
 
 import torch
 
@@ -34,12 +35,8 @@ def evaluations_to_reach(curve: list[float], target: float) -> int | None:
 
 
 def main() -> None:
-    from autotune.evaluate.evaluator import Evaluator
     from autotune.models.registry import load_model
-    from autotune.sampling.named import NAMED, build
-    from autotune.search.runner import InProcessPool, run_search
-    from autotune.search.strategy import SearchContext, make_strategy
-    from autotune.space.encoding import ScheduleSpace
+    from autotune.search.job import JobConfig, run_search_job
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits")
@@ -50,15 +47,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
-    seeds = tuple(build(n, model.noise, args.nfe) for n in NAMED)
-    space = ScheduleSpace(args.nfe, model.noise.T, 0.0, ratio_range=None)
     results = {}
     for method in args.methods.split(","):
-        evaluator = Evaluator(model, "search", seed=args.seed)  # a fresh memory: every method pays its own way
-        strategy = make_strategy(method, SearchContext(space, model.noise, seeds, args.seed))
-        start = time.perf_counter()
-        result = run_search(strategy, InProcessPool(evaluator), args.budget)
-        results[method] = (best_so_far(result.trials), time.perf_counter() - start)
+        config = JobConfig(model=args.model, nfe=str(args.nfe), method=method, budget=args.budget, seed=args.seed,
+                           validate=0, score_report=False)  # the search stage alone: no file, no report set
+        search = run_search_job(config, None, model=model).search  # no store: a fresh memory for every method
+        results[method] = (best_so_far(search.trials), search.seconds)
         print(f"{method:12s} final best {results[method][0][-1]:.4e} after {len(results[method][0])} true "
               f"evaluations, {results[method][1]:.0f} s", flush=True)
     if "evolution" not in results:

@@ -1,0 +1,537 @@
+"""A whole search job as one call: stage 1, refinement, validation, stage 2, the schedule file, the Pareto file
+and the report set's figures, from a :class:`JobConfig` to a :class:`JobOutcome`.
+
+`autotune search` parses its options into a JobConfig, calls :func:`run_search_job` and prints the outcome;
+the benches call the same function, so what they measure is what the command runs. Nothing here prints:
+long steps open ``hooks.step(description)`` and send it progress events (``evaluate/progress.py``), the
+search loop's batches go to ``hooks.search_progress`` and warnings to ``hooks.notify``; the default hooks
+are silent.
+
+torch, the models and the strategies are imported inside the functions, inside the "loading" step: importing
+this module for its config must not cost the seconds they take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optional
+
+from autotune.errors import AutotuneError, InputError
+from autotune.evaluate.progress import ProgressFn
+
+if TYPE_CHECKING:  # torch-heavy: imported where they are used
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.sampling.denoiser import Denoiser
+    from autotune.sampling.noise import NoiseSchedule
+    from autotune.search.runner import Pool, Progress, SearchResult
+    from autotune.search.skip_stage import Stage2
+    from autotune.search.strategy import Strategy
+    from autotune.search.validate import Finalist
+    from autotune.space.schedule import Schedule
+
+# s3 is the default single-objective method: on held-out noise it beat evolution on gmm64 (12 runs, 2.81x vs
+# 1.88x the best named schedule's mean) and on digits NFE 5 (2.10x vs 1.49x); bench/generalise.py. It is
+# single-objective, so a Pareto search (several objectives) defaults to evolution.
+DEFAULT_METHOD = "s3"
+DEFAULT_PARETO_METHOD = "evolution"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything that defines a search job (the options of `autotune search`, as values).
+
+    ``nfe`` is a count ("5") or a range ("4-10"), kept as given: a range's text is part of the search id.
+    ``out`` None: nothing is written (the outcome still holds the schedule). ``prompts`` are the prompt texts
+    themselves. Sizes of 0 mean the set's default. A bad value raises one InputError line on construction,
+    before any model is loaded.
+    """
+
+    model: str
+    out: Optional[Path] = None
+    nfe: str = "5"
+    method: Optional[str] = None  # None: DEFAULT_METHOD, or DEFAULT_PARETO_METHOD with several objectives
+    budget: int = 120
+    seed: int = 0
+    objectives: tuple[str, ...] = ("mse_ref",)
+    workers: int = 0  # Ray workers; 0 scores in this process
+    address: Optional[str] = None  # a Ray cluster to join instead of a local Ray
+    candidate_timeout: float = 0.0  # Ray: seconds before a worker counts as stalled (0: measured)
+    guidance: Optional[float] = None
+    batch: int = 8
+    set_size: int = 0
+    refine: int = 0  # gradient steps on the winner's time grid
+    stage2_budget: int = 0  # true evaluations for the skip-mask stage (0: off)
+    latency_budget: float = 0.8  # stage 2's latency limit, a fraction of the unpruned schedule's
+    validate: int = 512  # held-out samples the finalists are chosen on (0: keep the search-set best)
+    ratios: Optional[str] = None  # "fit" or "cpr:FILE"
+    prompts: tuple[str, ...] = ()
+    strength: Optional[float] = None  # img2img: the schedule a pipeline runs at this strength
+    report_size: int = 0
+    score_report: bool = True  # score the best and its named peers on the report set (the closing table)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nfe", str(self.nfe))  # an int is a count too
+        object.__setattr__(self, "objectives", tuple(self.objectives))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise InputError(f"objectives: expected distinct metric names, got {list(self.objectives)}")
+        if self.budget < 1 or self.batch < 1 or self.workers < 0:
+            raise InputError(f"budget {self.budget}, batch {self.batch}, workers {self.workers}: expected a budget "
+                             "and batch of at least 1 and workers of at least 0")
+        if not 0.0 < self.latency_budget < float("inf"):  # NaN fails this too
+            raise InputError(f"--latency-budget {self.latency_budget}: expected a positive fraction like 0.8")
+        if self.strength is not None:
+            _check_strength(self.strength, self.nfe, self.refine, self.ratios)
+        self.nfe_range  # a bad count or range fails here, not after the model has loaded
+
+    @property
+    def nfe_range(self) -> tuple[int, int]:
+        from autotune.search.nfe_space import parse_nfe
+        from autotune.space.fileformat import MAX_NFE
+
+        low, high = parse_nfe(self.nfe)
+        if high > MAX_NFE:
+            raise InputError(f"--nfe {self.nfe}: at most {MAX_NFE} model evaluations")
+        return low, high
+
+    @property
+    def search_method(self) -> str:
+        return self.method or (DEFAULT_METHOD if len(self.objectives) == 1 else DEFAULT_PARETO_METHOD)
+
+    @property
+    def single_mse(self) -> bool:
+        """Refinement and validation choose by mse_ref, so they apply only to a plain mse_ref search."""
+        return self.objectives == ("mse_ref",)
+
+
+def _check_strength(strength: float, nfe: str, refine: int, ratios: Optional[str]) -> None:
+    """A strength goes with one NFE, and not with the options that solve from pure noise (refine, ratios)."""
+    if not 0.0 < strength < 1.0:  # NaN fails this too
+        raise InputError(f"--strength {strength}: expected a fraction in (0, 1), like 0.6 (1 is a full run)")
+    if not nfe.strip().isdigit():
+        raise InputError(f"--strength: give one --nfe (got {nfe!r})")
+    if refine or ratios is not None:
+        raise InputError("--strength: --refine and --ratios solve from pure noise; they do not apply to img2img")
+
+
+# ------------------------------------------------------------------------------------------------- hooks
+@contextlib.contextmanager
+def quiet_step(description: str) -> Iterator[Optional[ProgressFn]]:
+    """A step nobody watches: its events go nowhere."""
+    yield None
+
+
+@contextlib.contextmanager
+def quiet_search(description: str, budget: int) -> Iterator[Optional[Callable[[Progress], None]]]:
+    yield None
+
+
+def _ignore(line: str) -> None:
+    """Warnings nobody reads."""
+
+
+@dataclass(frozen=True)
+class JobHooks:
+    """How a running job shows what it does; the defaults show nothing.
+
+    ``step(description)``: a context around each long step (loading, references, refinement, validation,
+    stage 2, the report set), yielding the ProgressFn its events go to (``progress_cli.step`` has this shape).
+    ``search_progress(description, budget)``: a context around the search loop, yielding the callback that
+    hears the runner's ``Progress`` after every batch (true evaluations and the best value so far).
+    ``notify(line)``: a line for the user's attention (a Ray worker replaced, a CPR used off its grid).
+    """
+
+    step: Callable[[str], ContextManager[Optional[ProgressFn]]] = quiet_step
+    search_progress: Callable[[str, int], ContextManager[Optional[Callable[[Progress], None]]]] = quiet_search
+    notify: Callable[[str], None] = _ignore
+
+
+QUIET = JobHooks()
+
+
+# ----------------------------------------------------------------------------------------------- outcome
+@dataclass(frozen=True)
+class Scored:
+    """One schedule with its figures on the report set."""
+
+    name: str
+    schedule: Schedule
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RefinementNote:
+    """Search-set mse_ref of stage 1's best before and after the gradient refinement of its time grid."""
+
+    before: float
+    after: float
+
+
+@dataclass(frozen=True)
+class ValidationNote:
+    """The finalists scored on the validation set, the one chosen, and each one's search-set mse_ref."""
+
+    set_id: str
+    chosen: Finalist
+    scored: list[Finalist]
+    search_values: list[float]
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a job found and wrote.
+
+    ``best`` is the schedule written to ``schedule_path`` (with its metadata); ``best_value`` its search-set
+    value of the first objective. ``search`` is stage 1's SearchResult (trials, counts, Pareto front, resumed).
+    ``ours`` and ``peers`` are the report set's rows (empty without ``score_report``).
+    """
+
+    config: JobConfig
+    best: Schedule
+    best_value: float
+    search: SearchResult
+    search_id: str
+    eval_set: str
+    study_url: Optional[str]  # the cache's URL, where the Optuna study lives; None without a store
+    schedule_path: Optional[Path] = None
+    pareto_path: Optional[Path] = None
+    refinement: Optional[RefinementNote] = None
+    validation: Optional[ValidationNote] = None
+    stage2: Optional[Stage2] = None
+    report_set: str = ""
+    ours: list[Scored] = field(default_factory=list)  # the best (and, after stage 2, the unpruned one)
+    peers: list[Scored] = field(default_factory=list)  # the named schedules at the best's NFE
+    report_evaluator: Optional[Evaluator] = None  # report images sample through it
+    model: Optional[Denoiser] = None  # as loaded
+    seconds: float = 0.0  # wall time of the whole job
+
+    @property
+    def method(self) -> str:
+        return self.config.search_method
+
+    @property
+    def true_evaluations(self) -> int:
+        """Stage 1's true evaluations (cache hits excluded), as the schedule's metadata records them."""
+        return self.search.true_evaluations
+
+    def trial_records(self, store: Any = None) -> list[dict[str, Any]]:
+        """Stage 1's trials as the store keeps them (trial_number, schedule_hash, metrics), for the report."""
+        if store is not None:
+            return store.trials(self.search_id)
+        return [{"trial_number": t["number"], "schedule_hash": t["hash"],
+                 "metrics": {k: v for k, v in t.items() if k not in ("number", "hash")}} for t in self.search.trials]
+
+
+# -------------------------------------------------------------------------------------------------- setup
+@dataclass
+class SearchSetup:
+    """A job made ready to search: the model, the search set's evaluator with its reference solved, the
+    strategy in its space, the search id, and the named schedules it competes with."""
+
+    config: JobConfig
+    model: Denoiser
+    store: Any  # cache.store.Store or None
+    evaluator: Evaluator
+    strategy: Strategy
+    space: Any  # ScheduleSpace or NFERangeSpace
+    search_id: str
+    t_start: float
+    named_peers: tuple[Schedule, ...]
+    references: dict[str, Any] = field(default_factory=dict)  # version -> Reference, shipped to Ray workers
+
+    @property
+    def study_url(self) -> Optional[str]:
+        return self.store.url if self.store is not None else None
+
+    @property
+    def study_attrs(self) -> dict[str, Any]:
+        c = self.config
+        return {"model": c.model, "method": c.search_method, "nfe": c.nfe, "seed": c.seed, "budget": c.budget}
+
+
+_HEAVY_MODULES = ("torch", "autotune.evaluate.evaluator", "autotune.search.runner", "autotune.search.strategy")
+
+
+def load_checked_model(config: JobConfig, model: Optional[Denoiser] = None, hooks: JobHooks = QUIET) -> Denoiser:
+    """``config.model`` loaded (unless given), refused when the job's options do not apply to it."""
+    with hooks.step(f"loading {config.model}"):  # importing torch and the search modules is much of this wait
+        for module in _HEAVY_MODULES:  # their import's wait belongs to this step, not to the first candidate's
+            importlib.import_module(module)
+        from autotune.models.registry import load_model
+
+        # the driver keeps every core: it solves the search, validation and report references itself, and
+        # waits idle while the Ray workers (one thread each) score candidates
+        m = model if model is not None else load_model(config.model)
+    # the rule for "guidance applies" lives with the CLI's input checks until models declare their
+    # conditioning (issue 12, part 4); it is torch-free and prints nothing
+    from autotune.cli_common import check_guided_model
+
+    check_guided_model(m, config.guidance, config.model)
+    if config.stage2_budget and not m.units:
+        raise AutotuneError(f"--stage2-budget: {config.model} has no prunable units to skip")
+    return m
+
+
+def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Denoiser] = None,
+                   hooks: JobHooks = QUIET) -> SearchSetup:
+    """Load and check the model, build the search set's evaluator, the space and the strategy, and solve the
+    search set's reference (once, here: the workers get it shipped)."""
+    m = load_checked_model(config, model, hooks)
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.search.runner import search_id
+
+    low, high = config.nfe_range
+    evaluator = Evaluator(m, "search", size=config.set_size, seed=config.seed, store=store, prompts=config.prompts)
+    if config.ratios is not None:
+        _attach_ratios(evaluator, config, low, high, hooks)
+    t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance)
+    space, strategy = _strategy(config, m.noise, t_start, named_peers)
+    extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
+    if config.ratios is not None:
+        extra["ratios"] = config.ratios
+    sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else config.nfe, method=config.search_method,
+                    budget=config.budget, seed=config.seed, guidance=config.guidance, eval_set=evaluator.eval_set.id,
+                    batch=config.batch, space=repr(space), **extra)
+    setup = SearchSetup(config, m, store, evaluator, strategy, space, sid, t_start, named_peers)
+    with hooks.step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
+        evaluator.progress = progress
+        g = config.guidance
+        setup.references[evaluator.reference_version(g)] = evaluator.reference(g)
+        if config.strength is not None:  # img2img: solved from the images (the full reference's samples) at t_start
+            setup.references[evaluator.reference_version(g, t_start)] = evaluator.reference(g, t_start)
+    evaluator.progress = None
+    return setup
+
+
+def _attach_ratios(evaluator: Evaluator, config: JobConfig, low: int, high: int, hooks: JobHooks) -> None:
+    from autotune.search.dc_fit import attach_ratio_source
+
+    attach_ratio_source(evaluator, config.ratios)  # a bad spec or CPR file fails here, before any evaluation
+    cpr = getattr(evaluator.ratio_source, "cpr", None)
+    if cpr is not None:  # a CPR of another model fails here too, and a grid it was not fitted on is said
+        cpr.check_model(evaluator.fingerprint)
+        for n in range(low, high + 1):
+            for note in cpr.outside_grid(n, config.guidance):
+                hooks.notify(f"warning: {note}")
+
+
+def named_peers_for(noise: NoiseSchedule, low: int, high: int, strength: Optional[float], guidance: Optional[float]):
+    """(the time the search starts at, the named schedules it competes with at each NFE in low..high)."""
+    from autotune.sampling.named import build, img2img_peers, names_for
+
+    if strength is None:
+        peers = [build(n, noise, k) for k in range(low, high + 1) for n in names_for(noise)]
+        t_start = float(noise.T)
+    else:
+        t_start, peers = img2img_peers(noise, low, strength)
+    return t_start, tuple(dataclasses.replace(s, guidance=guidance) for s in peers)
+
+
+def _strategy(config: JobConfig, noise: NoiseSchedule, t_start: float, named_peers: tuple[Schedule, ...]):
+    from autotune.search.nfe_space import NFERangeSpace
+    from autotune.search.strategy import SearchContext, make_strategy
+    from autotune.space.encoding import ScheduleSpace
+
+    low, high = config.nfe_range
+    seeds = tuple(s for s in named_peers if s.t_start == t_start)  # the strategy's seeds lie in its space
+    space = ScheduleSpace(high, t_start, 0.0, ratio_range=None, guidance=config.guidance)
+    if low != high:
+        space = NFERangeSpace(space, low, high)
+    strategy = make_strategy(config.search_method, SearchContext(space, noise, seeds, config.seed, config.objectives))
+    return space, strategy
+
+
+def open_pool(setup: SearchSetup, hooks: JobHooks = QUIET) -> Pool:
+    """The pool that scores candidates: in this process, or Ray workers holding the model."""
+    from autotune.search.latency import LATENCY, LatencySpec
+    from autotune.search.runner import EvaluatorSpec, InProcessPool, RayPool
+
+    c = setup.config
+    latency = LatencySpec() if LATENCY in c.objectives else None
+    if c.workers == 0:
+        return InProcessPool(setup.evaluator, latency)
+    spec = EvaluatorSpec(c.model, "search", c.set_size, c.seed, setup.study_url, setup.evaluator.ref_steps,
+                         ratios=c.ratios, prompts=c.prompts)
+    with hooks.step(f"starting Ray ({c.workers} workers)" if c.address is None else f"joining Ray at {c.address}"):
+        return RayPool(spec, c.workers, c.address, references=setup.references, latency=latency,
+                       timeout_s=c.candidate_timeout or None, notify=hooks.notify)
+
+
+def run_stage1(setup: SearchSetup, pool: Pool, hooks: JobHooks = QUIET) -> SearchResult:
+    """The search loop over the strategy (resumed from the store when this search was cut short), every
+    trial recorded in the store and in its Optuna study; the runner's SearchResult."""
+    from autotune.search.optuna_record import StudyRecorder
+    from autotune.search.runner import run_search
+
+    c = setup.config
+    recorder = StudyRecorder(setup.study_url, setup.search_id, setup.space, c.objectives, setup.study_attrs)
+    with hooks.search_progress(f"{c.search_method} NFE {c.nfe}", c.budget) as on_batch:
+        return run_search(setup.strategy, pool, c.budget, objectives=c.objectives, batch_size=c.batch,
+                          store=setup.store, sid=setup.search_id, recorder=recorder, callback=on_batch)
+
+
+# ---------------------------------------------------------------------------------------------- the job
+@dataclass
+class _Winner:
+    """The schedule the job will write, as the stages after the search replace it."""
+
+    schedule: Schedule
+    value: float
+    refined: Optional[Schedule] = None
+    refinement: Optional[RefinementNote] = None
+    validation: Optional[ValidationNote] = None
+    validation_meta: Optional[dict[str, Any]] = None
+    stage2: Optional[Stage2] = None
+
+
+def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Denoiser] = None,
+                   hooks: JobHooks = QUIET) -> JobOutcome:
+    """Run the whole job: search, refine, validate, stage 2; write the schedule (and the Pareto front); score
+    the best and its named peers on the report set. ``store`` None keeps evaluations in memory (no resume);
+    ``model`` is a Denoiser already loaded for ``config.model``."""
+    started = time.perf_counter()
+    setup = prepare_search(config, store, model=model, hooks=hooks)
+    pool = open_pool(setup, hooks)
+    try:
+        result = run_stage1(setup, pool, hooks)
+        winner = _Winner(result.best, result.best_value)
+        if config.refine:
+            _refine(setup, result, winner, hooks)
+        if config.validate and config.single_mse:
+            _validate(setup, result, winner, hooks)
+        if config.stage2_budget:
+            _stage2(setup, pool, winner, hooks)
+    finally:
+        pool.close()
+    best = _with_metadata(setup, result, winner)
+    written = _write_files(config, best, result)
+    report = _score_report(setup, result, best, winner.stage2, hooks) if config.score_report else {}
+    return JobOutcome(config, best, winner.value, result, setup.search_id, setup.evaluator.eval_set.id,
+                      setup.study_url, refinement=winner.refinement, validation=winner.validation,
+                      stage2=winner.stage2, model=setup.model, seconds=time.perf_counter() - started,
+                      **written, **report)
+
+
+def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks) -> None:
+    from autotune.search.gradient import refine_times
+    from autotune.space.fileformat import loads
+
+    c, evaluator = setup.config, setup.evaluator
+    reference = setup.references[evaluator.reference_version(c.guidance)]
+    with hooks.step(f"refining the time grid ({c.refine} gradient steps)"):
+        refined = refine_times(setup.model, result.best, evaluator.eval_set, reference, iterations=c.refine,
+                               seed=c.seed).schedule
+        metrics = evaluator.evaluate(refined)
+    if "evaluated_schedule" in metrics:  # ratios: the refined grid with the ratios fitted for it
+        refined = loads(metrics["evaluated_schedule"])
+    winner.refined = refined
+    winner.refinement = RefinementNote(result.best_trial["mse_ref"], metrics["mse_ref"])
+    if metrics["mse_ref"] < result.best_trial["mse_ref"] and c.single_mse:
+        winner.schedule, winner.value = refined, metrics["mse_ref"]
+
+
+def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks) -> None:
+    """Choose among the finalists (refined grid, best trials, named schedules) on the held-out validation set."""
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.search.selection import selection_value
+    from autotune.search.validate import finalists, pick_on_validation
+
+    c, evaluator = setup.config, setup.evaluator
+    held_out = Evaluator(setup.model, "validation", size=c.validate, seed=c.seed, store=setup.store,
+                         prompts=c.prompts)
+    extra = [("refined", winner.refined)] if c.refine else []
+    named_here = [(f"named {s.name}", s) for s in setup.named_peers if s.nfe == result.best.nfe]
+    candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
+    with hooks.step(f"validation: {len(candidates)} finalists, {held_out.eval_set.size} held-out samples") as progress:
+        held_out.progress = progress  # the validation set's reference, solved first unless cached
+        chosen, scored = pick_on_validation(held_out, candidates, progress=progress)
+    search_values = [evaluator.evaluate(f.schedule)["mse_ref"] for f in scored]
+    winner.schedule, winner.value = chosen.schedule, evaluator.evaluate(chosen.schedule)["mse_ref"]
+    winner.validation = ValidationNote(held_out.eval_set.id, chosen, scored, search_values)
+    winner.validation_meta = {"set": held_out.eval_set.id, "chosen": chosen.label,
+                              "mse_ref": chosen.validation["mse_ref"],
+                              "finalists": {f.label: f.validation["mse_ref"] for f in scored},
+                              "selection": {f.label: selection_value(f.validation) for f in scored}}
+
+
+def _stage2(setup: SearchSetup, pool: Pool, winner: _Winner, hooks: JobHooks) -> None:
+    from autotune.search.skip_stage import run_stage2
+
+    c = setup.config
+    with hooks.step(f"stage 2: skip masks, {c.stage2_budget} evaluations"):
+        winner.stage2 = run_stage2(winner.schedule, tuple(setup.model.units), pool, c.stage2_budget,
+                                   fraction=c.latency_budget, seed=c.seed, batch_size=c.batch, store=setup.store,
+                                   parent_id=setup.search_id, study_url=setup.study_url, study_attrs=setup.study_attrs)
+    if winner.stage2.result is not None:
+        winner.schedule = winner.stage2.result.best
+
+
+def stage2_meta(stage2: Stage2) -> dict[str, Any]:
+    """The schedule file's record of stage 2 (latencies are wall times on the search's workers)."""
+    meta = {"search_id": stage2.search_id, "latency_budget": stage2.fraction, "limit_ms": stage2.limit_ms,
+            "unpruned_latency_ms": stage2.unpruned_ms, "found": stage2.result is not None}
+    if stage2.result is not None:
+        t = stage2.result.best_trial
+        meta.update(latency_ms=t["latency_ms"], mse_ref=t["mse_ref"], true_evaluations=stage2.result.true_evaluations,
+                    cache_hits=stage2.result.cache_hits)
+    return meta
+
+
+def _with_metadata(setup: SearchSetup, result: SearchResult, winner: _Winner) -> Schedule:
+    """The winner named after the method and its NFE, with the record of how it was found."""
+    c, w = setup.config, winner.schedule
+    return dataclasses.replace(w, name=f"{c.search_method}-nfe{w.nfe}", metadata={
+        "search_id": setup.search_id, "method": c.search_method, "model": c.model,
+        "model_fingerprint": setup.evaluator.fingerprint, "nfe": w.nfe, "objectives": list(c.objectives),
+        "search_value": winner.value, "search_mse_ref": result.best_trial.get("mse_ref"), "refine_steps": c.refine,
+        "true_evaluations": result.true_evaluations, "cache_hits": result.cache_hits,
+        "seconds": round(result.seconds, 2), "seed": c.seed, "eval_set": setup.evaluator.eval_set.id,
+        **({"validation": winner.validation_meta} if winner.validation_meta else {}),
+        **({"stage2": stage2_meta(winner.stage2)} if winner.stage2 else {})})
+
+
+def pareto_path_for(out: Path) -> Path:
+    """Where a Pareto search's front goes: beside the schedule file, ``<stem>.pareto.json``."""
+    return out.with_name(f"{out.stem}.pareto.json")
+
+
+def _write_files(config: JobConfig, best: Schedule, result: SearchResult) -> dict[str, Any]:
+    """The schedule file and, for several objectives, the front beside it; their paths (none without ``out``)."""
+    from autotune.space.fileformat import loads, save, to_dict
+
+    if config.out is None:
+        return {}
+    save(best, config.out)
+    if len(config.objectives) == 1:
+        return {"schedule_path": config.out}
+    front_path = pareto_path_for(config.out)
+    front_path.write_text(json.dumps([{"schedule": to_dict(loads(t["schedule"])), "objectives": t["objectives"]}
+                                      for t in result.front], indent=1, default=str))
+    return {"schedule_path": config.out, "pareto_path": front_path}
+
+
+def _score_report(setup: SearchSetup, result: SearchResult, best: Schedule, stage2: Optional[Stage2],
+                  hooks: JobHooks) -> dict[str, Any]:
+    """The best (and after stage 2 its unpruned schedule, to show what the skips cost) and the named schedules
+    at its NFE, scored on the report set."""
+    from autotune.evaluate.evaluator import Evaluator
+
+    c = setup.config
+    report = Evaluator(setup.model, "report", size=c.report_size, store=setup.store, prompts=c.prompts)
+    report.model_spec = c.model
+    peers = [s for s in setup.named_peers if s.nfe == best.nfe]
+    ours = [(best.name, best)]
+    if stage2 and stage2.result is not None:
+        ours.append((f"{best.name}-unpruned", dataclasses.replace(result.best, name=f"{best.name}-unpruned")))
+    with hooks.step(f"scoring {len(ours) + len(peers)} schedules, report set") as progress:
+        report.progress = progress  # the report set's reference, solved first unless cached
+        scored_ours = [Scored(n, s, report.evaluate(s)) for n, s in ours]
+        scored_peers = [Scored(s.name, s, report.evaluate(s)) for s in peers]
+    return {"report_set": report.eval_set.id, "ours": scored_ours, "peers": scored_peers,
+            "report_evaluator": report}

@@ -1,0 +1,168 @@
+"""The search job as a library call (search/job.py): what it returns is what it wrote, its counts are the
+store's, a bad config is one line before any work, a cut job resumes, and it prints nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+
+from autotune.cache.store import open_store
+from autotune.errors import AutotuneError
+from autotune.search.job import JobConfig, JobHooks, run_search_job
+from autotune.space.fileformat import from_dict, load
+
+# the smallest job that still runs every stage the CLI runs by default (search, validation, report set)
+SMALL = dict(model="gmm2d", nfe="4", budget=8, batch=4, set_size=16, validate=32, report_size=32)
+
+
+def _search_rows(store, eval_set: str) -> set[str]:
+    """Hashes of the schedules scored on this search set (the store's key: set id / reference version)."""
+    return {e["schedule_hash"] for e in store.iter_evaluations() if e["eval_set"].startswith(eval_set + "/")}
+
+
+def test_the_outcome_is_the_schedule_written(tmp_path, gmm, capsys):
+    out = tmp_path / "best.json"
+    outcome = run_search_job(JobConfig(**SMALL, out=out, refine=3), model=gmm)
+    written = load(out)
+    assert outcome.schedule_path == out and outcome.pareto_path is None
+    assert written.hash() == outcome.best.hash() and written.name == outcome.best.name == "s3-nfe4"
+    assert written.nfe == outcome.best.nfe == 4
+    assert written.metadata["true_evaluations"] == outcome.true_evaluations == 8
+    assert written.metadata["search_value"] == outcome.best_value
+    # the validation chose what was written, among finalists that include the refined grid
+    assert outcome.validation.chosen.schedule.hash() == written.hash()
+    assert written.metadata["validation"]["chosen"] == outcome.validation.chosen.label
+    assert "refined" in [f.label for f in outcome.validation.scored]
+    assert outcome.refinement.before == outcome.search.best_trial["mse_ref"]
+    # the closing table's rows: ours first, then every named schedule at the best's NFE
+    assert [r.name for r in outcome.ours] == ["s3-nfe4"]
+    assert outcome.peers and all(r.schedule.nfe == 4 for r in outcome.peers)
+    assert outcome.report_set.startswith("report-") and outcome.seconds > outcome.search.seconds
+    assert capsys.readouterr() == ("", "")  # the library prints nothing
+
+
+def test_true_evaluations_are_the_stores(tmp_path, gmm):
+    with open_store(tmp_path / "cache.sqlite") as store:
+        outcome = run_search_job(JobConfig(**{**SMALL, "validate": 0}, score_report=False), store, model=gmm)
+        trials = store.trials(outcome.search_id)
+        computed = [t for t in trials if not t["metrics"]["cached"]]
+        assert len(computed) == outcome.true_evaluations == 8
+        assert len(trials) == outcome.true_evaluations + outcome.search.cache_hits
+        # without refinement or validation, only stage 1 scores on the search set
+        assert _search_rows(store, outcome.eval_set) == {t["schedule_hash"] for t in computed}
+        assert outcome.trial_records(store) == trials
+        assert outcome.study_url == store.url
+    assert outcome.schedule_path is None and not outcome.ours  # no out, no report: nothing written or scored
+
+
+class _Cut(Exception):
+    pass
+
+
+def test_a_cut_job_resumes_without_scoring_anything_twice(tmp_path, gmm):
+    config = JobConfig(**{**SMALL, "validate": 0}, out=tmp_path / "s.json", score_report=False)
+
+    @contextlib.contextmanager
+    def cut_after_first_batch(description, budget):
+        def on_batch(progress):
+            raise _Cut  # after the runner saved its state: as if the process died here
+
+        yield on_batch
+
+    with open_store(tmp_path / "cache.sqlite") as store:
+        with pytest.raises(_Cut):
+            run_search_job(config, store, model=gmm, hooks=JobHooks(search_progress=cut_after_first_batch))
+        assert not config.out.exists()
+        outcome = run_search_job(config, store, model=gmm)
+        assert outcome.search.resumed and outcome.true_evaluations == 8
+        computed = [t["schedule_hash"] for t in store.trials(outcome.search_id) if not t["metrics"]["cached"]]
+        assert len(computed) == len(set(computed)) == 8
+        assert _search_rows(store, outcome.eval_set) == set(computed)
+        assert load(config.out).metadata["search_id"] == outcome.search_id
+        again = run_search_job(config, store, model=gmm)  # a finished job answers from its saved state
+        assert again.search.resumed and again.best.hash() == outcome.best.hash()
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"strength": 2.0}, "--strength 2.0: expected a fraction in (0, 1)"),
+    ({"strength": 0.5, "nfe": "3-5"}, "--strength: give one --nfe"),
+    ({"nfe": "99999"}, "--nfe 99999: at most"),
+    ({"nfe": "five"}, "--nfe: expected a count like 5"),
+    ({"latency_budget": 0.0}, "--latency-budget 0.0: expected a positive fraction"),
+    ({"objectives": ("mse_ref", "mse_ref")}, "objectives: expected distinct metric names"),
+    ({"budget": 0}, "expected a budget"),
+])
+def test_a_bad_config_is_one_line_before_any_work(options, says):
+    with pytest.raises(AutotuneError) as e:
+        JobConfig(model="no-such-model", **options)  # refused before the model is looked for
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"guidance": 2.0}, "gmm2d is unconditional"),
+    ({"stage2_budget": 2}, "--stage2-budget: gmm2d has no prunable units"),
+    ({"method": "nope"}, "unknown search method 'nope'"),
+])
+def test_options_the_model_or_registry_refuse_are_one_line_and_write_nothing(tmp_path, gmm, options, says):
+    out = tmp_path / "s.json"
+    with pytest.raises(AutotuneError) as e:
+        run_search_job(JobConfig(**{**SMALL, **options}, out=out), model=gmm)
+    assert says in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists()
+
+
+def test_the_hooks_hear_every_step_and_the_search_loop(gmm):
+    steps: dict[str, list] = {}
+    batches: list = []
+
+    @contextlib.contextmanager
+    def step(description):
+        steps[description] = []
+        yield steps[description].append
+
+    @contextlib.contextmanager
+    def search_progress(description, budget):
+        assert (description, budget) == ("s3 NFE 4", 8)
+        yield batches.append
+
+    run_search_job(JobConfig(**SMALL), model=gmm, hooks=JobHooks(step=step, search_progress=search_progress))
+    assert list(steps)[:2] == ["loading gmm2d", "reference solution, 16 samples"]
+    assert any(d.startswith("validation: ") for d in steps) and any(d.endswith(", report set") for d in steps)
+    finalists = next(events for d, events in steps.items() if d.startswith("validation: "))
+    assert finalists[-1].task == "finalists, validation set" and finalists[-1].done == finalists[-1].total
+    assert [b.true_evaluations for b in batches] == [4, 8]
+
+
+def test_a_pareto_job_writes_the_front_beside_the_schedule(tmp_path, gmm):
+    out = tmp_path / "mo.json"
+    outcome = run_search_job(JobConfig(**{**SMALL, "nfe": "3-4"}, objectives=("mse_ref", "nfe"), out=out,
+                                       score_report=False), model=gmm)
+    assert outcome.method == "evolution" and outcome.validation is None  # validation chooses by mse_ref only
+    assert outcome.pareto_path == tmp_path / "mo.pareto.json"
+    front = json.loads(outcome.pareto_path.read_text())
+    assert len(front) == len(outcome.search.front) and front
+    assert from_dict(front[0]["schedule"]).hash() == load(out).hash() == outcome.best.hash()
+
+
+def test_stage2_skips_units_of_the_written_schedule_on_digits(tmp_path, monkeypatch):
+    """Stage 2 through the job, on a model with prunable units; latency is a deterministic cost here (tests do
+    not time things), as in test_multiobjective's stage-2 test."""
+    from autotune.models.registry import load_model
+    from autotune.search import runner
+
+    def cost_ms(model, schedule, eval_set, spec):
+        return float(sum(1 + len(model.units) - len(st.skip) for st in schedule.steps))
+
+    monkeypatch.setattr(runner, "measure_latency", cost_ms)
+    out = tmp_path / "pruned.json"
+    config = JobConfig(model="digits", nfe="4", budget=4, batch=4, set_size=8, validate=0, stage2_budget=6,
+                       out=out, score_report=False)
+    outcome = run_search_job(config, model=load_model("digits"))
+    assert outcome.stage2.result is not None, outcome.stage2.reason
+    written = load(out)
+    assert written.hash() == outcome.stage2.result.best.hash() == outcome.best.hash()
+    assert any(st.skip for st in written.steps)
+    meta = written.metadata["stage2"]
+    assert meta["found"] and meta["latency_ms"] <= meta["limit_ms"] and meta["search_id"] == outcome.stage2.search_id
