@@ -5,10 +5,9 @@
 
 The scheduler holds no solver formula of its own: it builds the schedule's :class:`Plan` with
 ``coefficients.make_plan`` on the noise schedule of the pipeline's scheduler config (read by the same
-``read_scheduler_config`` the model adapters use) and replays the plan's linear updates in ``step()``,
-in the executor's order: the model output at tau_k is converted to (x0, eps) as the adapter converts it,
-the UniC corrector of the previous step runs with that new output, then DC compensation, then the
-predictor. The pipeline feeds its network the values of ``timesteps``, which are exactly the model times
+``read_scheduler_config`` the model adapters use) and runs it with the executor's own interpreter
+(``sampling.program.interpret``), paused at each model call: ``step()`` hands it the pipeline's network output
+and returns the state of the next call. The pipeline feeds its network the values of ``timesteps``, which are exactly the model times
 the adapter feeds (``noise.model_time``, snapped to integers within 1e-6), so a pipeline with this
 scheduler and ``autotune sample`` make the same network calls on the same states.
 
@@ -26,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Generator, Mapping
 
 import torch
 
@@ -39,11 +38,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ModelError("AutotuneScheduler needs diffusers: pip install 'autotune-diffusion[diffusers]'") from e
 
 from autotune.models.diffusers_dir import is_flow_config, read_flow_scheduler_config, read_scheduler_config
-from autotune.sampling.coefficients import Update, make_plan
-from autotune.sampling.denoiser import to_data_and_noise
+from autotune.sampling.coefficients import make_plan
+from autotune.sampling.program import Call, interpret
 from autotune.sampling.noise import NoiseSchedule, noised, starts_from_image
 from autotune.space.fileformat import from_dict, load, to_dict
 from autotune.space.schedule import Schedule
+from autotune.space.solvers import solver_info
 
 # the keys of a diffusers scheduler config that define the noise schedule and the network's output
 CONFIG_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
@@ -57,8 +57,15 @@ ROUND_TOL = 1e-6  # the adapters' round_time: a model time within this of an int
 
 
 def check_replayable(schedule: Schedule, source: str | None = None) -> None:
-    """Raise ScheduleError if the schedule needs something the scheduler API cannot do (skip masks)."""
+    """Raise ScheduleError if the schedule needs something the scheduler API cannot do: skip masks, or an analytic
+    first step (it moves the state before the first model call, which a pipeline makes on its own latents)."""
     for k, step in enumerate(schedule.steps):
+        if solver_info(step.solver).calls(step.order) == 0:
+            raise ScheduleError(
+                f"steps[{k}].solver",
+                f"{step.solver!r} replaces the step's model call (an analytic first step) and cannot be replayed by "
+                "a diffusers scheduler (the pipeline makes the first model call on its initial latents); run this "
+                "schedule with `autotune sample` instead", source)
         if step.skip:
             raise ScheduleError(
                 f"steps[{k}].skip",
@@ -82,22 +89,14 @@ def _same_timestep(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-3 * max(1.0, abs(b))
 
 
-def apply_update(update: Update, x: torch.Tensor, outputs: Mapping[str, Mapping[int, torch.Tensor]]) -> torch.Tensor:
-    """``state * x + sum_j w_j m_j``, in x's dtype and in the executor's order of operations."""
-    out = update.state.to(device=x.device, dtype=x.dtype) * x
-    history = outputs[update.prediction]
-    for j, w in update.outputs:
-        out = out + w.to(device=x.device, dtype=x.dtype) * history[j]
-    return out
-
-
 @dataclass
 class ReplayState:
-    """What one run through the schedule keeps between step() calls (reset by set_timesteps)."""
+    """One run through the schedule between set_timesteps and its last step(): the interpreter, paused at the
+    model call the pipeline makes next."""
 
-    step: int = 0
-    x_prev: torch.Tensor | None = None  # the (corrected) state at the previous time, for the pending corrector
-    outputs: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # prediction space -> {j: m_j}
+    calls: int = 0  # step() calls so far
+    run: Generator | None = None  # sampling.program.interpret, started at the first step()
+    draw_from: list = field(default_factory=list)  # the generator step() was handed (stochastic solvers draw on it)
 
 
 class AutotuneScheduler(SchedulerMixin, ConfigMixin):
@@ -166,15 +165,15 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         self.plan = make_plan(self.schedule, self.noise)
         self.init_noise_sigma = float(self.noise.init_scale())
         self.num_inference_steps = self.schedule.nfe
-        n_calls = self.schedule.nfe  # steps, plus the final denoising call at tau_N if the schedule has one
-        self._own = fed_timesteps(self.noise, self.plan.times[:n_calls])  # the model times this schedule calls at
+        # every model call in order (a two-call step calls twice; the final denoise once more), as diffusers' own
+        # two-call schedulers list them: timesteps has one entry per network call
+        self._call_times = torch.stack([c.time for c in self.plan.calls])
+        self._own = fed_timesteps(self.noise, self._call_times)  # the model times this schedule calls at
         self.timesteps = self._own
         # a schedule starting below T is the tail an image-to-image pipeline runs: it may ask for more steps and
         # then start at the index where the schedule's own steps begin (set_begin_index)
         self.partial = starts_from_image(self.noise, self.schedule.t_start)
         self._begin = 0
-        self._spaces = sorted({sp.predictor.prediction for sp in self.plan.steps})
-        self._last_use = self.plan.last_uses()
         self._state: ReplayState | None = None
 
     @classmethod
@@ -234,11 +233,11 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
             self._begin = 0
             timesteps_now = self._own
         self.timesteps = timesteps_now.to(device) if device is not None else timesteps_now
-        self._state = ReplayState(outputs={p: {} for p in self._spaces})
+        self._state = ReplayState()
 
     def _own_sigmas(self) -> torch.Tensor:
         """The schedule's model-call times as diffusers' ``sigmas``: sigma itself for flow, sigma / alpha for VP."""
-        times = self.plan.times[:self.schedule.nfe].to(torch.float64)
+        times = self._call_times.to(torch.float64)
         if self.noise.kind == "flow":
             return times
         return self.noise.sigma(times) / torch.exp(self.noise.log_alpha(times))
@@ -275,46 +274,44 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
-        """One network output in, the state at the next time of the schedule out (the ODE draws no noise,
-        so ``generator`` is unused)."""
+        """One network output in, the state the schedule calls the network on next out (or the final sample).
+        A stochastic schedule draws its fresh noise with ``generator``, as diffusers' SDE schedulers do."""
         state = self._state
         if state is None:
             raise SamplingError("AutotuneScheduler.step: call set_timesteps first")
-        k = state.step
-        n_steps = len(self.schedule.steps)
+        k = state.calls
         if k >= self.schedule.nfe:
             raise SamplingError(f"AutotuneScheduler.step: the schedule has {self.schedule.nfe} model evaluations; "
                                 "step() was called once more (call set_timesteps to start again)")
         expected = float(self._own[k])
         if not _same_timestep(float(timestep), expected):
             raise SamplingError(f"AutotuneScheduler.step: timestep {float(timestep):g} is not the schedule's next "
-                                f"({expected:g} at step {k}); the scheduler replays whole schedules from the start")
-        dtype = sample.dtype
-        alpha = self.plan.alphas.to(dtype)[k].to(sample.device)
-        sigma = self.plan.sigmas.to(dtype)[k].to(sample.device)
-        x = sample
-        x0, eps = to_data_and_noise(model_output.to(dtype), x, alpha, sigma, self.parameterization)
-        state.step = k + 1
-        if k == n_steps:  # the final denoising call: its data prediction is the sample (no corrector, as the executor)
-            return SchedulerOutput(prev_sample=x0) if return_dict else (x0,)
-        outputs = state.outputs
-        for p in self._spaces:
-            outputs[p][k] = x0 if p == "data" else eps
-        if k > 0 and self.plan.steps[k - 1].corrector is not None:
-            x = apply_update(self.plan.steps[k - 1].corrector, state.x_prev, outputs)
-        compensation = self.plan.steps[k].compensation
-        if compensation is not None:
-            for p in self._spaces:
-                comp = torch.zeros_like(outputs[p][k])
-                for j, w in compensation.outputs:
-                    comp = comp + w.to(device=x.device, dtype=dtype) * outputs[p][j]
-                outputs[p][k] = comp
-        for j in [j for j in outputs[self._spaces[0]] if self._last_use.get(j, -1) < k]:
-            for p in self._spaces:
-                del outputs[p][j]
-        state.x_prev = x
-        prev_sample = apply_update(self.plan.steps[k].predictor, x, outputs)
+                                f"({expected:g} at call {k}); the scheduler replays whole schedules from the start")
+        state.draw_from[:] = [generator]
+        if state.run is None:  # the first call: start the interpreter on the pipeline's latents, in their dtype
+            plan = self.plan.map_weights(lambda w: w.to(device=sample.device, dtype=sample.dtype))
+            state.run = interpret(plan, sample, self.parameterization, self._draw)
+            self._next_call(state.run, None)
+        state.calls = k + 1
+        prev_sample = self._next_call(state.run, (model_output.to(sample.dtype), sample))
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+    def _draw(self, like: torch.Tensor) -> torch.Tensor:
+        generator = self._state.draw_from[0] if self._state is not None and self._state.draw_from else None
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+    @staticmethod
+    def _next_call(run: Generator, reply: Any) -> torch.Tensor:
+        """Resume the interpreter with ``reply`` until it asks for the next model call: the state it asks for it at
+        (what the pipeline evaluates next), or the final sample once the plan is done."""
+        try:
+            while True:
+                ins, x = run.send(reply)
+                if isinstance(ins, Call):
+                    return x
+                reply = None
+        except StopIteration as done:
+            return done.value
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Image-to-image pipelines start at ``begin_index``: it must be where this schedule's own steps begin."""
@@ -333,7 +330,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         if not _same_timestep(float(own[k]), value):
             raise SamplingError(f"AutotuneScheduler: timestep {value:g} is not one of the schedule's "
                                 f"({', '.join(f'{v:g}' for v in own.tolist())})")
-        return self.plan.times[k]
+        return self._call_times[k]
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``alpha_t x0 + sigma_t eps`` at the schedule time of ``timesteps`` (DDPM-family image-to-image)."""

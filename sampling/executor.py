@@ -1,7 +1,8 @@
-"""The executor: the one loop that runs any schedule on any denoiser.
+"""The executor: runs any schedule on any denoiser, eagerly on tensors.
 
-Every per-step decision is a Python constant taken from the schedule's precomputed plan, and no branch
-looks at a tensor's value inside the loop, so the same loop traces and exports (issue 7).
+It builds the schedule's plan (``coefficients.make_plan``) and drives the one interpreter
+(``sampling.program.run``) with the model; every per-step decision is a Python constant of the plan and no branch
+looks at a tensor's value, so the same run traces and exports (the baker drives the same interpreter).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any, Callable
 import torch
 
 from autotune.errors import SamplingError
-from autotune.sampling.coefficients import Plan, Update, make_plan
-from autotune.sampling.denoiser import Denoiser, to_data_and_noise
+from autotune.sampling.coefficients import make_plan
+from autotune.sampling.denoiser import Denoiser
+from autotune.sampling.program import Call, Mark, Plan, run
 from autotune.space.schedule import Schedule
 
 
@@ -25,14 +27,6 @@ class SampleResult:
     nfe: int
     states: list[torch.Tensor] = field(default_factory=list)
     diverged_at: int | None = None  # first step whose new state had a NaN or inf (check_finite=True)
-
-
-def _apply(update: Update, x: torch.Tensor, hist: dict[str, dict[int, torch.Tensor]], dtype: torch.dtype):
-    out = update.state.to(dtype) * x
-    outputs = hist[update.prediction]
-    for j, w in update.outputs:
-        out = out + w.to(dtype) * outputs[j]
-    return out
 
 
 def check_inputs(model: Denoiser, schedule: Schedule, noise: torch.Tensor) -> None:
@@ -69,6 +63,8 @@ def sample(
     plan: Plan | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     start: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    step_noise: torch.Tensor | None = None,
 ) -> SampleResult:
     """Run ``schedule`` on ``model`` from the initial noise (a standard normal draw), or from ``start``.
 
@@ -86,6 +82,8 @@ def sample(
         callback: ``callback(k, x)`` after each step, outside any traced region.
         start: the state at the schedule's ``t_start`` instead of ``noise`` x the prior std: for image-to-image,
             an image noised to t_start (``sampling.noise.noised``); ``noise`` then only gives the batch checks.
+        generator, step_noise: for a stochastic schedule (an SDE solver), where its fresh noise comes from:
+            ``torch.randn`` on ``generator``, or the given draws (shape (draws, batch, ...)).
 
     Returns:
         SampleResult with ``nfe`` counted from the model calls actually made.
@@ -103,50 +101,45 @@ def sample(
     dtype = dtype or noise.dtype
     if plan is None:
         plan = make_plan(schedule, model.noise, times=times, ratios=ratios)
-    spaces = sorted({sp.predictor.prediction for sp in plan.steps})
-    last_use = plan.last_uses()
-    alphas = plan.alphas.to(dtype)
-    sigmas = plan.sigmas.to(dtype)
+    plan = plan.map_weights(lambda w: w.to(dtype))
+    draw = _noise_source(plan, step_noise, generator)
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
     nfe = 0
+    states: list[torch.Tensor] = []
     diverged_at = None
-    with grad_ctx:
-        x = noise.to(dtype) * model.noise.init_scale() if start is None else start.to(dtype)
-        states = [x] if keep_states else []
-        hist: dict[str, dict[int, torch.Tensor]] = {p: {} for p in spaces}
-        x_prev = x
-        for k, (step, sp) in enumerate(zip(schedule.steps, plan.steps)):
-            out = model(x, plan.times[k], cond, skip=frozenset(step.skip), guidance=schedule.guidance).to(dtype)
-            nfe += 1
-            x0, eps = to_data_and_noise(out, x, alphas[k], sigmas[k], model.parameterization)
-            for p in spaces:
-                hist[p][k] = x0 if p == "data" else eps
-            if k > 0 and plan.steps[k - 1].corrector is not None:
-                x = _apply(plan.steps[k - 1].corrector, x_prev, hist, dtype)
-                if keep_states:
-                    states[-1] = x
-            if sp.compensation is not None:
-                for p in spaces:
-                    comp = torch.zeros_like(hist[p][k])
-                    for j, w in sp.compensation.outputs:
-                        comp = comp + w.to(dtype) * hist[p][j]
-                    hist[p][k] = comp
-            for j in [j for j in hist[spaces[0]] if last_use.get(j, -1) < k]:
-                for p in spaces:
-                    del hist[p][j]
-            x_prev = x
-            x = _apply(sp.predictor, x, hist, dtype)
-            if keep_states:
-                states.append(x)
+
+    def call(ins: Call, x: torch.Tensor) -> torch.Tensor:
+        nonlocal nfe
+        nfe += 1
+        return model(x, ins.time, cond, skip=ins.skip, guidance=schedule.guidance).to(dtype)
+
+    def mark(ins: Mark, x: torch.Tensor) -> None:
+        nonlocal diverged_at
+        if keep_states:
+            states[ins.index:] = [x]
+        if ins.end_of_step:
             if check_finite and diverged_at is None and not bool(torch.isfinite(x).all()):
-                diverged_at = k
+                diverged_at = ins.index - 1
             if callback is not None:
-                callback(k, x)
-        if plan.final_denoise:
-            n = len(schedule.steps)
-            out = model(x, plan.times[n], cond, guidance=schedule.guidance).to(dtype)
-            nfe += 1
-            x, _ = to_data_and_noise(out, x, alphas[n], sigmas[n], model.parameterization)
-            if keep_states:
-                states[-1] = x
+                callback(ins.index - 1, x)
+
+    with grad_ctx:
+        x = noise.to(dtype) * plan.init_scale if start is None else start.to(dtype)
+        if keep_states:
+            states.append(x)
+        x = run(plan, x, model.parameterization, call, mark, draw)
     return SampleResult(x, nfe, states, diverged_at)
+
+
+def _noise_source(plan: Plan, step_noise: torch.Tensor | None, generator: torch.Generator | None):
+    """Where a stochastic plan's fresh draws come from: ``step_noise[i]`` for the i-th draw when given (as an
+    engine takes them), else ``torch.randn`` on ``generator`` (the order diffusers' SDE schedulers draw in)."""
+    if plan.noise_draws == 0:
+        return None
+    if step_noise is not None:
+        if step_noise.shape[0] != plan.noise_draws:
+            raise SamplingError(f"step_noise: the schedule draws noise {plan.noise_draws} times, got "
+                                f"{step_noise.shape[0]} draws (shape {tuple(step_noise.shape)})")
+        draws = iter(step_noise)
+        return lambda like: next(draws).to(like.dtype)
+    return lambda like: torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)

@@ -139,6 +139,10 @@ DIFFUSERS_PEERS: dict[str, tuple[str, dict]] = {
     "unipc-bh1-o2": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2,
                                                  "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}),
 }
+# peers that step differently from one call per step: Heun's two calls (num_inference_steps = (NFE + 1) / 2,
+# timesteps listing each call) and the SDE solver (noise drawn in step() from the pipeline's generator)
+SOLVER_PEERS: dict[str, tuple[str, dict]] = {
+}
 
 
 # -- flow matching: the sigma grids diffusers' flow schedulers step through ------------------------------
@@ -215,7 +219,15 @@ FLOW_NAMED: dict[str, Callable[..., Schedule]] = {
     "unipc-flow": unipc_flow,
     "dpmsolver++2m-flow": dpmsolver_pp_flow,
 }
-ALL_NAMED: dict[str, Callable[..., Schedule]] = {**NAMED, **FLOW_NAMED}
+
+
+# -- the solvers that joined through the registry: two-call, singlestep, stochastic and analytic-first steps --
+
+# named schedules of the solvers beyond the multistep family: `autotune baseline` and `build` know them; they are
+# not among the peers every search and report compares against (heun needs an odd NFE; an SDE schedule is a draw)
+SOLVER_NAMED: dict[str, Callable[..., Schedule]] = {
+}
+ALL_NAMED: dict[str, Callable[..., Schedule]] = {**NAMED, **FLOW_NAMED, **SOLVER_NAMED}
 
 
 def kept_steps(n: int, strength: float, flow: bool = False) -> int:
@@ -275,7 +287,7 @@ def img2img_peers(noise: NoiseSchedule, nfe: int, strength: float) -> tuple[floa
 
 def names_for(noise: NoiseSchedule) -> list[str]:
     """The named schedules that apply to a model with this noise schedule (flow ones only for flow models)."""
-    return list(ALL_NAMED) if isinstance(noise, FlowMatching) else list(NAMED)
+    return list(NAMED) + list(FLOW_NAMED) if isinstance(noise, FlowMatching) else list(NAMED)
 
 
 def build(name: str, noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:

@@ -42,10 +42,15 @@ from autotune.space.schedule import (
     MAX_CORRECTOR_ORDER,
     MAX_ORDER,
     PREDICTIONS,
-    SOLVERS,
     Schedule,
     Step,
 )
+from autotune.space.solvers import REGISTRY, SEARCH_SOLVERS
+
+# solvers a fixed-length vector can choose per step: one model call per step at every order, any step, and a
+# deterministic update (a stochastic one is scored against a distribution, not the ODE reference)
+SPACE_SOLVERS = tuple(name for name, info in REGISTRY.items()
+                      if not info.calls_by_order and not info.first_step_only and not info.stochastic)
 
 FAMILIES = ("t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip")
 KINDS = ("real", "int", "cat", "bool")
@@ -120,7 +125,7 @@ class ScheduleSpace(CoordinateViews):
     t_start: float
     t_end: float
     units: tuple[str, ...] = ()
-    solvers: tuple[str, ...] = SOLVERS
+    solvers: tuple[str, ...] = SEARCH_SOLVERS
     allow_corrector: bool = True
     predictions: tuple[str, ...] = PREDICTIONS
     max_order: int | None = None
@@ -249,7 +254,7 @@ def _check_space(sp: ScheduleSpace) -> None:
         raise ScheduleError("t_end", f"must be a finite number in [0, t_start), got {sp.t_end!r}")
     if sp.t_start - sp.t_end <= 2 * sp.n_steps * np.spacing(float(sp.t_start)):
         raise ScheduleError("t_end", f"too close to t_start to fit {sp.n_steps} distinct times")
-    _check_choices("solvers", sp.solvers, SOLVERS)
+    _check_choices("solvers", sp.solvers, SPACE_SOLVERS)
     _check_choices("predictions", sp.predictions, PREDICTIONS)
     if not isinstance(sp.allow_corrector, bool):
         raise ScheduleError("allow_corrector", f"must be true or false, got {sp.allow_corrector!r}")
@@ -370,8 +375,8 @@ def _strictly_decreasing(ts: list[float], hi: float, lo: float) -> list[float]:
 
 def _order_limit(sp: ScheduleSpace, k: int, t: float, solver: str) -> int:
     """The largest order step ``k`` (arriving at ``t``) may use with ``solver``."""
-    if t == 0 and solver != "ipndm":
-        return 1
+    if t == 0:
+        return min(REGISTRY[solver].onto_data_max_order, sp.order_cap, k + 1)
     return min(sp.order_cap, MAX_ORDER[solver], k + 1)
 
 

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 from autotune.errors import ScheduleError
+from autotune.space.solvers import MAX_ORDER, REGISTRY, SOLVERS
 
-SOLVERS = ("dpm", "unip-bh1", "unip-bh2", "ipndm")
+__all__ = ["CORRECTORS", "MAX_CORRECTOR_ORDER", "MAX_ORDER", "PREDICTIONS", "SOLVERS", "Schedule", "Step"]
+
 PREDICTIONS = ("data", "noise")
 CORRECTORS = ("none", "bh1", "bh2")
-MAX_ORDER = {"dpm": 3, "unip-bh1": 3, "unip-bh2": 3, "ipndm": 4}
 MAX_CORRECTOR_ORDER = 3
 
 
@@ -102,8 +103,14 @@ class Schedule:
 
     @property
     def nfe(self) -> int:
-        """Network evaluations the schedule spends (computed, never read from a file)."""
-        return len(self.steps) + int(self.final_denoise)
+        """Network evaluations the schedule spends (computed from the solvers' declared calls, never read from a
+        file)."""
+        return sum(REGISTRY[s.solver].calls(s.order) for s in self.steps) + int(self.final_denoise)
+
+    @property
+    def stochastic(self) -> bool:
+        """Some step adds fresh noise (an SDE solver): the samples are a draw, not the ODE's solution."""
+        return any(REGISTRY[s.solver].stochastic for s in self.steps)
 
     @property
     def units_used(self) -> frozenset[str]:
@@ -193,12 +200,15 @@ def validate(s: Schedule) -> None:
         max_order = MAX_ORDER[step.solver]
         if not isinstance(step.order, int) or isinstance(step.order, bool) or not 1 <= step.order <= max_order:
             raise ScheduleError(f"{where}.order", f"must be an integer in 1..{max_order}, got {step.order!r}")
-        if step.order > available:
+        if step.order > available and not REGISTRY[step.solver].self_starting:
             raise ScheduleError(
                 f"{where}.order", f"order {step.order} needs {step.order} model outputs, only {available} known"
             )
-        if step.t == 0 and step.order > 1 and step.solver != "ipndm":
+        info = REGISTRY[step.solver]
+        if step.t == 0 and step.order > info.onto_data_max_order:
             raise ScheduleError(f"{where}.order", "a step onto t = 0 (lambda = inf) must be first order")
+        if info.first_step_only and k != 0:
+            raise ScheduleError(f"{where}.solver", f"{step.solver!r} can only be the first step")
         if step.corrector not in CORRECTORS:
             raise ScheduleError(f"{where}.corrector", f"must be one of {', '.join(CORRECTORS)}, got {step.corrector!r}")
         co = step.corrector_order

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from autotune.sampling.named import DIFFUSERS_PEERS as PEERS  # noqa: E402  (declared once, with the schedules)
+from autotune.sampling.named import SOLVER_PEERS  # noqa: E402
 
 
 def tiny_unet(prediction_type: str = "epsilon", seed: int = 0, dtype=torch.float32):
@@ -62,19 +63,22 @@ def make_pipeline_dir(path: Path, prediction_type: str = "epsilon", beta_schedul
     return path
 
 
-def run_peer(name: str, unet, scheduler_config: dict, noise: torch.Tensor, nfe: int, **overrides) -> torch.Tensor:
-    """Sample with diffusers' own scheduler class, the way its pipelines do."""
+def run_peer(name: str, unet, scheduler_config: dict, noise: torch.Tensor, nfe: int,
+             generator: torch.Generator | None = None, **overrides) -> torch.Tensor:
+    """Sample with diffusers' own scheduler class, the way its pipelines do: ``nfe`` is its num_inference_steps,
+    and ``generator`` goes to step() (SDE schedulers draw their noise on it)."""
     import diffusers
 
-    cls_name, kwargs = PEERS[name]
+    cls_name, kwargs = {**PEERS, **SOLVER_PEERS}[name]
     cls = getattr(diffusers, cls_name)
     sched = cls.from_config(scheduler_config, **{**kwargs, **overrides})
     sched.set_timesteps(nfe)
     x = noise * sched.init_noise_sigma
+    extra = {} if generator is None else {"generator": generator}
     with torch.no_grad():
         for t in sched.timesteps:
             out = unet(sched.scale_model_input(x, t), t).sample
-            x = sched.step(out, t, x).prev_sample
+            x = sched.step(out, t, x, **extra).prev_sample
     return x
 
 

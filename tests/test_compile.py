@@ -16,6 +16,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from autotune.compile import BakedSampler, build_engine, load_engine, read_manifest  # noqa: E402
+from autotune.sampling.program import Combine, Compensate  # noqa: E402
 from autotune.compile.backends import BACKENDS  # noqa: E402
 from autotune.compile.engine import example_inputs, engine_io, executor_sample  # noqa: E402
 from autotune.errors import BackendError  # noqa: E402
@@ -69,10 +70,13 @@ def test_baked_module_matches_executor_with_skip_masks_dc_and_corrector(digits, 
 def test_program_holds_plan_constants(digits, digits_schedule):
     prog = BakedSampler(digits, digits_schedule).program
     assert prog.nfe == digits_schedule.nfe and prog.guidance == 2.0
-    assert prog.steps[1].skip == frozenset({"mid_attn", "up1_extra"})
-    assert prog.steps[2].compensation is not None and prog.steps[1].compensation is None
-    assert prog.steps[0].corrector is None and all(st.corrector is not None for st in prog.steps[1:])
-    assert all(isinstance(w, float) for st in prog.steps for _, w in st.predictor.outputs)
+    calls = prog.plan.calls
+    assert calls[1].skip == frozenset({"mid_attn", "up1_extra"}) and calls[0].skip == frozenset()
+    # compensation from step 2 on (dc_order 2), a corrector of the previous step from step 1 on
+    assert [c.target for c in prog.plan.code if isinstance(c, Compensate)][0] == 2
+    corrected = [c for c in prog.plan.code if isinstance(c, Combine) and c.src != "x"]
+    assert len(corrected) == len(digits_schedule.steps) - 1
+    assert all(isinstance(w, float) for c in prog.plan.code if isinstance(c, Combine) for _, w in c.outputs)
 
 
 def test_onnxruntime_engine_parity_and_manifest(digits_engine, digits, digits_schedule):

@@ -15,7 +15,8 @@ from autotune.errors import ScheduleError
 from autotune.sampling.named import NAMED, build
 from autotune.sampling.noise import EDM, FlowMatching, VPDiscrete, VPLinear
 from autotune.space.encoding import ScheduleSpace
-from autotune.space.schedule import CORRECTORS, MAX_CORRECTOR_ORDER, MAX_ORDER, PREDICTIONS, SOLVERS, Schedule, Step
+from autotune.space.schedule import CORRECTORS, MAX_CORRECTOR_ORDER, MAX_ORDER, PREDICTIONS, Schedule, Step
+from autotune.space.solvers import SEARCH_SOLVERS as SOLVERS
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -9,6 +9,7 @@ from torch import nn
 from autotune.sampling.coefficients import compensation, make_plan
 from autotune.sampling.denoiser import TorchDenoiser, to_data_and_noise
 from autotune.sampling.executor import sample
+from autotune.sampling.program import Call, Combine, Free
 from autotune.sampling.named import NAMED, build
 from autotune.sampling.noise import FlowMatching, VPDiscrete, VPLinear
 from autotune.space.schedule import Schedule, Step
@@ -172,4 +173,14 @@ def test_skip_masks_bypass_units_per_step():
 def test_plan_is_shared_and_precomputed():
     ns = VPDiscrete.from_diffusers_config({})
     plan = make_plan(build("dpmsolver++3m", ns, 6), ns)
-    assert len(plan.steps) == 6 and [len(p.predictor.outputs) for p in plan.steps] == [1, 2, 3, 3, 2, 1]
+    predictors = [ins for ins in plan.code if isinstance(ins, Combine)]
+    assert len(plan.calls) == 6 and [len(p.outputs) for p in predictors] == [1, 2, 3, 3, 2, 1]
+    # every output is freed once no later instruction reads it, so a 3rd-order run holds at most 3
+    held, most = set(), 0
+    for ins in plan.code:
+        if isinstance(ins, Call):
+            held.add(ins.slot)
+        elif isinstance(ins, Free):
+            held -= set(ins.slots)
+        most = max(most, len(held))
+    assert most == 3 and not held

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from autotune.errors import ScheduleError
 from autotune.space.fileformat import dumps, from_dict, load, loads, save, to_dict
+from autotune.space.solvers import REGISTRY
 from autotune.space.schedule import CORRECTORS, MAX_CORRECTOR_ORDER, MAX_ORDER, PREDICTIONS, SOLVERS, Schedule, Step
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -26,8 +27,11 @@ UNIT = st.text(min_size=1, max_size=8)
 @st.composite
 def steps_at(draw, k: int, t: float, n: int, dc_order: int) -> Step:
     """A valid step ``k`` of ``n`` arriving at ``t``."""
-    solver = draw(st.sampled_from(SOLVERS))
-    limit = 1 if t == 0 and solver != "ipndm" else min(MAX_ORDER[solver], k + 1)
+    solver = draw(st.sampled_from([s for s in SOLVERS if k == 0 or not REGISTRY[s].first_step_only]))
+    info = REGISTRY[solver]
+    limit = min(MAX_ORDER[solver], info.max_order if info.self_starting else k + 1)
+    if t == 0:
+        limit = min(limit, info.onto_data_max_order)
     corrector = draw(st.sampled_from(CORRECTORS)) if k < n - 1 else "none"
     co = draw(st.integers(1, min(MAX_CORRECTOR_ORDER, k + 1))) if corrector != "none" else 0
     return Step(

@@ -25,7 +25,8 @@ from autotune.search.optuna_space import DIVERGED_VALUE, OptunaSpace  # noqa: E4
 from autotune.search.runner import InProcessPool, run_search  # noqa: E402
 from autotune.search.strategy import make_strategy, method_names  # noqa: E402
 from autotune.space.encoding import ScheduleSpace  # noqa: E402
-from autotune.space.schedule import PREDICTIONS, SOLVERS  # noqa: E402
+from autotune.space.schedule import PREDICTIONS  # noqa: E402
+from autotune.space.solvers import SEARCH_SOLVERS as SOLVERS  # noqa: E402
 from search_helpers import search_context  # noqa: E402
 
 METHODS = [m for m in method_names() if m.startswith("optuna-")]
