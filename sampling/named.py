@@ -142,6 +142,7 @@ DIFFUSERS_PEERS: dict[str, tuple[str, dict]] = {
 # peers that step differently from one call per step: Heun's two calls (num_inference_steps = (NFE + 1) / 2,
 # timesteps listing each call) and the SDE solver (noise drawn in step() from the pipeline's generator)
 SOLVER_PEERS: dict[str, tuple[str, dict]] = {
+    "heun": ("HeunDiscreteScheduler", {"timestep_spacing": "trailing", "clip_sample": False}),
 }
 
 
@@ -223,9 +224,24 @@ FLOW_NAMED: dict[str, Callable[..., Schedule]] = {
 
 # -- the solvers that joined through the registry: two-call, singlestep, stochastic and analytic-first steps --
 
+def heun(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
+    """EDM's Heun (HeunDiscreteScheduler) on trailing spacing: n steps cost 2n - 1 calls (the last, onto the data,
+    is Euler), so ``nfe`` must be odd."""
+    if nfe % 2 == 0:
+        raise ScheduleError("nfe", f"heun makes two model calls per step but the last: its NFE is odd "
+                                   f"(2 x steps - 1), got {nfe}")
+    times = trailing_times(noise, (nfe + 1) // 2)
+    if final == "sigma_min":
+        times[-1] = noise.t_min
+    n = len(times) - 1
+    return _schedule("heun", times, [Step(t, order=1 if k == n - 1 else 2, solver="heun")
+                                     for k, t in enumerate(times[1:])])
+
+
 # named schedules of the solvers beyond the multistep family: `autotune baseline` and `build` know them; they are
 # not among the peers every search and report compares against (heun needs an odd NFE; an SDE schedule is a draw)
 SOLVER_NAMED: dict[str, Callable[..., Schedule]] = {
+    "heun": heun,
 }
 ALL_NAMED: dict[str, Callable[..., Schedule]] = {**NAMED, **FLOW_NAMED, **SOLVER_NAMED}
 

@@ -39,7 +39,7 @@ def mixed_schedule() -> Schedule:
 
 def _schedules(noise):
     return [build("ddim", noise, 4), build("dpmsolver++3m", noise, 6), build("unipc-bh2-o3", noise, 5),
-            build("ipndm", noise, 5), mixed_schedule()]
+            build("ipndm", noise, 5), mixed_schedule(), build("heun", noise, 5)]
 
 
 def _cli_sample(model_dir, schedule_path, noise, tmp_path, *extra) -> torch.Tensor:

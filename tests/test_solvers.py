@@ -61,3 +61,59 @@ def global_order(problem, steps_for) -> tuple[float, list[float]]:
         schedule = Schedule(times[0], tuple(steps_for(k, t) for k, t in enumerate(times[1:])))
         errs.append(float((sample(model, schedule, noise).sample - ref).abs().max()))
     return -float(np.polyfit(np.log(NFES), np.log(errs), 1)[0]), errs
+
+
+# --- heun: EDM's two-call step ---------------------------------------------------------------------------------
+
+
+def _diffusers_heun(model, noise: torch.Tensor, n_steps: int, exact_sigmas: bool) -> torch.Tensor:
+    """HeunDiscreteScheduler's loop; ``exact_sigmas`` replaces its float32 sigma table (from a float32 cumprod of
+    the betas) by the same sigmas computed in float64 from the same betas, to compare the algorithms alone."""
+    import diffusers
+
+    from peers import SOLVER_PEERS
+
+    cls_name, kwargs = SOLVER_PEERS["heun"]
+    sched = getattr(diffusers, cls_name).from_config(model.scheduler_config, **kwargs)
+    sched.set_timesteps(n_steps)
+    # its init_noise_sigma on trailing spacing is sigma_max (k-diffusion's VE convention), not the sqrt(sigma_max^2
+    # + 1) of the VP prior x_T ~ N(0, 1) every other peer and our executor start from (2e-5 apart at sigma_max 157):
+    # both start from the same state here
+    if exact_sigmas:
+        t = (sched.timesteps.double() + 1) / model.noise.num_train_timesteps
+        ve = model.noise.sigma(t) / torch.exp(model.noise.log_alpha(t))
+        sched.sigmas = torch.cat([ve, torch.zeros(1, dtype=torch.float64)])
+    x = noise * (sched.sigmas[0].double() ** 2 + 1) ** 0.5
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model.unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_heun_equals_diffusers_heun(pipeline_dirs, prediction):
+    """HeunDiscreteScheduler(timestep_spacing="trailing") at n steps makes 2n - 1 calls: the named heun at that NFE.
+    From the same initial state: in float64 with diffusers' sigma table computed in float64 they are the same
+    algorithm (<= 1e-9), and with its own float32 table (sigmas ~1e-7 relative apart) within TOL."""
+    model = load_pipeline_dir(pipeline_dirs[prediction], dtype=torch.float64)
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for nfe in (5, 9):
+        ours = sample(model, build("heun", model.noise, nfe), noise)
+        assert ours.nfe == nfe
+        exact = _diffusers_heun(model, noise, (nfe + 1) // 2, exact_sigmas=True)
+        assert (ours.sample - exact).abs().max().item() <= 1e-9
+        table = _diffusers_heun(model, noise, (nfe + 1) // 2, exact_sigmas=False)
+        assert (ours.sample - table).abs().max().item() <= TOL
+
+
+def test_heun_is_second_order(gmm_problem):
+    slope, errs = global_order(gmm_problem, lambda k, t: Step(t, order=2, solver="heun"))
+    assert 1.7 < slope < 2.5, f"heun: error ~ NFE^-{slope:.2f} ({errs})"
+    assert Schedule(1.0, (Step(0.5, order=2, solver="heun"), Step(0.0, solver="heun"))).nfe == 3
+
+
+def test_heun_refuses_an_even_nfe_and_a_second_order_step_onto_the_data():
+    with pytest.raises(ScheduleError, match="odd"):
+        build("heun", VPLinear(), 4)
+    with pytest.raises(ScheduleError, match="first order"):
+        Schedule(1.0, (Step(0.0, order=2, solver="heun"),))
