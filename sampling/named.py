@@ -138,6 +138,7 @@ DIFFUSERS_PEERS: dict[str, tuple[str, dict]] = {
     # diffusers' bh1 returns NaN on a last step onto sigma = 0; its sigma_min final is what ours reproduces
     "unipc-bh1-o2": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2,
                                                  "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}),
+    "dpmsolver++2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 # peers that step differently from one call per step: Heun's two calls (num_inference_steps = (NFE + 1) / 2,
 # timesteps listing each call) and the SDE solver (noise drawn in step() from the pipeline's generator)
@@ -238,9 +239,22 @@ def heun(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
                                      for k, t in enumerate(times[1:])])
 
 
+def dpmsolver_pp_2s(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
+    """DPM-Solver++ 2S (DPMSolverSinglestepScheduler, solver_order 2): orders 1, 2, 1, 2, ... on linspace spacing,
+    each order-2 step restarting from the state before the order-1 step; first order at the end, as diffusers'
+    lower_order_final does (an even count ends 1, 1)."""
+    times = linspace_times(noise, nfe, final)
+    orders = [1, 2] * (nfe // 2 - 1) + [1, 1] if nfe % 2 == 0 else [1, 2] * (nfe // 2) + [1]
+    if final == "zero":
+        orders[-1] = 1
+    return _schedule("dpmsolver++2s", times, [Step(t, order=o, solver="dpm-single")
+                                              for t, o in zip(times[1:], orders)])
+
+
 # named schedules of the solvers beyond the multistep family: `autotune baseline` and `build` know them; they are
 # not among the peers every search and report compares against (heun needs an odd NFE; an SDE schedule is a draw)
 SOLVER_NAMED: dict[str, Callable[..., Schedule]] = {
+    "dpmsolver++2s": dpmsolver_pp_2s,
     "heun": heun,
 }
 ALL_NAMED: dict[str, Callable[..., Schedule]] = {**NAMED, **FLOW_NAMED, **SOLVER_NAMED}

@@ -117,3 +117,27 @@ def test_heun_refuses_an_even_nfe_and_a_second_order_step_onto_the_data():
         build("heun", VPLinear(), 4)
     with pytest.raises(ScheduleError, match="first order"):
         Schedule(1.0, (Step(0.0, order=2, solver="heun"),))
+
+
+# --- dpm-single: DPM-Solver++ 2S on the grid -------------------------------------------------------------------
+# its diffusers peer (DPMSolverSinglestepScheduler) is in DIFFUSERS_PEERS: tests/test_peers.py runs it through
+# `autotune baseline` + `autotune sample` with every other same-NFE peer
+
+
+def test_singlestep_is_second_order(gmm_problem):
+    """Orders 1, 2, 1, 2, ...: each order-2 step restarts from the state before the order-1 step."""
+    slope, errs = global_order(gmm_problem, lambda k, t: Step(t, order=1 if k % 2 == 0 else 2, solver="dpm-single"))
+    assert 1.7 < slope < 2.5, f"dpm-single: error ~ NFE^-{slope:.2f} ({errs})"
+
+
+def test_singlestep_reads_the_older_state():
+    """Changing the step before an order-2 singlestep step changes only where its intermediate call is made: the
+    update itself starts from the state before that step (with a zero model, exactly the DDIM map from there)."""
+    from autotune.sampling.denoiser import TorchDenoiser
+
+    ns = VPLinear()
+    model = TorchDenoiser(lambda x, t: torch.zeros_like(x), ns, "sample")
+    x = torch.randn(3, 2, dtype=torch.float64)
+    two = sample(model, Schedule(1.0, (Step(0.6, solver="dpm-single"), Step(0.3, order=2, solver="dpm-single"))), x)
+    one = sample(model, Schedule(1.0, (Step(0.3, solver="dpm"),)), x)
+    assert two.nfe == 2 and torch.allclose(two.sample, one.sample, rtol=1e-12, atol=0)
