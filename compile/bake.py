@@ -108,12 +108,12 @@ class BakedSampler(nn.Module):
 
     def forward(self, noise: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         """The samples from ``noise`` and the engine's inputs after it, in ``engine_io`` order: the condition
-        inputs, then (stochastic schedules only) ``step_noise``, the fresh draws, shape (draws, batch, ...)."""
+        inputs, then (stochastic schedules only) ``step_noise``, the fresh draws, shape (batch, draws, ...)."""
         plan = self.program.plan
         draws = None
         if plan.noise_draws:
             *inputs, step_noise = inputs
-            draws = iter(step_noise.unbind(0))
+            draws = iter(step_noise.unbind(1))
         cond = condition_of_inputs(self.model, tuple(inputs))
         x = noise.to(self.dtype) * plan.init_scale
         return run(plan, x, self.model.parameterization, lambda ins, state: self._call(ins, state, cond),

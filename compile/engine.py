@@ -21,6 +21,7 @@ from autotune.compile.bake import BakedSampler
 from autotune.compile.manifest import (BATCH, MANIFEST, SCHEDULE_FILE, Manifest, TensorSpec, check_directory,
                                        file_sha256, read_manifest, write_manifest)
 from autotune.errors import BackendError
+from autotune.sampling.coefficients import make_plan
 from autotune.sampling.denoiser import Denoiser
 from autotune.sampling.executor import sample
 from autotune.space.schedule import Schedule
@@ -29,10 +30,13 @@ BAKE_TOLERANCE = 1e-5  # baked eager module vs executor, float32
 ENGINE_TOLERANCE = {"fp32": 1e-3}  # engine vs executor; fp16 is recorded, not enforced
 PARITY_NOISES = 4
 PARITY_SEED = 0
+STEP_NOISE = "step_noise"  # the engine input holding a stochastic schedule's fresh draws
 
 
-def engine_io(model: Denoiser) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Engine inputs and output: ``noise`` (+ ``class_labels`` or ``prompt_embeds``) -> ``sample``."""
+def engine_io(model: Denoiser, schedule: Schedule | None = None
+              ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Engine inputs and output: ``noise`` (+ ``class_labels`` or ``prompt_embeds``) (+ ``step_noise``, the fresh
+    draws of a stochastic ``schedule``, batch first) -> ``sample``."""
     shape = tuple(int(d) for d in getattr(model, "sample_shape", ()))
     if not shape:
         raise BackendError(f"{type(model).__name__}: the model does not declare its sample shape")
@@ -44,7 +48,15 @@ def engine_io(model: Denoiser) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec
     elif hasattr(model, "encode_prompts"):
         emb = tuple(int(d) for d in model.null_embedding.shape[1:])
         inputs.append(TensorSpec("prompt_embeds", "float32", (BATCH, *emb)))
+    draws = 0 if schedule is None else schedule_noise_draws(schedule, model)
+    if draws:
+        inputs.append(TensorSpec(STEP_NOISE, "float32", (BATCH, draws, *shape)))
     return tuple(inputs), (TensorSpec("sample", "float32", (BATCH, *shape)),)
+
+
+def schedule_noise_draws(schedule: Schedule, model: Denoiser) -> int:
+    """How many fresh standard normal draws one run of ``schedule`` makes (0 for an ODE schedule)."""
+    return make_plan(schedule, model.noise).noise_draws if schedule.stochastic else 0
 
 
 def example_inputs(model: Denoiser, inputs: tuple[TensorSpec, ...], batch: int,
@@ -55,7 +67,7 @@ def example_inputs(model: Denoiser, inputs: tuple[TensorSpec, ...], batch: int,
     nulls = model.engine_null_inputs(batch) if hasattr(model, "engine_null_inputs") else {}
     for spec in inputs:
         dims = tuple(batch if d == BATCH else int(d) for d in spec.shape)
-        if spec.name == "noise":
+        if spec.name in ("noise", STEP_NOISE):
             out[spec.name] = torch.randn(dims, generator=g, dtype=torch.float32)
         elif spec.name == "class_labels":
             out[spec.name] = torch.arange(batch, dtype=torch.int64) % int(model.num_classes)
@@ -71,8 +83,8 @@ def executor_sample(model: Denoiser, schedule: Schedule, inputs: dict[str, torch
     if hasattr(model, "engine_condition"):  # a condition of several named inputs (SDXL)
         cond = model.engine_condition(inputs)
     else:
-        cond = next((v for k, v in inputs.items() if k != "noise"), None)
-    return sample(model, schedule, inputs["noise"], cond).sample
+        cond = next((v for k, v in inputs.items() if k not in ("noise", STEP_NOISE)), None)
+    return sample(model, schedule, inputs["noise"], cond, step_noise=inputs.get(STEP_NOISE)).sample
 
 
 @dataclass
@@ -179,7 +191,7 @@ def build_engine(
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     baked = BakedSampler(model, schedule, torch.float32).eval()
-    inputs, outputs = engine_io(model)
+    inputs, outputs = engine_io(model, schedule)
     examples = example_inputs(model, inputs, batch=2, seed=PARITY_SEED + 1)
     built = be.build(BuildRequest(baked, examples, inputs, outputs, out_dir, precision, max_batch=max_batch,
                                   opt_batch=min(16, max_batch)))

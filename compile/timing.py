@@ -103,7 +103,7 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="autotune-bench-") as tmp:
         root = Path(workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        inputs, _ = engine_io(model)
+        inputs, _ = engine_io(model, schedule)
         runners: dict[str, Callable[[dict[str, torch.Tensor]], Any]] = {}
         notes: dict[str, str] = {}
         baked = BakedSampler(model, schedule).eval()

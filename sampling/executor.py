@@ -83,7 +83,8 @@ def sample(
         start: the state at the schedule's ``t_start`` instead of ``noise`` x the prior std: for image-to-image,
             an image noised to t_start (``sampling.noise.noised``); ``noise`` then only gives the batch checks.
         generator, step_noise: for a stochastic schedule (an SDE solver), where its fresh noise comes from:
-            ``torch.randn`` on ``generator``, or the given draws (shape (draws, batch, ...)).
+            ``torch.randn`` on ``generator``, or the given draws, shape (batch, draws, *sample shape),
+            batch first as an engine's inputs are.
 
     Returns:
         SampleResult with ``nfe`` counted from the model calls actually made.
@@ -132,14 +133,14 @@ def sample(
 
 
 def _noise_source(plan: Plan, step_noise: torch.Tensor | None, generator: torch.Generator | None):
-    """Where a stochastic plan's fresh draws come from: ``step_noise[i]`` for the i-th draw when given (as an
+    """Where a stochastic plan's fresh draws come from: ``step_noise[:, i]`` for the i-th draw when given (as an
     engine takes them), else ``torch.randn`` on ``generator`` (the order diffusers' SDE schedulers draw in)."""
     if plan.noise_draws == 0:
         return None
     if step_noise is not None:
-        if step_noise.shape[0] != plan.noise_draws:
-            raise SamplingError(f"step_noise: the schedule draws noise {plan.noise_draws} times, got "
-                                f"{step_noise.shape[0]} draws (shape {tuple(step_noise.shape)})")
-        draws = iter(step_noise)
+        if step_noise.ndim < 2 or step_noise.shape[1] != plan.noise_draws:
+            raise SamplingError(f"step_noise: the schedule draws noise {plan.noise_draws} times; expected shape "
+                                f"(batch, {plan.noise_draws}, ...), got {tuple(step_noise.shape)}")
+        draws = iter(step_noise.unbind(1))
         return lambda like: next(draws).to(like.dtype)
     return lambda like: torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)

@@ -144,6 +144,8 @@ DIFFUSERS_PEERS: dict[str, tuple[str, dict]] = {
 # timesteps listing each call) and the SDE solver (noise drawn in step() from the pipeline's generator)
 SOLVER_PEERS: dict[str, tuple[str, dict]] = {
     "heun": ("HeunDiscreteScheduler", {"timestep_spacing": "trailing", "clip_sample": False}),
+    "dpmsolver++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                                          "timestep_spacing": "linspace"}),
 }
 
 
@@ -251,9 +253,18 @@ def dpmsolver_pp_2s(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Sche
                                               for t, o in zip(times[1:], orders)])
 
 
+def dpmsolver_pp_2m_sde(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
+    """DPM-Solver++ 2M SDE (DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++"): fresh noise each step,
+    the 2M warm-up and lower-order final steps, linspace spacing."""
+    times = linspace_times(noise, nfe, final)
+    steps = [replace(st, solver="dpm-sde") for st in _dpm_steps(times, 2, final)]
+    return _schedule("dpmsolver++2m-sde", times, steps)
+
+
 # named schedules of the solvers beyond the multistep family: `autotune baseline` and `build` know them; they are
 # not among the peers every search and report compares against (heun needs an odd NFE; an SDE schedule is a draw)
 SOLVER_NAMED: dict[str, Callable[..., Schedule]] = {
+    "dpmsolver++2m-sde": dpmsolver_pp_2m_sde,
     "dpmsolver++2s": dpmsolver_pp_2s,
     "heun": heun,
 }

@@ -141,3 +141,129 @@ def test_singlestep_reads_the_older_state():
     two = sample(model, Schedule(1.0, (Step(0.6, solver="dpm-single"), Step(0.3, order=2, solver="dpm-single"))), x)
     one = sample(model, Schedule(1.0, (Step(0.3, solver="dpm"),)), x)
     assert two.nfe == 2 and torch.allclose(two.sample, one.sample, rtol=1e-12, atol=0)
+
+
+# --- dpm-sde: DPM-Solver++ 2M SDE ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sde_equals_diffusers_with_the_same_generator(pipeline_dirs, prediction):
+    """DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") draws its noise in step() on the pipeline's
+    generator; the executor draws on the same generator in the same order."""
+    model = load_pipeline_dir(pipeline_dirs[prediction])
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    for nfe in (5, 10):
+        schedule = build("dpmsolver++2m-sde", model.noise, nfe)
+        ours = sample(model, schedule, noise, generator=torch.Generator().manual_seed(7))
+        ref = run_peer("dpmsolver++2m-sde", model.unet, model.scheduler_config, noise, nfe,
+                       generator=torch.Generator().manual_seed(7))
+        assert schedule.stochastic and ours.nfe == nfe
+        assert (ours.sample - ref).abs().max().item() <= TOL
+        other = sample(model, schedule, noise, generator=torch.Generator().manual_seed(8)).sample
+        assert (other - ref).abs().max().item() > 1e-2  # the draws matter: a different generator, other samples
+
+
+def test_sde_executor_takes_its_draws_as_an_input():
+    """The draws can be given (as an engine takes them): the same draws give the same samples; a wrong count is
+    one error naming it."""
+    ns = VPLinear()
+    from autotune.sampling.denoiser import TorchDenoiser
+
+    model = TorchDenoiser(lambda x, t: 0.3 * x, ns, "epsilon")
+    schedule = build("dpmsolver++2m-sde", ns, 4)
+    x = torch.randn(2, 3)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([torch.randn(2, 3, generator=g) for _ in range(4)], dim=1)  # (batch, draws, ...)
+    a = sample(model, schedule, x, generator=torch.Generator().manual_seed(0)).sample
+    b = sample(model, schedule, x, step_noise=draws).sample
+    assert torch.equal(a, b)
+    with pytest.raises(SamplingError, match="draws noise 4 times"):
+        sample(model, schedule, x, step_noise=draws[:, :3])
+
+
+class GaussianData:
+    """The exact denoiser of 1-D data N(0, std^2) on VPLinear: eps(x, t) = sigma x / (alpha^2 std^2 + sigma^2)."""
+
+    units: tuple[str, ...] = ()
+    parameterization = "epsilon"
+
+    def __init__(self, std: float) -> None:
+        self.noise, self.std = VPLinear(), std
+
+    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None):
+        alpha, sigma = torch.exp(self.noise.log_alpha(t)), self.noise.sigma(t)
+        return sigma * x / (alpha**2 * self.std**2 + sigma**2)
+
+    def fingerprint(self) -> str:
+        return f"gaussian-{self.std}"
+
+
+def _sde_variance(model: GaussianData, schedule: Schedule) -> float:
+    """The exact variance of the samples: a^2 + sum_i c_i^2 (see the module docstring)."""
+    n = len(schedule.steps)
+    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    a = float(sample(model, schedule, one, step_noise=torch.zeros(1, n, 1, dtype=torch.float64)).sample)
+    total = a * a
+    for i in range(n):
+        draws = torch.zeros(1, n, 1, dtype=torch.float64)
+        draws[0, i] = 1.0
+        total += float(sample(model, schedule, zero, step_noise=draws).sample) ** 2
+    return total
+
+
+@pytest.mark.parametrize("order,band", [(1, (0.8, 1.3)), (2, (1.7, 2.5))])
+def test_sde_weak_order(order, band):
+    model = GaussianData(0.5)
+    t_min = torch.tensor(model.noise.t_min, dtype=torch.float64)
+    exact = float(torch.exp(2 * model.noise.log_alpha(t_min)) * model.std**2 + model.noise.sigma(t_min) ** 2)
+    ns_ = (40, 80, 160, 320)
+    errs = []
+    for n in ns_:
+        times = lambda_grid(model.noise, n)
+        steps = tuple(Step(t, order=min(order, k + 1), solver="dpm-sde") for k, t in enumerate(times[1:]))
+        errs.append(abs(_sde_variance(model, Schedule(times[0], steps)) - exact))
+    slope = -float(np.polyfit(np.log(ns_), np.log(errs), 1)[0])
+    assert band[0] < slope < band[1], f"dpm-sde order {order}: weak error ~ n^-{slope:.2f} ({errs})"
+
+
+def test_sde_schedule_replays_in_a_pipeline_with_its_generator(pipeline_dirs):
+    """DDPMPipeline draws the initial noise on its generator, then hands the generator to every step(): the
+    AutotuneScheduler draws the SDE's noise there, as the executor does continuing on the same generator."""
+    from diffusers import DDPMPipeline
+
+    from autotune.diffusers_scheduler import AutotuneScheduler
+    from peers import record_prev_samples
+
+    model = load_pipeline_dir(pipeline_dirs["epsilon"])
+    schedule = build("dpmsolver++2m-sde", model.noise, 5)
+    pipe = DDPMPipeline.from_pretrained(str(pipeline_dirs["epsilon"]))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = AutotuneScheduler.from_schedule(schedule, pipe.scheduler.config)
+    finals = record_prev_samples(pipe.scheduler)
+    with torch.no_grad():
+        pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=5, output_type="pt")
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn((2, 3, 8, 8), generator=g)
+    ours = sample(model, schedule, noise, generator=g).sample
+    assert len(finals) == 5 and (finals[-1] - ours).abs().max().item() <= TOL
+
+
+def test_sde_engine_takes_its_draws_as_an_input(pipeline_dirs, tmp_path):
+    """The ONNX engine of a stochastic schedule has a ``step_noise`` input (batch, draws, ...): given the same
+    draws it equals the executor (the build's own parity run checks 4 noises, this one 3 at another batch)."""
+    pytest.importorskip("onnxruntime")
+    from autotune.compile import build_engine, load_engine
+    from autotune.compile.engine import engine_io
+
+    model = load_pipeline_dir(pipeline_dirs["epsilon"])
+    schedule = build("dpmsolver++2m-sde", model.noise, 5)
+    inputs, _ = engine_io(model, schedule)
+    assert [(s.name, s.shape[1:]) for s in inputs][-1] == ("step_noise", (5, 3, 8, 8))
+    manifest = build_engine(model, schedule, tmp_path / "engine", "onnxruntime")
+    assert manifest.parity["engine_vs_executor_max_abs"] <= 1e-3
+    engine = load_engine(tmp_path / "engine", model)
+    g = torch.Generator().manual_seed(5)
+    noise, draws = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 5, 3, 8, 8, generator=g)
+    out = engine(noise=noise.numpy(), step_noise=draws.numpy())
+    ref = sample(model, schedule, noise, step_noise=draws).sample
+    assert np.abs(out - ref.numpy()).max() <= 1e-3
