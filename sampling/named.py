@@ -261,9 +261,19 @@ def dpmsolver_pp_2m_sde(noise: NoiseSchedule, nfe: int, final: str = "zero") -> 
     return _schedule("dpmsolver++2m-sde", times, steps)
 
 
+def dpmsolver_pp_2m_afs(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
+    """DPM-Solver++ 2M whose first model call is replaced by USF's analytic estimate: nfe + 1 steps for nfe
+    calls, on linspace spacing."""
+    times = linspace_times(noise, nfe + 1, final)
+    steps = _dpm_steps(times, 2, final)
+    steps[0] = replace(steps[0], solver="afs", order=1)
+    return _schedule("dpmsolver++2m-afs", times, steps)
+
+
 # named schedules of the solvers beyond the multistep family: `autotune baseline` and `build` know them; they are
 # not among the peers every search and report compares against (heun needs an odd NFE; an SDE schedule is a draw)
 SOLVER_NAMED: dict[str, Callable[..., Schedule]] = {
+    "dpmsolver++2m-afs": dpmsolver_pp_2m_afs,
     "dpmsolver++2m-sde": dpmsolver_pp_2m_sde,
     "dpmsolver++2s": dpmsolver_pp_2s,
     "heun": heun,

@@ -54,6 +54,7 @@ REGISTRY: dict[str, SolverInfo] = {info.name: info for info in (
     SolverInfo("heun", 2, "heun", calls_by_order=(1, 2), self_starting=True),  # EDM's Heun: two calls
     SolverInfo("dpm-single", 2, "singlestep", older_states=True),            # DPM-Solver++ 2S on the grid
     SolverInfo("dpm-sde", 2, "sde", stochastic=True),                        # DPM-Solver++ 2M SDE
+    SolverInfo("afs", 1, "afs", calls_by_order=(0,), first_step_only=True),  # USF's analytic first step
 )}
 
 SOLVERS: tuple[str, ...] = tuple(REGISTRY)

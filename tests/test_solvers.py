@@ -267,3 +267,24 @@ def test_sde_engine_takes_its_draws_as_an_input(pipeline_dirs, tmp_path):
     out = engine(noise=noise.numpy(), step_noise=draws.numpy())
     ref = sample(model, schedule, noise, step_noise=draws).sample
     assert np.abs(out - ref.numpy()).max() <= 1e-3
+
+
+# --- afs: USF's analytic first step ----------------------------------------------------------------------------
+
+
+def test_afs_saves_the_first_call_and_converges(gmm_problem):
+    """The analytic estimate replaces one call; the error it makes is one DDIM step's worth of alpha_T E[x0 | x_T]
+    (alpha_T = 6.6e-3 on VPLinear), so the run still converges at the order of the solver after it on this range
+    (asymptotically first order, with that small constant)."""
+    assert Schedule(1.0, (Step(0.5, solver="afs"), Step(0.0))).nfe == 1
+    slope, errs = global_order(gmm_problem, lambda k, t: Step(t, order=1 if k < 2 else 2,
+                                                             solver="afs" if k == 0 else "dpm"))
+    assert 1.7 < slope < 2.5, f"afs + dpm 2M: error ~ NFE^-{slope:.2f} ({errs})"
+
+
+def test_afs_named_schedule_and_rules():
+    ns = VPLinear()
+    s = build("dpmsolver++2m-afs", ns, 5)
+    assert s.nfe == 5 and len(s.steps) == 6 and s.steps[0].solver == "afs"
+    with pytest.raises(ScheduleError, match="first step"):
+        Schedule(1.0, (Step(0.5), Step(0.0, solver="afs")))

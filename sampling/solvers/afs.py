@@ -1,0 +1,17 @@
+"""USF's analytic first step (AFS): at t = T the state is almost pure noise, so the first model call is replaced
+by its analytic estimate, eps = x / sigma_T (equivalently x0 = 0, the data's mean for centred data), and the step is
+DDIM with it. It saves one model call; later multistep steps use it as the output at tau_0."""
+
+from __future__ import annotations
+
+from autotune.sampling.program import Analytic, Instruction
+from autotune.sampling.solvers.base import PlanContext, ddim
+from autotune.space.schedule import Step
+
+
+def first_call(k: int, step: Step, ctx: PlanContext) -> list[Instruction]:
+    return [Analytic(k, "x", ctx.sigma[k])]
+
+
+def advance(k: int, step: Step, ctx: PlanContext) -> list[Instruction]:
+    return [ddim(k, step.prediction, ctx).to()]
