@@ -40,6 +40,7 @@ CONFIDENCE = 0.95
 TAIL_SHARE = 0.05  # mse_ref_cvar: the mean of this share of the worst samples
 
 # the figures of the per-sample error; all inf when the schedule diverged
+STOCHASTIC_SEED = 7919  # offset of the generator an SDE schedule draws on, from the evaluation set's seed
 ERROR_FIGURES = ("mse_ref", "mse_ref_ci_low", "mse_ref_ci_high", "mse_ref_median", "mse_ref_p99", "mse_ref_cvar")
 
 
@@ -100,6 +101,13 @@ def decode_errors(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float64)
 
 
+def scored_by(schedule: Schedule) -> str:
+    """The figure a schedule is judged by: ``mse_ref`` (per-sample distance to the reference ODE solution) for an
+    ODE schedule, ``sliced_w`` (sliced Wasserstein distance of the sample set to the reference samples, and the
+    model's own data metrics where it has them) for a stochastic one."""
+    return "sliced_w" if schedule.stochastic else "mse_ref"
+
+
 def score(
     model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, dtype: torch.dtype | None = None,
     start_state: torch.Tensor | None = None,
@@ -108,27 +116,37 @@ def score(
     with the reference solved from the same start; never raises on divergence."""
     import torch
 
+    from autotune.evaluate.distribution import sliced_wasserstein
     from autotune.sampling.executor import sample
 
     noise = eval_set.noise(dtype or torch.float32)
+    # an SDE schedule's own draws, seeded from the set so that scoring it twice gives the same figures
+    generator = torch.Generator().manual_seed(STOCHASTIC_SEED + eval_set.seed) if schedule.stochastic else None
     start = time.perf_counter()
     result = sample(model, schedule, noise, eval_set.conditions(), keep_states=True, check_finite=True,
-                    start=None if start_state is None else start_state.to(noise.dtype))
+                    start=None if start_state is None else start_state.to(noise.dtype), generator=generator)
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": seconds, "diverged": result.diverged_at is not None,
-                               "diverged_at": result.diverged_at}
+                               "diverged_at": result.diverged_at, "scored_by": scored_by(schedule)}
     if result.diverged_at is not None:
-        metrics.update({k: math.inf for k in ERROR_FIGURES}, traj_err=math.inf)
+        metrics.update({k: math.inf for k in ERROR_FIGURES}, traj_err=math.inf, sliced_w=math.inf)
         return metrics
     final = result.sample.double()
-    per_sample = ((final - reference.final.double()) ** 2).flatten(1).mean(1).numpy()
-    metrics.update(error_summary(per_sample))
-    metrics[PER_SAMPLE] = encode_errors(per_sample)
-    errors = [
-        float(((state.double() - reference.state_at(model.noise, t).double()) ** 2).mean())
-        for state, t in zip(result.states[1:], schedule.times[1:])
-    ]
-    metrics["traj_err"] = sum(errors) / len(errors)
+    # the distribution metric every schedule gets, so ODE and SDE schedules compare on one figure
+    metrics["sliced_w"] = sliced_wasserstein(final, reference.final.double())
+    if schedule.stochastic:
+        # a draw of the SDE from x_T is not the ODE's solution from x_T: its distance to the reference sample of
+        # the same noise measures the noise it added, not its error, so no per-sample figure is given
+        metrics.update({k: math.nan for k in ERROR_FIGURES}, traj_err=math.nan)
+    else:
+        per_sample = ((final - reference.final.double()) ** 2).flatten(1).mean(1).numpy()
+        metrics.update(error_summary(per_sample))
+        metrics[PER_SAMPLE] = encode_errors(per_sample)
+        errors = [
+            float(((state.double() - reference.state_at(model.noise, t).double()) ** 2).mean())
+            for state, t in zip(result.states[1:], schedule.times[1:])
+        ]
+        metrics["traj_err"] = sum(errors) / len(errors)
     data_metrics = getattr(model, "data_metrics", None)
     if callable(data_metrics):
         metrics.update(data_metrics(result.sample, eval_set.labels()))

@@ -288,3 +288,18 @@ def test_afs_named_schedule_and_rules():
     assert s.nfe == 5 and len(s.steps) == 6 and s.steps[0].solver == "afs"
     with pytest.raises(ScheduleError, match="first step"):
         Schedule(1.0, (Step(0.5), Step(0.0, solver="afs")))
+
+
+def test_a_stochastic_schedule_is_scored_by_a_distribution_metric(gmm):
+    """The evaluator says which figure judges a schedule: mse_ref for an ODE schedule, the sliced Wasserstein
+    distance to the reference samples for an SDE one (no per-sample figure: a draw is not the ODE's solution);
+    every schedule gets sliced_w, so both kinds compare on it. The SDE's draws are seeded from the set."""
+    from autotune.evaluate.evaluator import Evaluator
+
+    ev = Evaluator(gmm, "search", size=64)
+    sde = ev.evaluate(build("dpmsolver++2m-sde", gmm.noise, 10))
+    ode = ev.evaluate(build("dpmsolver++2m", gmm.noise, 10))
+    assert sde["scored_by"] == "sliced_w" and np.isnan(sde["mse_ref"]) and 0 < sde["sliced_w"] < 1
+    assert ode["scored_by"] == "mse_ref" and ode["mse_ref"] > 0 and 0 < ode["sliced_w"] < 1
+    again = Evaluator(gmm, "search", size=64).evaluate(build("dpmsolver++2m-sde", gmm.noise, 10))
+    assert again["sliced_w"] == sde["sliced_w"]
