@@ -534,6 +534,9 @@ def search_cmd(
     strength: Optional[float] = typer.Option(
         None, "--strength", help="image-to-image: search the schedule an img2img pipeline runs at this strength "
                                  "(0 < s < 1), starting below T from the eval set's images noised there"),
+    solvers: Optional[str] = typer.Option(
+        None, "--solvers", help="the solvers each step may choose, comma-separated (default: dpm, unip-bh1, "
+                                "unip-bh2, ipndm; also dpm-single)"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
 ) -> None:
     """Search the unified space for the schedule with the lowest objective (or a Pareto front) at NFE model
@@ -548,7 +551,8 @@ def search_cmd(
         model=model, out=out, nfe=nfe, method=method, budget=budget, seed=seed, objectives=names, workers=workers,
         address=address, candidate_timeout=candidate_timeout, guidance=guidance, batch=batch, set_size=set_size,
         refine=refine, stage2_budget=stage2_budget, latency_budget=latency_budget, validate=validate, ratios=ratios,
-        prompts=_read_prompt_file(prompts), strength=strength, report_size=report_size)
+        prompts=_read_prompt_file(prompts), strength=strength, report_size=report_size,
+        solvers=tuple(x.strip() for x in solvers.split(",")) if solvers else ())
     store = open_store_option(cache, no_cache)
     outcome = run_search_job(config, store, hooks=_search_hooks(names[0]))
     _print_search(outcome)

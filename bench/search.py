@@ -10,6 +10,8 @@ than the best peer at NFE <= 5; searched NFE 5 <= best peer at NFE 8).
 
     python bench/search.py                         # digits and a diffusers pipeline directory, NFE 4,5,6,8,10
     python bench/search.py --models digits --nfe 5 --budget 60 --refine 10    # a quick look
+    python bench/search.py --models digits --nfe 4,5,6 --no-dc \
+        --grown-space dpm,unip-bh1,unip-bh2,ipndm,dpm-single      # the space grown by the registry vs without
 
 `--json FILE` also writes every row. The diffusers pipeline directory is the tiny DDPM UNet trained by
 tests/peers.py (400 Adam steps on smooth 8x8 images; built once into --work).
@@ -93,11 +95,14 @@ def pipeline_dir(work: Path) -> Path:
     return path
 
 
-def run_search(model_arg: str, nfe: int, args, out: Path) -> dict:
-    """`autotune search` as a user runs it; returns the written schedule's metadata plus the wall time."""
+def run_search(model_arg: str, nfe: int, args, out: Path, solvers: str | None = None) -> dict:
+    """`autotune search` as a user runs it (with ``--solvers`` when given); returns the written schedule's metadata
+    plus the wall time."""
     cmd = ["autotune", "search", "--model", model_arg, "--nfe", str(nfe), "--method", args.method,
            "--budget", str(args.budget), "--workers", str(args.workers), "--seed", str(args.seed),
            "--refine", str(args.refine), "--cache", args.cache, "--out", str(out)]
+    if solvers:
+        cmd += ["--solvers", solvers]
     if args.guidance is not None:
         cmd += ["--guidance", str(args.guidance)]
     start = time.perf_counter()
@@ -157,6 +162,15 @@ def bench_model(name: str, model_arg: str, args, work: Path) -> list[dict]:
                      "dc_fit_s": dc_seconds,
                      "schedule": str(out)})
         r = rows[-1]
+        if args.grown_space:
+            grown_out = work / f"{name}-nfe{nfe}-grown.json"
+            grown_meta = run_search(model_arg, nfe, args, grown_out, args.grown_space)
+            grown_schedule = load(grown_out)
+            grown = report.evaluate(grown_schedule)
+            r.update(grown_mse=grown["mse_ref"], grown_vs_default=versus(grown, ours).ratio,
+                     grown_vs_default_ci=versus(grown, ours).interval_text(), grown_vs_peer=versus(grown, vs_peer).ratio,
+                     grown_wall_s=grown_meta["wall_seconds"], grown_evaluations=grown_meta.get("true_evaluations"),
+                     grown_solvers=sorted({st.solver for st in grown_schedule.steps}))
         print(f"{name:10s} NFE {nfe:2d}  best peer {best_peer:22s} {r['best_peer_mse']:.3e} "
               f"(median {r['best_peer_median']:.3e})  ours {r['ours_mse']:.3e} (median {r['ours_median']:.3e})  "
               f"{Versus(r['ratio']).text()} {r['ratio_ci']}  search {r['search_wall_s']:.0f} s / "
@@ -164,6 +178,11 @@ def bench_model(name: str, model_arg: str, args, work: Path) -> list[dict]:
               + (f"  | + dc fit {r['ours_dc_mse']:.3e} (median {r['ours_dc_median']:.3e}) "
                  f"{Versus(r['ratio_dc']).text()} {r['ratio_dc_ci']}, "
                  f"{r['dc_fit_s']:.0f} s" if args.dc else ""), flush=True)
+        if args.grown_space:
+            print(f"{'':10s}        grown space ({args.grown_space}): {r['grown_mse']:.3e}, vs the default space "
+                  f"{Versus(r['grown_vs_default']).text()} {r['grown_vs_default_ci']}, vs the best peer "
+                  f"{Versus(r['grown_vs_peer']).text()}; search {r['grown_wall_s']:.0f} s / "
+                  f"{r['grown_evaluations']} evals; solvers used: {', '.join(r['grown_solvers'])}", flush=True)
     return rows
 
 
@@ -204,6 +223,9 @@ def main() -> None:
     parser.add_argument("--work", default="bench-search-work", help="folder for schedules, the cache, the pipeline")
     parser.add_argument("--json", default=None, help="also write every row here")
     parser.add_argument("--no-dc", dest="dc", action="store_false", help="skip the `autotune dc fit` finishing step")
+    parser.add_argument("--grown-space", default=None, metavar="SOLVERS",
+                        help="also search with `--solvers SOLVERS` (e.g. dpm,unip-bh1,unip-bh2,ipndm,dpm-single) and "
+                             "compare it with the default space on the same report set")
     args = parser.parse_args()
     args.nfe = [int(n) for n in args.nfe.split(",")]
     work = Path(args.work)

@@ -74,6 +74,7 @@ class JobConfig:
     strength: Optional[float] = None  # img2img: the schedule a pipeline runs at this strength
     report_size: int = 0
     score_report: bool = True  # score the best and its named peers on the report set (the closing table)
+    solvers: tuple[str, ...] = ()  # the solvers a step may choose (empty: the space's default, SEARCH_SOLVERS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nfe", str(self.nfe))  # an int is a count too
@@ -89,6 +90,8 @@ class JobConfig:
         if self.strength is not None:
             _check_strength(self.strength, self.nfe, self.refine, self.ratios)
         self.nfe_range  # a bad count or range fails here, not after the model has loaded
+        object.__setattr__(self, "solvers", tuple(self.solvers))
+        _check_solvers(self.solvers)
 
     @property
     def nfe_range(self) -> tuple[int, int]:
@@ -333,6 +336,16 @@ def named_peers_for(noise: NoiseSchedule, low: int, high: int, strength: Optiona
     return t_start, tuple(dataclasses.replace(s, guidance=guidance) for s in peers)
 
 
+def _check_solvers(solvers: tuple[str, ...]) -> None:
+    from autotune.space.encoding import SPACE_SOLVERS
+
+    bad = [s for s in solvers if s not in SPACE_SOLVERS]
+    if bad or len(set(solvers)) != len(solvers):
+        why = f"{bad[0]!r} is not one a search step can choose" if bad else "a solver is listed twice"
+        raise InputError(f"--solvers {','.join(solvers)}: {why} (one of {', '.join(SPACE_SOLVERS)}; two-call, "
+                         "stochastic and first-step-only solvers are not in the fixed-NFE search space)")
+
+
 def _strategy(config: JobConfig, noise: NoiseSchedule, t_start: float, named_peers: tuple[Schedule, ...]):
     from autotune.search.nfe_space import NFERangeSpace
     from autotune.search.strategy import SearchContext, make_strategy
@@ -340,7 +353,8 @@ def _strategy(config: JobConfig, noise: NoiseSchedule, t_start: float, named_pee
 
     low, high = config.nfe_range
     seeds = tuple(s for s in named_peers if s.t_start == t_start)  # the strategy's seeds lie in its space
-    space = ScheduleSpace(high, t_start, 0.0, ratio_range=None, guidance=config.guidance)
+    chosen = {"solvers": config.solvers} if config.solvers else {}
+    space = ScheduleSpace(high, t_start, 0.0, ratio_range=None, guidance=config.guidance, **chosen)
     if low != high:
         space = NFERangeSpace(space, low, high)
     strategy = make_strategy(config.search_method, SearchContext(space, noise, seeds, config.seed, config.objectives))
