@@ -27,8 +27,6 @@ class SolverInfo:
         first_step_only: only step 0 may use it (USF's analytic first step).
         self_starting: a step of any order makes every call it needs (Heun), so its order does not need earlier
             model outputs; a multistep order-p step reads p - 1 earlier ones.
-        older_states: how many earlier states the order-p step reads besides the current one (singlestep
-            solvers restart from the state of their first grid point): order - 1 when True.
     """
 
     name: str
@@ -38,7 +36,6 @@ class SolverInfo:
     onto_data_max_order: int = 1
     stochastic: bool = False
     first_step_only: bool = False
-    older_states: bool = False
     self_starting: bool = False
 
     def calls(self, order: int) -> int:
@@ -52,14 +49,14 @@ REGISTRY: dict[str, SolverInfo] = {info.name: info for info in (
     SolverInfo("unip-bh2", 3, "unipc"),             # UniP, B(h) = e^h - 1
     SolverInfo("ipndm", 4, "ipndm", onto_data_max_order=4),
     SolverInfo("heun", 2, "heun", calls_by_order=(1, 2), self_starting=True),  # EDM's Heun: two calls
-    SolverInfo("dpm-single", 2, "singlestep", older_states=True),            # DPM-Solver++ 2S on the grid
-    SolverInfo("dpm-sde", 2, "sde", stochastic=True),                        # DPM-Solver++ 2M SDE
+    SolverInfo("dpm-single", 2, "singlestep"),      # DPM-Solver++ 2S on the grid
+    SolverInfo("dpm-sde", 2, "sde", stochastic=True),  # DPM-Solver++ 2M SDE
     SolverInfo("afs", 1, "afs", calls_by_order=(0,), first_step_only=True),  # USF's analytic first step
 )}
 
 SOLVERS: tuple[str, ...] = tuple(REGISTRY)
 # the solvers the default search space draws from: the multistep exponential integrators the search was tuned
-# with; the others join a search through ScheduleSpace(solvers=...) (bench/search.py --grown-space)
+# with; others join through `autotune search --solvers` (bench/search.py --grown-space compares the two)
 SEARCH_SOLVERS: tuple[str, ...] = ("dpm", "unip-bh1", "unip-bh2", "ipndm")
 MAX_ORDER: dict[str, int] = {name: info.max_order for name, info in REGISTRY.items()}
 
