@@ -9,7 +9,10 @@ the executor with tensor weights, the baker with floats.
 
 A step with a skip mask calls the model with those units bypassed (``sampling.denoiser.skipping``);
 traced, that call is the pruned network variant of the step, built from the same parameters (the
-exported graph holds each weight once, whatever the number of steps and variants).
+exported graph holds each weight once, whatever the number of steps and variants). A step that reuses
+units takes their outputs from the run's feature cache (``sampling.denoiser.caching``), a dict of tensors
+made per forward: traced, the cached features are edges from the call that computed them to the calls that
+reuse them, so the unrolled graph carries them between steps with no Python in the loop.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import nn
 
 from autotune.errors import BackendError
 from autotune.sampling.coefficients import make_plan
-from autotune.sampling.denoiser import Denoiser
+from autotune.sampling.denoiser import Denoiser, call_model
 from autotune.sampling.program import Call, Plan, run
 from autotune.space.schedule import Schedule
 
@@ -97,13 +100,13 @@ class BakedSampler(nn.Module):
         self.autocast = autocast
         self.program = bake_program(schedule, model, dtype)
 
-    def _call(self, ins: Call, x: torch.Tensor, cond: Any) -> torch.Tensor:
+    def _call(self, ins: Call, x: torch.Tensor, cond: Any, features: dict[str, Any]) -> torch.Tensor:
         t = ins.time.to(x.device)
         if self.autocast is None:
-            out = self.model(x, t, cond, skip=ins.skip, guidance=self.program.guidance)
+            out = call_model(self.model, ins, x, t, cond, self.program.guidance, features)
         else:
             with torch.autocast(x.device.type, dtype=self.autocast):
-                out = self.model(x, t, cond, skip=ins.skip, guidance=self.program.guidance)
+                out = call_model(self.model, ins, x, t, cond, self.program.guidance, features)
         return out.to(self.dtype)
 
     def forward(self, noise: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
@@ -116,5 +119,6 @@ class BakedSampler(nn.Module):
             draws = iter(step_noise.unbind(1))
         cond = condition_of_inputs(self.model, tuple(inputs))
         x = noise.to(self.dtype) * plan.init_scale
-        return run(plan, x, self.model.parameterization, lambda ins, state: self._call(ins, state, cond),
+        features: dict[str, Any] = {}  # this run's feature cache (units reused by later calls)
+        return run(plan, x, self.model.parameterization, lambda ins, state: self._call(ins, state, cond, features),
                    draw=None if draws is None else (lambda like: next(draws).to(self.dtype)))

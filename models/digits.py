@@ -3,14 +3,16 @@
 Epsilon prediction on a 1000-step linear-beta DDPM schedule (``VPDiscrete``); labels 0..9 plus a null
 class 10 used for classifier-free guidance. Plain torch modules only (no diffusers), so the network
 exports to ONNX as is. Same-shape residual blocks and the self-attention layers carry
-``autotune_prunable = True`` and can be skipped as units. Also holds the small digits classifier whose
+``autotune_prunable = True`` and can be skipped or reused as units (block caching); the deep branches
+``deep0`` / ``deep1`` (everything below UNet level 0 / level 1, DeepCache's cached branch) carry
+``autotune_cacheable = True`` and can be reused (their output shape differs from their input, or bypassing a
+whole branch is not pruning, so they are not skippable). Also holds the small digits classifier whose
 penultimate features serve for a Frechet distance. Weights live in ``models/weights/`` and are made by
 ``autotune.models.digits_train``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -24,7 +26,7 @@ from torch import nn
 from autotune.errors import ModelError
 from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.models.registry import BuiltinModel, register
-from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
+from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, unit_masks
 from autotune.sampling.noise import NoiseSchedule, VPDiscrete, betas_for
 
 NUM_CLASSES = 10
@@ -92,8 +94,31 @@ class SelfAttention(nn.Module):
         return x + self.proj(out)
 
 
+class DeepBranch(nn.Module):
+    """The part of a UNet below one resolution level, as one module (DeepCache's cached branch): ``forward(h, emb)``
+    takes the features after that level's down block and returns the features its up block consumes.
+
+    It owns no parameters: it calls its UNet's ``deep_branch(level, h, emb)``, whose blocks stay registered on the
+    UNet under their own names, so the state dict keys, the weights files and the fingerprint are unchanged.
+    """
+
+    autotune_cacheable = True
+
+    def __init__(self, unet: "DigitsUNet", level: int) -> None:
+        super().__init__()
+        self._unet = (unet,)  # a tuple, not a submodule: the blocks are registered once, on the UNet
+        self.level = level
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self._unet[0].deep_branch(self.level, h, emb)
+
+
 class DigitsUNet(nn.Module):
-    """Three-level UNet (16, 8, 4 px) with attention at 4 px; ``forward(x, model_time, labels) -> eps``."""
+    """Three-level UNet (16, 8, 4 px) with attention at 4 px; ``forward(x, model_time, labels) -> eps``.
+
+    ``deep0`` is everything below level 0 (from ``down0``'s output to ``up0``'s input), ``deep1`` everything below
+    level 1 (from ``down1``'s output to ``up1``'s input, inside ``deep0``): the units DeepCache reuses.
+    """
 
     def __init__(self, channels: tuple[int, ...] = (32, 64, 64), emb_dim: int = 128, heads: int = 4,
                  groups: int = 8, num_classes: int = NUM_CLASSES) -> None:
@@ -122,6 +147,8 @@ class DigitsUNet(nn.Module):
         self.up0_extra = ResBlock(c0, c0, emb_dim, groups)
         self.norm_out = nn.GroupNorm(groups, c0)
         self.conv_out = nn.Conv2d(c0, 1, 3, padding=1)
+        self.deep0 = DeepBranch(self, 0)
+        self.deep1 = DeepBranch(self, 1)
 
     def embed(self, tm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Time MLP of the sinusoidal embedding plus the class embedding."""
@@ -130,15 +157,21 @@ class DigitsUNet(nn.Module):
     def forward(self, x: torch.Tensor, tm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         emb = self.embed(tm.to(x.dtype), labels)
         h0 = self.down0(self.conv_in(x), emb)
-        h1 = self.down1(self.pool0(h0), emb)
-        h2 = self.down2_attn(self.down2(self.pool1(h1), emb))
-        h = self.mid2(self.mid_attn(self.mid1(h2, emb)), emb)
-        h = self.up2_attn(self.up2(torch.cat([h, h2], 1), emb))
-        h = self.unpool2(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        h = self.up1_extra(self.up1(torch.cat([h, h1], 1), emb), emb)
-        h = self.unpool1(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        h = self.deep0(h0, emb)
         h = self.up0_extra(self.up0(torch.cat([h, h0], 1), emb), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def deep_branch(self, level: int, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The network below ``level`` (0 or 1) on the features ``h`` after that level's down block."""
+        if level == 0:
+            h1 = self.down1(self.pool0(h), emb)
+            h = self.deep1(h1, emb)
+            h = self.up1_extra(self.up1(torch.cat([h, h1], 1), emb), emb)
+            return self.unpool1(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        h2 = self.down2_attn(self.down2(self.pool1(h), emb))
+        h = self.mid2(self.mid_attn(self.mid1(h2, emb)), emb)
+        h = self.up2_attn(self.up2(torch.cat([h, h2], 1), emb))
+        return self.unpool2(F.interpolate(h, scale_factor=2.0, mode="nearest"))
 
 
 def build_unet(arch: dict[str, Any] | None = None) -> DigitsUNet:
@@ -180,11 +213,13 @@ class DigitsDenoiser(TorchDenoiser):
         self.sample_shape = SAMPLE_SHAPE
         self.num_classes = NUM_CLASSES
 
-    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None):
-        """eps for the batch at time t; conditional + unconditional in one batched forward when guided."""
+    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None, reuse=frozenset(), record=frozenset(),
+                 cache=None):
+        """eps for the batch at time t; conditional + unconditional in one batched forward when guided (a cached
+        unit output then holds the doubled batch, and the calls that reuse it are guided alike)."""
         tm = self.model_time(x, t)
         labels = None if cond is None else check_labels(cond, x.shape[0]).to(x.device)
-        with skipping(self.module, skip) if skip else contextlib.nullcontext():
+        with unit_masks(self.module, skip, reuse, record, cache):
             return self.cfg(x, tm, labels, guidance)
 
     def fingerprint(self) -> str:

@@ -4,16 +4,20 @@ Per step k, in this order (UniPC's, extended): the model call at tau_k (or the s
 the corrector of step k - 1 (it needed this output), DC-Solver's compensation of the new output, then the
 step's solver moves the state to tau_{k+1}. The solver's own instructions come from its module under
 ``sampling/solvers/`` (the registry in ``space/solvers.py`` names it); this module only orders the steps,
-adds the per-step decisions every solver shares (corrector, compensation, skip mask, final denoise) and frees
+adds the per-step decisions every solver shares (corrector, compensation, skip and reuse masks, final denoise) and frees
 what no later instruction reads. Coefficients are torch tensors, differentiable in the times and the ratios.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from autotune.sampling.noise import NoiseSchedule
-from autotune.sampling.program import Combine, Compensate, Copy, Instruction, Mark, Plan, state_register, with_frees
+from autotune.sampling.program import (
+    Call, Combine, Compensate, Copy, Instruction, Mark, Plan, state_register, with_frees,
+)
 from autotune.sampling.solvers import implementation
 from autotune.sampling.solvers.base import PlanContext
 from autotune.sampling.solvers.unipc import unic_update
@@ -61,6 +65,27 @@ def _step_code(k: int, schedule: Schedule, ctx: PlanContext, ratios: torch.Tenso
     return code
 
 
+def with_reuse(code: list[Instruction], schedule: Schedule) -> list[Instruction]:
+    """Each call of step k (slot k or (k, i)) reuses step k's units; each call records the reused units it does not
+    skip or reuse itself, when a later call reuses them (recording costs no compute: the cache keeps a reference)."""
+    n = len(schedule.steps)
+
+    def step_of(slot) -> int | None:
+        k = slot[0] if isinstance(slot, tuple) else slot
+        return k if isinstance(k, int) and k < n else None  # slot n: the final denoise, a full call
+
+    calls = [i for i, ins in enumerate(code) if isinstance(ins, Call)]
+    reuse = {i: frozenset(schedule.steps[k].reuse) if (k := step_of(code[i].slot)) is not None else frozenset()
+             for i in calls}
+    later: frozenset[str] = frozenset()
+    code = list(code)
+    for i in reversed(calls):
+        ins = code[i]
+        code[i] = replace(ins, reuse=reuse[i], record=later - reuse[i] - ins.skip)
+        later = later | reuse[i]
+    return code
+
+
 def make_plan(
     schedule: Schedule,
     noise: NoiseSchedule,
@@ -88,5 +113,7 @@ def make_plan(
         n = len(schedule.steps)
         code += [ctx.call(n), Combine("x", "x", None, ((n, torch.ones((), dtype=times.dtype)),), "data"),
                  Mark(n, end_of_step=False)]
+    if schedule.units_reused:
+        code = with_reuse(code, schedule)
     spaces = sorted({ins.prediction for ins in code if isinstance(ins, Combine)})
     return Plan(with_frees(code), times, alpha, sigma, tuple(spaces), noise.init_scale())

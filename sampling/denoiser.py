@@ -1,4 +1,4 @@
-"""The one model interface the executor sees, the parameterisation conversions, and unit skipping.
+"""The one model interface the executor sees, the parameterisation conversions, unit skipping and reuse.
 
 A denoiser maps ``(x, t)`` (t in the noise schedule's continuous time, a 0-d tensor) plus optional
 conditioning to its raw network output, and declares which parameterisation that output is in.
@@ -8,9 +8,11 @@ The executor converts it to the data prediction x0 and the noise prediction eps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
-from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, MutableMapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -27,7 +29,9 @@ class Denoiser(Protocol):
 
     ``__call__`` returns the network output for the batch ``x`` at time ``t`` with the units named in
     ``skip`` bypassed; ``cond`` is model specific (class labels, prompt embeddings) and ``guidance`` the
-    classifier-free guidance scale (ignored by unguided models).
+    classifier-free guidance scale (ignored by unguided models). A model that supports reuse (``TorchDenoiser``
+    and its subclasses) also takes ``reuse=``, ``record=`` and ``cache=`` (see :func:`caching`); runs pass them
+    through :func:`call_model`, only to calls that reuse or record, so other models never see them.
     """
 
     noise: NoiseSchedule
@@ -82,6 +86,27 @@ def prunable_units(module: nn.Module) -> tuple[str, ...]:
     return tuple(units)
 
 
+class Units(tuple):
+    """A model's skippable units (a plain tuple of names) that also names its ``reusable`` units: every skippable
+    unit plus reuse-only ones (``autotune_cacheable``: a UNet's deep branch, whose output shape differs from its
+    input, so it can be reused but not bypassed). ``Schedule.check_units`` reads ``reusable`` from it."""
+
+    reusable: tuple[str, ...]
+
+    def __new__(cls, skippable: Iterable[str], reuse_only: Iterable[str] = ()) -> "Units":
+        obj = super().__new__(cls, tuple(skippable))
+        obj.reusable = tuple(obj) + tuple(u for u in reuse_only if u not in obj)
+        return obj
+
+    def __reduce__(self):  # pickles (Ray workers) keep the reusable names
+        return (Units, (tuple(self), tuple(u for u in self.reusable if u not in self)))
+
+
+def cacheable_units(module: nn.Module) -> tuple[str, ...]:
+    """Submodules flagged ``autotune_cacheable = True``: their output can be cached and reused (not skipped)."""
+    return tuple(name for name, sub in module.named_modules() if getattr(sub, "autotune_cacheable", False))
+
+
 def _identity_forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return hidden_states
 
@@ -107,6 +132,87 @@ def skipping(module: nn.Module, names: Iterable[str]) -> Iterator[None]:
         for sub in patched:
             if "forward" in sub.__dict__:
                 del sub.forward
+
+
+FeatureCache = MutableMapping[str, Any]  # unit name -> the output it produced at the last call that ran it
+
+
+@contextlib.contextmanager
+def caching(module: nn.Module, reuse: Iterable[str], record: Iterable[str], cache: FeatureCache) -> Iterator[None]:
+    """Within the block, each unit named in ``reuse`` returns ``cache[unit]`` without computing, and each unit in
+    ``record`` computes as usual and stores its output in ``cache[unit]`` (DeepCache's feature reuse).
+
+    The cache is a plain dict of tensors owned by one run; nothing here branches on a tensor's value, so a traced
+    run records the cached features as edges from the call that computed them to the calls that reuse them.
+    A unit that did not run (an enclosing unit was reused or skipped) does not update its entry.
+    """
+    reuse, record = list(reuse), [u for u in record if u not in set(reuse)]
+    if not reuse and not record:
+        yield
+        return
+    subs = dict(module.named_modules())
+    patched = []
+    try:
+        for n in reuse + record:
+            if n not in subs:
+                raise SamplingError(f"reuse: the model has no unit {n!r}")
+        for n in reuse:
+            if n not in cache:
+                raise SamplingError(f"reuse: unit {n!r} has no cached output (no earlier call of this run ran it)")
+            patched.append(subs[n])
+            subs[n].forward = functools.partial(_cached_forward, cache, n)
+        for n in record:
+            sub = subs[n]
+            patched.append(sub)
+            sub.forward = functools.partial(_recording_forward, type(sub).forward.__get__(sub), cache, n)
+        yield
+    finally:
+        for sub in patched:
+            if "forward" in sub.__dict__:
+                del sub.forward
+
+
+def _cached_forward(cache: FeatureCache, name: str, *args: Any, **kwargs: Any) -> Any:
+    return cache[name]
+
+
+def _recording_forward(forward: Callable[..., Any], cache: FeatureCache, name: str, *args: Any, **kwargs: Any) -> Any:
+    out = forward(*args, **kwargs)
+    cache[name] = out
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_reuse(cls: type) -> bool:
+    try:
+        return "reuse" in inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_model(model: Denoiser, ins: Any, x: torch.Tensor, t: torch.Tensor, cond: Any, guidance: float | None,
+               cache: FeatureCache) -> torch.Tensor:
+    """The model call of a plan's ``Call`` instruction ``ins`` (its skip, reuse and record masks) with the run's
+    feature ``cache``: the one path the executor and the baker share. A call that neither reuses nor records calls
+    the model exactly as before; one that does needs a model taking ``reuse=`` (a ``TorchDenoiser``)."""
+    if not ins.reuse and not ins.record:
+        return model(x, t, cond, skip=ins.skip, guidance=guidance)
+    if not _takes_reuse(type(model)):
+        raise SamplingError(f"reuse: the model ({type(model).__name__}) cannot reuse cached unit outputs")
+    return model(x, t, cond, skip=ins.skip, guidance=guidance, reuse=ins.reuse, record=ins.record, cache=cache)
+
+
+@contextlib.contextmanager
+def unit_masks(module: nn.Module | None, skip: Iterable[str], reuse: Iterable[str], record: Iterable[str],
+               cache: FeatureCache | None) -> Iterator[None]:
+    """``skipping`` and ``caching`` together: what one model call with a step's masks runs under."""
+    if module is None or (not skip and not reuse and not record):
+        yield
+        return
+    if (reuse or record) and cache is None:
+        raise SamplingError("reuse: a call that reuses or records unit outputs needs the run's feature cache")
+    with skipping(module, skip), caching(module, reuse, record, cache if cache is not None else {}):
+        yield
 
 
 def fingerprint_module(module: nn.Module | None, config: Any) -> str:
@@ -154,7 +260,8 @@ class TorchDenoiser:
         self.noise = noise
         self.parameterization = parameterization
         self.module = module if module is not None else (fn if isinstance(fn, nn.Module) else None)
-        self.units = prunable_units(self.module) if self.module is not None else ()
+        self.units = (Units(prunable_units(self.module), cacheable_units(self.module)) if self.module is not None
+                      else Units(()))
         self.round_time = round_time
         self.config = config if config is not None else {"noise": noise.to_config(), "parameterization": parameterization}
 
@@ -164,9 +271,10 @@ class TorchDenoiser:
             tm = tm + (torch.where((tm - tm.round()).abs() < 1e-6, tm.round(), tm) - tm).detach()
         return tm.to(x.dtype if tm.dtype.is_floating_point else tm.dtype).expand(x.shape[0])
 
-    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None):
+    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None, reuse=frozenset(), record=frozenset(),
+                 cache=None):
         tm = self.model_time(x, t)
-        with skipping(self.module, skip) if skip else contextlib.nullcontext():
+        with unit_masks(self.module, skip, reuse, record, cache):
             return self.fn(x, tm) if cond is None else self.fn(x, tm, cond)
 
     def fingerprint(self) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from autotune.errors import SamplingError
 from autotune.sampling.coefficients import make_plan
-from autotune.sampling.denoiser import Denoiser
+from autotune.sampling.denoiser import Denoiser, call_model
 from autotune.sampling.program import Call, Mark, Plan, run
 from autotune.space.schedule import Schedule
 
@@ -108,11 +108,12 @@ def sample(
     nfe = 0
     states: list[torch.Tensor] = []
     diverged_at = None
+    features: dict[str, Any] = {}  # the run's feature cache: unit -> its output at the last call that ran it
 
     def call(ins: Call, x: torch.Tensor) -> torch.Tensor:
         nonlocal nfe
         nfe += 1
-        return model(x, ins.time, cond, skip=ins.skip, guidance=schedule.guidance).to(dtype)
+        return call_model(model, ins, x, ins.time, cond, schedule.guidance, features).to(dtype)
 
     def mark(ins: Mark, x: torch.Tensor) -> None:
         nonlocal diverged_at

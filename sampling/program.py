@@ -32,7 +32,13 @@ def state_register(k: int) -> str:
 
 @dataclass(frozen=True)
 class Call:
-    """Call the model on register ``at`` at time ``time``; store its output in ``slot`` (as x0 and eps)."""
+    """Call the model on register ``at`` at time ``time``; store its output in ``slot`` (as x0 and eps).
+
+    ``skip``: units bypassed in this call; ``reuse``: units not computed, their output taken from the run's feature
+    cache (what they returned at the last call that ran them); ``record``: units whose output this call puts in the
+    cache because a later call reuses it. The cache belongs to one run and holds ordinary tensors
+    (``sampling.denoiser.call_model``), so a trace of the run carries them from call to call.
+    """
 
     slot: Slot
     at: str
@@ -40,6 +46,8 @@ class Call:
     alpha: Weight
     sigma: Weight
     skip: frozenset[str] = frozenset()
+    reuse: frozenset[str] = frozenset()
+    record: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Format (``schema_version`` 1)::
     {"schema_version": 1, "kind": "autotune.schedule", "name": "dpmsolver++2m", "nfe": 5,
      "t_start": 1.0, "guidance": null, "final_denoise": false, "dc_order": 2,
      "steps": [{"t": 0.8, "order": 1, "solver": "dpm", "prediction": "data", "corrector": "none",
-                "corrector_order": 0, "ratio": 1.0, "skip": []}, ...],
+                "corrector_order": 0, "ratio": 1.0, "skip": []}, ...],   # + "reuse": [...] when a step reuses
      "hash": "…", "metadata": {}}
 
 ``nfe`` and ``hash`` are written for people and tools and are never trusted on reading: both are
@@ -28,7 +28,7 @@ KIND = "autotune.schedule"
 MAX_NFE = 1000  # the most model evaluations (steps) any command or file accepts: far beyond fast sampling
 _TOP_KEYS = {"schema_version", "kind", "name", "nfe", "t_start", "guidance", "final_denoise", "dc_order", "steps",
              "hash", "metadata"}
-_STEP_KEYS = {"t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip"}
+_STEP_KEYS = {"t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip", "reuse"}
 
 
 def to_dict(s: Schedule) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def _reject_constant(name: str) -> float:
 
 
 def loads(text: str, source: str | None = None, units: Iterable[str] | None = None) -> Schedule:
-    """Parse and validate a schedule document; ``units`` (a model's prunable units) checks skip masks too."""
+    """Parse and validate a schedule document; ``units`` (a model's prunable units) checks skip and reuse masks too."""
     try:
         doc = json.loads(text, parse_constant=_reject_constant)
     except ScheduleError as e:
@@ -208,9 +208,11 @@ def from_dict(doc: Any) -> Schedule:
         if unknown:
             raise ScheduleError(f"{where}{_key(unknown[0])}", "unknown field")
         skip = _get(sd, "skip", where, (list,), required=False, default=[])
-        for j, u in enumerate(skip):
-            if not isinstance(u, str):
-                raise ScheduleError(f"{where}skip[{j}]", f"expected a unit name, got {type(u).__name__}")
+        reuse = _get(sd, "reuse", where, (list,), required=False, default=[])
+        for key, names in (("skip", skip), ("reuse", reuse)):
+            for j, u in enumerate(names):
+                if not isinstance(u, str):
+                    raise ScheduleError(f"{where}{key}[{j}]", f"expected a unit name, got {type(u).__name__}")
         steps.append(
             Step(
                 t=float(_get(sd, "t", where, (int, float))),
@@ -221,6 +223,7 @@ def from_dict(doc: Any) -> Schedule:
                 corrector_order=_get(sd, "corrector_order", where, (int,), required=False, default=0),
                 ratio=float(_get(sd, "ratio", where, (int, float), required=False, default=1.0)),
                 skip=tuple(skip),
+                reuse=tuple(reuse),
             )
         )
     guidance = _get(doc, "guidance", "", (int, float, type(None)), required=False)

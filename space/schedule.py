@@ -7,8 +7,9 @@ A schedule with N steps visits the times ``t_start = tau_0 > tau_1 > ... > tau_N
 Per step: the time it arrives at, the predictor (``solver`` and ``order``), the parameterisation its
 update uses (``prediction``: data or noise), an optional UniC corrector applied once the next model
 output is known (it reuses that output: no extra NFE), the DC-Solver compensation ratio applied to the
-step's newest model output before the step (1.0 = none), and the network units skipped in the model
-call that starts the step.
+step's newest model output before the step (1.0 = none), the network units skipped in the step's model
+call(s), and the units reused in them (DeepCache): a reused unit is not computed; its output is the one it
+produced at the last model call that computed it (cached features, carried between calls).
 """
 
 from __future__ import annotations
@@ -41,13 +42,16 @@ class Step:
     corrector_order: int = 0
     ratio: float = 1.0
     skip: tuple[str, ...] = ()
+    reuse: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # canonical form: numbers as floats (1 == 1.0, -0.0 == 0.0 hash alike), skip masks sorted
+        # canonical form: numbers as floats (1 == 1.0, -0.0 == 0.0 hash alike), skip and reuse masks sorted
         for name in ("t", "ratio"):
             object.__setattr__(self, name, _canonical_float(getattr(self, name)))
-        if isinstance(self.skip, (list, tuple)) and all(isinstance(u, str) for u in self.skip):
-            object.__setattr__(self, "skip", tuple(sorted(self.skip)))
+        for name in ("skip", "reuse"):
+            units = getattr(self, name)
+            if isinstance(units, (list, tuple)) and all(isinstance(u, str) for u in units):
+                object.__setattr__(self, name, tuple(sorted(units)))
 
 
 def _canonical_float(x: Any) -> Any:
@@ -114,7 +118,13 @@ class Schedule:
 
     @property
     def units_used(self) -> frozenset[str]:
+        """Units some step skips."""
         return frozenset(u for s in self.steps for u in s.skip)
+
+    @property
+    def units_reused(self) -> frozenset[str]:
+        """Units some step reuses (takes from the feature cache instead of computing)."""
+        return frozenset(u for s in self.steps for u in s.reuse)
 
     def identity(self) -> dict[str, Any]:
         """The fields that define what the schedule computes (name and metadata excluded)."""
@@ -134,14 +144,24 @@ class Schedule:
     def with_steps(self, steps: Iterable[Step], **changes: Any) -> "Schedule":
         return replace(self, steps=tuple(steps), **changes)
 
-    def check_units(self, units: Iterable[str]) -> None:
-        """Raise ScheduleError naming the first skipped unit the model does not have."""
+    def check_units(self, units: Iterable[str], reusable: Iterable[str] | None = None) -> None:
+        """Raise ScheduleError naming the first skipped or reused unit the model does not have.
+
+        ``units`` are the units a step may skip (``Denoiser.units``); ``reusable`` those it may reuse, by default
+        ``units.reusable`` when ``units`` carries it (``sampling.denoiser.Units``: a model's units list also names
+        its reuse-only units, such as a UNet's deep branch), else ``units``.
+        """
+        if reusable is None:
+            reusable = getattr(units, "reusable", None)
         known = set(units)
+        known_reuse = set(known if reusable is None else reusable)
         for k, s in enumerate(self.steps):
-            for u in s.skip:
-                if u not in known:
-                    hint = ", ".join(sorted(known)[:6]) or "the model has no prunable units"
-                    raise ScheduleError(f"steps[{k}].skip", f"unknown unit {u!r} (known: {hint})")
+            for name, names, allowed in (("skip", s.skip, known), ("reuse", s.reuse, known_reuse)):
+                for u in names:
+                    if u not in allowed:
+                        kind = "reusable" if name == "reuse" else "prunable"
+                        hint = ", ".join(sorted(allowed)[:6]) or f"the model has no {kind} units"
+                        raise ScheduleError(f"steps[{k}].{name}", f"unknown unit {u!r} (known: {hint})")
 
 
 def step_to_dict(s: Step) -> dict[str, Any]:
@@ -154,7 +174,19 @@ def step_to_dict(s: Step) -> dict[str, Any]:
         "corrector_order": s.corrector_order,
         "ratio": s.ratio,
         "skip": list(s.skip),
+        # only when used, so every schedule without reuse keeps its hash and file byte for byte
+        **({"reuse": list(s.reuse)} if s.reuse else {}),
     }
+
+
+def _computes(step: Step, unit: str) -> bool:
+    """The step's model call(s) run ``unit``: it makes a call and neither skips nor reuses the unit or a unit whose
+    dotted name contains it (``a`` contains ``a.b``)."""
+    if REGISTRY[step.solver].calls(step.order) == 0:
+        return False
+    parts = unit.split(".")
+    outer = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return not outer & (set(step.skip) | set(step.reuse))
 
 
 def _finite(x: Any) -> bool:
@@ -239,5 +271,17 @@ def validate(s: Schedule) -> None:
             raise ScheduleError(f"{where}.skip", "must be a list of unit names")
         if len(set(step.skip)) != len(step.skip):
             raise ScheduleError(f"{where}.skip", "lists a unit twice")
+        if not isinstance(step.reuse, tuple) or not all(isinstance(u, str) and u for u in step.reuse):
+            raise ScheduleError(f"{where}.reuse", "must be a list of unit names")
+        if len(set(step.reuse)) != len(step.reuse):
+            raise ScheduleError(f"{where}.reuse", "lists a unit twice")
+        both = sorted(set(step.skip) & set(step.reuse))
+        if both:
+            raise ScheduleError(f"{where}.reuse", f"unit {both[0]!r} is both skipped and reused in this step")
+        if step.reuse and k == 0:
+            raise ScheduleError(f"{where}.reuse", "the first step cannot reuse: no earlier model call computed anything")
+        for u in step.reuse:
+            if not any(_computes(s.steps[j], u) for j in range(k)):
+                raise ScheduleError(f"{where}.reuse", f"unit {u!r} is reused but no earlier model call computed it")
     if s.final_denoise and s.steps[-1].t == 0:
         raise ScheduleError("final_denoise", "the last step already ends on the data (t = 0)")
