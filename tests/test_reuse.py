@@ -1,0 +1,237 @@
+"""Reuse of cached unit outputs (DeepCache, block caching): Step.reuse, the plan, the executor's feature cache,
+the baker and an ONNX engine, digits' deep branches, the named reuse policies."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from autotune.errors import SamplingError, ScheduleError
+from autotune.models.digits import load_digits
+from autotune.sampling.coefficients import make_plan
+from autotune.sampling.denoiser import TorchDenoiser, Units
+from autotune.sampling.executor import sample
+from autotune.sampling.named import build
+from autotune.sampling.noise import VPLinear
+from autotune.sampling.reuse import ThresholdReuse, deepcache, without_reuse
+from autotune.space.fileformat import dumps, loads
+from autotune.space.schedule import Schedule, Step
+
+
+def _with(schedule: Schedule, **per_step) -> Schedule:
+    """``_with(s, s2={"reuse": (...)})`` edits steps[2]."""
+    steps = list(schedule.steps)
+    for key, changes in per_step.items():
+        steps[int(key[1:])] = dataclasses.replace(steps[int(key[1:])], **changes)
+    return schedule.with_steps(steps)
+
+
+class Counting(nn.Module):
+    """A unit that counts its forwards; ``const`` makes its output independent of the input (so reuse is exact)."""
+
+    autotune_prunable = True
+
+    def __init__(self, const: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.const = const
+        self.calls = 0
+
+    def forward(self, h):
+        self.calls += 1
+        return self.lin(torch.ones_like(h) if self.const else h)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, const: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.block = Counting(const)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x, t):
+        return self.out(self.block(self.inp(x)) + t[:, None] * 1e-3)
+
+
+# -- the schedule value and its file ---------------------------------------------------------------------------
+
+def test_reuse_is_in_identity_and_file_only_when_used():
+    ns = VPLinear()
+    s = build("dpmsolver++2m", ns, 4)
+    assert all("reuse" not in st for st in s.identity()["steps"])
+    assert '"reuse"' not in dumps(s)
+    r = _with(s, s2={"reuse": ("mid", "down")})
+    assert r.steps[2].reuse == ("down", "mid")  # canonical: sorted
+    assert r.hash() != s.hash() and without_reuse(r).hash() == s.hash()
+    back = loads(dumps(r))
+    assert back == r and back.hash() == r.hash() and back.units_reused == {"down", "mid"}
+    assert json.loads(dumps(r))["steps"][2]["reuse"] == ["down", "mid"]
+
+
+@pytest.mark.parametrize("steps, field, reason", [
+    ([Step(0.5, reuse=("a",)), Step(0.0)], "steps[0].reuse", "first step cannot reuse"),
+    ([Step(0.6), Step(0.3, skip=("a",), reuse=("a",)), Step(0.0)], "steps[1].reuse", "both skipped and reused"),
+    ([Step(0.6, skip=("a",)), Step(0.3, reuse=("a",)), Step(0.0)], "steps[1].reuse", "no earlier model call"),
+    # "a" contains "a.b": a call that reuses or skips "a" does not run "a.b"
+    ([Step(0.6, skip=("a",)), Step(0.3, reuse=("a.b",)), Step(0.0)], "steps[1].reuse", "no earlier model call"),
+    ([Step(0.6), Step(0.3, reuse=("a", "a")), Step(0.0)], "steps[1].reuse", "twice"),
+    ([Step(0.6), Step(0.3, reuse=("",)), Step(0.0)], "steps[1].reuse", "list of unit names"),
+])
+def test_bad_reuse_is_refused_naming_the_field(steps, field, reason):
+    with pytest.raises(ScheduleError, match=reason) as e:
+        Schedule(1.0, tuple(steps))
+    assert e.value.field == field
+
+
+def test_reuse_after_an_earlier_computing_call_is_valid():
+    s = Schedule(1.0, (Step(0.7), Step(0.5, reuse=("a",)), Step(0.3, reuse=("a.b",)), Step(0.0, reuse=("a",))))
+    assert s.units_reused == {"a", "a.b"} and not s.units_used
+
+
+def test_unknown_reused_units_are_refused_like_skipped_ones():
+    s = Schedule(1.0, (Step(0.5), Step(0.0, reuse=("deep9",))))
+    with pytest.raises(ScheduleError, match="unknown unit 'deep9'") as e:
+        s.check_units(Units(("down0",), ("deep0",)))
+    assert e.value.field == "steps[1].reuse"
+    Schedule(1.0, (Step(0.5), Step(0.0, reuse=("deep0",)))).check_units(Units(("down0",), ("deep0",)))
+    with pytest.raises(ScheduleError, match="steps\\[1\\].skip"):  # reuse-only units cannot be skipped
+        Schedule(1.0, (Step(0.5), Step(0.0, skip=("deep0",)))).check_units(Units(("down0",), ("deep0",)))
+    text = dumps(Schedule(1.0, (Step(0.5), Step(0.0, reuse=("deep9",)))))
+    with pytest.raises(ScheduleError, match="unknown unit"):
+        loads(text, units=Units(("down0",), ("deep0",)))
+    with pytest.raises(ScheduleError, match="reuse\\[0\\]"):
+        loads(text.replace('"deep9"', "3"))
+
+
+def test_units_keep_their_reusable_names_through_pickle():
+    u = Units(("a", "b"), ("deep",))
+    assert u == ("a", "b") and u.reusable == ("a", "b", "deep")
+    v = pickle.loads(pickle.dumps(u))
+    assert v == u and v.reusable == u.reusable
+
+
+# -- plan and executor -----------------------------------------------------------------------------------------
+
+def test_plan_calls_carry_reuse_and_record():
+    ns = VPLinear()
+    s = _with(build("dpmsolver++2m", ns, 5), s1={"reuse": ("block",)}, s2={"reuse": ("block",)},
+              s4={"reuse": ("block",)})
+    calls = make_plan(s, ns).calls
+    assert [sorted(c.reuse) for c in calls] == [[], ["block"], ["block"], [], ["block"]]
+    assert [sorted(c.record) for c in calls] == [["block"], [], [], ["block"], []]
+    assert all(not c.reuse and not c.record for c in make_plan(without_reuse(s), ns).calls)
+
+
+def test_executor_reuses_the_cached_output_and_skips_the_compute():
+    torch.manual_seed(0)
+    ns = VPLinear()
+    noise = torch.randn(4, 3)
+    full = build("dpmsolver++2m", ns, 5)
+    reused = _with(full, s1={"reuse": ("block",)}, s2={"reuse": ("block",)}, s4={"reuse": ("block",)})
+    # a unit whose output does not depend on its input: reusing it is exact, and it runs only at steps 0 and 3
+    model = TorchDenoiser(TinyNet(const=True), ns, "epsilon")
+    a = sample(model, full, noise)
+    model.module.block.calls = 0
+    b = sample(model, reused, noise)
+    assert model.module.block.calls == 2 and b.nfe == 5
+    torch.testing.assert_close(b.sample, a.sample, atol=0, rtol=0)
+    assert "forward" not in model.module.block.__dict__  # the unit is restored after each call
+    # an input-dependent unit: reuse really changes the result
+    model = TorchDenoiser(TinyNet(const=False), ns, "epsilon")
+    assert (sample(model, reused, noise).sample - sample(model, full, noise).sample).abs().max() > 1e-6
+
+
+def test_a_model_without_reuse_support_refuses_a_reusing_schedule():
+    class Plain:
+        noise = VPLinear()
+        parameterization = "epsilon"
+        units = ("block",)
+
+        def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None):
+            return 0 * x
+
+        def fingerprint(self):
+            return "plain"
+
+    s = _with(build("ddim", VPLinear(), 3), s1={"reuse": ("block",)})
+    with pytest.raises(SamplingError, match="cannot reuse"):
+        sample(Plain(), s, torch.randn(2, 3))
+    assert sample(Plain(), without_reuse(s), torch.randn(2, 3)).nfe == 3
+
+
+# -- digits: deep branches, guidance, baker, engine ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def guided(digits):
+    return dataclasses.replace(build("unipc-bh2-o2", digits.noise, 6), guidance=2.0)
+
+
+def _batch(b=6):
+    return torch.randn(b, 1, 16, 16, generator=torch.Generator().manual_seed(3)), torch.arange(b) % 10
+
+
+def test_digits_deep_branches_keep_weights_and_outputs(digits):
+    assert set(digits.units.reusable) - set(digits.units) == {"deep0", "deep1"}
+    assert not any(k.startswith("deep") for k in digits.module.state_dict())
+    x, labels = _batch()
+    t = torch.tensor(0.4)
+    base = digits(x, t, labels, guidance=2.0)
+    cache: dict = {}
+    again = digits(x, t, labels, guidance=2.0, record=frozenset({"deep0", "deep1", "mid_attn"}), cache=cache)
+    torch.testing.assert_close(again, base, atol=0, rtol=0)
+    assert cache["deep0"].shape == (2 * 6, 64, 16, 16)  # CFG's doubled batch is what the unit saw
+    # reusing at the same time and input returns the same output
+    for unit in ("deep0", "deep1", "mid_attn"):
+        torch.testing.assert_close(digits(x, t, labels, guidance=2.0, reuse=frozenset({unit}), cache=cache), base)
+    with pytest.raises(SamplingError, match="no cached output"):
+        digits(x, t, labels, guidance=2.0, reuse=frozenset({"up0_extra"}), cache=cache)
+
+
+def test_deepcache_on_digits_with_guidance_runs_baked_alike(digits, guided):
+    from autotune.compile.bake import BakedSampler
+
+    x, labels = _batch()
+    full = sample(digits, guided, x, labels).sample
+    d2 = deepcache(guided, 2)
+    assert [st.reuse for st in d2.steps] == [(), ("deep0",), (), ("deep0",), (), ("deep0",)]
+    out = sample(digits, d2, x, labels).sample
+    rms = float((out - full).pow(2).mean().sqrt())  # reuse is an approximation: close, not equal
+    assert 1e-4 < rms < 0.2 and torch.isfinite(out).all(), rms
+    with torch.no_grad():
+        baked = BakedSampler(digits, d2)(x, labels)
+    torch.testing.assert_close(baked, out, atol=1e-6, rtol=0)
+
+
+def test_onnx_engine_with_reuse_matches_the_executor(digits, guided, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from autotune.compile import build_engine
+
+    s = _with(deepcache(guided, 3), s4={"skip": ("mid_attn",)})
+    man = build_engine(digits, s, tmp_path / "e", "onnxruntime")
+    assert man.parity["engine_vs_executor_max_abs"] <= 1e-3
+
+
+def test_threshold_rule_decides_from_the_first_block(digits, guided):
+    x, labels = _batch()
+    full = sample(digits, guided, x, labels).sample
+    never = ThresholdReuse(digits, 0.0)
+    torch.testing.assert_close(sample(never, guided, x, labels).sample, full, atol=0, rtol=0)
+    assert (never.calls, never.reused) == (6, 0)
+    always = ThresholdReuse(digits, 1e9)
+    out = sample(always, guided, x, labels).sample
+    assert (always.calls, always.reused) == (6, 5)  # the first call of a run is full
+    torch.testing.assert_close(out, sample(digits, deepcache(guided, 6), x, labels).sample, atol=1e-6, rtol=0)
+    sample(always, guided, x, labels)  # a second run starts full again
+    assert (always.calls, always.reused) == (12, 10)
+    with pytest.raises(SamplingError, match="no unit"):
+        ThresholdReuse(digits, 0.1, rest="deep7")
