@@ -10,9 +10,10 @@ from typing import Optional
 import typer
 
 from autotune.cli_common import CACHE_HELP, console, err_console, one_line_errors, open_store_option
-from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, MAX_SEED, MAX_THREADS, check_guidance, check_guided_model
+from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, MAX_SEED, MAX_THREADS, check_guidance
 from autotune.cli_common import check_output_dir, check_output_file
 from autotune.errors import AutotuneError, InputError
+from autotune.sampling.capabilities import capabilities_of, check_guidance_applies
 from autotune.search.job import DEFAULT_METHOD, DEFAULT_PARETO_METHOD  # torch-free; the --method help names them
 from autotune.space.fileformat import MAX_NFE
 
@@ -117,15 +118,16 @@ def baseline_cmd(
     check_output_file(out, "--out")
     check_guidance(guidance)
     m = load_model(model)
-    check_guided_model(m, guidance, model)
+    check_guidance_applies(m, guidance, model)
     schedule = build(name, m.noise, nfe, final=final)
     if guidance is not None:
         schedule = dataclasses.replace(schedule, guidance=guidance)
     save(schedule, out)
     console.print(f"wrote {out}: {schedule.name}, NFE {schedule.nfe}, hash {schedule.hash()}")
-    if guidance is None and getattr(m, "guidance_embeds", False):  # Flux dev: the guidance is a network input
+    has = capabilities_of(m)
+    if guidance is None and has.guidance_input:  # Flux dev: the guidance is a network input
         console.print("note: a guidance-distilled model; without --guidance it runs at the pipeline's default scale")
-    elif guidance is None and hasattr(m, "encode_prompts"):
+    elif guidance is None and has.prompts:
         console.print("note: a text-to-image model; this schedule is unguided (pass --guidance, e.g. 7.5, for CFG)")
 
 
@@ -236,7 +238,7 @@ def sample_cmd(
     sched.check_units(m.units)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
-    check_guided_model(m, sched.guidance, model)
+    check_guidance_applies(m, sched.guidance, model)
     texts = _sample_prompts(m, model, prompts, class_labels)
     if num is None:
         num = len(texts) if texts is not None else 16
@@ -250,7 +252,7 @@ def sample_cmd(
         from autotune.images import save_grid
 
         images = result.sample.detach()
-        if hasattr(m, "decode"):  # latent models: the VAE turns latents into images (outside the sampling loop)
+        if capabilities_of(m).decodes:  # latents: the VAE turns them into images (outside the sampling loop)
             images = m.decode(images)
         save_grid(images.cpu(), png, columns=columns)
         console.print(f"wrote {png}")
@@ -262,7 +264,7 @@ def _sample_prompts(m, model: str, prompts: Optional[Path], class_labels: Option
         return None
     if class_labels is not None:
         raise AutotuneError("--prompts and --class-labels: give one or the other")
-    if not hasattr(m, "encode_prompts"):
+    if not capabilities_of(m).prompts:
         raise AutotuneError(f"--prompts: {model} is not a text-to-image model")
     from autotune.models.latent import read_prompts
 
@@ -274,7 +276,7 @@ def _initial_noise(m, noise: Optional[Path], num: int, seed: int):
     import numpy as np
     import torch
 
-    shape = tuple(getattr(m, "sample_shape", ()))
+    shape = capabilities_of(m).sample_shape or ()
     if noise is not None:
         x = torch.from_numpy(np.ascontiguousarray(read_noise(noise)))
         if shape and tuple(x.shape[1:]) != shape:
@@ -361,9 +363,8 @@ def eval_cmd(
         with step(f"loading {model}"):
             m = load_model(model)
         sched.check_units(m.units)
-        check_guided_model(m, sched.guidance, model)
-        evaluator = Evaluator(m, eval_set, size=size, store=store)
-        evaluator.model_spec = model
+        check_guidance_applies(m, sched.guidance, model)
+        evaluator = Evaluator(m, eval_set, size=size, store=store, model_spec=model)
         with step(f"scoring the schedule, {evaluator.eval_set.kind} set") as progress:
             evaluator.progress = progress  # the set's reference, solved first unless cached
             metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
@@ -419,13 +420,13 @@ def compare_cmd(
         m = load_model(model)
     for s in given:
         s.check_units(m.units)
-        check_guided_model(m, s.guidance, model)
-    check_guided_model(m, guidance, model)
+        check_guidance_applies(m, s.guidance, model)
+    check_guidance_applies(m, guidance, model)
     names = names_for(m.noise) if baselines == "all" else [] if baselines == "none" else [
         b.strip() for b in baselines.split(",") if b.strip()]
     prompt_list = tuple(read_prompts(prompts)) if prompts is not None else ()
-    evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache), prompts=prompt_list)
-    evaluator.model_spec = model
+    evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache), prompts=prompt_list,
+                          model_spec=model)
     jobs: list[tuple[str, str, object]] = []  # (label, file, schedule)
     for name in names:
         for n in nfes:

@@ -66,16 +66,6 @@ def check_guidance(value: Optional[float], flag: str = "--guidance") -> Optional
     return value
 
 
-def check_guided_model(model, guidance: Optional[float], name: str) -> None:
-    """Refuse a guidance scale for a model without a condition to guide by (it would be ignored silently)."""
-    from autotune.errors import InputError
-
-    guided = bool(getattr(model, "num_classes", None)) or hasattr(model, "encode_prompts")
-    if guidance is not None and not guided:
-        raise InputError(f"guidance {guidance:g}: {name} is unconditional, so classifier-free guidance does not "
-                         "apply (drop --guidance, or use a schedule without guidance)")
-
-
 def _first_existing(path: Path) -> Path:
     path = path.absolute()
     while not path.exists() and path != path.parent:

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, MAX_THREADS, check_guidance, check_guided_model
-from autotune.cli_common import check_output_dir, check_output_file, console, one_line_errors
+from autotune.sampling.capabilities import check_guidance_applies
+from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, MAX_THREADS, check_guidance
+from autotune.cli_common import check_output_dir, console, one_line_errors
 from autotune.errors import AutotuneError, InputError
 from autotune.progress_cli import step
 
@@ -42,7 +43,7 @@ def _model_and_schedule(model: str, schedule: Path, guidance: Optional[float]):
     sched.check_units(m.units)
     if guidance is not None:
         sched = dataclasses.replace(sched, guidance=guidance)
-    check_guided_model(m, sched.guidance, model)
+    check_guidance_applies(m, sched.guidance, model)
     return m, sched
 
 

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, check_guidance, check_guided_model, check_output_file
+from autotune.sampling.capabilities import check_guidance_applies
+from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, check_guidance, check_output_file
 from autotune.cli_common import console, err_console, one_line_errors, open_store_option
 from autotune.errors import AutotuneError, InputError
 from autotune.progress_cli import step
@@ -112,7 +113,7 @@ def dc_fit_cmd(
     with step(f"loading {model}"):
         m = load_model(model)
     sched.check_units(m.units)
-    check_guided_model(m, sched.guidance, model)
+    check_guidance_applies(m, sched.guidance, model)
     evaluator = Evaluator(m, "search", size=datapoints, store=open_store_option(cache, no_cache))
     with step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
         evaluator.progress = progress
@@ -161,7 +162,7 @@ def cpr_fit_cmd(
     settings = _settings(datapoints, iterations, lr, method)
     check_output_file(out, "--out")
     m = load_model(model)
-    check_guided_model(m, guidances[0], model)
+    check_guidance_applies(m, guidances[0], model)
     table = Table("NFE", "guidance", "ratios", "loss before", "loss after", "seconds")
     start = time.perf_counter()
     store = open_store_option(cache, no_cache)

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from autotune.errors import AutotuneError
+from autotune.sampling.capabilities import capabilities_of
 from autotune.space.schedule import Schedule
 from autotune.tables import DATA_METRICS, best_row, data_metric_names, fig, mean_interval_text, sci, versus
 
@@ -506,8 +507,7 @@ def schedule_row(evaluator: Any, schedule: Schedule, name: str) -> dict:
 
 def is_image_model(model: Any) -> bool:
     """Samples that are pictures: (1 or 3, H, W) pixels, or latents a VAE decodes."""
-    shape = tuple(getattr(model, "sample_shape", ()))
-    return hasattr(model, "decode") or (len(shape) == 3 and shape[0] in (1, 3))
+    return capabilities_of(model).images
 
 
 def sample_images(evaluator: Any, schedules: Mapping[str, Schedule], count: int = 16,
@@ -526,6 +526,6 @@ def sample_images(evaluator: Any, schedules: Mapping[str, Schedule], count: int 
     with torch.no_grad():
         for name, s in schedules.items():
             out[name] = sample(model, s, noise, labels).sample
-    if hasattr(model, "decode"):
+    if capabilities_of(model).decodes:
         out = {k: model.decode(v) for k, v in out.items()}
     return out

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from autotune.cli_common import CACHE_HELP, check_guidance, check_guided_model, check_output_dir, console
+from autotune.sampling.capabilities import check_guidance_applies
+from autotune.cli_common import CACHE_HELP, check_guidance, check_output_dir, console
 from autotune.cli_common import one_line_errors
 from autotune.errors import AutotuneError
 
@@ -60,8 +61,7 @@ def _evaluator(model: str, eval_set: str, size: int, cache: Optional[str], no_ca
         store = open_store(cache)
     with step(f"loading {model}"):
         m = load_model(model)
-    evaluator = Evaluator(m, eval_set, size=size, store=store)
-    evaluator.model_spec = model
+    evaluator = Evaluator(m, eval_set, size=size, store=store, model_spec=model)
     return evaluator, store
 
 
@@ -109,7 +109,7 @@ def report_search_cmd(
         nfes = sorted(set(nfes) | {sched.nfe})
     evaluator, _ = _evaluator(model, "report", size, cache, False)
     sched.check_units(evaluator.model.units)
-    check_guided_model(evaluator.model, sched.guidance, model)
+    check_guidance_applies(evaluator.model, sched.guidance, model)
     name = sched.name or "searched"
     with step("scoring the schedule and the baselines, report set") as progress:
         evaluator.progress = progress  # the report set's reference, solved first unless cached
@@ -165,12 +165,12 @@ def report_compare_cmd(
     if not given and not names:
         raise AutotuneError("nothing to compare: pass --schedules or leave --baselines at 'all'")
     evaluator, _ = _evaluator(model, eval_set, size, cache, no_cache)
-    check_guided_model(evaluator.model, check_guidance(guidance), model)
+    check_guidance_applies(evaluator.model, check_guidance(guidance), model)
     names = _baseline_names(baselines, evaluator.model.noise)
     labelled = []
     for p, s in zip(paths, given):
         s.check_units(evaluator.model.units)
-        check_guided_model(evaluator.model, s.guidance, model)
+        check_guidance_applies(evaluator.model, s.guidance, model)
         label = s.name or p.stem
         if label in names or label in [n for n, _ in labelled]:
             label = f"{label} ({p.name})"  # a file holding a named schedule must not merge into that line

@@ -21,6 +21,7 @@ from autotune.compile.bake import BakedSampler
 from autotune.compile.manifest import (BATCH, MANIFEST, SCHEDULE_FILE, Manifest, TensorSpec, check_directory,
                                        file_sha256, read_manifest, write_manifest)
 from autotune.errors import BackendError
+from autotune.sampling.capabilities import capabilities_of
 from autotune.sampling.coefficients import make_plan
 from autotune.sampling.denoiser import Denoiser
 from autotune.sampling.executor import sample
@@ -37,15 +38,16 @@ def engine_io(model: Denoiser, schedule: Schedule | None = None
               ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """Engine inputs and output: ``noise`` (+ ``class_labels`` or ``prompt_embeds``) (+ ``step_noise``, the fresh
     draws of a stochastic ``schedule``, batch first) -> ``sample``."""
-    shape = tuple(int(d) for d in getattr(model, "sample_shape", ()))
+    has = capabilities_of(model)
+    shape = has.sample_shape
     if not shape:
         raise BackendError(f"{type(model).__name__}: the model does not declare its sample shape")
     inputs = [TensorSpec("noise", "float32", (BATCH, *shape))]
-    if getattr(model, "num_classes", None):
+    if has.num_classes:
         inputs.append(TensorSpec("class_labels", "int64", (BATCH,)))
-    elif hasattr(model, "engine_condition_inputs"):  # a condition of several tensors (SDXL)
+    elif has.engine_conditions:  # a condition of several tensors (SDXL, SD3, Flux)
         inputs += [TensorSpec(name, "float32", (BATCH, *dims)) for name, dims in model.engine_condition_inputs()]
-    elif hasattr(model, "encode_prompts"):
+    elif has.prompts:
         emb = tuple(int(d) for d in model.null_embedding.shape[1:])
         inputs.append(TensorSpec("prompt_embeds", "float32", (BATCH, *emb)))
     draws = 0 if schedule is None else schedule_noise_draws(schedule, model)
@@ -213,8 +215,8 @@ def build_engine(
             "spec": model_spec,
             "fingerprint": model.fingerprint(),
             "parameterization": model.parameterization,
-            "sample_shape": list(getattr(model, "sample_shape", ())),
-            "num_classes": getattr(model, "num_classes", None),
+            "sample_shape": list(capabilities_of(model).sample_shape or ()),
+            "num_classes": capabilities_of(model).num_classes,
         },
         schedule={"file": SCHEDULE_FILE, "hash": schedule.hash(), "name": schedule.name, "nfe": schedule.nfe,
                   "guidance": schedule.guidance, "guidance_baked": True},

@@ -32,10 +32,13 @@ class Evaluator:
         prompts: a text-to-image model's prompts, cycled over the set (none: the empty prompt).
         store: an ``autotune.cache`` Store, or None to keep everything in memory only.
         ref_steps: steps of the reference solver.
+        model_spec: how the user named the model (a built-in name or a directory): stored rows then let
+            `autotune eval` answer without loading the model.
     """
 
     def __init__(self, model: Denoiser, kind: str = "search", size: int = 0, seed: int = 0, store: Any = None,
-                 ref_steps: int = DEFAULT_REF_STEPS, prompts: tuple[str, ...] = ()) -> None:
+                 ref_steps: int = DEFAULT_REF_STEPS, prompts: tuple[str, ...] = (), model_spec: str | None = None
+                 ) -> None:
         self.model = model
         self.eval_set: EvalSet = eval_set_for(model, kind, size, seed, prompts)
         self.store = store
@@ -46,7 +49,7 @@ class Evaluator:
         self._memo: dict[str, dict[str, Any]] = {}
         self.hits = 0
         self.misses = 0
-        self.model_spec: str | None = None  # the MODEL argument, when the model came from one
+        self.model_spec = model_spec  # the MODEL argument, when the model came from one
         # DC-Solver hook (search/dc_fit.py: attach_ratio_source): maps a candidate to the schedule actually
         # scored, with fitted or CPR-predicted compensation ratios; None scores candidates as they are
         self.ratio_source: Callable[["Evaluator", Schedule], Schedule] | None = None

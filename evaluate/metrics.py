@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autotune.evaluate.ids import METRIC_VERSION, PER_SAMPLE  # noqa: F401  (one place for the version)
+from autotune.sampling.capabilities import capabilities_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -147,7 +148,6 @@ def score(
             for state, t in zip(result.states[1:], schedule.times[1:])
         ]
         metrics["traj_err"] = sum(errors) / len(errors)
-    data_metrics = getattr(model, "data_metrics", None)
-    if callable(data_metrics):
-        metrics.update(data_metrics(result.sample, eval_set.labels()))
+    if capabilities_of(model).data_metrics:
+        metrics.update(model.data_metrics(result.sample, eval_set.labels()))
     return metrics

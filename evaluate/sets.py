@@ -15,6 +15,7 @@ import torch
 
 from autotune.errors import AutotuneError
 from autotune.evaluate.ids import DEFAULT_SIZE, eval_set_id
+from autotune.sampling.capabilities import capabilities_of
 
 KINDS = ("search", "report", "validation")  # the index is part of the generator seed: append only
 
@@ -88,10 +89,9 @@ class EvalSet:
 
 def eval_set_for(model, kind: str, size: int = 0, seed: int = 0, prompts: tuple[str, ...] = ()) -> EvalSet:
     """The evaluation set of a model (its sample shape and classes, or the prompts given) of the given kind."""
-    shape = getattr(model, "sample_shape", None)
-    if not shape:
+    has = capabilities_of(model)
+    if not has.sample_shape:
         raise AutotuneError("this model does not declare its sample shape; it cannot be evaluated")
-    if prompts and not callable(getattr(model, "encode_prompts", None)):
+    if prompts and not has.prompts:
         raise AutotuneError("--prompts: this model is not a text-to-image model (it takes no prompts)")
-    return EvalSet(kind, tuple(shape), size=size, seed=seed, num_classes=getattr(model, "num_classes", None),
-                   prompts=tuple(prompts))
+    return EvalSet(kind, has.sample_shape, size=size, seed=seed, num_classes=has.num_classes, prompts=tuple(prompts))

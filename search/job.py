@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optio
 
 from autotune.errors import AutotuneError, InputError
 from autotune.evaluate.progress import ProgressFn
+from autotune.sampling.capabilities import check_guidance_applies
 
 if TYPE_CHECKING:  # torch-heavy: imported where they are used
     from autotune.evaluate.evaluator import Evaluator
@@ -271,11 +272,7 @@ def load_checked_model(config: JobConfig, model: Optional[Denoiser] = None, hook
         # the driver keeps every core: it solves the search, validation and report references itself, and
         # waits idle while the Ray workers (one thread each) score candidates
         m = model if model is not None else load_model(config.model)
-    # the rule for "guidance applies" lives with the CLI's input checks until models declare their
-    # conditioning (issue 12, part 4); it is torch-free and prints nothing
-    from autotune.cli_common import check_guided_model
-
-    check_guided_model(m, config.guidance, config.model)
+    check_guidance_applies(m, config.guidance, config.model)
     if config.stage2_budget and not m.units:
         raise AutotuneError(f"--stage2-budget: {config.model} has no prunable units to skip")
     return m
@@ -537,8 +534,8 @@ def _score_report(setup: SearchSetup, result: SearchResult, best: Schedule, stag
     from autotune.evaluate.evaluator import Evaluator
 
     c = setup.config
-    report = Evaluator(setup.model, "report", size=c.report_size, store=setup.store, prompts=c.prompts)
-    report.model_spec = c.model
+    report = Evaluator(setup.model, "report", size=c.report_size, store=setup.store, prompts=c.prompts,
+                       model_spec=c.model)
     peers = [s for s in setup.named_peers if s.nfe == best.nfe]
     ours = [(best.name, best)]
     if stage2 and stage2.result is not None:
