@@ -11,6 +11,15 @@ mutation (at least one bit), elitist survival; a mask already asked for is not a
 
 The strategy is told ``(mse_ref, latency_ms)`` (run it with ``objectives=("mse_ref", "latency_ms")`` and
 ``limits={"latency_ms": limit_ms}``, so the runner's best is the best feasible mask).
+
+With ``reusable`` units (``Denoiser.units.reusable``: skippable units and reuse-only ones such as a UNet's deep
+branch) the gene of each (step, unit) has three states: compute, reuse (the unit's output cached at the last call
+that computed it: ``Step.reuse``) or skip (only for skippable units). The first generation holds DeepCache's
+uniform patterns (every reuse-only unit at intervals 2, 3, 5) beside random genomes; breeding is the same (binary
+tournament, uniform crossover, at least one gene set to another allowed state), and every genome is repaired into
+a valid schedule: a reuse needs an earlier step that computed the unit, counted conservatively (a step that
+reuses any reuse-only unit is taken as not computing the blocks inside it). Without ``reusable`` the search is the
+skip-only one above, draw for draw.
 """
 
 from __future__ import annotations
@@ -27,11 +36,15 @@ from autotune.space.schedule import Schedule
 POPULATION = 12
 DENSITIES = (0.1, 0.25, 0.4, 0.6)  # share of skipped bits in the initial random masks
 INITIAL = 8  # random masks before breeding starts
+REUSE_DENSITIES = (0.3, 0.5, 0.7)  # share of reused genes in the initial random genomes (3-state search)
+SKIP_DENSITIES = (0.0, 0.05, 0.1)  # share of skipped genes there
+DEEPCACHE_INTERVALS = (2, 3, 5)
+COMPUTE, REUSE, SKIP = 0, 1, 2
 
 
 def without_skips(s: Schedule) -> Schedule:
-    """The schedule with every step's skip mask cleared (the unpruned network)."""
-    return dataclasses.replace(s, steps=tuple(dataclasses.replace(st, skip=()) for st in s.steps))
+    """The schedule with every step's skip and reuse masks cleared (the unpruned network)."""
+    return dataclasses.replace(s, steps=tuple(dataclasses.replace(st, skip=(), reuse=()) for st in s.steps))
 
 
 class SkipMaskSearch:
@@ -48,13 +61,18 @@ class SkipMaskSearch:
     multi_objective = True
 
     def __init__(self, base: Schedule, units: tuple[str, ...], limit_ms: float, seed: int = 0,
-                 population: int = POPULATION) -> None:
-        if not units:
+                 population: int = POPULATION, reusable: tuple[str, ...] = ()) -> None:
+        if not units and not reusable:
             raise SearchError("stage 2 needs a model with prunable units (this model has none)")
         self.base = without_skips(base)
-        self.units = tuple(units)
+        self.skippable = tuple(units)
+        self.reusable = tuple(reusable)
+        self.reuse_only = tuple(u for u in self.reusable if u not in self.skippable)
+        self.units = self.skippable + self.reuse_only if self.reusable else self.skippable
         self.limit = float(limit_ms)
         self.bits = [(k, u) for k in range(len(self.base.steps)) for u in self.units]
+        self.seeds = [self._deepcache(unit, n) for unit in self.reuse_only for n in DEEPCACHE_INTERVALS
+                      if n < len(self.base.steps)]
         self.population_size = population
         self.rng = np.random.default_rng(seed)
         self.population: list[tuple[Schedule, tuple[float, float]]] = []
@@ -72,7 +90,75 @@ class SkipMaskSearch:
         return dataclasses.replace(self.base, steps=steps)
 
     def mask(self, s: Schedule) -> np.ndarray:
+        if self.reusable:
+            return np.array([SKIP if u in s.steps[k].skip else REUSE if u in s.steps[k].reuse else COMPUTE
+                             for k, u in self.bits], dtype=np.int8)
         return np.array([u in s.steps[k].skip for k, u in self.bits], dtype=bool)
+
+    # -- 3-state genomes (compute / reuse / skip) ---------------------------------------------------------------
+
+    def _allowed(self, k: int, u: str) -> tuple[int, ...]:
+        states = [COMPUTE]
+        if k > 0 and u in self.reusable:
+            states.append(REUSE)
+        if u in self.skippable:
+            states.append(SKIP)
+        return tuple(states)
+
+    def _deepcache(self, unit: str, interval: int) -> np.ndarray:
+        return np.array([REUSE if u == unit and k % interval else COMPUTE for k, u in self.bits], dtype=np.int8)
+
+    def _repair(self, genome: np.ndarray) -> np.ndarray:
+        """Each gene in an allowed state; a reuse with no earlier step computing the unit becomes a compute."""
+        genome = genome.copy()
+        computed: set[str] = set()
+        n_units = len(self.units)
+        for k in range(len(self.base.steps)):
+            row = genome[k * n_units:(k + 1) * n_units]
+            for i, u in enumerate(self.units):
+                if row[i] not in self._allowed(k, u) or (row[i] == REUSE and u not in computed):
+                    row[i] = COMPUTE
+            inner_unknown = any(row[i] == REUSE for i, u in enumerate(self.units) if u in self.reuse_only)
+            for i, u in enumerate(self.units):
+                if row[i] == COMPUTE and (u in self.reuse_only or not inner_unknown):
+                    computed.add(u)
+        return genome
+
+    def schedule_of(self, genome: np.ndarray) -> Schedule:
+        if not self.reusable:
+            return self.schedule(genome)
+        skips: list[list[str]] = [[] for _ in self.base.steps]
+        reuses: list[list[str]] = [[] for _ in self.base.steps]
+        for g, (k, u) in zip(genome, self.bits):
+            if g == SKIP:
+                skips[k].append(u)
+            elif g == REUSE:
+                reuses[k].append(u)
+        steps = tuple(dataclasses.replace(st, skip=tuple(sk), reuse=tuple(re))
+                      for st, sk, re in zip(self.base.steps, skips, reuses))
+        return dataclasses.replace(self.base, steps=steps)
+
+    def _candidate3(self) -> np.ndarray:
+        n = len(self.bits)
+        if self.seeds:
+            return self._repair(self.seeds.pop(0))
+        if self.initial_left > 0 or len(self.population) < 2:
+            self.initial_left = max(self.initial_left - 1, 0)
+            p_reuse = REUSE_DENSITIES[int(self.rng.integers(len(REUSE_DENSITIES)))]
+            p_skip = SKIP_DENSITIES[int(self.rng.integers(len(SKIP_DENSITIES)))]
+            r = self.rng.random(n)
+            genome = np.where(r < p_reuse, REUSE, np.where(r < p_reuse + p_skip, SKIP, COMPUTE)).astype(np.int8)
+            return self._repair(genome)
+        a, b = self._tournament(), self._tournament()
+        child = np.where(self.rng.random(n) < 0.5, a, b).astype(np.int8)
+        flips = self.rng.random(n) < 1.0 / n
+        flips[int(self.rng.integers(n))] = True
+        for i in np.flatnonzero(flips):
+            k, u = self.bits[i]
+            others = [st for st in self._allowed(k, u) if st != child[i]]
+            if others:
+                child[i] = others[int(self.rng.integers(len(others)))]
+        return self._repair(child)
 
     def _fitness(self, values: tuple[float, float]) -> tuple[int, float]:
         """Deb's rule: (0, mse_ref) when within the limit, else (1, excess latency)."""
@@ -85,7 +171,7 @@ class SkipMaskSearch:
         out: list[Schedule] = []
         while len(out) < n:
             for _ in range(50):  # a fresh mask; a tiny mask space may run out, then the cache answers repeats
-                s = self.schedule(self._candidate())
+                s = self.schedule_of(self._candidate3()) if self.reusable else self.schedule(self._candidate())
                 if s.hash() not in self.asked:
                     break
             self.asked.add(s.hash())
@@ -121,13 +207,15 @@ class SkipMaskSearch:
 
     def state(self) -> dict[str, Any]:
         return {"rng": rng_state(self.rng), "limit": self.limit, "initial_left": self.initial_left,
-                "asked": sorted(self.asked),
+                "asked": sorted(self.asked), **({"seeds_left": len(self.seeds)} if self.reusable else {}),
                 "population": [[schedule_to_json(s), list(v)] for s, v in self.population]}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.rng = rng_from_state(state["rng"])
         self.limit = float(state["limit"])
         self.initial_left = int(state["initial_left"])
+        if self.reusable:
+            self.seeds = self.seeds[len(self.seeds) - int(state.get("seeds_left", 0)):]
         self.asked = set(state["asked"])
         self.population = [(schedule_from_json(d), (float(v[0]), float(v[1]))) for d, v in state["population"]]
 
@@ -146,8 +234,10 @@ class Stage2:
 
 def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *, fraction: float, seed: int = 0,
                batch_size: int = 8, store: Any = None, parent_id: str = "", study_url: str | None = None,
-               study_attrs: dict[str, Any] | None = None, latency: Any = None) -> Stage2:
-    """Stage 2 on ``base``: skip masks minimising mse_ref with latency <= ``fraction`` x the unpruned latency.
+               study_attrs: dict[str, Any] | None = None, latency: Any = None,
+               reusable: tuple[str, ...] = ()) -> Stage2:
+    """Stage 2 on ``base``: skip masks minimising mse_ref with latency <= ``fraction`` x the unpruned latency;
+    with ``reusable`` units, compute / reuse / skip per (step, unit) (the study records the skip masks only).
 
     The pool is switched to measuring latency (on its workers); the unpruned schedule is measured first, and a
     resumed stage (same parent search, base, budget, fraction and seed) keeps the limit it started with.
@@ -163,11 +253,12 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
         raise SearchError(f"--latency-budget must be > 0, got {fraction}")
     pool.latency = latency or LatencySpec()
     unpruned = without_skips(base)
-    sid = search_id(parent=parent_id, stage=2, base=unpruned.hash(), budget=budget, fraction=fraction, seed=seed)
+    sid = search_id(parent=parent_id, stage=2, base=unpruned.hash(), budget=budget, fraction=fraction, seed=seed,
+                    **({"reusable": list(reusable)} if reusable else {}))
     saved = store.get_search_state(sid) if store is not None else None
     unpruned_ms = float(pool.map([unpruned])[0][LATENCY])
     limit = float(saved["strategy"]["limit"]) if saved else fraction * unpruned_ms
-    strategy = SkipMaskSearch(unpruned, tuple(units), limit, seed)
+    strategy = SkipMaskSearch(unpruned, tuple(units), limit, seed, reusable=tuple(reusable))
     names = ("mse_ref", LATENCY)
     space = ScheduleSpace.for_schedule(unpruned, units=tuple(units))  # the study's params: the masks
     recorder = StudyRecorder(study_url, sid, space, names, {**(study_attrs or {}), "stage": 2})

@@ -1,0 +1,230 @@
+"""Cached block reuse on ``digits`` (guidance 2): latency against mse_ref for the unpruned schedule, DeepCache's
+uniform interval (N = 2 / 3 / 5 on its default branch, ``deep0``), a FirstBlockCache-style threshold rule and
+the pattern stage 2 searches (compute / reuse / skip per step and unit, under a measured-latency budget).
+
+Base schedule: a named one (``unipc-bh2-o2``) at each NFE. Latency: the executor (``sampling.executor.sample``,
+as ``search/latency.py`` measures it) on the same batch of the report set's first noises, all rows timed side by
+side in this process, interleaved round by round (one run of each row per round, after a warm-up round), median
+per row; with ``--engines``, the same for ONNX Runtime engines of the static rows. mse_ref: the Evaluator on the
+report set (``--report-size`` noises, default 256); the threshold rule is scored by ``evaluate.metrics.score``
+against the same reference (it is a run-time wrapper, not a schedule). The search scores its candidates on the
+*search* set (``--search-size`` noises) with their latency measured as stage 2 does; only its winner is graded
+on the report set. Ratios: speedup = unpruned latency / row latency, mse x = row mse_ref / unpruned mse_ref.
+
+    python bench/reuse.py                                  # NFE 10 and 20, search budget 24
+    python bench/reuse.py --nfes 10 --search-budget 0 --report-size 256 --engines
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from autotune.evaluate.evaluator import Evaluator
+from autotune.evaluate.metrics import score
+from autotune.models.digits import load_digits
+from autotune.sampling.executor import sample
+from autotune.sampling.named import build
+from autotune.sampling.reuse import ThresholdReuse, deepcache
+from autotune.space.schedule import Schedule
+
+GUIDANCE = 2.0
+
+
+@dataclasses.dataclass
+class Row:
+    nfe: int
+    name: str
+    model: Any
+    schedule: Schedule
+    note: str = ""
+    ms: float = float("nan")
+    engine_ms: float = float("nan")
+    mse: float = float("nan")
+    reused: str = ""
+
+
+def reused_calls(schedule: Schedule) -> str:
+    """How many model calls reuse some unit, out of the schedule's calls."""
+    return f"{sum(1 for st in schedule.steps if st.reuse)}/{schedule.nfe}"
+
+
+def interleaved_ms(runs: list[Callable[[], Any]], rounds: int) -> list[float]:
+    """Median wall time (ms) of each run, timed one after another in each round (after one warm-up round)."""
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds + 1):
+        for i, fn in enumerate(runs):
+            started = time.perf_counter()
+            fn()
+            if r:
+                times[i].append(time.perf_counter() - started)
+    return [1000.0 * statistics.median(t) for t in times]
+
+
+def searched(model, base: Schedule, nfe: int, args, log) -> Schedule | None:
+    """Stage 2 with 3-state genes on ``base`` under ``args.fraction`` x the unpruned latency; the best feasible."""
+    from autotune.search.latency import LatencySpec
+    from autotune.search.runner import InProcessPool
+    from autotune.search.skip_stage import run_stage2
+
+    ev = Evaluator(model, "search", size=args.search_size, store=args.store_obj)
+    pool = InProcessPool(ev)
+    units = tuple(u for u in args.search_skip if u)
+    started = time.perf_counter()
+    stage = run_stage2(base, units, pool, args.search_budget, fraction=args.fraction, seed=args.seed,
+                       batch_size=4, store=None, latency=LatencySpec(batch=args.batch, repeats=3),
+                       reusable=tuple(args.search_reuse) + units)
+    log(f"  search NFE {nfe}: {args.search_budget} candidates in {time.perf_counter() - started:.0f} s, limit "
+        f"{stage.limit_ms:.1f} ms (unpruned {stage.unpruned_ms:.1f} ms on the search worker)"
+        + (f"; {stage.reason}" if stage.reason else ""))
+    if stage.result is None or stage.result.best is None:
+        return None
+    return stage.result.best
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nfes", type=int, nargs="+", default=[10, 20])
+    p.add_argument("--base", default="unipc-bh2-o2")
+    p.add_argument("--report-size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="latency batch")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds (median)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2])
+    p.add_argument("--search-budget", type=int, default=24)
+    p.add_argument("--search-size", type=int, default=64)
+    p.add_argument("--search-reuse", nargs="*", default=["deep0", "deep1"])
+    p.add_argument("--search-skip", nargs="*", default=[], help="skippable units the search may also skip")
+    p.add_argument("--fraction", type=float, default=0.66, help="search latency budget x unpruned")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engines", action="store_true", help="also time ONNX Runtime engines of the static rows")
+    p.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "autotune-bench-reuse.db"))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    from autotune.cache.store import open_store
+
+    args.store_obj = open_store(args.store)
+    model = load_digits()
+    report = Evaluator(model, "report", size=args.report_size, store=args.store_obj)
+    started = time.perf_counter()
+    reference = report.reference(GUIDANCE)
+    log(f"reference: {args.report_size} report noises, guidance {GUIDANCE} ({time.perf_counter() - started:.0f} s)")
+    noise = report.eval_set.noise(torch.float32)[: args.batch]
+    labels = report.eval_set.conditions()[: args.batch]
+
+    rows: list[Row] = []
+    for nfe in args.nfes:
+        base = dataclasses.replace(build(args.base, model.noise, nfe), guidance=GUIDANCE)
+        group = [Row(nfe, "unpruned", model, base)]
+        group += [Row(nfe, f"DeepCache N={n}", model, deepcache(base, n)) for n in (2, 3, 5)]
+        group += [Row(nfe, f"threshold {thr:g}", ThresholdReuse(model, thr), base, "run-time rule")
+                  for thr in args.thresholds]
+        if args.search_budget > 0:
+            found = searched(model, base, nfe, args, log)
+            if found is not None:
+                group.append(Row(nfe, "searched", model, found))
+            else:
+                log(f"  search NFE {nfe}: no candidate met the latency budget")
+        for row in group:
+            if isinstance(row.model, ThresholdReuse):
+                with torch.no_grad():
+                    m = score(row.model, row.schedule, report.eval_set, reference)
+                row.mse = float(m["mse_ref"])
+                row.reused = f"{row.model.reused}/{row.model.calls}"
+                row.model.calls = row.model.reused = 0
+            else:
+                row.mse = float(report.evaluate(row.schedule)["mse_ref"])
+                row.reused = reused_calls(row.schedule)
+        with torch.no_grad():
+            times = interleaved_ms([lambda r=r: sample(r.model, r.schedule, noise, labels) for r in group], args.rounds)
+        for row, ms in zip(group, times):
+            row.ms = ms
+        for row in group:
+            if isinstance(row.model, ThresholdReuse):
+                row.note = f"run-time rule; {row.model.reused}/{row.model.calls} reused in timing"
+        if args.engines:
+            engine_times(model, [r for r in group if not isinstance(r.model, ThresholdReuse)], args, log)
+        rows += group
+        log(f"NFE {nfe} done ({time.perf_counter() - started:.0f} s)")
+    print_table(rows, args)
+    for row in rows:
+        if row.name == "searched":
+            log(f"searched NFE {row.nfe}: reuse per step "
+                + " ".join("+".join(st.reuse) or "-" for st in row.schedule.steps)
+                + ("; skip " + " ".join("+".join(st.skip) or "-" for st in row.schedule.steps)
+                   if row.schedule.units_used else ""))
+
+
+def engine_times(model, group: list[Row], args, log) -> None:
+    """ONNX Runtime engines of the static rows, timed interleaved on the same batch (ms)."""
+    from autotune.compile import build_engine, load_engine
+    from autotune.compile.engine import engine_io, example_inputs
+
+    with tempfile.TemporaryDirectory(prefix="autotune-reuse-") as tmp:
+        runs = []
+        for i, row in enumerate(group):
+            man = build_engine(model, row.schedule, Path(tmp) / str(i), "onnxruntime", parity_noises=2,
+                               load_options={"threads": args.threads})
+            row.note = (row.note + "; " if row.note else "") + \
+                f"engine parity {man.parity['engine_vs_executor_max_abs']:.1e}"
+            engine = load_engine(Path(tmp) / str(i), model, threads=args.threads)
+            inputs, _ = engine_io(model, row.schedule)
+            data = {k: v.numpy() for k, v in example_inputs(model, inputs, args.batch, seed=1).items()}
+            runs.append(lambda engine=engine, data=data: engine(**data))
+        for row, ms in zip(group, interleaved_ms(runs, args.rounds)):
+            row.engine_ms = ms
+
+
+def print_table(rows: list[Row], args) -> None:
+    """One table at 80 columns: latency (ms, speedup vs unpruned), mse_ref (and x unpruned), reused calls."""
+    eng = args.engines
+    head = f"{'NFE':>3} {'policy':<15} {'reused':>7} {'ms':>7} {'speedup':>7}"
+    head += f" {'eng ms':>7} {'eng x':>6}" if eng else ""
+    head += f" {'mse_ref':>9} {'mse x':>6}"
+    print()
+    print(f"digits, guidance {GUIDANCE}, base {args.base}; mse_ref on {args.report_size} report noises;")
+    print(f"latency: executor (ms) and ONNX Runtime engine (eng ms), batch {args.batch}, median of {args.rounds} "
+          f"interleaved rounds, {args.threads} thread(s)")
+    print(head)
+    print("-" * len(head))
+    for nfe in dict.fromkeys(r.nfe for r in rows):
+        group = [r for r in rows if r.nfe == nfe]
+        ref = group[0]
+        for r in group:
+            line = f"{r.nfe:>3} {r.name:<15} {r.reused:>7} {r.ms:>7.1f} {ref.ms / r.ms:>7.2f}"
+            if eng:
+                e = r.engine_ms
+                line += f" {e:>7.1f} {ref.engine_ms / e:>6.2f}" if e == e else f" {'-':>7} {'-':>6}"
+            line += f" {r.mse:>9.2e} {r.mse / ref.mse:>6.2f}"
+            print(line)
+    notes = [f"{r.nfe:>3} {r.name}: {r.note}" for r in rows if r.note]
+    if notes:
+        print("\n".join(notes))
+    for nfe in dict.fromkeys(r.nfe for r in rows):
+        group = {r.name: r for r in rows if r.nfe == nfe}
+        s, u = group.get("searched"), group["unpruned"]
+        if s is None:
+            continue
+        target = u.ms / s.ms >= 1.5 and s.mse <= 1.25 * u.mse
+        dc = [r for n, r in group.items() if n.startswith("DeepCache")]
+        beaten = [r.name for r in dc if s.ms <= r.ms and s.mse < r.mse]
+        dominated_by = [r.name for r in dc if r.ms <= s.ms and r.mse <= s.mse]
+        print(f"NFE {nfe}: searched {u.ms / s.ms:.2f}x faster at {s.mse / u.mse:.2f}x mse_ref: target (>= 1.5x, "
+              f"<= 1.25x) {'met' if target else 'NOT met'};")
+        print(f"  faster and better than: {', '.join(beaten) or 'none'}; "
+              f"dominated by: {', '.join(dominated_by) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
