@@ -235,3 +235,38 @@ def test_threshold_rule_decides_from_the_first_block(digits, guided):
     assert (always.calls, always.reused) == (12, 10)
     with pytest.raises(SamplingError, match="no unit"):
         ThresholdReuse(digits, 0.1, rest="deep7")
+
+
+# -- stage 2: compute / reuse / skip ---------------------------------------------------------------------------
+
+def test_three_state_search_asks_valid_schedules_seeded_with_deepcache():
+    from autotune.search.skip_stage import SkipMaskSearch
+
+    ns = VPLinear()
+    base = build("dpmsolver++2m", ns, 6)
+    search = SkipMaskSearch(base, ("mid_attn",), 10.0, seed=1, reusable=("deep0", "deep1"))
+    asked = search.ask(6)
+    assert asked[0].hash() == deepcache(base, 2, "deep0").hash() and asked[3].hash() == deepcache(base, 2, "deep1").hash()
+    rng_latency = iter(range(100))
+    for _ in range(4):
+        batch = search.ask(8)
+        for s in batch:
+            assert not s.steps[0].reuse  # validated by Schedule on construction; step 0 never reuses
+            assert all(u != "deep0" and u != "deep1" for st in s.steps for u in st.skip)  # reuse-only units
+            search.tell(s, (float(len(s.units_reused)), 5.0 + next(rng_latency) % 10))
+    genes = [search.mask(s) for s, _ in search.population]
+    assert any((g == 2).any() for g in genes) or any((search.mask(s) == 2).any() for s in batch)  # skips happen
+    assert any((g == 1).any() for g in genes)
+    # the state round-trips
+    again = SkipMaskSearch(base, ("mid_attn",), 10.0, seed=1, reusable=("deep0", "deep1"))
+    again.load_state(search.state())
+    assert again.ask(2) == search.ask(2)
+
+
+def test_skip_only_search_is_unchanged_without_reusable():
+    from autotune.search.skip_stage import SkipMaskSearch
+
+    base = build("dpmsolver++2m", VPLinear(), 5)
+    a = SkipMaskSearch(base, ("a", "b"), 10.0, seed=3)
+    assert all(not s.units_reused for s in a.ask(10))
+    assert a.mask(a.ask(1)[0]).dtype == bool
