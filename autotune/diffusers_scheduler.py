@@ -57,8 +57,8 @@ ROUND_TOL = 1e-6  # the adapters' round_time: a model time within this of an int
 
 
 def check_replayable(schedule: Schedule, source: str | None = None) -> None:
-    """Raise ScheduleError if the schedule needs something the scheduler API cannot do: skip masks, or an analytic
-    first step (it moves the state before the first model call, which a pipeline makes on its own latents)."""
+    """Raise ScheduleError if the schedule needs something the scheduler API cannot do: skip or reuse masks, or an
+    analytic first step (it moves the state before the first model call, which a pipeline makes on its own latents)."""
     for k, step in enumerate(schedule.steps):
         if solver_info(step.solver).calls(step.order) == 0:
             raise ScheduleError(
@@ -70,6 +70,11 @@ def check_replayable(schedule: Schedule, source: str | None = None) -> None:
             raise ScheduleError(
                 f"steps[{k}].skip",
                 "skip masks cannot be replayed by a diffusers scheduler (the pipeline calls its whole network); "
+                "run this schedule with `autotune sample` instead", source)
+        if step.reuse:
+            raise ScheduleError(
+                f"steps[{k}].reuse",
+                "reused units cannot be replayed by a diffusers scheduler (the pipeline calls its whole network); "
                 "run this schedule with `autotune sample` instead", source)
 
 

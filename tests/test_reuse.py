@@ -270,3 +270,13 @@ def test_skip_only_search_is_unchanged_without_reusable():
     a = SkipMaskSearch(base, ("a", "b"), 10.0, seed=3)
     assert all(not s.units_reused for s in a.ask(10))
     assert a.mask(a.ask(1)[0]).dtype == bool
+
+
+def test_diffusers_scheduler_refuses_reuse_naming_the_field():
+    from autotune.diffusers_scheduler import check_replayable
+
+    s = _with(build("ddim", VPLinear(), 3), s1={"reuse": ("deep0",)})
+    with pytest.raises(ScheduleError, match="reused units cannot be replayed") as e:
+        check_replayable(s)
+    assert e.value.field == "steps[1].reuse"
+    check_replayable(without_reuse(s))
