@@ -279,7 +279,7 @@ def validate(s: Schedule) -> None:
         if both:
             raise ScheduleError(f"{where}.reuse", f"unit {both[0]!r} is both skipped and reused in this step")
         if step.reuse and k == 0:
-            raise ScheduleError(f"{where}.reuse", "the first step cannot reuse: no earlier model call computed anything")
+            raise ScheduleError(f"{where}.reuse", "the first step cannot reuse: no earlier call computed anything")
         for u in step.reuse:
             if not any(_computes(s.steps[j], u) for j in range(k)):
                 raise ScheduleError(f"{where}.reuse", f"unit {u!r} is reused but no earlier model call computed it")

@@ -246,7 +246,8 @@ def test_three_state_search_asks_valid_schedules_seeded_with_deepcache():
     base = build("dpmsolver++2m", ns, 6)
     search = SkipMaskSearch(base, ("mid_attn",), 10.0, seed=1, reusable=("deep0", "deep1"))
     asked = search.ask(6)
-    assert asked[0].hash() == deepcache(base, 2, "deep0").hash() and asked[3].hash() == deepcache(base, 2, "deep1").hash()
+    assert asked[0].hash() == deepcache(base, 2, "deep0").hash()
+    assert asked[3].hash() == deepcache(base, 2, "deep1").hash()
     rng_latency = iter(range(100))
     for _ in range(4):
         batch = search.ask(8)
