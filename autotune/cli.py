@@ -644,8 +644,8 @@ def _print_stage2(stage2, best, latency_budget: float) -> None:
     elif stage2:
         t = stage2.result.best_trial
         console.print(f"stage 2 (skip masks): {sum(len(st.skip) for st in best.steps)} unit calls skipped, "
-                      f"latency {t['latency_ms']:.2f} ms <= limit {stage2.limit_ms:.2f} ms ({latency_budget:g} x "
-                      f"unpruned {stage2.unpruned_ms:.2f} ms), search-set mse_ref {t['mse_ref']:.4e}")
+                      f"latency {t.latency_ms:.2f} ms <= limit {stage2.limit_ms:.2f} ms ({latency_budget:g} x "
+                      f"unpruned {stage2.unpruned_ms:.2f} ms), search-set mse_ref {t.mse_ref:.4e}")
 
 
 def _write_search_report(outcome, report_dir: Path, store) -> None:

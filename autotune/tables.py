@@ -242,12 +242,12 @@ def finalists_table(scored: Sequence[Any], chosen: Any, search_values: Sequence[
     return table
 
 
-def pareto_table(front: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Table:
+def pareto_table(front: Sequence[Any], names: Sequence[str]) -> Table:
     """The Pareto front of a multi-objective search: one row per schedule."""
     table = Table(_num("#"), *[_num(o) for o in names], _num("hash", "left"),
                   title=f"Pareto front on the search set ({len(front)} schedules)", title_justify="left")
     for i, t in enumerate(front):
-        table.add_row(str(i), *[fig(float(t["objectives"][o])) for o in names], t["hash"])
+        table.add_row(str(i), *[fig(float(t.objectives[o])) for o in names], t.hash)
     return table
 
 

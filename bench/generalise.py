@@ -217,13 +217,12 @@ def run_one(model, store, args, nfe: int, seed: int, vname: str, sets_cache: dic
     strategy = make_strategy(args.method, SearchContext(space, model.noise, seeds, seed))
     result = run_search(strategy, pool, args.budget)
     full = set(getattr(pool, "full", {}))  # multi-fidelity: only fully scored trials can be finalists
-    ranked = sorted((t for t in result.trials if math.isfinite(t["value"]) and (not full or t["hash"] in full)),
-                    key=lambda t: t["value"])
+    ranked = sorted((t for t in result.trials if t.finite and (not full or t.hash in full)), key=lambda t: t.value)
     found, seen = [], set()
     for t in ranked:
-        if t["hash"] not in seen and len(found) < TOP_FINALISTS:
-            seen.add(t["hash"])
-            found.append(loads(t["schedule"]))
+        if t.hash not in seen and len(found) < TOP_FINALISTS:
+            seen.add(t.hash)
+            found.append(loads(t.schedule))
     cands = found + list(seeds)
     vs = []
     for s in cands:

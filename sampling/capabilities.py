@@ -27,7 +27,7 @@ class Capabilities:
         guidance_input: the network takes the guidance scale as an input (distilled guidance, Flux dev).
         engine_conditions: an engine takes several named condition inputs (``engine_condition_inputs``).
         data_metrics: the model scores sample sets itself (``data_metrics``: e.g. Frechet distance, accuracy).
-        units: the prunable units a schedule's skip mask may name.
+        units: the units a schedule's skip (and reuse) masks may name, as the model lists them.
     """
 
     sample_shape: tuple[int, ...] | None = None
@@ -65,7 +65,7 @@ def capabilities_of(model: Any) -> Capabilities:
         guidance_input=bool(getattr(model, "guidance_embeds", False)),
         engine_conditions=callable(getattr(model, "engine_condition_inputs", None)),
         data_metrics=callable(getattr(model, "data_metrics", None)),
-        units=tuple(getattr(model, "units", ())),
+        units=getattr(model, "units", None) or (),  # as the model has them (digits' Units also lists reusable ones)
     )
 
 

@@ -228,8 +228,7 @@ class JobOutcome:
         """Stage 1's trials as the store keeps them (trial_number, schedule_hash, metrics), for the report."""
         if store is not None:
             return store.trials(self.search_id)
-        return [{"trial_number": t["number"], "schedule_hash": t["hash"],
-                 "metrics": {k: v for k, v in t.items() if k not in ("number", "hash")}} for t in self.search.trials]
+        return [{"trial_number": t.number, "schedule_hash": t.hash, "metrics": t.row()} for t in self.search.trials]
 
 
 # -------------------------------------------------------------------------------------------------- setup
@@ -442,8 +441,8 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     if "evaluated_schedule" in metrics:  # ratios: the refined grid with the ratios fitted for it
         refined = loads(metrics["evaluated_schedule"])
     winner.refined = refined
-    winner.refinement = RefinementNote(result.best_trial["mse_ref"], metrics["mse_ref"])
-    if metrics["mse_ref"] < result.best_trial["mse_ref"] and c.single_mse:
+    winner.refinement = RefinementNote(result.best_trial.mse_ref, metrics["mse_ref"])
+    if metrics["mse_ref"] < result.best_trial.mse_ref and c.single_mse:
         winner.schedule, winner.value = refined, metrics["mse_ref"]
 
 
@@ -489,7 +488,7 @@ def stage2_meta(stage2: Stage2) -> dict[str, Any]:
             "unpruned_latency_ms": stage2.unpruned_ms, "found": stage2.result is not None}
     if stage2.result is not None:
         t = stage2.result.best_trial
-        meta.update(latency_ms=t["latency_ms"], mse_ref=t["mse_ref"], true_evaluations=stage2.result.true_evaluations,
+        meta.update(latency_ms=t.latency_ms, mse_ref=t.mse_ref, true_evaluations=stage2.result.true_evaluations,
                     cache_hits=stage2.result.cache_hits)
     return meta
 
@@ -500,7 +499,7 @@ def _with_metadata(setup: SearchSetup, result: SearchResult, winner: _Winner) ->
     return dataclasses.replace(w, name=f"{c.search_method}-nfe{w.nfe}", metadata={
         "search_id": setup.search_id, "method": c.search_method, "model": c.model,
         "model_fingerprint": setup.evaluator.fingerprint, "nfe": w.nfe, "objectives": list(c.objectives),
-        "search_value": winner.value, "search_mse_ref": result.best_trial.get("mse_ref"), "refine_steps": c.refine,
+        "search_value": winner.value, "search_mse_ref": result.best_trial.mse_ref, "refine_steps": c.refine,
         "true_evaluations": result.true_evaluations, "cache_hits": result.cache_hits,
         "seconds": round(result.seconds, 2), "seed": c.seed, "eval_set": setup.evaluator.eval_set.id,
         **({"validation": winner.validation_meta} if winner.validation_meta else {}),
@@ -522,7 +521,7 @@ def _write_files(config: JobConfig, best: Schedule, result: SearchResult) -> dic
     if len(config.objectives) == 1:
         return {"schedule_path": config.out}
     front_path = pareto_path_for(config.out)
-    front_path.write_text(json.dumps([{"schedule": to_dict(loads(t["schedule"])), "objectives": t["objectives"]}
+    front_path.write_text(json.dumps([{"schedule": to_dict(loads(t.schedule)), "objectives": dict(t.objectives)}
                                       for t in result.front], indent=1, default=str))
     return {"schedule_path": config.out, "pareto_path": front_path}
 

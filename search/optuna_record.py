@@ -39,6 +39,7 @@ from optuna.trial import TrialState, create_trial
 from autotune.cache.store import CacheError, one_line
 from autotune.search.optuna_space import quiet_optuna
 from autotune.search.pareto import direction
+from autotune.search.trial import Trial
 from autotune.space.encoding import ScheduleSpace
 from autotune.space.schedule import Schedule
 
@@ -207,17 +208,17 @@ class StudyRecorder:
         The study's storage reads only trials added since the last call."""
         self.recorded |= {t.user_attrs.get("trial_number") for t in self.study.get_trials(deepcopy=False)}
 
-    def record(self, trial: Mapping[str, Any], schedule: Schedule) -> None:
-        """Add one search trial (a runner trial dict: number, hash, objectives, ...) unless it is there."""
-        number = int(trial["number"])
+    def record(self, trial: Trial, schedule: Schedule) -> None:
+        """Add one search trial unless it is there."""
+        number = trial.number
         if number in self.recorded:
             return
-        objectives = trial.get("objectives") or {self.objectives[0]: trial["value"]}
+        objectives = trial.objectives or {self.objectives[0]: trial.value}
         values = [float(objectives[o]) for o in self.objectives]
         failed = not all(math.isfinite(v) for v in values)
         params, dists = schedule_params(self.space, schedule)
-        attrs = {"trial_number": number, "schedule_hash": trial["hash"], "nfe": trial.get("nfe"),
-                 "method": trial.get("method"), "cached": bool(trial.get("cached")), "schedule": trial["schedule"]}
+        attrs = {"trial_number": number, "schedule_hash": trial.hash, "nfe": trial.nfe,
+                 "method": trial.method, "cached": trial.cached, "schedule": trial.schedule}
         # checked and added under the lock: a copy of this search may be adding the same number right now
         with self._database(f"recording trial {number}"), interprocess_lock(self.url), quiet_optuna():
             self._refresh()

@@ -29,6 +29,7 @@ from autotune.evaluate.evaluator import Evaluator
 from autotune.search.latency import LATENCY, LatencySpec, measure_latency
 from autotune.search.pareto import direction, pareto_front
 from autotune.search.strategy import SearchError, Strategy
+from autotune.search.trial import Trial
 from autotune.space.fileformat import dumps, loads
 from autotune.space.schedule import Schedule
 
@@ -362,18 +363,18 @@ class Progress:
 @dataclass
 class SearchResult:
     """The best schedule by the first objective (among the feasible ones, with ``limits``), the counts, every
-    trial (dicts: number, hash, value, objectives, cached, nfe, schedule, ...) and, for several objectives,
-    the Pareto front (trials, one per schedule)."""
+    trial (:class:`~autotune.search.trial.Trial`) and, for several objectives, the Pareto front (trials, one
+    per schedule)."""
 
     best: Schedule
     best_value: float
     true_evaluations: int
     cache_hits: int
     seconds: float
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[Trial] = field(default_factory=list)
     resumed: bool = False
-    front: list[dict[str, Any]] = field(default_factory=list)
-    best_trial: dict[str, Any] = field(default_factory=dict)
+    front: list[Trial] = field(default_factory=list)
+    best_trial: Trial | None = None
 
 
 def search_id(**parts: Any) -> str:
@@ -405,8 +406,8 @@ def _minimised(objectives: dict[str, float]) -> tuple[float, ...]:
                  for o, v in objectives.items())
 
 
-def _feasible(trial: dict[str, Any], limits: Mapping[str, float]) -> bool:
-    return all(trial["objectives"].get(k, math.inf) <= v for k, v in limits.items())
+def _feasible(objectives: Mapping[str, float], limits: Mapping[str, float]) -> bool:
+    return all(objectives.get(k, math.inf) <= v for k, v in limits.items())
 
 
 def run_search(
@@ -442,7 +443,7 @@ def run_search(
     start = time.perf_counter()
     true_evals = hits = 0
     elapsed0 = 0.0
-    trials: list[dict[str, Any]] = []
+    trials: list[Trial] = []
     resumed = False
     if store is not None and sid is not None:
         saved = store.get_search_state(sid)
@@ -458,20 +459,16 @@ def run_search(
         nonlocal best
         objs = objective_values(m, objectives)
         value = objs[objectives[0]]
-        trial = {"number": len(trials), "hash": s.hash(), "value": value, "objectives": objs,
-                 "mse_ref": m.get("mse_ref", math.inf), "nfe": m.get("nfe", s.nfe), "cached": bool(m.get("cached")),
-                 "diverged": bool(m.get("diverged")), "method": strategy.name,
-                 "elapsed": elapsed0 + time.perf_counter() - start,
-                 # with fitted / CPR ratios (``--ratios``) the schedule scored is the candidate with its ratios
-                 "schedule": m.get("evaluated_schedule") or dumps(s)}
-        if LATENCY in m:
-            trial[LATENCY] = m[LATENCY]
-        if limits:
-            trial["feasible"] = _feasible(trial, limits)
+        trial = Trial(number=len(trials), hash=s.hash(), value=value, objectives=objs,
+                      mse_ref=m.get("mse_ref", math.inf), nfe=m.get("nfe", s.nfe), cached=bool(m.get("cached")),
+                      diverged=bool(m.get("diverged")), method=strategy.name,
+                      elapsed=elapsed0 + time.perf_counter() - start,
+                      # with fitted / CPR ratios (``--ratios``) the schedule scored is the candidate with its ratios
+                      schedule=m.get("evaluated_schedule") or dumps(s), latency_ms=m.get(LATENCY),
+                      feasible=_feasible(objs, limits) if limits else None)
         trials.append(trial)
         if store is not None and sid is not None:
-            store.add_trial(sid, trial["number"], trial["hash"], {k: v for k, v in trial.items()
-                                                                   if k not in ("number", "hash")})
+            store.add_trial(sid, trial.number, trial.hash, trial.row())
         if recorder is not None:
             recorder.record(trial, s)
         best = _better(best, trial, limits)
@@ -485,8 +482,7 @@ def run_search(
         metrics = pool.map(batch)
         for s, m in zip(batch, metrics):
             record(s, m)
-            objs = trials[-1]["objectives"]
-            told = _minimised(objs)
+            told = _minimised(trials[-1].objectives)
             strategy.tell(s, told if len(objectives) > 1 else told[0])
             if m.get("cached"):
                 hits += 1
@@ -497,17 +493,17 @@ def run_search(
                                          "true_evaluations": true_evals, "cache_hits": hits, "trials": len(trials),
                                          "seconds": elapsed0 + time.perf_counter() - start})
         if callback is not None:
-            callback(Progress(true_evals, hits, best["value"] if best else math.inf, budget,
+            callback(Progress(true_evals, hits, best.value if best else math.inf, budget,
                               time.perf_counter() - start))
     if best is None:
         raise SearchError("every candidate diverged" + (" or broke a limit" if limits else "")
                           + "; no schedule to return")
     front = _front(trials, objectives) if len(objectives) > 1 else []
-    return SearchResult(loads(best["schedule"]), best["value"], true_evals, hits,
+    return SearchResult(loads(best.schedule), best.value, true_evals, hits,
                         elapsed0 + time.perf_counter() - start, trials, resumed, front, best)
 
 
-def _saved_trials(store: Any, sid: str, saved: dict[str, Any]) -> list[dict[str, Any]]:
+def _saved_trials(store: Any, sid: str, saved: dict[str, Any]) -> list[Trial]:
     """The trials the saved state covers, read back from the store (later ones, from a cut batch, dropped)."""
     count = saved.get("trials", 0)
     if isinstance(count, list):  # a version-1 state: its trials move into the store's trial rows
@@ -521,37 +517,37 @@ def _saved_trials(store: Any, sid: str, saved: dict[str, Any]) -> list[dict[str,
                           f"{len(rows)}; clear it with `autotune cache clear search_states` or change --seed")
     out = []
     for r in rows:
-        t = {"number": r["trial_number"], "hash": r["schedule_hash"], **r["metrics"]}
-        t.setdefault("objectives", {"value": t["value"]})
-        out.append(t)
+        metrics = dict(r["metrics"])
+        metrics.setdefault("objectives", {"value": metrics["value"]})  # rows written before objectives were kept
+        out.append(Trial.from_row(r["trial_number"], r["schedule_hash"], metrics))
     return out
 
 
-def _key(trial: dict[str, Any]) -> float:
+def _key(trial: Trial) -> float:
     """The first objective of a trial, to minimise."""
-    name, value = next(iter(trial["objectives"].items()))
+    name, value = next(iter(trial.objectives.items()))
     return _minimised({name: value})[0]
 
 
-def _better(best: dict[str, Any] | None, trial: dict[str, Any], limits: Mapping[str, float]) -> dict[str, Any] | None:
-    if not math.isfinite(_key(trial)) or (limits and not _feasible(trial, limits)):
+def _better(best: Trial | None, trial: Trial, limits: Mapping[str, float]) -> Trial | None:
+    if not math.isfinite(_key(trial)) or (limits and not _feasible(trial.objectives, limits)):
         return best
     return trial if best is None or _key(trial) < _key(best) else best
 
 
-def _best(trials: list[dict[str, Any]], limits: Mapping[str, float]) -> dict[str, Any] | None:
+def _best(trials: list[Trial], limits: Mapping[str, float]) -> Trial | None:
     best = None
     for t in trials:
         best = _better(best, t, limits)
     return best
 
 
-def _front(trials: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict[str, Any]]:
+def _front(trials: list[Trial], objectives: tuple[str, ...]) -> list[Trial]:
     """The non-dominated finite trials, one per schedule, ordered by the first objective."""
-    unique: dict[str, dict[str, Any]] = {}
+    unique: dict[str, Trial] = {}
     for t in trials:
-        if all(math.isfinite(v) for v in t["objectives"].values()):
-            unique.setdefault(t["hash"], t)
+        if all(math.isfinite(v) for v in t.objectives.values()):
+            unique.setdefault(t.hash, t)
     pool = list(unique.values())
-    front = [pool[i] for i in pareto_front([t["objectives"] for t in pool], objectives)]
+    front = [pool[i] for i in pareto_front([dict(t.objectives) for t in pool], objectives)]
     return sorted(front, key=_key)

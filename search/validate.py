@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from autotune.evaluate.progress import ProgressFn, report
 from autotune.search.selection import TOP_FINALISTS, selection_value
+from autotune.search.trial import Trial
 from autotune.space.fileformat import loads
 from autotune.space.schedule import Schedule
 
@@ -26,7 +27,7 @@ class Finalist:
     validation: dict[str, Any]
 
 
-def finalists(trials: Sequence[dict[str, Any]], extra: Sequence[tuple[str, Schedule]] = (),
+def finalists(trials: Sequence[Trial], extra: Sequence[tuple[str, Schedule]] = (),
               top: int = TOP_FINALISTS) -> list[tuple[str, Schedule]]:
     """``extra`` (e.g. the refined grid) and the ``top`` distinct best finite trials, best first, no repeats."""
     out: list[tuple[str, Schedule]] = []
@@ -35,14 +36,14 @@ def finalists(trials: Sequence[dict[str, Any]], extra: Sequence[tuple[str, Sched
         if s.hash() not in seen:
             seen.add(s.hash())
             out.append((label, s))
-    ranked = sorted((t for t in trials if math.isfinite(t["value"])), key=lambda t: t["value"])
+    ranked = sorted((t for t in trials if t.finite), key=lambda t: t.value)
     for t in ranked:
         if sum(label.startswith("trial") for label, _ in out) >= top:
             break
-        s = loads(t["schedule"])
+        s = loads(t.schedule)
         if s.hash() not in seen:
             seen.add(s.hash())
-            out.append((f"trial {t['number']}", s))
+            out.append((f"trial {t.number}", s))
     return out
 
 

@@ -37,6 +37,7 @@ from autotune.cache.store import open_store
 from autotune.models.registry import load_model
 from autotune.sampling.named import build
 from autotune.search.optuna_record import StudyRecorder
+from autotune.search.trial import Trial
 from autotune.space.encoding import ScheduleSpace
 from autotune.space.fileformat import dumps
 
@@ -50,8 +51,7 @@ if mode == "recorder":  # a search's recorder on its own study, n trials
     rec = StudyRecorder(store.url, name, space, ["mse_ref"])
     s = build("ddim", model.noise, 4)
     for i in range(int(n)):
-        rec.record({"number": i, "hash": s.hash(), "value": 0.1 * i, "objectives": {"mse_ref": 0.1 * i},
-                    "nfe": 4, "method": "m", "schedule": dumps(s)}, s)
+        rec.record(Trial(i, s.hash(), 0.1 * i, {"mse_ref": 0.1 * i}, dumps(s), nfe=4, method="m"), s)
 else:  # a whole search (same id in every child started with the same name), trials to the store and the study
     from autotune.evaluate.evaluator import Evaluator
     from autotune.search.runner import InProcessPool, run_search
@@ -317,11 +317,12 @@ def test_postgres_check_and_two_recorders_of_one_search(gmm, postgres_url):
     with open_store(postgres_url) as store:
         store.put_evaluation(EvalKey("fp", "set", "h", "m1"), {"x": 1.0})
         assert store.check() == [] and store.check(quick=True) == []
+    from autotune.search.trial import Trial
+
     space, s = search_context(gmm).space, build("ddim", gmm.noise, 4)
     sid = f"pg-{uuid.uuid4().hex[:8]}"
     a, b = (StudyRecorder(postgres_url, sid, space, ["mse_ref"]) for _ in range(2))
     for n in range(6):
         for rec in (a, b):
-            rec.record({"number": n, "hash": s.hash(), "value": 0.5, "objectives": {"mse_ref": 0.5}, "nfe": 4,
-                        "method": "m", "schedule": dumps(s)}, s)
+            rec.record(Trial(n, s.hash(), 0.5, {"mse_ref": 0.5}, dumps(s), nfe=4, method="m"), s)
     assert sorted(t.user_attrs["trial_number"] for t in a.study.get_trials(deepcopy=False)) == list(range(6))

@@ -35,7 +35,7 @@ def test_the_outcome_is_the_schedule_written(tmp_path, gmm, capsys):
     assert outcome.validation.chosen.schedule.hash() == written.hash()
     assert written.metadata["validation"]["chosen"] == outcome.validation.chosen.label
     assert "refined" in [f.label for f in outcome.validation.scored]
-    assert outcome.refinement.before == outcome.search.best_trial["mse_ref"]
+    assert outcome.refinement.before == outcome.search.best_trial.mse_ref
     # the closing table's rows: ours first, then every named schedule at the best's NFE
     assert [r.name for r in outcome.ours] == ["s3-nfe4"]
     assert outcome.peers and all(r.schedule.nfe == 4 for r in outcome.peers)

@@ -115,14 +115,14 @@ def test_pareto_search_over_an_nfe_range(gmm, method):
     result = run_search(make_strategy(method, range_context(gmm)), InProcessPool(evaluator), budget=32,
                         batch_size=8, objectives=OBJ)
     assert result.true_evaluations == 32
-    pts = [t["objectives"] for t in result.front]
+    pts = [t.objectives for t in result.front]
     assert pareto_front(pts, OBJ) == list(range(len(pts)))  # mutually non-dominated
-    finite = [t["objectives"] for t in result.trials if math.isfinite(t["value"])]
+    finite = [t.objectives for t in result.trials if t.finite]
     for p in finite:  # and nothing scored dominates the front
         assert not any(dominates((p["mse_ref"], p["nfe"]), (q["mse_ref"], q["nfe"])) for q in pts)
     assert len({p["nfe"] for p in pts}) >= 2  # a real trade-off: several step counts on the front
-    assert result.best_value == min(p["mse_ref"] for p in pts) == result.front[0]["value"]
-    assert result.best.hash() == result.front[0]["hash"]  # the best by the first objective is on the front
+    assert result.best_value == min(p["mse_ref"] for p in pts) == result.front[0].value
+    assert result.best.hash() == result.front[0].hash  # the best by the first objective is on the front
 
 
 def test_latency_objective_is_measured_per_candidate(gmm):
@@ -133,8 +133,8 @@ def test_latency_objective_is_measured_per_candidate(gmm):
     objs = ("mse_ref", "latency_ms")
     result = run_search(make_strategy("random", range_context(gmm, objectives=objs)), pool, budget=8,
                         batch_size=8, objectives=objs)
-    lat = [t["latency_ms"] for t in result.trials]
-    assert all(x > 0 and math.isfinite(x) for x in lat) and all(t["objectives"]["latency_ms"] == t["latency_ms"]
+    lat = [t.latency_ms for t in result.trials]
+    assert all(x > 0 and math.isfinite(x) for x in lat) and all(t.objectives["latency_ms"] == t.latency_ms
                                                                 for t in result.trials)
     with pytest.raises(SearchError, match="latency_ms"):  # a pool that does not time candidates says so
         run_search(make_strategy("random", range_context(gmm, objectives=objs)), InProcessPool(evaluator),
@@ -192,7 +192,7 @@ def test_stage2_finds_a_skip_mask_within_the_latency_budget_on_digits(tmp_path, 
     assert math.isclose(stage.limit_ms, 0.8 * stage.unpruned_ms)
     best, trial = stage.result.best, stage.result.best_trial
     assert any(st.skip for st in best.steps)  # a mask-carrying schedule
-    assert trial["latency_ms"] <= stage.limit_ms and trial["feasible"]  # as measured on the worker
+    assert trial.latency_ms <= stage.limit_ms and trial.feasible  # as measured on the worker
     assert [st.t for st in best.steps] == [st.t for st in base.steps]  # grid and solvers fixed
     assert [(st.solver, st.order) for st in best.steps] == [(st.solver, st.order) for st in base.steps]
     path = tmp_path / "pruned.json"
@@ -201,4 +201,4 @@ def test_stage2_finds_a_skip_mask_within_the_latency_budget_on_digits(tmp_path, 
     assert loaded.hash() == best.hash()
     loaded.check_units(model.units)
     with torch.no_grad():
-        assert math.isclose(evaluator.evaluate(loaded)["mse_ref"], trial["mse_ref"])
+        assert math.isclose(evaluator.evaluate(loaded)["mse_ref"], trial.mse_ref)

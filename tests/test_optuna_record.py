@@ -1,5 +1,6 @@
 """Every search is an Optuna study in the cache's database: trials, values, params, attributes, resume."""
 
+import dataclasses
 import math
 
 import optuna
@@ -11,6 +12,7 @@ from autotune.sampling.named import build
 from autotune.search.optuna_record import StudyRecorder, storage_for, study_name
 from autotune.search.runner import InProcessPool, run_search, search_id
 from autotune.search.strategy import make_strategy
+from autotune.search.trial import Trial
 from autotune.space.fileformat import dumps
 from search_helpers import search_context
 
@@ -27,10 +29,10 @@ def test_a_search_is_an_optuna_study_in_the_cache(gmm, tmp_path, method):
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(done) == len(result.trials) == len(store.trials(sid))
     for t, trial in zip(sorted(done, key=lambda t: t.user_attrs["trial_number"]), result.trials):
-        assert t.values == [trial["value"]]
-        assert t.user_attrs["schedule_hash"] == trial["hash"] and t.user_attrs["method"] == method
-        assert t.user_attrs["nfe"] == 4 and t.user_attrs["schedule"] == trial["schedule"]
-        assert ctx.space.decode(_vector(ctx.space, t.params)).hash() == trial["hash"]  # params = the schedule
+        assert t.values == [trial.value]
+        assert t.user_attrs["schedule_hash"] == trial.hash and t.user_attrs["method"] == method
+        assert t.user_attrs["nfe"] == 4 and t.user_attrs["schedule"] == trial.schedule
+        assert ctx.space.decode(_vector(ctx.space, t.params)).hash() == trial.hash  # params = the schedule
     assert study.directions == [optuna.study.StudyDirection.MINIMIZE]
     assert study.user_attrs["model"] == "gmm2d" and study.user_attrs["objectives"] == ["mse_ref"]
     assert store.stats()["rows"]["search_trials"] == len(result.trials)  # the cache's own tables are intact
@@ -49,9 +51,8 @@ def test_params_are_the_schedule_coordinates(gmm):
     ctx = search_context(gmm)
     s = build("unipc-bh2-o2", gmm.noise, 4)
     rec = StudyRecorder(None, "p", ctx.space, ["mse_ref", "nfe", "class_acc"])
-    rec.record({"number": 0, "hash": s.hash(), "value": 0.1, "objectives": {"mse_ref": 0.1, "nfe": 4,
-                                                                             "class_acc": 0.5},
-                "nfe": 4, "method": "m", "schedule": dumps(s)}, s)
+    rec.record(Trial(number=0, hash=s.hash(), value=0.1, objectives={"mse_ref": 0.1, "nfe": 4, "class_acc": 0.5},
+                     nfe=4, method="m", schedule=dumps(s)), s)
     t = rec.study.trials[0]
     assert [t.params[f"t[{k}]"] for k in range(3)] == list(s.times[1:4])
     assert t.params["solver[0]"] == s.steps[0].solver and t.params["corrector[1]"] == s.steps[1].corrector
@@ -63,12 +64,12 @@ def test_recording_is_idempotent_and_diverged_trials_fail(gmm, tmp_path):
     store = open_store(str(tmp_path / "c.sqlite"))
     ctx = search_context(gmm)
     s = build("ddim", gmm.noise, 4)
-    trial = {"number": 0, "hash": s.hash(), "value": math.inf, "objectives": {"mse_ref": math.inf}, "nfe": 4,
-             "method": "m", "schedule": dumps(s)}
+    trial = Trial(number=0, hash=s.hash(), value=math.inf, objectives={"mse_ref": math.inf}, nfe=4, method="m",
+                  schedule=dumps(s))
     StudyRecorder(store.url, "idem", ctx.space, ["mse_ref"]).record(trial, s)
     again = StudyRecorder(store.url, "idem", ctx.space, ["mse_ref"])  # a resumed search reopens the study
     again.record(trial, s)
-    again.record({**trial, "number": 1, "value": 0.5, "objectives": {"mse_ref": 0.5}}, s)
+    again.record(dataclasses.replace(trial, number=1, value=0.5, objectives={"mse_ref": 0.5}), s)
     trials = again.study.trials
     assert [t.user_attrs["trial_number"] for t in trials] == [0, 1]
     assert trials[0].state == optuna.trial.TrialState.FAIL and trials[1].values == [0.5]

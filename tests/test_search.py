@@ -77,7 +77,7 @@ def test_interrupted_search_resumes_without_evaluating_twice(gmm, tmp_path):
                         store=store, sid=sid)
     assert result.resumed and result.true_evaluations == 40
     assert evaluator.misses == 40 - stopped_at[0]  # only the remaining budget was computed
-    hashes = [t["hash"] for t in result.trials if not t["cached"]]
+    hashes = [t.hash for t in result.trials if not t.cached]
     assert len(hashes) == len(set(hashes)) == 40  # no schedule was evaluated twice
 
 
@@ -202,3 +202,21 @@ def test_gradient_refinement_lowers_the_loss_and_keeps_a_valid_grid(gmm):
     assert s.nfe == 5 and s.times[0] == base.times[0] and s.times[-1] == 0.0 and s.times != base.times
     assert [st.order for st in s.steps] == [st.order for st in base.steps]
     assert evaluator.evaluate(s)["mse_ref"] < evaluator.evaluate(base)["mse_ref"]
+
+
+def test_a_trial_row_round_trips_through_the_store(gmm, tmp_path):
+    """Trials are values: what the store keeps for one is its row, and reading the row back gives the same trial
+    (resumed searches rebuild their trials this way)."""
+    from autotune.cache.store import open_store
+    from autotune.search.trial import Trial
+    from autotune.space.fileformat import dumps
+
+    store = open_store(str(tmp_path / "c.sqlite"))
+    s = build("ddim", gmm.noise, 3)
+    trial = Trial(number=0, hash=s.hash(), value=0.25, objectives={"mse_ref": 0.25, "latency_ms": 3.0},
+                  schedule=dumps(s), mse_ref=0.25, nfe=3, method="random", latency_ms=3.0, feasible=True)
+    store.add_trial("sid", trial.number, trial.hash, trial.row())
+    (row,) = store.trials("sid")
+    back = Trial.from_row(row["trial_number"], row["schedule_hash"], row["metrics"])
+    assert back == trial and "number" not in trial.row() and "extra" not in trial.row()
+    assert "feasible" not in Trial(1, "h", 0.1, {"mse_ref": 0.1}, "{}").row()  # optional fields only when set

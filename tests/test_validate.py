@@ -12,6 +12,7 @@ from autotune.evaluate.sets import EvalSet
 from autotune.sampling.named import build
 from autotune.sampling.noise import VPLinear
 from autotune.search.selection import TAIL_WEIGHT, selection_value
+from autotune.search.trial import Trial
 from autotune.search.validate import finalists, pick_on_validation
 from autotune.space.fileformat import dumps
 
@@ -27,9 +28,8 @@ def test_validation_noise_is_disjoint_from_search_and_report():
 def test_finalists_put_extras_first_then_best_distinct_trials():
     ns = VPLinear()
     a, b, c = (build(n, ns, 5) for n in ("ddim", "dpmsolver++2m", "unipc-bh2-o2"))
-    trials = [{"number": 0, "value": 3.0, "schedule": dumps(a)}, {"number": 1, "value": 1.0, "schedule": dumps(b)},
-              {"number": 2, "value": 1.0, "schedule": dumps(b)}, {"number": 3, "value": float("inf"),
-                                                                  "schedule": dumps(c)}]
+    trials = [Trial(n, s.hash(), v, {"mse_ref": v}, dumps(s))
+              for n, (v, s) in enumerate([(3.0, a), (1.0, b), (1.0, b), (float("inf"), c)])]
     out = finalists(trials, extra=[("refined", c)], top=3)
     assert [label for label, _ in out] == ["refined", "trial 1", "trial 0"]  # inf dropped, repeat of b dropped
     assert finalists(trials, top=1)[0][1].hash() == b.hash()
