@@ -49,7 +49,7 @@ def clear_cmd(
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
     table: Optional[str] = typer.Option(None, "--table",
                                         help="only this table: evaluations, references, search_states, "
-                                             "search_trials"),
+                                             "search_trials, model_memos"),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
 ) -> None:
     """Delete cached rows (all tables, or one with --table)."""

@@ -315,7 +315,8 @@ def _cached_eval(store, model: str, sched, kind: str, size: int):
 
     if kind not in DEFAULT_SIZE:
         return None  # the full path reports the bad --set
-    memo = store.get_search_state(model_memo_key(model))
+    # caches written before the memo table kept the memo among the search states
+    memo = store.get_model_memo(model_memo_key(model)) or store.get_search_state(model_memo_key(model))
     if memo is None:
         return None
     set_id = eval_set_id(kind, 0, size or DEFAULT_SIZE[kind], memo["sample_shape"], memo["num_classes"])

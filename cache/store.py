@@ -41,7 +41,7 @@ import numpy as np
 from autotune.errors import AutotuneError
 
 SCHEMA_VERSION = 1
-TABLES = ("evaluations", "references", "search_states", "search_trials")
+TABLES = ("evaluations", "references", "search_states", "search_trials", "model_memos")
 _BUSY_TIMEOUT_S = 30.0
 _PG_SCHEMA_LOCK = 0x6175746F74756E65  # "autotune": serialises schema creation across processes
 __all__ = ["CacheError", "EvalKey", "SCHEMA_VERSION", "Store", "TABLES", "default_cache_path", "open_store"]
@@ -166,6 +166,11 @@ def _schema(metadata):
     Table(
         "search_states", metadata,
         Column("search_id", Text, primary_key=True), Column("state", Text, nullable=False),
+        Column("updated_at", Float, nullable=False),
+    )
+    Table(  # what a MODEL argument loads as (fingerprint, sample shape): lets `autotune eval` answer from the cache
+        "model_memos", metadata,
+        Column("memo_key", Text, primary_key=True), Column("memo", Text, nullable=False),
         Column("updated_at", Float, nullable=False),
     )
     Table(
@@ -455,6 +460,21 @@ class Store:
             text = conn.execute(select(t.c.state).where(t.c.search_id == str(search_id))).scalar()
         return None if text is None else loads(text)
 
+    def put_model_memo(self, memo_key: str, memo: Mapping[str, Any]) -> None:
+        """Store (replace) what a MODEL argument loads as (its fingerprint, sample shape, classes), under
+        ``evaluate.ids.model_memo_key`` of the argument (which changes with the files behind it)."""
+        values = {"memo_key": str(memo_key), "memo": dumps(dict(memo)), "updated_at": time.time()}
+        with self._write("writing a model memo") as conn:
+            conn.execute(self._upsert("model_memos", values, ["memo_key"], True))
+
+    def get_model_memo(self, memo_key: str) -> dict | None:
+        from sqlalchemy import select
+
+        t = self._t["model_memos"]
+        with self._read("reading a model memo") as conn:
+            text = conn.execute(select(t.c.memo).where(t.c.memo_key == str(memo_key))).scalar()
+        return None if text is None else loads(text)
+
     def add_trial(self, search_id: str, trial_number: int, schedule_hash: str | None,
                   metrics: Mapping[str, Any]) -> None:
         """Record (or replace) trial trial_number of a search."""
@@ -543,7 +563,7 @@ class Store:
         return problems[:100]
 
     def clear(self, table: str | None = None) -> dict[str, int]:
-        """Delete every row of one table (or of all four) in one transaction; returns rows deleted."""
+        """Delete every row of one table (or of all of them) in one transaction; returns rows deleted."""
         from sqlalchemy import delete
 
         names = TABLES if table is None else (table,)
@@ -565,7 +585,7 @@ class Store:
         ``*.jsonl``: the evaluations only, one JSON object a line (key fields, ``metrics``, ``schedule``
         as parsed JSON or null, ``created_at``). Any other path: a directory holding ``evaluations.jsonl``,
         ``references.jsonl`` (key, meta, and ``arrays``: a ``.npz`` file under ``references/``),
-        ``search_states.jsonl`` and ``search_trials.jsonl``. Non-finite floats are written as in the store.
+        ``search_states.jsonl``, ``search_trials.jsonl`` and ``model_memos.jsonl``. Non-finite floats are written as in the store.
         """
         from sqlalchemy import select
 
@@ -607,6 +627,13 @@ class Store:
                                    "schedule_hash": row.schedule_hash, "metrics": loads(row.metrics),
                                    "created_at": row.created_at}) + "\n")
             counts["search_trials"] = len(rows)
+            t = self._t["model_memos"]
+            with self._read("exporting model memos") as conn, open(out / "model_memos.jsonl", "w") as f:
+                rows = conn.execute(select(t).order_by(t.c.memo_key)).all()
+                for row in rows:
+                    f.write(dumps({"memo_key": row.memo_key, "memo": loads(row.memo),
+                                   "updated_at": row.updated_at}) + "\n")
+            counts["model_memos"] = len(rows)
         except OSError as e:
             raise CacheError(f"cannot export cache {self.display} to {out}: {e.strerror or e}") from None
         return counts

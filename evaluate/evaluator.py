@@ -136,7 +136,7 @@ class Evaluator:
         if self.store is not None:
             self.store.put_evaluation(self.key(schedule), metrics, dumps(schedule))
             if self.model_spec is not None:  # lets `autotune eval` find this row later without loading the model
-                self.store.put_search_state(model_memo_key(self.model_spec), {
+                self.store.put_model_memo(model_memo_key(self.model_spec), {
                     "fingerprint": self.fingerprint, "sample_shape": list(self.eval_set.sample_shape),
                     "num_classes": self.eval_set.num_classes})
         return {**metrics, "cached": False}

@@ -200,8 +200,11 @@ class CacheConformance:
         store.put_reference("fp", "set", "ref1", {"x": np.arange(4.0)}, {"a": 1})
         store.put_search_state("s", {"g": 1})
         store.add_trial("s", 0, "h0", {"i": 0})
+        store.put_model_memo("memo-key", {"fingerprint": "fp", "sample_shape": [2], "num_classes": None})
+        assert store.get_model_memo("memo-key")["sample_shape"] == [2] and store.get_model_memo("other") is None
         st = store.stats()
-        assert st["rows"] == {"evaluations": 3, "references": 1, "search_states": 1, "search_trials": 1}
+        assert st["rows"] == {"evaluations": 3, "references": 1, "search_states": 1, "search_trials": 1,
+                              "model_memos": 1}
         assert st["backend"] == store.backend and st["size_bytes"] > 0
 
         assert store.export(tmp_path / "evals.jsonl") == {"evaluations": 3}
@@ -212,7 +215,7 @@ class CacheConformance:
         json.loads((tmp_path / "evals.jsonl").read_text().splitlines()[0])  # strict JSON: no bare NaN
 
         counts = store.export(tmp_path / "dump")
-        assert counts == {"evaluations": 3, "references": 1, "search_states": 1, "search_trials": 1}
+        assert counts == {"evaluations": 3, "references": 1, "search_states": 1, "search_trials": 1, "model_memos": 1}
         (ref,) = [loads(line) for line in (tmp_path / "dump" / "references.jsonl").read_text().splitlines()]
         with np.load(tmp_path / "dump" / ref["arrays"]) as z:
             assert z["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
@@ -221,7 +224,8 @@ class CacheConformance:
         assert store.stats()["rows"]["evaluations"] == 3
         with pytest.raises(CacheError, match="no table"):
             store.clear("meta")
-        assert store.clear() == {"evaluations": 3, "references": 1, "search_states": 1, "search_trials": 0}
+        assert store.clear() == {"evaluations": 3, "references": 1, "search_states": 1, "search_trials": 0,
+                                 "model_memos": 1}
         assert set(store.stats()["rows"].values()) == {0}
         store.put_evaluation(EvalKey("fp", "set", "h", "m1"), {"after": "clear"})  # still usable
         assert store.get_evaluation(EvalKey("fp", "set", "h", "m1")) == {"after": "clear"}
@@ -457,4 +461,19 @@ def test_cli_bad_cache_is_one_line_error():
 
 
 def test_tables_constant():
-    assert TABLES == ("evaluations", "references", "search_states", "search_trials")
+    assert TABLES == ("evaluations", "references", "search_states", "search_trials", "model_memos")
+
+
+def test_a_cache_from_before_the_memo_table_gains_it_on_open(tmp_path):
+    """Caches written before model memos had their own table: opening one adds the table, keeps every row."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with open_store(str(path)) as store:
+        store.put_search_state("s", {"g": 1})
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE model_memos")
+    with open_store(str(path)) as store:
+        assert store.get_search_state("s") == {"g": 1} and store.get_model_memo("k") is None
+        store.put_model_memo("k", {"fingerprint": "fp"})
+        assert store.stats()["rows"]["model_memos"] == 1
