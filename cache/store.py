@@ -10,9 +10,8 @@ at once and a writer killed in the middle of a write leaves either the whole row
 the file runs in WAL mode with a 30 s busy timeout, ``synchronous=NORMAL``, and write transactions take
 the write lock up front (``BEGIN IMMEDIATE``) so concurrent writers queue instead of failing.
 
-Metrics and metadata are stored as JSON text; floats round-trip exactly, and non-finite floats (a
-diverged evaluation's NaN or inf) are written as ``{"$float": "nan"}`` so the text stays strict JSON.
-Arrays are stored as one blob per reference: the bytes of ``np.savez`` of a dict of arrays.
+Values are written by ``cache/codec.py`` (strict JSON text, one ``np.savez`` blob per reference); the tables are
+``cache/schema.py``; this module is the store: connections, dialects, reads and writes.
 
 Example:
     >>> store = open_store(":memory:")
@@ -27,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -38,13 +35,14 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from autotune.cache.codec import dumps, loads, pack_arrays, unpack_arrays
+from autotune.cache.schema import SCHEMA_VERSION, TABLES, schema
 from autotune.errors import AutotuneError
 
-SCHEMA_VERSION = 1
-TABLES = ("evaluations", "references", "search_states", "search_trials", "model_memos")
 _BUSY_TIMEOUT_S = 30.0
 _PG_SCHEMA_LOCK = 0x6175746F74756E65  # "autotune": serialises schema creation across processes
-__all__ = ["CacheError", "EvalKey", "SCHEMA_VERSION", "Store", "TABLES", "default_cache_path", "open_store"]
+__all__ = ["CacheError", "EvalKey", "SCHEMA_VERSION", "Store", "TABLES", "default_cache_path", "dumps", "loads",
+           "open_store"]
 
 
 class CacheError(AutotuneError, RuntimeError):
@@ -65,57 +63,6 @@ class EvalKey:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise CacheError(f"EvalKey.{name} must be a non-empty string, got {value!r}")
-
-
-# ----------------------------------------------------------------------------------------------- JSON
-
-
-def _encode(obj: Any) -> Any:
-    """JSON-able copy of obj with non-finite floats tagged and numpy values as Python ones."""
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Mapping):
-        return {str(k): _encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _encode(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _encode(obj.item())
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # a 0-d torch tensor
-        return _encode(obj.item())
-    raise TypeError(f"cannot store a {type(obj).__name__} as JSON")
-
-
-def _decode_hook(d: dict) -> Any:
-    if len(d) == 1 and "$float" in d:
-        return float(d["$float"])
-    return d
-
-
-def dumps(obj: Any) -> str:
-    """Strict JSON text for obj; floats round-trip exactly, NaN/inf are tagged (see the module doc)."""
-    return json.dumps(_encode(obj), allow_nan=False, separators=(",", ":"))
-
-
-def loads(text: str) -> Any:
-    """Inverse of :func:`dumps`."""
-    return json.loads(text, object_hook=_decode_hook)
-
-
-def _pack_arrays(arrays: Mapping[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **{str(k): np.asarray(v) for k, v in arrays.items()})
-    return buf.getvalue()
-
-
-def _unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 # ------------------------------------------------------------------------------------------- locations
@@ -143,44 +90,6 @@ def _damage_hint(exc: BaseException, store: "Store") -> str:
     if "malformed" not in str(getattr(exc, "orig", None) or exc):
         return ""
     return f" (`autotune cache check --cache {store.display}` lists the damage)"
-
-
-def _schema(metadata):
-    from sqlalchemy import BigInteger, Column, Float, Integer, LargeBinary, Table, Text
-
-    Table("meta", metadata, Column("key", Text, primary_key=True), Column("value", Text, nullable=False))
-    Table(
-        "evaluations", metadata,
-        Column("model_fp", Text, primary_key=True), Column("eval_set", Text, primary_key=True),
-        Column("schedule_hash", Text, primary_key=True), Column("metric_version", Text, primary_key=True),
-        Column("metrics", Text, nullable=False), Column("schedule", Text, nullable=True),
-        Column("created_at", Float, nullable=False),
-    )
-    Table(
-        "references", metadata,
-        Column("model_fp", Text, primary_key=True), Column("eval_set", Text, primary_key=True),
-        Column("ref_version", Text, primary_key=True),
-        Column("meta", Text, nullable=False), Column("arrays", LargeBinary, nullable=False),
-        Column("nbytes", BigInteger, nullable=False), Column("created_at", Float, nullable=False),
-    )
-    Table(
-        "search_states", metadata,
-        Column("search_id", Text, primary_key=True), Column("state", Text, nullable=False),
-        Column("updated_at", Float, nullable=False),
-    )
-    Table(  # what a MODEL argument loads as (fingerprint, sample shape): lets `autotune eval` answer from the cache
-        "model_memos", metadata,
-        Column("memo_key", Text, primary_key=True), Column("memo", Text, nullable=False),
-        Column("updated_at", Float, nullable=False),
-    )
-    Table(
-        "search_trials", metadata,
-        Column("search_id", Text, primary_key=True), Column("trial_number", Integer, primary_key=True,
-                                                            autoincrement=False),
-        Column("schedule_hash", Text, nullable=True), Column("metrics", Text, nullable=False),
-        Column("created_at", Float, nullable=False),
-    )
-    return metadata
 
 
 # ----------------------------------------------------------------------------------------------- store
@@ -235,7 +144,7 @@ class Store:
 
         self._engine = engine
         self._write_engine = engine.execution_options(autotune_write=True)
-        self._md = _schema(MetaData())
+        self._md = schema(MetaData())
         self._t = self._md.tables
         if self.backend == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
@@ -417,7 +326,7 @@ class Store:
             if not isinstance(value, str) or not value:
                 raise CacheError(f"put_reference: {name} must be a non-empty string, got {value!r}")
         try:
-            blob = _pack_arrays(arrays)
+            blob = pack_arrays(arrays)
             meta_text = dumps(dict(meta or {}))
         except (TypeError, ValueError) as e:
             raise CacheError(f"reference {model_fp}/{eval_set}/{ref_version}: {e}") from None
@@ -438,7 +347,7 @@ class Store:
             row = conn.execute(q).first()
         if row is None:
             return None
-        return _unpack_arrays(bytes(row.arrays)), loads(row.meta)
+        return unpack_arrays(bytes(row.arrays)), loads(row.meta)
 
     # ------------------------------------------------------------------------------ search state
 

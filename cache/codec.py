@@ -1,0 +1,61 @@
+"""How the cache writes values: strict JSON text for metrics and metadata, one ``np.savez`` blob per set of arrays.
+
+Floats round-trip exactly; non-finite floats (a diverged evaluation's NaN or inf) are written as
+``{"$float": "nan"}`` so the text stays strict JSON; numpy values and 0-d tensors become Python numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+def _encode(obj: Any) -> Any:
+    """JSON-able copy of obj with non-finite floats tagged and numpy values as Python ones."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _encode(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _encode(obj.item())
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # a 0-d torch tensor
+        return _encode(obj.item())
+    raise TypeError(f"cannot store a {type(obj).__name__} as JSON")
+
+
+def _decode_hook(d: dict) -> Any:
+    if len(d) == 1 and "$float" in d:
+        return float(d["$float"])
+    return d
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON text for obj; floats round-trip exactly, NaN/inf are tagged (see the module doc)."""
+    return json.dumps(_encode(obj), allow_nan=False, separators=(",", ":"))
+
+
+def loads(text: str) -> Any:
+    """Inverse of :func:`dumps`."""
+    return json.loads(text, object_hook=_decode_hook)
+
+
+def pack_arrays(arrays: Mapping[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{str(k): np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
