@@ -37,7 +37,8 @@ from autotune.space.schedule import Schedule
 class Pool(Protocol):
     workers: int
 
-    def map(self, schedules: list[Schedule]) -> list[dict[str, Any]]: ...
+    def map(self, schedules: list[Schedule], latency: LatencySpec | None = None) -> list[dict[str, Any]]:
+        """Score the schedules (and time them with ``latency``, or the pool's own spec)."""
 
     def close(self) -> None: ...
 
@@ -59,8 +60,8 @@ class InProcessPool:
         self.evaluator = evaluator
         self.latency = latency
 
-    def map(self, schedules: list[Schedule]) -> list[dict[str, Any]]:
-        return [_score(self.evaluator, s, self.latency) for s in schedules]
+    def map(self, schedules: list[Schedule], latency: LatencySpec | None = None) -> list[dict[str, Any]]:
+        return [_score(self.evaluator, s, latency or self.latency) for s in schedules]
 
     def close(self) -> None:
         return None
@@ -288,7 +289,8 @@ class RayPool:
 
     # ---------------------------------------------------------------------------------------- map
 
-    def map(self, schedules: list[Schedule]) -> list[dict[str, Any]]:
+    def map(self, schedules: list[Schedule], latency: LatencySpec | None = None) -> list[dict[str, Any]]:
+        timing = latency or self.latency
         todo = list(range(len(schedules)))  # candidates not yet handed out (retried ones go first)
         tries = [0] * len(schedules)
         results: dict[int, dict[str, Any]] = {}
@@ -305,7 +307,7 @@ class RayPool:
         while len(results) < len(schedules):
             while todo and idle:
                 w, j = idle.pop(), todo.pop(0)
-                busy[w.actor.score.remote([dumps(schedules[j])], self.latency)] = (w, j, time.monotonic())
+                busy[w.actor.score.remote([dumps(schedules[j])], timing)] = (w, j, time.monotonic())
             if not busy:  # every worker died or stalled and their replacements have not started yet
                 no_worker_since = no_worker_since or time.monotonic()
                 self._wait_for_a_worker(no_worker_since)
@@ -422,6 +424,7 @@ def run_search(
     sid: str | None = None,
     callback: Callable[[Progress], None] | None = None,
     recorder: Any = None,
+    latency: LatencySpec | None = None,
 ) -> SearchResult:
     """Spend ``budget`` true evaluations (cache hits are free) and return the best schedule found.
 
@@ -435,6 +438,7 @@ def run_search(
         store, sid: the cache and the search's id, for recording trials and resuming.
         callback: called with a :class:`Progress` after every batch.
         recorder: a StudyRecorder (or anything with ``record(trial, schedule)``), called for every trial.
+        latency: time every candidate with this spec (stage 2), whatever the pool was built with.
     """
     if budget < 1:
         raise SearchError(f"--budget must be >= 1, got {budget}")
@@ -479,7 +483,7 @@ def run_search(
         if asks > 50 * budget:
             break  # the strategy keeps proposing schedules that are all cached: the space is exhausted
         batch = strategy.ask(min(batch_size, max(budget - true_evals, 1)))
-        metrics = pool.map(batch)
+        metrics = pool.map(batch, latency) if latency is not None else pool.map(batch)
         for s, m in zip(batch, metrics):
             record(s, m)
             told = _minimised(trials[-1].objectives)

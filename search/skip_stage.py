@@ -239,7 +239,7 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
     """Stage 2 on ``base``: skip masks minimising mse_ref with latency <= ``fraction`` x the unpruned latency;
     with ``reusable`` units, compute / reuse / skip per (step, unit) (the study records the skip masks only).
 
-    The pool is switched to measuring latency (on its workers); the unpruned schedule is measured first, and a
+    The pool measures latency (on its workers) for this stage's calls; the unpruned schedule is measured first, and a
     resumed stage (same parent search, base, budget, fraction and seed) keeps the limit it started with.
     ``latency``: a LatencySpec (default: 8 samples, median of 5 runs after 1 warm-up).
     """
@@ -251,12 +251,12 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
 
     if not 0 < fraction:
         raise SearchError(f"--latency-budget must be > 0, got {fraction}")
-    pool.latency = latency or LatencySpec()
+    latency = latency or LatencySpec()  # the pool times every candidate of this stage (passed per call)
     unpruned = without_skips(base)
     sid = search_id(parent=parent_id, stage=2, base=unpruned.hash(), budget=budget, fraction=fraction, seed=seed,
                     **({"reusable": list(reusable)} if reusable else {}))
     saved = store.get_search_state(sid) if store is not None else None
-    unpruned_ms = float(pool.map([unpruned])[0][LATENCY])
+    unpruned_ms = float(pool.map([unpruned], latency)[0][LATENCY])
     limit = float(saved["strategy"]["limit"]) if saved else fraction * unpruned_ms
     strategy = SkipMaskSearch(unpruned, tuple(units), limit, seed, reusable=tuple(reusable))
     names = ("mse_ref", LATENCY)
@@ -264,7 +264,7 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
     recorder = StudyRecorder(study_url, sid, space, names, {**(study_attrs or {}), "stage": 2})
     try:
         result = run_search(strategy, pool, budget, objectives=names, limits={LATENCY: limit},
-                            batch_size=batch_size, store=store, sid=sid, recorder=recorder)
+                            batch_size=batch_size, store=store, sid=sid, recorder=recorder, latency=latency)
     except SearchError as e:
         return Stage2(None, sid, limit, unpruned_ms, fraction, str(e))
     return Stage2(result, sid, limit, unpruned_ms, fraction)
