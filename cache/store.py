@@ -351,38 +351,39 @@ class Store:
 
     # ------------------------------------------------------------------------------ search state
 
-    def put_search_state(self, search_id: str, state: Mapping[str, Any]) -> None:
-        """Store (replace) a search's resumable state."""
+    def _put_json(self, table: str, key_column: str, key: str, column: str, value: Mapping[str, Any],
+                  what: str) -> None:
+        """Store (replace) one JSON document under its key in a keyed table (search states, model memos)."""
         try:
-            text = dumps(dict(state))
+            text = dumps(dict(value))
         except TypeError as e:
-            raise CacheError(f"search state {search_id}: {e}") from None
-        values = {"search_id": str(search_id), "state": text, "updated_at": time.time()}
-        with self._write("writing a search state") as conn:
-            conn.execute(self._upsert("search_states", values, ["search_id"], True))
+            raise CacheError(f"{what} {key}: {e}") from None
+        values = {key_column: str(key), column: text, "updated_at": time.time()}
+        with self._write(f"writing a {what}") as conn:
+            conn.execute(self._upsert(table, values, [key_column], True))
 
-    def get_search_state(self, search_id: str) -> dict | None:
+    def _get_json(self, table: str, key_column: str, key: str, column: str, what: str) -> dict | None:
         from sqlalchemy import select
 
-        t = self._t["search_states"]
-        with self._read("reading a search state") as conn:
-            text = conn.execute(select(t.c.state).where(t.c.search_id == str(search_id))).scalar()
+        t = self._t[table]
+        with self._read(f"reading a {what}") as conn:
+            text = conn.execute(select(t.c[column]).where(t.c[key_column] == str(key))).scalar()
         return None if text is None else loads(text)
+
+    def put_search_state(self, search_id: str, state: Mapping[str, Any]) -> None:
+        """Store (replace) a search's resumable state."""
+        self._put_json("search_states", "search_id", search_id, "state", state, "search state")
+
+    def get_search_state(self, search_id: str) -> dict | None:
+        return self._get_json("search_states", "search_id", search_id, "state", "search state")
 
     def put_model_memo(self, memo_key: str, memo: Mapping[str, Any]) -> None:
         """Store (replace) what a MODEL argument loads as (its fingerprint, sample shape, classes), under
         ``evaluate.ids.model_memo_key`` of the argument (which changes with the files behind it)."""
-        values = {"memo_key": str(memo_key), "memo": dumps(dict(memo)), "updated_at": time.time()}
-        with self._write("writing a model memo") as conn:
-            conn.execute(self._upsert("model_memos", values, ["memo_key"], True))
+        self._put_json("model_memos", "memo_key", memo_key, "memo", memo, "model memo")
 
     def get_model_memo(self, memo_key: str) -> dict | None:
-        from sqlalchemy import select
-
-        t = self._t["model_memos"]
-        with self._read("reading a model memo") as conn:
-            text = conn.execute(select(t.c.memo).where(t.c.memo_key == str(memo_key))).scalar()
-        return None if text is None else loads(text)
+        return self._get_json("model_memos", "memo_key", memo_key, "memo", "model memo")
 
     def add_trial(self, search_id: str, trial_number: int, schedule_hash: str | None,
                   metrics: Mapping[str, Any]) -> None:
