@@ -522,31 +522,24 @@ class Store:
                                    "created_at": row.created_at}) + "\n")
                     n += 1
             counts["references"] = n
-            t = self._t["search_states"]
-            with self._read("exporting search states") as conn, open(out / "search_states.jsonl", "w") as f:
-                rows = conn.execute(select(t).order_by(t.c.search_id)).all()
-                for row in rows:
-                    f.write(dumps({"search_id": row.search_id, "state": loads(row.state),
-                                   "updated_at": row.updated_at}) + "\n")
-            counts["search_states"] = len(rows)
-            t = self._t["search_trials"]
-            with self._read("exporting trials") as conn, open(out / "search_trials.jsonl", "w") as f:
-                rows = conn.execute(select(t).order_by(t.c.search_id, t.c.trial_number)).all()
-                for row in rows:
-                    f.write(dumps({"search_id": row.search_id, "trial_number": row.trial_number,
-                                   "schedule_hash": row.schedule_hash, "metrics": loads(row.metrics),
-                                   "created_at": row.created_at}) + "\n")
-            counts["search_trials"] = len(rows)
-            t = self._t["model_memos"]
-            with self._read("exporting model memos") as conn, open(out / "model_memos.jsonl", "w") as f:
-                rows = conn.execute(select(t).order_by(t.c.memo_key)).all()
-                for row in rows:
-                    f.write(dumps({"memo_key": row.memo_key, "memo": loads(row.memo),
-                                   "updated_at": row.updated_at}) + "\n")
-            counts["model_memos"] = len(rows)
+            for table, order, json_columns in (("search_states", ("search_id",), ("state",)),
+                                               ("search_trials", ("search_id", "trial_number"), ("metrics",)),
+                                               ("model_memos", ("memo_key",), ("memo",))):
+                counts[table] = self._export_rows(out / f"{table}.jsonl", table, order, json_columns)
         except OSError as e:
             raise CacheError(f"cannot export cache {self.display} to {out}: {e.strerror or e}") from None
         return counts
+
+    def _export_rows(self, file: Path, table: str, order: tuple[str, ...], json_columns: tuple[str, ...]) -> int:
+        """One JSON object a line per row of ``table`` (its JSON text columns parsed), in ``order``."""
+        from sqlalchemy import select
+
+        t = self._t[table]
+        with self._read(f"exporting {table}") as conn, open(file, "w") as f:
+            rows = conn.execute(select(t).order_by(*(t.c[c] for c in order))).all()
+            for row in rows:
+                f.write(dumps({c: loads(v) if c in json_columns else v for c, v in row._mapping.items()}) + "\n")
+        return len(rows)
 
     def _export_evaluations(self, file: Path) -> int:
         n = 0
