@@ -536,6 +536,8 @@ def search_cmd(
     strength: Optional[float] = typer.Option(
         None, "--strength", help="image-to-image: search the schedule an img2img pipeline runs at this strength "
                                  "(0 < s < 1), starting below T from the eval set's images noised there"),
+    reuse: bool = typer.Option(False, "--reuse", help="stage 2 may also reuse a unit's output cached at an earlier "
+                                                       "step (DeepCache), not only skip units"),
     solvers: Optional[str] = typer.Option(
         None, "--solvers", help="the solvers each step may choose, comma-separated (default: dpm, unip-bh1, "
                                 "unip-bh2, ipndm; also dpm-single)"),
@@ -554,7 +556,7 @@ def search_cmd(
         address=address, candidate_timeout=candidate_timeout, guidance=guidance, batch=batch, set_size=set_size,
         refine=refine, stage2_budget=stage2_budget, latency_budget=latency_budget, validate=validate, ratios=ratios,
         prompts=_read_prompt_file(prompts), strength=strength, report_size=report_size,
-        solvers=tuple(x.strip() for x in solvers.split(",")) if solvers else ())
+        solvers=tuple(x.strip() for x in solvers.split(",")) if solvers else (), reuse=reuse)
     store = open_store_option(cache, no_cache)
     outcome = run_search_job(config, store, hooks=_search_hooks(names[0]))
     _print_search(outcome)
@@ -644,7 +646,8 @@ def _print_stage2(stage2, best, latency_budget: float) -> None:
                       "kept the stage-1 schedule")
     elif stage2:
         t = stage2.result.best_trial
-        console.print(f"stage 2 (skip masks): {sum(len(st.skip) for st in best.steps)} unit calls skipped, "
+        console.print(f"stage 2: {sum(len(st.skip) for st in best.steps)} unit calls skipped, "
+                      f"{sum(len(st.reuse) for st in best.steps)} reused, "
                       f"latency {t.latency_ms:.2f} ms <= limit {stage2.limit_ms:.2f} ms ({latency_budget:g} x "
                       f"unpruned {stage2.unpruned_ms:.2f} ms), search-set mse_ref {t.mse_ref:.4e}")
 

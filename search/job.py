@@ -76,6 +76,7 @@ class JobConfig:
     report_size: int = 0
     score_report: bool = True  # score the best and its named peers on the report set (the closing table)
     solvers: tuple[str, ...] = ()  # the solvers a step may choose (empty: the space's default, SEARCH_SOLVERS)
+    reuse: bool = False  # stage 2 may also reuse cached unit outputs (DeepCache), not only skip units
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nfe", str(self.nfe))  # an int is a count too
@@ -274,6 +275,10 @@ def load_checked_model(config: JobConfig, model: Optional[Denoiser] = None, hook
     check_guidance_applies(m, config.guidance, config.model)
     if config.stage2_budget and not m.units:
         raise AutotuneError(f"--stage2-budget: {config.model} has no prunable units to skip")
+    if config.reuse and not config.stage2_budget:
+        raise AutotuneError("--reuse: it applies to stage 2; give --stage2-budget too")
+    if config.reuse and not getattr(m.units, "reusable", ()):
+        raise AutotuneError(f"--reuse: {config.model} has no units whose output can be reused")
     return m
 
 
@@ -474,10 +479,13 @@ def _stage2(setup: SearchSetup, pool: Pool, winner: _Winner, hooks: JobHooks) ->
     from autotune.search.skip_stage import run_stage2
 
     c = setup.config
-    with hooks.step(f"stage 2: skip masks, {c.stage2_budget} evaluations"):
+    reusable = tuple(getattr(setup.model.units, "reusable", ())) if c.reuse else ()
+    what = "compute / reuse / skip per unit" if reusable else "skip masks"
+    with hooks.step(f"stage 2: {what}, {c.stage2_budget} evaluations"):
         winner.stage2 = run_stage2(winner.schedule, tuple(setup.model.units), pool, c.stage2_budget,
                                    fraction=c.latency_budget, seed=c.seed, batch_size=c.batch, store=setup.store,
-                                   parent_id=setup.search_id, study_url=setup.study_url, study_attrs=setup.study_attrs)
+                                   parent_id=setup.search_id, study_url=setup.study_url, study_attrs=setup.study_attrs,
+                                   reusable=reusable)
     if winner.stage2.result is not None:
         winner.schedule = winner.stage2.result.best
 

@@ -104,6 +104,8 @@ def test_a_bad_config_is_one_line_before_any_work(options, says):
     ({"guidance": 2.0}, "gmm2d is unconditional"),
     ({"stage2_budget": 2}, "--stage2-budget: gmm2d has no prunable units"),
     ({"method": "nope"}, "unknown search method 'nope'"),
+    ({"reuse": True}, "--reuse: it applies to stage 2"),
+    ({"solvers": ("dpm", "heun")}, "'heun' is not one a search step can choose"),
 ])
 def test_options_the_model_or_registry_refuse_are_one_line_and_write_nothing(tmp_path, gmm, options, says):
     out = tmp_path / "s.json"
