@@ -7,7 +7,8 @@ The scheduler holds no solver formula of its own: it builds the schedule's :clas
 ``coefficients.make_plan`` on the noise schedule of the pipeline's scheduler config (read by the same
 ``read_scheduler_config`` the model adapters use) and runs it with the executor's own interpreter
 (``sampling.program.interpret``), paused at each model call: ``step()`` hands it the pipeline's network output
-and returns the state of the next call. The pipeline feeds its network the values of ``timesteps``, which are exactly the model times
+and returns the state of the next call. The pipeline feeds its network the values of ``timesteps``, which are
+exactly the model times
 the adapter feeds (``noise.model_time``, snapped to integers within 1e-6), so a pipeline with this
 scheduler and ``autotune sample`` make the same network calls on the same states.
 
@@ -23,7 +24,7 @@ schedule with any is refused by ``from_schedule`` with one error. Nothing is cli
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Mapping
 
@@ -101,7 +102,7 @@ class ReplayState:
 
     calls: int = 0  # step() calls so far
     run: Generator | None = None  # sampling.program.interpret, started at the first step()
-    draw_from: list = field(default_factory=list)  # the generator step() was handed (stochastic solvers draw on it)
+    generator: torch.Generator | None = None  # the one the latest step() was handed (stochastic solvers draw on it)
 
 
 class AutotuneScheduler(SchedulerMixin, ConfigMixin):
@@ -292,7 +293,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         if not _same_timestep(float(timestep), expected):
             raise SamplingError(f"AutotuneScheduler.step: timestep {float(timestep):g} is not the schedule's next "
                                 f"({expected:g} at call {k}); the scheduler replays whole schedules from the start")
-        state.draw_from[:] = [generator]
+        state.generator = generator
         if state.run is None:  # the first call: start the interpreter on the pipeline's latents, in their dtype
             plan = self.plan.map_weights(lambda w: w.to(device=sample.device, dtype=sample.dtype))
             state.run = interpret(plan, sample, self.parameterization, self._draw)
@@ -302,7 +303,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
     def _draw(self, like: torch.Tensor) -> torch.Tensor:
-        generator = self._state.draw_from[0] if self._state is not None and self._state.draw_from else None
+        generator = self._state.generator if self._state is not None else None
         return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
     @staticmethod

@@ -192,6 +192,7 @@ def build_engine(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    has = capabilities_of(model)
     baked = BakedSampler(model, schedule, torch.float32).eval()
     inputs, outputs = engine_io(model, schedule)
     examples = example_inputs(model, inputs, batch=2, seed=PARITY_SEED + 1)
@@ -215,8 +216,8 @@ def build_engine(
             "spec": model_spec,
             "fingerprint": model.fingerprint(),
             "parameterization": model.parameterization,
-            "sample_shape": list(capabilities_of(model).sample_shape or ()),
-            "num_classes": capabilities_of(model).num_classes,
+            "sample_shape": list(has.sample_shape or ()),
+            "num_classes": has.num_classes,
         },
         schedule={"file": SCHEDULE_FILE, "hash": schedule.hash(), "name": schedule.name, "nfe": schedule.nfe,
                   "guidance": schedule.guidance, "guidance_baked": True},
