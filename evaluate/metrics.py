@@ -118,14 +118,15 @@ def score(
     import torch
 
     from autotune.evaluate.distribution import sliced_wasserstein
-    from autotune.sampling.executor import sample
+    from autotune.sampling.executor import sample_in_chunks
 
     noise = eval_set.noise(dtype or torch.float32)
     # an SDE schedule's own draws, seeded from the set so that scoring it twice gives the same figures
     generator = torch.Generator().manual_seed(STOCHASTIC_SEED + eval_set.seed) if schedule.stochastic else None
     start = time.perf_counter()
-    result = sample(model, schedule, noise, eval_set.conditions(), keep_states=True, check_finite=True,
-                    start=None if start_state is None else start_state.to(noise.dtype), generator=generator)
+    result = sample_in_chunks(model, schedule, noise, eval_set.conditions(), keep_states=True, check_finite=True,
+                              start=None if start_state is None else start_state.to(noise.dtype),
+                              generator=generator)
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": seconds, "diverged": result.diverged_at is not None,
                                "diverged_at": result.diverged_at, "scored_by": scored_by(schedule)}

@@ -19,7 +19,7 @@ import torch
 from autotune.evaluate.progress import ProgressFn, report
 from autotune.evaluate.sets import EvalSet
 from autotune.sampling.denoiser import Denoiser
-from autotune.sampling.executor import sample
+from autotune.sampling.executor import sample, sample_in_chunks
 from autotune.sampling.noise import NoiseSchedule
 from autotune.space.schedule import Schedule, Step
 
@@ -98,8 +98,14 @@ def compute_reference(
     task, solved = f"reference, {eval_set.kind} set", len(main.steps) * size
     total = solved + len(check.steps) * n
     report(progress, task, 0, total)
-    result = sample(model, main, noise, cond, keep_states=True, start=start,
-                    callback=lambda k, _: report(progress, task, (k + 1) * size, total))
+    done = 0
+
+    def count(k: int, x: torch.Tensor) -> None:  # every slice's steps (sample_in_chunks)
+        nonlocal done
+        done += x.shape[0]
+        report(progress, task, done, total)
+
+    result = sample_in_chunks(model, main, noise, cond, keep_states=True, start=start, callback=count)
     other = sample(model, check, noise[:n], None if cond is None else cond[:n],
                    start=None if start is None else start[:n],
                    callback=lambda k, _: report(progress, task, solved + (k + 1) * n, total)).sample

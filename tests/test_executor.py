@@ -184,3 +184,45 @@ def test_plan_is_shared_and_precomputed():
             held -= set(ins.slots)
         most = max(most, len(held))
     assert most == 3 and not held
+
+
+def test_sampling_in_slices_gives_the_one_batch_run():
+    """The evaluator's slices: the same samples, states and divergence step as one batch; conditions, starts
+    and an SDE's given draws are sliced with the noise."""
+    from autotune.sampling.executor import sample_in_chunks
+
+    ns = VPLinear()
+    labels = torch.arange(10)
+
+    def conditional(x, tm, cond):  # a per-sample condition shifts the output, so a mis-sliced one shows
+        return 0.5 * x + 0.01 * cond.to(x.dtype)[:, None]
+
+    model = TorchDenoiser(conditional, ns, "epsilon")
+    noise = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    schedule = build("unipc-bh2-o3", ns, 5)
+    whole = sample(model, schedule, noise, labels, keep_states=True, check_finite=True)
+    sliced = sample_in_chunks(model, schedule, noise, labels, chunk=3, keep_states=True, check_finite=True)
+    assert torch.equal(whole.sample, sliced.sample) and sliced.nfe == whole.nfe == 5
+    assert len(sliced.states) == len(whole.states) and all(torch.equal(a, b) for a, b in zip(whole.states,
+                                                                                             sliced.states))
+    start = 0.3 * torch.randn(10, 3)
+    assert torch.equal(sample(model, schedule, noise, labels, start=start).sample,
+                       sample_in_chunks(model, schedule, noise, labels, chunk=4, start=start).sample)
+
+    def blows_up_late(x, tm, cond):  # only the last sample diverges, and only in the third slice
+        out = 0.5 * x
+        out[cond == 9] = out[cond == 9] * 1e38 * 1e38
+        return out
+
+    bad = TorchDenoiser(blows_up_late, ns, "epsilon")
+    assert sample_in_chunks(bad, schedule, noise, labels, chunk=4, check_finite=True).diverged_at == \
+        sample(bad, schedule, noise, labels, check_finite=True).diverged_at is not None
+
+    sde = build("dpmsolver++2m-sde", ns, 5)
+    draws = torch.randn(10, 5, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample(model, sde, noise, labels, step_noise=draws).sample,
+                       sample_in_chunks(model, sde, noise, labels, chunk=3, step_noise=draws).sample)
+    # drawing on a generator, it runs as one batch: the draws are the one-batch run's
+    a = sample(model, sde, noise, labels, generator=torch.Generator().manual_seed(2)).sample
+    b = sample_in_chunks(model, sde, noise, labels, chunk=3, generator=torch.Generator().manual_seed(2)).sample
+    assert torch.equal(a, b)
