@@ -152,6 +152,8 @@ def sample_in_chunks(model: Denoiser, schedule: Schedule, noise: torch.Tensor, c
     if size <= chunk or (schedule.stochastic and step_noise is None):
         return sample(model, schedule, noise, cond, start=start, step_noise=step_noise, generator=generator,
                       **kwargs)
+    if kwargs.get("plan") is None:  # one plan for every slice: its coefficients depend on the schedule only
+        kwargs["plan"] = make_plan(schedule, model.noise, times=kwargs.get("times"), ratios=kwargs.get("ratios"))
     parts = []
     for lo in range(0, size, chunk):
         part = slice(lo, lo + chunk)
