@@ -310,8 +310,8 @@ def _sample_condition(m, batch: int, class_labels: Optional[Path], prompts: Opti
 def _cached_eval(store, model: str, sched, kind: str, size: int):
     """(metrics, eval-set id) of a stored evaluation, found through the model memo, or None."""
     from autotune.cache.store import EvalKey
-    from autotune.evaluate.ids import DEFAULT_REF_STEPS, DEFAULT_SIZE, METRIC_VERSION, eval_set_id, model_memo_key
-    from autotune.evaluate.ids import ref_version
+    from autotune.evaluate.ids import DEFAULT_SIZE, METRIC_VERSION, eval_set_id, model_memo_key
+    from autotune.evaluate.ids import ref_steps_for, ref_version
 
     if kind not in DEFAULT_SIZE:
         return None  # the full path reports the bad --set
@@ -320,7 +320,7 @@ def _cached_eval(store, model: str, sched, kind: str, size: int):
     if memo is None:
         return None
     set_id = eval_set_id(kind, 0, size or DEFAULT_SIZE[kind], memo["sample_shape"], memo["num_classes"])
-    key = EvalKey(memo["fingerprint"], f"{set_id}/{ref_version(sched.guidance, DEFAULT_REF_STEPS)}", sched.hash(),
+    key = EvalKey(memo["fingerprint"], f"{set_id}/{ref_version(sched.guidance, ref_steps_for(sched.nfe))}", sched.hash(),
                   METRIC_VERSION)
     found = store.get_evaluation(key)
     return None if found is None else ({**found, "cached": True}, set_id)
@@ -358,6 +358,7 @@ def eval_cmd(
         metrics, set_id = found
     else:
         from autotune.evaluate.evaluator import Evaluator
+        from autotune.evaluate.ids import ref_steps_for
         from autotune.models.registry import load_model
         from autotune.progress_cli import step
 
@@ -365,7 +366,7 @@ def eval_cmd(
             m = load_model(model)
         sched.check_units(m.units)
         check_guidance_applies(m, sched.guidance, model)
-        evaluator = Evaluator(m, eval_set, size=size, store=store, model_spec=model)
+        evaluator = Evaluator(m, eval_set, size=size, store=store, model_spec=model, ref_steps=ref_steps_for(sched.nfe))
         with step(f"scoring the schedule, {evaluator.eval_set.kind} set") as progress:
             evaluator.progress = progress  # the set's reference, solved first unless cached
             metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
@@ -403,6 +404,7 @@ def compare_cmd(
     import json
 
     from autotune.evaluate.evaluator import Evaluator
+    from autotune.evaluate.ids import ref_steps_for
     from autotune.models.latent import read_prompts
     from autotune.models.registry import load_model
     from autotune.sampling.named import build, names_for
@@ -426,8 +428,9 @@ def compare_cmd(
     names = names_for(m.noise) if baselines == "all" else [] if baselines == "none" else [
         b.strip() for b in baselines.split(",") if b.strip()]
     prompt_list = tuple(read_prompts(prompts)) if prompts is not None else ()
+    finest = max((list(nfes) if names else []) + [s.nfe for s in given], default=max(nfes))
     evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache), prompts=prompt_list,
-                          model_spec=model)
+                          model_spec=model, ref_steps=ref_steps_for(finest))  # as fine as its finest schedule needs
     jobs: list[tuple[str, str, object]] = []  # (label, file, schedule)
     for name in names:
         for n in nfes:

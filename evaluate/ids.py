@@ -17,6 +17,19 @@ PER_SAMPLE = "mse_ref_per_sample"  # per-sample errors (base64 float32): for pai
 # mean separates 2x from 1.3x (at 256 one sample switching mode could double the mean)
 DEFAULT_SIZE = {"search": 128, "report": 1024, "validation": 512}
 DEFAULT_REF_STEPS = 100
+# Few-step schedules are scored against a coarser reference. At 40 steps the reference's own error (mean squared
+# difference from a 300-step solve, bench/ref_steps.py) was 1.0 % of unipc-bh2-o2's NFE-5 error on digits-flow,
+# 0.8 % on the 32x32 RGB v model, 0.3 % on the eps one and under 0.1 % on digits (guidance 0 and 4) and gmm64. On
+# the RGB models 100 steps did little better (their references stop converging near 1e-4, perhaps because their
+# networks were trained only at integer timesteps). 40 steps cost 40 % of 100, and references are most of a short
+# search's time.
+FEW_STEP_NFE = 6
+FEW_STEP_REF_STEPS = 40
+
+
+def ref_steps_for(nfe: int) -> int:
+    """Steps of the reference that schedules of at most ``nfe`` evaluations are scored against."""
+    return FEW_STEP_REF_STEPS if nfe <= FEW_STEP_NFE else DEFAULT_REF_STEPS
 
 
 def metrics_json(metrics: dict[str, Any]) -> str:

@@ -288,10 +288,12 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     search set's reference (once, here: the workers get it shipped)."""
     m = load_checked_model(config, model, hooks)
     from autotune.evaluate.evaluator import Evaluator
+    from autotune.evaluate.ids import DEFAULT_REF_STEPS, ref_steps_for
     from autotune.search.runner import search_id
 
     low, high = config.nfe_range
-    evaluator = Evaluator(m, "search", size=config.set_size, seed=config.seed, store=store, prompts=config.prompts)
+    evaluator = Evaluator(m, "search", size=config.set_size, seed=config.seed, store=store, prompts=config.prompts,
+                          ref_steps=ref_steps_for(high))  # the validation and report sets use the same steps
     if config.ratios is not None:
         _attach_ratios(evaluator, config, low, high, hooks)
     t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance)
@@ -299,6 +301,8 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
     if config.ratios is not None:
         extra["ratios"] = config.ratios
+    if evaluator.ref_steps != DEFAULT_REF_STEPS:  # its trials were scored against another reference
+        extra["ref_steps"] = evaluator.ref_steps
     sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else config.nfe, method=config.search_method,
                     budget=config.budget, seed=config.seed, guidance=config.guidance, eval_set=evaluator.eval_set.id,
                     batch=config.batch, space=repr(space), **extra)
@@ -459,7 +463,7 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
 
     c, evaluator = setup.config, setup.evaluator
     held_out = Evaluator(setup.model, "validation", size=c.validate, seed=c.seed, store=setup.store,
-                         prompts=c.prompts)
+                         prompts=c.prompts, ref_steps=evaluator.ref_steps)
     extra = [("refined", winner.refined)] if c.refine else []
     named_here = [(f"named {s.name}", s) for s in setup.named_peers if s.nfe == result.best.nfe]
     candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
@@ -542,7 +546,7 @@ def _score_report(setup: SearchSetup, result: SearchResult, best: Schedule, stag
 
     c = setup.config
     report = Evaluator(setup.model, "report", size=c.report_size, store=setup.store, prompts=c.prompts,
-                       model_spec=c.model)
+                       model_spec=c.model, ref_steps=setup.evaluator.ref_steps)
     peers = [s for s in setup.named_peers if s.nfe == best.nfe]
     ours = [(best.name, best)]
     if stage2 and stage2.result is not None:

@@ -168,3 +168,27 @@ def test_stage2_skips_units_of_the_written_schedule_on_digits(tmp_path, monkeypa
     assert any(st.skip for st in written.steps)
     meta = written.metadata["stage2"]
     assert meta["found"] and meta["latency_ms"] <= meta["limit_ms"] and meta["search_id"] == outcome.stage2.search_id
+
+
+@pytest.mark.parametrize("nfe", ["4", "8"])
+def test_every_set_is_scored_against_the_reference_its_nfe_needs(tmp_path, gmm, nfe):
+    """A job at NFE <= FEW_STEP_NFE scores its search, validation and report sets against the few-step reference
+    (one at more NFE against the default one), and `autotune eval` of the written schedule, which picks its
+    reference by the same rule, answers from the row the job stored."""
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+    from autotune.evaluate.ids import DEFAULT_REF_STEPS, FEW_STEP_NFE, FEW_STEP_REF_STEPS, ref_version
+
+    steps = FEW_STEP_REF_STEPS if int(nfe) <= FEW_STEP_NFE else DEFAULT_REF_STEPS
+    out, cache = tmp_path / "best.json", tmp_path / "cache.sqlite"
+    with open_store(cache) as store:
+        outcome = run_search_job(JobConfig(**{**SMALL, "nfe": nfe}, out=out), store, model=gmm)
+        scored = {tuple(e["eval_set"].split("/", 1)) for e in store.iter_evaluations()}
+    assert {kind.split("-")[0] for kind, _ in scored} == {"search", "validation", "report"}
+    assert {version for _, version in scored} == {ref_version(None, steps)}
+    result = CliRunner().invoke(app, ["eval", "--model", "gmm2d", "--schedule", str(out), "--size", "32", "--json",
+                                      "--cache", str(cache)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    assert figures["cached"] is True and figures["mse_ref"] == outcome.ours[0].metrics["mse_ref"]
