@@ -358,7 +358,6 @@ def eval_cmd(
         metrics, set_id = found
     else:
         from autotune.evaluate.evaluator import Evaluator
-        from autotune.evaluate.ids import ref_steps_for
         from autotune.models.registry import load_model
         from autotune.progress_cli import step
 
@@ -366,7 +365,7 @@ def eval_cmd(
             m = load_model(model)
         sched.check_units(m.units)
         check_guidance_applies(m, sched.guidance, model)
-        evaluator = Evaluator(m, eval_set, size=size, store=store, model_spec=model, ref_steps=ref_steps_for(sched.nfe))
+        evaluator = Evaluator(m, eval_set, size=size, store=store, model_spec=model)
         with step(f"scoring the schedule, {evaluator.eval_set.kind} set") as progress:
             evaluator.progress = progress  # the set's reference, solved first unless cached
             metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
@@ -404,7 +403,6 @@ def compare_cmd(
     import json
 
     from autotune.evaluate.evaluator import Evaluator
-    from autotune.evaluate.ids import ref_steps_for
     from autotune.models.latent import read_prompts
     from autotune.models.registry import load_model
     from autotune.sampling.named import build, names_for
@@ -428,9 +426,8 @@ def compare_cmd(
     names = names_for(m.noise) if baselines == "all" else [] if baselines == "none" else [
         b.strip() for b in baselines.split(",") if b.strip()]
     prompt_list = tuple(read_prompts(prompts)) if prompts is not None else ()
-    finest = max((list(nfes) if names else []) + [s.nfe for s in given], default=max(nfes))
     evaluator = Evaluator(m, eval_set, size=size, store=open_store_option(cache, no_cache), prompts=prompt_list,
-                          model_spec=model, ref_steps=ref_steps_for(finest))  # as fine as its finest schedule needs
+                          model_spec=model)
     jobs: list[tuple[str, str, object]] = []  # (label, file, schedule)
     for name in names:
         for n in nfes:

@@ -513,7 +513,8 @@ def is_image_model(model: Any) -> bool:
 def sample_images(evaluator: Any, schedules: Mapping[str, Schedule], count: int = 16,
                   reference_guidance: float | None = None) -> dict[str, Any]:
     """Sample grids from the first ``count`` noises (and labels) of the evaluator's set: "reference" (the
-    reference ODE solution) first, then every schedule's samples; latents are decoded."""
+    reference ODE solution the finest of the schedules is scored against) first, then every schedule's samples;
+    latents are decoded."""
     import torch
 
     from autotune.sampling.executor import sample
@@ -522,7 +523,8 @@ def sample_images(evaluator: Any, schedules: Mapping[str, Schedule], count: int 
     noise = evaluator.eval_set.noise(torch.float32)[:count]
     labels = evaluator.eval_set.conditions()
     labels = None if labels is None else labels[:count]
-    out: dict[str, Any] = {"reference": evaluator.reference(reference_guidance).final[:count].float()}
+    finest = max((s.nfe for s in schedules.values()), default=None)
+    out: dict[str, Any] = {"reference": evaluator.reference(reference_guidance, nfe=finest).final[:count].float()}
     with torch.no_grad():
         for name, s in schedules.items():
             out[name] = sample(model, s, noise, labels).sample

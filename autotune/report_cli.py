@@ -49,10 +49,8 @@ def _baseline_names(text: str, noise=None) -> list[str]:
     return names
 
 
-def _evaluator(model: str, eval_set: str, size: int, cache: Optional[str], no_cache: bool, max_nfe: int):
-    """The evaluator of the set, its reference as fine as schedules of ``max_nfe`` evaluations need."""
+def _evaluator(model: str, eval_set: str, size: int, cache: Optional[str], no_cache: bool):
     from autotune.evaluate.evaluator import Evaluator
-    from autotune.evaluate.ids import ref_steps_for
     from autotune.models.registry import load_model
     from autotune.progress_cli import step
 
@@ -63,7 +61,7 @@ def _evaluator(model: str, eval_set: str, size: int, cache: Optional[str], no_ca
         store = open_store(cache)
     with step(f"loading {model}"):
         m = load_model(model)
-    evaluator = Evaluator(m, eval_set, size=size, store=store, model_spec=model, ref_steps=ref_steps_for(max_nfe))
+    evaluator = Evaluator(m, eval_set, size=size, store=store, model_spec=model)
     return evaluator, store
 
 
@@ -109,7 +107,7 @@ def report_search_cmd(
     nfes = _parse_nfes(nfe) if nfe else sorted(set(DEFAULT_NFES) | {sched.nfe})
     if sched.nfe not in nfes:
         nfes = sorted(set(nfes) | {sched.nfe})
-    evaluator, _ = _evaluator(model, "report", size, cache, False, max(nfes))
+    evaluator, _ = _evaluator(model, "report", size, cache, False)
     sched.check_units(evaluator.model.units)
     check_guidance_applies(evaluator.model, sched.guidance, model)
     name = sched.name or "searched"
@@ -166,9 +164,7 @@ def report_compare_cmd(
     names = _baseline_names(baselines)
     if not given and not names:
         raise AutotuneError("nothing to compare: pass --schedules or leave --baselines at 'all'")
-    nfes = _parse_nfes(nfe)
-    evaluator, _ = _evaluator(model, eval_set, size, cache, no_cache,
-                              max(nfes + [s.nfe for s in given]) if names else max(s.nfe for s in given))
+    evaluator, _ = _evaluator(model, eval_set, size, cache, no_cache)
     check_guidance_applies(evaluator.model, check_guidance(guidance), model)
     names = _baseline_names(baselines, evaluator.model.noise)
     labelled = []
@@ -182,7 +178,7 @@ def report_compare_cmd(
     given = [dataclasses.replace(s, name=label) for label, s in labelled]
     with step(f"scoring the schedules, {evaluator.eval_set.kind} set") as progress:
         evaluator.progress = progress  # the set's reference, solved first unless cached
-        rows = baseline_rows(evaluator, names, nfes, guidance)
+        rows = baseline_rows(evaluator, names, _parse_nfes(nfe), guidance)
         rows += [schedule_row(evaluator, s, s.name) for s in given]
     images = None
     if samples and is_image_model(evaluator.model) and given:

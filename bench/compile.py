@@ -42,7 +42,7 @@ def quality(model, schedule, report_size: int) -> dict[str, float]:
         if es.labels() is not None:
             feed["class_labels"] = es.labels().long().numpy()
         out = torch.from_numpy(engine(**feed)).double()
-        ref = ev.reference(schedule.guidance).final.double()
+        ref = ev.reference(schedule.guidance, nfe=schedule.nfe).final.double()
         fp16 = float(((out - ref) ** 2).flatten(1).mean(1).mean())  # as evaluate.metrics.score: mse_ref
     return {"eager_fp32_mse_ref": eager, "torch_fp16_mse_ref": fp16, "engine": engine.description}
 

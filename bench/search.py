@@ -182,7 +182,7 @@ def sample_metrics(model, samples: torch.Tensor, reference, labels) -> dict[str,
 
 
 def score_peers(model, report, guidance, nfe: int) -> dict[str, dict[str, Any]]:
-    reference = report.reference(guidance)
+    reference = report.reference(guidance, nfe=nfe)  # the one the search's schedule is scored against
     noise, labels = report.eval_set.noise(torch.float32), report.eval_set.labels()
     return {peer: sample_metrics(model, run_peer(model, peer, noise, labels, nfe, guidance), reference, labels)
             for peer in PEERS}
@@ -258,19 +258,11 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
     from autotune.evaluate.evaluator import Evaluator
     from autotune.models.registry import load_model
 
-    from autotune.evaluate.ids import ref_steps_for
-
     model_arg, guidance = model_argument(name, work, args)
     model = load_model(model_arg)
-    store = open_store(args.cache)
-    reports: dict[int, Evaluator] = {}  # reference steps -> the report set's evaluator (the command's rule)
+    report = Evaluator(model, "report", size=args.report_size, store=open_store(args.cache), model_spec=model_arg)
     rows = []
     for nfe in args.nfe:
-        steps = ref_steps_for(nfe)
-        if steps not in reports:
-            reports[steps] = Evaluator(model, "report", size=args.report_size, store=store, model_spec=model_arg,
-                                       ref_steps=steps)
-        report = reports[steps]
         print(f"{name} NFE {nfe}: search ...", file=sys.stderr, flush=True)
         outcome = run_search(model, model_arg, guidance, nfe, args, work / f"{name}-nfe{nfe}.json")
         print(f"{name} NFE {nfe}: {outcome.seconds:.0f} s, {outcome.true_evaluations} true evaluations; scoring "

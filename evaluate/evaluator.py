@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from autotune.evaluate.metrics import METRIC_VERSION, score, scored_by
-from autotune.evaluate.ids import DEFAULT_REF_STEPS, model_memo_key, ref_version
+from autotune.evaluate.ids import DEFAULT_REF_STEPS, model_memo_key, ref_steps_for, ref_version
 from autotune.evaluate.progress import ProgressFn
 from autotune.evaluate.reference import Reference, compute_reference
 from autotune.evaluate.sets import EvalSet, eval_set_for
@@ -31,13 +31,15 @@ class Evaluator:
         size, seed: of the evaluation set (0: the kind's default size).
         prompts: a text-to-image model's prompts, cycled over the set (none: the empty prompt).
         store: an ``autotune.cache`` Store, or None to keep everything in memory only.
-        ref_steps: steps of the reference solver.
+        ref_steps: steps of the reference solver; None (the default): as many as the schedule scored needs
+            (``ref_steps_for`` its NFE; references asked for without an NFE take DEFAULT_REF_STEPS), so one
+            schedule gets the same figure from every command.
         model_spec: how the user named the model (a built-in name or a directory): stored rows then let
             `autotune eval` answer without loading the model.
     """
 
     def __init__(self, model: Denoiser, kind: str = "search", size: int = 0, seed: int = 0, store: Any = None,
-                 ref_steps: int = DEFAULT_REF_STEPS, prompts: tuple[str, ...] = (), model_spec: str | None = None
+                 ref_steps: int | None = None, prompts: tuple[str, ...] = (), model_spec: str | None = None
                  ) -> None:
         self.model = model
         self.eval_set: EvalSet = eval_set_for(model, kind, size, seed, prompts)
@@ -45,7 +47,7 @@ class Evaluator:
         self.ref_steps = ref_steps
         self.fingerprint = model.fingerprint()
         self.references: dict[Any, Reference] = {}
-        self._starts: dict[tuple[float | None, float], torch.Tensor] = {}  # image-to-image start states
+        self._starts: dict[tuple[float | None, float, int], torch.Tensor] = {}  # image-to-image start states
         self._memo: dict[str, dict[str, Any]] = {}
         self.hits = 0
         self.misses = 0
@@ -60,23 +62,30 @@ class Evaluator:
         """The schedule's t_start when it starts below T (image-to-image), else None."""
         return schedule.t_start if starts_from_image(self.model.noise, schedule.t_start) else None
 
-    def reference_version(self, guidance: float | None, t_start: float | None = None) -> str:
-        return ref_version(guidance, self.ref_steps, t_start)
+    def steps_for(self, nfe: int | None) -> int:
+        """Steps of the reference that schedules of ``nfe`` evaluations are scored against."""
+        if self.ref_steps is not None:
+            return self.ref_steps
+        return DEFAULT_REF_STEPS if nfe is None else ref_steps_for(nfe)
 
-    def start_state(self, guidance: float | None, t_start: float) -> torch.Tensor:
+    def reference_version(self, guidance: float | None, t_start: float | None = None, nfe: int | None = None) -> str:
+        return ref_version(guidance, self.steps_for(nfe), t_start)
+
+    def start_state(self, guidance: float | None, t_start: float, nfe: int | None = None) -> torch.Tensor:
         """Image-to-image start: the set's images noised to t_start. The images are the model's own samples
         (the full reference's final states: no dataset is needed, and they are what the model makes), noised
         with the set's second noise draw (made once per guidance and start, not per candidate scored)."""
-        key = (guidance, float(t_start))
+        key = (guidance, float(t_start), self.steps_for(nfe))
         if key not in self._starts:
-            images = self.reference(guidance).final
+            images = self.reference(guidance, nfe=nfe).final
             self._starts[key] = noised(self.model.noise, images, self.eval_set.image_noise(images.dtype), t_start)
         return self._starts[key]
 
-    def reference(self, guidance: float | None = None, t_start: float | None = None) -> Reference:
-        """The reference solution at this guidance, from T or from the noised images at ``t_start`` (computed
-        once, then read from memory or the store)."""
-        version = self.reference_version(guidance, t_start)
+    def reference(self, guidance: float | None = None, t_start: float | None = None, nfe: int | None = None
+                  ) -> Reference:
+        """The reference solution at this guidance, from T or from the noised images at ``t_start``, as fine as
+        schedules of ``nfe`` evaluations need (computed once, then read from memory or the store)."""
+        version = self.reference_version(guidance, t_start, nfe)
         if version in self.references:
             return self.references[version]
         ref = None
@@ -85,9 +94,9 @@ class Evaluator:
             if found is not None:
                 ref = Reference.from_arrays(*found)
         if ref is None:
-            start = None if t_start is None else self.start_state(guidance, t_start)
-            ref = compute_reference(self.model, self.eval_set, guidance, steps=self.ref_steps, progress=self.progress,
-                                    t_start=t_start, start=start)
+            start = None if t_start is None else self.start_state(guidance, t_start, nfe)
+            ref = compute_reference(self.model, self.eval_set, guidance, steps=self.steps_for(nfe),
+                                    progress=self.progress, t_start=t_start, start=start)
             if self.store is not None:
                 self.store.put_reference(self.fingerprint, self.eval_set.id, version, ref.to_arrays(), ref.meta)
         self.references[version] = ref
@@ -96,7 +105,7 @@ class Evaluator:
     def key(self, schedule: Schedule):
         from autotune.cache.store import EvalKey
 
-        version = self.reference_version(schedule.guidance, self.partial_start(schedule))
+        version = self.reference_version(schedule.guidance, self.partial_start(schedule), schedule.nfe)
         return EvalKey(self.fingerprint, f"{self.eval_set.id}/{version}",
                        schedule.hash(), METRIC_VERSION)
 
@@ -128,9 +137,9 @@ class Evaluator:
         self.misses += 1
         t_start = self.partial_start(schedule)
         with torch.no_grad():
-            start = None if t_start is None else self.start_state(schedule.guidance, t_start)
-            metrics = score(self.model, schedule, self.eval_set, self.reference(schedule.guidance, t_start),
-                            start_state=start)
+            start = None if t_start is None else self.start_state(schedule.guidance, t_start, schedule.nfe)
+            reference = self.reference(schedule.guidance, t_start, schedule.nfe)
+            metrics = score(self.model, schedule, self.eval_set, reference, start_state=start)
         metrics["schedule_hash"] = schedule.hash()
         self._memo[schedule.hash()] = metrics
         if self.store is not None:

@@ -28,7 +28,7 @@ FEW_STEP_REF_STEPS = 40
 
 
 def ref_steps_for(nfe: int) -> int:
-    """Steps of the reference that schedules of at most ``nfe`` evaluations are scored against."""
+    """Steps of the reference that schedules of ``nfe`` evaluations are scored against."""
     return FEW_STEP_REF_STEPS if nfe <= FEW_STEP_NFE else DEFAULT_REF_STEPS
 
 

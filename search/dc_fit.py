@@ -306,9 +306,9 @@ class FittedRatios:
         key = without_ratios(schedule).hash()
         if key not in self._memo:
             self._memo[key] = with_fitted_ratios(
-                evaluator.model, schedule, evaluator.eval_set, evaluator.reference(schedule.guidance), self.settings,
-                store=evaluator.store, fingerprint=evaluator.fingerprint,
-                ref_version=evaluator.reference_version(schedule.guidance))
+                evaluator.model, schedule, evaluator.eval_set, evaluator.reference(schedule.guidance, nfe=schedule.nfe),
+                self.settings, store=evaluator.store, fingerprint=evaluator.fingerprint,
+                ref_version=evaluator.reference_version(schedule.guidance, nfe=schedule.nfe))
         return with_ratios(schedule, [s.ratio for s in self._memo[key].steps])
 
 

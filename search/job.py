@@ -288,12 +288,11 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     search set's reference (once, here: the workers get it shipped)."""
     m = load_checked_model(config, model, hooks)
     from autotune.evaluate.evaluator import Evaluator
-    from autotune.evaluate.ids import DEFAULT_REF_STEPS, ref_steps_for
+    from autotune.evaluate.ids import DEFAULT_REF_STEPS
     from autotune.search.runner import search_id
 
     low, high = config.nfe_range
-    evaluator = Evaluator(m, "search", size=config.set_size, seed=config.seed, store=store, prompts=config.prompts,
-                          ref_steps=ref_steps_for(high))  # the validation and report sets use the same steps
+    evaluator = Evaluator(m, "search", size=config.set_size, seed=config.seed, store=store, prompts=config.prompts)
     if config.ratios is not None:
         _attach_ratios(evaluator, config, low, high, hooks)
     t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance)
@@ -301,8 +300,10 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
     if config.ratios is not None:
         extra["ratios"] = config.ratios
-    if evaluator.ref_steps != DEFAULT_REF_STEPS:  # its trials were scored against another reference
-        extra["ref_steps"] = evaluator.ref_steps
+    # one NFE of each reference the candidates are scored against (evaluate/ids.py: ref_steps_for)
+    ref_nfes = {evaluator.steps_for(n): n for n in range(low, high + 1)}
+    if set(ref_nfes) != {DEFAULT_REF_STEPS}:  # trials scored against another reference than before it existed
+        extra["ref_steps"] = sorted(ref_nfes)
     sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else config.nfe, method=config.search_method,
                     budget=config.budget, seed=config.seed, guidance=config.guidance, eval_set=evaluator.eval_set.id,
                     batch=config.batch, space=repr(space), **extra)
@@ -310,9 +311,10 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     with hooks.step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
         evaluator.progress = progress
         g = config.guidance
-        setup.references[evaluator.reference_version(g)] = evaluator.reference(g)
-        if config.strength is not None:  # img2img: solved from the images (the full reference's samples) at t_start
-            setup.references[evaluator.reference_version(g, t_start)] = evaluator.reference(g, t_start)
+        for n in ref_nfes.values():
+            setup.references[evaluator.reference_version(g, nfe=n)] = evaluator.reference(g, nfe=n)
+            if config.strength is not None:  # img2img: solved from the images (the full reference's samples) at t_start
+                setup.references[evaluator.reference_version(g, t_start, n)] = evaluator.reference(g, t_start, n)
     evaluator.progress = None
     return setup
 
@@ -442,7 +444,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     from autotune.space.fileformat import loads
 
     c, evaluator = setup.config, setup.evaluator
-    reference = setup.references[evaluator.reference_version(c.guidance)]
+    reference = setup.references[evaluator.reference_version(c.guidance, nfe=result.best.nfe)]
     with hooks.step(f"refining the time grid ({c.refine} gradient steps)"):
         refined = refine_times(setup.model, result.best, evaluator.eval_set, reference, iterations=c.refine,
                                seed=c.seed).schedule
@@ -463,7 +465,7 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
 
     c, evaluator = setup.config, setup.evaluator
     held_out = Evaluator(setup.model, "validation", size=c.validate, seed=c.seed, store=setup.store,
-                         prompts=c.prompts, ref_steps=evaluator.ref_steps)
+                         prompts=c.prompts)
     extra = [("refined", winner.refined)] if c.refine else []
     named_here = [(f"named {s.name}", s) for s in setup.named_peers if s.nfe == result.best.nfe]
     candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
@@ -546,7 +548,7 @@ def _score_report(setup: SearchSetup, result: SearchResult, best: Schedule, stag
 
     c = setup.config
     report = Evaluator(setup.model, "report", size=c.report_size, store=setup.store, prompts=c.prompts,
-                       model_spec=c.model, ref_steps=setup.evaluator.ref_steps)
+                       model_spec=c.model)
     peers = [s for s in setup.named_peers if s.nfe == best.nfe]
     ours = [(best.name, best)]
     if stage2 and stage2.result is not None:

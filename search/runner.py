@@ -76,7 +76,7 @@ class EvaluatorSpec:
     size: int
     seed: int
     cache: str | None
-    ref_steps: int
+    ref_steps: int | None  # None: by the NFE of each schedule scored (the Evaluator's default)
     threads: int = 1
     ratios: str | None = None  # "fit" or "cpr:FILE": candidates scored with DC ratios (search/dc_fit.py)
     prompts: tuple[str, ...] = ()  # a text-to-image model's evaluation prompts

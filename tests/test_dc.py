@@ -158,12 +158,14 @@ def test_search_hook_fits_once_and_stores_under_the_fitted_hash(tmp_path, gmm):
     assert plain.evaluate(fitted)["cached"]  # stored under the fitted schedule's hash
     assert plain.evaluate(s)["mse_ref"] > first["mse_ref"]
     # a fresh evaluator finds the fit in the store (no refit) and the evaluation in the cache
-    key = fit_key(ev.fingerprint, s, f"{ev.eval_set.id}/{ev.reference_version(None)}", FAST)
+    # the fit is against the reference the schedule is scored against (its NFE's)
+    key = fit_key(ev.fingerprint, s, f"{ev.eval_set.id}/{ev.reference_version(None, nfe=s.nfe)}", FAST)
     assert store.get_search_state(key)["ratios"] == [st.ratio for st in fitted.steps]
     again = attach_ratio_source(Evaluator(gmm, "search", size=16, store=store), "fit", FAST)
     assert again.evaluate(s)["cached"]
-    assert with_fitted_ratios(gmm, s, ev.eval_set, ev.reference(), FAST, store=store, fingerprint=ev.fingerprint,
-                              ref_version=ev.reference_version(None)).hash() == fitted.hash()
+    assert with_fitted_ratios(gmm, s, ev.eval_set, ev.reference(nfe=s.nfe), FAST, store=store,
+                              fingerprint=ev.fingerprint,
+                              ref_version=ev.reference_version(None, nfe=s.nfe)).hash() == fitted.hash()
     with pytest.raises(DCFitError, match="--ratios"):
         attach_ratio_source(ev, "magic")
 

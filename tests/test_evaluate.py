@@ -47,10 +47,27 @@ def test_diverging_schedule_scores_as_diverged_with_its_step():
                           "epsilon")
     model.sample_shape = (2,)
     ev = Evaluator(model, "search", size=4)
-    ev.references[ev.reference_version(None)] = compute_reference(
+    ev.references[ev.reference_version(None, nfe=4)] = compute_reference(
         TorchDenoiser(lambda x, tm: 0 * x, ns, "epsilon"), ev.eval_set, steps=10)
     metrics = ev.evaluate(build("ddim", ns, 4))  # evaluates at t = 1, .75, .5, .25: NaN from the call at .25
     assert metrics["diverged"] and metrics["diverged_at"] == 3 and metrics["mse_ref"] == math.inf
+
+
+def test_each_schedule_is_scored_against_the_reference_its_nfe_needs():
+    """Few-step schedules (NFE <= FEW_STEP_NFE) against the few-step reference, others against the default one,
+    by one evaluator; an evaluator given its steps uses them for every schedule."""
+    from autotune.evaluate.ids import DEFAULT_REF_STEPS, FEW_STEP_NFE, FEW_STEP_REF_STEPS
+
+    gmm = load_model("gmm2d")
+    few, more = (build("unipc-bh2-o2", gmm.noise, n) for n in (FEW_STEP_NFE, FEW_STEP_NFE + 1))
+    ev = Evaluator(gmm, "search", size=8)
+    ev.evaluate(few), ev.evaluate(more)
+    assert sorted(r.meta["steps"] for r in ev.references.values()) == [FEW_STEP_REF_STEPS, DEFAULT_REF_STEPS]
+    assert ev.key(few).eval_set.endswith(f"-k{FEW_STEP_REF_STEPS}") and ev.key(more).eval_set.endswith(
+        f"-k{DEFAULT_REF_STEPS}")
+    fixed = Evaluator(gmm, "search", size=8, ref_steps=20)
+    fixed.evaluate(few), fixed.evaluate(more)
+    assert [r.meta["steps"] for r in fixed.references.values()] == [20]
 
 
 def test_second_eval_comes_from_the_cache(tmp_path):
@@ -78,9 +95,9 @@ def test_compare_agrees_with_diffusers_schedulers(pipeline_dirs, tmp_path):
     assert {r["schedule"] for r in rows} == set(NAMED)
     model = load_pipeline_dir(pipe)
     ev = Evaluator(model, "report", size=8)
-    ref = ev.reference(None).final.double()
     noise = ev.eval_set.noise(torch.float32)
     for r in rows:
+        ref = ev.reference(None, nfe=r["nfe"]).final.double()  # each NFE's, as compare scored it
         if r["schedule"] not in PEERS or r["schedule"] == "unipc-bh1-o2":  # bh1 peer needs sigma_min, ours ends at 0
             continue
         peer = run_peer(r["schedule"], model.unet, model.scheduler_config, noise, r["nfe"]).double()

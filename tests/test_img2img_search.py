@@ -27,11 +27,11 @@ def test_a_partial_schedule_is_scored_from_noised_images(gmm):
     evaluator = Evaluator(gmm, "search", size=64)
     part = for_strength(build("dpmsolver++2m", gmm.noise, 10), 0.5)
     assert starts_from_image(gmm.noise, part.t_start) and part.nfe == 5
-    full_ref = evaluator.reference()
-    start = evaluator.start_state(None, part.t_start)
+    full_ref = evaluator.reference(nfe=part.nfe)  # the references schedules of this NFE are scored against
+    start = evaluator.start_state(None, part.t_start, part.nfe)
     expected = noised(gmm.noise, full_ref.final, evaluator.eval_set.image_noise(full_ref.final.dtype), part.t_start)
     assert torch.equal(start, expected)
-    ref = evaluator.reference(None, part.t_start)
+    ref = evaluator.reference(None, part.t_start, part.nfe)
     assert float(ref.times[0]) == pytest.approx(part.t_start) and ref.check_max_abs < 1e-3
     # the score is this schedule's samples from that start against that reference
     metrics = evaluator.evaluate(part)
