@@ -100,7 +100,8 @@ def models_cmd(
 @app.command("baseline")
 @_one_line_errors
 def baseline_cmd(
-    name: str = typer.Argument(..., help="ddim, dpmsolver++2m, dpmsolver++3m, unipc-bh1-o2, unipc-bh2-o2, unipc-bh2-o3, ipndm; "
+    name: str = typer.Argument(..., help="ddim, dpmsolver++2m, dpmsolver++3m, unipc-bh1-o2, "
+                              "unipc-bh1-o3, unipc-bh2-o2, unipc-bh2-o3, ipndm; "
                               "flow models also flow-euler, flow-euler-shift1|3|6, unipc-flow, dpmsolver++2m-flow"),
     model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
     nfe: int = typer.Option(..., "--nfe", min=1, max=MAX_NFE, help=f"model evaluations (1..{MAX_NFE})"),

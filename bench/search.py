@@ -59,15 +59,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # peer name -> (diffusers scheduler class, constructor arguments beyond the model's noise schedule): the named
 # schedules' own peers (declared once in sampling/named.py) and the variants no named schedule has
-_BH1 = DIFFUSERS_PEERS["unipc-bh1-o2"]
 _DPM2, _DPM3 = DIFFUSERS_PEERS["dpmsolver++2m"], DIFFUSERS_PEERS["dpmsolver++3m"]
 PEERS = {
     "dpmsolver++2m": _DPM2,
     "dpmsolver++3m": _DPM3,
     "dpmsolver++2m-karras": (_DPM2[0], {**_DPM2[1], "use_karras_sigmas": True}),
     "dpmsolver++3m-karras": (_DPM3[0], {**_DPM3[1], "use_karras_sigmas": True}),
-    "unipc-bh1-o2": _BH1,
-    "unipc-bh1-o3": (_BH1[0], {**_BH1[1], "solver_order": 3}),  # bh1's sigma_min final too (NaN onto zero)
+    "unipc-bh1-o2": DIFFUSERS_PEERS["unipc-bh1-o2"],
+    "unipc-bh1-o3": DIFFUSERS_PEERS["unipc-bh1-o3"],
     "unipc-bh2-o2": DIFFUSERS_PEERS["unipc-bh2-o2"],
     "unipc-bh2-o3": DIFFUSERS_PEERS["unipc-bh2-o3"],
     "deis-o2": ("DEISMultistepScheduler", {"solver_order": 2}),

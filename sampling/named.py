@@ -116,6 +116,7 @@ NAMED: dict[str, Callable[..., Schedule]] = {
     "dpmsolver++2m": _dpmsolver_pp(2),
     "dpmsolver++3m": _dpmsolver_pp(3),
     "unipc-bh1-o2": _unipc("bh1", 2),
+    "unipc-bh1-o3": _unipc("bh1", 3),
     "unipc-bh2-o2": _unipc("bh2", 2),
     "unipc-bh2-o3": _unipc("bh2", 3),
     "ipndm": ipndm,
@@ -137,6 +138,8 @@ DIFFUSERS_PEERS: dict[str, tuple[str, dict]] = {
                                                  "timestep_spacing": "linspace"}),
     # diffusers' bh1 returns NaN on a last step onto sigma = 0; its sigma_min final is what ours reproduces
     "unipc-bh1-o2": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2,
+                                                 "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}),
+    "unipc-bh1-o3": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3,
                                                  "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
