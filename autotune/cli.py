@@ -321,8 +321,8 @@ def _cached_eval(store, model: str, sched, kind: str, size: int):
     if memo is None:
         return None
     set_id = eval_set_id(kind, 0, size or DEFAULT_SIZE[kind], memo["sample_shape"], memo["num_classes"])
-    key = EvalKey(memo["fingerprint"], f"{set_id}/{ref_version(sched.guidance, ref_steps_for(sched.nfe))}", sched.hash(),
-                  METRIC_VERSION)
+    version = ref_version(sched.guidance, ref_steps_for(sched.nfe))  # the Evaluator's rule (Evaluator.key)
+    key = EvalKey(memo["fingerprint"], f"{set_id}/{version}", sched.hash(), METRIC_VERSION)
     found = store.get_evaluation(key)
     return None if found is None else ({**found, "cached": True}, set_id)
 

@@ -74,7 +74,7 @@ class Evaluator:
     def start_state(self, guidance: float | None, t_start: float, nfe: int | None = None) -> torch.Tensor:
         """Image-to-image start: the set's images noised to t_start. The images are the model's own samples
         (the full reference's final states: no dataset is needed, and they are what the model makes), noised
-        with the set's second noise draw (made once per guidance and start, not per candidate scored)."""
+        with the set's second noise draw (made once per guidance, start and reference steps, not per candidate)."""
         key = (guidance, float(t_start), self.steps_for(nfe))
         if key not in self._starts:
             images = self.reference(guidance, nfe=nfe).final
