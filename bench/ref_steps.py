@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search import BENCH_MODELS, model_argument  # noqa: E402  (bench/search.py: the benchmark models)
 
 from autotune.evaluate.ids import DEFAULT_REF_STEPS, FEW_STEP_REF_STEPS  # noqa: E402
+from autotune.evaluate.progress import report  # noqa: E402
 from autotune.evaluate.reference import lambda_uniform_schedule  # noqa: E402
 from autotune.evaluate.sets import eval_set_for  # noqa: E402
 from autotune.models.registry import load_model  # noqa: E402
+from autotune.progress_cli import step  # noqa: E402
 from autotune.sampling.executor import sample_in_chunks  # noqa: E402
 from autotune.sampling.named import build  # noqa: E402
 
@@ -50,15 +52,28 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'model':<12}{'reference':>10}{'mse vs 300':>12}{'/ NFE-5':>9}{'/ NFE-10':>10}{'seconds':>9}")
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         spec, guidance = model_argument(name, args.work, args)
-        model = load_model(spec)
+        with step(f"loading {name}"):
+            model = load_model(spec)
         es = eval_set_for(model, "validation", args.size, 7, ())
         noise, cond = es.noise(torch.float32), es.conditions()
 
         def solve(schedule) -> tuple[torch.Tensor, float]:
-            started = time.perf_counter()
-            with torch.no_grad():
-                x = sample_in_chunks(model, dataclasses.replace(schedule, guidance=guidance), noise, cond).sample
-            return x.double(), time.perf_counter() - started
+            """The schedule's samples and seconds; a progress bar on a terminal while it runs (steps of slices)."""
+            total = len(schedule.steps) * noise.shape[0]
+            done = 0
+            with step(f"{name}: {schedule.name}") as progress:
+
+                def count(k: int, x: torch.Tensor) -> None:
+                    nonlocal done
+                    done += x.shape[0]
+                    report(progress, schedule.name, done, total)
+
+                started = time.perf_counter()
+                with torch.no_grad():
+                    x = sample_in_chunks(model, dataclasses.replace(schedule, guidance=guidance), noise, cond,
+                                         callback=count).sample
+                seconds = time.perf_counter() - started
+            return x.double(), seconds
 
         def reference(k: int):
             return solve(lambda_uniform_schedule(model.noise, k, 3, solver="unip-bh2", corrector="bh2"))
