@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search import BENCH_MODELS, model_argument  # noqa: E402  (bench/search.py: the benchmark models)
 
+from autotune.errors import AutotuneError  # noqa: E402
 from autotune.evaluate.ids import DEFAULT_REF_STEPS, FEW_STEP_REF_STEPS  # noqa: E402
 from autotune.evaluate.progress import report  # noqa: E402
 from autotune.evaluate.reference import lambda_uniform_schedule  # noqa: E402
@@ -47,8 +48,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="where bench models are built")
     ap.add_argument("--rgb32-steps", type=int, default=None, help="training steps if an rgb32 model is built")
     args = ap.parse_args(argv)
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        ap.error(f"--steps: expected comma-separated integers like 40,60,100, got {args.steps!r}")
+    if min(steps) < 1:
+        ap.error(f"--steps: every step count must be >= 1, got {args.steps!r}")
+    try:
+        run(args, steps)
+    except AutotuneError as e:  # a model that does not load: one line, no traceback
+        raise SystemExit(f"bench/ref_steps.py: {e}") from None
+
+
+def run(args, steps: list[int]) -> None:
     torch.manual_seed(0)
-    steps = [int(s) for s in args.steps.split(",")]
     print(f"{'model':<12}{'reference':>10}{'mse vs 300':>12}{'/ NFE-5':>9}{'/ NFE-10':>10}{'seconds':>9}")
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         spec, guidance = model_argument(name, args.work, args)
