@@ -24,7 +24,7 @@ schedule with any is refused by ``from_schedule`` with one error. Nothing is cli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generator, Mapping
 
@@ -174,6 +174,10 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         # every model call in order (a two-call step calls twice; the final denoise once more), as diffusers' own
         # two-call schedulers list them: timesteps has one entry per network call
         self._call_times = torch.stack([c.time for c in self.plan.calls])
+        # where the state is at each call: the call's time unless the step shifts what the network is told
+        unshifted = self.schedule.with_steps(replace(s, shift=0.0) for s in self.schedule.steps)
+        self._state_times = (self._call_times if unshifted == self.schedule
+                             else torch.stack([c.time for c in make_plan(unshifted, self.noise).calls]))
         self._own = fed_timesteps(self.noise, self._call_times)  # the model times this schedule calls at
         self.timesteps = self._own
         # a schedule starting below T is the tail an image-to-image pipeline runs: it may ask for more steps and
@@ -336,7 +340,7 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
         if not _same_timestep(float(own[k]), value):
             raise SamplingError(f"AutotuneScheduler: timestep {value:g} is not one of the schedule's "
                                 f"({', '.join(f'{v:g}' for v in own.tolist())})")
-        return self._call_times[k]
+        return self._state_times[k]
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``alpha_t x0 + sigma_t eps`` at the schedule time of ``timesteps`` (DDPM-family image-to-image)."""

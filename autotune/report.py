@@ -264,13 +264,16 @@ def slug(name: str) -> str:
 
 def schedule_table(schedule: Schedule) -> str:
     """Every step of a schedule as a markdown table."""
+    shifted = any(st.shift for st in schedule.steps)  # the column only for schedules that shift a model time
     rows = [(k, st.t, st.solver, st.order, st.prediction, st.corrector if st.corrector == "none" else
-             f"{st.corrector} ({st.corrector_order})", st.ratio, ", ".join(st.skip) or "-")
+             f"{st.corrector} ({st.corrector_order})", st.ratio, *((st.shift,) if shifted else ()),
+             ", ".join(st.skip) or "-")
             for k, st in enumerate(schedule.steps)]
     extra = f"t_start {schedule.t_start:g}, final_denoise {str(schedule.final_denoise).lower()}, " \
             f"dc_order {schedule.dc_order}, guidance {_fmt(schedule.guidance) or 'none'}"
-    return _table(("step", "t", "solver", "order", "prediction", "corrector", "ratio", "skip"), rows) + \
-        f"\n\n{extra}\n"
+    header = ("step", "t", "solver", "order", "prediction", "corrector", "ratio", *(("shift",) if shifted else ()),
+              "skip")
+    return _table(header, rows) + f"\n\n{extra}\n"
 
 
 def nfe_table(rows: Sequence[Mapping[str, Any]], metric: str = "mse_ref") -> str:

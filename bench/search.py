@@ -1,7 +1,7 @@
 """The default `autotune search` vs the best of diffusers' own schedulers at the same NFE (issue 16's first table).
 
 For each model and NFE: the schedule the *default* search finds (exactly what `autotune search --model M --nfe N`
-runs: its default method, budget, search-set size and validation, no refinement, no DC ratios; called in this
+runs: its default method, budget, search-set size, refinement and validation, no DC ratios; called in this
 process through `search/job.py: run_search_job`, the function the command calls) against every diffusers peer
 (DPM-Solver++ 2M/3M with and without Karras sigmas, UniPC bh1/bh2 orders 2/3, DEIS orders 2/3), each running its
 own `scheduler.step` loop over our model wrapper on the model's own noise schedule. All are scored on the held-out
@@ -369,7 +369,8 @@ def main() -> None:
     parser.add_argument("--set-size", type=int, default=JobConfig.set_size, help="search-set size (0: the default)")
     parser.add_argument("--validate", type=int, default=JobConfig.validate, help="validation-set size")
     parser.add_argument("--method", default=None, help="replace the default search method")
-    parser.add_argument("--refine", type=int, default=0, help="gradient steps on the time grid (default: none)")
+    parser.add_argument("--refine", type=int, default=None,
+                        help="gradient steps on the winner's grid and shifts (default: autotune search's)")
     parser.add_argument("--workers", type=int, default=0, help="Ray workers of the search (0: in this process)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -388,7 +389,7 @@ def main() -> None:
     args.cache = str(work / "cache.sqlite")
     torch.set_num_threads(args.threads)
     method = JobConfig(model="digits", method=args.method).search_method
-    changed = [f"{k} {v}" for k, v in (("method", args.method), ("refine", args.refine or None)) if v is not None]
+    changed = [f"{k} {v}" for k, v in (("method", args.method), ("refine", args.refine)) if v is not None]
     console = Console()
     console.print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} thread(s); search: "
                   + (f"NOT the default ({', '.join(changed)})" if changed else "the default `autotune search`")

@@ -44,13 +44,27 @@ def compensation(k: int, ratio: torch.Tensor, dc_order: int, times: torch.Tensor
     return Compensate(k, tuple(weights))
 
 
-def _step_code(k: int, schedule: Schedule, ctx: PlanContext, ratios: torch.Tensor) -> list[Instruction]:
+def model_times(noise: NoiseSchedule, times: torch.Tensor, lam: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """The time each step's own model call tells the network: tau_k moved by the step's log-SNR shift, kept in
+    [t_min, T] (the range the network was trained on). An unshifted step gets tau_k itself, bit for bit."""
+    n = shifts.shape[0]
+    if not shifts.requires_grad and not bool((shifts != 0).any()):
+        return times[:n]
+    # tau + (t(lambda + shift) - t(lambda)), not t(lambda + shift): exactly tau at shift 0 (t_of_lambda is not an
+    # exact inverse), while the gradient in the shift stays dt/dlambda there
+    moved = times[:n] + (noise.t_of_lambda(lam[:n] + shifts) - noise.t_of_lambda(lam[:n]))
+    return moved.clamp(noise.t_min, noise.T)
+
+
+def _step_code(k: int, schedule: Schedule, ctx: PlanContext, ratios: torch.Tensor,
+               called_at: torch.Tensor) -> list[Instruction]:
     """Step k: its model call, the pending corrector, compensation, then the solver's move to tau_{k+1}."""
     step = schedule.steps[k]
     solver = implementation(step.solver)
     first_call = getattr(solver, "first_call", None)
+    # the state and the conversions stay at tau_k; only the network's time input carries the shift
     code: list[Instruction] = (list(first_call(k, step, ctx)) if first_call is not None
-                               else [ctx.call(k, skip=frozenset(step.skip))])
+                               else [replace(ctx.call(k, skip=frozenset(step.skip)), time=called_at[k])])
     prev = schedule.steps[k - 1] if k > 0 else None
     if prev is not None and prev.corrector != "none":
         corr = unic_update(k - 1, prev.corrector_order, prev.prediction, prev.corrector, ctx)
@@ -92,11 +106,12 @@ def make_plan(
     times: torch.Tensor | None = None,
     ratios: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    shifts: torch.Tensor | None = None,
 ) -> Plan:
     """Precompute every instruction of ``schedule`` on ``noise``.
 
-    ``times`` (tau_0..tau_N) and ``ratios`` (one per step) override the schedule's values with tensors,
-    typically ones that require grad: the plan is then differentiable in them.
+    ``times`` (tau_0..tau_N), ``ratios`` and ``shifts`` (one per step) override the schedule's values with
+    tensors, typically ones that require grad: the plan is then differentiable in them.
     """
     if times is None:
         times = torch.tensor(schedule.times, dtype=dtype)
@@ -105,10 +120,13 @@ def make_plan(
     log_alpha = noise.log_alpha(times)
     alpha = torch.exp(log_alpha)
     sigma = noise.sigma(times)
+    if shifts is None:
+        shifts = torch.tensor([s.shift for s in schedule.steps], dtype=times.dtype)
     ctx = PlanContext(schedule, times, alpha, sigma, log_alpha - torch.log(sigma))
+    called_at = model_times(noise, times, ctx.lam, shifts)
     code: list[Instruction] = []
     for k in range(len(schedule.steps)):
-        code += _step_code(k, schedule, ctx, ratios)
+        code += _step_code(k, schedule, ctx, ratios, called_at)
     if schedule.final_denoise:  # DPM-Solver's denoise_to_zero: the data prediction at the last time is the sample
         n = len(schedule.steps)
         code += [ctx.call(n), Combine("x", "x", None, ((n, torch.ones((), dtype=times.dtype)),), "data"),

@@ -58,6 +58,7 @@ def sample(
     differentiable: bool = False,
     times: torch.Tensor | None = None,
     ratios: torch.Tensor | None = None,
+    shifts: torch.Tensor | None = None,
     keep_states: bool = False,
     check_finite: bool = False,
     plan: Plan | None = None,
@@ -101,7 +102,7 @@ def sample(
     check_inputs(model, schedule, noise)
     dtype = dtype or noise.dtype
     if plan is None:
-        plan = make_plan(schedule, model.noise, times=times, ratios=ratios)
+        plan = make_plan(schedule, model.noise, times=times, ratios=ratios, shifts=shifts)
     plan = plan.map_weights(lambda w: w.to(dtype))
     draw = _noise_source(plan, step_noise, generator)
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
@@ -153,7 +154,8 @@ def sample_in_chunks(model: Denoiser, schedule: Schedule, noise: torch.Tensor, c
         return sample(model, schedule, noise, cond, start=start, step_noise=step_noise, generator=generator,
                       **kwargs)
     if kwargs.get("plan") is None:  # one plan for every slice: its coefficients depend on the schedule only
-        kwargs["plan"] = make_plan(schedule, model.noise, times=kwargs.get("times"), ratios=kwargs.get("ratios"))
+        kwargs["plan"] = make_plan(schedule, model.noise, times=kwargs.get("times"), ratios=kwargs.get("ratios"),
+                                   shifts=kwargs.get("shifts"))
     parts = []
     for lo in range(0, size, chunk):
         part = slice(lo, lo + chunk)

@@ -1,10 +1,19 @@
-"""`gradient`: refine a schedule's time grid by backpropagating the error to the reference through the
-differentiable executor (in the spirit of LD3, Tong et al. 2024), as a finishing step for any search.
+"""`gradient`: refine a schedule's time grid and its model-time shifts by backpropagating the error to the
+reference through the differentiable executor (in the spirit of LD3, Tong et al. 2024, which learns the grid and
+a decoupled model time), as a finishing step for any search.
 
 The interior times are parameterised so that every iterate is a valid, strictly decreasing grid: log-SNR
 positions are the cumulative sums of softmax weights between lambda(T) and lambda(t_min); the step onto
-t = 0 (if any) and every per-step decision stay as they are. The loss is the mean squared error of the
-final samples against the reference solution on (a batch of) the search set.
+t = 0 (if any) and every per-step decision stay as they are. Each step's ``shift`` (the log-SNR offset of the
+time its model call tells the network) moves freely. The loss is the mean squared error of the final samples
+against the reference solution on a fixed part of the search set (the first ``samples``), so every iterate is
+scored on the same noise and "the best iterate" means something; random mini-batches made the best iterate the one
+with the luckiest batch (digits: 3.35e-3 on validation vs 2.56e-3 for a fixed 64).
+
+Measured (digits NFE 5, a search's winner, 60 steps, 512 validation noises): times and shifts 3.45e-3 ->
+2.60e-3 on all 128 search noises (75 s on 2 cores), 2.56e-3 on the first 64 (38 s); shifts alone 2.97e-3; times
+alone with the same step size diverged (2.1e-2), which is why the best iterate is returned, never the last.
+gmm64 NFE 5: 2.08e-2 -> 5.5e-3.
 """
 
 from __future__ import annotations
@@ -18,13 +27,15 @@ from autotune.evaluate.reference import Reference
 from autotune.evaluate.sets import EvalSet
 from autotune.sampling.denoiser import Denoiser
 from autotune.sampling.executor import sample
-from autotune.space.schedule import Schedule
+from autotune.space.schedule import MAX_SHIFT, Schedule
+
+DEFAULT_LR = 0.03  # Adam's step on the grid logits and the shifts; 0.05 and up overshoot on digits
 
 
 @dataclass
 class Refinement:
     schedule: Schedule
-    losses: list[float]
+    losses: list[float]  # the loss of each iterate, in order (the first is the schedule as given)
 
 
 def _free_times(schedule: Schedule) -> int:
@@ -35,12 +46,13 @@ def _free_times(schedule: Schedule) -> int:
 
 def refine_times(
     model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *, iterations: int = 40,
-    lr: float = 0.05, batch: int = 32, seed: int = 0,
+    lr: float = DEFAULT_LR, samples: int = 0, shifts: bool = True,
 ) -> Refinement:
-    """Adam on the softmax parameterisation of the log-SNR grid; returns the best grid seen (by batch loss)."""
+    """Adam on the softmax parameterisation of the log-SNR grid (and on the steps' shifts unless ``shifts`` is
+    False); returns the best iterate seen. The loss is taken on the set's first ``samples`` noises (0: all)."""
     ns = model.noise
     free = _free_times(schedule)
-    if free < 1:
+    if free < 1 and not shifts:
         return Refinement(schedule, [])
     times = torch.tensor(schedule.times, dtype=torch.float64)
     lam_start = ns.lambda_(times[0])
@@ -49,47 +61,57 @@ def refine_times(
     # initial logits reproduce the current grid: increments between consecutive lambdas, slack to lam_end
     points = torch.cat([lam_start.reshape(1), lam, lam_end.reshape(1)])
     increments = (points[1:] - points[:-1]).clamp_min(1e-6)
-    logits = torch.log(increments / increments.sum()).clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([logits], lr=lr)
-    noise = eval_set.noise(torch.float32)
+    logits = torch.log(increments / increments.sum()).clone().requires_grad_(free >= 1)
+    with torch.no_grad():
+        start_times = ns.t_of_lambda(lam_start + (lam_end - lam_start) * torch.cumsum(torch.softmax(logits, 0), 0)[:free])
+    offsets = torch.tensor([s.shift for s in schedule.steps], dtype=torch.float64, requires_grad=shifts)
+    optimiser = torch.optim.Adam([p for p in (logits, offsets) if p.requires_grad], lr=lr)
+    part = slice(None) if samples <= 0 else slice(0, samples)
+    noise = eval_set.noise(torch.float32)[part]
     labels = eval_set.conditions()
-    g = torch.Generator().manual_seed(seed)
+    labels = None if labels is None else labels[part]
+    target = reference.final[part].double()
 
     def grid(logit: torch.Tensor) -> torch.Tensor:
+        if free < 1:
+            return times
         fractions = torch.cumsum(torch.softmax(logit, 0), 0)[:free]
         new_lam = lam_start + (lam_end - lam_start) * fractions
-        inner = ns.t_of_lambda(new_lam)
+        # the given times moved by the change in t(lambda): the first iterate is the schedule as given, exactly
+        # (t_of_lambda is not an exact inverse of lambda_)
+        inner = times[1: free + 1] + (ns.t_of_lambda(new_lam) - start_times)
         tail = times[free + 1:]
         return torch.cat([times[:1], inner, tail])
 
     best = (float("inf"), schedule)
     losses = []
     for _ in range(iterations):
-        idx = torch.randperm(noise.shape[0], generator=g)[:batch]
         t = grid(logits)
-        out = sample(model, schedule, noise[idx], None if labels is None else labels[idx], differentiable=True,
-                     times=t)
-        loss = ((out.sample.double() - reference.final[idx].double()) ** 2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        if not torch.isfinite(logits.grad).all():
-            break
+        shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)
+        out = sample(model, schedule, noise, labels, differentiable=True, times=t, shifts=shift if shifts else None)
+        loss = ((out.sample.double() - target) ** 2).mean()
         value = float(loss.detach())
+        if not torch.isfinite(loss):
+            break
         losses.append(value)
-        candidate = _with_times(schedule, t.detach())
+        candidate = _with_values(schedule, t.detach(), shift.detach())
         if candidate is not None and value < best[0]:
             best = (value, candidate)
+        optimiser.zero_grad()
+        loss.backward()
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in (logits, offsets)):
+            break
         optimiser.step()
     return Refinement(best[1], losses)
 
 
-def _with_times(schedule: Schedule, times: torch.Tensor) -> Schedule | None:
-    """The schedule on the new grid, or None if rounding made it invalid (ties)."""
+def _with_values(schedule: Schedule, times: torch.Tensor, shifts: torch.Tensor) -> Schedule | None:
+    """The schedule on the new grid with the new shifts, or None if rounding made it invalid (ties)."""
     from autotune.errors import ScheduleError
 
     values = [float(v) for v in times]
     try:
-        steps = [dataclasses.replace(s, t=values[k + 1]) for k, s in enumerate(schedule.steps)]
+        steps = [dataclasses.replace(s, t=values[k + 1], shift=float(shifts[k])) for k, s in enumerate(schedule.steps)]
         return schedule.with_steps(steps)
     except ScheduleError:
         return None

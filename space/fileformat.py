@@ -5,7 +5,8 @@ Format (``schema_version`` 1)::
     {"schema_version": 1, "kind": "autotune.schedule", "name": "dpmsolver++2m", "nfe": 5,
      "t_start": 1.0, "guidance": null, "final_denoise": false, "dc_order": 2,
      "steps": [{"t": 0.8, "order": 1, "solver": "dpm", "prediction": "data", "corrector": "none",
-                "corrector_order": 0, "ratio": 1.0, "skip": []}, ...],   # + "reuse": [...] when a step reuses
+                "corrector_order": 0, "ratio": 1.0, "skip": []}, ...],   # + "reuse": [...] when a step reuses,
+                                                                        # + "shift": x when a step shifts its model time
      "hash": "…", "metadata": {}}
 
 ``nfe`` and ``hash`` are written for people and tools and are never trusted on reading: both are
@@ -28,7 +29,7 @@ KIND = "autotune.schedule"
 MAX_NFE = 1000  # the most model evaluations (steps) any command or file accepts: far beyond fast sampling
 _TOP_KEYS = {"schema_version", "kind", "name", "nfe", "t_start", "guidance", "final_denoise", "dc_order", "steps",
              "hash", "metadata"}
-_STEP_KEYS = {"t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip", "reuse"}
+_STEP_KEYS = {"t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip", "reuse", "shift"}
 
 
 def to_dict(s: Schedule) -> dict[str, Any]:
@@ -224,6 +225,7 @@ def from_dict(doc: Any) -> Schedule:
                 ratio=float(_get(sd, "ratio", where, (int, float), required=False, default=1.0)),
                 skip=tuple(skip),
                 reuse=tuple(reuse),
+                shift=float(_get(sd, "shift", where, (int, float), required=False, default=0.0)),
             )
         )
     guidance = _get(doc, "guidance", "", (int, float, type(None)), required=False)

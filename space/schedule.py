@@ -9,7 +9,10 @@ update uses (``prediction``: data or noise), an optional UniC corrector applied 
 output is known (it reuses that output: no extra NFE), the DC-Solver compensation ratio applied to the
 step's newest model output before the step (1.0 = none), the network units skipped in the step's model
 call(s), and the units reused in them (DeepCache): a reused unit is not computed; its output is the one it
-produced at the last model call that computed it (cached features, carried between calls).
+produced at the last model call that computed it (cached features, carried between calls). ``shift`` moves the
+time the network is *told* at the step's own call by that much log-SNR (0: tau_k itself), while the state and the
+solver stay at tau_k: a learned correction of the discretisation error (timestep shifting as in TS-DPM, and the
+decoupled model time of LD3), found by gradient refinement (search/gradient.py).
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from typing import Any, Iterable
 from autotune.errors import ScheduleError
 from autotune.space.solvers import MAX_ORDER, REGISTRY, SOLVERS
 
-__all__ = ["CORRECTORS", "MAX_CORRECTOR_ORDER", "MAX_ORDER", "PREDICTIONS", "SOLVERS", "Schedule", "Step"]
+__all__ = ["CORRECTORS", "MAX_CORRECTOR_ORDER", "MAX_SHIFT", "MAX_ORDER", "PREDICTIONS", "SOLVERS", "Schedule", "Step"]
 
 PREDICTIONS = ("data", "noise")
 CORRECTORS = ("none", "bh1", "bh2")
 MAX_CORRECTOR_ORDER = 3
+# a step's model-time shift, in log-SNR: refinement moves it by tenths; beyond this it is no longer a correction
+MAX_SHIFT = 4.0
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,11 @@ class Step:
     ratio: float = 1.0
     skip: tuple[str, ...] = ()
     reuse: tuple[str, ...] = ()
+    shift: float = 0.0
 
     def __post_init__(self) -> None:
         # canonical form: numbers as floats (1 == 1.0, -0.0 == 0.0 hash alike), skip and reuse masks sorted
-        for name in ("t", "ratio"):
+        for name in ("t", "ratio", "shift"):
             object.__setattr__(self, name, _canonical_float(getattr(self, name)))
         for name in ("skip", "reuse"):
             units = getattr(self, name)
@@ -176,6 +182,7 @@ def step_to_dict(s: Step) -> dict[str, Any]:
         "skip": list(s.skip),
         # only when used, so every schedule without reuse keeps its hash and file byte for byte
         **({"reuse": list(s.reuse)} if s.reuse else {}),
+        **({"shift": s.shift} if s.shift != 0.0 else {}),
     }
 
 
@@ -267,6 +274,9 @@ def validate(s: Schedule) -> None:
                 f"{where}.ratio",
                 f"compensation needs {s.dc_order + 1} model outputs (dc_order {s.dc_order}), only {available} known",
             )
+        if not _finite(step.shift) or abs(step.shift) > MAX_SHIFT:
+            raise ScheduleError(f"{where}.shift", f"must be a log-SNR offset in [-{MAX_SHIFT}, {MAX_SHIFT}], "
+                                f"got {step.shift!r}")
         if not isinstance(step.skip, tuple) or not all(isinstance(u, str) and u for u in step.skip):
             raise ScheduleError(f"{where}.skip", "must be a list of unit names")
         if len(set(step.skip)) != len(step.skip):

@@ -25,10 +25,10 @@ runner = CliRunner()
 
 def mixed_schedule() -> Schedule:
     """Every kind of per-step decision a pipeline can replay: solvers, orders and both predictions mixed,
-    UniC correctors of orders 1-3, DC compensation ratios, and a final denoising call at t > 0."""
+    UniC correctors of orders 1-3, DC compensation ratios, model-time shifts, and a final denoising call at t > 0."""
     steps = (
-        Step(0.78, order=1, solver="dpm", prediction="data", corrector="bh2", corrector_order=1),
-        Step(0.55, order=2, solver="unip-bh1", prediction="noise", corrector="bh1", corrector_order=2),
+        Step(0.78, order=1, solver="dpm", prediction="data", corrector="bh2", corrector_order=1, shift=-0.2),
+        Step(0.55, order=2, solver="unip-bh1", prediction="noise", corrector="bh1", corrector_order=2, shift=0.3),
         Step(0.36, order=3, solver="dpm", prediction="noise", ratio=0.97),
         Step(0.2, order=2, solver="unip-bh2", prediction="data", corrector="bh2", corrector_order=3, ratio=1.03),
         Step(0.09, order=4, solver="ipndm", prediction="noise"),
@@ -119,7 +119,10 @@ def test_api_values(pipeline_dirs):
     x = torch.randn(2, 3, 8, 8)
     assert sched.scale_model_input(x, sched.timesteps[0]) is x
     mixed = AutotuneScheduler.from_schedule(mixed_schedule(), base.config)
-    assert len(mixed.timesteps) == 7 and mixed.timesteps[1].item() == pytest.approx(0.78 * 1000 - 1)
+    assert len(mixed.timesteps) == 7 and mixed.timesteps[2].item() == pytest.approx(0.55 * 1000 - 1)
+    # step 1 shifts the time its call tells the network by +0.3 log-SNR: the pipeline feeds that time
+    told = noise_schedule.t_of_lambda(noise_schedule.lambda_(torch.tensor(0.78, dtype=torch.float64)) + 0.3)
+    assert mixed.timesteps[1].item() == pytest.approx(float(told) * 1000 - 1) and told < 0.77
     assert mixed.timesteps[-1].item() == pytest.approx(0.03 * 1000 - 1)  # the final denoising call
 
 

@@ -101,19 +101,21 @@ def test_ratios_change_the_sample_and_one_means_none():
     assert (sample(model, _dc_schedule(ns, 0.9), noise).sample - plain).abs().max() > 1e-6
 
 
-def test_differentiable_in_ratios_and_times():
+def test_differentiable_in_ratios_times_and_shifts():
     ns = VPDiscrete.from_diffusers_config({})
     model = gaussian_model(ns, parameterization="epsilon")
     noise = torch.randn(8, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     s = _dc_schedule(ns, 1.0)
     ratios = torch.ones(len(s.steps), dtype=torch.float64, requires_grad=True)
     times = torch.tensor(s.times, dtype=torch.float64, requires_grad=True)
-    out = sample(model, s, noise, differentiable=True, ratios=ratios, times=times)
+    shifts = torch.zeros(len(s.steps), dtype=torch.float64, requires_grad=True)
+    out = sample(model, s, noise, differentiable=True, ratios=ratios, times=times, shifts=shifts)
     exact = exact_gaussian_solution(ns, noise, 0.0)
     ((out.sample - exact) ** 2).mean().backward()
     assert torch.isfinite(ratios.grad).all() and ratios.grad[2:].abs().sum() > 0
     assert ratios.grad[:2].abs().sum() == 0  # no compensation before dc_order outputs exist
     assert torch.isfinite(times.grad[1:-1]).all() and times.grad[1:-1].abs().sum() > 0
+    assert torch.isfinite(shifts.grad).all() and (shifts.grad != 0).all()  # every step's call moves the result
     with torch.no_grad():
         assert not sample(model, s, noise).sample.requires_grad
 
@@ -226,3 +228,28 @@ def test_sampling_in_slices_gives_the_one_batch_run():
     a = sample(model, sde, noise, labels, generator=torch.Generator().manual_seed(2)).sample
     b = sample_in_chunks(model, sde, noise, labels, chunk=3, generator=torch.Generator().manual_seed(2)).sample
     assert torch.equal(a, b)
+
+
+def test_a_shift_moves_only_the_time_the_network_is_told():
+    """A step's shift changes the time its own model call passes to the network (log-SNR + shift, kept in
+    [t_min, T]); the state and the solver stay at tau_k. So the shifted schedule is the unshifted one run on a
+    model that is told the shifted times, and an unshifted plan calls at tau_k bit for bit."""
+    ns = VPDiscrete.from_diffusers_config({})
+    inner = gaussian_model(ns, parameterization="epsilon")
+    base = build("unipc-bh2-o3", ns, 5)
+    shifts = [0.0, 0.4, -0.3, 0.0, 3.9]  # the last one would pass the trained range: it stops at its end
+    shifted = base.with_steps(dataclasses.replace(st, shift=v) for st, v in zip(base.steps, shifts))
+    assert [c.time.item() for c in make_plan(base, ns).calls] == list(base.times[:-1])
+    tau = torch.tensor(base.times[:-1], dtype=torch.float64)
+    moved = ns.t_of_lambda(ns.lambda_(tau) + torch.tensor(shifts, dtype=torch.float64)).clamp(ns.t_min, ns.T)
+    expected = torch.where(torch.tensor(shifts) != 0, moved, tau)  # an unshifted call: tau_k exactly
+    got = torch.stack([c.time for c in make_plan(shifted, ns).calls])
+    assert got[0] == tau[0] and got[3] == tau[3]
+    assert torch.allclose(got, expected, rtol=0, atol=1e-9) and ns.t_min <= float(got[-1]) < 0.01
+    told = iter(ns.model_time(expected))
+    model_told_shifted = TorchDenoiser(lambda x, tm: inner.fn(x, next(told).expand_as(tm).to(tm.dtype)), ns,
+                                       "epsilon")
+    noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ours = sample(inner, shifted, noise).sample
+    assert torch.allclose(ours, sample(model_told_shifted, base, noise).sample, rtol=0, atol=1e-12)
+    assert (ours - sample(inner, base, noise).sample).abs().max() > 1e-4  # and the shift did change the sample

@@ -45,7 +45,8 @@ def test_the_outcome_is_the_schedule_written(tmp_path, gmm, capsys):
 
 def test_true_evaluations_are_the_stores(tmp_path, gmm):
     with open_store(tmp_path / "cache.sqlite") as store:
-        outcome = run_search_job(JobConfig(**{**SMALL, "validate": 0}, score_report=False), store, model=gmm)
+        outcome = run_search_job(JobConfig(**{**SMALL, "validate": 0, "refine": 0}, score_report=False), store,
+                                 model=gmm)
         trials = store.trials(outcome.search_id)
         computed = [t for t in trials if not t["metrics"]["cached"]]
         assert len(computed) == outcome.true_evaluations == 8
@@ -62,7 +63,7 @@ class _Cut(Exception):
 
 
 def test_a_cut_job_resumes_without_scoring_anything_twice(tmp_path, gmm):
-    config = JobConfig(**{**SMALL, "validate": 0}, out=tmp_path / "s.json", score_report=False)
+    config = JobConfig(**{**SMALL, "validate": 0, "refine": 0}, out=tmp_path / "s.json", score_report=False)
 
     @contextlib.contextmanager
     def cut_after_first_batch(description, budget):
@@ -192,3 +193,24 @@ def test_every_set_is_scored_against_the_reference_its_nfe_needs(tmp_path, gmm, 
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output)
     assert figures["cached"] is True and figures["mse_ref"] == outcome.ours[0].metrics["mse_ref"]
+
+
+def test_named_schedules_far_behind_on_the_search_set_are_neither_validated_nor_reported(gmm):
+    """Validation and the closing table skip a named schedule more than NAMED_FINALIST_SLACK times worse than the
+    best named one on the search set (diverged ones too), and keep every other; validation keeps the best few."""
+    import math
+
+    from autotune.sampling.named import build
+    from autotune.search.job import NAMED_FINALIST_SLACK, _named_finalists
+
+    named = [build(n, gmm.noise, 4) for n in ("ddim", "dpmsolver++2m", "unipc-bh2-o2", "ipndm")]
+    values = dict(zip((s.hash() for s in named), (1.0, 0.3, 0.3 * NAMED_FINALIST_SLACK, math.nan)))
+
+    class SearchSet:
+        def evaluate(self, s):
+            return {"mse_ref": values[s.hash()]}
+
+    kept = _named_finalists(SearchSet(), named)
+    assert [label for label, _ in kept] == ["named dpmsolver++2m", "named unipc-bh2-o2"]
+    assert _named_finalists(SearchSet(), [named[3]]) == []
+    assert [label for label, _ in _named_finalists(SearchSet(), named, most=1)] == ["named dpmsolver++2m"]

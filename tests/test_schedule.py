@@ -81,6 +81,9 @@ INVALID = {
         [*four().steps[:2], dataclasses.replace(four().steps[2], ratio=1.1), four().steps[3]]), "steps[2].ratio"),
     "ratio nan": (lambda: with_step(3, ratio=math.nan), "steps[3].ratio"),
     "ratio inf": (lambda: with_step(3, ratio=math.inf), "steps[3].ratio"),
+    # model-time shift
+    "shift nan": (lambda: with_step(1, shift=math.nan), "steps[1].shift"),
+    "shift beyond the limit": (lambda: with_step(2, shift=-4.5), "steps[2].shift"),
     # skip
     "duplicate skip unit": (lambda: with_step(1, skip=("mid", "mid")), "steps[1].skip"),
     "empty unit name": (lambda: with_step(1, skip=("",)), "steps[1].skip"),
@@ -120,6 +123,7 @@ VALID = {
     "integer times": lambda: Schedule(10, (Step(5), Step(0))),
     "guidance": lambda: four(guidance=7.5),
     "skip": lambda: with_step(0, skip=("down.0", "mid")),
+    "shifted model time": lambda: with_step(0, shift=-0.3),
 }
 
 
@@ -165,6 +169,17 @@ def test_name_and_metadata_do_not_change_the_hash():
     assert a != b  # but the name is
 
 
+def test_a_schedule_without_shifts_keeps_its_identity_and_a_shift_round_trips():
+    """``shift`` enters the identity and the file only when a step has one: every older schedule keeps its hash."""
+    from autotune.space.fileformat import dumps, loads
+
+    assert "shift" not in dumps(four()) and four().hash() == "4e980a6403e6197d"
+    shifted = with_step(1, shift=0.25)
+    assert shifted.identity()["steps"][1]["shift"] == 0.25 and "shift" not in shifted.identity()["steps"][0]
+    back = loads(dumps(shifted))
+    assert back == shifted and back.steps[1].shift == 0.25 and back.hash() == shifted.hash()
+
+
 def test_skip_masks_are_canonical():
     a = Step(0.5, skip=("mid", "down.0"))
     b = Step(0.5, skip=["down.0", "mid"])
@@ -187,6 +202,7 @@ STEP_CHANGES = {
     "corrector_order": dict(corrector="bh2", corrector_order=1),
     "ratio": dict(ratio=1.05),
     "skip": dict(skip=("mid",)),
+    "shift": dict(shift=0.1),
 }
 
 

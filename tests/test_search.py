@@ -138,7 +138,7 @@ def test_sigkilled_search_finishes_with_no_evaluation_done_twice(tmp_path):
 
     cache = tmp_path / "cache.sqlite"
     args = ["search", "--model", "gmm2d", "--nfe", "4", "--budget", "48", "--batch", "4", "--workers", "0",
-            "--cache", cache, "--out", tmp_path / "s.json"]
+            "--refine", "0", "--cache", cache, "--out", tmp_path / "s.json"]
     proc = subprocess.Popen([sys.executable, "-m", "autotune.cli", *map(str, args)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
@@ -191,17 +191,24 @@ def test_cli_search_writes_a_schedule_that_beats_the_baselines(tmp_path):
     assert "x better" in done.stdout
 
 
-def test_gradient_refinement_lowers_the_loss_and_keeps_a_valid_grid(gmm):
+def test_gradient_refinement_lowers_the_loss_keeps_a_valid_grid_and_shifts_model_times(gmm):
     from autotune.search.gradient import refine_times
 
     evaluator = Evaluator(gmm, "search", size=32)
     base = build("dpmsolver++2m", gmm.noise, 5)
-    refined = refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None), iterations=25, lr=0.1)
+    refined = refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), iterations=25,
+                           lr=0.1)
     assert refined.losses[-1] < refined.losses[0]
     s = refined.schedule
     assert s.nfe == 5 and s.times[0] == base.times[0] and s.times[-1] == 0.0 and s.times != base.times
     assert [st.order for st in s.steps] == [st.order for st in base.steps]
+    assert any(st.shift != 0 for st in s.steps) and all(st.shift == 0 for st in base.steps)
+    assert refined.losses[0] == pytest.approx(evaluator.evaluate(base)["mse_ref"], rel=1e-4)  # the given schedule
+    assert evaluator.evaluate(s)["mse_ref"] == pytest.approx(min(refined.losses), rel=1e-4)  # the best iterate
     assert evaluator.evaluate(s)["mse_ref"] < evaluator.evaluate(base)["mse_ref"]
+    only_times = refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), iterations=25,
+                              lr=0.1, shifts=False).schedule
+    assert all(st.shift == 0 for st in only_times.steps)
 
 
 def test_a_trial_row_round_trips_through_the_store(gmm, tmp_path):
