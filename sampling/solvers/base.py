@@ -69,7 +69,7 @@ def first_order(s: int, t: int, prediction: str, ctx: PlanContext) -> tuple[torc
         phi1 = torch.expm1(-h)  # e^{-h} - 1
         return sigma[t] / sigma[s], -alpha[t] * phi1, phi1
     phi1 = torch.expm1(h)  # e^{h} - 1
-    if float(sigma[t]) == 0.0:
+    if float(sigma[t].detach()) == 0.0:
         # onto the data: sigma_t (e^h - 1) -> alpha_t sigma_s / alpha_s (the limit, not 0 * inf)
         w = -(alpha[t] * sigma[s] / alpha[s] - sigma[t])
     else:
