@@ -516,7 +516,7 @@ def search_cmd(
                                   help="metric to optimise: mse_ref, traj_err, nfe, latency_ms or a model's metric "
                                        "(minimised; class_acc maximised)"),
     objectives: Optional[str] = typer.Option(
-        None, "--objectives", help="several, comma-separated (e.g. mse_ref,nfe,latency_ms): a Pareto search "
+        None, "--objectives", help="several, comma-separated (e.g. mse_ref,nfe or mse_ref,latency_ms): a Pareto search "
                                    "(--method evolution, optuna-nsga2, optuna-tpe, random); the front goes to "
                                    "<out stem>.pareto.json"),
     stage2_budget: int = typer.Option(0, "--stage2-budget", min=0, max=MAX_ITERATIONS,
