@@ -62,8 +62,12 @@ def refine_times(
     points = torch.cat([lam_start.reshape(1), lam, lam_end.reshape(1)])
     increments = (points[1:] - points[:-1]).clamp_min(1e-6)
     logits = torch.log(increments / increments.sum()).clone().requires_grad_(free >= 1)
+
+    def interior_lambdas(logit: torch.Tensor) -> torch.Tensor:
+        return lam_start + (lam_end - lam_start) * torch.cumsum(torch.softmax(logit, 0), 0)[:free]
+
     with torch.no_grad():
-        start_times = ns.t_of_lambda(lam_start + (lam_end - lam_start) * torch.cumsum(torch.softmax(logits, 0), 0)[:free])
+        start_times = ns.t_of_lambda(interior_lambdas(logits))
     offsets = torch.tensor([s.shift for s in schedule.steps], dtype=torch.float64, requires_grad=shifts)
     optimiser = torch.optim.Adam([p for p in (logits, offsets) if p.requires_grad], lr=lr)
     part = slice(None) if samples <= 0 else slice(0, samples)
@@ -75,11 +79,9 @@ def refine_times(
     def grid(logit: torch.Tensor) -> torch.Tensor:
         if free < 1:
             return times
-        fractions = torch.cumsum(torch.softmax(logit, 0), 0)[:free]
-        new_lam = lam_start + (lam_end - lam_start) * fractions
         # the given times moved by the change in t(lambda): the first iterate is the schedule as given, exactly
         # (t_of_lambda is not an exact inverse of lambda_)
-        inner = times[1: free + 1] + (ns.t_of_lambda(new_lam) - start_times)
+        inner = times[1: free + 1] + (ns.t_of_lambda(interior_lambdas(logit)) - start_times)
         tail = times[free + 1:]
         return torch.cat([times[:1], inner, tail])
 
