@@ -11,9 +11,10 @@ scored on the same noise and "the best iterate" means something; random mini-bat
 with the luckiest batch (digits: 3.35e-3 on validation vs 2.56e-3 for a fixed 64).
 
 Measured (digits NFE 5, a search's winner, 60 steps, 512 validation noises): times and shifts 3.45e-3 ->
-2.60e-3 on all 128 search noises (75 s on 2 cores), 2.56e-3 on the first 64 (38 s); shifts alone 2.97e-3; times
-alone with the same step size diverged (2.1e-2), which is why the best iterate is returned, never the last.
-gmm64 NFE 5: 2.08e-2 -> 5.5e-3.
+2.60e-3 on all 128 search noises (75 s on 2 cores), 2.56e-3 on the first 64 (38 s); gmm64 NFE 5: 2.08e-2 ->
+9.3e-3 (first 64), 7.3e-3 (all 128). A prototype (the shift applied by a model wrapper, all 128 noises) gave
+digits 2.97e-3 with shifts alone, and with times alone at the same step size it diverged (2.1e-2), which is why
+the best iterate is returned, never the last.
 """
 
 from __future__ import annotations
