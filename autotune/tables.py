@@ -25,7 +25,7 @@ from autotune.evaluate.ids import PER_SAMPLE
 from autotune.evaluate.metrics import decode_errors, ratio_interval
 
 # the distribution metrics models return (``data_metrics``), in display order, with their column headers
-DATA_METRICS = {"fd": "FD", "class_acc": "class acc", "nll": "NLL", "swd": "SWD"}
+DATA_METRICS = {"fd": "FD", "class_acc": "class acc", "nll_gap": "NLL gap", "swd": "SWD"}
 
 
 # ----------------------------------------------------------------------------------------------- numbers

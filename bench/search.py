@@ -12,7 +12,7 @@ The best peer is the one with the lowest mean mse_ref at that NFE. The table pri
 read them, ours / best peer (< 1: ours lower; the inverse of `autotune.tables.versus`, whose paired-bootstrap 95 %
 interval is inverted with it): the mean (target <= 0.5 at NFE <= 6, <= 0.7 above), the 99th percentile (target <=
 1) and the model's headline distribution metric (Frechet distance on digits, sliced Wasserstein on gmm64; target:
-every distribution metric the model reports, class accuracy and NLL included, no worse than the best peer's,
+every distribution metric the model reports, class accuracy and the NLL gap included, no worse than the best peer's,
 within a relative 1e-4; "-" where the model has none), each marked "ok" (met) or "NO" (missed); then the search's
 wall time (the whole job: its reference solves, the search, the validation) and its true evaluations. A summary
 line per target follows. `--json FILE` writes every row (each peer's figures, medians, the best p99 among all
@@ -217,7 +217,7 @@ def ours_over(ours: dict[str, Any], peer: dict[str, Any]) -> tuple[float, float 
 
 
 def no_worse(metric: str, ours: float, peer: float) -> bool:
-    slack = SAME_WITHIN * abs(peer)  # abs: an NLL can be negative
+    slack = SAME_WITHIN * abs(peer)
     return ours >= peer - slack if direction(metric) == "maximize" else ours <= peer + slack
 
 

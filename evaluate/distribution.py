@@ -1,4 +1,4 @@
-"""Distribution metrics where a model has data: Frechet distance in a feature space, exact NLL, sliced
+"""Distribution metrics where a model has data: Frechet distance in a feature space, the gap to the data's NLL, sliced
 Wasserstein distance. Pure functions of arrays; models call them from their ``data_metrics``."""
 
 from __future__ import annotations

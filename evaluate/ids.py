@@ -10,8 +10,9 @@ from pathlib import Path
 
 REF_VERSION = "ref2"  # bump when the reference solver changes
 # m2: model data metrics (fd, class_acc, nll, swd); m3: mse_ref_median; m4: mse_ref_ci_low/high (bootstrap),
-# mse_ref_p99, mse_ref_cvar and the per-sample errors (PER_SAMPLE)
-METRIC_VERSION = "m4"
+# mse_ref_p99, mse_ref_cvar and the per-sample errors (PER_SAMPLE); m5: the mixtures' nll became nll_gap (the
+# distance to the data's NLL: a lower NLL rewarded samples collapsed onto the modes)
+METRIC_VERSION = "m5"
 PER_SAMPLE = "mse_ref_per_sample"  # per-sample errors (base64 float32): for paired comparisons, not for display
 # set sizes, fit for a 2-core CPU on `digits`; the report set is large enough that a bootstrap interval of the
 # mean separates 2x from 1.3x (at 256 one sample switching mode could double the mean)

@@ -292,14 +292,22 @@ class GaussianMixtureDenoiser:
         return (self.means[comp] + self.stds[comp] * z).to(self.dtype)
 
     def data_metrics(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
-        """Exact negative log-likelihood of the samples under the mixture, and the sliced Wasserstein
-        distance to as many true samples (a fixed seed, so equal samples give equal figures)."""
+        """The gap between the samples' mean negative log-likelihood under the mixture and that of as many true
+        samples (``nll_gap``, 0 for the data), and the sliced Wasserstein distance to those true samples (a fixed
+        seed, so equal samples give equal figures).
+
+        The NLL itself is not a quality figure: samples piled onto the modes score *lower* than the data. On gmm64
+        (4096 noises) DPM-Solver++ 2M gives NLL -24.3 at 5 steps, -13.3 at 20, -2.1 at 100, -1.4 at 200, while
+        the data's is -0.79: lower NLL meant a worse solver. The gap reaches 0 as the solver converges, though not
+        monotonically (512 noises: 13.1 at 4 steps, 21.4 at 10, 3.2 at 50, 0.03 at 200): a check that samples sit
+        where the data does, not a divergence; the sliced Wasserstein distance is the distribution metric."""
         from autotune.evaluate.distribution import sliced_wasserstein
 
         x = samples.detach().double()
         true = self.sample_data(x.shape[0], torch.Generator().manual_seed(12345)).double()
         nll = -self.log_prob(x.to(self.dtype) if hasattr(self, "dtype") else x).double().mean()
-        return {"nll": float(nll), "swd": sliced_wasserstein(x, true)}
+        true_nll = -self.log_prob(true.to(self.dtype) if hasattr(self, "dtype") else true).double().mean()
+        return {"nll_gap": abs(float(nll) - float(true_nll)), "swd": sliced_wasserstein(x, true)}
 
     def log_prob(self, x0: torch.Tensor) -> torch.Tensor:
         """Exact data log-density log p(x0) (natural log, per sample), computed in float64."""

@@ -118,7 +118,25 @@ def test_distribution_metrics_separate_data_from_noise():
     gmm = load_model("gmm2d", torch.float64)
     true = gmm.data_metrics(gmm.sample_data(256, torch.Generator().manual_seed(3)))
     noise = gmm.data_metrics(torch.randn(256, 2, dtype=torch.float64))
-    assert true["nll"] < noise["nll"] and true["swd"] < noise["swd"]
+    assert true["nll_gap"] < noise["nll_gap"] and true["swd"] < noise["swd"]
+
+
+def test_mixture_nll_gap_is_zero_for_the_data_and_large_for_samples_collapsed_onto_the_modes():
+    """The raw NLL rewards collapse (samples on the means have a lower NLL than the data); the gap does not."""
+    from autotune.sampling.executor import sample
+    from autotune.sampling.named import NAMED
+
+    gmm = load_model("gmm2d", torch.float64)
+    n = 512
+    data = gmm.sample_data(n, torch.Generator().manual_seed(12345))  # the very samples data_metrics compares to
+    assert gmm.data_metrics(data)["nll_gap"] == pytest.approx(0.0, abs=1e-12)
+    collapsed = gmm.means[torch.multinomial(gmm.weights, n, replacement=True, generator=torch.Generator().manual_seed(1))]
+    assert -gmm.log_prob(collapsed).mean() < -gmm.log_prob(data).mean()  # lower raw NLL than the data itself
+    assert gmm.data_metrics(collapsed)["nll_gap"] > 0.5
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    coarse, fine = (gmm.data_metrics(sample(gmm, NAMED["dpmsolver++2m"](gmm.noise, k), noise).sample)["nll_gap"]
+                    for k in (4, 200))
+    assert fine < 0.2 < 5.0 < coarse
 
 
 def test_digits_metrics_in_the_evaluation(tmp_path):
