@@ -14,7 +14,7 @@ from autotune.cli_common import MAX_BATCH, MAX_ITERATIONS, MAX_SEED, MAX_THREADS
 from autotune.cli_common import check_output_dir, check_output_file
 from autotune.errors import AutotuneError, InputError
 from autotune.sampling.capabilities import capabilities_of, check_guidance_applies
-from autotune.search.job import DEFAULT_METHOD, DEFAULT_PARETO_METHOD  # torch-free; the --method help names them
+from autotune.search.job import DEFAULT_METHOD, DEFAULT_PARETO_METHOD, DEFAULT_REFINE  # torch-free; helps name them
 from autotune.space.fileformat import MAX_NFE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search, fit and compile sampling schedules.",
@@ -510,8 +510,8 @@ def search_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="keep evaluations in memory only (no resume)"),
     refine: Optional[int] = typer.Option(None, "--refine", min=0, max=MAX_ITERATIONS,
                                          help="gradient steps on the winner's time grid and model-time shifts "
-                                              "(0: none; default 60 for an mse_ref search from noise without "
-                                              "prompts)"),
+                                              f"(0: none; default {DEFAULT_REFINE} for an mse_ref search from noise "
+                                              "without prompts)"),
     objective: str = typer.Option("mse_ref", "--objective",
                                   help="metric to optimise: mse_ref, traj_err, nfe, latency_ms or a model's metric "
                                        "(minimised; class_acc maximised)"),

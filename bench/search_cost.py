@@ -8,7 +8,7 @@ prints its own final best and the first true evaluation at which its best-so-far
 reached"), the ratio to evolution's, and the search loop's wall time (the search set's reference is solved
 before it).
 
-    python bench/search_cost.py                                   # digits, NFE 5, budget 120
+    python bench/search_cost.py                                   # digits, NFE 5, the default budget (96)
     python bench/search_cost.py --methods evolution,s3 --budget 200
 """
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits")
     parser.add_argument("--nfe", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=120)
+    parser.add_argument("--budget", type=int, default=JobConfig.budget)
     parser.add_argument("--methods", default="evolution,s3,optuna-tpe,random")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -50,7 +50,7 @@ def main() -> None:
     results = {}
     for method in args.methods.split(","):
         config = JobConfig(model=args.model, nfe=str(args.nfe), method=method, budget=args.budget, seed=args.seed,
-                           validate=0, score_report=False)  # the search stage alone: no file, no report set
+                           refine=0, validate=0, score_report=False)  # the search stage alone: no file, no report set
         search = run_search_job(config, None, model=model).search  # no store: a fresh memory for every method
         results[method] = (best_so_far(search.trials), search.seconds)
         print(f"{method:12s} final best {results[method][0][-1]:.4e} after {len(results[method][0])} true "

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from autotune.cache.store import open_store
 from autotune.evaluate.evaluator import Evaluator
+from autotune.evaluate.ids import PER_SAMPLE
+from autotune.evaluate.metrics import decode_errors
 from autotune.sampling.named import NAMED, build
 from autotune.search.runner import InProcessPool, run_search, search_id
 from autotune.search.strategy import make_strategy, method_names
@@ -203,12 +206,21 @@ def test_gradient_refinement_lowers_the_loss_keeps_a_valid_grid_and_shifts_model
     assert s.nfe == 5 and s.times[0] == base.times[0] and s.times[-1] == 0.0 and s.times != base.times
     assert [st.order for st in s.steps] == [st.order for st in base.steps]
     assert any(st.shift != 0 for st in s.steps) and all(st.shift == 0 for st in base.steps)
-    assert refined.losses[0] == pytest.approx(evaluator.evaluate(base)["mse_ref"], rel=1e-4)  # the given schedule
-    assert evaluator.evaluate(s)["mse_ref"] == pytest.approx(min(refined.losses), rel=1e-4)  # the best iterate
-    assert evaluator.evaluate(s)["mse_ref"] < evaluator.evaluate(base)["mse_ref"]
+
+    def rms(schedule):  # the default loss: root mean square of the per-sample errors
+        errors = decode_errors(evaluator.evaluate(schedule)[PER_SAMPLE]).astype(np.float64)
+        return float(np.sqrt(np.mean(errors ** 2)))
+
+    assert refined.losses[0] == pytest.approx(rms(base), rel=1e-4)  # the given schedule
+    assert rms(s) == pytest.approx(min(refined.losses), rel=1e-4)  # the best iterate
+    assert rms(s) < rms(base)
     only_times = refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), iterations=25,
-                              lr=0.1, shifts=False).schedule
-    assert all(st.shift == 0 for st in only_times.steps)
+                              lr=0.1, shifts=False, aggregate="mean")
+    assert all(st.shift == 0 for st in only_times.schedule.steps)
+    assert only_times.losses[0] == pytest.approx(evaluator.evaluate(base)["mse_ref"], rel=1e-4)  # the plain mean
+    assert evaluator.evaluate(only_times.schedule)["mse_ref"] == pytest.approx(min(only_times.losses), rel=1e-4)
+    with pytest.raises(ValueError, match="aggregate 'median'"):
+        refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), aggregate="median")
 
 
 def test_a_trial_row_round_trips_through_the_store(gmm, tmp_path):
