@@ -20,12 +20,12 @@ import math
 import torch
 
 
-def best_so_far(trials: list[dict]) -> list[float]:
+def best_so_far(trials: list) -> list[float]:
     """Best value after each true evaluation (cache hits are free and do not advance the count)."""
     out, best = [], math.inf
     for t in trials:
         best = min(best, t.value)
-        if not t["cached"]:
+        if not t.cached:
             out.append(best)
     return out
 
