@@ -635,12 +635,14 @@ def _print_search(outcome) -> None:
 
         console.print(f"Optuna study {study_name(outcome.search_id)}; browse it with:")
         console.print(f"optuna-dashboard {outcome.study_url}", highlight=False, soft_wrap=True)  # one line, to copy
-    from autotune.tables import report_tables
+    from autotune.tables import reference_metrics_line, report_tables
 
     shown = [{**r.metrics, "name": r.name} for r in outcome.ours + outcome.peers]
     title = f"report set {outcome.report_set}, NFE {outcome.best.nfe}"
     for table in report_tables(shown, shown[len(outcome.ours):], title):
         console.print(table)
+    if outcome.reference_metrics:
+        console.print(reference_metrics_line(outcome.reference_metrics), highlight=False)
 
 
 def _print_stage2(stage2, best, latency_budget: float) -> None:

@@ -169,6 +169,12 @@ def versus_table(rows: Sequence[Mapping[str, Any]], peers: Sequence[Mapping[str,
     return table
 
 
+def reference_metrics_line(metrics: Mapping[str, float]) -> str:
+    """The reference solution's distribution metrics, as the line under a closing table."""
+    shown = ", ".join(f"{DATA_METRICS[k]} {fig(metrics[k])}" for k in DATA_METRICS if k in metrics)
+    return f"reference solution (the ODE solved to convergence): {shown}"
+
+
 def report_tables(rows: Sequence[Mapping[str, Any]], peers: Sequence[Mapping[str, Any]], where: str) -> list[Table]:
     """The honest figures of schedules at one NFE (rows include ``peers``, the named schedules): the error
     table and the better/worse table (ratio = best named / this, > 1 better)."""

@@ -41,6 +41,11 @@ def test_the_outcome_is_the_schedule_written(tmp_path, gmm, capsys):
     assert outcome.peers and all(r.schedule.nfe == 4 for r in outcome.peers)
     assert outcome.report_set.startswith("report-") and outcome.seconds > outcome.search.seconds
     assert capsys.readouterr() == ("", "")  # the library prints nothing
+    # the reference solution's own distribution metrics come with the rows: the converged ODE's samples sit
+    # closer to the data than any 4-step schedule's
+    ref = outcome.reference_metrics
+    assert set(ref) == {"nll_gap", "swd"}
+    assert all(ref["nll_gap"] < r.metrics["nll_gap"] for r in outcome.ours + outcome.peers)
 
 
 def test_true_evaluations_are_the_stores(tmp_path, gmm):
