@@ -450,6 +450,7 @@ def compare_cmd(
     shown = [{**r, "name": r["schedule"]} for r in rows]
     for table in compare_tables(shown, names, f"{model}, {evaluator.eval_set.id}"):
         console.print(table)
+    _print_reference_metrics(evaluator, [s for _, _, s in jobs])
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     keys = ["schedule", "file", "nfe", *ERROR_FIGURES, *data_metric_names(rows), "traj_err", "diverged",
             "diverged_at", "seconds", "cached", "schedule_hash"]
@@ -461,6 +462,21 @@ def compare_cmd(
         {"model": model, "eval_set": evaluator.eval_set.id, "rows": [{k: r.get(k) for k in keys} for r in rows]},
         indent=1, default=str))
     console.print(f"wrote {csv_path} and {json_path}", highlight=False, soft_wrap=True)
+
+
+def _print_reference_metrics(evaluator, schedules) -> None:
+    """A line per reference the schedules were scored against (its steps differ with the NFE) with that
+    reference solution's own distribution metrics; nothing for a model without them."""
+    from autotune.search.job import reference_metrics
+    from autotune.tables import reference_metrics_line
+
+    lines = {}
+    for s in schedules:
+        steps = evaluator.steps_for(s.nfe)
+        if steps not in lines and (metrics := reference_metrics(evaluator, s)):
+            lines[steps] = reference_metrics_line(metrics, steps)
+    for line in lines.values():
+        console.print(line, highlight=False)
 
 
 def _compare_paths(out: Path) -> tuple[Path, Path]:
@@ -642,7 +658,8 @@ def _print_search(outcome) -> None:
     for table in report_tables(shown, shown[len(outcome.ours):], title):
         console.print(table)
     if outcome.reference_metrics:
-        console.print(reference_metrics_line(outcome.reference_metrics), highlight=False)
+        steps = outcome.report_evaluator.steps_for(outcome.best.nfe)
+        console.print(reference_metrics_line(outcome.reference_metrics, steps), highlight=False)
 
 
 def _print_stage2(stage2, best, latency_budget: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -101,6 +102,10 @@ def test_compare_out_csv_name_is_the_csv_file(tmp_path):
     assert (tmp_path / "cmp.csv").is_file()
     assert (tmp_path / "cmp.csv").read_text().splitlines()[0].startswith("schedule,file,nfe")
     assert json.loads((tmp_path / "cmp.json").read_text())["rows"][0]["schedule"] == "ddim"
+    # gmm2d has distribution metrics: the reference solution's own are printed beside the table (NFE 3: the
+    # few-step reference of 40 steps)
+    assert re.search(r"reference solution \(the ODE solved in 40 steps\): NLL gap \d.*SWD \d",
+                     " ".join(result.output.split()))
 
 
 def test_compare_out_folder_holds_both_files(tmp_path):
