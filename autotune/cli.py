@@ -467,15 +467,15 @@ def compare_cmd(
 def _print_reference_metrics(evaluator, schedules) -> None:
     """A line per reference the schedules were scored against (its steps differ with the NFE) with that
     reference solution's own distribution metrics; nothing for a model without them."""
-    from autotune.search.job import reference_metrics
     from autotune.tables import reference_metrics_line
 
     lines = {}
     for s in schedules:
-        steps = evaluator.steps_for(s.nfe)
-        if steps not in lines and (metrics := reference_metrics(evaluator, s)):
-            lines[steps] = reference_metrics_line(metrics, steps)
-    for line in lines.values():
+        version = evaluator.reference_version(s.guidance, evaluator.partial_start(s), s.nfe)
+        if version not in lines:
+            metrics = evaluator.reference_data_metrics(s)
+            lines[version] = reference_metrics_line(metrics, evaluator.steps_for(s.nfe), s.guidance) if metrics else ""
+    for line in filter(None, lines.values()):
         console.print(line, highlight=False)
 
 
@@ -659,7 +659,8 @@ def _print_search(outcome) -> None:
         console.print(table)
     if outcome.reference_metrics:
         steps = outcome.report_evaluator.steps_for(outcome.best.nfe)
-        console.print(reference_metrics_line(outcome.reference_metrics, steps), highlight=False)
+        console.print(reference_metrics_line(outcome.reference_metrics, steps, outcome.best.guidance),
+                      highlight=False)
 
 
 def _print_stage2(stage2, best, latency_budget: float) -> None:

@@ -169,12 +169,12 @@ def versus_table(rows: Sequence[Mapping[str, Any]], peers: Sequence[Mapping[str,
     return table
 
 
-def reference_metrics_line(metrics: Mapping[str, float], steps: int | None = None) -> str:
-    """The reference solution's distribution metrics (of its ``steps``-step solve, when given), as the line under
-    a closing or compare table."""
+def reference_metrics_line(metrics: Mapping[str, float], steps: int, guidance: float | None = None) -> str:
+    """The distribution metrics of a reference solution (its ODE solved in ``steps`` steps, at ``guidance`` when
+    one is set), as the line under a closing or compare table."""
     shown = ", ".join(f"{DATA_METRICS[k]} {fig(metrics[k])}" for k in DATA_METRICS if k in metrics)
-    solved = "the ODE solved to convergence" if steps is None else f"the ODE solved in {steps} steps"
-    return f"reference solution ({solved}): {shown}"
+    at = "" if guidance is None else f", guidance {guidance:g}"
+    return f"reference solution (the ODE solved in {steps} steps{at}): {shown}"
 
 
 def report_tables(rows: Sequence[Mapping[str, Any]], peers: Sequence[Mapping[str, Any]], where: str) -> list[Table]:

@@ -252,18 +252,6 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
     }
 
 
-def reference_dist(model, report, guidance: float | None, nfe: int) -> dict[str, float]:
-    """The distribution metrics of the reference solution's own samples (what the model makes when its ODE is
-    solved to convergence), for context: a few-step solver can score better on FD or class accuracy than the
-    model it approximates (digits: class accuracy 0.972 at 50 steps of UniPC, 0.989 at 5)."""
-    from autotune.sampling.capabilities import capabilities_of
-
-    if not capabilities_of(model).data_metrics:
-        return {}
-    final = report.reference(guidance, nfe=nfe).final
-    return {k: float(v) for k, v in model.data_metrics(final, report.eval_set.labels()).items()}
-
-
 def bench_model(name: str, args, work: Path) -> list[dict]:
     from autotune.cache.store import open_store
     from autotune.evaluate.evaluator import Evaluator
@@ -281,7 +269,7 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         ours = report.evaluate(outcome.best)
         row = compare_row(name, nfe, ours, score_peers(model, report, guidance, nfe), outcome)
         row["report_set"] = report.eval_set.id
-        row["reference_dist"] = reference_dist(model, report, guidance, nfe)
+        row["reference_dist"] = report.reference_data_metrics(outcome.best)  # what ours was scored against
         if args.grown_space:
             solvers = tuple(s.strip() for s in args.grown_space.split(","))
             grown_outcome = run_search(model, model_arg, guidance, nfe, args, work / f"{name}-nfe{nfe}-grown.json",

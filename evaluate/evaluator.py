@@ -102,6 +102,18 @@ class Evaluator:
         self.references[version] = ref
         return ref
 
+    def reference_data_metrics(self, schedule: Schedule) -> dict[str, float]:
+        """The model's distribution metrics on the reference solution ``schedule`` is scored against (the model's
+        own samples, its ODE solved finely): a few-step schedule can score "better" than them (digits: class
+        accuracy 0.99 at 5 steps of UniPC, 0.970 converged). Empty for a model without distribution metrics or an
+        image-to-image schedule."""
+        from autotune.sampling.capabilities import capabilities_of
+
+        if not capabilities_of(self.model).data_metrics or self.partial_start(schedule) is not None:
+            return {}
+        final = self.reference(schedule.guidance, nfe=schedule.nfe).final
+        return {k: float(v) for k, v in self.model.data_metrics(final, self.eval_set.labels()).items()}
+
     def key(self, schedule: Schedule):
         from autotune.cache.store import EvalKey
 

@@ -303,11 +303,12 @@ class GaussianMixtureDenoiser:
         where the data does, not a divergence; the sliced Wasserstein distance is the distribution metric."""
         from autotune.evaluate.distribution import sliced_wasserstein
 
+        def mean_nll(y: torch.Tensor) -> float:
+            return float(-self.log_prob(y.to(self.dtype) if hasattr(self, "dtype") else y).double().mean())
+
         x = samples.detach().double()
         true = self.sample_data(x.shape[0], torch.Generator().manual_seed(12345)).double()
-        nll = -self.log_prob(x.to(self.dtype) if hasattr(self, "dtype") else x).double().mean()
-        true_nll = -self.log_prob(true.to(self.dtype) if hasattr(self, "dtype") else true).double().mean()
-        return {"nll_gap": abs(float(nll) - float(true_nll)), "swd": sliced_wasserstein(x, true)}
+        return {"nll_gap": abs(mean_nll(x) - mean_nll(true)), "swd": sliced_wasserstein(x, true)}
 
     def log_prob(self, x0: torch.Tensor) -> torch.Tensor:
         """Exact data log-density log p(x0) (natural log, per sample), computed in float64."""

@@ -607,16 +607,4 @@ def _score_report(setup: SearchSetup, result: SearchResult, best: Schedule, stag
         scored_ours = [Scored(n, s, report.evaluate(s)) for n, s in ours]
         scored_peers = [Scored(s.name, s, report.evaluate(s)) for s in peers]
     return {"report_set": report.eval_set.id, "ours": scored_ours, "peers": scored_peers,
-            "report_evaluator": report, "reference_metrics": reference_metrics(report, best)}
-
-
-def reference_metrics(report: "Evaluator", schedule: Schedule) -> dict[str, float]:
-    """The model's distribution metrics on the reference solution that ``schedule`` was scored against (its own
-    samples, the ODE solved to convergence); empty for a model without them or an image-to-image schedule."""
-    from autotune.sampling.capabilities import capabilities_of
-
-    model = report.model
-    if not capabilities_of(model).data_metrics or report.partial_start(schedule) is not None:
-        return {}
-    final = report.reference(schedule.guidance, nfe=schedule.nfe).final
-    return {k: float(v) for k, v in model.data_metrics(final, report.eval_set.labels()).items()}
+            "report_evaluator": report, "reference_metrics": report.reference_data_metrics(best)}

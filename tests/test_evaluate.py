@@ -130,7 +130,8 @@ def test_mixture_nll_gap_is_zero_for_the_data_and_large_for_samples_collapsed_on
     n = 512
     data = gmm.sample_data(n, torch.Generator().manual_seed(12345))  # the very samples data_metrics compares to
     assert gmm.data_metrics(data)["nll_gap"] == pytest.approx(0.0, abs=1e-12)
-    collapsed = gmm.means[torch.multinomial(gmm.weights, n, replacement=True, generator=torch.Generator().manual_seed(1))]
+    modes = torch.multinomial(gmm.weights, n, replacement=True, generator=torch.Generator().manual_seed(1))
+    collapsed = gmm.means[modes]
     assert -gmm.log_prob(collapsed).mean() < -gmm.log_prob(data).mean()  # lower raw NLL than the data itself
     assert gmm.data_metrics(collapsed)["nll_gap"] > 0.5
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
