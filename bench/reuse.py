@@ -1,6 +1,9 @@
-"""Cached block reuse on ``digits`` (guidance 2): latency against mse_ref for the unpruned schedule, DeepCache's
-uniform interval (N = 2 / 3 / 5 on its default branch, ``deep0``), a FirstBlockCache-style threshold rule and
-the pattern stage 2 searches (compute / reuse / skip per step and unit, under a measured-latency budget).
+"""Cached block reuse on ``digits`` (guidance 2) or the 32x32 RGB photo-patch pipeline (``--model rgb32-v`` or
+``rgb32-eps``, bench/rgb32.py, unconditional; or any DDPM pipeline directory): latency against mse_ref for the
+unpruned schedule, DeepCache's uniform interval (N = 2 / 3 / 5 on its default branch, ``deep0``: for a diffusers
+UNet2DModel the branch of models/unet_branches.py), a FirstBlockCache-style threshold rule (its first block:
+``down0``, or ``down_blocks.0``) and the pattern stage 2 searches (compute / reuse / skip per step and unit, under
+a measured-latency budget).
 
 Base schedule: a named one (``unipc-bh2-o2``) at each NFE. Latency: the executor (``sampling.executor.sample``,
 as ``search/latency.py`` measures it) on the same batch of the report set's first noises, all rows timed side by
@@ -13,6 +16,7 @@ on the report set. Ratios: speedup = unpruned latency / row latency, mse x = row
 
     python bench/reuse.py                                  # NFE 10 and 20, search budget 24
     python bench/reuse.py --nfes 10 --search-budget 0 --report-size 256 --engines
+    python bench/reuse.py --model rgb32-v --work bench-work     # builds bench-work/rgb32-v first if missing
 """
 
 from __future__ import annotations
@@ -29,13 +33,33 @@ import torch
 
 from autotune.evaluate.evaluator import Evaluator
 from autotune.evaluate.metrics import score
-from autotune.models.digits import load_digits
 from autotune.sampling.executor import sample
 from autotune.sampling.named import build
 from autotune.sampling.reuse import ThresholdReuse, deepcache
 from autotune.space.schedule import Schedule
 
-GUIDANCE = 2.0
+GUIDANCE = 2.0  # digits only: the pipeline models are unconditional
+RGB32 = ("rgb32-eps", "rgb32-v")
+
+
+def load_bench_model(name: str, work: Path, log: Callable[[str], None]):
+    """(model, guidance, first block of the threshold rule) for ``--model``."""
+    if name == "digits":
+        from autotune.models.digits import load_digits
+
+        return load_digits(), GUIDANCE, "down0"
+    from autotune.models.diffusers_dir import load_pipeline_dir
+
+    if name in RGB32:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from rgb32 import ensure_rgb32
+
+        path = ensure_rgb32(work, name.split("-")[1], log=log)
+    else:
+        path = Path(name)
+    return load_pipeline_dir(path), None, "down_blocks.0"
 
 
 @dataclasses.dataclass
@@ -91,6 +115,8 @@ def searched(model, base: Schedule, nfe: int, args, log) -> Schedule | None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="digits", help="digits, rgb32-eps, rgb32-v or a DDPM pipeline directory")
+    p.add_argument("--work", type=Path, default=Path("bench-work"), help="where an rgb32 model is (or is built)")
     p.add_argument("--nfes", type=int, nargs="+", default=[10, 20])
     p.add_argument("--base", default="unipc-bh2-o2")
     p.add_argument("--report-size", type=int, default=256)
@@ -115,20 +141,26 @@ def main(argv: list[str] | None = None) -> None:
     from autotune.cache.store import open_store
 
     args.store_obj = open_store(args.store)
-    model = load_digits()
+    model, guidance, first = load_bench_model(args.model, args.work, log)
+    args.guidance = guidance
+    missing = [u for u in args.search_reuse + args.search_skip if u and u not in model.units.reusable]
+    if missing:
+        p.error(f"--search-reuse/--search-skip: {args.model} has no unit {missing[0]!r} (reusable: "
+                f"{', '.join(model.units.reusable[:8]) or 'none'}{', ...' if len(model.units.reusable) > 8 else ''})")
     report = Evaluator(model, "report", size=args.report_size, store=args.store_obj)
     started = time.perf_counter()
-    reference = report.reference(GUIDANCE)
-    log(f"reference: {args.report_size} report noises, guidance {GUIDANCE} ({time.perf_counter() - started:.0f} s)")
+    reference = report.reference(guidance)
+    log(f"reference: {args.report_size} report noises, guidance {guidance} ({time.perf_counter() - started:.0f} s)")
     noise = report.eval_set.noise(torch.float32)[: args.batch]
-    labels = report.eval_set.conditions()[: args.batch]
+    conditions = report.eval_set.conditions()
+    labels = None if conditions is None else conditions[: args.batch]
 
     rows: list[Row] = []
     for nfe in args.nfes:
-        base = dataclasses.replace(build(args.base, model.noise, nfe), guidance=GUIDANCE)
+        base = dataclasses.replace(build(args.base, model.noise, nfe), guidance=guidance)
         group = [Row(nfe, "unpruned", model, base)]
         group += [Row(nfe, f"DeepCache N={n}", model, deepcache(base, n)) for n in (2, 3, 5)]
-        group += [Row(nfe, f"threshold {thr:g}", ThresholdReuse(model, thr), base, "run-time rule")
+        group += [Row(nfe, f"threshold {thr:g}", ThresholdReuse(model, thr, first=first), base, "run-time rule")
                   for thr in args.thresholds]
         if args.search_budget > 0:
             found = searched(model, base, nfe, args, log)
@@ -193,7 +225,8 @@ def print_table(rows: list[Row], args) -> None:
     head += f" {'eng ms':>7} {'eng x':>6}" if eng else ""
     head += f" {'mse_ref':>9} {'mse x':>6}"
     print()
-    print(f"digits, guidance {GUIDANCE}, base {args.base}; mse_ref on {args.report_size} report noises;")
+    model = args.model if args.guidance is None else f"{args.model}, guidance {args.guidance:g}"
+    print(f"{model}, base {args.base}; mse_ref on {args.report_size} report noises;")
     print(f"latency: executor (ms) and ONNX Runtime engine (eng ms), batch {args.batch}, median of {args.rounds} "
           f"interleaved rounds, {args.threads} thread(s)")
     print(head)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from autotune.errors import ModelError
+from autotune.models.unet_branches import attach_branches, branched_forward
 from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module
 from autotune.sampling.noise import FlowMatching, VPDiscrete
 
@@ -194,9 +195,13 @@ class DiffusersUNetDenoiser(TorchDenoiser):
             "scheduler": scheduler_keys,
         }
 
+        # DeepCache's deep branches as reusable units where the layout allows (models/unet_branches.py); the
+        # branched forward is diffusers' own, computed in the same order
+        branched = bool(attach_branches(unet))
+
         def forward(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
             try:
-                return unet(x, timestep).sample
+                return branched_forward(unet, x, timestep) if branched else unet(x, timestep).sample
             except (RuntimeError, ValueError, TypeError, ZeroDivisionError, IndexError) as e:
                 # a network whose config loads but whose forward fails (e.g. 0 attention heads): the user's
                 # directory, not a bug of ours, so one line naming it
