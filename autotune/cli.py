@@ -525,7 +525,7 @@ def search_cmd(
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="keep evaluations in memory only (no resume)"),
     refine: Optional[int] = typer.Option(None, "--refine", min=0, max=MAX_ITERATIONS,
-                                         help="gradient steps on the winner's time grid and model-time shifts "
+                                         help="gradient steps on the winner's time grid, model-time shifts and ratios "
                                               f"(0: none; default {DEFAULT_REFINE} for an mse_ref search from noise "
                                               "without prompts)"),
     objective: str = typer.Option("mse_ref", "--objective",
@@ -634,7 +634,7 @@ def _print_search(outcome) -> None:
     config, result, names = outcome.config, outcome.search, outcome.config.objectives
     if outcome.refinement is not None:
         before, after = outcome.refinement.before, outcome.refinement.after
-        console.print(f"refined times and shifts: search-set mse_ref {before:.3e} -> {after:.3e}"
+        console.print(f"refined the grid: search-set mse_ref {before:.3e} -> {after:.3e}"
                       + ("" if after < before else " (kept the unrefined)"))
     if outcome.validation is not None:
         v = outcome.validation

@@ -383,7 +383,7 @@ def main() -> None:
     parser.add_argument("--validate", type=int, default=JobConfig.validate, help="validation-set size")
     parser.add_argument("--method", default=None, help="replace the default search method")
     parser.add_argument("--refine", type=int, default=None,
-                        help="gradient steps on the winner's grid and shifts (default: autotune search's)")
+                        help="gradient steps on the winner's grid, shifts and ratios (default: autotune search's)")
     parser.add_argument("--workers", type=int, default=0, help="Ray workers of the search (0: in this process)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

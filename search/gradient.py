@@ -1,6 +1,7 @@
-"""`gradient`: refine a schedule's time grid and its model-time shifts by backpropagating the error to the
-reference through the differentiable executor (in the spirit of LD3, Tong et al. 2024, which learns the grid and
-a decoupled model time), as a finishing step for any search.
+"""`gradient`: refine a schedule's time grid, its model-time shifts and (``ratios=True``) its DC-Solver
+compensation ratios by backpropagating the error to the reference through the differentiable executor (in the
+spirit of LD3, Tong et al. 2024, which learns the grid and a decoupled model time, and of DC-Solver's ratio fit,
+here joint with the grid), as a finishing step for any search.
 
 The interior times are parameterised so that every iterate is a valid, strictly decreasing grid: log-SNR
 positions are the cumulative sums of softmax weights between lambda(T) and lambda(t_min); the step onto
@@ -32,6 +33,18 @@ default search on digits-flow NFE 5 closed at 1.55x the best named schedule's me
 8.84e-3), 1.68x with the mean loss on 64 noises. A prototype that applied the shift through a model wrapper gave digits
 2.97e-3 with shifts alone, and with times alone at the same step size it diverged (2.1e-2), which is why the best
 iterate is returned, never the last.
+
+The ratios (every step from ``dc_order`` on; search/dc_fit.py says what a ratio does) are a few more free
+numbers of the same loss, and the job moves them with the grid. Measured on the default search's stage-1
+winners at NFE 5, 40 steps of the rms loss, report set of 1024 noises (scratch runs, 2026-12-02):
+
+                                              grid + shifts        + ratios
+    digits-flow (unipc-bh2-o3 1.16e-3 / 8.84e-3)  6.90e-4 / 3.34e-3   5.92e-4 / 2.71e-3    (mean / p99)
+    digits (stage 1: 3.78e-3 / 1.44e-2)           3.28e-3 / 1.80e-2   3.10e-3 / 1.26e-2
+
+(At half the step, 60 steps, digits-flow reached only 8.15e-4: the loss is not convex in these parameters, and
+the step size is the one tuned on digits.) The search-set values (digits 1.86e-3 / 1.54e-3) sit well below the
+report set's: 128 noises are what the refinement fits, and what it learns carries over only in part.
 """
 
 from __future__ import annotations
@@ -65,17 +78,16 @@ def _free_times(schedule: Schedule) -> int:
 
 def refine_times(
     model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *, iterations: int = 40,
-    lr: float = DEFAULT_LR, samples: int = 0, shifts: bool = True, aggregate: str = "rms",
+    lr: float = DEFAULT_LR, samples: int = 0, shifts: bool = True, aggregate: str = "rms", ratios: bool = False,
 ) -> Refinement:
     """Adam on the softmax parameterisation of the log-SNR grid (and on the steps' shifts unless ``shifts`` is
-    False); returns the best iterate seen. The loss is the ``aggregate`` ("rms" or "mean") of the per-sample
+    False, and on the compensation ratios of the steps from ``dc_order`` on when ``ratios``); returns the best
+    iterate seen. The loss is the ``aggregate`` ("rms" or "mean") of the per-sample
     errors on the set's first ``samples`` noises (0: all)."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
     ns = model.noise
     free = _free_times(schedule)
-    if free < 1 and not shifts:
-        return Refinement(schedule, [])
     times = torch.tensor(schedule.times, dtype=torch.float64)
     lam_start = ns.lambda_(times[0])
     lam_end = ns.lambda_(torch.tensor(ns.t_min, dtype=torch.float64))
@@ -91,7 +103,14 @@ def refine_times(
     with torch.no_grad():
         start_times = ns.t_of_lambda(interior_lambdas(logits))
     offsets = torch.tensor([s.shift for s in schedule.steps], dtype=torch.float64, requires_grad=shifts)
-    optimiser = torch.optim.Adam([p for p in (logits, offsets) if p.requires_grad], lr=lr)
+    # a ratio moves only where compensation can apply (dc_order earlier outputs known); the others stay 1
+    movable = torch.tensor([ratios and k >= schedule.dc_order for k in range(len(schedule.steps))])
+    fixed_ratios = torch.tensor([s.ratio for s in schedule.steps], dtype=torch.float64)
+    ratio_free = fixed_ratios.clone().requires_grad_(bool(movable.any()))
+    params = [p for p in (logits, offsets, ratio_free) if p.requires_grad]
+    if not params:
+        return Refinement(schedule, [])
+    optimiser = torch.optim.Adam(params, lr=lr)
     part = slice(None) if samples <= 0 else slice(0, samples)
     noise = eval_set.noise(torch.float32)[part]
     labels = eval_set.conditions()
@@ -112,31 +131,35 @@ def refine_times(
     for _ in range(iterations):
         t = grid(logits)
         shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)
-        out = sample(model, schedule, noise, labels, differentiable=True, times=t, shifts=shift if shifts else None)
+        ratio = torch.where(movable, ratio_free, fixed_ratios)
+        out = sample(model, schedule, noise, labels, differentiable=True, times=t, shifts=shift if shifts else None,
+                     ratios=ratio if ratio_free.requires_grad else None)
         per_sample = ((out.sample.double() - target) ** 2).flatten(1).mean(1)
         loss = per_sample.square().mean().sqrt() if aggregate == "rms" else per_sample.mean()
         value = float(loss.detach())
         if not torch.isfinite(loss):
             break
         losses.append(value)
-        candidate = _with_values(schedule, t.detach(), shift.detach())
+        candidate = _with_values(schedule, t.detach(), shift.detach(), ratio.detach())
         if candidate is not None and value < best[0]:
             best = (value, candidate)
         optimiser.zero_grad()
         loss.backward()
-        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in (logits, offsets)):
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
             break
         optimiser.step()
     return Refinement(best[1], losses)
 
 
-def _with_values(schedule: Schedule, times: torch.Tensor, shifts: torch.Tensor) -> Schedule | None:
-    """The schedule on the new grid with the new shifts, or None if rounding made it invalid (ties)."""
+def _with_values(schedule: Schedule, times: torch.Tensor, shifts: torch.Tensor, ratios: torch.Tensor
+                 ) -> Schedule | None:
+    """The schedule on the new grid with the new shifts and ratios, or None if rounding made it invalid (ties)."""
     from autotune.errors import ScheduleError
 
     values = [float(v) for v in times]
     try:
-        steps = [dataclasses.replace(s, t=values[k + 1], shift=float(shifts[k])) for k, s in enumerate(schedule.steps)]
+        steps = [dataclasses.replace(s, t=values[k + 1], shift=float(shifts[k]), ratio=float(ratios[k]))
+                 for k, s in enumerate(schedule.steps)]
         return schedule.with_steps(steps)
     except ScheduleError:
         return None

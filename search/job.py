@@ -41,9 +41,10 @@ if TYPE_CHECKING:  # torch-heavy: imported where they are used
 # 1.88x the best named schedule's mean) and on digits NFE 5 (2.10x vs 1.49x); bench/generalise.py. It is
 # single-objective, so a Pareto search (several objectives) defaults to evolution.
 DEFAULT_METHOD = "s3"
-# Gradient steps on the search's winner (its time grid and each step's model-time shift, search/gradient.py) before
-# validation, where the refined schedule is one more finalist; the loss is tail-aware (the root mean square of the
-# per-sample errors) on the whole search set. Measured at NFE 5 on 1024 report noises: digits mean 4.07e-3 -> 2.92e-3
+# Gradient steps on the search's winner (its time grid, each step's model-time shift and, where compensation applies,
+# its DC-Solver ratio: search/gradient.py) before validation, where the refined schedule is one more finalist; the
+# loss is tail-aware (the root mean square of the per-sample errors) on the whole search set. The ratios joined on
+# 2026-12-02 (gradient.py has the figures: digits-flow's report mean 6.90e-4 -> 5.92e-4, digits' p99 -30 %). Measured at NFE 5 on 1024 report noises: digits mean 4.07e-3 -> 2.92e-3
 # and p99 2.04e-2 -> 1.53e-2 (75 s on 2 cores); the plain mean on the first 64 noises (the default until then, 35 s)
 # gave 3.13e-3 and a p99 of 2.68e-2, worse than unipc-bh1-o3's 2.79e-2 (gradient.py has the table). Steps: the rms
 # loss on digits went 4.71e-3 -> 2.80e-3 in 40 steps and 2.77e-3 in 60 (1.3 s a step on 2 cores); 40 keep the
@@ -78,7 +79,7 @@ class JobConfig:
     guidance: Optional[float] = None
     batch: int = 8
     set_size: int = 0
-    refine: Optional[int] = None  # gradient steps on the winner's grid and shifts (None: refine_steps decides)
+    refine: Optional[int] = None  # gradient steps on the winner's grid, shifts, ratios (None: refine_steps decides)
     stage2_budget: int = 0  # true evaluations for the skip-mask stage (0: off)
     latency_budget: float = 0.8  # stage 2's latency limit, a fraction of the unpruned schedule's
     validate: int = 512  # held-out samples the finalists are chosen on (0: keep the search-set best)
@@ -469,9 +470,12 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 
     c, evaluator = setup.config, setup.evaluator
     reference = setup.references[evaluator.reference_version(c.guidance, nfe=result.best.nfe)]
-    with hooks.step(f"refining times and shifts ({c.refine_steps} gradient steps)"):
+    # the compensation ratios move with the grid unless --ratios fits them for every scored schedule itself
+    fit_ratios = c.ratios is None
+    what = "times, shifts and ratios" if fit_ratios else "times and shifts"
+    with hooks.step(f"refining {what} ({c.refine_steps} gradient steps)"):
         refined = refine_times(setup.model, result.best, evaluator.eval_set, reference, iterations=c.refine_steps,
-                               samples=REFINE_SAMPLES).schedule
+                               samples=REFINE_SAMPLES, ratios=fit_ratios).schedule
         metrics = evaluator.evaluate(refined)
     if "evaluated_schedule" in metrics:  # ratios: the refined grid with the ratios fitted for it
         refined = loads(metrics["evaluated_schedule"])

@@ -223,6 +223,26 @@ def test_gradient_refinement_lowers_the_loss_keeps_a_valid_grid_and_shifts_model
         refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), aggregate="median")
 
 
+def test_gradient_refinement_can_fit_the_compensation_ratios_with_the_grid(gmm):
+    from autotune.search.gradient import refine_times
+
+    evaluator = Evaluator(gmm, "search", size=32)
+    base = build("unipc-bh2-o2", gmm.noise, 5)
+    reference = evaluator.reference(None, nfe=5)
+    fitted = refine_times(gmm, base, evaluator.eval_set, reference, iterations=20, lr=0.1, ratios=True)
+    s = fitted.schedule
+    # compensation needs dc_order + 1 earlier outputs: the first dc_order steps keep ratio 1, the rest move
+    assert [st.ratio for st in s.steps[: base.dc_order]] == [1.0] * base.dc_order
+    assert all(st.ratio != 1.0 for st in s.steps[base.dc_order:])
+    assert evaluator.evaluate(s)["mse_ref"] < evaluator.evaluate(base)["mse_ref"]
+    plain = refine_times(gmm, base, evaluator.eval_set, reference, iterations=20, lr=0.1)
+    assert all(st.ratio == 1.0 for st in plain.schedule.steps)  # ratios move only when asked
+    assert fitted.losses[0] == pytest.approx(plain.losses[0], rel=1e-9)  # both start from the given schedule
+    nothing = refine_times(gmm, build("ddim", gmm.noise, 1), evaluator.eval_set, evaluator.reference(None, nfe=1),
+                           shifts=False, ratios=True)
+    assert nothing.losses == [] and nothing.schedule == build("ddim", gmm.noise, 1)  # one step onto 0: no freedom
+
+
 def test_a_trial_row_round_trips_through_the_store(gmm, tmp_path):
     """Trials are values: what the store keeps for one is its row, and reading the row back gives the same trial
     (resumed searches rebuild their trials this way)."""
