@@ -46,7 +46,8 @@ class ThresholdReuse:
     """FirstBlockCache-style rule as an executor-side Denoiser wrapper (decides from tensor values: not bakeable).
 
     Every call computes the first block ``first`` (for ``digits``: ``down0``, the block at full resolution that
-    feeds the deep branch; for a diffusers UNet2DModel: ``down_blocks.0``). Its output is compared with the one recorded at the last *full* call: when the relative
+    feeds the deep branch; for a diffusers UNet2DModel: ``down_blocks.0``, whose output's first element is
+    watched). Its output is compared with the one recorded at the last *full* call: when the relative
     change ``mean|h - h_full| / mean|h_full|`` is below ``threshold``, the call reuses ``rest`` (the cached output of
     the remaining deep branch, ``deep0``) and computes only what follows it; otherwise the call is full and both
     references are refreshed. The decision is one per call for the whole batch (CFG's doubled batch included), as

@@ -44,7 +44,8 @@ DEFAULT_METHOD = "s3"
 # Gradient steps on the search's winner (its time grid, each step's model-time shift and, where compensation applies,
 # its DC-Solver ratio: search/gradient.py) before validation, where the refined schedule is one more finalist; the
 # loss is tail-aware (the root mean square of the per-sample errors) on the whole search set. The ratios joined on
-# 2026-12-02 (gradient.py has the figures: digits-flow's report mean 6.90e-4 -> 5.92e-4, digits' p99 -30 %). Measured at NFE 5 on 1024 report noises: digits mean 4.07e-3 -> 2.92e-3
+# 2026-12-02 (gradient.py has the figures: digits-flow's report mean 6.90e-4 -> 5.92e-4, digits' p99 -30 %).
+# Before them, measured at NFE 5 on 1024 report noises: digits mean 4.07e-3 -> 2.92e-3
 # and p99 2.04e-2 -> 1.53e-2 (75 s on 2 cores); the plain mean on the first 64 noises (the default until then, 35 s)
 # gave 3.13e-3 and a p99 of 2.68e-2, worse than unipc-bh1-o3's 2.79e-2 (gradient.py has the table). Steps: the rms
 # loss on digits went 4.71e-3 -> 2.80e-3 in 40 steps and 2.77e-3 in 60 (1.3 s a step on 2 cores); 40 keep the
