@@ -560,6 +560,9 @@ def search_cmd(
     solvers: Optional[str] = typer.Option(
         None, "--solvers", help="the solvers each step may choose, comma-separated (default: dpm, unip-bh1, "
                                 "unip-bh2, ipndm; also dpm-single)"),
+    screen: bool = typer.Option(True, "--screen/--no-screen",
+                                help="stop a candidate after 32 noises when it is over 3x the best there (an mse_ref "
+                                     "search without --ratios)"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
 ) -> None:
     """Search the unified space for the schedule with the lowest objective (or a Pareto front) at NFE model
@@ -575,7 +578,7 @@ def search_cmd(
         address=address, candidate_timeout=candidate_timeout, guidance=guidance, batch=batch, set_size=set_size,
         refine=refine, stage2_budget=stage2_budget, latency_budget=latency_budget, validate=validate, ratios=ratios,
         prompts=_read_prompt_file(prompts), strength=strength, report_size=report_size,
-        solvers=tuple(x.strip() for x in solvers.split(",")) if solvers else (), reuse=reuse)
+        solvers=tuple(x.strip() for x in solvers.split(",")) if solvers else (), reuse=reuse, screen=screen)
     store = open_store_option(cache, no_cache)
     outcome = run_search_job(config, store, hooks=_search_hooks(names[0]))
     _print_search(outcome)
@@ -641,6 +644,7 @@ def _print_search(outcome) -> None:
         console.print(finalists_table(v.scored, v.chosen, v.search_values, v.set_id))
     console.print(f"wrote {outcome.schedule_path}: best search-set {names[0]} {outcome.best_value:.4e} after "
                   f"{result.true_evaluations} true evaluations ({result.cache_hits} cache hits)"
+                  + (f", {result.screened} of them stopped early by the screen" if result.screened else "")
                   + (" (resumed)" if result.resumed else ""))
     _print_stage2(outcome.stage2, outcome.best, config.latency_budget)
     if outcome.pareto_path is not None:

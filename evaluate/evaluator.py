@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from autotune.evaluate.metrics import METRIC_VERSION, score, scored_by
+from autotune.evaluate.metrics import METRIC_VERSION, Screen, score, scored_by
 from autotune.evaluate.ids import DEFAULT_REF_STEPS, model_memo_key, ref_steps_for, ref_version
 from autotune.evaluate.progress import ProgressFn
 from autotune.evaluate.reference import Reference, compute_reference
@@ -133,14 +133,18 @@ class Evaluator:
                 return found
         return None
 
-    def evaluate(self, schedule: Schedule) -> dict[str, Any]:
-        """Metrics of the schedule (with ``cached``: whether they came from memory or the store)."""
+    def evaluate(self, schedule: Schedule, screen: Screen | None = None) -> dict[str, Any]:
+        """Metrics of the schedule (with ``cached``: whether they came from memory or the store).
+
+        ``screen`` may stop an uncached schedule early (evaluate/metrics.py's Screen); a stopped candidate's
+        metrics are neither remembered nor stored: asked again, without a screen, it is scored in full. Schedules
+        scored with DC-Solver ratios (``ratio_source``) are never screened."""
         if self.ratio_source is not None:  # DC-Solver hook: score (and store) the schedule with its ratios
             fitted = self.ratio_source(self, schedule)
             return {**self._evaluate(fitted), "evaluated_schedule": dumps(fitted)}
-        return self._evaluate(schedule)
+        return self._evaluate(schedule, screen)
 
-    def _evaluate(self, schedule: Schedule) -> dict[str, Any]:
+    def _evaluate(self, schedule: Schedule, screen: Screen | None = None) -> dict[str, Any]:
         found = self.cached(schedule)
         if found is not None:
             self.hits += 1
@@ -151,8 +155,10 @@ class Evaluator:
         with torch.no_grad():
             start = None if t_start is None else self.start_state(schedule.guidance, t_start, schedule.nfe)
             reference = self.reference(schedule.guidance, t_start, schedule.nfe)
-            metrics = score(self.model, schedule, self.eval_set, reference, start_state=start)
+            metrics = score(self.model, schedule, self.eval_set, reference, start_state=start, screen=screen)
         metrics["schedule_hash"] = schedule.hash()
+        if metrics.get("screened"):
+            return {**metrics, "cached": False}
         self._memo[schedule.hash()] = metrics
         if self.store is not None:
             self.store.put_evaluation(self.key(schedule), metrics, dumps(schedule))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,6 +44,24 @@ TAIL_SHARE = 0.05  # mse_ref_cvar: the mean of this share of the worst samples
 # the figures of the per-sample error; all inf when the schedule diverged
 STOCHASTIC_SEED = 7919  # offset of the generator an SDE schedule draws on, from the evaluation set's seed
 ERROR_FIGURES = ("mse_ref", "mse_ref_ci_low", "mse_ref_ci_high", "mse_ref_median", "mse_ref_p99", "mse_ref_cvar")
+
+
+@dataclass(frozen=True)
+class Screen:
+    """Multi-fidelity scoring (a search's pruner): sample the first ``samples`` noises, and stop there when their
+    mean error exceeds ``limit``; a candidate that passes is scored on the whole set, as without a screen.
+
+    A stopped candidate's ``mse_ref`` is an estimate of its whole-set mean, its partial mean times ``scale`` (the
+    search passes best-so-far whole-set mean / its mean on the same noises: a paired estimate), and its metrics say
+    ``screened`` (the samples it saw) and ``mse_ref_screened`` (the partial mean itself)."""
+
+    samples: int
+    limit: float
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or not self.limit > 0 or not self.scale > 0:  # NaN fails these too
+            raise ValueError(f"Screen: expected samples >= 1 and a positive limit and scale, got {self}")
 
 
 def bootstrap_indices(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
@@ -111,22 +130,35 @@ def scored_by(schedule: Schedule) -> str:
 
 def score(
     model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, dtype: torch.dtype | None = None,
-    start_state: torch.Tensor | None = None,
+    start_state: torch.Tensor | None = None, screen: Screen | None = None,
 ) -> dict[str, Any]:
     """Run the schedule on the set's noise (or from ``start_state`` at its t_start: image-to-image) and compare
-    with the reference solved from the same start; never raises on divergence."""
+    with the reference solved from the same start; never raises on divergence. With ``screen`` an ODE schedule
+    may stop after the screen's first samples (:class:`Screen`: its metrics then say ``screened``)."""
     import torch
 
     from autotune.evaluate.distribution import sliced_wasserstein
-    from autotune.sampling.executor import sample_in_chunks
+    from autotune.sampling.executor import join_results, sample_in_chunks
 
     noise = eval_set.noise(dtype or torch.float32)
     # an SDE schedule's own draws, seeded from the set so that scoring it twice gives the same figures
     generator = torch.Generator().manual_seed(STOCHASTIC_SEED + eval_set.seed) if schedule.stochastic else None
+    cond, begin = eval_set.conditions(), None if start_state is None else start_state.to(noise.dtype)
     start = time.perf_counter()
-    result = sample_in_chunks(model, schedule, noise, eval_set.conditions(), keep_states=True, check_finite=True,
-                              start=None if start_state is None else start_state.to(noise.dtype),
-                              generator=generator)
+
+    def run(part: slice) -> Any:
+        return sample_in_chunks(model, schedule, noise[part], None if cond is None else cond[part], keep_states=True,
+                                check_finite=True, start=None if begin is None else begin[part], generator=generator)
+
+    size = noise.shape[0]
+    if screen is None or schedule.stochastic or screen.samples >= size:
+        result = run(slice(None))
+    else:
+        head = run(slice(0, screen.samples))
+        errors = _errors(head.sample, reference.final[: screen.samples])
+        if head.diverged_at is not None or errors.mean() > screen.limit:
+            return _screened(head, errors, screen, schedule, time.perf_counter() - start)
+        result = join_results([head, run(slice(screen.samples, size))])
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"nfe": result.nfe, "seconds": seconds, "diverged": result.diverged_at is not None,
                                "diverged_at": result.diverged_at, "scored_by": scored_by(schedule)}
@@ -141,7 +173,7 @@ def score(
         # the same noise measures the noise it added, not its error, so no per-sample figure is given
         metrics.update({k: math.nan for k in ERROR_FIGURES}, traj_err=math.nan)
     else:
-        per_sample = ((final - reference.final.double()) ** 2).flatten(1).mean(1).numpy()
+        per_sample = _errors(result.sample, reference.final)
         metrics.update(error_summary(per_sample))
         metrics[PER_SAMPLE] = encode_errors(per_sample)
         errors = [
@@ -151,4 +183,25 @@ def score(
         metrics["traj_err"] = sum(errors) / len(errors)
     if capabilities_of(model).data_metrics:
         metrics.update(model.data_metrics(result.sample, eval_set.labels()))
+    return metrics
+
+
+def _errors(final: torch.Tensor, reference_final: torch.Tensor) -> np.ndarray:
+    """Per-sample mean squared error (float64) of final samples against the reference's."""
+    return ((final.double() - reference_final.double()) ** 2).flatten(1).mean(1).numpy()
+
+
+def _screened(head: Any, errors: np.ndarray, screen: Screen, schedule: Schedule, seconds: float) -> dict[str, Any]:
+    """The metrics of a candidate the screen stopped: its error figures on the samples it saw, its mean scaled
+    into an estimate of the whole set's (diverged: inf, as a whole-set score would say)."""
+    metrics: dict[str, Any] = {"nfe": head.nfe, "seconds": seconds, "diverged": head.diverged_at is not None,
+                               "diverged_at": head.diverged_at, "scored_by": scored_by(schedule),
+                               "screened": len(errors), "traj_err": math.nan, "sliced_w": math.nan}
+    if head.diverged_at is not None:
+        metrics.update({k: math.inf for k in ERROR_FIGURES}, mse_ref_screened=math.inf)
+        return metrics
+    metrics.update(error_summary(errors))
+    metrics["mse_ref_screened"] = metrics["mse_ref"]
+    metrics["mse_ref"] = metrics["mse_ref"] * screen.scale
+    metrics[PER_SAMPLE] = encode_errors(errors)
     return metrics

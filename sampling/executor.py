@@ -162,6 +162,12 @@ def sample_in_chunks(model: Denoiser, schedule: Schedule, noise: torch.Tensor, c
         parts.append(sample(model, schedule, noise[part], None if cond is None else cond[part],
                             start=None if start is None else start[part],
                             step_noise=None if step_noise is None else step_noise[part], **kwargs))
+    return join_results(parts)
+
+
+def join_results(parts: list[SampleResult]) -> SampleResult:
+    """Results of one schedule on consecutive slices of a batch, as one result (samples and states joined in
+    order, the earliest divergence)."""
     diverged = [p.diverged_at for p in parts if p.diverged_at is not None]
     states = [torch.cat(s) for s in zip(*(p.states for p in parts))]
     return SampleResult(torch.cat([p.sample for p in parts]), parts[0].nfe, states,

@@ -91,6 +91,7 @@ class JobConfig:
     score_report: bool = True  # score the best and its named peers on the report set (the closing table)
     solvers: tuple[str, ...] = ()  # the solvers a step may choose (empty: the space's default, SEARCH_SOLVERS)
     reuse: bool = False  # stage 2 may also reuse cached unit outputs (DeepCache), not only skip units
+    screen: bool = True  # stage 1 stops hopeless candidates early (search/runner.py's Screening; mse_ref alone)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nfe", str(self.nfe))  # an int is a count too
@@ -131,6 +132,16 @@ class JobConfig:
         if self.refine is not None:
             return self.refine
         return DEFAULT_REFINE if self.single_mse and self.strength is None and not self.prompts else 0
+
+    @property
+    def screening(self) -> Optional[Any]:
+        """Stage 1's screen (search/runner.py's Screening), or None: only for a plain mse_ref search scored without
+        DC-Solver ratios (the evaluator never screens those)."""
+        if not (self.screen and self.single_mse and self.ratios is None):
+            return None
+        from autotune.search.runner import Screening
+
+        return Screening()
 
     @property
     def single_mse(self) -> bool:
@@ -326,6 +337,8 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
     if config.ratios is not None:
         extra["ratios"] = config.ratios
+    if config.screening is not None:  # a screened search tells its strategy other values: its own id
+        extra["screen"] = [config.screening.samples, config.screening.factor]
     # one NFE of each reference the candidates are scored against (evaluate/ids.py: ref_steps_for)
     ref_nfes = {evaluator.steps_for(n): n for n in range(low, high + 1)}
     if set(ref_nfes) != {DEFAULT_REF_STEPS}:  # trials scored against another reference than before it existed
@@ -420,7 +433,8 @@ def run_stage1(setup: SearchSetup, pool: Pool, hooks: JobHooks = QUIET) -> Searc
     recorder = StudyRecorder(setup.study_url, setup.search_id, setup.space, c.objectives, setup.study_attrs)
     with hooks.search_progress(f"{c.search_method} NFE {c.nfe}", c.budget) as on_batch:
         return run_search(setup.strategy, pool, c.budget, objectives=c.objectives, batch_size=c.batch,
-                          store=setup.store, sid=setup.search_id, recorder=recorder, callback=on_batch)
+                          store=setup.store, sid=setup.search_id, recorder=recorder, callback=on_batch,
+                          screening=c.screening)
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -596,14 +610,17 @@ def _write_files(config: JobConfig, best: Schedule, result: SearchResult) -> dic
 def _score_report(setup: SearchSetup, result: SearchResult, best: Schedule, stage2: Optional[Stage2],
                   hooks: JobHooks) -> dict[str, Any]:
     """The best (and after stage 2 its unpruned schedule, to show what the skips cost) and the named schedules
-    at its NFE that were within NAMED_FINALIST_SLACK of the best named one on the search set, scored on the report
-    set (`autotune compare` scores any other)."""
+    at its NFE that validation took (the VALIDATED_NAMED best on the search set, within NAMED_FINALIST_SLACK of the
+    best), scored on the report set (`autotune compare` scores any other). Each named schedule costs a pass over
+    1024 noises: on digits NFE 5 the other three were about 20 s of the README's search, and the best named
+    schedule on the report set, unipc-bh1-o3, was also the search set's best)."""
     from autotune.evaluate.evaluator import Evaluator
 
     c = setup.config
     report = Evaluator(setup.model, "report", size=c.report_size, store=setup.store, prompts=c.prompts,
                        model_spec=c.model)
-    peers = [s for _, s in _named_finalists(setup.evaluator, [s for s in setup.named_peers if s.nfe == best.nfe])]
+    peers = [s for _, s in _named_finalists(setup.evaluator, [s for s in setup.named_peers if s.nfe == best.nfe],
+                                            most=VALIDATED_NAMED)]
     ours = [(best.name, best)]
     if stage2 and stage2.result is not None:
         ours.append((f"{best.name}-unpruned", dataclasses.replace(result.best, name=f"{best.name}-unpruned")))

@@ -14,7 +14,8 @@ from autotune.space.schedule import Schedule
 class Trial:
     """A candidate's scores: ``value`` is its first objective, ``objectives`` all of them (as measured, not negated);
     ``schedule`` the JSON of what was scored (with fitted or CPR ratios under ``--ratios``, the candidate with its
-    ratios). ``latency_ms`` only when the pool timed it; ``feasible`` only when the search has limits."""
+    ratios). ``latency_ms`` only when the pool timed it; ``feasible`` only when the search has limits; ``screened``
+    only when the search's screen stopped it early (search/runner.py's Screening)."""
 
     number: int
     hash: str
@@ -29,6 +30,7 @@ class Trial:
     elapsed: float = 0.0
     latency_ms: float | None = None
     feasible: bool | None = None
+    screened: int | None = None  # stopped by the search's screen after this many noises (value: an estimate)
     extra: Mapping[str, Any] = field(default_factory=dict)  # row keys this version does not know, kept as read
 
     @property
@@ -42,7 +44,7 @@ class Trial:
         """The store's row for the trial (its number and hash are the row's keys, not part of it)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("number", "hash", "extra")}
         out["objectives"] = dict(self.objectives)
-        for optional in ("latency_ms", "feasible"):
+        for optional in ("latency_ms", "feasible", "screened"):
             if out[optional] is None:
                 del out[optional]
         return {**self.extra, **out}

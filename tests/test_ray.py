@@ -84,7 +84,7 @@ def test_search_on_a_ray_cluster_started_with_ray_start(tmp_path):
         out = tmp_path / "s.json"
         cmd = [sys.executable, "-m", "autotune.cli", "search", "--model", "gmm2d", "--nfe", "4", "--budget", "16",
                "--workers", "2", "--address", f"127.0.0.1:{port}", "--cache", str(tmp_path / "c.sqlite"),
-               "--out", str(out)]
+               "--refine", "0", "--validate", "0", "--report-size", "64", "--out", str(out)]  # the loop is the test
         for attempt in range(30):  # the head needs a few seconds before it accepts drivers
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
             if done.returncode == 0 or "cannot join" not in done.stderr or head.poll() is not None:

@@ -157,7 +157,8 @@ def test_sigkilled_search_finishes_with_no_evaluation_done_twice(tmp_path):
     sid, state, rows = _saved_search(cache)
     count = state["trials"]
     assert isinstance(count, int)  # the state keeps a count; the trials are rows of their own
-    assert set(state) == {"version", "strategy", "true_evaluations", "cache_hits", "trials", "seconds"}
+    assert set(state) == {"version", "strategy", "true_evaluations", "cache_hits", "trials", "seconds", "screened",
+                          "screen_errors"}
     assert 0 < count < 48 + len(NAMED) and len(rows) >= count
     saved = rows[:count]
     assert [t["number"] for t in saved] == list(range(count))
@@ -176,7 +177,8 @@ def test_sigkilled_search_finishes_with_no_evaluation_done_twice(tmp_path):
     hits = sum(t["cached"] for t in trials)
     assert hits == state["cache_hits"] and f"({hits} cache hits)" in " ".join(done.stdout.split())
     assert sum(t["cached"] for t in resumed_part) >= len(rows) - count  # the cut batch came from the cache
-    assert _search_rows(cache) == before | set(computed)
+    stored = {t["hash"] for t in trials if not t["cached"] and not t.get("screened")}  # a screened score is not kept
+    assert _search_rows(cache) == before | stored and len(stored) < len(computed)
     study = optuna.load_study(study_name=f"autotune-{sid}", storage=f"sqlite:///{cache}")
     numbers = sorted(t.user_attrs["trial_number"] for t in study.trials)
     assert numbers == list(range(len(trials)))  # every trial once in the Optuna study, resumed or not
