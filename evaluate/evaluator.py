@@ -57,6 +57,9 @@ class Evaluator:
         self.ratio_source: Callable[["Evaluator", Schedule], Schedule] | None = None
         # hears how far a reference solve is (the one step here that takes long); the CLI draws it
         self.progress: ProgressFn | None = None
+        # samples in place of sample_in_chunks (same signature), e.g. split over a Ray pool's workers
+        # (RayPool.sample_split); None: here. The figures are the same up to float rounding of other batch sizes.
+        self.sampler: Callable[..., Any] | None = None
 
     def partial_start(self, schedule: Schedule) -> float | None:
         """The schedule's t_start when it starts below T (image-to-image), else None."""
@@ -96,7 +99,7 @@ class Evaluator:
         if ref is None:
             start = None if t_start is None else self.start_state(guidance, t_start, nfe)
             ref = compute_reference(self.model, self.eval_set, guidance, steps=self.steps_for(nfe),
-                                    progress=self.progress, t_start=t_start, start=start)
+                                    progress=self.progress, t_start=t_start, start=start, sampler=self.sampler)
             if self.store is not None:
                 self.store.put_reference(self.fingerprint, self.eval_set.id, version, ref.to_arrays(), ref.meta)
         self.references[version] = ref
@@ -155,7 +158,8 @@ class Evaluator:
         with torch.no_grad():
             start = None if t_start is None else self.start_state(schedule.guidance, t_start, schedule.nfe)
             reference = self.reference(schedule.guidance, t_start, schedule.nfe)
-            metrics = score(self.model, schedule, self.eval_set, reference, start_state=start, screen=screen)
+            metrics = score(self.model, schedule, self.eval_set, reference, start_state=start, screen=screen,
+                            sampler=self.sampler)
         metrics["schedule_hash"] = schedule.hash()
         if metrics.get("screened"):
             return {**metrics, "cached": False}

@@ -130,11 +130,12 @@ def scored_by(schedule: Schedule) -> str:
 
 def score(
     model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, dtype: torch.dtype | None = None,
-    start_state: torch.Tensor | None = None, screen: Screen | None = None,
+    start_state: torch.Tensor | None = None, screen: Screen | None = None, sampler: Any = None,
 ) -> dict[str, Any]:
     """Run the schedule on the set's noise (or from ``start_state`` at its t_start: image-to-image) and compare
     with the reference solved from the same start; never raises on divergence. With ``screen`` an ODE schedule
-    may stop after the screen's first samples (:class:`Screen`: its metrics then say ``screened``)."""
+    may stop after the screen's first samples (:class:`Screen`: its metrics then say ``screened``). ``sampler``
+    samples instead of ``sample_in_chunks`` (same signature: a Ray pool's workers, search/runner.py)."""
     import torch
 
     from autotune.evaluate.distribution import sliced_wasserstein
@@ -147,8 +148,9 @@ def score(
     start = time.perf_counter()
 
     def run(part: slice) -> Any:
-        return sample_in_chunks(model, schedule, noise[part], None if cond is None else cond[part], keep_states=True,
-                                check_finite=True, start=None if begin is None else begin[part], generator=generator)
+        return (sampler or sample_in_chunks)(model, schedule, noise[part], None if cond is None else cond[part],
+                                             keep_states=True, check_finite=True,
+                                             start=None if begin is None else begin[part], generator=generator)
 
     size = noise.shape[0]
     if screen is None or schedule.stochastic or screen.samples >= size:

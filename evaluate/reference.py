@@ -80,12 +80,13 @@ def lambda_uniform_schedule(noise: NoiseSchedule, steps: int, order: int, solver
 def compute_reference(
     model: Denoiser, eval_set: EvalSet, guidance: float | None = None, steps: int = 100, keep_every: int = 1,
     dtype: torch.dtype = torch.float32, progress: ProgressFn | None = None,
-    t_start: float | None = None, start: torch.Tensor | None = None,
+    t_start: float | None = None, start: torch.Tensor | None = None, sampler: Any = None,
 ) -> Reference:
     """Solve the ODE from the set's noise; check against a second solver with 1.5x the steps.
 
     With ``t_start`` and ``start`` (image-to-image) both solve from the state ``start`` at ``t_start``.
-    ``progress`` hears of every step of both solvers (task "reference, <kind> set")."""
+    ``progress`` hears of every step of both solvers (task "reference, <kind> set"). ``sampler`` runs the main
+    solve instead of ``sample_in_chunks`` (same signature: a Ray pool's workers, search/runner.py)."""
     noise = eval_set.noise(dtype)
     cond = eval_set.conditions()
     main = lambda_uniform_schedule(model.noise, steps, 3, solver="unip-bh2", corrector="bh2", t_start=t_start)
@@ -105,7 +106,7 @@ def compute_reference(
         done += x.shape[0]
         report(progress, task, done, total)
 
-    result = sample_in_chunks(model, main, noise, cond, keep_states=True, start=start, callback=count)
+    result = (sampler or sample_in_chunks)(model, main, noise, cond, keep_states=True, start=start, callback=count)
     other = sample(model, check, noise[:n], None if cond is None else cond[:n],
                    start=None if start is None else start[:n],
                    callback=lambda k, _: report(progress, task, solved + (k + 1) * n, total)).sample

@@ -105,6 +105,7 @@ def _build_evaluator(spec: EvaluatorSpec) -> Evaluator:
     return evaluator
 
 
+SPLIT_MIN = 64  # RayPool.sample_split: fewer samples a slice are not worth the transfer
 FIRST_CANDIDATE_TIMEOUT_S = 600.0  # before any candidate has been timed (the first may also warm the worker up)
 MIN_CANDIDATE_TIMEOUT_S = 60.0  # never less, however fast candidates have been (a busy machine has slow moments)
 CANDIDATE_TIMEOUT_FACTOR = 20.0  # the default limit: this many times the slowest candidate measured so far
@@ -204,6 +205,16 @@ class RayPool:
                       ) -> list[dict[str, Any]]:
                 torch.set_num_threads(self.threads)  # a reused worker keeps its first import's thread count
                 return [_score(self.evaluator, loads(d), latency, screen) for d in docs]
+
+            def fingerprint(self) -> str:
+                return self.evaluator.fingerprint
+
+            def sample(self, doc: str, noise: torch.Tensor, cond: Any, start: torch.Tensor | None,
+                       options: dict[str, bool]) -> Any:
+                from autotune.sampling.executor import sample_in_chunks
+
+                torch.set_num_threads(self.threads)
+                return sample_in_chunks(self.evaluator.model, loads(doc), noise, cond, start=start, **options)
 
         self._actor_cls = EvalActor
         self._ready: list[_Worker] = []  # started: scoring, or idle between batches
@@ -350,6 +361,67 @@ class RayPool:
                     self.notify(f"Ray worker pid {w.pid} gave no result within {limit:g} s for one candidate; "
                                 "killed it, the candidate is retried on another worker")
         return [results[j] for j in range(len(schedules))]
+
+    def model_fingerprint(self) -> str | None:
+        """The fingerprint of the model the workers hold (None: no worker has started)."""
+        if not self._ready:
+            return None
+        return self.ray.get(self._ready[0].actor.fingerprint.remote())
+
+    def sample_split(self, model: Any, schedule: Schedule, noise: torch.Tensor, cond: Any = None, *,
+                     start: torch.Tensor | None = None, generator: Any = None, callback: Callable | None = None,
+                     **options: Any) -> Any:
+        """``sample_in_chunks``' work split into one slice per worker, the results joined (an Evaluator's
+        ``sampler``: the held-out sets' references and scores run on the workers the search leaves idle). The
+        workers' model stands in for ``model``: attach this only to an Evaluator of the same model
+        (:meth:`model_fingerprint`). Run here instead: a stochastic schedule (its draws span the whole batch),
+        fewer than two workers or SPLIT_MIN samples a slice, options other than keep_states / check_finite, and a
+        slice whose worker died or gave nothing within FIRST_CANDIDATE_TIMEOUT_S (said through ``notify``).
+        ``callback`` hears each slice's steps when the slice comes back (with its final samples)."""
+        from autotune.sampling.executor import join_results, sample_in_chunks
+
+        def here(part: slice, hears: Callable | None = None) -> Any:
+            return sample_in_chunks(model, schedule, noise[part], None if cond is None else cond[part],
+                                    start=None if start is None else start[part], generator=generator,
+                                    callback=hears, **options)
+
+        workers = list(self._ready)
+        size = noise.shape[0]
+        if (generator is not None or schedule.stochastic or len(workers) < 2 or size < 2 * SPLIT_MIN
+                or set(options) - {"keep_states", "check_finite"}):
+            return here(slice(None), callback)
+        count = min(len(workers), size // SPLIT_MIN)
+        edges = [round(i * size / count) for i in range(count + 1)]
+        parts: list[Any] = [None] * count
+        doc = dumps(schedule)
+        pending = {}
+        for i, w in enumerate(workers[:count]):
+            part = slice(edges[i], edges[i + 1])
+            ref = w.actor.sample.remote(doc, noise[part], None if cond is None else cond[part],
+                                        None if start is None else start[part], options)
+            pending[ref] = (i, w, part)
+        deadline = time.monotonic() + FIRST_CANDIDATE_TIMEOUT_S
+        while pending:
+            done, _ = self.ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:  # stalled: its slices run here, the workers are replaced
+                for ref, (i, w, part) in list(pending.items()):
+                    del pending[ref]
+                    self._drop(w)
+                    self.notify(f"Ray worker pid {w.pid} gave no slice within {FIRST_CANDIDATE_TIMEOUT_S:g} s; "
+                                "sampling its slice here")
+                    parts[i] = here(part)
+                break
+            i, w, part = pending.pop(done[0])
+            try:
+                parts[i] = self.ray.get(done[0])
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError):
+                self._drop(w)
+                self.notify(f"Ray worker pid {w.pid} died; sampling its slice here")
+                parts[i] = here(part)
+            if callback is not None:
+                for k in range(len(schedule.steps)):
+                    callback(k, parts[i].sample)
+        return join_results(parts)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the workers that have started."""

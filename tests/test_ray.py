@@ -65,6 +65,32 @@ def test_ray_workers_time_candidates_for_the_latency_objective(local_pool):
     assert "latency_ms" not in pool.map([build("ddim", model.noise, 4)])[0]
 
 
+def test_held_out_sets_sample_on_the_workers_as_they_would_here(local_pool):
+    """RayPool.sample_split as an Evaluator's sampler: a validation set's reference and scores come from the
+    workers' slices and equal the driver's own (float rounding of other batch sizes aside), progress included."""
+    import torch
+
+    from autotune.sampling.executor import sample_in_chunks
+
+    pool, _, model = local_pool
+    assert pool.model_fingerprint() == model.fingerprint()
+    s = build("unipc-bh2-o3", model.noise, 5)
+    noise = torch.randn(256, *model.sample_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    heard = []
+    split = pool.sample_split(model, s, noise, keep_states=True, callback=lambda k, x: heard.append(x.shape[0]))
+    here = sample_in_chunks(model, s, noise, keep_states=True)
+    torch.testing.assert_close(split.sample, here.sample, rtol=1e-6, atol=1e-9)
+    assert len(split.states) == len(here.states) and split.nfe == here.nfe
+    assert sum(heard) == len(s.steps) * 256  # every sample-step reported, as sample_in_chunks does
+    local, remote = Evaluator(model, "validation", size=256), Evaluator(model, "validation", size=256)
+    remote.sampler = pool.sample_split
+    a, b = local.evaluate(s), remote.evaluate(s)
+    assert abs(a["mse_ref"] - b["mse_ref"]) <= 1e-5 * a["mse_ref"]
+    torch.testing.assert_close(local.reference(None, nfe=5).final, remote.reference(None, nfe=5).final)
+    small = pool.sample_split(model, s, noise[:100])  # under two slices' worth: sampled here
+    torch.testing.assert_close(small.sample, here.sample[:100], rtol=1e-6, atol=1e-9)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
