@@ -175,7 +175,7 @@ def score(
         # the same noise measures the noise it added, not its error, so no per-sample figure is given
         metrics.update({k: math.nan for k in ERROR_FIGURES}, traj_err=math.nan)
     else:
-        per_sample = _errors(result.sample, reference.final)
+        per_sample = _errors(final, reference.final)
         metrics.update(error_summary(per_sample))
         metrics[PER_SAMPLE] = encode_errors(per_sample)
         errors = [

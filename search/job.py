@@ -337,8 +337,9 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
     if config.ratios is not None:
         extra["ratios"] = config.ratios
-    if config.screening is not None:  # a screened search tells its strategy other values: its own id
-        extra["screen"] = [config.screening.samples, config.screening.factor]
+    screening = config.screening
+    if screening is not None:  # a screened search tells its strategy other values: its own id
+        extra["screen"] = [screening.samples, screening.factor]
     # one NFE of each reference the candidates are scored against (evaluate/ids.py: ref_steps_for)
     ref_nfes = {evaluator.steps_for(n): n for n in range(low, high + 1)}
     if set(ref_nfes) != {DEFAULT_REF_STEPS}:  # trials scored against another reference than before it existed
@@ -551,7 +552,6 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
     with hooks.step(f"validation: {len(candidates)} finalists, {held_out.eval_set.size} held-out samples") as progress:
         held_out.progress = progress  # the validation set's reference, solved first unless cached
         chosen, scored = pick_on_validation(held_out, candidates, progress=progress)
-    held_out.sampler = None
     search_values = [evaluator.evaluate(f.schedule)["mse_ref"] for f in scored]
     winner.schedule, winner.value = chosen.schedule, evaluator.evaluate(chosen.schedule)["mse_ref"]
     winner.validation = ValidationNote(held_out.eval_set.id, chosen, scored, search_values)
@@ -627,7 +627,7 @@ def _score_report(setup: SearchSetup, result: SearchResult, best: Schedule, stag
     at its NFE that validation took (the VALIDATED_NAMED best on the search set, within NAMED_FINALIST_SLACK of the
     best), scored on the report set (`autotune compare` scores any other). Each named schedule costs a pass over
     1024 noises: on digits NFE 5 the other three were about 20 s of the README's search, and the best named
-    schedule on the report set, unipc-bh1-o3, was also the search set's best)."""
+    schedule on the report set, unipc-bh1-o3, was also the search set's best."""
     c = setup.config
     report = _held_out(setup, "report", c.report_size, pool, model_spec=c.model)
     peers = [s for _, s in _named_finalists(setup.evaluator, [s for s in setup.named_peers if s.nfe == best.nfe],
