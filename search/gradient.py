@@ -50,7 +50,10 @@ report set's: 128 noises are what the refinement fits, and what it learns carrie
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -62,6 +65,13 @@ from autotune.space.schedule import MAX_SHIFT, Schedule
 
 DEFAULT_LR = 0.03  # Adam's step on the grid logits and the shifts; 0.05 and up overshoot on digits
 AGGREGATES = ("rms", "mean")  # how the per-sample errors make the loss (the module's docstring says why rms)
+# the power of the per-sample errors whose sum each (part of the) set contributes: rms sums squares
+POWERS = {"rms": 2, "mean": 1}
+VALUES = ("times", "shifts", "ratios")  # the executor's overrides the loss differentiates, by name
+
+# Values -> (the summed per-sample errors to the power, their gradient with respect to each value given): the loss
+# on all of the noises, or on parts of them summed (RayPool.gradient_split); refine_times only adds them up.
+ErrorSum = Callable[[dict[str, Optional[torch.Tensor]]], tuple[float, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -76,14 +86,31 @@ def _free_times(schedule: Schedule) -> int:
     return n - 1 if schedule.steps[-1].t == 0.0 else n
 
 
+def error_sum(model: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: Any, target: torch.Tensor,
+              power: int, values: dict[str, Optional[torch.Tensor]]) -> tuple[float, dict[str, torch.Tensor]]:
+    """The sum over ``noise`` of each sample's mean squared error to ``target``, to the ``power``, with
+    ``schedule`` run on the ``values`` (times, shifts, ratios: None keeps the schedule's own), and its gradient
+    with respect to each value given (an :data:`ErrorSum` once the rest is bound)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in values.items() if v is not None}
+    out = sample(model, schedule, noise, labels, differentiable=True, **leaves)
+    per_sample = ((out.sample.double() - target.double()) ** 2).flatten(1).mean(1)
+    total = (per_sample ** power).sum()
+    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    return float(total.detach()), {k: torch.zeros_like(v) if g is None else g
+                                   for (k, v), g in zip(leaves.items(), grads)}
+
+
 def refine_times(
     model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *, iterations: int = 40,
     lr: float = DEFAULT_LR, samples: int = 0, shifts: bool = True, aggregate: str = "rms", ratios: bool = False,
+    split: Optional[Callable[..., Optional[ErrorSum]]] = None,
 ) -> Refinement:
     """Adam on the softmax parameterisation of the log-SNR grid (and on the steps' shifts unless ``shifts`` is
     False, and on the compensation ratios of the steps from ``dc_order`` on when ``ratios``); returns the best
     iterate seen. The loss is the ``aggregate`` ("rms" or "mean") of the per-sample
-    errors on the set's first ``samples`` noises (0: all)."""
+    errors on the set's first ``samples`` noises (0: all). ``split(model, schedule, noise, labels, target, power)``
+    may hand the loss's samples out in parts (RayPool.gradient_split: the search's idle workers); it returns
+    an :data:`ErrorSum`, or None to compute it here."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
     ns = model.noise
@@ -116,6 +143,11 @@ def refine_times(
     labels = eval_set.conditions()
     labels = None if labels is None else labels[part]
     target = reference.final[part].double()
+    power = POWERS[aggregate]
+    errors = split(model, schedule, noise, labels, target, power) if split is not None else None
+    if errors is None:
+        errors = functools.partial(error_sum, model, schedule, noise, labels, target, power)
+    count = noise.shape[0]
 
     def grid(logit: torch.Tensor) -> torch.Tensor:
         if free < 1:
@@ -132,19 +164,22 @@ def refine_times(
         t = grid(logits)
         shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)
         ratio = torch.where(movable, ratio_free, fixed_ratios)
-        out = sample(model, schedule, noise, labels, differentiable=True, times=t, shifts=shift if shifts else None,
-                     ratios=ratio if ratio_free.requires_grad else None)
-        per_sample = ((out.sample.double() - target) ** 2).flatten(1).mean(1)
-        loss = per_sample.square().mean().sqrt() if aggregate == "rms" else per_sample.mean()
-        value = float(loss.detach())
-        if not torch.isfinite(loss):
+        given = dict(zip(VALUES, (t, shift if shifts else None, ratio if ratio_free.requires_grad else None)))
+        total, grads = errors({k: None if v is None else v.detach() for k, v in given.items()})
+        value = math.sqrt(total / count) if power == 2 else total / count
+        if not math.isfinite(value):
             break
         losses.append(value)
         candidate = _with_values(schedule, t.detach(), shift.detach(), ratio.detach())
         if candidate is not None and value < best[0]:
             best = (value, candidate)
         optimiser.zero_grad()
-        loss.backward()
+        # the chain rule from the summed errors to the loss (d sqrt(S/n) / dS = 1 / (2 n loss)), then to the params
+        scale = 1.0 / (2.0 * count * value) if power == 2 else 1.0 / count
+        moved = [k for k in grads if given[k] is not None and given[k].requires_grad]
+        if not moved or value == 0.0:
+            break
+        torch.autograd.backward([given[k] for k in moved], [grads[k] * scale for k in moved])
         if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
             break
         optimiser.step()

@@ -464,7 +464,7 @@ def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Deno
         result = run_stage1(setup, pool, hooks)
         winner = _Winner(result.best, result.best_value)
         if config.refine_steps and not result.best.stochastic:
-            _refine(setup, result, winner, hooks)
+            _refine(setup, result, winner, hooks, pool)
         if config.validate and config.single_mse:
             _validate(setup, result, winner, hooks, pool)
         if config.stage2_budget:
@@ -480,7 +480,8 @@ def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Deno
                       **written, **report)
 
 
-def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks) -> None:
+def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks,
+            pool: Optional[Pool] = None) -> None:
     from autotune.search.gradient import refine_times
     from autotune.space.fileformat import loads
 
@@ -489,9 +490,12 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     # the compensation ratios move with the grid unless --ratios fits them for every scored schedule itself
     fit_ratios = c.ratios is None
     what = "times, shifts and ratios" if fit_ratios else "times and shifts"
+    split = getattr(pool, "gradient_split", None)
+    if split is not None and pool.model_fingerprint() != evaluator.fingerprint:
+        split = None
     with hooks.step(f"refining {what} ({c.refine_steps} gradient steps)"):
         refined = refine_times(setup.model, result.best, evaluator.eval_set, reference, iterations=c.refine_steps,
-                               samples=REFINE_SAMPLES, ratios=fit_ratios).schedule
+                               samples=REFINE_SAMPLES, ratios=fit_ratios, split=split).schedule
         metrics = evaluator.evaluate(refined)
     if "evaluated_schedule" in metrics:  # ratios: the refined grid with the ratios fitted for it
         refined = loads(metrics["evaluated_schedule"])

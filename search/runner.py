@@ -216,6 +216,14 @@ class RayPool:
                 torch.set_num_threads(self.threads)
                 return sample_in_chunks(self.evaluator.model, loads(doc), noise, cond, start=start, **options)
 
+            def error_sum(self, doc: str, data: tuple[torch.Tensor, Any, torch.Tensor], power: int,
+                          values: dict[str, torch.Tensor | None]) -> tuple[float, dict[str, torch.Tensor]]:
+                from autotune.search.gradient import error_sum
+
+                torch.set_num_threads(self.threads)
+                noise, labels, target = data
+                return error_sum(self.evaluator.model, loads(doc), noise, labels, target, power, values)
+
         self._actor_cls = EvalActor
         self._ready: list[_Worker] = []  # started: scoring, or idle between batches
         self._starting: dict[Any, _Worker] = {}  # the ref of its pid() call -> the worker
@@ -368,6 +376,47 @@ class RayPool:
             return None
         return self.ray.get(self._ready[0].actor.fingerprint.remote())
 
+    def _slices(self, size: int) -> list[slice]:
+        """``size`` samples in one slice per ready worker, none under SPLIT_MIN (one slice: not worth splitting)."""
+        count = max(1, min(len(self._ready), size // SPLIT_MIN))
+        edges = [round(i * size / count) for i in range(count + 1)]
+        return [slice(edges[i], edges[i + 1]) for i in range(count)]
+
+    def _gather(self, calls: list[tuple[slice, Callable[[_Worker], Any]]], here: Callable[[slice], Any],
+                what: str, arrived: Callable[[Any], None] | None = None) -> list[Any]:
+        """Each slice's result, in order: ``call(worker)`` (an actor method call) on a ready worker, or
+        ``here(slice)`` when there are fewer ready workers than slices, or when its worker died or gave nothing
+        within FIRST_CANDIDATE_TIMEOUT_S (replaced, said through ``notify``). ``arrived`` hears each result."""
+        results: list[Any] = [None] * len(calls)
+        pending = {call(w): (i, w) for i, ((_, call), w) in enumerate(zip(calls, list(self._ready)))}
+        local = [i for i in range(len(pending), len(calls))]
+        deadline = time.monotonic() + FIRST_CANDIDATE_TIMEOUT_S
+        while pending:
+            done, _ = self.ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:  # stalled: their slices run here, the workers are replaced
+                for ref, (i, w) in list(pending.items()):
+                    del pending[ref]
+                    self._drop(w)
+                    self.notify(f"Ray worker pid {w.pid} gave no {what} within {FIRST_CANDIDATE_TIMEOUT_S:g} s; "
+                                "computing it here")
+                    local.append(i)
+                break
+            i, w = pending.pop(done[0])
+            try:
+                results[i] = self.ray.get(done[0])
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError):
+                self._drop(w)
+                self.notify(f"Ray worker pid {w.pid} died; computing its {what} here")
+                local.append(i)
+                continue
+            if arrived is not None:
+                arrived(results[i])
+        for i in local:
+            results[i] = here(calls[i][0])
+            if arrived is not None:
+                arrived(results[i])
+        return results
+
     def sample_split(self, model: Any, schedule: Schedule, noise: torch.Tensor, cond: Any = None, *,
                      start: torch.Tensor | None = None, generator: Any = None, callback: Callable | None = None,
                      **options: Any) -> Any:
@@ -385,43 +434,50 @@ class RayPool:
                                     start=None if start is None else start[part], generator=generator,
                                     callback=hears, **options)
 
-        workers = list(self._ready)
-        size = noise.shape[0]
-        if (generator is not None or schedule.stochastic or len(workers) < 2 or size < 2 * SPLIT_MIN
+        parts = self._slices(noise.shape[0])
+        if (generator is not None or schedule.stochastic or len(parts) < 2
                 or set(options) - {"keep_states", "check_finite"}):
             return here(slice(None), callback)
-        count = min(len(workers), size // SPLIT_MIN)
-        edges = [round(i * size / count) for i in range(count + 1)]
-        parts: list[Any] = [None] * count
         doc = dumps(schedule)
-        pending = {}
-        for i, w in enumerate(workers[:count]):
-            part = slice(edges[i], edges[i + 1])
-            ref = w.actor.sample.remote(doc, noise[part], None if cond is None else cond[part],
-                                        None if start is None else start[part], options)
-            pending[ref] = (i, w, part)
-        deadline = time.monotonic() + FIRST_CANDIDATE_TIMEOUT_S
-        while pending:
-            done, _ = self.ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not done:  # stalled: its slices run here, the workers are replaced
-                for ref, (i, w, part) in list(pending.items()):
-                    del pending[ref]
-                    self._drop(w)
-                    self.notify(f"Ray worker pid {w.pid} gave no slice within {FIRST_CANDIDATE_TIMEOUT_S:g} s; "
-                                "sampling its slice here")
-                    parts[i] = here(part)
-                break
-            i, w, part = pending.pop(done[0])
-            try:
-                parts[i] = self.ray.get(done[0])
-            except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError):
-                self._drop(w)
-                self.notify(f"Ray worker pid {w.pid} died; sampling its slice here")
-                parts[i] = here(part)
-            if callback is not None:
-                for k in range(len(schedule.steps)):
-                    callback(k, parts[i].sample)
-        return join_results(parts)
+
+        def on(part: slice) -> Callable[[_Worker], Any]:
+            return lambda w: w.actor.sample.remote(doc, noise[part], None if cond is None else cond[part],
+                                                   None if start is None else start[part], options)
+
+        def arrived(result: Any) -> None:
+            for k in range(len(schedule.steps)):
+                callback(k, result.sample)
+
+        return join_results(self._gather([(p, on(p)) for p in parts], here, "slice",
+                                         arrived if callback is not None else None))
+
+    def gradient_split(self, model: Any, schedule: Schedule, noise: torch.Tensor, labels: Any,
+                       target: torch.Tensor, power: int) -> Callable[..., tuple[float, dict[str, torch.Tensor]]] | None:
+        """The refinement's loss (search/gradient.py's ``ErrorSum``) summed over one slice of the noises per
+        worker (data-parallel: each worker runs the differentiable executor on its slice, the driver adds the
+        sums and gradients up); None (compute it here) with fewer than two workers or SPLIT_MIN samples a slice.
+        The slices travel to the object store once; the workers' model stands in for ``model``, as in
+        :meth:`sample_split`."""
+        from autotune.search.gradient import error_sum
+
+        parts = self._slices(noise.shape[0])
+        if len(parts) < 2:
+            return None
+        doc = dumps(schedule)
+        data = [self.ray.put((noise[p], None if labels is None else labels[p], target[p])) for p in parts]
+
+        def errors(values: dict[str, torch.Tensor | None]) -> tuple[float, dict[str, torch.Tensor]]:
+            def here(part: slice) -> Any:
+                return error_sum(model, schedule, noise[part], None if labels is None else labels[part],
+                                 target[part], power, values)
+
+            def on(i: int) -> Callable[[_Worker], Any]:
+                return lambda w: w.actor.error_sum.remote(doc, data[i], power, values)
+
+            results = self._gather([(p, on(i)) for i, p in enumerate(parts)], here, "gradient")
+            return (math.fsum(total for total, _ in results),
+                    {k: sum(grads[k] for _, grads in results) for k in results[0][1]})
+        return errors
 
     def worker_pids(self) -> list[int]:
         """Process ids of the workers that have started."""

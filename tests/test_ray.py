@@ -91,6 +91,29 @@ def test_held_out_sets_sample_on_the_workers_as_they_would_here(local_pool):
     torch.testing.assert_close(small.sample, here.sample[:100], rtol=1e-6, atol=1e-9)
 
 
+def test_the_refinement_gradient_sums_the_workers_slices(local_pool):
+    """RayPool.gradient_split: each worker's error sum and gradient on its slice of the noise add up to the
+    driver's own on all of it; under two slices' worth it declines (the refinement computes here)."""
+    import torch
+
+    from autotune.search.gradient import error_sum
+
+    pool, _, model = local_pool
+    s = build("unipc-bh2-o3", model.noise, 5)
+    noise = torch.randn(160, *model.sample_shape, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(160, *model.sample_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    values = {"times": torch.tensor(s.times, dtype=torch.float64), "shifts": torch.full((5,), 0.1, dtype=torch.float64),
+              "ratios": None}
+    split = pool.gradient_split(model, s, noise, None, target, 2)
+    total, grads = split(values)
+    here_total, here_grads = error_sum(model, s, noise, None, target, 2, values)
+    assert total == pytest.approx(here_total, rel=1e-6) and set(grads) == {"times", "shifts"}
+    for k in grads:  # float32 states in other batch sizes; d/dt at t = 0 is nan (log-SNR infinite) in both
+        torch.testing.assert_close(grads[k], here_grads[k], rtol=1e-5, atol=1e-9, equal_nan=True)
+    assert grads["shifts"].abs().sum() > 0
+    assert pool.gradient_split(model, s, noise[:100], None, target[:100], 2) is None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -225,6 +225,38 @@ def test_gradient_refinement_lowers_the_loss_keeps_a_valid_grid_and_shifts_model
         refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), aggregate="median")
 
 
+def test_gradient_refinement_split_over_parts_of_the_noise_takes_the_same_steps(gmm):
+    """The loss handed out in parts (as RayPool.gradient_split does over its workers) and summed is the loss on all
+    of the noise: the same iterates, to the float32 rounding of other batch sizes."""
+    from autotune.search.gradient import error_sum, refine_times
+
+    evaluator = Evaluator(gmm, "search", size=32)
+    base = build("unipc-bh2-o2", gmm.noise, 5)
+    reference = evaluator.reference(None, nfe=5)
+    calls = []
+
+    def halves(model, schedule, noise, labels, target, power):
+        def errors(values):
+            calls.append(power)
+            parts = [error_sum(model, schedule, noise[p], labels, target[p], power, values)
+                     for p in (slice(0, 13), slice(13, None))]
+            return parts[0][0] + parts[1][0], {k: parts[0][1][k] + parts[1][1][k] for k in parts[0][1]}
+        return errors
+
+    for aggregate in ("rms", "mean"):
+        whole = refine_times(gmm, base, evaluator.eval_set, reference, iterations=8, lr=0.1, ratios=True,
+                             aggregate=aggregate)
+        split = refine_times(gmm, base, evaluator.eval_set, reference, iterations=8, lr=0.1, ratios=True,
+                             aggregate=aggregate, split=halves)
+        assert split.losses == pytest.approx(whole.losses, rel=1e-5) and len(whole.losses) == 8
+        assert split.schedule.times == pytest.approx(whole.schedule.times, rel=1e-5)
+        assert [st.ratio for st in split.schedule.steps] == pytest.approx([st.ratio for st in whole.schedule.steps],
+                                                                         rel=1e-5)
+    assert calls == [2] * 8 + [1] * 8  # rms sums squared errors, mean the errors
+    here = refine_times(gmm, base, evaluator.eval_set, reference, iterations=3, split=lambda *a: None)
+    assert here.losses == pytest.approx(refine_times(gmm, base, evaluator.eval_set, reference, iterations=3).losses)
+
+
 def test_gradient_refinement_can_fit_the_compensation_ratios_with_the_grid(gmm):
     from autotune.search.gradient import refine_times
 
