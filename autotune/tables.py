@@ -245,8 +245,9 @@ def finalists_table(scored: Sequence[Any], chosen: Any, search_values: Sequence[
     table = Table(_name("finalist"), _num("search mean"), _num("validation mean"), _num("worst 5%"),
                   title=f"finalists on the held-out validation set ({set_id})", title_justify="left")
     for f, value in zip(scored, search_values):
-        table.add_row(f.label + (" (chosen)" if f is chosen else ""), sci(value), sci(f.validation["mse_ref"]),
-                      sci(f.validation.get("mse_ref_cvar")))
+        # a finalist validation's screen stopped: its figures are on the first noises only
+        note = " (chosen)" if f is chosen else f" (first {f.validation['screened']})" if f.screened else ""
+        table.add_row(f.label + note, sci(value), sci(f.validation["mse_ref"]), sci(f.validation.get("mse_ref_cvar")))
     return table
 
 

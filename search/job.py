@@ -562,7 +562,9 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
     winner.validation_meta = {"set": held_out.eval_set.id, "chosen": chosen.label,
                               "mse_ref": chosen.validation["mse_ref"],
                               "finalists": {f.label: f.validation["mse_ref"] for f in scored},
-                              "selection": {f.label: selection_value(f.validation) for f in scored}}
+                              "selection": {f.label: selection_value(f.validation) for f in scored if not f.screened},
+                              # stopped by validation's screen: their figure is the mean on this many noises
+                              "screened": {f.label: f.validation["screened"] for f in scored if f.screened}}
 
 
 def _stage2(setup: SearchSetup, pool: Pool, winner: _Winner, hooks: JobHooks) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -41,10 +42,13 @@ def test_pick_on_validation_takes_the_lowest_mean_plus_tail():
     figures = {"x": (2.0, 4.0), "y": (0.5, 8.0), "z": (0.8, 1.2)}
 
     class Fake:
+        eval_set = EvalSet("validation", (2,), size=64, seed=0)  # no larger than the screen: never screened
+
         def __init__(self, figures):
             self.figures = figures
 
-        def evaluate(self, s):
+        def evaluate(self, s, screen=None):
+            assert screen is None
             mean, tail = self.figures[s]
             return {"mse_ref": mean, "mse_ref_cvar": tail, "diverged": False}
 
@@ -56,6 +60,35 @@ def test_pick_on_validation_takes_the_lowest_mean_plus_tail():
     # another objective is chosen on its own figure alone
     best, _ = pick_on_validation(Fake(figures), [("a", "x"), ("b", "y")], objective="mse_ref_cvar")
     assert best.label == "a"
+
+
+def test_validation_screens_finalists_far_behind_the_best_so_far(gmm):
+    """A finalist whose mean on the first VALIDATION_SCREEN_SAMPLES noises is over VALIDATION_SCREEN_FACTOR x the
+    best-so-far's on them stops there and is never chosen; one close to the best is scored in full."""
+    import numpy as np
+
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.evaluate.ids import PER_SAMPLE
+    from autotune.evaluate.metrics import decode_errors
+    from autotune.search.validate import VALIDATION_SCREEN_SAMPLES
+
+    good, close = build("unipc-bh2-o3", gmm.noise, 8), build("dpmsolver++2m", gmm.noise, 8)
+    far = build("ddim", gmm.noise, 3)
+    held_out = Evaluator(gmm, "validation", size=512, ref_steps=20)
+    best, scored = pick_on_validation(held_out, [("good", good), ("far", far), ("close", close)])
+    assert [f.screened for f in scored] == [False, True, False] and best.label == "good"
+    assert scored[1].validation["screened"] == VALIDATION_SCREEN_SAMPLES
+    unscreened = Evaluator(gmm, "validation", size=512, ref_steps=20)
+    best_all, all_scored = pick_on_validation(unscreened, [("good", good), ("far", far), ("close", close)],
+                                              screen=False)
+    assert not any(f.screened for f in all_scored) and best_all.label == "good"
+    far_errors = decode_errors(all_scored[1].validation[PER_SAMPLE]).astype(np.float64)
+    head = far_errors[:VALIDATION_SCREEN_SAMPLES].mean()  # what the screen saw, and what the stopped finalist says
+    assert scored[1].validation["mse_ref"] == pytest.approx(head, rel=1e-6)
+    assert all_scored[2].validation["mse_ref"] == pytest.approx(scored[2].validation["mse_ref"], rel=1e-12)
+    # first in line, the far one has nothing to be screened against: scored in full, then beaten
+    best, scored = pick_on_validation(held_out, [("far", far), ("good", good)])
+    assert not any(f.screened for f in scored) and best.label == "good"
 
 
 def test_selection_value_of_a_diverged_or_unscored_schedule_is_inf():
