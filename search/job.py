@@ -490,9 +490,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     # the compensation ratios move with the grid unless --ratios fits them for every scored schedule itself
     fit_ratios = c.ratios is None
     what = "times, shifts and ratios" if fit_ratios else "times and shifts"
-    split = getattr(pool, "gradient_split", None)
-    if split is not None and pool.model_fingerprint() != evaluator.fingerprint:
-        split = None
+    split = _on_workers(pool, "gradient_split", evaluator.fingerprint)
     with hooks.step(f"refining {what} ({c.refine_steps} gradient steps)"):
         refined = refine_times(setup.model, result.best, evaluator.eval_set, reference, iterations=c.refine_steps,
                                samples=REFINE_SAMPLES, ratios=fit_ratios, split=split).schedule
@@ -535,10 +533,15 @@ def _held_out(setup: SearchSetup, kind: str, size: int, pool: Optional[Pool], **
 
     c = setup.config
     evaluator = Evaluator(setup.model, kind, size=size, store=setup.store, prompts=c.prompts, **options)
-    split = getattr(pool, "sample_split", None)
-    if split is not None and pool.model_fingerprint() == evaluator.fingerprint:
-        evaluator.sampler = split
+    evaluator.sampler = _on_workers(pool, "sample_split", evaluator.fingerprint)
     return evaluator
+
+
+def _on_workers(pool: Optional[Pool], method: str, fingerprint: str) -> Optional[Callable[..., Any]]:
+    """The pool's ``method`` (RayPool.sample_split, .gradient_split) when its workers hold the model of this
+    ``fingerprint``; None (compute here) for a pool without it or with another model."""
+    split = getattr(pool, method, None)
+    return split if split is not None and pool.model_fingerprint() == fingerprint else None
 
 
 def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks,

@@ -21,7 +21,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -34,6 +34,9 @@ from autotune.search.strategy import SearchError, Strategy
 from autotune.search.trial import Trial
 from autotune.space.fileformat import dumps, loads
 from autotune.space.schedule import Schedule
+
+if TYPE_CHECKING:
+    from autotune.search.gradient import ErrorSum
 
 
 class Pool(Protocol):
@@ -389,7 +392,7 @@ class RayPool:
         within FIRST_CANDIDATE_TIMEOUT_S (replaced, said through ``notify``). ``arrived`` hears each result."""
         results: list[Any] = [None] * len(calls)
         pending = {call(w): (i, w) for i, ((_, call), w) in enumerate(zip(calls, list(self._ready)))}
-        local = [i for i in range(len(pending), len(calls))]
+        local = list(range(len(pending), len(calls)))  # no ready worker for these
         deadline = time.monotonic() + FIRST_CANDIDATE_TIMEOUT_S
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
@@ -452,7 +455,7 @@ class RayPool:
                                          arrived if callback is not None else None))
 
     def gradient_split(self, model: Any, schedule: Schedule, noise: torch.Tensor, labels: Any,
-                       target: torch.Tensor, power: int) -> Callable[..., tuple[float, dict[str, torch.Tensor]]] | None:
+                       target: torch.Tensor, power: int) -> ErrorSum | None:
         """The refinement's loss (search/gradient.py's ``ErrorSum``) summed over one slice of the noises per
         worker (data-parallel: each worker runs the differentiable executor on its slice, the driver adds the
         sums and gradients up); None (compute it here) with fewer than two workers or SPLIT_MIN samples a slice.
