@@ -27,6 +27,16 @@ def pipeline_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """The trained tiny Stable Diffusion directory (tests/tiny_sd.py, default arguments), built once per test
+    session: five modules test on it, and each build trains it for about 10 s. Tests read it, never write it."""
+    pytest.importorskip("transformers")
+    from tiny_sd import make_tiny_sd_dir
+
+    return make_tiny_sd_dir(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
 def gmm():
     """The analytic 2-D mixture in float64, shared by the search tests."""
     from autotune.models.registry import load_model

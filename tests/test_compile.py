@@ -262,12 +262,11 @@ def test_tensorrt_engine(digits, digits_schedule, tmp_path):
     assert engine(**engine.example_inputs(3)).shape == (3, 1, 16, 16)
 
 
-def test_text_to_image_engine_takes_prompt_embeddings(tmp_path):
+def test_text_to_image_engine_takes_prompt_embeddings(tiny_sd_dir, tmp_path):
     """A latent Stable-Diffusion-layout directory: input ``prompt_embeds``, CFG baked in, one unit pruned."""
-    pytest.importorskip("transformers")
-    from tiny_sd import PROMPTS, make_tiny_sd_dir
+    from tiny_sd import PROMPTS
 
-    model = load_model(str(make_tiny_sd_dir(tmp_path / "sd")))
+    model = load_model(str(tiny_sd_dir))
     s = dataclasses.replace(build("dpmsolver++2m", model.noise, 3), guidance=5.0)
     s = _with_steps(s, s1={"skip": (model.units[0],)})
     man = build_engine(model, s, tmp_path / "e", "onnxruntime", parity_noises=2)

@@ -164,11 +164,8 @@ def test_pipeline_save_and_reload(pipeline_dirs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from tiny_sd import make_tiny_sd_dir
-
-    return make_tiny_sd_dir(tmp_path_factory.mktemp("sd") / "tiny-sd")
+def sd_dir(tiny_sd_dir):
+    return tiny_sd_dir
 
 
 @pytest.mark.parametrize("guidance", [7.5, None])

@@ -280,8 +280,8 @@ def test_search_and_compile_on_a_flow_directory(flow_dir, tmp_path):
 
     runner, out = CliRunner(), tmp_path / "s.json"
     result = runner.invoke(app, [str(a) for a in [
-        "search", "--model", flow_dir, "--nfe", 4, "--method", "random", "--budget", 8, "--workers", 0, "--set-size",
-        16, "--validate", 0, "--report-size", 16, "--no-cache", "--out", out]])
+        "search", "--model", flow_dir, "--nfe", 4, "--method", "random", "--budget", 8, "--workers", 0, "--refine", 2,
+        "--set-size", 16, "--validate", 0, "--report-size", 16, "--no-cache", "--out", out]])
     assert result.exit_code == 0, result.output
     # the flow peers are offered to the search (the closing table keeps the 3 best named on the search set)
     from autotune.models.registry import load_model
@@ -304,8 +304,8 @@ def test_search_on_a_vp_directory(pipeline_dirs, tmp_path):
 
     out = tmp_path / "s.json"
     result = CliRunner().invoke(app, [str(a) for a in [
-        "search", "--model", pipeline_dirs["epsilon"], "--nfe", 4, "--method", "random", "--budget", 8, "--workers",
-        0, "--set-size", 16, "--validate", 0, "--report-size", 16, "--no-cache", "--out", out]])
+        "search", "--model", pipeline_dirs["epsilon"], "--nfe", 4, "--refine", 2, "--method", "random", "--budget", 8,
+        "--workers", 0, "--set-size", 16, "--validate", 0, "--report-size", 16, "--no-cache", "--out", out]])
     assert result.exit_code == 0, result.output
     assert "dpmsolver++2m" in result.output and "flow-euler" not in result.output
     assert json.loads(out.read_text())["nfe"] == 4

@@ -336,7 +336,7 @@ def test_cli_search_writes_a_schedule(flux_dir, tmp_path, monkeypatch):
     # the closing report-set table has no size flag (1024 samples); 4 keeps its reference solve to seconds here
     monkeypatch.setitem(ids.DEFAULT_SIZE, "report", 4)
     out = tmp_path / "searched.json"
-    args = ["search", "--model", flux_dir, "--nfe", 4, "--method", "random", "--budget", 3, "--batch", 3,
+    args = ["search", "--model", flux_dir, "--nfe", 4, "--refine", 2, "--method", "random", "--budget", 3, "--batch", 3,
             "--workers", 0, "--set-size", 4, "--validate", 0, "--no-cache", "--out", out]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output

@@ -18,15 +18,15 @@ from autotune.sampling.executor import sample  # noqa: E402
 from autotune.sampling.named import build, for_strength  # noqa: E402
 from autotune.sampling.noise import noised  # noqa: E402
 from peers import PEERS  # noqa: E402
-from tiny_sd import PROMPTS, load_sd_pipeline, make_tiny_sd_dir  # noqa: E402
+from tiny_sd import PROMPTS, load_sd_pipeline  # noqa: E402
 
 TOL = 1e-4
 STEPS, STRENGTH, GUIDANCE = 10, 0.6, 5.0
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return make_tiny_sd_dir(tmp_path_factory.mktemp("img2img") / "tiny-sd")
+def sd_dir(tiny_sd_dir):
+    return tiny_sd_dir
 
 
 @pytest.fixture(scope="module")

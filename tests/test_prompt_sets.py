@@ -17,12 +17,12 @@ from autotune.evaluate.sets import EvalSet  # noqa: E402
 from autotune.models.latent import load_latent_pipeline_dir  # noqa: E402
 from autotune.models.registry import load_model  # noqa: E402
 from autotune.sampling.named import build  # noqa: E402
-from tiny_sd import PROMPTS, make_tiny_sd_dir  # noqa: E402
+from tiny_sd import PROMPTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return make_tiny_sd_dir(tmp_path_factory.mktemp("prompts") / "tiny-sd")
+def sd_dir(tiny_sd_dir):
+    return tiny_sd_dir
 
 
 def test_prompts_cycle_over_the_set_and_name_it():
@@ -58,10 +58,10 @@ def test_cli_search_with_prompts(sd_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "s.json"
-    result = CliRunner().invoke(app, ["search", "--model", str(sd_dir), "--nfe", "4", "--guidance", "7.5",
-                                      "--prompts", str(prompts), "--method", "random", "--budget", "4", "--workers",
-                                      "0", "--set-size", "8", "--validate", "0", "--report-size", "8", "--no-cache",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(app, ["search", "--model", str(sd_dir), "--nfe", "4", "--refine", "2",
+                                      "--guidance", "7.5", "--prompts", str(prompts), "--method", "random",
+                                      "--budget", "4", "--workers", "0", "--set-size", "8", "--validate", "0",
+                                      "--report-size", "8", "--no-cache", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "-p4." in json.loads(out.read_text())["metadata"]["eval_set"]
 

@@ -338,7 +338,7 @@ def test_cli_search_writes_a_schedule(sd3_dir, tmp_path, monkeypatch):
 
     out = tmp_path / "searched.json"
     args = ["search", "--model", sd3_dir, "--nfe", 4, "--method", "random", "--budget", 8, "--workers", 0,
-            "--no-cache", "--set-size", 4, "--validate", 0, "--guidance", 5, "--out", out]
+            "--refine", 2, "--no-cache", "--set-size", 4, "--validate", 0, "--guidance", 5, "--out", out]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     schedule = load(out)

@@ -303,8 +303,8 @@ def test_cli_search_writes_a_schedule(sdxl_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(ids.DEFAULT_SIZE, "report", 8)
 
     out = tmp_path / "searched.json"
-    result = _cli(["search", "--model", sdxl_dir, "--nfe", 4, "--method", "random", "--budget", 3, "--batch", 3,
-                   "--set-size", 4, "--validate", 0, "--workers", 0, "--no-cache", "--out", out])
+    result = _cli(["search", "--model", sdxl_dir, "--nfe", 4, "--refine", 2, "--method", "random", "--budget", 3,
+                   "--batch", 3, "--set-size", 4, "--validate", 0, "--workers", 0, "--no-cache", "--out", out])
     assert result.exit_code == 0, result.output
     schedule = load(out)
     assert schedule.nfe == 4

@@ -141,7 +141,7 @@ def test_sigkilled_search_finishes_with_no_evaluation_done_twice(tmp_path):
 
     cache = tmp_path / "cache.sqlite"
     args = ["search", "--model", "gmm2d", "--nfe", "4", "--budget", "48", "--batch", "4", "--workers", "0",
-            "--refine", "0", "--cache", cache, "--out", tmp_path / "s.json"]
+            "--refine", "0", "--validate", "0", "--report-size", "64", "--cache", cache, "--out", tmp_path / "s.json"]
     proc = subprocess.Popen([sys.executable, "-m", "autotune.cli", *map(str, args)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
