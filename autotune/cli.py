@@ -636,10 +636,9 @@ def _print_search(outcome) -> None:
 
     config, result, names = outcome.config, outcome.search, outcome.config.objectives
     if outcome.refinement is not None:
-        note = outcome.refinement
-        raced = f" from {note.start}, the best of {len(note.race)} starts" if note.race else ""
-        console.print(f"refined the grid{raced}: search-set mse_ref {note.before:.3e} -> {note.after:.3e}"
-                      + ("" if note.after < note.before else " (kept the unrefined)"))
+        before, after = outcome.refinement.before, outcome.refinement.after
+        console.print(f"refined the grid: search-set mse_ref {before:.3e} -> {after:.3e}"
+                      + ("" if after < before else " (kept the unrefined)"))
     if outcome.validation is not None:
         v = outcome.validation
         console.print(finalists_table(v.scored, v.chosen, v.search_values, v.set_id))

@@ -47,8 +47,7 @@ the step size is the one tuned on digits.) The search-set values (digits 1.86e-3
 report set's: 128 noises are what the refinement fits, and what it learns carries over only in part.
 
 Where the descent ends depends on where it starts, and the best start is often not stage 1's best. digits-flow
-NFE 5, 40 steps from each start (grid, shifts, ratios; report set of 1024 noises; unipc-flow 1.23e-3; scratch runs,
-2026-12-03):
+NFE 5, 40 steps from each start (report set of 1024 noises; unipc-flow 1.23e-3; scratch runs, 2026-12-03):
 
     seed 1 start (search-set mean)          refined, report mean    seed 0 start              refined
     stage 1's best (1.107e-3)                1.03e-3                 best = unipc-bh2-o3       5.29e-4
@@ -56,10 +55,13 @@ NFE 5, 40 steps from each start (grid, shifts, ratios; report set of 1024 noises
     unipc-bh2-o3 (1.155e-3)                  6.57e-4                 unipc-flow (9.89e-4)      5.92e-4
     unipc-flow (1.230e-3)                    6.24e-4
 
-So :func:`refine_race` refines several starts a few steps and then refines the one whose loss fell lowest. The
-loss after 10 of the 40 steps tells the poor start from the good ones, not always the best of the good: seed 0's
-search-set losses were 6.30e-4 / 1.14e-3 / 6.12e-4 (best, trial 12, unipc-flow) at 10 steps and 5.07e-4 / 8.48e-4 /
-5.67e-4 at 40 (two of the three had stopped improving by 20).
+A race of starts was tried and not kept (commit 2582fde, reverted): stage 1's best, its next distinct trial and the
+2 best named schedules took 10 steps each on 32 noises and the lowest went on. Going on from the race iterate:
+digits-flow seed 1 1.50x -> 1.97x the best named schedule, but the README's digits search 2.97x -> 1.68x (a start
+2 % lower in the race; 2.22x when stage 1's best was kept unless another was 10 % lower, the race iterate fit to 32
+noises). Refining the chosen start afresh: digits unchanged, digits-flow seed 1 only 1.65x, and 15-30 s more on
+every default search (the race's 40 extra calls). The loss after 10 steps told the poor start from the good ones,
+not always the best of the good (seed 0: 6.30e-4 / 1.14e-3 / 6.12e-4 at 10 steps, 5.07e-4 / 8.48e-4 / 5.67e-4 at 40).
 """
 
 from __future__ import annotations
@@ -213,50 +215,3 @@ def _with_values(schedule: Schedule, times: torch.Tensor, shifts: torch.Tensor, 
         return schedule.with_steps(steps)
     except ScheduleError:
         return None
-
-
-@dataclass
-class Race:
-    """Several starts refined a few steps each, the best of them refined on (:func:`refine_race`)."""
-
-    start: str  # the label of the start that went on
-    race_losses: dict[str, float]  # each start's lowest loss within the race (on its noises), by label
-    refinement: Refinement  # the chosen start's refinement (from the start itself, not its race iterate)
-
-
-# another start is refined instead of the first (stage 1's best) only if its race loss is this fraction of the
-# first's or lower: on digits NFE 5 a start 2 % lower on the race's 32 noises was refined on (from its race iterate)
-# and closed at 1.68x the best named schedule on the report set where the first had closed at 2.97x; on
-# digits-flow seed 1 one 19 % lower won (1.97x vs 1.50x). Within a few per cent, 32 noises do not tell starts apart.
-RACE_MARGIN = 0.9
-
-
-def refine_race(model: Denoiser, starts: list[tuple[str, Schedule]], eval_set: EvalSet, reference: Reference, *,
-                iterations: int = 40, race: int = 10, race_samples: int = 32, margin: float = RACE_MARGIN,
-                **options: Any) -> Race:
-    """Refine each of ``starts`` (label, schedule) for ``race`` steps on the set's first ``race_samples`` noises, then
-    refine the one whose best iterate there has the lowest loss (the first start unless another's is ``margin``
-    times the first's or lower) for ``iterations`` steps from the start itself on the noises ``options["samples"]``
-    says; ``options`` go to :func:`refine_times`.
-
-    The refinement is a local descent whose end depends on where it starts more than on how good the start is
-    (the module's docstring has the figures). The race adds about a quarter of a step per start and race step
-    (32 of the 128 noises) to the ``iterations`` steps. One start, or ``race`` 0, is a plain refinement of the
-    first start."""
-    if not starts:
-        raise ValueError("refine_race: no start given")
-    if len(starts) == 1 or race <= 0 or race >= iterations:
-        label, schedule = starts[0]
-        return Race(label, {}, refine_times(model, schedule, eval_set, reference, iterations=iterations, **options))
-    racing = {**options, "samples": race_samples}
-    raced = {label: refine_times(model, schedule, eval_set, reference, iterations=race, **racing)
-             for label, schedule in starts}
-    lowest = {label: min(r.losses, default=float("inf")) for label, r in raced.items()}
-    first = starts[0][0]
-    label = min(lowest, key=lowest.__getitem__)  # the first of equals: starts come best first
-    if not lowest[label] <= margin * lowest[first]:
-        label = first
-    # the chosen start is refined afresh on all the noises: going on from its race iterate (fit to 32 noises) closed
-    # digits NFE 5 at 2.22x the best named schedule on the report set, where 40 steps from the same start gave 2.97x
-    return Race(label, lowest, refine_times(model, dict(starts)[label], eval_set, reference, iterations=iterations,
-                                            **options))

@@ -52,11 +52,6 @@ DEFAULT_METHOD = "s3"
 # README's search near its 5 minutes (30 steps of the mean loss got digits only to 3.13e-3 on validation).
 DEFAULT_REFINE = 40
 REFINE_SAMPLES = 0  # all of the search set: fewer noises fit the mean and leave the tail worse (gradient.py)
-# the refinement races its starts (gradient.py: refine_race): stage 1's best and next distinct trials, the best named
-# schedules; each takes REFINE_RACE steps on the first 32 noises, the lowest loss is refined (gradient.py's docstring)
-REFINE_RACE = 10
-REFINE_RACE_TRIALS = 2
-REFINE_RACE_NAMED = 2
 DEFAULT_PARETO_METHOD = "evolution"
 
 
@@ -211,13 +206,10 @@ class Scored:
 
 @dataclass(frozen=True)
 class RefinementNote:
-    """Search-set mse_ref of stage 1's best before and of the refined schedule after the gradient refinement;
-    the start it went on from and each start's lowest loss in the race (empty: one start)."""
+    """Search-set mse_ref of stage 1's best before and after the gradient refinement of its time grid."""
 
     before: float
     after: float
-    start: str = "best"
-    race: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -490,7 +482,7 @@ def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Deno
 
 def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks,
             pool: Optional[Pool] = None) -> None:
-    from autotune.search.gradient import refine_race
+    from autotune.search.gradient import refine_times
     from autotune.space.fileformat import loads
 
     c, evaluator = setup.config, setup.evaluator
@@ -499,40 +491,16 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     fit_ratios = c.ratios is None
     what = "times, shifts and ratios" if fit_ratios else "times and shifts"
     split = _on_workers(pool, "gradient_split", evaluator.fingerprint)
-    starts = _refinement_starts(setup, result)
-    race = REFINE_RACE if len(starts) > 1 else 0
-    raced = f", {len(starts)} starts" if race else ""  # the line fits 80 columns with "done" and its seconds
-    with hooks.step(f"refining {what} ({c.refine_steps} gradient steps{raced})"):
-        outcome = refine_race(setup.model, starts, evaluator.eval_set, reference, iterations=c.refine_steps,
-                              race=race, samples=REFINE_SAMPLES, ratios=fit_ratios, split=split)
-        refined = outcome.refinement.schedule
+    with hooks.step(f"refining {what} ({c.refine_steps} gradient steps)"):
+        refined = refine_times(setup.model, result.best, evaluator.eval_set, reference, iterations=c.refine_steps,
+                               samples=REFINE_SAMPLES, ratios=fit_ratios, split=split).schedule
         metrics = evaluator.evaluate(refined)
     if "evaluated_schedule" in metrics:  # ratios: the refined grid with the ratios fitted for it
         refined = loads(metrics["evaluated_schedule"])
     winner.refined = refined
-    winner.refinement = RefinementNote(result.best_trial.mse_ref, metrics["mse_ref"], outcome.start,
-                                       outcome.race_losses)
+    winner.refinement = RefinementNote(result.best_trial.mse_ref, metrics["mse_ref"])
     if metrics["mse_ref"] < result.best_trial.mse_ref and c.single_mse:
         winner.schedule, winner.value = refined, metrics["mse_ref"]
-
-
-def _refinement_starts(setup: SearchSetup, result: SearchResult) -> list[tuple[str, Schedule]]:
-    """Where the refinement may start: stage 1's best, the next REFINE_RACE_TRIALS - 1 distinct trials and the
-    REFINE_RACE_NAMED best named schedules at its NFE on the search set; deterministic ones only, no repeats."""
-    from autotune.search.validate import finalists
-
-    best = result.best
-    trials = finalists(result.trials, [("best", best)], top=REFINE_RACE_TRIALS)[:REFINE_RACE_TRIALS]
-    named = _named_finalists(setup.evaluator, [s for s in setup.named_peers if s.nfe == best.nfe],
-                             most=REFINE_RACE_NAMED)
-    named = sorted(named, key=lambda item: setup.evaluator.evaluate(item[1])["mse_ref"])[:REFINE_RACE_NAMED]
-    seen: set[str] = set()
-    starts = []
-    for label, schedule in trials + named:
-        if not schedule.stochastic and schedule.hash() not in seen:
-            seen.add(schedule.hash())
-            starts.append((label, schedule))
-    return starts
 
 
 # a named schedule this many times worse than the best named one on the search set is neither validated nor in the
@@ -636,8 +604,6 @@ def _with_metadata(setup: SearchSetup, result: SearchResult, winner: _Winner) ->
         "model_fingerprint": setup.evaluator.fingerprint, "nfe": w.nfe, "objectives": list(c.objectives),
         "search_value": winner.value, "search_mse_ref": result.best_trial.mse_ref,
         "refine_steps": c.refine_steps if winner.refined is not None else 0,
-        **({"refine_start": winner.refinement.start, "refine_race": winner.refinement.race}
-           if winner.refinement is not None else {}),
         "true_evaluations": result.true_evaluations, "cache_hits": result.cache_hits,
         "seconds": round(result.seconds, 2), "seed": c.seed, "eval_set": setup.evaluator.eval_set.id,
         **({"validation": winner.validation_meta} if winner.validation_meta else {}),

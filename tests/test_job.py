@@ -48,25 +48,6 @@ def test_the_outcome_is_the_schedule_written(tmp_path, gmm, capsys):
     assert all(ref["nll_gap"] < r.metrics["nll_gap"] for r in outcome.ours + outcome.peers)
 
 
-def test_the_refinement_races_the_best_trials_and_named_schedules(tmp_path, gmm):
-    """Stage 1's best, its next distinct trial and the best named schedules race; the start that went on and the
-    race's losses are in the schedule file, the refined grid among the validation finalists."""
-    from autotune.search.gradient import RACE_MARGIN
-    from autotune.search.job import REFINE_RACE, REFINE_RACE_NAMED, REFINE_RACE_TRIALS
-
-    out = tmp_path / "best.json"
-    outcome = run_search_job(JobConfig(**SMALL, out=out, refine=REFINE_RACE + 2), model=gmm)
-    race = outcome.refinement.race
-    labels = list(race)
-    assert labels[0] == "best" and 2 <= len(labels) <= REFINE_RACE_TRIALS + REFINE_RACE_NAMED
-    assert sum(label.startswith("named ") for label in labels) >= 1
-    lowest = min(race, key=race.get)
-    assert outcome.refinement.start == (lowest if race[lowest] <= RACE_MARGIN * race["best"] else "best")
-    meta = load(out).metadata
-    assert meta["refine_start"] == outcome.refinement.start and meta["refine_race"] == pytest.approx(race)
-    assert "refined" in [f.label for f in outcome.validation.scored]
-
-
 def test_true_evaluations_are_the_stores(tmp_path, gmm):
     with open_store(tmp_path / "cache.sqlite") as store:
         outcome = run_search_job(JobConfig(**{**SMALL, "validate": 0, "refine": 0}, score_report=False), store,

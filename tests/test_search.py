@@ -257,37 +257,6 @@ def test_gradient_refinement_split_over_parts_of_the_noise_takes_the_same_steps(
     assert here.losses == pytest.approx(refine_times(gmm, base, evaluator.eval_set, reference, iterations=3).losses)
 
 
-def test_refinement_race_goes_on_from_the_start_with_the_lowest_race_loss(gmm):
-    """Each start refined ``race`` steps on the first noises; the lowest best-iterate loss goes on (the first start
-    unless another is RACE_MARGIN of it or lower), from the start itself, on all the noises. One start is the plain
-    refinement."""
-    from autotune.search.gradient import RACE_MARGIN, refine_race, refine_times
-
-    evaluator = Evaluator(gmm, "search", size=32)
-    reference = evaluator.reference(None, nfe=5)
-    starts = [(name, build(name, gmm.noise, 5)) for name in ("ddim", "dpmsolver++2m", "unipc-bh2-o3")]
-    kwargs = dict(iterations=12, race=4, race_samples=8, lr=0.1)
-    race = refine_race(gmm, starts, evaluator.eval_set, reference, **kwargs)
-    alone = {label: refine_times(gmm, s, evaluator.eval_set, reference, iterations=4, samples=8, lr=0.1)
-             for label, s in starts}
-    assert race.race_losses == pytest.approx({label: min(r.losses) for label, r in alone.items()}, rel=1e-6)
-    assert race.start == min(race.race_losses, key=race.race_losses.get)
-    assert race.start != "ddim"  # first order at NFE 5: far behind the multistep starts (a race that can be lost)
-    assert race.race_losses[race.start] <= RACE_MARGIN * race.race_losses["ddim"]
-    # another start goes on only when clearly lower than the first: with no margin to spare the first goes on
-    kept = refine_race(gmm, starts, evaluator.eval_set, reference, margin=0.0, **kwargs)
-    assert kept.start == "ddim" and kept.race_losses == pytest.approx(race.race_losses, rel=1e-6)
-    rest = refine_times(gmm, dict(starts)[race.start], evaluator.eval_set, reference, iterations=12, lr=0.1)
-    assert race.refinement.losses == pytest.approx(rest.losses, rel=1e-6) and len(rest.losses) == 12
-    assert race.refinement.schedule.times == pytest.approx(rest.schedule.times, rel=1e-6)
-    one = refine_race(gmm, starts[1:2], evaluator.eval_set, reference, **kwargs)
-    plain = refine_times(gmm, starts[1][1], evaluator.eval_set, reference, iterations=12, lr=0.1)
-    assert one.start == "dpmsolver++2m" and one.race_losses == {}
-    assert one.refinement.losses == pytest.approx(plain.losses, rel=1e-6)
-    with pytest.raises(ValueError, match="no start"):
-        refine_race(gmm, [], evaluator.eval_set, reference)
-
-
 def test_gradient_refinement_can_fit_the_compensation_ratios_with_the_grid(gmm):
     from autotune.search.gradient import refine_times
 
