@@ -25,7 +25,7 @@ from torch import nn
 
 from autotune.errors import BackendError
 from autotune.sampling.coefficients import make_plan
-from autotune.sampling.denoiser import Denoiser, call_model
+from autotune.sampling.denoiser import Denoiser, FeatureCache, call_model
 from autotune.sampling.program import Call, Plan, run
 from autotune.space.schedule import Schedule
 
@@ -100,7 +100,7 @@ class BakedSampler(nn.Module):
         self.autocast = autocast
         self.program = bake_program(schedule, model, dtype)
 
-    def _call(self, ins: Call, x: torch.Tensor, cond: Any, features: dict[str, Any]) -> torch.Tensor:
+    def _call(self, ins: Call, x: torch.Tensor, cond: Any, features: FeatureCache) -> torch.Tensor:
         t = ins.time.to(x.device)
         if self.autocast is None:
             out = call_model(self.model, ins, x, t, cond, self.program.guidance, features)
@@ -119,6 +119,6 @@ class BakedSampler(nn.Module):
             draws = iter(step_noise.unbind(1))
         cond = condition_of_inputs(self.model, tuple(inputs))
         x = noise.to(self.dtype) * plan.init_scale
-        features: dict[str, Any] = {}  # this run's feature cache (units reused by later calls)
+        features = FeatureCache()  # this run's feature cache (units reused by later calls)
         return run(plan, x, self.model.parameterization, lambda ins, state: self._call(ins, state, cond, features),
                    draw=None if draws is None else (lambda like: next(draws).to(self.dtype)))

@@ -95,7 +95,8 @@ def with_reuse(code: list[Instruction], schedule: Schedule) -> list[Instruction]
     code = list(code)
     for i in reversed(calls):
         ins = code[i]
-        code[i] = replace(ins, reuse=reuse[i], record=later - reuse[i] - ins.skip)
+        code[i] = replace(ins, reuse=reuse[i], record=later - reuse[i] - ins.skip,
+                          forecast=bool(reuse[i]) and schedule.reuse_order == 1)
         later = later | reuse[i]
     return code
 

@@ -134,11 +134,32 @@ def skipping(module: nn.Module, names: Iterable[str]) -> Iterator[None]:
                 del sub.forward
 
 
-FeatureCache = MutableMapping[str, Any]  # unit name -> the output it produced at the last call that ran it
+class FeatureCache(dict):
+    """One run's feature cache: unit name -> the output it produced at the last call that ran it (what
+    :func:`caching` reads and writes). ``history``: unit -> the (time, output) of the last two calls that recorded
+    it, which a forecast (``Call.forecast``) extrapolates from; :func:`call_model` keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[str, list[tuple[Any, Any]]] = {}
+
+
+def forecast(history: list[tuple[Any, Any]], t: Any) -> Any:
+    """The unit's output at time ``t`` extrapolated linearly from its last two computed ones ``[(t0, h0), (t1, h1)]``
+    (TaylorSeer's first order; with one, that output: DeepCache's copy). Times are the schedule's, as the plan
+    holds them (0-d tensors, so the weight is a graph constant when baked and differentiable when refined)."""
+    if len(history) < 2:
+        return history[-1][1]
+    (t0, h0), (t1, h1) = history[-2:]
+    weight = (t - t1) / (t1 - t0)
+    if isinstance(weight, torch.Tensor):
+        weight = weight.to(device=h1.device, dtype=h1.dtype)
+    return h1 + weight * (h1 - h0)
 
 
 @contextlib.contextmanager
-def caching(module: nn.Module, reuse: Iterable[str], record: Iterable[str], cache: FeatureCache) -> Iterator[None]:
+def caching(module: nn.Module, reuse: Iterable[str], record: Iterable[str], cache: MutableMapping[str, Any]
+            ) -> Iterator[None]:
     """Within the block, each unit named in ``reuse`` returns ``cache[unit]`` without computing, and each unit in
     ``record`` computes as usual and stores its output in ``cache[unit]`` (DeepCache's feature reuse).
 
@@ -172,11 +193,11 @@ def caching(module: nn.Module, reuse: Iterable[str], record: Iterable[str], cach
                 del sub.forward
 
 
-def _cached_forward(cache: FeatureCache, name: str, *args: Any, **kwargs: Any) -> Any:
+def _cached_forward(cache: MutableMapping[str, Any], name: str, *args: Any, **kwargs: Any) -> Any:
     return cache[name]
 
 
-def _recording_forward(forward: Callable[..., Any], cache: FeatureCache, name: str, *args: Any, **kwargs: Any) -> Any:
+def _recording_forward(forward: Callable[..., Any], cache: MutableMapping[str, Any], name: str, *args: Any, **kwargs: Any) -> Any:
     out = forward(*args, **kwargs)
     cache[name] = out
     return out
@@ -194,12 +215,30 @@ def call_model(model: Denoiser, ins: Any, x: torch.Tensor, t: torch.Tensor, cond
                cache: FeatureCache) -> torch.Tensor:
     """The model call of a plan's ``Call`` instruction ``ins`` (its skip, reuse and record masks) with the run's
     feature ``cache``: the one path the executor and the baker share. A call that neither reuses nor records calls
-    the model exactly as before; one that does needs a model taking ``reuse=`` (a ``TorchDenoiser``)."""
+    the model exactly as before; one that does needs a model taking ``reuse=`` (a ``TorchDenoiser``).
+
+    A forecasting call (``ins.forecast``) reads, for each reused unit, :func:`forecast` of the unit's history in
+    place of its last output (put back after the call); every unit this call computed and recorded joins its
+    history at time ``t``."""
     if not ins.reuse and not ins.record:
         return model(x, t, cond, skip=ins.skip, guidance=guidance)
     if not _takes_reuse(type(model)):
         raise SamplingError(f"reuse: the model ({type(model).__name__}) cannot reuse cached unit outputs")
-    return model(x, t, cond, skip=ins.skip, guidance=guidance, reuse=ins.reuse, record=ins.record, cache=cache)
+    history = getattr(cache, "history", None)
+    if ins.forecast and history is None:
+        raise SamplingError("reuse: a forecasting call needs the run's FeatureCache (it keeps the units' history)")
+    last = {u: cache[u] for u in ins.reuse if ins.forecast and len(history.get(u, ())) == 2}
+    before = {u: cache.get(u) for u in ins.record}
+    try:
+        cache.update({u: forecast(history[u], t) for u in last})
+        out = model(x, t, cond, skip=ins.skip, guidance=guidance, reuse=ins.reuse, record=ins.record, cache=cache)
+    finally:
+        cache.update(last)
+    if history is not None:
+        for u in ins.record:
+            if u in cache and cache[u] is not before[u]:  # the unit ran (no enclosing unit was reused or skipped)
+                history[u] = history.get(u, [])[-1:] + [(t, cache[u])]
+    return out
 
 
 @contextlib.contextmanager

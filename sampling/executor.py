@@ -14,7 +14,7 @@ import torch
 
 from autotune.errors import SamplingError
 from autotune.sampling.coefficients import make_plan
-from autotune.sampling.denoiser import Denoiser, call_model
+from autotune.sampling.denoiser import Denoiser, FeatureCache, call_model
 from autotune.sampling.program import Call, Mark, Plan, run
 from autotune.space.schedule import Schedule
 
@@ -109,7 +109,7 @@ def sample(
     nfe = 0
     states: list[torch.Tensor] = []
     diverged_at = None
-    features: dict[str, Any] = {}  # the run's feature cache: unit -> its output at the last call that ran it
+    features = FeatureCache()  # the run's feature cache: unit -> its output at the last call that ran it
 
     def call(ins: Call, x: torch.Tensor) -> torch.Tensor:
         nonlocal nfe

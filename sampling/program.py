@@ -37,7 +37,9 @@ class Call:
     ``skip``: units bypassed in this call; ``reuse``: units not computed, their output taken from the run's feature
     cache (what they returned at the last call that ran them); ``record``: units whose output this call puts in the
     cache because a later call reuses it. The cache belongs to one run and holds ordinary tensors
-    (``sampling.denoiser.call_model``), so a trace of the run carries them from call to call.
+    (``sampling.denoiser.call_model``), so a trace of the run carries them from call to call. ``forecast``: the
+    reused outputs are extrapolated linearly in time from the unit's last two computed outputs (the schedule's
+    ``reuse_order`` 1) instead of copied from the last one.
     """
 
     slot: Slot
@@ -48,6 +50,7 @@ class Call:
     skip: frozenset[str] = frozenset()
     reuse: frozenset[str] = frozenset()
     record: frozenset[str] = frozenset()
+    forecast: bool = False
 
 
 @dataclass(frozen=True)

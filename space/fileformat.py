@@ -3,7 +3,7 @@
 Format (``schema_version`` 1)::
 
     {"schema_version": 1, "kind": "autotune.schedule", "name": "dpmsolver++2m", "nfe": 5,
-     "t_start": 1.0, "guidance": null, "final_denoise": false, "dc_order": 2,
+     "t_start": 1.0, "guidance": null, "final_denoise": false, "dc_order": 2,   # + "reuse_order": 1 when used
      "steps": [{"t": 0.8, "order": 1, "solver": "dpm", "prediction": "data", "corrector": "none",
                 "corrector_order": 0, "ratio": 1.0, "skip": []}, ...],   # + "reuse": [...] when a step reuses,
                                                                         # + "shift": x when a step shifts its model time
@@ -27,8 +27,8 @@ from autotune.space.schedule import Schedule, Step, step_to_dict
 SCHEMA_VERSION = 1
 KIND = "autotune.schedule"
 MAX_NFE = 1000  # the most model evaluations (steps) any command or file accepts: far beyond fast sampling
-_TOP_KEYS = {"schema_version", "kind", "name", "nfe", "t_start", "guidance", "final_denoise", "dc_order", "steps",
-             "hash", "metadata"}
+_TOP_KEYS = {"schema_version", "kind", "name", "nfe", "t_start", "guidance", "final_denoise", "dc_order", "reuse_order",
+             "steps", "hash", "metadata"}
 _STEP_KEYS = {"t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip", "reuse", "shift"}
 
 
@@ -43,6 +43,7 @@ def to_dict(s: Schedule) -> dict[str, Any]:
         "guidance": s.guidance,
         "final_denoise": s.final_denoise,
         "dc_order": s.dc_order,
+        **({"reuse_order": s.reuse_order} if s.reuse_order else {}),  # only when used: older files stay byte for byte
         "steps": [step_to_dict(step) for step in s.steps],
         "hash": s.hash(),
         "metadata": s.metadata,
@@ -236,6 +237,7 @@ def from_dict(doc: Any) -> Schedule:
         guidance=None if guidance is None else float(guidance),
         final_denoise=_get(doc, "final_denoise", "", (bool,), required=False, default=False),
         dc_order=_get(doc, "dc_order", "", (int,), required=False, default=2),
+        reuse_order=_get(doc, "reuse_order", "", (int,), required=False, default=0),
         name=_get(doc, "name", "", (str,), required=False, default=""),
         metadata=metadata,
     )

@@ -26,13 +26,17 @@ from typing import Any, Iterable
 from autotune.errors import ScheduleError
 from autotune.space.solvers import MAX_ORDER, REGISTRY, SOLVERS
 
-__all__ = ["CORRECTORS", "MAX_CORRECTOR_ORDER", "MAX_SHIFT", "MAX_ORDER", "PREDICTIONS", "SOLVERS", "Schedule", "Step"]
+__all__ = ["CORRECTORS", "MAX_CORRECTOR_ORDER", "MAX_SHIFT", "MAX_ORDER", "PREDICTIONS", "REUSE_ORDERS", "SOLVERS",
+           "Schedule", "Step"]
 
 PREDICTIONS = ("data", "noise")
 CORRECTORS = ("none", "bh1", "bh2")
 MAX_CORRECTOR_ORDER = 3
 # a step's model-time shift, in log-SNR: refinement moves it by tenths; beyond this it is no longer a correction
 MAX_SHIFT = 4.0
+# how a reused unit's output is formed: 0 copies its last computed output (DeepCache); 1 extrapolates linearly in time
+# from its last two (a first-order forecast, as TaylorSeer does). Order 2 was measured worse than 1 on digits.
+REUSE_ORDERS = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ class Schedule:
             prediction (DPM-Solver's ``denoise_to_zero``); costs one NFE.
         dc_order: order of the Lagrange interpolation DC-Solver compensation uses (needs that many
             earlier model outputs before a ratio other than 1.0 can apply).
+        reuse_order: how reused units' outputs are formed (``REUSE_ORDERS``): 0 copies the output of the last
+            call that computed the unit; 1 extrapolates linearly in time from the last two such calls (a copy
+            where only one came before). Canonically 0 when no step reuses anything.
         name: a label, not part of the schedule's identity.
         metadata: free JSON-compatible provenance (search method, model), not part of the identity.
 
@@ -96,11 +103,14 @@ class Schedule:
     guidance: float | None = None
     final_denoise: bool = False
     dc_order: int = 2
+    reuse_order: int = 0
     name: str = ""
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
+        if _valid_reuse_order(self.reuse_order) and not any(s.reuse for s in self.steps if isinstance(s, Step)):
+            object.__setattr__(self, "reuse_order", 0)  # nothing is reused: the order changes nothing computed
         object.__setattr__(self, "t_start", _canonical_float(self.t_start))
         if self.guidance is not None:
             object.__setattr__(self, "guidance", _canonical_float(self.guidance))
@@ -139,6 +149,7 @@ class Schedule:
             "guidance": self.guidance,
             "final_denoise": self.final_denoise,
             "dc_order": self.dc_order,
+            **({"reuse_order": self.reuse_order} if self.reuse_order else {}),  # so schedules without it keep hashes
             "steps": [step_to_dict(s) for s in self.steps],
         }
 
@@ -198,6 +209,10 @@ def _computes(step: Step, unit: str) -> bool:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _valid_reuse_order(order: Any) -> bool:
+    return isinstance(order, int) and not isinstance(order, bool) and order in REUSE_ORDERS
 
 
 def validate(s: Schedule) -> None:
@@ -293,5 +308,7 @@ def validate(s: Schedule) -> None:
         for u in step.reuse:
             if not any(_computes(s.steps[j], u) for j in range(k)):
                 raise ScheduleError(f"{where}.reuse", f"unit {u!r} is reused but no earlier model call computed it")
+    if not _valid_reuse_order(s.reuse_order):
+        raise ScheduleError("reuse_order", f"must be one of {', '.join(map(str, REUSE_ORDERS))}, got {s.reuse_order!r}")
     if s.final_denoise and s.steps[-1].t == 0:
         raise ScheduleError("final_denoise", "the last step already ends on the data (t = 0)")

@@ -14,7 +14,7 @@ from torch import nn
 from autotune.errors import SamplingError, ScheduleError
 from autotune.models.digits import load_digits
 from autotune.sampling.coefficients import make_plan
-from autotune.sampling.denoiser import TorchDenoiser, Units
+from autotune.sampling.denoiser import FeatureCache, TorchDenoiser, Units, forecast
 from autotune.sampling.executor import sample
 from autotune.sampling.named import build
 from autotune.sampling.noise import VPLinear
@@ -71,6 +71,35 @@ def test_reuse_is_in_identity_and_file_only_when_used():
     back = loads(dumps(r))
     assert back == r and back.hash() == r.hash() and back.units_reused == {"down", "mid"}
     assert json.loads(dumps(r))["steps"][2]["reuse"] == ["down", "mid"]
+
+
+def test_reuse_order_is_in_identity_and_file_only_when_used_and_checked():
+    ns = VPLinear()
+    r = deepcache(build("dpmsolver++2m", ns, 6), 2)
+    f = dataclasses.replace(r, reuse_order=1)
+    assert "reuse_order" not in r.identity() and '"reuse_order"' not in dumps(r)
+    assert f.hash() != r.hash() and json.loads(dumps(f))["reuse_order"] == 1
+    back = loads(dumps(f))
+    assert back == f and back.hash() == f.hash()
+    # nothing reused: the order changes nothing computed, so it is dropped (same value, same hash)
+    plain = build("dpmsolver++2m", ns, 6)
+    assert dataclasses.replace(plain, reuse_order=1) == plain
+    for bad in (2, -1, True, 1.0, "1"):
+        with pytest.raises(ScheduleError) as e:
+            dataclasses.replace(r, reuse_order=bad)
+        assert e.value.field == "reuse_order"
+    with pytest.raises(ScheduleError) as e:
+        loads(dumps(f).replace('"reuse_order": 1', '"reuse_order": 3'))
+    assert e.value.field == "reuse_order"
+
+
+def test_forecast_extrapolates_linearly_in_time():
+    h0, h1 = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
+    t0, t1 = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
+    out = forecast([(t0, h0), (t1, h1)], torch.tensor(0.6, dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor([4.0, 0.5]))  # half a step on: h1 + 0.5 (h1 - h0)
+    assert out.dtype == torch.float32
+    assert forecast([(t1, h1)], 0.6) is h1  # one computed output: DeepCache's copy
 
 
 @pytest.mark.parametrize("steps, field, reason", [
@@ -146,6 +175,63 @@ def test_executor_reuses_the_cached_output_and_skips_the_compute():
     assert (sample(model, reused, noise).sample - sample(model, full, noise).sample).abs().max() > 1e-6
 
 
+class Clock(nn.Module):
+    """A unit whose output is affine in the model time (so a first-order forecast of it is exact)."""
+
+    autotune_prunable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 8)
+        self.calls = 0
+
+    def forward(self, t):
+        self.calls += 1
+        return self.lin(t[:, None])
+
+
+class ClockNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.clock = Clock()
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x, t):
+        return self.out(torch.tanh(self.inp(x) + self.clock(t / 1000)))
+
+
+def test_first_order_reuse_forecasts_a_unit_affine_in_time_exactly():
+    torch.manual_seed(0)
+    ns = VPLinear()
+    noise = torch.randn(4, 3)
+    full = build("dpmsolver++2m", ns, 6)
+    pattern = _with(full, s2={"reuse": ("clock",)}, s3={"reuse": ("clock",)}, s5={"reuse": ("clock",)})
+    model = TorchDenoiser(ClockNet(), ns, "epsilon")
+    calls = make_plan(dataclasses.replace(pattern, reuse_order=1), ns).calls
+    assert [c.forecast for c in calls] == [False, False, True, True, False, True]
+    assert [sorted(c.record) for c in calls] == [["clock"], ["clock"], [], [], ["clock"], []]
+    a = sample(model, full, noise).sample
+    copied = sample(model, pattern, noise).sample
+    model.module.clock.calls = 0
+    forecast_run = sample(model, dataclasses.replace(pattern, reuse_order=1), noise)
+    assert model.module.clock.calls == 3 and forecast_run.nfe == 6
+    assert (copied - a).abs().max() > 1e-3  # a copy of a moving unit is wrong ...
+    torch.testing.assert_close(forecast_run.sample, a, atol=1e-5, rtol=0)  # ... its linear forecast exact
+
+
+def test_a_forecasting_call_needs_the_run_feature_cache():
+    from autotune.sampling.denoiser import call_model
+
+    ns = VPLinear()
+    s = dataclasses.replace(_with(build("dpmsolver++2m", ns, 4), s2={"reuse": ("clock",)}), reuse_order=1)
+    ins = make_plan(s, ns).calls[2]
+    model = TorchDenoiser(ClockNet(), ns, "epsilon")
+    with pytest.raises(SamplingError, match="FeatureCache"):
+        call_model(model, ins, torch.zeros(2, 3), ins.time, None, None, {"clock": torch.zeros(2, 8)})
+    assert isinstance(FeatureCache(), dict) and FeatureCache().history == {}
+
+
 def test_a_model_without_reuse_support_refuses_a_reusing_schedule():
     class Plain:
         noise = VPLinear()
@@ -210,13 +296,20 @@ def test_deepcache_on_digits_with_guidance_runs_baked_alike(digits, guided):
     with torch.no_grad():
         baked = BakedSampler(digits, d2)(x, labels)
     torch.testing.assert_close(baked, out, atol=1e-6, rtol=0)
+    f2 = dataclasses.replace(deepcache(guided, 3), reuse_order=1)  # the forecast, baked: same graph constants
+    out = sample(digits, f2, x, labels).sample
+    assert float((out - sample(digits, deepcache(guided, 3), x, labels).sample).abs().max()) > 1e-4
+    with torch.no_grad():
+        torch.testing.assert_close(BakedSampler(digits, f2)(x, labels), out, atol=1e-6, rtol=0)
 
 
-def test_onnx_engine_with_reuse_matches_the_executor(digits, guided, tmp_path):
+@pytest.mark.parametrize("order", [0, 1])
+def test_onnx_engine_with_reuse_matches_the_executor(digits, guided, tmp_path, order):
     pytest.importorskip("onnxruntime")
     from autotune.compile import build_engine
 
-    s = _with(deepcache(guided, 3), s4={"skip": ("mid_attn",)})
+    s = dataclasses.replace(_with(deepcache(guided, 3), s4={"skip": ("mid_attn",)}), reuse_order=order)
+    assert s.reuse_order == order
     man = build_engine(digits, s, tmp_path / "e", "onnxruntime")
     assert man.parity["engine_vs_executor_max_abs"] <= 1e-3
 
