@@ -556,7 +556,8 @@ def search_cmd(
         None, "--strength", help="image-to-image: search the schedule an img2img pipeline runs at this strength "
                                  "(0 < s < 1), starting below T from the eval set's images noised there"),
     reuse: bool = typer.Option(False, "--reuse", help="stage 2 may also reuse a unit's output cached at an earlier "
-                                                       "step (DeepCache), not only skip units"),
+                                                       "step (DeepCache), copied or forecast from its last two, not "
+                                                       "only skip units"),
     solvers: Optional[str] = typer.Option(
         None, "--solvers", help="the solvers each step may choose, comma-separated (default: dpm, unip-bh1, "
                                 "unip-bh2, ipndm; also dpm-single)"),
@@ -674,7 +675,8 @@ def _print_stage2(stage2, best, latency_budget: float) -> None:
     elif stage2:
         t = stage2.result.best_trial
         console.print(f"stage 2: {sum(len(st.skip) for st in best.steps)} unit calls skipped, "
-                      f"{sum(len(st.reuse) for st in best.steps)} reused, "
+                      f"{sum(len(st.reuse) for st in best.steps)} reused"
+                      f"{' (forecast)' if best.reuse_order else ''}, "
                       f"latency {t.latency_ms:.2f} ms <= limit {stage2.limit_ms:.2f} ms ({latency_budget:g} x "
                       f"unpruned {stage2.unpruned_ms:.2f} ms), search-set mse_ref {t.mse_ref:.4e}")
 

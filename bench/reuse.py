@@ -1,20 +1,28 @@
 """Cached block reuse on ``digits`` (guidance 2) or the 32x32 RGB photo-patch pipeline (``--model rgb32-v`` or
 ``rgb32-eps``, bench/rgb32.py, unconditional; or any DDPM pipeline directory): latency against mse_ref for the
 unpruned schedule, DeepCache's uniform interval (N = 2 / 3 / 5 on its default branch, ``deep0``: for a diffusers
-UNet2DModel the branch of models/unet_branches.py), a FirstBlockCache-style threshold rule (its first block:
-``down0``, or ``down_blocks.0``) and the pattern stage 2 searches (compute / reuse / skip per step and unit, under
-a measured-latency budget).
+UNet2DModel the branch of models/unet_branches.py), the same patterns with a first-order forecast of the reused
+output ("forecast N=k": ``Schedule.reuse_order`` 1, extrapolated linearly in time from the unit's last two
+computed outputs, TaylorSeer's first order, instead of copied), a FirstBlockCache-style threshold rule (its first
+block: ``down0``, or ``down_blocks.0``) and the pattern stage 2 searches (compute / reuse / skip per step and unit,
+and the reuse order, under a measured-latency budget).
 
 Base schedule: a named one (``unipc-bh2-o2``) at each NFE. Latency: the executor (``sampling.executor.sample``,
-as ``search/latency.py`` measures it) on the same batch of the report set's first noises, all rows timed side by
-side in this process, interleaved round by round (one run of each row per round, after a warm-up round), median
-per row; with ``--engines``, the same for ONNX Runtime engines of the static rows. mse_ref: the Evaluator on the
-report set (``--report-size`` noises, default 256); the threshold rule is scored by ``evaluate.metrics.score``
-against the same reference (it is a run-time wrapper, not a schedule). The search scores its candidates on the
-*search* set (``--search-size`` noises) with their latency measured as stage 2 does; only its winner is graded
-on the report set. Ratios: speedup = unpruned latency / row latency, mse x = row mse_ref / unpruned mse_ref.
+as ``search/latency.py`` measures it) on the same batch of the report set's first noises, all rows of every NFE
+timed side by side in this process, interleaved round by round (one run of each row per round, after a warm-up
+round), the least time per row; with ``--engines``, the same for ONNX Runtime engines of the static rows. mse_ref: the
+Evaluator on the report set (``--report-size`` noises, default 256), every row against one reference
+(``--ref-steps`` solver steps, default 100), so rows of different NFE compare; the threshold rule is scored by
+``evaluate.metrics.score`` against it (it is a run-time wrapper, not a schedule). The search scores its candidates
+on the *search* set (``--search-size`` noises) with their latency measured as stage 2 does; only its winner is
+graded on the report set. Ratios: speedup = unpruned latency / row latency, mse x = row mse_ref / unpruned mse_ref.
 
-    python bench/reuse.py                                  # NFE 10 and 20, search budget 24
+The joint (NFE, reuse) front (``--front LO``, default 5; 0: off): the base schedule without reuse at every NFE
+from LO to the largest of ``--nfes`` is scored and timed with the other rows. Each reuse row is then set against
+the no-reuse schedule of the same latency (log mse_ref interpolated linearly in latency between the two no-reuse
+rows around it): at this latency, are fewer steps or cheaper steps better?
+
+    python bench/reuse.py                                  # NFE 10 and 20, search budget 24, front from NFE 5
     python bench/reuse.py --nfes 10 --search-budget 0 --report-size 256 --engines
     python bench/reuse.py --model rgb32-v --work bench-work     # builds bench-work/rgb32-v first if missing
 """
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -81,7 +89,10 @@ def reused_calls(schedule: Schedule) -> str:
 
 
 def interleaved_ms(runs: list[Callable[[], Any]], rounds: int) -> list[float]:
-    """Median wall time (ms) of each run, timed one after another in each round (after one warm-up round)."""
+    """Least wall time (ms) of each run, timed one after another in each round (after one warm-up round).
+
+    The least, not the median: noise only adds time, and on a shared 2-core VM it added up to 40 % to single runs
+    (the median of 15 identical runs 1.44x their least), enough to reorder rows whose work differs by 10 %."""
     times: list[list[float]] = [[] for _ in runs]
     for r in range(rounds + 1):
         for i, fn in enumerate(runs):
@@ -89,7 +100,7 @@ def interleaved_ms(runs: list[Callable[[], Any]], rounds: int) -> list[float]:
             fn()
             if r:
                 times[i].append(time.perf_counter() - started)
-    return [1000.0 * statistics.median(t) for t in times]
+    return [1000.0 * min(t) for t in times]
 
 
 def searched(model, base: Schedule, nfe: int, args, log) -> Schedule | None:
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="unipc-bh2-o2")
     p.add_argument("--report-size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="latency batch")
-    p.add_argument("--rounds", type=int, default=7, help="timed rounds (median)")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds (the least time counts)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2])
     p.add_argument("--search-budget", type=int, default=24)
     p.add_argument("--search-size", type=int, default=64)
@@ -132,7 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engines", action="store_true", help="also time ONNX Runtime engines of the static rows")
     p.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "autotune-bench-reuse.db"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--front", type=int, default=5, metavar="LO",
+                   help="joint front: the base without reuse at NFE LO..max(--nfes) (0: off)")
+    p.add_argument("--ref-steps", type=int, default=100, help="solver steps of the one reference every row is scored "
+                   "against")
     args = p.parse_args(argv)
+    if args.front and not 1 <= args.front <= max(args.nfes):
+        p.error(f"--front: must be 0 (off) or an NFE in 1..{max(args.nfes)}, got {args.front}")
     torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
@@ -147,10 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         p.error(f"--search-reuse/--search-skip: {args.model} has no unit {missing[0]!r} (reusable: "
                 f"{', '.join(model.units.reusable[:8]) or 'none'}{', ...' if len(model.units.reusable) > 8 else ''})")
-    report = Evaluator(model, "report", size=args.report_size, store=args.store_obj)
+    report = Evaluator(model, "report", size=args.report_size, store=args.store_obj, ref_steps=args.ref_steps)
     started = time.perf_counter()
     reference = report.reference(guidance)
-    log(f"reference: {args.report_size} report noises, guidance {guidance} ({time.perf_counter() - started:.0f} s)")
+    log(f"reference: {args.report_size} report noises, guidance {guidance}, {args.ref_steps} steps "
+        f"({time.perf_counter() - started:.0f} s)")
     noise = report.eval_set.noise(torch.float32)[: args.batch]
     conditions = report.eval_set.conditions()
     labels = None if conditions is None else conditions[: args.batch]
@@ -160,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         base = dataclasses.replace(build(args.base, model.noise, nfe), guidance=guidance)
         group = [Row(nfe, "unpruned", model, base)]
         group += [Row(nfe, f"DeepCache N={n}", model, deepcache(base, n)) for n in (2, 3, 5)]
+        group += [Row(nfe, f"forecast N={n}", model, dataclasses.replace(deepcache(base, n), reuse_order=1))
+                  for n in (2, 3)]
         group += [Row(nfe, f"threshold {thr:g}", ThresholdReuse(model, thr, first=first), base, "run-time rule")
                   for thr in args.thresholds]
         if args.search_budget > 0:
@@ -169,33 +189,91 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 log(f"  search NFE {nfe}: no candidate met the latency budget")
         for row in group:
-            if isinstance(row.model, ThresholdReuse):
-                with torch.no_grad():
-                    m = score(row.model, row.schedule, report.eval_set, reference)
-                row.mse = float(m["mse_ref"])
-                row.reused = f"{row.model.reused}/{row.model.calls}"
-                row.model.calls = row.model.reused = 0
-            else:
-                row.mse = float(report.evaluate(row.schedule)["mse_ref"])
-                row.reused = reused_calls(row.schedule)
-        with torch.no_grad():
-            times = interleaved_ms([lambda r=r: sample(r.model, r.schedule, noise, labels) for r in group], args.rounds)
-        for row, ms in zip(group, times):
-            row.ms = ms
-        for row in group:
-            if isinstance(row.model, ThresholdReuse):
-                row.note = f"run-time rule; {row.model.reused}/{row.model.calls} reused in timing"
-        if args.engines:
-            engine_times(model, [r for r in group if not isinstance(r.model, ThresholdReuse)], args, log)
+            score_row(row, report, reference)
         rows += group
-        log(f"NFE {nfe} done ({time.perf_counter() - started:.0f} s)")
+        log(f"NFE {nfe} scored ({time.perf_counter() - started:.0f} s)")
+    front = []
+    for nfe in range(args.front, max(args.nfes) + 1) if args.front else ():
+        if nfe not in args.nfes:  # the groups' unpruned rows are the front's points at their NFE
+            base = dataclasses.replace(build(args.base, model.noise, nfe), guidance=guidance)
+            row = Row(nfe, "no reuse", model, base)
+            score_row(row, report, reference)
+            front.append(row)
+    if front:
+        log(f"front: NFE {args.front}..{max(args.nfes)} without reuse scored ({time.perf_counter() - started:.0f} s)")
+    timed = rows + front
+    with torch.no_grad():
+        times = interleaved_ms([lambda r=r: sample(r.model, r.schedule, noise, labels) for r in timed], args.rounds)
+    for row, ms in zip(timed, times):
+        row.ms = ms
+    for row in rows:
+        if isinstance(row.model, ThresholdReuse):
+            row.note = f"run-time rule; {row.model.reused}/{row.model.calls} reused in timing"
+    log(f"timed {len(timed)} rows, {args.rounds} rounds ({time.perf_counter() - started:.0f} s)")
+    if args.engines:
+        for nfe in args.nfes:
+            engine_times(model, [r for r in rows if r.nfe == nfe and not isinstance(r.model, ThresholdReuse)], args,
+                         log)
     print_table(rows, args)
+    if front:
+        print_front(rows, front)
     for row in rows:
         if row.name == "searched":
-            log(f"searched NFE {row.nfe}: reuse per step "
+            log(f"searched NFE {row.nfe}: reuse order {row.schedule.reuse_order}, per step "
                 + " ".join("+".join(st.reuse) or "-" for st in row.schedule.steps)
                 + ("; skip " + " ".join("+".join(st.skip) or "-" for st in row.schedule.steps)
                    if row.schedule.units_used else ""))
+
+
+def score_row(row: Row, report: Evaluator, reference) -> None:
+    """mse_ref on the report set against ``reference`` (a threshold rule through ``score``: it is not a schedule)."""
+    if isinstance(row.model, ThresholdReuse):
+        with torch.no_grad():
+            m = score(row.model, row.schedule, report.eval_set, reference)
+        row.mse = float(m["mse_ref"])
+        row.reused = f"{row.model.reused}/{row.model.calls}"
+        row.model.calls = row.model.reused = 0
+    else:
+        row.mse = float(report.evaluate(row.schedule)["mse_ref"])
+        row.reused = reused_calls(row.schedule)
+
+
+def no_reuse_at(points: list[tuple[float, float, int]], ms: float) -> tuple[float, float] | None:
+    """(mse_ref, NFE) of the no-reuse front at latency ``ms``: log mse_ref and NFE interpolated linearly in latency
+    between the two no-reuse points (ms, mse_ref, NFE) around it; None outside their latency range."""
+    points = sorted(points)
+    for (m0, e0, n0), (m1, e1, n1) in zip(points, points[1:]):
+        if m0 <= ms <= m1:
+            w = (ms - m0) / (m1 - m0) if m1 > m0 else 0.0
+            return math.exp((1 - w) * math.log(e0) + w * math.log(e1)), n0 + w * (n1 - n0)
+    return None
+
+
+def print_front(rows: list[Row], front: list[Row]) -> None:
+    """Each reuse row against the no-reuse schedule of the same latency (fewer steps instead of cheaper ones)."""
+    points = [(r.ms, r.mse, r.nfe) for r in front + [r for r in rows if r.name == "unpruned"]]
+    lo, hi = min(p[2] for p in points), max(p[2] for p in points)
+    print()
+    print(f"joint front: each reuse row vs the base without reuse at the same latency (NFE {lo}..{hi},")
+    print("log mse_ref interpolated in latency); ratio < 1: reuse (cheaper steps) wins")
+    head = f"{'NFE':>3} {'policy':<15} {'ms':>7} {'mse_ref':>9} {'no reuse':>9} {'at NFE':>6} {'ratio':>6}  verdict"
+    print(head)
+    print("-" * len(head))
+    wins = []
+    for r in rows:
+        if r.name == "unpruned":
+            continue
+        at = no_reuse_at(points, r.ms)
+        if at is None:
+            print(f"{r.nfe:>3} {r.name:<15} {r.ms:>7.1f} {r.mse:>9.2e} {'-':>9} {'-':>6} {'-':>6}  outside the front")
+            continue
+        ratio = r.mse / at[0]
+        verdict = "reuse wins" if ratio < 1 else "fewer steps win"
+        if ratio < 1:
+            wins.append(f"{r.nfe} {r.name}")
+        print(f"{r.nfe:>3} {r.name:<15} {r.ms:>7.1f} {r.mse:>9.2e} {at[0]:>9.2e} {at[1]:>6.1f} {ratio:>6.2f}  "
+              f"{verdict}")
+    print(f"reuse wins at equal latency: {', '.join(wins) if wins else 'nowhere on this model'}")
 
 
 def engine_times(model, group: list[Row], args, log) -> None:
@@ -227,7 +305,7 @@ def print_table(rows: list[Row], args) -> None:
     print()
     model = args.model if args.guidance is None else f"{args.model}, guidance {args.guidance:g}"
     print(f"{model}, base {args.base}; mse_ref on {args.report_size} report noises;")
-    print(f"latency: executor (ms) and ONNX Runtime engine (eng ms), batch {args.batch}, median of {args.rounds} "
+    print(f"latency: executor (ms) and ONNX Runtime engine (eng ms), batch {args.batch}, least of {args.rounds} "
           f"interleaved rounds, {args.threads} thread(s)")
     print(head)
     print("-" * len(head))

@@ -20,6 +20,11 @@ tournament, uniform crossover, at least one gene set to another allowed state), 
 a valid schedule: a reuse needs an earlier step that computed the unit, counted conservatively (a step that
 reuses any reuse-only unit is taken as not computing the blocks inside it). Without ``reusable`` the search is the
 skip-only one above, draw for draw.
+
+With more than one of ``reuse_orders`` (default: both of ``Schedule.reuse_order``'s, copy and first-order
+forecast) the genome ends with one more gene, the schedule's reuse order, bred and mutated like the others; the
+DeepCache seeds carry the highest order (the forecast: on digits it lowered DeepCache's error at every interval
+and NFE measured) and random genomes draw it uniformly, so the search measures which serves the model.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from autotune.search.strategy import SearchError, rng_from_state, rng_state, schedule_from_json, schedule_to_json
-from autotune.space.schedule import Schedule
+from autotune.space.schedule import REUSE_ORDERS, Schedule
 
 POPULATION = 12
 DENSITIES = (0.1, 0.25, 0.4, 0.6)  # share of skipped bits in the initial random masks
@@ -61,9 +66,13 @@ class SkipMaskSearch:
     multi_objective = True
 
     def __init__(self, base: Schedule, units: tuple[str, ...], limit_ms: float, seed: int = 0,
-                 population: int = POPULATION, reusable: tuple[str, ...] = ()) -> None:
+                 population: int = POPULATION, reusable: tuple[str, ...] = (),
+                 reuse_orders: tuple[int, ...] = REUSE_ORDERS) -> None:
         if not units and not reusable:
             raise SearchError("stage 2 needs a model with prunable units (this model has none)")
+        if not reuse_orders or any(o not in REUSE_ORDERS for o in reuse_orders):
+            raise SearchError(f"stage 2: reuse orders must be among {REUSE_ORDERS}, got {reuse_orders!r}")
+        self.reuse_orders = tuple(sorted(set(reuse_orders)))
         self.base = without_skips(base)
         self.skippable = tuple(units)
         self.reusable = tuple(reusable)
@@ -71,6 +80,7 @@ class SkipMaskSearch:
         self.units = self.skippable + self.reuse_only if self.reusable else self.skippable
         self.limit = float(limit_ms)
         self.bits = [(k, u) for k in range(len(self.base.steps)) for u in self.units]
+        self.order_gene = bool(self.reusable) and len(self.reuse_orders) > 1  # one more gene: the reuse order
         self.seeds = [self._deepcache(unit, n) for unit in self.reuse_only for n in DEEPCACHE_INTERVALS
                       if n < len(self.base.steps)]
         self.population_size = population
@@ -91,8 +101,9 @@ class SkipMaskSearch:
 
     def mask(self, s: Schedule) -> np.ndarray:
         if self.reusable:
-            return np.array([SKIP if u in s.steps[k].skip else REUSE if u in s.steps[k].reuse else COMPUTE
-                             for k, u in self.bits], dtype=np.int8)
+            genes = [SKIP if u in s.steps[k].skip else REUSE if u in s.steps[k].reuse else COMPUTE
+                     for k, u in self.bits]
+            return np.array(genes + ([s.reuse_order] if self.order_gene else []), dtype=np.int8)
         return np.array([u in s.steps[k].skip for k, u in self.bits], dtype=bool)
 
     # -- 3-state genomes (compute / reuse / skip) ---------------------------------------------------------------
@@ -106,7 +117,12 @@ class SkipMaskSearch:
         return tuple(states)
 
     def _deepcache(self, unit: str, interval: int) -> np.ndarray:
-        return np.array([REUSE if u == unit and k % interval else COMPUTE for k, u in self.bits], dtype=np.int8)
+        genes = [REUSE if u == unit and k % interval else COMPUTE for k, u in self.bits]
+        return np.array(genes + ([self.reuse_orders[-1]] if self.order_gene else []), dtype=np.int8)
+
+    def _allowed_at(self, i: int) -> tuple[int, ...]:
+        """The states gene ``i`` may take (the trailing order gene: the reuse orders)."""
+        return self.reuse_orders if i == len(self.bits) else self._allowed(*self.bits[i])
 
     def _repair(self, genome: np.ndarray) -> np.ndarray:
         """Each gene in an allowed state; a reuse with no earlier step computing the unit becomes a compute."""
@@ -122,6 +138,8 @@ class SkipMaskSearch:
             for i, u in enumerate(self.units):
                 if row[i] == COMPUTE and (u in self.reuse_only or not inner_unknown):
                     computed.add(u)
+        if self.order_gene and genome[-1] not in self.reuse_orders:
+            genome[-1] = self.reuse_orders[-1]
         return genome
 
     def schedule_of(self, genome: np.ndarray) -> Schedule:
@@ -136,7 +154,8 @@ class SkipMaskSearch:
                 reuses[k].append(u)
         steps = tuple(dataclasses.replace(st, skip=tuple(sk), reuse=tuple(re))
                       for st, sk, re in zip(self.base.steps, skips, reuses))
-        return dataclasses.replace(self.base, steps=steps)
+        order = int(genome[-1]) if self.order_gene else self.reuse_orders[-1]
+        return dataclasses.replace(self.base, steps=steps, reuse_order=order)
 
     def _candidate3(self) -> np.ndarray:
         n = len(self.bits)
@@ -148,14 +167,16 @@ class SkipMaskSearch:
             p_skip = SKIP_DENSITIES[int(self.rng.integers(len(SKIP_DENSITIES)))]
             r = self.rng.random(n)
             genome = np.where(r < p_reuse, REUSE, np.where(r < p_reuse + p_skip, SKIP, COMPUTE)).astype(np.int8)
-            return self._repair(genome)
+            if self.order_gene:
+                genome = np.append(genome, self.reuse_orders[int(self.rng.integers(len(self.reuse_orders)))])
+            return self._repair(genome.astype(np.int8))
         a, b = self._tournament(), self._tournament()
+        n = len(a)
         child = np.where(self.rng.random(n) < 0.5, a, b).astype(np.int8)
         flips = self.rng.random(n) < 1.0 / n
         flips[int(self.rng.integers(n))] = True
         for i in np.flatnonzero(flips):
-            k, u = self.bits[i]
-            others = [st for st in self._allowed(k, u) if st != child[i]]
+            others = [st for st in self._allowed_at(int(i)) if st != child[i]]
             if others:
                 child[i] = others[int(self.rng.integers(len(others)))]
         return self._repair(child)
@@ -235,9 +256,10 @@ class Stage2:
 def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *, fraction: float, seed: int = 0,
                batch_size: int = 8, store: Any = None, parent_id: str = "", study_url: str | None = None,
                study_attrs: dict[str, Any] | None = None, latency: Any = None,
-               reusable: tuple[str, ...] = ()) -> Stage2:
+               reusable: tuple[str, ...] = (), reuse_orders: tuple[int, ...] = REUSE_ORDERS) -> Stage2:
     """Stage 2 on ``base``: skip masks minimising mse_ref with latency <= ``fraction`` x the unpruned latency;
-    with ``reusable`` units, compute / reuse / skip per (step, unit) (the study records the skip masks only).
+    with ``reusable`` units, compute / reuse / skip per (step, unit) (the study records the skip masks only), and
+    the reuse order among ``reuse_orders``.
 
     The pool measures latency (on its workers) for this stage's calls; the unpruned schedule is measured first, and a
     resumed stage (same parent search, base, budget, fraction and seed) keeps the limit it started with.
@@ -254,11 +276,13 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
     latency = latency or LatencySpec()  # the pool times every candidate of this stage (passed per call)
     unpruned = without_skips(base)
     sid = search_id(parent=parent_id, stage=2, base=unpruned.hash(), budget=budget, fraction=fraction, seed=seed,
-                    **({"reusable": list(reusable)} if reusable else {}))
+                    **({"reusable": list(reusable)} if reusable else {}),
+                    **({"reuse_orders": list(reuse_orders)} if reusable and tuple(reuse_orders) != (0,) else {}))
     saved = store.get_search_state(sid) if store is not None else None
     unpruned_ms = float(pool.map([unpruned], latency)[0][LATENCY])
     limit = float(saved["strategy"]["limit"]) if saved else fraction * unpruned_ms
-    strategy = SkipMaskSearch(unpruned, tuple(units), limit, seed, reusable=tuple(reusable))
+    strategy = SkipMaskSearch(unpruned, tuple(units), limit, seed, reusable=tuple(reusable),
+                              reuse_orders=tuple(reuse_orders))
     names = ("mse_ref", LATENCY)
     space = ScheduleSpace.for_schedule(unpruned, units=tuple(units))  # the study's params: the masks
     recorder = StudyRecorder(study_url, sid, space, names, {**(study_attrs or {}), "stage": 2})

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from autotune.errors import SamplingError, ScheduleError
+from autotune.search.strategy import SearchError
 from autotune.models.digits import load_digits
 from autotune.sampling.coefficients import make_plan
 from autotune.sampling.denoiser import FeatureCache, TorchDenoiser, Units, forecast
@@ -338,9 +339,9 @@ def test_three_state_search_asks_valid_schedules_seeded_with_deepcache():
     ns = VPLinear()
     base = build("dpmsolver++2m", ns, 6)
     search = SkipMaskSearch(base, ("mid_attn",), 10.0, seed=1, reusable=("deep0", "deep1"))
-    asked = search.ask(6)
-    assert asked[0].hash() == deepcache(base, 2, "deep0").hash()
-    assert asked[3].hash() == deepcache(base, 2, "deep1").hash()
+    asked = search.ask(6)  # DeepCache's patterns first, with the first-order forecast
+    assert asked[0].hash() == dataclasses.replace(deepcache(base, 2, "deep0"), reuse_order=1).hash()
+    assert asked[3].hash() == dataclasses.replace(deepcache(base, 2, "deep1"), reuse_order=1).hash()
     rng_latency = iter(range(100))
     for _ in range(4):
         batch = search.ask(8)
@@ -350,7 +351,14 @@ def test_three_state_search_asks_valid_schedules_seeded_with_deepcache():
             search.tell(s, (float(len(s.units_reused)), 5.0 + next(rng_latency) % 10))
     genes = [search.mask(s) for s, _ in search.population]
     assert any((g == 2).any() for g in genes) or any((search.mask(s) == 2).any() for s in batch)  # skips happen
-    assert any((g == 1).any() for g in genes)
+    assert any((g[:-1] == 1).any() for g in genes)
+    orders = {s.reuse_order for s in batch} | {s.reuse_order for s, _ in search.population}
+    assert orders == {0, 1}  # the order gene takes both values
+    copy_only = SkipMaskSearch(base, ("mid_attn",), 10.0, seed=1, reusable=("deep0", "deep1"), reuse_orders=(0,))
+    assert copy_only.ask(1)[0].hash() == deepcache(base, 2, "deep0").hash()
+    assert all(s.reuse_order == 0 for s in copy_only.ask(8))
+    with pytest.raises(SearchError, match="reuse orders"):
+        SkipMaskSearch(base, ("mid_attn",), 10.0, reusable=("deep0",), reuse_orders=(2,))
     # the state round-trips
     again = SkipMaskSearch(base, ("mid_attn",), 10.0, seed=1, reusable=("deep0", "deep1"))
     again.load_state(search.state())
@@ -374,3 +382,20 @@ def test_diffusers_scheduler_refuses_reuse_naming_the_field():
         check_replayable(s)
     assert e.value.field == "steps[1].reuse"
     check_replayable(without_reuse(s))
+
+
+def test_reuse_bench_reads_the_no_reuse_front_at_a_latency():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_reuse", Path(__file__).resolve().parent.parent / "bench"
+                                                  / "reuse.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    points = [(200.0, 1e-2, 10), (100.0, 1e-1, 5)]  # (ms, mse_ref, NFE), any order
+    mse, nfe = bench.no_reuse_at(points, 150.0)
+    assert mse == pytest.approx(10 ** -1.5) and nfe == pytest.approx(7.5)  # log mse, linear in latency
+    assert bench.no_reuse_at(points, 100.0) == pytest.approx((1e-1, 5))
+    assert bench.no_reuse_at(points, 99.0) is None and bench.no_reuse_at(points, 201.0) is None
