@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from autotune.diffusers_scheduler import AutotuneScheduler
 
         return AutotuneScheduler
+    if name == "apply_schedule":
+        from autotune.diffusers_masks import apply_schedule
+
+        return apply_schedule
     raise AttributeError(f"module 'autotune' has no attribute {name!r}")

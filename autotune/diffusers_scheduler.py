@@ -205,6 +205,14 @@ class AutotuneScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
 
+    @property
+    def next_call(self) -> int:
+        """Index (in the schedule's model calls) of the network call the pipeline makes next: the steps taken so far
+        in this run (``autotune.diffusers_masks`` runs that call's unit masks)."""
+        if self._state is None:
+            raise SamplingError("AutotuneScheduler: call set_timesteps first")
+        return self._state.calls
+
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,

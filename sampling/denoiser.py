@@ -224,6 +224,14 @@ def call_model(model: Denoiser, ins: Any, x: torch.Tensor, t: torch.Tensor, cond
         return model(x, t, cond, skip=ins.skip, guidance=guidance)
     if not _takes_reuse(type(model)):
         raise SamplingError(f"reuse: the model ({type(model).__name__}) cannot reuse cached unit outputs")
+    return with_features(ins, t, cache, lambda: model(x, t, cond, skip=ins.skip, guidance=guidance, reuse=ins.reuse,
+                                                      record=ins.record, cache=cache))
+
+
+def with_features(ins: Any, t: Any, cache: MutableMapping[str, Any], run: Callable[[], Any]) -> Any:
+    """``run()``, a model call under ``ins``'s masks that reads and writes ``cache`` (see :func:`call_model`), with
+    the forecasts of ``ins``'s reused units in place and the outputs it recorded added to their history at ``t``.
+    Also what a diffusers UNet runs a schedule's masks under (``autotune.diffusers_reuse``)."""
     history = getattr(cache, "history", None)
     if ins.forecast and history is None:
         raise SamplingError("reuse: a forecasting call needs the run's FeatureCache (it keeps the units' history)")
@@ -231,7 +239,7 @@ def call_model(model: Denoiser, ins: Any, x: torch.Tensor, t: torch.Tensor, cond
     before = {u: cache.get(u) for u in ins.record}
     try:
         cache.update({u: forecast(history[u], t) for u in last})
-        out = model(x, t, cond, skip=ins.skip, guidance=guidance, reuse=ins.reuse, record=ins.record, cache=cache)
+        out = run()
     finally:
         cache.update(last)
     if history is not None:
