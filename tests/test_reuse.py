@@ -394,8 +394,7 @@ def test_reuse_bench_reads_the_no_reuse_front_at_a_latency():
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
-    points = [(200.0, 1e-2, 10), (100.0, 1e-1, 5)]  # (ms, mse_ref, NFE), any order
-    mse, nfe = bench.no_reuse_at(points, 150.0)
-    assert mse == pytest.approx(10 ** -1.5) and nfe == pytest.approx(7.5)  # log mse, linear in latency
-    assert bench.no_reuse_at(points, 100.0) == pytest.approx((1e-1, 5))
-    assert bench.no_reuse_at(points, 99.0) is None and bench.no_reuse_at(points, 201.0) is None
+    points = [(200.0, 1e-2, 10), (100.0, 1e-1, 5), (150.0, 2e-1, 7)]  # (ms, mse_ref, NFE), any order
+    assert bench.no_reuse_at(points, 199.0) == (1e-1, 5)  # NFE 7 fits but is worse than NFE 5
+    assert bench.no_reuse_at(points, 200.0) == (1e-2, 10)
+    assert bench.no_reuse_at(points, 99.0) is None
