@@ -197,7 +197,8 @@ def _cached_forward(cache: MutableMapping[str, Any], name: str, *args: Any, **kw
     return cache[name]
 
 
-def _recording_forward(forward: Callable[..., Any], cache: MutableMapping[str, Any], name: str, *args: Any, **kwargs: Any) -> Any:
+def _recording_forward(forward: Callable[..., Any], cache: MutableMapping[str, Any], name: str, *args: Any,
+                       **kwargs: Any) -> Any:
     out = forward(*args, **kwargs)
     cache[name] = out
     return out
@@ -231,7 +232,7 @@ def call_model(model: Denoiser, ins: Any, x: torch.Tensor, t: torch.Tensor, cond
 def with_features(ins: Any, t: Any, cache: MutableMapping[str, Any], run: Callable[[], Any]) -> Any:
     """``run()``, a model call under ``ins``'s masks that reads and writes ``cache`` (see :func:`call_model`), with
     the forecasts of ``ins``'s reused units in place and the outputs it recorded added to their history at ``t``.
-    Also what a diffusers UNet runs a schedule's masks under (``autotune.diffusers_reuse``)."""
+    Also what a diffusers UNet runs a schedule's masks under (``autotune.diffusers_masks``)."""
     history = getattr(cache, "history", None)
     if ins.forecast and history is None:
         raise SamplingError("reuse: a forecasting call needs the run's FeatureCache (it keeps the units' history)")
