@@ -19,7 +19,6 @@ networks have no reusable units in autotune yet, and a schedule with masks is re
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,11 @@ from autotune.errors import ModelError, SamplingError
 from autotune.models.unet_branches import attach_branches, branched_forward
 from autotune.sampling.coefficients import make_plan
 from autotune.sampling.denoiser import FeatureCache, Units, cacheable_units, prunable_units, unit_masks, with_features
+from autotune.sampling.reuse import without_masks
 from autotune.space.fileformat import load
 from autotune.space.schedule import Schedule
 
 __all__ = ["apply_schedule", "remove_schedule"]
-
-
-def without_masks(schedule: Schedule) -> Schedule:
-    """The same steps with every skip and reuse mask cleared: what the scheduler side replays."""
-    steps = tuple(dataclasses.replace(st, skip=(), reuse=()) for st in schedule.steps)
-    return dataclasses.replace(schedule, steps=steps)
 
 
 def apply_schedule(pipe: Any, schedule: Schedule | str | Path) -> AutotuneScheduler:
@@ -65,8 +59,7 @@ def apply_schedule(pipe: Any, schedule: Schedule | str | Path) -> AutotuneSchedu
                              f"{kind}")
         schedule.check_units(Units(prunable_units(unet), cacheable_units(unet)))
     pipe.scheduler = scheduler
-    if unet is not None and "forward" in unet.__dict__:
-        remove_schedule(pipe)  # a schedule applied before: this one replaces it
+    remove_schedule(pipe)  # a schedule applied before: this one replaces it
     if masked:
         calls = make_plan(schedule, scheduler.noise).calls
         unet.forward = _MaskedForward(unet, pipe, scheduler, calls)

@@ -23,7 +23,7 @@ from autotune.errors import SamplingError
 from autotune.sampling.denoiser import Denoiser, fingerprint_module, unit_masks
 from autotune.space.schedule import Schedule
 
-__all__ = ["ThresholdReuse", "deepcache", "without_reuse"]
+__all__ = ["ThresholdReuse", "deepcache", "without_masks", "without_reuse"]
 
 
 def deepcache(schedule: Schedule, interval: int, unit: str = "deep0") -> Schedule:
@@ -35,6 +35,12 @@ def deepcache(schedule: Schedule, interval: int, unit: str = "deep0") -> Schedul
     steps = [dataclasses.replace(st, reuse=() if k % interval == 0 else (unit,)) for k, st in enumerate(schedule.steps)]
     name = f"{schedule.name}+deepcache{interval}" if schedule.name else f"deepcache{interval}"
     return dataclasses.replace(schedule, steps=tuple(steps), name=name)
+
+
+def without_masks(schedule: Schedule) -> Schedule:
+    """The schedule with every skip and reuse mask cleared (the unpruned network, same steps)."""
+    return dataclasses.replace(schedule, steps=tuple(dataclasses.replace(st, skip=(), reuse=())
+                                                     for st in schedule.steps))
 
 
 def without_reuse(schedule: Schedule) -> Schedule:

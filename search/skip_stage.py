@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from autotune.search.strategy import SearchError, rng_from_state, rng_state, schedule_from_json, schedule_to_json
+from autotune.sampling.reuse import without_masks
 from autotune.space.schedule import REUSE_ORDERS, Schedule
 
 POPULATION = 12
@@ -45,11 +46,6 @@ REUSE_DENSITIES = (0.3, 0.5, 0.7)  # share of reused genes in the initial random
 SKIP_DENSITIES = (0.0, 0.05, 0.1)  # share of skipped genes there
 DEEPCACHE_INTERVALS = (2, 3, 5)
 COMPUTE, REUSE, SKIP = 0, 1, 2
-
-
-def without_skips(s: Schedule) -> Schedule:
-    """The schedule with every step's skip and reuse masks cleared (the unpruned network)."""
-    return dataclasses.replace(s, steps=tuple(dataclasses.replace(st, skip=(), reuse=()) for st in s.steps))
 
 
 class SkipMaskSearch:
@@ -73,7 +69,7 @@ class SkipMaskSearch:
         if not reuse_orders or any(o not in REUSE_ORDERS for o in reuse_orders):
             raise SearchError(f"stage 2: reuse orders must be among {REUSE_ORDERS}, got {reuse_orders!r}")
         self.reuse_orders = tuple(sorted(set(reuse_orders)))
-        self.base = without_skips(base)
+        self.base = without_masks(base)
         self.skippable = tuple(units)
         self.reusable = tuple(reusable)
         self.reuse_only = tuple(u for u in self.reusable if u not in self.skippable)
@@ -274,7 +270,7 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
     if not 0 < fraction:
         raise SearchError(f"--latency-budget must be > 0, got {fraction}")
     latency = latency or LatencySpec()  # the pool times every candidate of this stage (passed per call)
-    unpruned = without_skips(base)
+    unpruned = without_masks(base)
     sid = search_id(parent=parent_id, stage=2, base=unpruned.hash(), budget=budget, fraction=fraction, seed=seed,
                     **({"reusable": list(reusable)} if reusable else {}),
                     **({"reuse_orders": list(reuse_orders)} if reusable and tuple(reuse_orders) != (0,) else {}))
