@@ -12,9 +12,12 @@ masks of the model call the scheduler expects next: the same plan, feature cache
     >>> apply_schedule(pipe, "schedule.json")   # e.g. written by autotune search --reuse   # doctest: +SKIP
     >>> images = pipe(num_inference_steps=pipe.scheduler.num_inference_steps).images        # doctest: +SKIP
 
-Covered: ``UNet2DModel`` pipelines (DDPMPipeline layout) whose layout has deep branches; the latent, SD3 and Flux
-networks have no reusable units in autotune yet, and a schedule with masks is refused there in one line.
-``remove_schedule`` puts the UNet's own forward back.
+Covered: ``UNet2DModel`` pipelines (DDPMPipeline layout) whose layout has deep branches, and the transformer
+pipelines (``StableDiffusion3Pipeline``, ``FluxPipeline``), whose blocks are residual units
+(``models/transformer_units.py``): their transformer's own forward runs under the masks. A FluxPipeline with true
+CFG calls its transformer twice per step (prompt, then negative prompt) where ``autotune sample`` runs one batched
+call; each of the two calls keeps its own feature cache, which computes the same. Other networks (the latent
+UNet2DConditionModel pipelines) are refused in one line. ``remove_schedule`` puts the network's own forward back.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from autotune.diffusers_scheduler import AutotuneScheduler
 from autotune.errors import ModelError, SamplingError
+from autotune.models.transformer_units import mark_transformer_blocks
 from autotune.models.unet_branches import attach_branches, branched_forward
 from autotune.sampling.coefficients import make_plan
 from autotune.sampling.denoiser import FeatureCache, Units, cacheable_units, prunable_units, unit_masks, with_features
@@ -50,56 +52,93 @@ def apply_schedule(pipe: Any, schedule: Schedule | str | Path) -> AutotuneSchedu
         schedule = load(schedule)
     scheduler = AutotuneScheduler.from_schedule(without_masks(schedule), pipe.scheduler.config)
     masked = schedule.units_used or schedule.units_reused
-    unet = getattr(pipe, "unet", None)
+    network = _network(pipe)
     if masked:
-        if unet is None or type(unet).__name__ != "UNet2DModel" or not attach_branches(unet):
-            kind = type(unet if unet is not None else getattr(pipe, "transformer", pipe)).__name__
-            raise ModelError(f"apply_schedule: {source or 'the schedule'} skips or reuses units, which autotune runs "
-                             f"in a UNet2DModel pipeline (DDPMPipeline layout) only; this pipeline's network is a "
-                             f"{kind}")
-        schedule.check_units(Units(prunable_units(unet), cacheable_units(unet)))
+        if network is None or not _prepare(network):
+            kind = type(network if network is not None else pipe).__name__
+            raise ModelError(f"apply_schedule: {source or 'the schedule'} skips or reuses units, which autotune "
+                             f"runs in UNet2DModel (DDPMPipeline layout), SD3 and Flux pipelines; this pipeline's "
+                             f"network is a {kind}")
+        schedule.check_units(Units(prunable_units(network), cacheable_units(network)))
     pipe.scheduler = scheduler
     remove_schedule(pipe)  # a schedule applied before: this one replaces it
     if masked:
         calls = make_plan(schedule, scheduler.noise).calls
-        unet.forward = _MaskedForward(unet, pipe, scheduler, calls)
+        network.forward = _MaskedForward(network, pipe, scheduler, calls)
     return scheduler
 
 
 def remove_schedule(pipe: Any) -> None:
-    """Put the pipeline UNet's own forward back (the scheduler stays)."""
+    """Put the pipeline network's own forward back (the scheduler stays)."""
+    network = _network(pipe)
+    if network is not None and isinstance(network.__dict__.get("forward"), _MaskedForward):
+        del network.forward
+
+
+def _network(pipe: Any) -> Any:
+    """The pipeline's denoising network: its ``unet`` or ``transformer``."""
     unet = getattr(pipe, "unet", None)
-    if unet is not None and isinstance(unet.__dict__.get("forward"), _MaskedForward):
-        del unet.forward
+    return unet if unet is not None else getattr(pipe, "transformer", None)
+
+
+def _prepare(network: Any) -> bool:
+    """Give ``network`` the units autotune names (a UNet2DModel's deep branches, a transformer's blocks); False
+    when it is not a network whose masked forward autotune runs."""
+    kind = type(network).__name__
+    if kind == "UNet2DModel":
+        return bool(attach_branches(network))
+    if kind in TRANSFORMERS:
+        return bool(mark_transformer_blocks(network))
+    return False
+
+
+TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 class _MaskedForward:
-    """``UNet2DModel.forward`` for one applied schedule: the masks of the call the scheduler expects next."""
+    """The network's forward for one applied schedule: the masks of the call the scheduler expects next.
 
-    def __init__(self, unet: Any, pipe: Any, scheduler: AutotuneScheduler, calls: tuple) -> None:
-        self.unet, self.pipe, self.scheduler, self.calls = unet, pipe, scheduler, calls
-        self.cache = FeatureCache()
+    A UNet2DModel runs its branched forward (its deep branches are units); a transformer its own forward (its blocks
+    are). Calls at the same step after the first (FluxPipeline's true-CFG negative prompt) are further branches of
+    the batch: each branch has its own feature cache, as the halves of ``autotune sample``'s one batched call do."""
 
-    def __call__(self, sample: torch.Tensor, timestep: Any, class_labels: Any = None, return_dict: bool = True):
-        from diffusers.models.unets.unet_2d import UNet2DOutput
+    def __init__(self, network: Any, pipe: Any, scheduler: AutotuneScheduler, calls: tuple) -> None:
+        self.network, self.pipe, self.scheduler, self.calls = network, pipe, scheduler, calls
+        self.unet = type(network).__name__ == "UNet2DModel"
+        self.caches: list[FeatureCache] = []  # one per branch of the batch
+        self.run: Any = None  # the scheduler's run state the caches belong to
+        self.last_call, self.branch = -1, 0
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.pipe.scheduler is not self.scheduler:
             raise SamplingError("apply_schedule: the pipeline's scheduler was replaced since the schedule was applied; "
-                                "call apply_schedule again (or remove_schedule for the plain UNet)")
-        if class_labels is not None:
-            raise SamplingError("apply_schedule: class labels are not supported (this UNet has no class embedding)")
+                                "call apply_schedule again (or remove_schedule for the plain network)")
         k = self.scheduler.next_call
         if k >= len(self.calls):
-            raise SamplingError(f"apply_schedule: the UNet was called more often than the schedule's "
+            raise SamplingError(f"apply_schedule: the network was called more often than the schedule's "
                                 f"{len(self.calls)} model evaluations in one run (call set_timesteps to start again)")
-        if k == 0:
-            self.cache = FeatureCache()  # a new run
-        ins = self.calls[k]
-        unet = self.unet
+        if self.scheduler._state is not self.run:  # set_timesteps started a new run
+            self.run, self.caches, self.last_call = self.scheduler._state, [], -1
+        self.branch = self.branch + 1 if k == self.last_call else 0
+        self.last_call = k
+        while len(self.caches) <= self.branch:
+            self.caches.append(FeatureCache())
+        cache, ins, network = self.caches[self.branch], self.calls[k], self.network
 
-        def run() -> torch.Tensor:
-            with unit_masks(unet, ins.skip, ins.reuse, ins.record, self.cache):
-                return branched_forward(unet, sample, timestep)
+        def run() -> Any:
+            with unit_masks(network, ins.skip, ins.reuse, ins.record, cache):
+                return self._forward(*args, **kwargs)
 
-        out = with_features(ins, ins.time, self.cache, run) if (ins.reuse or ins.record) else run()
+        return with_features(ins, ins.time, cache, run) if (ins.reuse or ins.record) else run()
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.unet:
+            return type(self.network).forward(self.network, *args, **kwargs)
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return_dict = kwargs.pop("return_dict", True)
+        params = dict(zip(("sample", "timestep", "class_labels"), args), **kwargs)
+        if params.get("class_labels") is not None:
+            raise SamplingError("apply_schedule: class labels are not supported (this UNet has no class embedding)")
+        out = branched_forward(self.network, params["sample"], params["timestep"])
         return UNet2DOutput(sample=out) if return_dict else (out,)

@@ -87,7 +87,8 @@ def reused_calls(schedule: Schedule) -> str:
     return f"{sum(1 for st in schedule.steps if st.reuse)}/{schedule.nfe}"
 
 
-def interleaved_ms(runs: list[Callable[[], Any]], rounds: int) -> list[float]:
+def interleaved_ms(runs: list[Callable[[], Any]], rounds: int, log: Callable[[str], None] | None = None
+                   ) -> list[float]:
     """Least wall time (ms) of each run, timed one after another in each round (after one warm-up round).
 
     The least, not the median: noise only adds time, and on a shared 2-core VM it added up to 40 % to single runs
@@ -99,6 +100,8 @@ def interleaved_ms(runs: list[Callable[[], Any]], rounds: int) -> list[float]:
             fn()
             if r:
                 times[i].append(time.perf_counter() - started)
+        if log is not None:
+            log(f"  timing: round {r} of {rounds} done" if r else "  timing: warm-up round done")
     return [1000.0 * min(t) for t in times]
 
 
@@ -112,9 +115,17 @@ def searched(model, base: Schedule, nfe: int, args, log) -> Schedule | None:
     pool = InProcessPool(ev)
     units = tuple(u for u in args.search_skip if u)
     started = time.perf_counter()
+
+    def progress(p) -> None:
+        best = f"{p.best_value:.3e}" if p.best_value < float("inf") else "none feasible yet"
+        log(f"  search NFE {nfe}: {p.true_evaluations}/{p.budget} candidates, best mse_ref {best} "
+            f"({p.elapsed:.0f} s)")
+
+    log(f"  search NFE {nfe}: {args.search_budget} candidates in batches of 4 on {args.search_size} noises, "
+        f"latency measured per candidate")
     stage = run_stage2(base, units, pool, args.search_budget, fraction=args.fraction, seed=args.seed,
                        batch_size=4, store=None, latency=LatencySpec(batch=args.batch, repeats=3),
-                       reusable=tuple(args.search_reuse) + units)
+                       reusable=tuple(args.search_reuse) + units, callback=progress)
     log(f"  search NFE {nfe}: {args.search_budget} candidates in {time.perf_counter() - started:.0f} s, limit "
         f"{stage.limit_ms:.1f} ms (unpruned {stage.unpruned_ms:.1f} ms on the search worker)"
         + (f"; {stage.reason}" if stage.reason else ""))
@@ -165,6 +176,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"{', '.join(model.units.reusable[:8]) or 'none'}{', ...' if len(model.units.reusable) > 8 else ''})")
     report = Evaluator(model, "report", size=args.report_size, store=args.store_obj, ref_steps=args.ref_steps)
     started = time.perf_counter()
+    last_said = [started]
+
+    def reference_progress(event) -> None:  # a line every 20 s while the reference is solved
+        if time.perf_counter() - last_said[0] >= 20:
+            last_said[0] = time.perf_counter()
+            log(f"  {event.task}: {100 * event.done / max(event.total, 1):.0f} %")
+
+    report.progress = reference_progress
     reference = report.reference(guidance)
     log(f"reference: {args.report_size} report noises, guidance {guidance}, {args.ref_steps} steps "
         f"({time.perf_counter() - started:.0f} s)")
@@ -189,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"  search NFE {nfe}: no candidate met the latency budget")
         for row in group:
             score_row(row, report, reference)
+            log(f"  NFE {nfe} {row.name}: mse_ref {row.mse:.3e} ({time.perf_counter() - started:.0f} s)")
         rows += group
         log(f"NFE {nfe} scored ({time.perf_counter() - started:.0f} s)")
     front = []
@@ -197,12 +217,14 @@ def main(argv: list[str] | None = None) -> None:
             base = dataclasses.replace(build(args.base, model.noise, nfe), guidance=guidance)
             row = Row(nfe, "no reuse", model, base)
             score_row(row, report, reference)
+            log(f"  front NFE {nfe}: mse_ref {row.mse:.3e} ({time.perf_counter() - started:.0f} s)")
             front.append(row)
     if front:
         log(f"front: NFE {args.front}..{max(args.nfes)} without reuse scored ({time.perf_counter() - started:.0f} s)")
     timed = rows + front
     with torch.no_grad():
-        times = interleaved_ms([lambda r=r: sample(r.model, r.schedule, noise, labels) for r in timed], args.rounds)
+        times = interleaved_ms([lambda r=r: sample(r.model, r.schedule, noise, labels) for r in timed], args.rounds,
+                               log)
     for row, ms in zip(timed, times):
         row.ms = ms
     for row in rows:
@@ -288,11 +310,13 @@ def engine_times(model, group: list[Row], args, log) -> None:
                                load_options={"threads": args.threads})
             row.note = (row.note + "; " if row.note else "") + \
                 f"engine parity {man.parity['engine_vs_executor_max_abs']:.1e}"
+            log(f"  engine NFE {row.nfe} {row.name}: built, parity "
+                f"{man.parity['engine_vs_executor_max_abs']:.1e}")
             engine = load_engine(Path(tmp) / str(i), model, threads=args.threads)
             inputs, _ = engine_io(model, row.schedule)
             data = {k: v.numpy() for k, v in example_inputs(model, inputs, args.batch, seed=1).items()}
             runs.append(lambda engine=engine, data=data: engine(**data))
-        for row, ms in zip(group, interleaved_ms(runs, args.rounds)):
+        for row, ms in zip(group, interleaved_ms(runs, args.rounds, log)):
             row.engine_ms = ms
 
 

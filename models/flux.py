@@ -37,7 +37,6 @@ Example (a directory on disk):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -54,7 +53,8 @@ from autotune.models.guidance import ClassifierFreeGuidance
 from autotune.models.latent import (
     PromptMemo, VAEDecoding, check_parts, frozen, tokenizer_max_length, vae_scale_factor,
 )
-from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
+from autotune.models.transformer_units import mark_transformer_blocks
+from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, unit_masks
 from autotune.sampling.noise import FlowMatching
 
 PARTS = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
@@ -257,6 +257,7 @@ class FluxDenoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoise
             "max_sequence_length": max_sequence_length,
             "default_guidance": DEFAULT_GUIDANCE if self.guidance_embeds else None,
         }
+        mark_transformer_blocks(transformer)  # its blocks are units a schedule may skip or reuse
         super().__init__(self._forward, noise, "flow", module=transformer, round_time=False, config=config)
         self.scheduler_config = scheduler_config
         self.num_classes = None
@@ -343,14 +344,15 @@ class FluxDenoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoise
                              f"{tuple(x.shape)} ({type(e).__name__}: {first})") from None
         return unpack_latents(out, h, w)
 
-    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None):
+    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None, reuse=frozenset(), record=frozenset(),
+                 cache=None):
         """Velocity for the latents at time t. Distilled guidance is an input of the one forward; true CFG (a
         transformer without guidance_embeds, ``guidance`` given) runs prompt and empty prompt in ONE batched
         forward."""
         self._check_latents(x)
         tm = self.model_time(x, t)
         cond = self.condition(cond, x)
-        with skipping(self.module, skip) if skip else contextlib.nullcontext():
+        with unit_masks(self.module, skip, reuse, record, cache):
             if self.guidance_embeds or guidance is None:
                 return self._forward(x, tm, cond, guidance)
             return self.cfg(x, tm, cond, guidance)

@@ -22,7 +22,6 @@ Example (a directory on disk):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import nn
 from autotune.errors import ModelError
 from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config, read_scheduler_file
 from autotune.models.guidance import ClassifierFreeGuidance
-from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
+from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, unit_masks
 
 PARTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 TEXT_ENCODERS = ("CLIPTextModel",)
@@ -285,11 +284,12 @@ class LatentPipelineDenoiser(VAEDecoding, PromptMemo, TorchDenoiser):
             raise ModelError("prompts: expected a non-empty list of strings")
         return prompts
 
-    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None):
+    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None, reuse=frozenset(), record=frozenset(),
+                 cache=None):
         """UNet output for the latents at time t; cond + uncond in one batched forward when guided."""
         tm = self.model_time(x, t)
         cond = None if cond is None else self.condition(cond, x)
-        with skipping(self.module, skip) if skip else contextlib.nullcontext():
+        with unit_masks(self.module, skip, reuse, record, cache):
             return self.cfg(x, tm, cond, guidance)
 
     # -- images -----------------------------------------------------------------------------------

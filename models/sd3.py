@@ -29,7 +29,6 @@ Example (a directory on disk):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -60,7 +59,8 @@ from autotune.models.latent import (
     tokenizer_identity,
     tokenizer_max_length,
 )
-from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, skipping
+from autotune.models.transformer_units import mark_transformer_blocks
+from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, unit_masks
 
 PARTS = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
 CLASSES = {"text_encoder": ("CLIPTextModelWithProjection",), "text_encoder_2": ("CLIPTextModelWithProjection",),
@@ -165,6 +165,7 @@ class SD3Denoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoiser
             "max_sequence_length": max_sequence_length,
             "t5": t5 is not None,
         }
+        mark_transformer_blocks(transformer)  # its blocks are units a schedule may skip or reuse
         super().__init__(self._transformer_forward, noise, parameterization, module=transformer, round_time=False,
                          config=config)
         self.transformer = transformer
@@ -241,11 +242,12 @@ class SD3Denoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoiser
 
     # -- the network ------------------------------------------------------------------------------
 
-    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None):
+    def __call__(self, x, t, cond=None, *, skip=frozenset(), guidance=None, reuse=frozenset(), record=frozenset(),
+                 cache=None):
         """Velocity at time t; cond + null condition in one batched transformer forward when guided."""
         tm = self.model_time(x, t)
         cond = None if cond is None else self.condition(cond, x)
-        with skipping(self.module, skip) if skip else contextlib.nullcontext():
+        with unit_masks(self.module, skip, reuse, record, cache):
             return self.cfg(x, tm, cond, guidance)
 
     def _transformer_forward(self, x: torch.Tensor, tm: torch.Tensor, cond: PooledTextCondition) -> torch.Tensor:

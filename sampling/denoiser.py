@@ -126,7 +126,9 @@ def skipping(module: nn.Module, names: Iterable[str]) -> Iterator[None]:
                 raise SamplingError(f"skip: the model has no unit {n!r}")
             sub = subs[n]
             patched.append(sub)
-            sub.forward = _identity_forward  # instance attribute shadows the class method
+            # instance attribute shadows the class method; a residual unit returns the inputs its outputs update
+            sub.forward = (_identity_forward if getattr(sub, "autotune_residual", None) is None
+                           else functools.partial(_residual_forward, sub, None))
         yield
     finally:
         for sub in patched:
@@ -144,6 +146,17 @@ class FeatureCache(dict):
         self.history: dict[str, list[tuple[Any, Any]]] = {}
 
 
+def map_features(fn: Callable[..., Any], *features: Any) -> Any:
+    """``fn`` over the tensors of cached features of one structure: a tensor, or a tuple of tensors and Nones (a
+    transformer block's ``(encoder_hidden_states, hidden_states)``, None where the block outputs none)."""
+    first = features[0]
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return tuple(map_features(fn, *parts) for parts in zip(*features))
+    return fn(*features)
+
+
 def forecast(history: list[tuple[Any, Any]], t: Any) -> Any:
     """The unit's output at time ``t`` extrapolated linearly from its last two computed ones ``[(t0, h0), (t1, h1)]``
     (TaylorSeer's first order; with one, that output: DeepCache's copy). Times are the schedule's, as the plan
@@ -152,9 +165,12 @@ def forecast(history: list[tuple[Any, Any]], t: Any) -> Any:
         return history[-1][1]
     (t0, h0), (t1, h1) = history[-2:]
     weight = (t - t1) / (t1 - t0)
-    if isinstance(weight, torch.Tensor):
-        weight = weight.to(device=h1.device, dtype=h1.dtype)
-    return h1 + weight * (h1 - h0)
+
+    def extrapolate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        w = weight.to(device=b.device, dtype=b.dtype) if isinstance(weight, torch.Tensor) else weight
+        return b + w * (b - a)
+
+    return map_features(extrapolate, h0, h1)
 
 
 @contextlib.contextmanager
@@ -166,6 +182,11 @@ def caching(module: nn.Module, reuse: Iterable[str], record: Iterable[str], cach
     The cache is a plain dict of tensors owned by one run; nothing here branches on a tensor's value, so a traced
     run records the cached features as edges from the call that computed them to the calls that reuse them.
     A unit that did not run (an enclosing unit was reused or skipped) does not update its entry.
+
+    A *residual* unit (``autotune_residual``, see :func:`residual_forward_inputs`: a transformer block on the
+    residual stream) caches what it added to its inputs, and a reusing call adds that to its current inputs
+    (FORA's and TeaCache's residual caching): reusing blocks k..n-1 of a stack adds their cached residuals, which is
+    FirstBlockCache's reuse of the stack's residual when k = 1.
     """
     reuse, record = list(reuse), [u for u in record if u not in set(reuse)]
     if not reuse and not record:
@@ -180,12 +201,17 @@ def caching(module: nn.Module, reuse: Iterable[str], record: Iterable[str], cach
         for n in reuse:
             if n not in cache:
                 raise SamplingError(f"reuse: unit {n!r} has no cached output (no earlier call of this run ran it)")
-            patched.append(subs[n])
-            subs[n].forward = functools.partial(_cached_forward, cache, n)
+            sub = subs[n]
+            patched.append(sub)
+            if getattr(sub, "autotune_residual", None) is None:
+                sub.forward = functools.partial(_cached_forward, cache, n)
+            else:
+                sub.forward = functools.partial(_residual_forward, sub, functools.partial(cache.__getitem__, n))
         for n in record:
             sub = subs[n]
             patched.append(sub)
-            sub.forward = functools.partial(_recording_forward, type(sub).forward.__get__(sub), cache, n)
+            recorder = _recording_forward if getattr(sub, "autotune_residual", None) is None else _recording_residual
+            sub.forward = functools.partial(recorder, type(sub).forward.__get__(sub), cache, n)
         yield
     finally:
         for sub in patched:
@@ -201,6 +227,44 @@ def _recording_forward(forward: Callable[..., Any], cache: MutableMapping[str, A
                        **kwargs: Any) -> Any:
     out = forward(*args, **kwargs)
     cache[name] = out
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def residual_forward_inputs(unit: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The inputs a residual unit's outputs update, in its output's structure: ``unit.autotune_residual`` names, for
+    each element of the output tuple, the ``forward`` argument it is that argument plus the unit's residual of
+    (``("encoder_hidden_states", "hidden_states")`` for diffusers' SD3 and Flux blocks); one name for a unit that
+    outputs one tensor."""
+    names = unit.autotune_residual
+    bound = _forward_signature(type(unit)).bind_partial(unit, *args, **kwargs).arguments
+    if isinstance(names, str):
+        return bound[names]
+    return tuple(bound.get(name) for name in names)
+
+
+def _residual_forward(unit: nn.Module, residual: Callable[[], Any] | None, *args: Any, **kwargs: Any) -> Any:
+    """A residual unit not computed: its inputs plus the cached residual (``residual()``), or unchanged (skipped)."""
+    inputs = residual_forward_inputs(unit, args, kwargs)
+    if residual is None:
+        return inputs
+    return map_features(lambda r, x: x + r, residual(), inputs)
+
+
+def _recording_residual(forward: Callable[..., Any], cache: MutableMapping[str, Any], name: str, *args: Any,
+                        **kwargs: Any) -> Any:
+    out = forward(*args, **kwargs)
+    inputs = residual_forward_inputs(forward.__self__, args, kwargs)
+    if isinstance(out, tuple) != isinstance(inputs, tuple) or (isinstance(out, tuple) and len(out) != len(inputs)):
+        raise SamplingError(f"reuse: unit {name!r} ({type(forward.__self__).__name__}) returns "
+                            f"{len(out) if isinstance(out, tuple) else 'not a'} tuple, where its residual streams are "
+                            f"{forward.__self__.autotune_residual!r} (a diffusers version whose blocks return another "
+                            f"structure)")
+    cache[name] = map_features(lambda y, x: y - x, out, inputs)
     return out
 
 

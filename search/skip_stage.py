@@ -252,14 +252,16 @@ class Stage2:
 def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *, fraction: float, seed: int = 0,
                batch_size: int = 8, store: Any = None, parent_id: str = "", study_url: str | None = None,
                study_attrs: dict[str, Any] | None = None, latency: Any = None,
-               reusable: tuple[str, ...] = (), reuse_orders: tuple[int, ...] = REUSE_ORDERS) -> Stage2:
+               reusable: tuple[str, ...] = (), reuse_orders: tuple[int, ...] = REUSE_ORDERS,
+               callback: Any = None) -> Stage2:
     """Stage 2 on ``base``: skip masks minimising mse_ref with latency <= ``fraction`` x the unpruned latency;
     with ``reusable`` units, compute / reuse / skip per (step, unit) (the study records the skip masks only), and
     the reuse order among ``reuse_orders``.
 
     The pool measures latency (on its workers) for this stage's calls; the unpruned schedule is measured first, and a
     resumed stage (same parent search, base, budget, fraction and seed) keeps the limit it started with.
-    ``latency``: a LatencySpec (default: 8 samples, median of 5 runs after 1 warm-up).
+    ``latency``: a LatencySpec (default: 8 samples, median of 5 runs after 1 warm-up). ``callback``: hears
+    run_search's :class:`~autotune.search.runner.Progress` after every batch.
     """
     from autotune.search.latency import LATENCY, LatencySpec
     from autotune.search.optuna_record import StudyRecorder
@@ -284,7 +286,8 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
     recorder = StudyRecorder(study_url, sid, space, names, {**(study_attrs or {}), "stage": 2})
     try:
         result = run_search(strategy, pool, budget, objectives=names, limits={LATENCY: limit},
-                            batch_size=batch_size, store=store, sid=sid, recorder=recorder, latency=latency)
+                            batch_size=batch_size, store=store, sid=sid, recorder=recorder, latency=latency,
+                            callback=callback)
     except SearchError as e:
         return Stage2(None, sid, limit, unpruned_ms, fraction, str(e))
     return Stage2(result, sid, limit, unpruned_ms, fraction)

@@ -96,5 +96,6 @@ def test_masks_on_an_unknown_unit_or_network_are_refused_in_one_line(pipeline_di
         transformer = Transformer()
         scheduler = _pipe(model_dir).scheduler
 
-    with pytest.raises(ModelError, match="UNet2DModel pipeline .* only; this pipeline's network is a Transformer"):
+    with pytest.raises(ModelError, match="UNet2DModel .*, SD3 and Flux pipelines; this pipeline.s network is a "
+                                         "Transformer"):
         apply_schedule(NotAUNetPipeline(), deepcache(build("dpmsolver++2m", model.noise, 5), 2))
