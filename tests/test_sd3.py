@@ -326,7 +326,9 @@ def test_cli_baseline_and_sample_with_prompts_equal_the_pipeline(sd3_dir, pipe, 
 
 
 def test_cli_search_writes_a_schedule(sd3_dir, tmp_path, monkeypatch):
-    """`autotune search --model SD3_DIR --nfe 4` (random search, a small budget and set) writes a schedule."""
+    """`autotune search --model SD3_DIR --nfe 4` (random search, a small budget and set) writes a schedule; stage 2
+    with ``--reuse`` searches which transformer blocks each step reuses (every candidate within the latency budget
+    or the unpruned schedule kept)."""
     from typer.testing import CliRunner
 
     from autotune.cli import app
@@ -338,11 +340,14 @@ def test_cli_search_writes_a_schedule(sd3_dir, tmp_path, monkeypatch):
 
     out = tmp_path / "searched.json"
     args = ["search", "--model", sd3_dir, "--nfe", 4, "--method", "random", "--budget", 8, "--workers", 0,
-            "--refine", 2, "--no-cache", "--set-size", 4, "--validate", 0, "--guidance", 5, "--out", out]
+            "--refine", 2, "--no-cache", "--set-size", 4, "--validate", 0, "--guidance", 5,
+            "--stage2-budget", 6, "--reuse", "--out", out]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
+    assert "stage 2" in result.output
     schedule = load(out)
     assert schedule.nfe == 4 and schedule.guidance == 5
+    assert set(schedule.units_reused) <= {"transformer_blocks.0", "transformer_blocks.1"}
 
 
 def _searched_like(noise):
