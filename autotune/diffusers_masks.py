@@ -2,9 +2,9 @@
 
 ``AutotuneScheduler`` replays a schedule's steps, but a pipeline calls its whole network, so on its own it refuses
 a schedule that reuses or skips units. :func:`apply_schedule` adds the network side: it installs the scheduler
-(replaying the same steps) and replaces the pipeline UNet's ``forward`` with the branched forward of
-``models/unet_branches.py`` (diffusers' own, bit for bit, written as DeepCache's nested branches) run under the
-masks of the model call the scheduler expects next: the same plan, feature cache and forecasts as
+(replaying the same steps) and replaces the pipeline network's ``forward`` (a UNet2DModel's with the branched
+forward of ``models/unet_branches.py``: diffusers' own, bit for bit, written as DeepCache's nested branches) run under
+the masks of the model call the scheduler expects next: the same plan, feature cache and forecasts as
 ``autotune sample``, so the pipeline computes what was searched and ends where ``autotune sample`` ends.
 
     >>> from diffusers import DDPMPipeline                                     # doctest: +SKIP
@@ -12,12 +12,13 @@ masks of the model call the scheduler expects next: the same plan, feature cache
     >>> apply_schedule(pipe, "schedule.json")   # e.g. written by autotune search --reuse   # doctest: +SKIP
     >>> images = pipe(num_inference_steps=pipe.scheduler.num_inference_steps).images        # doctest: +SKIP
 
-Covered: ``UNet2DModel`` pipelines (DDPMPipeline layout) whose layout has deep branches, and the transformer
-pipelines (``StableDiffusion3Pipeline``, ``FluxPipeline``), whose blocks are residual units
-(``models/transformer_units.py``): their transformer's own forward runs under the masks. A FluxPipeline with true
+Covered: ``UNet2DModel`` pipelines (DDPMPipeline layout) whose layout has deep branches, the latent UNet pipelines
+(SD 1.x / 2.x, SDXL: the UNet2DConditionModel's same-shape residual blocks and attentions are its units) and the
+transformer pipelines (``StableDiffusion3Pipeline``, ``FluxPipeline``), whose blocks are residual units
+(``models/transformer_units.py``): those networks' own forward runs under the masks. A FluxPipeline with true
 CFG calls its transformer twice per step (prompt, then negative prompt) where ``autotune sample`` runs one batched
-call; each of the two calls keeps its own feature cache, which computes the same. Other networks (the latent
-UNet2DConditionModel pipelines) are refused in one line. ``remove_schedule`` puts the network's own forward back.
+call; each of the two calls keeps its own feature cache, which computes the same. Other networks are refused in
+one line. ``remove_schedule`` puts the network's own forward back.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def apply_schedule(pipe: Any, schedule: Schedule | str | Path) -> AutotuneSchedu
     installed as ``pipe.scheduler``. A schedule without masks only installs the scheduler.
 
     Raises:
-        ModelError: the pipeline's network is not a UNet2DModel whose layout has deep branches (masks only).
-        ScheduleError: a unit the UNet does not have, or an invalid schedule file.
+        ModelError: the pipeline's network is none of those covered (module docstring), or has no units (masks only).
+        ScheduleError: a unit the network does not have, or an invalid schedule file.
     """
     source = None
     if not isinstance(schedule, Schedule):
@@ -57,8 +58,8 @@ def apply_schedule(pipe: Any, schedule: Schedule | str | Path) -> AutotuneSchedu
         if network is None or not _prepare(network):
             kind = type(network if network is not None else pipe).__name__
             raise ModelError(f"apply_schedule: {source or 'the schedule'} skips or reuses units, which autotune "
-                             f"runs in UNet2DModel (DDPMPipeline layout), SD3 and Flux pipelines; this pipeline's "
-                             f"network is a {kind}")
+                             f"runs in UNet2DModel (DDPMPipeline layout), SD 1.x / SDXL, SD3 and Flux pipelines; this "
+                             f"pipeline's network is a {kind}")
         schedule.check_units(Units(prunable_units(network), cacheable_units(network)))
     pipe.scheduler = scheduler
     remove_schedule(pipe)  # a schedule applied before: this one replaces it
@@ -82,17 +83,20 @@ def _network(pipe: Any) -> Any:
 
 
 def _prepare(network: Any) -> bool:
-    """Give ``network`` the units autotune names (a UNet2DModel's deep branches, a transformer's blocks); False
-    when it is not a network whose masked forward autotune runs."""
+    """Give ``network`` the units autotune names (a UNet2DModel's deep branches, a transformer's blocks; a
+    UNet2DConditionModel's residual blocks and attentions need nothing); False when it is not a network whose masked
+    forward autotune runs."""
     kind = type(network).__name__
     if kind == "UNet2DModel":
         return bool(attach_branches(network))
-    if kind in TRANSFORMERS:
-        return bool(mark_transformer_blocks(network))
+    if kind in OWN_FORWARD:
+        mark_transformer_blocks(network)  # a UNet2DConditionModel has no block stacks: its units are its own
+        return bool(prunable_units(network))
     return False
 
 
-TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+# networks whose own forward runs under the masks (a UNet2DModel runs the branched forward of its deep branches)
+OWN_FORWARD = ("SD3Transformer2DModel", "FluxTransformer2DModel", "UNet2DConditionModel")
 
 
 class _MaskedForward:

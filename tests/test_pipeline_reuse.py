@@ -1,6 +1,7 @@
-"""Transformer blocks as reusable units (SD3, Flux): a reused block adds the residual it cached to its current
-inputs (FORA / TeaCache residual caching), the executor, an ONNX engine and the diffusers pipeline with
-``apply_schedule`` compute the same, and FluxPipeline's separate true-CFG calls each keep their own cache."""
+"""Reuse masks beyond the DDPM UNet: transformer blocks as reusable units (SD3, Flux: a reused block adds the residual
+it cached to its current inputs, FORA / TeaCache residual caching), where the executor, an ONNX engine and the
+diffusers pipeline with ``apply_schedule`` compute the same (FluxPipeline's separate true-CFG calls each keep their
+own cache); and the latent UNet pipelines (SD 1.x, SDXL) running their UNet's masks."""
 
 from __future__ import annotations
 
@@ -153,3 +154,46 @@ def test_engine_with_block_reuse_equals_the_executor(families, family, tmp_path)
     parity = manifest.parity["engine_vs_executor_max_abs"]
     print(f"{family} engine with block reuse (forecast): parity {parity:.2e}")
     assert parity <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_latent_unet_pipeline_with_apply_schedule_runs_reuse_and_skips_as_the_executor(family, tmp_path):
+    """StableDiffusionPipeline / StableDiffusionXLPipeline: the UNet2DConditionModel's own forward under the masks
+    (its same-shape residual blocks reused, copied or forecast, and skipped), equal to ``autotune sample``."""
+    from tiny_sd import PROMPTS
+
+    if family == "sd":
+        from tiny_sd import load_sd_pipeline as load_pipeline
+        from tiny_sd import make_tiny_sd_dir as make_dir
+        image = 32
+    else:
+        from tiny_sdxl import IMAGE as image
+        from tiny_sdxl import load_sdxl_pipeline as load_pipeline
+        from tiny_sdxl import make_tiny_sdxl_dir as make_dir
+    path = make_dir(tmp_path / family, train_steps=0)
+    model = load_model(str(path))
+    units = tuple(model.units)
+    assert "mid_block.resnets.0" in units
+    prompts = list(PROMPTS[:2])
+    base = dataclasses.replace(build("dpmsolver++2m", model.noise, NFE), guidance=GUIDANCE)
+    latents = torch.randn(len(prompts), *model.sample_shape, generator=torch.Generator().manual_seed(5))
+    cond = model.encode_prompts(prompts)
+    steps = tuple(dataclasses.replace(st, reuse=("mid_block.resnets.0",) if k % 2 else (),
+                                      skip=("mid_block.resnets.1",) if k == NFE - 1 else ())
+                  for k, st in enumerate(base.steps))
+    finals = {}
+    for order in (None, 0, 1):
+        schedule = base if order is None else dataclasses.replace(base, steps=steps, reuse_order=order)
+        with torch.no_grad():
+            ours = sample(model, schedule, latents, cond).sample
+        pipe = load_pipeline(path)
+        apply_schedule(pipe, schedule)
+        with torch.no_grad():
+            theirs = pipe(prompt=prompts, height=image, width=image, num_inference_steps=NFE, guidance_scale=GUIDANCE,
+                          latents=latents.clone(), output_type="latent").images
+        diff = float((theirs - ours).abs().max())
+        print(f"{family} reuse order {order}: pipeline vs executor max abs {diff:.2e}")
+        assert diff <= 1e-4
+        finals[order] = ours
+    assert float((finals[0] - finals[None]).abs().max()) > 1e-4
+    assert float((finals[1] - finals[0]).abs().max()) > 1e-5
