@@ -714,8 +714,8 @@ app.add_typer(zoo_app, name="zoo")
 @zoo_app.command("train")
 @_one_line_errors
 def zoo_train_cmd(
-    name: str = typer.Argument(..., help="digits (the UNet), digits-flow (the same UNet as a rectified flow) or "
-                                         "digits-classifier"),
+    name: str = typer.Argument(..., help="digits (the UNet), digits-flow (the same UNet as a rectified flow), "
+                                         "digits-dit (a small DiT as a rectified flow) or digits-classifier"),
     out: Path = typer.Option(Path("zoo-weights"), "--out", help="folder for the weights and the training record"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     steps: int = typer.Option(1200, "--steps", min=1, max=MAX_ITERATIONS, help="optimiser steps (digits)"),
@@ -731,15 +731,15 @@ def zoo_train_cmd(
     def log(msg: str) -> None:
         err_console.print(msg, highlight=False)
 
-    if name in ("digits", "digits-flow"):
+    if name in digits_train.MODELS:
         record = digits_train.train_digits(out, seed=seed, steps=steps, threads=threads, log=log, model_name=name,
                                            argv=["autotune", "zoo", "train", name, "--seed", str(seed),
                                                  "--steps", str(steps), "--threads", str(threads)])
     elif name == "digits-classifier":
         record = digits_train.train_classifier(out, seed=seed, threads=threads, log=log)
     else:
-        raise AutotuneError(f"zoo train: unknown model {name!r} (digits, digits-flow, digits-classifier; gmm* are "
-                            "analytic)")
+        raise AutotuneError(f"zoo train: unknown model {name!r} ({', '.join(digits_train.MODELS)}, digits-classifier; "
+                            "gmm* are analytic)")
     console.print(f"wrote {out}: {json_summary(record)}")
 
 

@@ -1,4 +1,6 @@
-"""Cached block reuse on ``digits`` (guidance 2) or the 32x32 RGB photo-patch pipeline (``--model rgb32-v`` or
+"""Cached block reuse on ``digits`` (guidance 2), on ``digits-dit`` (the transformer, guidance 2: its blocks reuse
+their residuals; DeepCache's and the threshold rule's reused part is ``rest1``, every block after the first) or the
+32x32 RGB photo-patch pipeline (``--model rgb32-v`` or
 ``rgb32-eps``, bench/rgb32.py, unconditional; or any DDPM pipeline directory): latency against mse_ref for the
 unpruned schedule, DeepCache's uniform interval (N = 2 / 3 / 5 on its default branch, ``deep0``: for a diffusers
 UNet2DModel the branch of models/unet_branches.py), the same patterns with a first-order forecast of the reused
@@ -49,12 +51,28 @@ GUIDANCE = 2.0  # digits only: the pipeline models are unconditional
 RGB32 = ("rgb32-eps", "rgb32-v")
 
 
-def load_bench_model(name: str, work: Path, log: Callable[[str], None]):
-    """(model, guidance, first block of the threshold rule) for ``--model``."""
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """A model of this benchmark and its units: ``first`` (the threshold rule's watched block), ``rest`` (what
+    DeepCache and the threshold rule reuse) and ``search`` (the units the search may reuse)."""
+
+    model: Any
+    guidance: float | None
+    first: str
+    rest: str
+    search: tuple[str, ...]
+
+
+def load_bench_model(name: str, work: Path, log: Callable[[str], None]) -> BenchModel:
+    """The model ``--model`` names and its units."""
     if name == "digits":
         from autotune.models.digits import load_digits
 
-        return load_digits(), GUIDANCE, "down0"
+        return BenchModel(load_digits(), GUIDANCE, "down0", "deep0", ("deep0", "deep1"))
+    if name == "digits-dit":  # a transformer: DeepCache's branch is the stack after the first block
+        from autotune.models.digits_dit import load_digits_dit
+
+        return BenchModel(load_digits_dit(), GUIDANCE, "blocks.0", "rest1", ("rest1", "rest2", "rest4", "rest6"))
     from autotune.models.diffusers_dir import load_pipeline_dir
 
     if name in RGB32:
@@ -66,7 +84,7 @@ def load_bench_model(name: str, work: Path, log: Callable[[str], None]):
         path = ensure_rgb32(work, name.split("-")[1], log=log)
     else:
         path = Path(name)
-    return load_pipeline_dir(path), None, "down_blocks.0"
+    return BenchModel(load_pipeline_dir(path), None, "down_blocks.0", "deep0", ("deep0", "deep1"))
 
 
 @dataclasses.dataclass
@@ -136,7 +154,8 @@ def searched(model, base: Schedule, nfe: int, args, log) -> Schedule | None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits", help="digits, rgb32-eps, rgb32-v or a DDPM pipeline directory")
+    p.add_argument("--model", default="digits", help="digits, digits-dit, rgb32-eps, rgb32-v or a DDPM pipeline "
+                   "directory")
     p.add_argument("--work", type=Path, default=Path("bench-work"), help="where an rgb32 model is (or is built)")
     p.add_argument("--nfes", type=int, nargs="+", default=[10, 20])
     p.add_argument("--base", default="unipc-bh2-o2")
@@ -146,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2])
     p.add_argument("--search-budget", type=int, default=24)
     p.add_argument("--search-size", type=int, default=64)
-    p.add_argument("--search-reuse", nargs="*", default=["deep0", "deep1"])
+    p.add_argument("--search-reuse", nargs="*", default=None, help="units the search may reuse (default: the "
+                   "model's deep branches deep0 deep1; digits-dit: the block spans rest1 rest2 rest4 rest6)")
     p.add_argument("--search-skip", nargs="*", default=[], help="skippable units the search may also skip")
     p.add_argument("--fraction", type=float, default=0.66, help="search latency budget x unpruned")
     p.add_argument("--seed", type=int, default=0)
@@ -168,7 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     from autotune.cache.store import open_store
 
     args.store_obj = open_store(args.store)
-    model, guidance, first = load_bench_model(args.model, args.work, log)
+    bench_model = load_bench_model(args.model, args.work, log)
+    model, guidance, first, rest = bench_model.model, bench_model.guidance, bench_model.first, bench_model.rest
+    if args.search_reuse is None:
+        args.search_reuse = list(bench_model.search)
     args.guidance = guidance
     missing = [u for u in args.search_reuse + args.search_skip if u and u not in model.units.reusable]
     if missing:
@@ -195,10 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     for nfe in args.nfes:
         base = dataclasses.replace(build(args.base, model.noise, nfe), guidance=guidance)
         group = [Row(nfe, "unpruned", model, base)]
-        group += [Row(nfe, f"DeepCache N={n}", model, deepcache(base, n)) for n in (2, 3, 5)]
-        group += [Row(nfe, f"forecast N={n}", model, dataclasses.replace(deepcache(base, n), reuse_order=1))
+        group += [Row(nfe, f"DeepCache N={n}", model, deepcache(base, n, rest)) for n in (2, 3, 5)]
+        group += [Row(nfe, f"forecast N={n}", model, dataclasses.replace(deepcache(base, n, rest), reuse_order=1))
                   for n in (2, 3)]
-        group += [Row(nfe, f"threshold {thr:g}", ThresholdReuse(model, thr, first=first), base, "run-time rule")
+        group += [Row(nfe, f"threshold {thr:g}", ThresholdReuse(model, thr, first=first, rest=rest), base, "run-time rule")
                   for thr in args.thresholds]
         if args.search_budget > 0:
             found = searched(model, base, nfe, args, log)

@@ -1,13 +1,14 @@
 """Training of the built-in ``digits`` UNet and of the digits classifier, on CPU.
 
 Data: scikit-learn's ``load_digits()`` (1797 images, 8x8, values 0..16), upsampled bilinearly to 16x16
-and scaled to [-1, 1]. One loop trains both built-in UNets, which differ only in the objective:
+and scaled to [-1, 1]. One loop trains the built-in networks, which differ in the objective or the architecture:
 
 - ``digits``: epsilon on the DDPM linear-beta schedule, at uniformly drawn training steps;
 - ``digits-flow``: rectified flow, x_t = (1 - t) x0 + t eps, the network fed t * 1000 (``FlowMatching``)
-  and regressed onto the velocity u = eps - x0, with t ~ U(0, 1) (see ``flow_loss`` for why uniform).
+  and regressed onto the velocity u = eps - x0, with t ~ U(0, 1) (see ``flow_loss`` for why uniform);
+- ``digits-dit``: the same flow objective on a small DiT (models/digits_dit.py) instead of the UNet.
 
-Both use 12 % label dropout to the null class (for classifier-free guidance), AdamW with warm-up and
+All use 12 % label dropout to the null class (for classifier-free guidance), AdamW with warm-up and
 cosine decay, and an EMA of the weights (the EMA is what ships). Everything is seeded; progress goes
 through ``log``.
 
@@ -15,6 +16,8 @@ through ``log``.
     python -m autotune.models.digits_train --model digits-flow --out models/weights --seed 0 --steps 1200 --threads 1
     python -m autotune.models.digits_train --only eval --grid docs/digits_grid.png   # accuracy + grid
     python -m autotune.models.digits_train --model digits-flow --only eval --grid docs/digits_flow_grid.png
+    python -m autotune.models.digits_train --model digits-dit --out models/weights --seed 0 --steps 1600 --lr 1e-3 \
+        --threads 1
 
 The shipped weights were trained with ``--threads 1``: on a 2-core machine shared with other processes,
 two torch threads made element-wise ops ~25x slower (thread barriers waiting on a busy core).
@@ -38,12 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from autotune.errors import ModelError
-from autotune.models import digits_flow
+from autotune.models import digits_dit, digits_flow
 from autotune.models.digits import (
     CLASSIFIER_FILE, NOISE_CONFIG, NULL_CLASS, UNET_ARCH, UNET_FILE, DigitsClassifier, build_unet, digits_noise,
 )
 
-MODELS = ("digits", "digits-flow")  # the UNets train_digits can train (--model)
+MODELS = ("digits", "digits-flow", "digits-dit")  # the networks train_digits can train (--model)
+DEFAULT_LR = {"digits": 2e-3, "digits-flow": 2e-3, "digits-dit": 1e-3}  # peak learning rates the weights shipped with
 
 Log = Callable[[str], None]
 
@@ -126,16 +130,22 @@ def flow_loss(model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor, g:
     return F.mse_loss(model((1.0 - tb) * x0 + tb * eps, t * digits_flow.TIME_SCALE, labels), eps - x0)
 
 
-def _objective(name: str) -> tuple[Callable, str, str, dict]:
-    """(loss(model, x0, labels, g), weights file, record file, record fields) of the model ``name``."""
+def _objective(name: str) -> tuple[Callable, str, str, dict, Callable[[], torch.nn.Module]]:
+    """(loss(model, x0, labels, g), weights file, record file, record fields, network builder) of the model
+    ``name``."""
+    flow_fields = {"noise": digits_flow.NOISE_CONFIG, "parameterization": "flow",
+                   "time_sampling": "uniform t in [0, 1), fed to the network as t * 1000"}
     if name == "digits":
         acp = torch.tensor(digits_noise().alphas_cumprod, dtype=torch.float32)
         return ((lambda model, x0, labels, g: diffusion_loss(model, x0, labels, acp, g)), UNET_FILE,
-                "digits_train.json", {"noise": NOISE_CONFIG, "parameterization": "epsilon"})
+                "digits_train.json", {"noise": NOISE_CONFIG, "parameterization": "epsilon", "arch": UNET_ARCH},
+                build_unet)
     if name == "digits-flow":
-        return (flow_loss, digits_flow.UNET_FILE, digits_flow.TRAIN_RECORD,
-                {"noise": digits_flow.NOISE_CONFIG, "parameterization": "flow",
-                 "time_sampling": "uniform t in [0, 1), fed to the network as t * 1000"})
+        return (flow_loss, digits_flow.UNET_FILE, digits_flow.TRAIN_RECORD, {**flow_fields, "arch": UNET_ARCH},
+                build_unet)
+    if name == "digits-dit":
+        return (flow_loss, digits_dit.DIT_FILE, digits_dit.TRAIN_RECORD, {**flow_fields, "arch": digits_dit.DIT_ARCH},
+                digits_dit.build_dit)
     raise ModelError(f"train_digits: unknown model {name!r} (one of {', '.join(MODELS)})")
 
 
@@ -165,7 +175,7 @@ def _command(argv: list[str] | None) -> str:
 
 
 def train_digits(out_dir: str | Path, seed: int = 0, steps: int = 1200, threads: int = 2, log: Log = _no_log, *,
-                 batch: int = 128, lr: float = 2e-3, warmup: int = 100, label_dropout: float = 0.12,
+                 batch: int = 128, lr: float | None = None, warmup: int = 100, label_dropout: float = 0.12,
                  ema_decay: float = 0.995, log_every: int = 50, argv: list[str] | None = None,
                  model_name: str = "digits") -> dict:
     """Train the UNet of ``model_name`` (``digits`` or ``digits-flow``); writes its EMA weights
@@ -173,14 +183,15 @@ def train_digits(out_dir: str | Path, seed: int = 0, steps: int = 1200, threads:
     ``digits_flow_train.json``)."""
     if steps < 1 or batch < 1:
         raise ModelError(f"train_digits: steps and batch must be >= 1 (got {steps}, {batch})")
-    loss_fn, weights_file, record_file, objective_fields = _objective(model_name)
+    loss_fn, weights_file, record_file, objective_fields, build = _objective(model_name)
+    lr = DEFAULT_LR[model_name] if lr is None else lr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with torch_threads(threads):
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         x_all, y_all = digits_data()
-        model = build_unet()
+        model = build()
         ema = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         curve, window, t0 = [], [], time.perf_counter()
@@ -206,10 +217,11 @@ def train_digits(out_dir: str | Path, seed: int = 0, steps: int = 1200, threads:
         "model": model_name, "command": _command(argv), "seed": seed, "steps": steps, "batch": batch, "lr": lr,
         "warmup": warmup, "label_dropout": label_dropout, "ema_decay": ema_decay, "threads": threads,
         "wall_time_s": round(wall, 1), "final_loss": curve[-1]["loss"], "parameters": params,
-        "arch": UNET_ARCH, **objective_fields, "data": "sklearn load_digits, "
+        **objective_fields, "data": "sklearn load_digits, "
         "8x8 -> 16x16 bilinear, [-1, 1], all 1797 images", "torch": torch.__version__, "loss_curve": curve,
     }
-    _save(ema, out / weights_file, {"model": model_name, "arch": json.dumps(UNET_ARCH), "seed": str(seed)})
+    _save(ema, out / weights_file, {"model": model_name, "arch": json.dumps(objective_fields["arch"]),
+                                    "seed": str(seed)})
     (out / record_file).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -313,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (warm-up, then cosine decay; default: "
+                   "the model's, 2e-3 for the UNets, 1e-3 for digits-dit)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", choices=MODELS, default="digits",
                    help="which UNet to train or evaluate (the classifier is shared: trained with digits)")
@@ -324,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.only == "classifier" or (a.only is None and a.model == "digits"):
         train_classifier(a.out, seed=a.seed, threads=a.threads, log=log, argv=argv)
     if a.only in (None, "unet"):
-        train_digits(a.out, seed=a.seed, steps=a.steps, threads=a.threads, log=log, batch=a.batch, argv=argv,
-                     model_name=a.model)
+        train_digits(a.out, seed=a.seed, steps=a.steps, threads=a.threads, log=log, batch=a.batch, lr=a.lr,
+                     argv=argv, model_name=a.model)
     if a.only == "eval":
         evaluate(a.out, a.grid, a.threads, log, model_name=a.model)
     return 0
@@ -337,7 +351,8 @@ def evaluate(weights_dir: str | Path, grid: str | None, threads: int, log: Log,
     and at guidance 3 by a fine solve (DDIM, NFE 100, 200 samples); optional grid."""
     from autotune.models.digits import load_classifier, load_digits
 
-    loader = {"digits": load_digits, "digits-flow": digits_flow.load_digits_flow}[model_name]
+    loader = {"digits": load_digits, "digits-flow": digits_flow.load_digits_flow,
+              "digits-dit": digits_dit.load_digits_dit}[model_name]
     with torch_threads(threads):
         model, clf = loader(weights_dir=weights_dir), load_classifier(weights_dir=weights_dir)
         result = {f"guidance_{g:g}": generated_accuracy(model, clf, g, per_class=100) for g in (0.0, 1.0, 3.0)}

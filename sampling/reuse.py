@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from autotune.errors import SamplingError
-from autotune.sampling.denoiser import Denoiser, fingerprint_module, unit_masks
+from autotune.sampling.denoiser import (
+    Denoiser, fingerprint_module, map_features, residual_forward_inputs, unit_masks,
+)
 from autotune.space.schedule import Schedule
 
 __all__ = ["ThresholdReuse", "deepcache", "without_masks", "without_reuse"]
@@ -55,8 +57,9 @@ class ThresholdReuse:
     feeds the deep branch; for a diffusers UNet2DModel: ``down_blocks.0``, whose output's first element is
     watched). Its output is compared with the one recorded at the last *full* call: when the relative
     change ``mean|h - h_full| / mean|h_full|`` is below ``threshold``, the call reuses ``rest`` (the cached output of
-    the remaining deep branch, ``deep0``) and computes only what follows it; otherwise the call is full and both
-    references are refreshed. The decision is one per call for the whole batch (CFG's doubled batch included), as
+    the remaining deep branch, ``deep0``; for a residual unit such as ``digits-dit``'s ``rest1``, the residual it
+    added, on the current input, as FirstBlockCache does) and computes only what follows it; otherwise the call is
+    full and both references are refreshed. The decision is one per call for the whole batch (CFG's doubled batch included), as
     diffusers' FirstBlockCache decides per forward.
 
     A run starts with a full call: the wrapper resets its state when the time does not decrease (a new run starts
@@ -105,11 +108,15 @@ class ThresholdReuse:
             wrapper._watch(out[0] if isinstance(out, tuple) else out)  # a diffusers down block: (h, skip features)
             return out
 
+        residual = getattr(rest, "autotune_residual", None) is not None  # cache what it adds (a transformer span)
+
         def rest_forward(*args: Any, **kwargs: Any) -> Any:
+            inputs = residual_forward_inputs(rest, args, kwargs) if residual else None
             if wrapper._decision:
-                return wrapper._features[wrapper.rest]
+                cached = wrapper._features[wrapper.rest]
+                return map_features(lambda r, x: x + r, cached, inputs) if residual else cached
             out = type(rest).forward(rest, *args, **kwargs)
-            wrapper._features[wrapper.rest] = out
+            wrapper._features[wrapper.rest] = map_features(lambda y, x: y - x, out, inputs) if residual else out
             return out
 
         self._decision = False
