@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autotune.models.digits import NUM_CLASSES, WEIGHTS_DIR, DigitsDenoiser, load_weights_into, timestep_embedding
-from autotune.models.digits_flow import NOISE_CONFIG, flow_noise
+from autotune.models.digits import NUM_CLASSES, WEIGHTS_DIR, load_weights_into, timestep_embedding
+from autotune.models.digits_flow import DigitsFlowDenoiser
 from autotune.models.registry import BuiltinModel, register
 
 DIT_FILE = "digits_dit.safetensors"
@@ -133,18 +133,11 @@ def build_dit(arch: dict[str, Any] | None = None) -> DigitsDiT:
     return DigitsDiT(a["width"], a["depth"], a["heads"], a["patch"], a["mlp_ratio"])
 
 
-class DigitsDiTDenoiser(DigitsDenoiser):
-    """The Denoiser of ``digits-dit``: velocity output, class labels as ``cond``, CFG by ``guidance``."""
-
-    def __init__(self, dit: DigitsDiT) -> None:
-        config = {"name": "digits-dit", "noise": NOISE_CONFIG, "parameterization": "flow", "arch": DIT_ARCH}
-        super().__init__(dit, flow_noise(), parameterization="flow", config=config, round_time=False)
-
-
-def load_digits_dit(dtype: torch.dtype = torch.float32, weights_dir: str | Path | None = None) -> DigitsDiTDenoiser:
-    """The shipped ``digits-dit`` Denoiser (EMA weights, read with safetensors), in ``dtype``."""
+def load_digits_dit(dtype: torch.dtype = torch.float32, weights_dir: str | Path | None = None) -> DigitsFlowDenoiser:
+    """The shipped ``digits-dit`` Denoiser (EMA weights, read with safetensors), in ``dtype``: the flow Denoiser of
+    ``digits-flow`` around the DiT."""
     path = Path(weights_dir or WEIGHTS_DIR) / DIT_FILE
-    return DigitsDiTDenoiser(load_weights_into(build_dit(), path, dtype))
+    return DigitsFlowDenoiser(load_weights_into(build_dit(), path, dtype), "digits-dit", DIT_ARCH)
 
 
 register(BuiltinModel("digits-dit", load_digits_dit,

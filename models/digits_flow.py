@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from autotune.models.digits import (
-    UNET_ARCH, WEIGHTS_DIR, DigitsDenoiser, DigitsUNet, build_unet, load_weights_into,
+    UNET_ARCH, WEIGHTS_DIR, DigitsDenoiser, build_unet, load_weights_into,
 )
 from autotune.models.registry import BuiltinModel, register
 from autotune.sampling.noise import FlowMatching
@@ -32,10 +32,11 @@ def flow_noise() -> FlowMatching:
 
 
 class DigitsFlowDenoiser(DigitsDenoiser):
-    """The Denoiser of ``digits-flow``: velocity output, class labels as ``cond``, CFG by ``guidance``."""
+    """The Denoiser of ``digits-flow`` (or of another network on the same flow, ``name`` and ``arch`` saying which:
+    ``digits-dit``): velocity output, class labels as ``cond``, CFG by ``guidance``."""
 
-    def __init__(self, unet: DigitsUNet) -> None:
-        config = {"name": "digits-flow", "noise": NOISE_CONFIG, "parameterization": "flow", "arch": UNET_ARCH}
+    def __init__(self, unet: torch.nn.Module, name: str = "digits-flow", arch: dict | None = None) -> None:
+        config = {"name": name, "noise": NOISE_CONFIG, "parameterization": "flow", "arch": arch or UNET_ARCH}
         # t * 1000 is a continuous input here: rounding it to whole numbers (DDPM step indices) would be wrong
         super().__init__(unet, flow_noise(), parameterization="flow", config=config, round_time=False)
 
