@@ -70,10 +70,14 @@ def apply_schedule(pipe: Any, schedule: Schedule | str | Path) -> AutotuneSchedu
 
 
 def remove_schedule(pipe: Any) -> None:
-    """Put the pipeline network's own forward back (the scheduler stays)."""
+    """Put the pipeline network's forward back as it was before :func:`apply_schedule` (the scheduler stays)."""
     network = _network(pipe)
-    if network is not None and isinstance(network.__dict__.get("forward"), _MaskedForward):
-        del network.forward
+    masked = network.__dict__.get("forward") if network is not None else None
+    if isinstance(masked, _MaskedForward):
+        if masked.previous is None:
+            del network.forward
+        else:  # a wrapper someone installed before us (accelerate's offload hook sets one): theirs again
+            network.forward = masked.previous
 
 
 def _network(pipe: Any) -> Any:
@@ -108,6 +112,8 @@ class _MaskedForward:
 
     def __init__(self, network: Any, pipe: Any, scheduler: AutotuneScheduler, calls: tuple) -> None:
         self.network, self.pipe, self.scheduler, self.calls = network, pipe, scheduler, calls
+        # a forward already set on the instance (accelerate's offload hook): called under the masks, not bypassed
+        self.previous = network.__dict__.get("forward")
         self.unet = type(network).__name__ == "UNet2DModel"
         self.caches: list[FeatureCache] = []  # one per branch of the batch
         self.run: Any = None  # the scheduler's run state the caches belong to
@@ -137,6 +143,8 @@ class _MaskedForward:
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.unet:
+            if self.previous is not None:
+                return self.previous(*args, **kwargs)
             return type(self.network).forward(self.network, *args, **kwargs)
         from diffusers.models.unets.unet_2d import UNet2DOutput
 

@@ -197,3 +197,33 @@ def test_latent_unet_pipeline_with_apply_schedule_runs_reuse_and_skips_as_the_ex
         finals[order] = ours
     assert float((finals[0] - finals[None]).abs().max()) > 1e-4
     assert float((finals[1] - finals[0]).abs().max()) > 1e-5
+
+
+def test_a_forward_wrapper_installed_before_is_called_under_the_masks_and_put_back(families):
+    """A wrapper already on the network's instance (as accelerate's offload hook installs) keeps running under the
+    masks, and remove_schedule puts it back rather than deleting it."""
+    from tiny_sd3 import IMAGE, load_sd3_pipeline
+
+    path, model = families["sd3"]
+    pipe = load_sd3_pipeline(path)
+    transformer = pipe.transformer
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return type(transformer).forward(transformer, *args, **kwargs)
+
+    transformer.forward = wrapper
+    base = dataclasses.replace(build("flow-euler", model.noise, NFE), guidance=GUIDANCE)
+    schedule = _reuse_after_first(base, tuple(model.units), 1)
+    prompts = _prompts("sd3")
+    latents = torch.randn(len(prompts), *model.sample_shape, generator=torch.Generator().manual_seed(3))
+    apply_schedule(pipe, schedule)
+    with torch.no_grad():
+        theirs = pipe(prompt=prompts, height=IMAGE, width=IMAGE, num_inference_steps=NFE, guidance_scale=GUIDANCE,
+                      latents=latents.clone(), output_type="latent").images
+        ours = sample(model, schedule, latents, model.encode_prompts(prompts)).sample
+    assert len(calls) == NFE
+    assert float((theirs - ours).abs().max()) <= 1e-4
+    remove_schedule(pipe)
+    assert transformer.__dict__["forward"] is wrapper
