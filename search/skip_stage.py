@@ -255,8 +255,8 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
                reusable: tuple[str, ...] = (), reuse_orders: tuple[int, ...] = REUSE_ORDERS,
                callback: Any = None) -> Stage2:
     """Stage 2 on ``base``: skip masks minimising mse_ref with latency <= ``fraction`` x the unpruned latency;
-    with ``reusable`` units, compute / reuse / skip per (step, unit) (the study records the skip masks only), and
-    the reuse order among ``reuse_orders``.
+    with ``reusable`` units, compute / reuse / skip per (step, unit), and the reuse order among ``reuse_orders`` (the
+    study records all three).
 
     The pool measures latency (on its workers) for this stage's calls; the unpruned schedule is measured first, and a
     resumed stage (same parent search, base, budget, fraction and seed) keeps the limit it started with.
@@ -282,7 +282,9 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
     strategy = SkipMaskSearch(unpruned, tuple(units), limit, seed, reusable=tuple(reusable),
                               reuse_orders=tuple(reuse_orders))
     names = ("mse_ref", LATENCY)
-    space = ScheduleSpace.for_schedule(unpruned, units=tuple(units))  # the study's params: the masks
+    # the study's params: the skip and reuse masks and the reuse order
+    space = ScheduleSpace.for_schedule(unpruned, units=tuple(units), reusable=tuple(reusable),
+                                       max_reuse_order=max(reuse_orders) if reusable else 0)
     recorder = StudyRecorder(study_url, sid, space, names, {**(study_attrs or {}), "stage": 2})
     try:
         result = run_search(strategy, pool, budget, objectives=names, limits={LATENCY: limit},

@@ -16,6 +16,10 @@ name                  present when           kind   value
 ``corrector_order[k]`` allow_corrector       int    0 (no corrector) .. 3
 ``ratio[k]``          ratio_range not None   real   DC-Solver ratio, in ratio_range
 ``skip[k].<unit>``    per unit in ``units``  bool   1.0 = the unit is skipped at step k
+``reuse[k].<unit>``   per unit in            bool   1.0 = the unit's cached output is reused at step
+                      ``reusable``, k >= 1          k (DeepCache; step 0 has nothing cached)
+``reuse_order``       ``reusable`` and       int    ``Schedule.reuse_order`` (one per schedule,
+                      max_reuse_order > 0           ``step`` -1), 0..max_reuse_order
 ====================  =====================  =====  ================================================
 
 Times are encoded *as themselves* (not as normalised positions or increments) so that encoding is exact:
@@ -24,11 +28,14 @@ times in decreasing order (the encoding is invariant to permuting them) and nudg
 point, apart by single ulps. Everything else is clamped to the bounds, rounded (half up) where discrete,
 then clamped to what the step may use: the order to the solver's maximum, the history (``k + 1`` outputs)
 and to 1 on a step onto ``t = 0`` for dpm/unip; no corrector on the last step; ratio 1.0 while
-``k < dc_order``. NaN decodes to the middle of a coordinate's bounds.
+``k < dc_order``; a unit both skipped and reused at a step is skipped, and a reuse no earlier call computed the
+unit for is dropped (the reuse order is 0 when nothing is reused). NaN decodes to the middle of a coordinate's
+bounds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -42,8 +49,10 @@ from autotune.space.schedule import (
     MAX_CORRECTOR_ORDER,
     MAX_ORDER,
     PREDICTIONS,
+    REUSE_ORDERS,
     Schedule,
     Step,
+    computes_unit,
 )
 from autotune.space.solvers import REGISTRY, SEARCH_SOLVERS
 
@@ -52,7 +61,8 @@ from autotune.space.solvers import REGISTRY, SEARCH_SOLVERS
 SPACE_SOLVERS = tuple(name for name, info in REGISTRY.items()
                       if not info.calls_by_order and not info.first_step_only and not info.stochastic)
 
-FAMILIES = ("t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip")
+FAMILIES = ("t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip", "reuse",
+            "reuse_order")
 KINDS = ("real", "int", "cat", "bool")
 DEFAULT_RATIO_RANGE = (0.8, 1.2)
 
@@ -105,6 +115,8 @@ class ScheduleSpace(CoordinateViews):
         t_start: the time every schedule starts at.
         t_end: the time the last step arrives at (0.0 = onto the data).
         units: prunable units a step may skip (a ``skip[k].<unit>`` coordinate each).
+        reusable: units whose cached output a step may reuse (a ``reuse[k].<unit>`` coordinate each, k >= 1).
+        max_reuse_order: the largest ``Schedule.reuse_order`` (a ``reuse_order`` coordinate when > 0).
         solvers: predictors allowed.
         allow_corrector: whether steps may carry a UniC corrector.
         predictions: parameterisations allowed.
@@ -133,10 +145,12 @@ class ScheduleSpace(CoordinateViews):
     dc_order: int = 2
     guidance: float | None = None
     final_denoise: bool = False
+    reusable: tuple[str, ...] = ()
+    max_reuse_order: int = 0
 
     def __post_init__(self) -> None:
         # canonical form: tuples and floats, so equal spaces build equal (equally hashed) schedules
-        for name in ("units", "solvers", "predictions", "ratio_range"):
+        for name in ("units", "solvers", "predictions", "ratio_range", "reusable"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
@@ -153,6 +167,7 @@ class ScheduleSpace(CoordinateViews):
         fields = dict(
             n_steps=len(s.steps), t_start=s.t_start, t_end=s.steps[-1].t, units=tuple(sorted(s.units_used)),
             dc_order=s.dc_order, guidance=s.guidance, final_denoise=s.final_denoise,
+            reusable=tuple(sorted(s.units_reused)), max_reuse_order=s.reuse_order,
         )
         return cls(**{**fields, **overrides})
 
@@ -197,7 +212,7 @@ class ScheduleSpace(CoordinateViews):
     def encode(self, s: Schedule) -> np.ndarray:
         """The float64 vector of a schedule in the space (raises ScheduleError naming the field otherwise)."""
         _check_member(self, s)
-        return np.array([_coord_value(self, c, s.steps[c.step]) for c in self.coords], dtype=np.float64)
+        return np.array([_coord_value(self, c, s) for c in self.coords], dtype=np.float64)
 
     def decode(self, vec: Sequence[float] | np.ndarray, name: str = "", metadata: dict | None = None) -> Schedule:
         """The valid schedule a vector stands for: clamp, round, sort times, clamp to what each step may use."""
@@ -205,8 +220,9 @@ class ScheduleSpace(CoordinateViews):
         value = {c.name: float(x) for c, x in zip(self.coords, v)}
         inner = [value[f"t[{k}]"] for k in range(self.n_steps - 1)]
         times = _strictly_decreasing(inner, self.t_start, self.t_end) + [self.t_end]
-        steps = [_decode_step(self, k, t, value) for k, t in enumerate(times)]
-        return self._schedule(steps, name, metadata)
+        steps = _computed_reuse([_decode_step(self, k, t, value) for k, t in enumerate(times)])
+        order = int(value.get("reuse_order", 0)) if any(st.reuse for st in steps) else 0
+        return self._schedule(steps, name, metadata, order)
 
     def sample_prior(self, rng: np.random.Generator, skip_prob: float = 0.1) -> Schedule:
         """A random valid schedule: uniform times and choices within each step's validity; skips w.p. skip_prob."""
@@ -215,10 +231,10 @@ class ScheduleSpace(CoordinateViews):
         steps = [_sample_step(self, k, t, rng, skip_prob) for k, t in enumerate(times)]
         return self._schedule(steps, "", None)
 
-    def _schedule(self, steps: list[Step], name: str, metadata: dict | None) -> Schedule:
+    def _schedule(self, steps: list[Step], name: str, metadata: dict | None, reuse_order: int = 0) -> Schedule:
         return Schedule(
             t_start=self.t_start, steps=tuple(steps), guidance=self.guidance, final_denoise=self.final_denoise,
-            dc_order=self.dc_order, name=name, metadata=dict(metadata or {}),
+            dc_order=self.dc_order, name=name, metadata=dict(metadata or {}), reuse_order=reuse_order,
         )
 
 
@@ -264,6 +280,13 @@ def _check_space(sp: ScheduleSpace) -> None:
         raise ScheduleError("units", "must be non-empty unit names")
     if len(set(sp.units)) != len(sp.units):
         raise ScheduleError("units", "lists a unit twice")
+    if not all(isinstance(u, str) and u for u in sp.reusable):
+        raise ScheduleError("reusable", "must be non-empty unit names")
+    if len(set(sp.reusable)) != len(sp.reusable):
+        raise ScheduleError("reusable", "lists a unit twice")
+    if not _is_int(sp.max_reuse_order) or sp.max_reuse_order not in REUSE_ORDERS:
+        raise ScheduleError("max_reuse_order", f"must be one of {', '.join(map(str, REUSE_ORDERS))}, got "
+                                               f"{sp.max_reuse_order!r}")
     if sp.ratio_range is not None:
         ok = isinstance(sp.ratio_range, tuple) and len(sp.ratio_range) == 2 and all(map(_is_finite, sp.ratio_range))
         if not ok or not sp.ratio_range[0] <= 1.0 <= sp.ratio_range[1] or not sp.ratio_range[0] < sp.ratio_range[1]:
@@ -292,6 +315,9 @@ def _layout(sp: ScheduleSpace) -> list[Coord]:
         lo, hi = sp.ratio_range
         out += [Coord(f"ratio[{k}]", "ratio", k, lo, hi, "real") for k in range(n)]
     out += [Coord(f"skip[{k}].{u}", "skip", k, 0, 1, "bool", u) for k in range(n) for u in sp.units]
+    out += [Coord(f"reuse[{k}].{u}", "reuse", k, 0, 1, "bool", u) for k in range(1, n) for u in sp.reusable]
+    if sp.reusable and sp.max_reuse_order > 0:
+        out.append(Coord("reuse_order", "reuse_order", -1, 0, sp.max_reuse_order, "int"))
     return out
 
 
@@ -310,6 +336,8 @@ def _check_member(sp: ScheduleSpace, s: Schedule) -> None:
         raise ScheduleError(f"steps[{last}].t", f"the space ends at {sp.t_end!r}, the schedule at {s.steps[last].t!r}")
     for k, step in enumerate(s.steps):
         _check_member_step(sp, k, step)
+    if s.reuse_order > sp.max_reuse_order:
+        raise ScheduleError("reuse_order", f"{s.reuse_order} exceeds the space's max_reuse_order {sp.max_reuse_order}")
 
 
 def _check_member_step(sp: ScheduleSpace, k: int, step: Step) -> None:
@@ -327,10 +355,18 @@ def _check_member_step(sp: ScheduleSpace, k: int, step: Step) -> None:
     for u in step.skip:
         if u not in sp.units:
             raise ScheduleError(f"{where}.skip", f"unit {u!r} is not in the space")
+    for u in step.reuse:
+        if u not in sp.reusable:
+            raise ScheduleError(f"{where}.reuse", f"unit {u!r} is not reusable in the space")
 
 
-def _coord_value(sp: ScheduleSpace, c: Coord, step: Step) -> float:
-    """The value coordinate ``c`` takes for its step."""
+def _coord_value(sp: ScheduleSpace, c: Coord, s: Schedule) -> float:
+    """The value coordinate ``c`` takes for the schedule ``s`` (its step's, or the schedule's own)."""
+    if c.family == "reuse_order":
+        return float(s.reuse_order)
+    step = s.steps[c.step]
+    if c.family == "reuse":
+        return float(c.unit in step.reuse)
     if c.family == "t":
         return step.t
     if c.family in ("solver", "prediction", "corrector"):
@@ -408,8 +444,19 @@ def _decode_step(sp: ScheduleSpace, k: int, t: float, value: dict[str, float]) -
         t=t, order=order, solver=solver, prediction=_pick(sp, "prediction", k, value),
         corrector=corrector, corrector_order=corrector_order,
         ratio=value[f"ratio[{k}]"] if _ratio_allowed(sp, k) else 1.0,
-        skip=tuple(u for u in sp.units if value[f"skip[{k}].{u}"] >= 0.5),
+        skip=(skip := tuple(u for u in sp.units if value[f"skip[{k}].{u}"] >= 0.5)),
+        reuse=tuple(u for u in sp.reusable if u not in skip and value.get(f"reuse[{k}].{u}", 0.0) >= 0.5),
     )
+
+
+def _computed_reuse(steps: list[Step]) -> list[Step]:
+    """``steps`` with each reuse of a unit that no earlier step computed dropped (in step order, so a reuse kept
+    may make a later one invalid only through what it computes, which the pass sees)."""
+    out: list[Step] = []
+    for step in steps:
+        kept = tuple(u for u in step.reuse if any(computes_unit(earlier, u) for earlier in out))
+        out.append(step if kept == step.reuse else dataclasses.replace(step, reuse=kept))
+    return out
 
 
 def _sample_step(sp: ScheduleSpace, k: int, t: float, rng: np.random.Generator, skip_prob: float) -> Step:

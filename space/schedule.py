@@ -197,7 +197,7 @@ def step_to_dict(s: Step) -> dict[str, Any]:
     }
 
 
-def _computes(step: Step, unit: str) -> bool:
+def computes_unit(step: Step, unit: str) -> bool:
     """The step's model call(s) run ``unit``: it makes a call and neither skips nor reuses the unit or a unit whose
     dotted name contains it (``a`` contains ``a.b``)."""
     if REGISTRY[step.solver].calls(step.order) == 0:
@@ -306,7 +306,7 @@ def validate(s: Schedule) -> None:
         if step.reuse and k == 0:
             raise ScheduleError(f"{where}.reuse", "the first step cannot reuse: no earlier call computed anything")
         for u in step.reuse:
-            if not any(_computes(s.steps[j], u) for j in range(k)):
+            if not any(computes_unit(s.steps[j], u) for j in range(k)):
                 raise ScheduleError(f"{where}.reuse", f"unit {u!r} is reused but no earlier model call computed it")
     if not _valid_reuse_order(s.reuse_order):
         raise ScheduleError("reuse_order", f"must be one of {', '.join(map(str, REUSE_ORDERS))}, got {s.reuse_order!r}")

@@ -280,6 +280,60 @@ def test_decode_skip_threshold_and_name():
     assert [st.skip for st in s.steps] == [("a",), ("b",)] and s.name == "trial-3" and s.metadata == {"trial": 3}
 
 
+def _reuse_space(**kw):
+    return ScheduleSpace(5, 1.0, 0.0, units=("deep0",), reusable=("deep0", "deep0.inner"), solvers=("dpm",),
+                         allow_corrector=False, ratio_range=None, **kw)
+
+
+def test_reuse_masks_and_order_are_coordinates_and_round_trip():
+    sp = _reuse_space(max_reuse_order=1)
+    assert [n for n in sp.names if n.startswith("reuse")] == (
+        [f"reuse[{k}].{u}" for k in range(1, 5) for u in ("deep0", "deep0.inner")] + ["reuse_order"])
+    assert "reuse_order" not in _reuse_space().names  # order 0 only: no coordinate
+    s = sp.decode(_vec(sp, t_0=0.8, t_1=0.6, t_2=0.4, t_3=0.2))
+    steps = list(s.steps)
+    steps[1] = dataclasses.replace(steps[1], reuse=("deep0",))
+    steps[3] = dataclasses.replace(steps[3], reuse=("deep0.inner",), skip=())
+    s = dataclasses.replace(s.with_steps(steps), reuse_order=1)
+    v = sp.encode(s)
+    assert v[sp.names.index("reuse[1].deep0")] == 1 and v[sp.names.index("reuse_order")] == 1
+    assert sp.decode(v) == s
+    assert ScheduleSpace.for_schedule(s, solvers=("dpm",), allow_corrector=False, ratio_range=None).contains(s)
+
+
+def test_decode_makes_reuse_valid():
+    """Skip wins over reuse at a step; a reuse no earlier call computed (the unit or its enclosing unit reused or
+    skipped before) is dropped; the reuse order is 0 when nothing is reused."""
+    sp = _reuse_space(max_reuse_order=1)
+    times = dict(t_0=0.8, t_1=0.6, t_2=0.4, t_3=0.2)
+    v = _vec(sp, **times)
+    for name, x in {"skip[0].deep0": 1, "reuse[1].deep0.inner": 1,  # deep0 skipped at 0: deep0.inner never ran
+                    "skip[2].deep0": 1, "reuse[2].deep0": 1,  # both: skipped
+                    "reuse[3].deep0": 1, "reuse_order": 1}.items():
+        v[sp.names.index(name)] = x
+    s = sp.decode(v)
+    assert [(st.skip, st.reuse) for st in s.steps] == [
+        (("deep0",), ()), ((), ()), (("deep0",), ()), ((), ("deep0",)), ((), ())]
+    assert s.reuse_order == 1
+    v[sp.names.index("reuse[3].deep0")] = 0
+    assert sp.decode(v).reuse_order == 0  # nothing reused: the order is canonical 0
+
+
+def test_reuse_outside_the_space_is_refused_naming_the_field():
+    sp = _reuse_space()
+    s = sp.decode(_vec(sp, t_0=0.8, t_1=0.6, t_2=0.4, t_3=0.2))
+    reused = s.with_steps([s.steps[0], dataclasses.replace(s.steps[1], reuse=("deep0",)), *s.steps[2:]])
+    with pytest.raises(ScheduleError) as info:
+        sp.encode(dataclasses.replace(reused, reuse_order=1))
+    assert info.value.field == "reuse_order"
+    other = s.with_steps([s.steps[0], dataclasses.replace(s.steps[1], reuse=("up0",)), *s.steps[2:]])
+    with pytest.raises(ScheduleError) as info:
+        sp.encode(other)
+    assert info.value.field == "steps[1].reuse"
+    with pytest.raises(ScheduleError, match="max_reuse_order"):
+        _reuse_space(max_reuse_order=5)
+
+
 # -- the random prior ---------------------------------------------------------------------------------------
 
 

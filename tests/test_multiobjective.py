@@ -202,3 +202,37 @@ def test_stage2_finds_a_skip_mask_within_the_latency_budget_on_digits(tmp_path, 
     loaded.check_units(model.units)
     with torch.no_grad():
         assert math.isclose(evaluator.evaluate(loaded)["mse_ref"], trial.mse_ref)
+
+
+def test_stage2_with_reuse_records_the_reuse_masks_and_order_in_its_optuna_study(tmp_path, monkeypatch):
+    """Every stage-2 trial with reuse is a study trial whose params decode back to the schedule it scored: skip
+    masks, reuse masks and the reuse order (nothing the search chose is lost from the study)."""
+    import optuna
+
+    from autotune.models.registry import load_model
+    from autotune.search import runner
+    from autotune.search.latency import LatencySpec
+    from autotune.search.skip_stage import run_stage2
+    from autotune.space.encoding import ScheduleSpace
+
+    model = load_model("digits")
+    monkeypatch.setattr(runner, "measure_latency", lambda model, schedule, eval_set, spec: float(
+        sum(3 - len(st.reuse) for st in schedule.steps)))
+    evaluator = Evaluator(model, "search", size=4)
+    base = build("dpmsolver++2m", model.noise, 4)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    stage = run_stage2(base, ("mid_attn",), InProcessPool(evaluator), 6, fraction=0.9, batch_size=6,
+                       latency=LatencySpec(batch=4, repeats=3), reusable=("deep0", "deep1"), study_url=url,
+                       parent_id="p")
+    assert stage.result is not None, stage.reason
+    study = optuna.load_study(study_name=f"autotune-{stage.search_id}", storage=url)
+    space = ScheduleSpace.for_schedule(base, units=("mid_attn",), reusable=("deep0", "deep1"), max_reuse_order=1)
+    decoded = []
+    for t in study.trials:
+        vec = [space.choices(c.family).index(t.params[c.name]) if c.kind == "cat" else float(t.params[c.name])
+               for c in space.coords]
+        decoded.append(space.decode(vec))
+    assert any(s.units_reused and s.reuse_order == 1 for s in decoded)
+    # each trial decodes to a schedule the search scored (the order and both masks are in the hash)
+    scored = {tr.schedule_value().hash() for tr in stage.result.trials}
+    assert len(decoded) == len(stage.result.trials) and {s.hash() for s in decoded} <= scored
