@@ -260,10 +260,10 @@ def _recording_residual(forward: Callable[..., Any], cache: MutableMapping[str, 
     out = forward(*args, **kwargs)
     inputs = residual_forward_inputs(forward.__self__, args, kwargs)
     if isinstance(out, tuple) != isinstance(inputs, tuple) or (isinstance(out, tuple) and len(out) != len(inputs)):
-        raise SamplingError(f"reuse: unit {name!r} ({type(forward.__self__).__name__}) returns "
-                            f"{len(out) if isinstance(out, tuple) else 'not a'} tuple, where its residual streams are "
-                            f"{forward.__self__.autotune_residual!r} (a diffusers version whose blocks return another "
-                            f"structure)")
+        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else "one output"
+        raise SamplingError(f"reuse: unit {name!r} ({type(forward.__self__).__name__}) returns {got}, but its residual "
+                            f"streams are {forward.__self__.autotune_residual!r} (a diffusers version whose blocks "
+                            f"return another structure)")
     cache[name] = map_features(lambda y, x: y - x, out, inputs)
     return out
 
