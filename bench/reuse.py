@@ -139,10 +139,12 @@ def searched(model, base: Schedule, nfe: int, args, log) -> Schedule | None:
         log(f"  search NFE {nfe}: {p.true_evaluations}/{p.budget} candidates, best mse_ref {best} "
             f"({p.elapsed:.0f} s)")
 
-    log(f"  search NFE {nfe}: {args.search_budget} candidates in batches of 4 on {args.search_size} noises, "
+    # one candidate per batch: the strategy hears each result before it asks again, and a line follows every
+    # candidate (a batch of 4 on rgb32 at NFE 20 was over three silent minutes)
+    log(f"  search NFE {nfe}: {args.search_budget} candidates, one at a time, on {args.search_size} noises, "
         f"latency measured per candidate")
     stage = run_stage2(base, units, pool, args.search_budget, fraction=args.fraction, seed=args.seed,
-                       batch_size=4, store=None, latency=LatencySpec(batch=args.batch, repeats=3),
+                       batch_size=1, store=None, latency=LatencySpec(batch=args.batch, repeats=3),
                        reusable=tuple(args.search_reuse) + units, callback=progress)
     log(f"  search NFE {nfe}: {args.search_budget} candidates in {time.perf_counter() - started:.0f} s, limit "
         f"{stage.limit_ms:.1f} ms (unpruned {stage.unpruned_ms:.1f} ms on the search worker)"
