@@ -365,6 +365,19 @@ def test_three_state_search_asks_valid_schedules_seeded_with_deepcache():
     assert again.ask(2) == search.ask(2)
 
 
+def test_long_schedules_also_seed_deepcache_with_the_last_steps_computed():
+    from autotune.search.skip_stage import FULL_TAIL, SkipMaskSearch
+
+    base = build("dpmsolver++2m", VPLinear(), 12)
+    search = SkipMaskSearch(base, (), 10.0, seed=1, reusable=("deep0",))
+    asked = search.ask(5)  # intervals 2, 3, 5, then 2 and 3 with the tail computed
+    tail = [dataclasses.replace(deepcache(base, n, "deep0"), reuse_order=1) for n in (2, 3)]
+    tail = [t.with_steps([dataclasses.replace(st, reuse=()) if k >= 12 - FULL_TAIL else st
+                          for k, st in enumerate(t.steps)]) for t in tail]
+    assert [s.hash() for s in asked[3:5]] == [t.hash() for t in tail]
+    assert not any(st.reuse for st in asked[3].steps[-FULL_TAIL:]) and asked[3].steps[-FULL_TAIL - 1].reuse
+
+
 def test_skip_only_search_is_unchanged_without_reusable():
     from autotune.search.skip_stage import SkipMaskSearch
 
