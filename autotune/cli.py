@@ -718,7 +718,8 @@ def zoo_train_cmd(
                                          "digits-dit (a small DiT as a rectified flow) or digits-classifier"),
     out: Path = typer.Option(Path("zoo-weights"), "--out", help="folder for the weights and the training record"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
-    steps: int = typer.Option(1200, "--steps", min=1, max=MAX_ITERATIONS, help="optimiser steps (the shipped digits-dit took 1600)"),
+    steps: int = typer.Option(1200, "--steps", min=1, max=MAX_ITERATIONS,
+                              help="optimiser steps (the shipped digits-dit took 1600)"),
     threads: int = typer.Option(2, "--threads", min=1, max=MAX_THREADS, help="torch threads"),
 ) -> None:
     """Train a built-in model with the project's own script on data that ships in a package."""

@@ -112,7 +112,8 @@ class _MaskedForward:
 
     def __init__(self, network: Any, pipe: Any, scheduler: AutotuneScheduler, calls: tuple) -> None:
         self.network, self.pipe, self.scheduler, self.calls = network, pipe, scheduler, calls
-        # a forward already set on the instance (accelerate's offload hook): called under the masks, not bypassed
+        # a forward already set on the instance (accelerate's offload hook): a network that runs its own forward
+        # calls it under the masks; a UNet2DModel runs the branched forward, which does not call it
         self.previous = network.__dict__.get("forward")
         self.unet = type(network).__name__ == "UNet2DModel"
         self.caches: list[FeatureCache] = []  # one per branch of the batch

@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         group += [Row(nfe, f"DeepCache N={n}", model, deepcache(base, n, rest)) for n in (2, 3, 5)]
         group += [Row(nfe, f"forecast N={n}", model, dataclasses.replace(deepcache(base, n, rest), reuse_order=1))
                   for n in (2, 3)]
-        group += [Row(nfe, f"threshold {thr:g}", ThresholdReuse(model, thr, first=first, rest=rest), base, "run-time rule")
+        group += [Row(nfe, f"threshold {thr:g}", ThresholdReuse(model, thr, first=first, rest=rest), base,
+                      "run-time rule")
                   for thr in args.thresholds]
         if args.search_budget > 0:
             found = searched(model, base, nfe, args, log)

@@ -247,24 +247,36 @@ def residual_forward_inputs(unit: nn.Module, args: tuple, kwargs: dict) -> Any:
     return tuple(bound.get(name) for name in names)
 
 
+def unit_residual(unit: nn.Module, name: str, out: Any, args: tuple, kwargs: dict) -> Any:
+    """What the residual unit ``unit`` (named ``name``) added to its inputs in the call ``forward(*args, **kwargs)``
+    that returned ``out``: what a recording call caches. Raises SamplingError when ``out`` does not have the structure
+    of the unit's residual mark."""
+    inputs = residual_forward_inputs(unit, args, kwargs)
+    if isinstance(out, tuple) != isinstance(inputs, tuple) or (isinstance(out, tuple) and len(out) != len(inputs)):
+        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else "one output"
+        raise SamplingError(f"reuse: unit {name!r} ({type(unit).__name__}) returns {got}, but its residual streams "
+                            f"are {unit.autotune_residual!r} (a diffusers version whose blocks return another "
+                            f"structure)")
+    return map_features(lambda y, x: y - x, out, inputs)
+
+
+def with_residual(unit: nn.Module, residual: Any, args: tuple, kwargs: dict) -> Any:
+    """The residual unit's output for the call ``forward(*args, **kwargs)`` when it adds the cached ``residual`` to
+    this call's inputs instead of computing: what a reusing call returns."""
+    return map_features(lambda r, x: x + r, residual, residual_forward_inputs(unit, args, kwargs))
+
+
 def _residual_forward(unit: nn.Module, residual: Callable[[], Any] | None, *args: Any, **kwargs: Any) -> Any:
     """A residual unit not computed: its inputs plus the cached residual (``residual()``), or unchanged (skipped)."""
-    inputs = residual_forward_inputs(unit, args, kwargs)
     if residual is None:
-        return inputs
-    return map_features(lambda r, x: x + r, residual(), inputs)
+        return residual_forward_inputs(unit, args, kwargs)
+    return with_residual(unit, residual(), args, kwargs)
 
 
 def _recording_residual(forward: Callable[..., Any], cache: MutableMapping[str, Any], name: str, *args: Any,
                         **kwargs: Any) -> Any:
     out = forward(*args, **kwargs)
-    inputs = residual_forward_inputs(forward.__self__, args, kwargs)
-    if isinstance(out, tuple) != isinstance(inputs, tuple) or (isinstance(out, tuple) and len(out) != len(inputs)):
-        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else "one output"
-        raise SamplingError(f"reuse: unit {name!r} ({type(forward.__self__).__name__}) returns {got}, but its residual "
-                            f"streams are {forward.__self__.autotune_residual!r} (a diffusers version whose blocks "
-                            f"return another structure)")
-    cache[name] = map_features(lambda y, x: y - x, out, inputs)
+    cache[name] = unit_residual(forward.__self__, name, out, args, kwargs)
     return out
 
 

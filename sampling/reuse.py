@@ -20,9 +20,7 @@ from typing import Any
 import torch
 
 from autotune.errors import SamplingError
-from autotune.sampling.denoiser import (
-    Denoiser, fingerprint_module, map_features, residual_forward_inputs, unit_masks,
-)
+from autotune.sampling.denoiser import Denoiser, fingerprint_module, unit_masks, unit_residual, with_residual
 from autotune.space.schedule import Schedule
 
 __all__ = ["ThresholdReuse", "deepcache", "without_masks", "without_reuse"]
@@ -59,8 +57,8 @@ class ThresholdReuse:
     change ``mean|h - h_full| / mean|h_full|`` is below ``threshold``, the call reuses ``rest`` (the cached output of
     the remaining deep branch, ``deep0``; for a residual unit such as ``digits-dit``'s ``rest1``, the residual it
     added, on the current input, as FirstBlockCache does) and computes only what follows it; otherwise the call is
-    full and both references are refreshed. The decision is one per call for the whole batch (CFG's doubled batch included), as
-    diffusers' FirstBlockCache decides per forward.
+    full and both references are refreshed. The decision is one per call for the whole batch (CFG's doubled batch
+    included), as diffusers' FirstBlockCache decides per forward.
 
     A run starts with a full call: the wrapper resets its state when the time does not decrease (a new run starts
     at the largest time). ``calls`` and ``reused`` count the calls and the reusing ones since construction.
@@ -111,12 +109,11 @@ class ThresholdReuse:
         residual = getattr(rest, "autotune_residual", None) is not None  # cache what it adds (a transformer span)
 
         def rest_forward(*args: Any, **kwargs: Any) -> Any:
-            inputs = residual_forward_inputs(rest, args, kwargs) if residual else None
             if wrapper._decision:
                 cached = wrapper._features[wrapper.rest]
-                return map_features(lambda r, x: x + r, cached, inputs) if residual else cached
+                return with_residual(rest, cached, args, kwargs) if residual else cached
             out = type(rest).forward(rest, *args, **kwargs)
-            wrapper._features[wrapper.rest] = map_features(lambda y, x: y - x, out, inputs) if residual else out
+            wrapper._features[wrapper.rest] = unit_residual(rest, wrapper.rest, out, args, kwargs) if residual else out
             return out
 
         self._decision = False
