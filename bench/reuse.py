@@ -100,13 +100,45 @@ class Row:
     reused: str = ""
 
 
+class Heartbeat:
+    """Prints a line, and a "still working" line whenever ``beat`` is called ``every`` seconds after the last one:
+    scoring a row on 256 noises or one timing round of all rows took over a minute on rgb32 at NFE 20, silently."""
+
+    def __init__(self, every: float = 15.0) -> None:
+        self.every = every
+        self.last = time.perf_counter()
+        self.task = ""
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+        self.last = time.perf_counter()
+
+    def beat(self, detail: str = "") -> None:
+        if time.perf_counter() - self.last >= self.every:
+            self.log(f"  ... {self.task}{': ' + detail if detail else ''}")
+
+    def sampler(self, model, schedule, noise, cond=None, **kwargs):
+        """``sample_in_chunks`` beating after every step (an Evaluator's ``sampler``: the same samples, and a run-time
+        rule sees the same batches, so its decisions are the ones it makes unobserved)."""
+        from autotune.sampling.executor import sample_in_chunks
+
+        size, theirs = noise.shape[0], kwargs.pop("callback", None)  # a reference solve counts its own steps
+
+        def step(k: int, x: torch.Tensor) -> None:
+            if theirs is not None:
+                theirs(k, x)
+            self.beat(f"step {k + 1} of {len(schedule.steps)} on {size} samples")
+
+        return sample_in_chunks(model, schedule, noise, cond, callback=step, **kwargs)
+
+
 def reused_calls(schedule: Schedule) -> str:
     """How many model calls reuse some unit, out of the schedule's calls."""
     return f"{sum(1 for st in schedule.steps if st.reuse)}/{schedule.nfe}"
 
 
-def interleaved_ms(runs: list[Callable[[], Any]], rounds: int, log: Callable[[str], None] | None = None
-                   ) -> list[float]:
+def interleaved_ms(runs: list[Callable[[], Any]], rounds: int, log: Callable[[str], None] | None = None,
+                   beat: Callable[[str], None] | None = None) -> list[float]:
     """Least wall time (ms) of each run, timed one after another in each round (after one warm-up round).
 
     The least, not the median: noise only adds time, and on a shared 2-core VM it added up to 40 % to single runs
@@ -118,6 +150,8 @@ def interleaved_ms(runs: list[Callable[[], Any]], rounds: int, log: Callable[[st
             fn()
             if r:
                 times[i].append(time.perf_counter() - started)
+            if beat is not None:
+                beat(f"round {r}, {i + 1} of {len(runs)} runs")
         if log is not None:
             log(f"  timing: round {r} of {rounds} done" if r else "  timing: warm-up round done")
     return [1000.0 * min(t) for t in times]
@@ -130,6 +164,9 @@ def searched(model, base: Schedule, nfe: int, args, log) -> Schedule | None:
     from autotune.search.skip_stage import run_stage2
 
     ev = Evaluator(model, "search", size=args.search_size, store=args.store_obj)
+    ev.sampler = args.heart.sampler
+    ev.progress = lambda event: args.heart.beat(f"{event.task} {100 * event.done / max(event.total, 1):.0f} %")
+    args.heart.task = f"search NFE {nfe}"
     pool = InProcessPool(ev)
     units = tuple(u for u in args.search_skip if u)
     started = time.perf_counter()
@@ -184,8 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--front: must be 0 (off) or an NFE in 1..{max(args.nfes)}, got {args.front}")
     torch.set_num_threads(args.threads)
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
+    heart = Heartbeat()
+    log = heart.log
+    args.heart = heart
 
     from autotune.cache.store import open_store
 
@@ -209,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"  {event.task}: {100 * event.done / max(event.total, 1):.0f} %")
 
     report.progress = reference_progress
+    report.sampler = heart.sampler
     reference = report.reference(guidance)
     log(f"reference: {args.report_size} report noises, guidance {guidance}, {args.ref_steps} steps "
         f"({time.perf_counter() - started:.0f} s)")
@@ -233,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 log(f"  search NFE {nfe}: no candidate met the latency budget")
         for row in group:
+            heart.task = f"NFE {nfe} {row.name}, scoring"
             score_row(row, report, reference)
             log(f"  NFE {nfe} {row.name}: mse_ref {row.mse:.3e} ({time.perf_counter() - started:.0f} s)")
         rows += group
@@ -242,15 +282,17 @@ def main(argv: list[str] | None = None) -> None:
         if nfe not in args.nfes:  # the groups' unpruned rows are the front's points at their NFE
             base = dataclasses.replace(build(args.base, model.noise, nfe), guidance=guidance)
             row = Row(nfe, "no reuse", model, base)
+            heart.task = f"front NFE {nfe}, scoring"
             score_row(row, report, reference)
             log(f"  front NFE {nfe}: mse_ref {row.mse:.3e} ({time.perf_counter() - started:.0f} s)")
             front.append(row)
     if front:
         log(f"front: NFE {args.front}..{max(args.nfes)} without reuse scored ({time.perf_counter() - started:.0f} s)")
     timed = rows + front
+    heart.task = "timing"
     with torch.no_grad():
         times = interleaved_ms([lambda r=r: sample(r.model, r.schedule, noise, labels) for r in timed], args.rounds,
-                               log)
+                               log, heart.beat)
     for row, ms in zip(timed, times):
         row.ms = ms
     for row in rows:
@@ -276,7 +318,7 @@ def score_row(row: Row, report: Evaluator, reference) -> None:
     """mse_ref on the report set against ``reference`` (a threshold rule through ``score``: it is not a schedule)."""
     if isinstance(row.model, ThresholdReuse):
         with torch.no_grad():
-            m = score(row.model, row.schedule, report.eval_set, reference)
+            m = score(row.model, row.schedule, report.eval_set, reference, sampler=report.sampler)
         row.mse = float(m["mse_ref"])
         row.reused = f"{row.model.reused}/{row.model.calls}"
         row.model.calls = row.model.reused = 0
@@ -342,7 +384,8 @@ def engine_times(model, group: list[Row], args, log) -> None:
             inputs, _ = engine_io(model, row.schedule)
             data = {k: v.numpy() for k, v in example_inputs(model, inputs, args.batch, seed=1).items()}
             runs.append(lambda engine=engine, data=data: engine(**data))
-        for row, ms in zip(group, interleaved_ms(runs, args.rounds, log)):
+        args.heart.task = f"engine timing NFE {group[0].nfe}"
+        for row, ms in zip(group, interleaved_ms(runs, args.rounds, log, args.heart.beat)):
             row.engine_ms = ms
 
 

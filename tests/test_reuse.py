@@ -397,7 +397,7 @@ def test_diffusers_scheduler_refuses_reuse_naming_the_field():
     check_replayable(without_reuse(s))
 
 
-def test_reuse_bench_reads_the_no_reuse_front_at_a_latency():
+def _reuse_bench():
     import importlib.util
     import sys
     from pathlib import Path
@@ -407,7 +407,32 @@ def test_reuse_bench_reads_the_no_reuse_front_at_a_latency():
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_reuse_bench_reads_the_no_reuse_front_at_a_latency():
+    bench = _reuse_bench()
     points = [(200.0, 1e-2, 10), (100.0, 1e-1, 5), (150.0, 2e-1, 7)]  # (ms, mse_ref, NFE), any order
     assert bench.no_reuse_at(points, 199.0) == (1e-1, 5)  # NFE 7 fits but is worse than NFE 5
     assert bench.no_reuse_at(points, 200.0) == (1e-2, 10)
     assert bench.no_reuse_at(points, 99.0) is None
+
+
+def test_reuse_bench_heartbeat_samples_as_the_evaluator_and_speaks_during_long_runs(capsys):
+    from autotune.sampling.executor import sample_in_chunks
+
+    heart = _reuse_bench().Heartbeat(every=0.0)  # every step is "long"
+    heart.task = "scoring"
+    from autotune.models.analytic import GaussianMixtureDenoiser
+
+    model = GaussianMixtureDenoiser([1.0, 2.0], [[0.0, 1.0], [2.0, -1.0]], 0.3, VPLinear())
+    schedule = build("unipc-bh2-o2", model.noise, 4)
+    noise = torch.randn(6, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    got = heart.sampler(model, schedule, noise, keep_states=True)
+    want = sample_in_chunks(model, schedule, noise, keep_states=True)
+    assert torch.equal(got.sample, want.sample) and len(got.states) == len(want.states)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"  ... scoring: step {k} of 4 on 6 samples" for k in range(1, 5)]
+    heart.every = 3600.0  # a quiet run: nothing printed
+    heart.sampler(model, schedule, noise)
+    assert capsys.readouterr().out == ""
