@@ -44,9 +44,6 @@ def gmm():
     return load_model("gmm2d", torch.float64)
 
 
-# Why the PostgreSQL cache tests were skipped, if they were: said at the end of the run, not only with -rs.
-_POSTGRES_SKIPPED: list[str] = []
-
 
 def _start_postgres() -> tuple[str, list[str], str]:
     """(url, stop command, data folder) of a throwaway server started by .ci/postgres.sh (which installs
@@ -68,6 +65,9 @@ def _start_postgres() -> tuple[str, list[str], str]:
     return lines[0], shlex.split(lines[1]), lines[2]
 
 
+NO_POSTGRES = "no PostgreSQL: "
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     """A PostgreSQL database for the cache tests: $AUTOTUNE_TEST_POSTGRES_URL, or else a throwaway server
@@ -79,8 +79,7 @@ def postgres_url():
     try:
         url, stop, datadir = _start_postgres()
     except RuntimeError as e:
-        _POSTGRES_SKIPPED.append(str(e))
-        pytest.skip(f"no PostgreSQL: {e}")
+        pytest.skip(f"{NO_POSTGRES}{e}")
     try:
         yield url
     finally:
@@ -89,5 +88,12 @@ def postgres_url():
 
 
 def pytest_terminal_summary(terminalreporter):
-    for why in _POSTGRES_SKIPPED:
-        terminalreporter.write_line(f"PostgreSQL cache tests skipped: {why}", yellow=True)
+    """Why the PostgreSQL cache tests were skipped, if they were: said at the end of the run, not only with -rs.
+    Read from the skip reports, which pytest-xdist's workers send to the process that prints this."""
+    said = set()
+    for report in terminalreporter.stats.get("skipped", []):
+        message = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        why = message.split(NO_POSTGRES, 1)[1] if NO_POSTGRES in message else None
+        if why is not None and why not in said:
+            said.add(why)
+            terminalreporter.write_line(f"PostgreSQL cache tests skipped: {why}", yellow=True)

@@ -14,6 +14,10 @@ import pytest
 
 from test_cache import CacheConformance
 
+# one pytest-xdist worker runs every test that needs the server: each worker would start (and on a fresh machine
+# install) its own, and two apt-get runs at once fail on the package lock
+pytestmark = pytest.mark.xdist_group("postgres")
+
 
 @pytest.fixture(scope="module")
 def admin_engine(postgres_url):

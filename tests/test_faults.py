@@ -304,6 +304,7 @@ def test_a_damaged_database_under_the_study_recorder_is_one_line(tmp_path):
     assert "junk.sqlite" in msg and "not a database" in msg and "\n" not in msg, msg
 
 
+@pytest.mark.xdist_group("postgres")  # the server of test_cache_postgres.py: its worker
 def test_postgres_check_and_two_recorders_of_one_search(gmm, postgres_url):
     """On PostgreSQL: `check` reads every table through; two recorders of the same search (the advisory-lock
     path) add each trial once."""

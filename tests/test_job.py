@@ -219,3 +219,29 @@ def test_named_schedules_far_behind_on_the_search_set_are_neither_validated_nor_
     assert [label for label, _ in kept] == ["named dpmsolver++2m", "named unipc-bh2-o2"]
     assert _named_finalists(SearchSet(), [named[3]]) == []
     assert [label for label, _ in _named_finalists(SearchSet(), named, most=1)] == ["named dpmsolver++2m"]
+
+
+def test_a_second_refinement_start_only_when_the_search_stayed_near_a_named_schedule(gmm):
+    """The refinement also starts from the best named schedule (same NFE, not the search's best itself) when its
+    search-set mean is within SECOND_START_SLACK of the search's best; never from a diverged or far one."""
+    import math
+
+    from autotune.sampling.named import build
+    from autotune.search.job import SECOND_START_SLACK, second_start
+
+    named = [build(n, gmm.noise, 4) for n in ("ddim", "dpmsolver++2m", "unipc-bh2-o2", "ipndm")]
+    other_nfe = build("unipc-bh2-o2", gmm.noise, 5)
+    values = dict(zip((s.hash() for s in named + [other_nfe]), (1.0, 0.5, 0.4, math.nan, 0.01)))
+
+    class SearchSet:
+        def evaluate(self, s):
+            return {"mse_ref": values[s.hash()]}
+
+    everything = named + [other_nfe]
+    best = named[1]  # the search's best is a named schedule: the next named one is the second start
+    assert second_start(SearchSet(), best, 0.5, everything) is named[2]
+    found = build("dpmsolver++3m", gmm.noise, 4)  # a find of the search, better than every named one
+    assert second_start(SearchSet(), found, 0.4 / SECOND_START_SLACK * 1.001, everything) is named[2]
+    assert second_start(SearchSet(), found, 0.4 / SECOND_START_SLACK * 0.99, everything) is None
+    assert second_start(SearchSet(), found, math.inf, everything) is None
+    assert second_start(SearchSet(), found, 0.1, [named[3]]) is None  # diverged
