@@ -2,10 +2,13 @@
 
 ``AutotuneScheduler`` replays a schedule's steps, but a pipeline calls its whole network, so on its own it refuses
 a schedule that reuses or skips units. :func:`apply_schedule` adds the network side: it installs the scheduler
-(replaying the same steps) and replaces the pipeline network's ``forward`` (a UNet2DModel's with the branched
-forward of ``models/unet_branches.py``: diffusers' own, bit for bit, written as DeepCache's nested branches) run under
-the masks of the model call the scheduler expects next: the same plan, feature cache and forecasts as
-``autotune sample``, so the pipeline computes what was searched and ends where ``autotune sample`` ends.
+(replaying the same steps) and registers one hook (``HOOK``) in the network's diffusers ``HookRegistry``, the
+mechanism of diffusers' own cache, offloading and layer-skip hooks, whose forward is the network's run under the
+masks of the model call the scheduler expects next (a UNet2DModel's with the branched forward of
+``models/unet_branches.py``: diffusers' own, bit for bit, written as DeepCache's nested branches): the same plan,
+feature cache and forecasts as ``autotune sample``, so the pipeline computes what was searched and ends where
+``autotune sample`` ends. Hooks and forward wrappers set before (accelerate's offload hook) run inside it, under
+the masks; a UNet2DModel's branched forward does not call them.
 
     >>> from diffusers import DDPMPipeline                                     # doctest: +SKIP
     >>> pipe = DDPMPipeline.from_pretrained("my-ddpm")                         # doctest: +SKIP
@@ -18,11 +21,13 @@ transformer pipelines (``StableDiffusion3Pipeline``, ``FluxPipeline``), whose bl
 (``models/transformer_units.py``): those networks' own forward runs under the masks. A FluxPipeline with true
 CFG calls its transformer twice per step (prompt, then negative prompt) where ``autotune sample`` runs one batched
 call; each of the two calls keeps its own feature cache, which computes the same. Other networks are refused in
-one line. ``remove_schedule`` puts the network's own forward back.
+one line. ``remove_schedule`` takes the hook off (other hooks stay). diffusers' own cache hooks are not used for
+the masks: they take one rule for every step, where a searched schedule changes its masks call by call.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +70,35 @@ def apply_schedule(pipe: Any, schedule: Schedule | str | Path) -> AutotuneSchedu
     remove_schedule(pipe)  # a schedule applied before: this one replaces it
     if masked:
         calls = make_plan(schedule, scheduler.noise).calls
-        network.forward = _MaskedForward(network, pipe, scheduler, calls)
+        _registry(network).register_hook(_schedule_hook()(network, pipe, scheduler, calls), HOOK)
     return scheduler
 
 
 def remove_schedule(pipe: Any) -> None:
-    """Put the pipeline network's forward back as it was before :func:`apply_schedule` (the scheduler stays)."""
+    """Take the schedule's hook off the pipeline network (the scheduler stays); the network's forward is then the
+    chain of the hooks it had before (diffusers' or accelerate's), or its own."""
     network = _network(pipe)
-    masked = network.__dict__.get("forward") if network is not None else None
-    if isinstance(masked, _MaskedForward):
-        if masked.previous is None:
-            del network.forward
-        else:  # a wrapper someone installed before us (accelerate's offload hook sets one): theirs again
-            network.forward = masked.previous
+    registry = getattr(network, "_diffusers_hook", None) if network is not None else None
+    hook = registry.get_hook(HOOK) if registry is not None else None
+    if hook is not None:
+        registry.remove_hook(HOOK, recurse=False)
+        if not hook.instance_forward and not registry.hooks:
+            # the registry put the class's bound forward on the instance: nothing was there before us
+            network.__dict__.pop("forward", None)
+
+
+HOOK = "autotune_schedule"  # the name of apply_schedule's hook in the network's diffusers HookRegistry
+
+
+def _registry(network: Any) -> Any:
+    """The network's diffusers HookRegistry (created when it has none): the masks run as one hook in it, so they
+    compose with diffusers' own hooks (offloading, layerwise casting) and with a forward wrapper set before."""
+    try:
+        from diffusers.hooks import HookRegistry
+    except ImportError as e:
+        raise ModelError(f"apply_schedule: running unit masks in a pipeline needs diffusers >= 0.33 (its "
+                         f"HookRegistry); this one has none ({e})") from None
+    return HookRegistry.check_if_exists_or_initialize(network)
 
 
 def _network(pipe: Any) -> Any:
@@ -103,55 +124,64 @@ def _prepare(network: Any) -> bool:
 OWN_FORWARD = ("SD3Transformer2DModel", "FluxTransformer2DModel", "UNet2DConditionModel")
 
 
-class _MaskedForward:
-    """The network's forward for one applied schedule: the masks of the call the scheduler expects next.
+@functools.lru_cache(maxsize=None)
+def _schedule_hook() -> type:
+    """The hook class (diffusers is imported only when a schedule with masks is applied)."""
+    from diffusers.hooks import ModelHook
 
-    A UNet2DModel runs its branched forward (its deep branches are units); a transformer its own forward (its blocks
-    are). Calls at the same step after the first (FluxPipeline's true-CFG negative prompt) are further branches of
-    the batch: each branch has its own feature cache, as the halves of ``autotune sample``'s one batched call do."""
+    class ScheduleHook(ModelHook):
+        """The network's forward for one applied schedule: the masks of the call the scheduler expects next.
 
-    def __init__(self, network: Any, pipe: Any, scheduler: AutotuneScheduler, calls: tuple) -> None:
-        self.network, self.pipe, self.scheduler, self.calls = network, pipe, scheduler, calls
-        # a forward already set on the instance (accelerate's offload hook): a network that runs its own forward
-        # calls it under the masks; a UNet2DModel runs the branched forward, which does not call it
-        self.previous = network.__dict__.get("forward")
-        self.unet = type(network).__name__ == "UNet2DModel"
-        self.caches: list[FeatureCache] = []  # one per branch of the batch
-        self.run: Any = None  # the scheduler's run state the caches belong to
-        self.last_call, self.branch = -1, 0
+        A UNet2DModel runs its branched forward (its deep branches are units; it does not call the forward below
+        it in the chain); a transformer or UNet2DConditionModel the forward below it (its own, or the hooks and
+        wrappers set before) under the masks. Calls at the same step after the first (FluxPipeline's true-CFG
+        negative prompt) are further branches of the batch: each branch has its own feature cache, as the halves of
+        ``autotune sample``'s one batched call do."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.pipe.scheduler is not self.scheduler:
-            raise SamplingError("apply_schedule: the pipeline's scheduler was replaced since the schedule was applied; "
-                                "call apply_schedule again (or remove_schedule for the plain network)")
-        k = self.scheduler.next_call
-        if k >= len(self.calls):
-            raise SamplingError(f"apply_schedule: the network was called more often than the schedule's "
-                                f"{len(self.calls)} model evaluations in one run (call set_timesteps to start again)")
-        if self.scheduler._state is not self.run:  # set_timesteps started a new run
-            self.run, self.caches, self.last_call = self.scheduler._state, [], -1
-        self.branch = self.branch + 1 if k == self.last_call else 0
-        self.last_call = k
-        while len(self.caches) <= self.branch:
-            self.caches.append(FeatureCache())
-        cache, ins, network = self.caches[self.branch], self.calls[k], self.network
+        def __init__(self, network: Any, pipe: Any, scheduler: AutotuneScheduler, calls: tuple) -> None:
+            super().__init__()
+            self.pipe, self.scheduler, self.calls = pipe, scheduler, calls
+            # a forward set on the instance before (a wrapper, or diffusers' hook chain): remove_schedule keeps it
+            self.instance_forward = "forward" in network.__dict__
+            self.unet = type(network).__name__ == "UNet2DModel"
+            self.caches: list[FeatureCache] = []  # one per branch of the batch
+            self.run: Any = None  # the scheduler's run state the caches belong to
+            self.last_call, self.branch = -1, 0
 
-        def run() -> Any:
-            with unit_masks(network, ins.skip, ins.reuse, ins.record, cache):
-                return self._forward(*args, **kwargs)
+        def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.pipe.scheduler is not self.scheduler:
+                raise SamplingError("apply_schedule: the pipeline's scheduler was replaced since the schedule was "
+                                    "applied; call apply_schedule again (or remove_schedule for the plain network)")
+            k = self.scheduler.next_call
+            if k >= len(self.calls):
+                raise SamplingError(f"apply_schedule: the network was called more often than the schedule's "
+                                    f"{len(self.calls)} model evaluations in one run (call set_timesteps to start "
+                                    f"again)")
+            if self.scheduler._state is not self.run:  # set_timesteps started a new run
+                self.run, self.caches, self.last_call = self.scheduler._state, [], -1
+            self.branch = self.branch + 1 if k == self.last_call else 0
+            self.last_call = k
+            while len(self.caches) <= self.branch:
+                self.caches.append(FeatureCache())
+            cache, ins = self.caches[self.branch], self.calls[k]
 
-        return with_features(ins, ins.time, cache, run) if (ins.reuse or ins.record) else run()
+            def run() -> Any:
+                with unit_masks(module, ins.skip, ins.reuse, ins.record, cache):
+                    return self._forward(module, *args, **kwargs)
 
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.unet:
-            if self.previous is not None:
-                return self.previous(*args, **kwargs)
-            return type(self.network).forward(self.network, *args, **kwargs)
-        from diffusers.models.unets.unet_2d import UNet2DOutput
+            return with_features(ins, ins.time, cache, run) if (ins.reuse or ins.record) else run()
 
-        return_dict = kwargs.pop("return_dict", True)
-        params = dict(zip(("sample", "timestep", "class_labels"), args), **kwargs)
-        if params.get("class_labels") is not None:
-            raise SamplingError("apply_schedule: class labels are not supported (this UNet has no class embedding)")
-        out = branched_forward(self.network, params["sample"], params["timestep"])
-        return UNet2DOutput(sample=out) if return_dict else (out,)
+        def _forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self.unet:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            from diffusers.models.unets.unet_2d import UNet2DOutput
+
+            return_dict = kwargs.pop("return_dict", True)
+            params = dict(zip(("sample", "timestep", "class_labels"), args), **kwargs)
+            if params.get("class_labels") is not None:
+                raise SamplingError("apply_schedule: class labels are not supported (this UNet has no class "
+                                    "embedding)")
+            out = branched_forward(module, params["sample"], params["timestep"])
+            return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    return ScheduleHook

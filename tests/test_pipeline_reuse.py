@@ -227,3 +227,45 @@ def test_a_forward_wrapper_installed_before_is_called_under_the_masks_and_put_ba
     assert float((theirs - ours).abs().max()) <= 1e-4
     remove_schedule(pipe)
     assert transformer.__dict__["forward"] is wrapper
+
+
+def test_the_masks_are_a_hook_in_diffusers_registry_and_compose_with_its_other_hooks(families):
+    """apply_schedule registers one hook in the network's diffusers HookRegistry: a hook registered before runs
+    inside it on every call (the masks apply to what it calls), the result is the executor's, and remove_schedule
+    takes only its own hook off."""
+    from diffusers.hooks import HookRegistry, ModelHook
+    from tiny_sd3 import IMAGE, load_sd3_pipeline
+
+    from autotune.diffusers_masks import HOOK
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    path, model = families["sd3"]
+    pipe = load_sd3_pipeline(path)
+    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    registry.register_hook(Count(), "count")
+    base = dataclasses.replace(build("flow-euler", model.noise, NFE), guidance=GUIDANCE)
+    schedule = _reuse_after_first(base, tuple(model.units), 1)
+    prompts = _prompts("sd3")
+    latents = torch.randn(len(prompts), *model.sample_shape, generator=torch.Generator().manual_seed(3))
+    apply_schedule(pipe, schedule)
+    assert list(registry.hooks) == ["count", HOOK]
+    with torch.no_grad():
+        theirs = pipe(prompt=prompts, height=IMAGE, width=IMAGE, num_inference_steps=NFE, guidance_scale=GUIDANCE,
+                      latents=latents.clone(), output_type="latent").images
+        ours = sample(model, schedule, latents, model.encode_prompts(prompts)).sample
+    assert Count.calls == NFE
+    assert float((theirs - ours).abs().max()) <= 1e-4
+    remove_schedule(pipe)
+    assert list(registry.hooks) == ["count"]
+    with torch.no_grad():
+        plain = pipe(prompt=prompts, height=IMAGE, width=IMAGE, num_inference_steps=NFE, guidance_scale=GUIDANCE,
+                     latents=latents.clone(), output_type="latent").images
+        unmasked = sample(model, base, latents, model.encode_prompts(prompts)).sample
+    assert Count.calls == 2 * NFE  # the other hook still runs, now without the masks
+    assert float((plain - unmasked).abs().max()) <= 1e-4
