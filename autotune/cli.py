@@ -436,7 +436,12 @@ def compare_cmd(
             if guidance is not None:
                 s = dataclasses.replace(s, guidance=guidance)
             jobs.append((name, "", s))
-    jobs += [(s.name or path.stem, str(path), s) for path, s in zip(schedules, given)]
+    labels = [s.name or path.stem for path, s in zip(schedules, given)]
+    # files of one search command share its name (s3-nfe5): the rows would not tell them apart, so those get the file
+    taken = {label for label, _, _ in jobs}  # the named schedules' rows
+    labels = [path.stem if labels.count(label) > 1 or label in taken else label
+              for path, label in zip(schedules, labels)]
+    jobs += [(label, str(path), s) for path, label, s in zip(schedules, labels, given)]
     rows: list[dict] = []
     what = f"scoring {len(jobs)} schedule{'' if len(jobs) == 1 else 's'}, {evaluator.eval_set.kind} set"
     with step(what) as progress:

@@ -108,6 +108,26 @@ def test_compare_out_csv_name_is_the_csv_file(tmp_path):
                      " ".join(result.output.split()))
 
 
+def test_compare_names_files_of_one_name_by_their_file(tmp_path):
+    """Two files of one search command (both named s3-nfe3) and one named like a baseline: each row says which
+    file it is; a file whose name is its own keeps it."""
+    import dataclasses
+
+    from autotune.models.registry import load_model
+    from autotune.sampling.named import build
+    from autotune.space.fileformat import save
+
+    noise = load_model("gmm2d").noise
+    paths = []
+    for stem, name, base in (("seed0", "s3-nfe3", "ddim"), ("seed1", "s3-nfe3", "dpmsolver++2m"),
+                             ("mine", "ddim", "unipc-bh2-o2"), ("other", "my-grid", "dpmsolver++3m")):
+        paths.append(save(dataclasses.replace(build(base, noise, 3), name=name), tmp_path / f"{stem}.json"))
+    result = _run(*COMPARE, *[a for p in paths for a in ("--schedules", p)], "--out", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert [r["schedule"] for r in rows] == ["ddim", "seed0", "seed1", "mine", "my-grid"]
+
+
 def test_compare_out_folder_holds_both_files(tmp_path):
     result = _run(*COMPARE, "--out", tmp_path / "results")
     assert result.exit_code == 0, result.output
