@@ -182,9 +182,15 @@ def sample_metrics(model, samples: torch.Tensor, reference, labels) -> dict[str,
 
 def score_peers(model, report, guidance, nfe: int) -> dict[str, dict[str, Any]]:
     reference = report.reference(guidance, nfe=nfe)  # the one the search's schedule is scored against
+    from autotune.progress_cli import step
+
     noise, labels = report.eval_set.noise(torch.float32), report.eval_set.labels()
-    return {peer: sample_metrics(model, run_peer(model, peer, noise, labels, nfe, guidance), reference, labels)
-            for peer in PEERS}
+    scored = {}
+    for peer in PEERS:  # a line each: on a transformer a peer on 1024 noises takes a minute
+        with step(f"diffusers {peer}, NFE {nfe}, {len(noise)} noises"):
+            scored[peer] = sample_metrics(model, run_peer(model, peer, noise, labels, nfe, guidance), reference,
+                                          labels)
+    return scored
 
 
 # ------------------------------------------------------------------------------------------------- search
@@ -197,8 +203,11 @@ def run_search(model, model_arg: str, guidance, nfe: int, args, out: Path, solve
     config = JobConfig(model=model_arg, out=out, nfe=str(nfe), method=args.method, budget=args.budget,
                        seed=args.seed, workers=args.workers, guidance=guidance, set_size=args.set_size,
                        refine=args.refine, validate=args.validate, solvers=solvers, score_report=False)
+    from autotune.cli import _search_hooks
+
     store = open_store(args.cache) if args.search_cache else None  # None: a first run's cost, every time
-    return run_search_job(config, store, model=model)
+    # the command's own progress lines and bars on stderr (a search of a transformer is many silent minutes without)
+    return run_search_job(config, store, model=model, hooks=_search_hooks("mse_ref"))
 
 
 # --------------------------------------------------------------------------------------------------- rows
@@ -254,6 +263,7 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
 
 def bench_model(name: str, args, work: Path) -> list[dict]:
     from autotune.cache.store import open_store
+    from autotune.progress_cli import step
     from autotune.evaluate.evaluator import Evaluator
     from autotune.models.registry import load_model
 
@@ -266,7 +276,9 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         outcome = run_search(model, model_arg, guidance, nfe, args, work / f"{name}-nfe{nfe}.json")
         print(f"{name} NFE {nfe}: {outcome.seconds:.0f} s, {outcome.true_evaluations} true evaluations; scoring "
               f"it and {len(PEERS)} peers on {report.eval_set.id}", file=sys.stderr, flush=True)
-        ours = report.evaluate(outcome.best)
+        with step(f"scoring the search's schedule on {report.eval_set.id}") as progress:
+            report.progress = progress  # the report set's reference, solved first unless cached
+            ours = report.evaluate(outcome.best)
         row = compare_row(name, nfe, ours, score_peers(model, report, guidance, nfe), outcome)
         row["report_set"] = report.eval_set.id
         row["reference_dist"] = report.reference_data_metrics(outcome.best)  # what ours was scored against
