@@ -245,3 +245,20 @@ def test_a_second_refinement_start_only_when_the_search_stayed_near_a_named_sche
     assert second_start(SearchSet(), found, 0.4 / SECOND_START_SLACK * 0.99, everything) is None
     assert second_start(SearchSet(), found, math.inf, everything) is None
     assert second_start(SearchSet(), found, 0.1, [named[3]]) is None  # diverged
+
+
+def test_the_job_refines_the_second_start_and_validation_sees_both(gmm):
+    """When stage 1 stays near the best named schedule, the job refines that schedule too, and both refined grids
+    are validation finalists (the chosen one is written)."""
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.search.job import named_peers_for, second_start
+
+    config = JobConfig(**{**SMALL, "nfe": "5"}, refine=5, score_report=False)
+    outcome = run_search_job(config, model=gmm)
+    search_set = Evaluator(gmm, "search", size=config.set_size, seed=config.seed)
+    _, named = named_peers_for(gmm.noise, 5, 5, None, None)  # the job's named peers
+    other = second_start(search_set, outcome.search.best, outcome.search.best_trial.mse_ref, list(named))
+    assert other is not None  # this small search stays near a named schedule
+    labels = [f.label for f in outcome.validation.scored]
+    assert "refined" in labels and f"refined from {other.name}" in labels
+    assert outcome.best.metadata["validation"]["chosen"] == outcome.validation.chosen.label
