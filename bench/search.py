@@ -24,7 +24,8 @@ peers, every distribution metric).
 
 Models: digits (its default guidance), digits-g2 and digits-g4 (guidance 2 and 4), gmm64, pipeline (the test
 suite's tiny DDPM directory, trained once into --work), rgb32-eps and rgb32-v (bench/rgb32.py's photo-patch
-pipelines, built into --work when missing); any other name is passed to `load_model` as it is. gmm64's
+pipelines, built into --work when missing); any other name is passed to `load_model` as it is. A flow-matching
+model (digits-flow, digits-dit) is set against diffusers' flow schedulers instead (FLOW_PEERS). gmm64's
 continuous VP-linear noise is given to diffusers as its 1000-step discretisation (step n at t = (n + 1) / 1000,
 the time the network is then called at, so the peers solve the same ODE).
 
@@ -72,12 +73,19 @@ PEERS = {
     "deis-o2": ("DEISMultistepScheduler", {"solver_order": 2}),
     "deis-o3": ("DEISMultistepScheduler", {"solver_order": 3}),
 }
+# a flow-matching model's peers: diffusers' flow schedulers (FlowMatchEulerDiscreteScheduler at shifts 1 / 3 / 6,
+# UniPC and DPM-Solver++ 2M with use_flow_sigmas), run as the named schedules that reproduce them (to <= 1e-4 in
+# fp32, tests/test_flow.py, test_sd3.py, test_flux.py) through our executor: diffusers' VP multistep loop above
+# has no flow noise schedule to run on
+FLOW_PEERS = ("flow-euler-shift1", "flow-euler-shift3", "flow-euler-shift6", "unipc-flow", "dpmsolver++2m-flow")
 # the table's narrow names for them (the legend under the table spells them out)
-PEER_LABELS = {"dpmsolver++2m": "dpm2m", "dpmsolver++3m": "dpm3m", "dpmsolver++2m-karras": "dpm2m-k",
+PEER_LABELS = {"flow-euler-shift1": "euler-s1", "flow-euler-shift3": "euler-s3", "flow-euler-shift6": "euler-s6",
+               "unipc-flow": "uni-flow", "dpmsolver++2m-flow": "dpm2m-flow", "dpmsolver++2m": "dpm2m", "dpmsolver++3m": "dpm3m", "dpmsolver++2m-karras": "dpm2m-k",
                "dpmsolver++3m-karras": "dpm3m-k", "unipc-bh1-o2": "uni1-o2", "unipc-bh1-o3": "uni1-o3",
                "unipc-bh2-o2": "uni2-o2", "unipc-bh2-o3": "uni2-o3", "deis-o2": "deis2", "deis-o3": "deis3"}
 LEGEND = ("ok: target met, NO: missed; peers: dpm2m/3m = DPM-Solver++ 2M/3M (-k: Karras sigmas), "
-          "uni1/uni2-oK = UniPC bh1/bh2 order K, deis2/3 = DEIS order 2/3")
+          "uni1/uni2-oK = UniPC bh1/bh2 order K, deis2/3 = DEIS order 2/3; flow models: euler-sK = "
+          "FlowMatchEuler shift K, uni-flow / dpm2m-flow = UniPC / DPM-Solver++ 2M with flow sigmas")
 
 TRAIN_STEPS = 1000  # the discretisation a continuous VP schedule is given to diffusers in
 DIST_HEADLINE = ("fd", "swd")  # the distribution metric shown as a ratio, the first one a model reports
@@ -127,6 +135,11 @@ def model_argument(name: str, work: Path, args) -> tuple[str, float | None]:
 
 
 # -------------------------------------------------------------------------------------------------- peers
+def is_flow(model) -> bool:
+    """A flow-matching model: its peers are FLOW_PEERS."""
+    return model.noise.kind == "flow"
+
+
 def train_alphas_cumprod(noise) -> np.ndarray:
     """The model's noise schedule as diffusers takes it: a DDPM's own alphas_cumprod, or a continuous VP schedule
     at t = (n + 1) / TRAIN_STEPS (our time convention for training step n)."""
@@ -184,8 +197,18 @@ def score_peers(model, report, guidance, nfe: int) -> dict[str, dict[str, Any]]:
     reference = report.reference(guidance, nfe=nfe)  # the one the search's schedule is scored against
     from autotune.progress_cli import step
 
-    noise, labels = report.eval_set.noise(torch.float32), report.eval_set.labels()
     scored = {}
+    if is_flow(model):
+        import dataclasses
+
+        from autotune.sampling.named import build
+
+        for peer in FLOW_PEERS:
+            with step(f"{peer}, NFE {nfe}, {report.eval_set.size} noises"):
+                schedule = dataclasses.replace(build(peer, model.noise, nfe), guidance=guidance)
+                scored[peer] = report.evaluate(schedule)
+        return scored
+    noise, labels = report.eval_set.noise(torch.float32), report.eval_set.labels()
     for peer in PEERS:  # a line each: on a transformer a peer on 1024 noises takes a minute
         with step(f"diffusers {peer}, NFE {nfe}, {len(noise)} noises"):
             scored[peer] = sample_metrics(model, run_peer(model, peer, noise, labels, nfe, guidance), reference,
@@ -269,13 +292,16 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
 
     model_arg, guidance = model_argument(name, work, args)
     model = load_model(model_arg)
+    if not is_flow(model):
+        train_alphas_cumprod(model.noise)  # a noise schedule no peer runs on: stop now, not after the first search
     report = Evaluator(model, "report", size=args.report_size, store=open_store(args.cache), model_spec=model_arg)
     rows = []
     for nfe in args.nfe:
         print(f"{name} NFE {nfe}: search ...", file=sys.stderr, flush=True)
         outcome = run_search(model, model_arg, guidance, nfe, args, work / f"{name}-nfe{nfe}.json")
         print(f"{name} NFE {nfe}: {outcome.seconds:.0f} s, {outcome.true_evaluations} true evaluations; scoring "
-              f"it and {len(PEERS)} peers on {report.eval_set.id}", file=sys.stderr, flush=True)
+              f"it and {len(FLOW_PEERS if is_flow(model) else PEERS)} peers on {report.eval_set.id}",
+              file=sys.stderr, flush=True)
         with step(f"scoring the search's schedule on {report.eval_set.id}") as progress:
             report.progress = progress  # the report set's reference, solved first unless cached
             ours = report.evaluate(outcome.best)
