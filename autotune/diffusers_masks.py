@@ -66,11 +66,12 @@ def apply_schedule(pipe: Any, schedule: Schedule | str | Path) -> AutotuneSchedu
                              f"runs in UNet2DModel (DDPMPipeline layout), SD 1.x / SDXL, SD3 and Flux pipelines; this "
                              f"pipeline's network is a {kind}")
         schedule.check_units(Units(prunable_units(network), cacheable_units(network)))
+        registry = _registry(network)  # refused before anything changes on a diffusers without one
     pipe.scheduler = scheduler
     remove_schedule(pipe)  # a schedule applied before: this one replaces it
     if masked:
         calls = make_plan(schedule, scheduler.noise).calls
-        _registry(network).register_hook(_schedule_hook()(network, pipe, scheduler, calls), HOOK)
+        registry.register_hook(_schedule_hook()(network, pipe, scheduler, calls), HOOK)
     return scheduler
 
 
