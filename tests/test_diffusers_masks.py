@@ -99,3 +99,17 @@ def test_masks_on_an_unknown_unit_or_network_are_refused_in_one_line(pipeline_di
     with pytest.raises(ModelError, match="UNet2DModel .*, SD3 and Flux pipelines; this pipeline.s network is a "
                                          "Transformer"):
         apply_schedule(NotAUNetPipeline(), deepcache(build("dpmsolver++2m", model.noise, 5), 2))
+
+
+def test_a_diffusers_without_hook_registry_is_refused_with_the_pipeline_unchanged(pipeline_dirs, monkeypatch):
+    import sys
+
+    model_dir = pipeline_dirs["epsilon"]
+    model = load_pipeline_dir(model_dir)
+    pipe = _pipe(model_dir)
+    before = pipe.scheduler
+    monkeypatch.setitem(sys.modules, "diffusers.hooks", None)  # what importing it does on diffusers < 0.33
+    with pytest.raises(ModelError, match=r"needs diffusers >= 0\.33 \(its HookRegistry\)") as e:
+        apply_schedule(pipe, deepcache(build("dpmsolver++2m", model.noise, 5), 2))
+    assert "\n" not in str(e.value)
+    assert pipe.scheduler is before and "forward" not in pipe.unet.__dict__
