@@ -302,7 +302,7 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         print(f"{name} NFE {nfe}: {outcome.seconds:.0f} s, {outcome.true_evaluations} true evaluations; scoring "
               f"it and {len(FLOW_PEERS if is_flow(model) else PEERS)} peers on {report.eval_set.id}",
               file=sys.stderr, flush=True)
-        with step(f"scoring the search's schedule on {report.eval_set.id}") as progress:
+        with step(f"scoring ours, {report.eval_set.size} noises") as progress:
             report.progress = progress  # the report set's reference, solved first unless cached
             ours = report.evaluate(outcome.best)
         row = compare_row(name, nfe, ours, score_peers(model, report, guidance, nfe), outcome)
