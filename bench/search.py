@@ -80,7 +80,8 @@ PEERS = {
 FLOW_PEERS = ("flow-euler-shift1", "flow-euler-shift3", "flow-euler-shift6", "unipc-flow", "dpmsolver++2m-flow")
 # the table's narrow names for them (the legend under the table spells them out)
 PEER_LABELS = {"flow-euler-shift1": "euler-s1", "flow-euler-shift3": "euler-s3", "flow-euler-shift6": "euler-s6",
-               "unipc-flow": "uni-flow", "dpmsolver++2m-flow": "dpm2m-flow", "dpmsolver++2m": "dpm2m", "dpmsolver++3m": "dpm3m", "dpmsolver++2m-karras": "dpm2m-k",
+               "unipc-flow": "uni-flow", "dpmsolver++2m-flow": "dpm2m-flow",
+               "dpmsolver++2m": "dpm2m", "dpmsolver++3m": "dpm3m", "dpmsolver++2m-karras": "dpm2m-k",
                "dpmsolver++3m-karras": "dpm3m-k", "unipc-bh1-o2": "uni1-o2", "unipc-bh1-o3": "uni1-o3",
                "unipc-bh2-o2": "uni2-o2", "unipc-bh2-o3": "uni2-o3", "deis-o2": "deis2", "deis-o3": "deis3"}
 LEGEND = ("ok: target met, NO: missed; peers: dpm2m/3m = DPM-Solver++ 2M/3M (-k: Karras sigmas), "
@@ -194,11 +195,10 @@ def sample_metrics(model, samples: torch.Tensor, reference, labels) -> dict[str,
 
 
 def score_peers(model, report, guidance, nfe: int) -> dict[str, dict[str, Any]]:
-    reference = report.reference(guidance, nfe=nfe)  # the one the search's schedule is scored against
     from autotune.progress_cli import step
 
     scored = {}
-    if is_flow(model):
+    if is_flow(model):  # the named schedules, scored by the evaluator against the reference ours was scored against
         import dataclasses
 
         from autotune.sampling.named import build
@@ -208,6 +208,7 @@ def score_peers(model, report, guidance, nfe: int) -> dict[str, dict[str, Any]]:
                 schedule = dataclasses.replace(build(peer, model.noise, nfe), guidance=guidance)
                 scored[peer] = report.evaluate(schedule)
         return scored
+    reference = report.reference(guidance, nfe=nfe)  # the one the search's schedule is scored against
     noise, labels = report.eval_set.noise(torch.float32), report.eval_set.labels()
     for peer in PEERS:  # a line each: on a transformer a peer on 1024 noises takes a minute
         with step(f"diffusers {peer}, NFE {nfe}, {len(noise)} noises"):
@@ -286,9 +287,9 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
 
 def bench_model(name: str, args, work: Path) -> list[dict]:
     from autotune.cache.store import open_store
-    from autotune.progress_cli import step
     from autotune.evaluate.evaluator import Evaluator
     from autotune.models.registry import load_model
+    from autotune.progress_cli import step
 
     model_arg, guidance = model_argument(name, work, args)
     model = load_model(model_arg)

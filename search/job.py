@@ -514,7 +514,11 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     fit_ratios = c.ratios is None
     what = "times, shifts and ratios" if fit_ratios else "times and shifts"
     split = _on_workers(pool, "gradient_split", evaluator.fingerprint)
-    other = second_start(evaluator, result.best, result.best_trial.mse_ref, list(setup.named_peers))
+    # only validation can choose between two refined grids: without it (or with several objectives) no second start,
+    # and the named schedules are not scored for one
+    other = None
+    if c.validate and c.single_mse:
+        other = second_start(evaluator, result.best, result.best_trial.mse_ref, list(setup.named_peers))
 
     def refine(start: Schedule) -> tuple[Schedule, float]:
         refined = refine_times(setup.model, start, evaluator.eval_set, reference, iterations=c.refine_steps,
@@ -528,7 +532,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         refined, value = refine(result.best)
     winner.refined = refined
     winner.refinement = RefinementNote(result.best_trial.mse_ref, value)
-    if other is not None and c.validate and c.single_mse:  # only validation can choose between the two
+    if other is not None:
         with hooks.step(f"refining from {other.name} too ({c.refine_steps} steps)"):  # second_start: why
             winner.also_refined = [(f"refined from {other.name}", refine(other)[0])]
     if value < result.best_trial.mse_ref and c.single_mse:
