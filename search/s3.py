@@ -20,7 +20,7 @@ points, proposed hashes, rng, phase) is enough for a restored copy to ask exactl
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +42,19 @@ MUTATE_P = 0.15  # per discrete coordinate, at strength 1
 TIME_SIGMA = 0.25  # std of the log-SNR jitter of each time, in mean steps in lambda, at strength 1
 STRENGTHS = (0.5, 1.0, 2.0)  # mutation strengths, one drawn per child
 KAPPA = 0.5  # lower confidence bound: predicted mean - KAPPA * ensemble spread
+
+
+class Prediction(NamedTuple):
+    """The predictor's word on one schedule it proposed: ``mean`` and ``spread`` of the members' predicted
+    log(metric), ``told`` the number of true points it was trained on, ``distance`` the Euclidean distance in
+    feature space to the nearest of them (how far it extrapolated)."""
+
+    hash: str
+    round: int
+    told: int
+    mean: float
+    spread: float
+    distance: float
 
 
 @register("s3")
@@ -79,6 +92,7 @@ class S3:
         self._told_set: set[str] = set()
         self.seed_cursor = 0  # named seeds handed out so far
         self.rounds = 0  # asks answered by the predictor
+        self.predictions: list[Prediction] = []  # what the predictor said of each schedule it proposed
         coords = self.space.coords
         self.time_idx = np.array([i for i, c in enumerate(coords) if c.family == "t"], dtype=np.int64)
         self.other_idx = np.array([i for i, c in enumerate(coords) if c.family != "t"], dtype=np.int64)
@@ -184,6 +198,7 @@ class S3:
         if found:
             candidates = list(found.values())
             score = preds.mean(axis=0) - self.kappa * preds.std(axis=0)
+            picked_from = len(self.proposed)
             rankings = [np.argsort(score, kind="stable")]
             if self.select == "members":
                 rankings += [np.argsort(member, kind="stable") for member in preds]
@@ -193,9 +208,25 @@ class S3:
                 while not self._propose(candidates[rankings[r][cursor[r]]]):
                     cursor[r] += 1
                 out.append(candidates[rankings[r][cursor[r]]])
+            self._record_predictions(candidates, preds, self.proposed[picked_from:], vectors)
         while len(out) < n:
             out.append(self._initial_candidate())
         return out
+
+    def _record_predictions(self, candidates: list[Schedule], preds: np.ndarray, picked: list[str],
+                            told_vectors: np.ndarray) -> None:
+        """Keep the predictor's word on each picked candidate, to set against its true value later."""
+        index = {s.hash(): i for i, s in enumerate(candidates)}
+        rows = [index[h] for h in picked if h in index]
+        if not rows:
+            return
+        told = self.features(told_vectors)
+        feats = self.features(np.stack([self.space.encode(candidates[i]) for i in rows]))
+        nearest = np.sqrt(((feats[:, None, :] - told[None, :, :]) ** 2).sum(-1)).min(axis=1)
+        for j, i in enumerate(rows):
+            self.predictions.append(Prediction(candidates[i].hash(), self.rounds, len(told_vectors),
+                                               float(preds[:, i].mean()), float(preds[:, i].std()),
+                                               float(nearest[j])))
 
     def _breed(self, vecs: np.ndarray, scores: np.ndarray, count: int) -> np.ndarray:
         """``count`` children: tournament parents, per-step uniform crossover (w.p. CROSSOVER_P), mutation."""
@@ -258,6 +289,7 @@ class S3:
             "proposed": list(self.proposed),
             "seed_cursor": self.seed_cursor,
             "rounds": self.rounds,
+            "predictions": [list(p) for p in self.predictions],
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -268,3 +300,4 @@ class S3:
         self._proposed_set = set(self.proposed)
         self.seed_cursor = int(state["seed_cursor"])
         self.rounds = int(state["rounds"])
+        self.predictions = [Prediction(*p) for p in state.get("predictions", [])]  # older states: none kept

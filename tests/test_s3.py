@@ -125,9 +125,34 @@ def test_restored_s3_asks_the_same_batch_in_the_model_phase(gmm):
     state = json.loads(json.dumps(a.state(), allow_nan=False))  # strict JSON: a diverged value is null
     b = S3(ctx, n_init=10, children=256)
     b.load_state(state)
+    assert b.predictions == a.predictions  # the predictor's record survives the state
     assert [s.hash() for s in a.ask(5)] == [s.hash() for s in b.ask(5)]
     told = {s.hash() for s, _ in a.evaluated}
     assert not told & {s.hash() for s in a.ask(5)}  # never proposes a schedule twice
+
+
+def test_s3_records_what_its_predictor_said_of_each_proposal(gmm):
+    """Every schedule the predictor proposed carries its prediction (members' mean and spread), the round, how
+    many told points it was trained on, and its feature-space distance to the nearest of them; the seed
+    population carries none."""
+    ctx = search_context(gmm)
+    s3 = S3(ctx, n_init=8, children=128)
+    f = ScheduleFeatures(ctx.space, gmm.noise)
+    asked = []
+    for _ in range(4):
+        batch = s3.ask(4)
+        asked += [s.hash() for s in batch]
+        for s, v in zip(batch, f(np.stack([ctx.space.encode(s) for s in batch]))[:, 0] + 0.1):
+            s3.tell(s, float(v))
+    model_phase = asked[8:]
+    assert [p.hash for p in s3.predictions] == model_phase
+    assert [p.round for p in s3.predictions] == [1] * 4 + [2] * 4
+    assert [p.told for p in s3.predictions] == [8] * 4 + [12] * 4
+    told_features = f(np.stack([ctx.space.encode(s) for s, _ in s3.evaluated[:8]]))
+    schedule = next(s for s, _ in s3.evaluated if s.hash() == model_phase[0])
+    nearest = np.sqrt(((f(ctx.space.encode(schedule)[None]) - told_features) ** 2).sum(-1)).min()
+    assert s3.predictions[0].distance == pytest.approx(nearest)
+    assert all(math.isfinite(p.mean) and p.spread >= 0 for p in s3.predictions)
 
 
 def test_killed_s3_search_resumes_on_the_same_trajectory(gmm, tmp_path):

@@ -1,5 +1,6 @@
 """bench/search_cost.py reads a real search's trials: the best-so-far curve counts true evaluations only (cache
-hits are free) and never rises, and the evaluation that first reaches a value is found on it."""
+hits are free) and never rises, and the evaluation that first reaches a value is found on it; s3's predictions are
+set against the true values of the schedules they proposed."""
 
 from __future__ import annotations
 
@@ -31,3 +32,24 @@ def test_best_so_far_follows_a_real_search_over_its_true_evaluations():
     first = bench.evaluations_to_reach(curve, curve[-1])
     assert curve[first - 1] == curve[-1] and (first == 1 or curve[first - 2] > curve[-1])
     assert bench.evaluations_to_reach(curve, curve[-1] / 2) is None
+
+
+def test_prediction_rows_pair_s3s_word_with_the_true_values(capsys):
+    import math
+
+    from autotune.models.registry import load_model
+    from autotune.search.job import JobConfig
+
+    bench = _load_bench()
+    config = JobConfig(model="gmm2d", nfe="4", method="s3", budget=32, refine=0, validate=0, score_report=False)
+    search, strategy = bench.run_search_stage(config, load_model("gmm2d"))
+    rows = bench.prediction_rows(strategy.predictions, search.trials)
+    value = {t.hash: t.value for t in search.trials}
+    assert len(rows) == sum(math.isfinite(value[p.hash]) for p in strategy.predictions) > 0
+    for row, p in zip(rows, [p for p in strategy.predictions if math.isfinite(value[p.hash])]):
+        assert row["true"] == math.log(value[p.hash]) and row["pred"] == p.mean and row["round"] == p.round
+        earlier = [t.value for t in search.trials if not t.cached][:p.told]
+        assert row["improved"] == (value[p.hash] < min(earlier))
+    bench.print_prediction_report(rows)
+    out = capsys.readouterr().out
+    assert "kendall" in out and out.count("proposals, mean err") == 3
