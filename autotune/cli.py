@@ -569,6 +569,9 @@ def search_cmd(
     screen: bool = typer.Option(True, "--screen/--no-screen",
                                 help="stop a candidate after 32 noises when it is over 3x the best there (an mse_ref "
                                      "search without --ratios)"),
+    warm_start: bool = typer.Option(True, "--warm-start/--no-warm-start",
+                                    help="also start from the best schedules this model's earlier searches found at "
+                                         "NFE within 2 of this one (from the cache)"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
 ) -> None:
     """Search the unified space for the schedule with the lowest objective (or a Pareto front) at NFE model
@@ -584,7 +587,8 @@ def search_cmd(
         address=address, candidate_timeout=candidate_timeout, guidance=guidance, batch=batch, set_size=set_size,
         refine=refine, stage2_budget=stage2_budget, latency_budget=latency_budget, validate=validate, ratios=ratios,
         prompts=_read_prompt_file(prompts), strength=strength, report_size=report_size,
-        solvers=tuple(x.strip() for x in solvers.split(",")) if solvers else (), reuse=reuse, screen=screen)
+        solvers=tuple(x.strip() for x in solvers.split(",")) if solvers else (), reuse=reuse, screen=screen,
+        warm_start=warm_start)
     store = open_store_option(cache, no_cache)
     outcome = run_search_job(config, store, hooks=_search_hooks(names[0]))
     _print_search(outcome)

@@ -92,6 +92,7 @@ class JobConfig:
     solvers: tuple[str, ...] = ()  # the solvers a step may choose (empty: the space's default, SEARCH_SOLVERS)
     reuse: bool = False  # stage 2 may also reuse cached unit outputs (DeepCache), not only skip units
     screen: bool = True  # stage 1 stops hopeless candidates early (search/runner.py's Screening; mse_ref alone)
+    warm_start: bool = True  # also seed stage 1 with the cache's best schedules at neighbouring NFE (search/warm.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nfe", str(self.nfe))  # an int is a count too
@@ -333,8 +334,12 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     if config.ratios is not None:
         _attach_ratios(evaluator, config, low, high, hooks)
     t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance)
-    space, strategy = _strategy(config, m.noise, t_start, named_peers)
+    space, strategy, warm = _strategy(config, m.noise, t_start, named_peers, evaluator, store)
     extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
+    if warm:  # other starts, another search (without them, the ids are those of before warm starts existed)
+        extra["warm"] = [s.hash() for s in warm]
+        hooks.notify(f"warm start: this model's best at NFE "
+                     f"{', '.join(str(s.metadata['warm_start']['nfe']) for s in warm)} (cache), regridded to NFE {high}")
     if config.ratios is not None:
         extra["ratios"] = config.ratios
     screening = config.screening
@@ -393,19 +398,27 @@ def _check_solvers(solvers: tuple[str, ...]) -> None:
                          "stochastic and first-step-only solvers are not in the fixed-NFE search space)")
 
 
-def _strategy(config: JobConfig, noise: NoiseSchedule, t_start: float, named_peers: tuple[Schedule, ...]):
+def _strategy(config: JobConfig, noise: NoiseSchedule, t_start: float, named_peers: tuple[Schedule, ...],
+              evaluator: Any, store: Any):
+    """The space and the strategy, seeded with the named schedules and, from the store, the warm starts."""
     from autotune.search.nfe_space import NFERangeSpace
     from autotune.search.strategy import SearchContext, make_strategy
+    from autotune.search.warm import warm_starts
     from autotune.space.encoding import ScheduleSpace
 
     low, high = config.nfe_range
     seeds = tuple(s for s in named_peers if s.t_start == t_start)  # the strategy's seeds lie in its space
     chosen = {"solvers": config.solvers} if config.solvers else {}
     space = ScheduleSpace(high, t_start, 0.0, ratio_range=None, guidance=config.guidance, **chosen)
+    warm: tuple[Schedule, ...] = ()
     if low != high:
         space = NFERangeSpace(space, low, high)
-    strategy = make_strategy(config.search_method, SearchContext(space, noise, seeds, config.seed, config.objectives))
-    return space, strategy
+    elif config.warm_start and config.strength is None:
+        warm = warm_starts(store, evaluator.fingerprint, evaluator.eval_set.id, space, noise, config.guidance,
+                           exclude=[s.hash() for s in seeds])
+    strategy = make_strategy(config.search_method,
+                             SearchContext(space, noise, seeds + warm, config.seed, config.objectives))
+    return space, strategy, warm
 
 
 def open_pool(setup: SearchSetup, hooks: JobHooks = QUIET) -> Pool:
