@@ -5,8 +5,8 @@ seeds = the named schedules, batches and search id) in this process with the sam
 and no cache, so each method pays its own way; validation, refinement and the report set are off, as they do
 not change the count. The target is evolution's final best search-set value; for each method the bench
 prints its own final best and the first true evaluation at which its best-so-far reached the target (or "not
-reached"), the ratio to evolution's, and the search loop's wall time (the search set's reference is solved
-before it).
+reached"), the ratio to evolution's, the search loop's wall time (the search set's reference is solved
+before it) and how many of its evaluations set a new best.
 
 Where the predictor's ranking is wrong (s3): each schedule s3's predictor proposed is set against its true
 search-set value. Per round (one ask answered by the predictor), the Kendall tau between predicted and true
@@ -37,6 +37,11 @@ def best_so_far(trials: list) -> list[float]:
         if not t.cached:
             out.append(best)
     return out
+
+
+def new_bests(curve: list[float]) -> int:
+    """True evaluations that lowered the best so far (the first one counts)."""
+    return sum(1 for i, v in enumerate(curve) if i == 0 or v < curve[i - 1])
 
 
 def evaluations_to_reach(curve: list[float], target: float) -> int | None:
@@ -119,8 +124,9 @@ def main() -> None:
         results[method] = (best_so_far(search.trials), search.seconds)
         if method == "s3":
             s3_rows = prediction_rows(strategy.predictions, search.trials)
-        print(f"{method:12s} final best {results[method][0][-1]:.4e} after {len(results[method][0])} true "
-              f"evaluations, {results[method][1]:.0f} s", flush=True)
+        curve = results[method][0]
+        print(f"{method:12s} final best {curve[-1]:.4e} after {len(curve)} true evaluations, "
+              f"{results[method][1]:.0f} s; {new_bests(curve)} of them set a new best", flush=True)
     if s3_rows is not None:
         print_prediction_report(s3_rows)
     if "evolution" not in results:

@@ -32,6 +32,8 @@ def test_best_so_far_follows_a_real_search_over_its_true_evaluations():
     first = bench.evaluations_to_reach(curve, curve[-1])
     assert curve[first - 1] == curve[-1] and (first == 1 or curve[first - 2] > curve[-1])
     assert bench.evaluations_to_reach(curve, curve[-1] / 2) is None
+    assert bench.new_bests([3.0, 2.0, 2.0, 1.0, 1.0]) == 3
+    assert 1 <= bench.new_bests(curve) == len(set(curve)) <= len(curve)
 
 
 def test_prediction_rows_pair_s3s_word_with_the_true_values(capsys):
