@@ -569,7 +569,7 @@ def search_cmd(
     screen: bool = typer.Option(True, "--screen/--no-screen",
                                 help="stop a candidate after 32 noises when it is over 3x the best there (an mse_ref "
                                      "search without --ratios)"),
-    warm_start: bool = typer.Option(True, "--warm-start/--no-warm-start",
+    warm_start: bool = typer.Option(False, "--warm-start/--no-warm-start",
                                     help="also start from the best schedules this model's earlier searches found at "
                                          "NFE within 2 of this one (from the cache)"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),

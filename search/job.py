@@ -92,7 +92,10 @@ class JobConfig:
     solvers: tuple[str, ...] = ()  # the solvers a step may choose (empty: the space's default, SEARCH_SOLVERS)
     reuse: bool = False  # stage 2 may also reuse cached unit outputs (DeepCache), not only skip units
     screen: bool = True  # stage 1 stops hopeless candidates early (search/runner.py's Screening; mse_ref alone)
-    warm_start: bool = True  # also seed stage 1 with the cache's best schedules at neighbouring NFE (search/warm.py)
+    # also seed stage 1 with the cache's best schedules at neighbouring NFE (search/warm.py); off by default: measured
+    # mixed (digits NFE 5 -> 6 3.94x vs 2.76x the best named; gmm64 worse in 7 of 10 seeds x NFE 4/6, digits-flow
+    # NFE 5 -> 6 1.39x vs 3.19x): the refinement's landing depends on stage 1's end more than the start helps
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nfe", str(self.nfe))  # an int is a count too
@@ -338,8 +341,8 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
     if warm:  # other starts, another search (without them, the ids are those of before warm starts existed)
         extra["warm"] = [s.hash() for s in warm]
-        hooks.notify(f"warm start: this model's best at NFE "
-                     f"{', '.join(str(s.metadata['warm_start']['nfe']) for s in warm)} (cache), regridded to NFE {high}")
+        nfes = ", ".join(str(s.metadata["warm_start"]["nfe"]) for s in warm)
+        hooks.notify(f"warm start: this model's best at NFE {nfes} (cache), regridded to NFE {high}")
     if config.ratios is not None:
         extra["ratios"] = config.ratios
     screening = config.screening

@@ -80,10 +80,10 @@ def test_a_search_starts_from_the_best_schedule_a_neighbouring_nfe_found(tmp_pat
                        2.0) == ()
     assert warm_starts(None, ev.fingerprint, ev.eval_set.id, space_of(model, 5), model.noise, None) == ()
 
-    warmed = _search(tmp_path, 5, store)
+    warmed = _search(tmp_path, 5, store, warm_start=True)
     assert warm[0].hash() in {t.hash for t in warmed.search.trials}  # scored as a seed
-    cold = _search(tmp_path, 5, store, warm_start=False)
+    cold = _search(tmp_path, 5, store)  # the default: no warm start
     assert cold.search_id != warmed.search_id and not cold.search.resumed
     assert warm[0].hash() not in {t.hash for t in cold.search.trials}
-    again = _search(tmp_path, 5, store)  # the same warm starts: the same search, resumed
+    again = _search(tmp_path, 5, store, warm_start=True)  # the same warm starts: the same search, resumed
     assert again.search_id == warmed.search_id and again.search.resumed
