@@ -23,6 +23,7 @@ value (stopped early by the search's screen) is the screen's estimate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 
 import numpy as np
@@ -48,14 +49,26 @@ def evaluations_to_reach(curve: list[float], target: float) -> int | None:
     return next((i + 1 for i, v in enumerate(curve) if v <= target), None)
 
 
+@contextlib.contextmanager
+def progress_lines(description: str, budget: int):
+    """A line every third batch of the search loop (a digits search is a minute long)."""
+    batches = [0]
+
+    def on_batch(p) -> None:
+        batches[0] += 1
+        if batches[0] % 3 == 0 or p.true_evaluations >= budget:
+            print(f"  {description}: {p.true_evaluations}/{budget} evaluations, best {p.best_value:.3e}", flush=True)
+    yield on_batch
+
+
 def run_search_stage(config, model):
     """The job's search stage alone (no store: a fresh memory), and the strategy that ran it."""
-    from autotune.search.job import open_pool, prepare_search, run_stage1
+    from autotune.search.job import JobHooks, open_pool, prepare_search, run_stage1
 
     setup = prepare_search(config, None, model=model)
     pool = open_pool(setup)
     try:
-        return run_stage1(setup, pool), setup.strategy
+        return run_stage1(setup, pool, JobHooks(search_progress=progress_lines)), setup.strategy
     finally:
         pool.close()
 
@@ -125,8 +138,8 @@ def main() -> None:
         if method == "s3":
             s3_rows = prediction_rows(strategy.predictions, search.trials)
         curve = results[method][0]
-        print(f"{method:12s} final best {curve[-1]:.4e} after {len(curve)} true evaluations, "
-              f"{results[method][1]:.0f} s; {new_bests(curve)} of them set a new best", flush=True)
+        print(f"{method:12s} final best {curve[-1]:.4e}, {len(curve)} true evaluations "
+              f"({new_bests(curve)} new bests), {results[method][1]:.0f} s", flush=True)
     if s3_rows is not None:
         print_prediction_report(s3_rows)
     if "evolution" not in results:
