@@ -339,6 +339,8 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance)
     space, strategy, warm = _strategy(config, m.noise, t_start, named_peers, evaluator, store)
     extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
+    if config.warm_start and (low != high or config.strength is not None):
+        hooks.notify("warm start: not used (only a search at one NFE from pure noise takes one)")
     if warm:  # other starts, another search (without them, the ids are those of before warm starts existed)
         extra["warm"] = [s.hash() for s in warm]
         nfes = ", ".join(str(s.metadata["warm_start"]["nfe"]) for s in warm)

@@ -87,3 +87,16 @@ def test_a_search_starts_from_the_best_schedule_a_neighbouring_nfe_found(tmp_pat
     assert warm[0].hash() not in {t.hash for t in cold.search.trials}
     again = _search(tmp_path, 5, store, warm_start=True)  # the same warm starts: the same search, resumed
     assert again.search_id == warmed.search_id and again.search.resumed
+
+
+def test_a_warm_start_asked_where_none_applies_says_so(tmp_path):
+    from autotune.search.job import JobHooks, prepare_search
+
+    lines = []
+    store = open_store(str(tmp_path / "cache.sqlite"))
+    config = JobConfig(model="gmm2d", nfe="4-5", method="evolution", budget=4, refine=0, validate=0,
+                       score_report=False, warm_start=True)
+    setup = prepare_search(config, store, hooks=JobHooks(notify=lines.append))
+    assert lines == ["warm start: not used (only a search at one NFE from pure noise takes one)"]
+    plain = prepare_search(dataclasses.replace(config, warm_start=False), store)
+    assert setup.search_id == plain.search_id
