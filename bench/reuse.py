@@ -5,9 +5,11 @@ their residuals; DeepCache's and the threshold rule's reused part is ``rest1``, 
 unpruned schedule, DeepCache's uniform interval (N = 2 / 3 / 5 on its default branch, ``deep0``: for a diffusers
 UNet2DModel the branch of models/unet_branches.py), the same patterns with a first-order forecast of the reused
 output ("forecast N=k": ``Schedule.reuse_order`` 1, extrapolated linearly in time from the unit's last two
-computed outputs, TaylorSeer's first order, instead of copied), a FirstBlockCache-style threshold rule (its first
-block: ``down0``, or ``down_blocks.0``) and the pattern stage 2 searches (compute / reuse / skip per step and unit,
-and the reuse order, under a measured-latency budget).
+computed outputs, TaylorSeer's first order, instead of copied), on the guided models the guidance direction
+reused at the same intervals ("CFG N=k": ``guidance``, models/guidance.py: those calls run the conditional half
+only; "CFG fcast N=3" with the forecast), a FirstBlockCache-style threshold rule (its first block: ``down0``, or
+``down_blocks.0``) and the pattern stage 2 searches (compute / reuse / skip per step and unit, and the reuse
+order, under a measured-latency budget).
 
 Base schedule: a named one (``unipc-bh2-o2``) at each NFE. Latency: the executor (``sampling.executor.sample``,
 as ``search/latency.py`` measures it) on the same batch of the report set's first noises, all rows of every NFE
@@ -45,7 +47,7 @@ from autotune.evaluate.metrics import score
 from autotune.sampling.executor import sample
 from autotune.sampling.named import build
 from autotune.sampling.reuse import ThresholdReuse, deepcache
-from autotune.space.schedule import Schedule
+from autotune.space.schedule import GUIDANCE_UNIT, Schedule
 
 GUIDANCE = 2.0  # digits only: the pipeline models are unconditional
 RGB32 = ("rgb32-eps", "rgb32-v")
@@ -68,11 +70,12 @@ def load_bench_model(name: str, work: Path, log: Callable[[str], None]) -> Bench
     if name == "digits":
         from autotune.models.digits import load_digits
 
-        return BenchModel(load_digits(), GUIDANCE, "down0", "deep0", ("deep0", "deep1"))
+        return BenchModel(load_digits(), GUIDANCE, "down0", "deep0", ("deep0", "deep1", GUIDANCE_UNIT))
     if name == "digits-dit":  # a transformer: DeepCache's branch is the stack after the first block
         from autotune.models.digits_dit import load_digits_dit
 
-        return BenchModel(load_digits_dit(), GUIDANCE, "blocks.0", "rest1", ("rest1", "rest2", "rest4", "rest6"))
+        return BenchModel(load_digits_dit(), GUIDANCE, "blocks.0", "rest1",
+                          ("rest1", "rest2", "rest4", "rest6", GUIDANCE_UNIT))
     from autotune.models.diffusers_dir import load_pipeline_dir
 
     if name in RGB32:
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--search-budget", type=int, default=24)
     p.add_argument("--search-size", type=int, default=64)
     p.add_argument("--search-reuse", nargs="*", default=None, help="units the search may reuse (default: the "
-                   "model's deep branches deep0 deep1; digits-dit: the block spans rest1 rest2 rest4 rest6)")
+                   "model's deep branches deep0 deep1; digits-dit: the block spans rest1 rest2 rest4 rest6; on the "
+                   "guided models also the guidance direction, guidance)")
     p.add_argument("--search-skip", nargs="*", default=[], help="skippable units the search may also skip")
     p.add_argument("--fraction", type=float, default=0.66, help="search latency budget x unpruned")
     p.add_argument("--seed", type=int, default=0)
@@ -262,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
         group += [Row(nfe, f"DeepCache N={n}", model, deepcache(base, n, rest)) for n in (2, 3, 5)]
         group += [Row(nfe, f"forecast N={n}", model, dataclasses.replace(deepcache(base, n, rest), reuse_order=1))
                   for n in (2, 3)]
+        if guidance is not None:  # the guidance direction reused at the same intervals (conditional half only)
+            group += [Row(nfe, f"CFG N={n}", model, deepcache(base, n, GUIDANCE_UNIT)) for n in (2, 3)]
+            group += [Row(nfe, "CFG fcast N=3", model,
+                          dataclasses.replace(deepcache(base, 3, GUIDANCE_UNIT), reuse_order=1))]
         group += [Row(nfe, f"threshold {thr:g}", ThresholdReuse(model, thr, first=first, rest=rest), base,
                       "run-time rule")
                   for thr in args.thresholds]

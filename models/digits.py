@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autotune.errors import ModelError
-from autotune.models.guidance import ClassifierFreeGuidance
+from autotune.models.guidance import ClassifierFreeGuidance, with_guidance_unit
 from autotune.models.registry import BuiltinModel, register
-from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, unit_masks
+from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module
 from autotune.sampling.noise import NoiseSchedule, VPDiscrete, betas_for
 
 NUM_CLASSES = 10
@@ -210,6 +210,7 @@ class DigitsDenoiser(TorchDenoiser):
         config = config or {"name": "digits", "noise": NOISE_CONFIG, "parameterization": "epsilon", "arch": UNET_ARCH}
         super().__init__(unet, noise, parameterization, module=unet, round_time=round_time, config=config)
         self.cfg = ClassifierFreeGuidance(unet, torch.tensor(NULL_CLASS, dtype=torch.long))
+        self.units = with_guidance_unit(self.units)  # the guidance direction is a reusable unit
         self.sample_shape = SAMPLE_SHAPE
         self.num_classes = NUM_CLASSES
 
@@ -219,8 +220,7 @@ class DigitsDenoiser(TorchDenoiser):
         unit output then holds the doubled batch, and the calls that reuse it are guided alike)."""
         tm = self.model_time(x, t)
         labels = None if cond is None else check_labels(cond, x.shape[0]).to(x.device)
-        with unit_masks(self.module, skip, reuse, record, cache):
-            return self.cfg(x, tm, labels, guidance)
+        return self.cfg.masked(self.module, x, tm, labels, guidance, skip, reuse, record, cache)
 
     def fingerprint(self) -> str:
         return fingerprint_module(self.module, self.config)

@@ -49,7 +49,7 @@ from torch import nn
 from autotune.errors import ModelError
 from autotune.models.conditions import PooledTextCondition, PooledTextEngineInputs
 from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config, read_scheduler_file
-from autotune.models.guidance import ClassifierFreeGuidance
+from autotune.models.guidance import ClassifierFreeGuidance, with_guidance_unit
 from autotune.models.latent import (
     PromptMemo, VAEDecoding, check_parts, frozen, tokenizer_max_length, vae_scale_factor,
 )
@@ -266,6 +266,8 @@ class FluxDenoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoise
         self._text_fingerprint: str | None = None
         self.null_condition = self.encode_prompts([""])  # what cond=None means, and true CFG's negative prompt
         self.cfg = ClassifierFreeGuidance(self._forward, self.null_condition)
+        if not self.guidance_embeds:  # true CFG: its guidance direction is a reusable unit
+            self.units = with_guidance_unit(self.units)
 
     # -- text -------------------------------------------------------------------------------------
 
@@ -352,10 +354,10 @@ class FluxDenoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoise
         self._check_latents(x)
         tm = self.model_time(x, t)
         cond = self.condition(cond, x)
-        with unit_masks(self.module, skip, reuse, record, cache):
-            if self.guidance_embeds or guidance is None:
+        if self.guidance_embeds or guidance is None:
+            with unit_masks(self.module, skip, reuse, record, cache):
                 return self._forward(x, tm, cond, guidance)
-            return self.cfg(x, tm, cond, guidance)
+        return self.cfg.masked(self.module, x, tm, cond, guidance, skip, reuse, record, cache)
 
     # -- images -----------------------------------------------------------------------------------
 

@@ -8,6 +8,14 @@ A condition is a tensor batched along dimension 0, or a structured condition of 
 (SDXL's prompt embeddings + pooled embeddings + time ids, ``models/sdxl.py: SDXLCondition``) that provides
 ``expand(batch)`` (one sample's condition for ``batch`` samples) and ``with_null(null)`` (itself followed by
 the matching null condition, one batch of twice its size).
+
+Guidance reuse (``GUIDANCE_UNIT``, a reuse-only unit of every guided model): a call that records it keeps the
+guidance direction ``eps_c - eps_u`` in the run's feature cache; a call that reuses it runs the conditional half
+only (one forward of the plain batch) and returns ``eps_c + (g - 1) * cached direction``, which is the guided
+output whenever the direction has not changed since. The unconditional branch is where CFG spends half of each
+call, and the direction varies slowly between adjacent steps (FasterCache, Lv et al. 2024, reuses it with a
+frequency-domain correction; this is its plain form, copied or, with ``Schedule.reuse_order`` 1, extrapolated
+in time as any cached unit is).
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from autotune.errors import ModelError
+from autotune.errors import ModelError, SamplingError
+from autotune.sampling.denoiser import FeatureCache, Units, map_features, unit_masks
+from autotune.space.schedule import GUIDANCE_UNIT
 
 CondFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -59,10 +69,57 @@ class ClassifierFreeGuidance:
             return self.inner(x, tm, self.null(x.shape[0], x))
         if guidance is None:
             return self.inner(x, tm, cond)
+        cond_out, uncond_out = self.halves(x, tm, cond)
+        return uncond_out + float(guidance) * (cond_out - uncond_out)
+
+    def halves(self, x: torch.Tensor, tm: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional and the unconditional output, from ONE batched forward (condition first)."""
         if isinstance(cond, torch.Tensor):
             both = torch.cat([cond, self.null(cond.shape[0], cond).to(cond.dtype)])
         else:  # a structured condition pairs itself with the null one (SDXL keeps its own time ids there)
             both = cond.with_null(self.null_cond)
         out = self.inner(torch.cat([x, x]), torch.cat([tm, tm]), both)
         cond_out, uncond_out = out.chunk(2)
-        return uncond_out + float(guidance) * (cond_out - uncond_out)
+        return cond_out, uncond_out
+
+    def masked(self, module: torch.nn.Module | None, x: torch.Tensor, tm: torch.Tensor, cond: Any,
+               guidance: float | None, skip=frozenset(), reuse=frozenset(), record=frozenset(),
+               cache: FeatureCache | None = None) -> torch.Tensor:
+        """The call of a step with its unit masks (``sampling.denoiser.unit_masks`` on ``module``), where
+        ``GUIDANCE_UNIT`` in ``reuse`` / ``record`` reuses / records the guidance direction (module docstring).
+
+        A guidance-reusing call runs the conditional half alone: the other units it reuses read the conditional
+        half of their cached outputs (cached by a guided call: condition first), and it records nothing, since
+        its features hold half the batch (a later reuse reads the last full call's). Raises SamplingError when
+        the call is not guided (no ``guidance`` or no condition) or nothing is cached yet."""
+        reuse, record = frozenset(reuse), frozenset(record)
+        if GUIDANCE_UNIT not in reuse | record:
+            with unit_masks(module, skip, reuse, record, cache):
+                return self(x, tm, cond, guidance)
+        if guidance is None or cond is None:
+            raise SamplingError(f"reuse: unit {GUIDANCE_UNIT!r} (the guidance direction) needs a guided call: a "
+                                f"schedule with guidance and a condition")
+        if cache is None:
+            raise SamplingError("reuse: a call that reuses or records unit outputs needs the run's feature cache")
+        if GUIDANCE_UNIT in reuse:
+            if GUIDANCE_UNIT not in cache:
+                raise SamplingError(f"reuse: unit {GUIDANCE_UNIT!r} has no cached output (no earlier call of this run "
+                                    f"was guided in full)")
+            others = reuse - {GUIDANCE_UNIT}
+            batch = x.shape[0]
+            half = {u: map_features(lambda f: f[:batch], cache[u]) for u in others if u in cache}
+            with unit_masks(module, skip, others, (), half):
+                cond_out = self.inner(x, tm, cond)
+            return cond_out + (float(guidance) - 1.0) * cache[GUIDANCE_UNIT]
+        with unit_masks(module, skip, reuse, record - {GUIDANCE_UNIT}, cache):
+            cond_out, uncond_out = self.halves(x, tm, cond)
+        direction = cond_out - uncond_out
+        cache[GUIDANCE_UNIT] = direction
+        return uncond_out + float(guidance) * direction
+
+
+def with_guidance_unit(units: Units) -> Units:
+    """``units`` plus ``GUIDANCE_UNIT`` among the reusable ones: what a model with classifier-free guidance declares
+    (a schedule may reuse it only when guided; ``space.schedule.reusable_for`` drops it for an unguided one)."""
+    return Units(units, tuple(u for u in units.reusable if u not in units) + (GUIDANCE_UNIT,))
+

@@ -32,8 +32,8 @@ from torch import nn
 
 from autotune.errors import ModelError
 from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_config, read_scheduler_file
-from autotune.models.guidance import ClassifierFreeGuidance
-from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, unit_masks
+from autotune.models.guidance import ClassifierFreeGuidance, with_guidance_unit
+from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module
 
 PARTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 TEXT_ENCODERS = ("CLIPTextModel",)
@@ -289,8 +289,7 @@ class LatentPipelineDenoiser(VAEDecoding, PromptMemo, TorchDenoiser):
         """UNet output for the latents at time t; cond + uncond in one batched forward when guided."""
         tm = self.model_time(x, t)
         cond = None if cond is None else self.condition(cond, x)
-        with unit_masks(self.module, skip, reuse, record, cache):
-            return self.cfg(x, tm, cond, guidance)
+        return self.cfg.masked(self.module, x, tm, cond, guidance, skip, reuse, record, cache)
 
     # -- images -----------------------------------------------------------------------------------
 
@@ -333,6 +332,7 @@ class LatentTextToImageDenoiser(LatentPipelineDenoiser):
         self.max_length = tokenizer_max_length(tokenizer, text_encoder, source)
         self.null_embedding = self.encode_prompts([""])  # (1, L, D): the pipeline's default negative prompt
         self.cfg = ClassifierFreeGuidance(self._unet_forward, self.null_embedding)
+        self.units = with_guidance_unit(self.units)  # the guidance direction is a reusable unit
         self._text_fingerprint: str | None = None
 
     # -- text -------------------------------------------------------------------------------------

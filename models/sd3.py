@@ -46,7 +46,7 @@ from autotune.models.diffusers_dir import (
     read_scheduler_config,
     read_scheduler_file,
 )
-from autotune.models.guidance import ClassifierFreeGuidance
+from autotune.models.guidance import ClassifierFreeGuidance, with_guidance_unit
 from autotune.models.latent import (
     ENCODE_CHUNK,
     TOKENIZERS,
@@ -60,7 +60,7 @@ from autotune.models.latent import (
     tokenizer_max_length,
 )
 from autotune.models.transformer_units import mark_transformer_blocks
-from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module, unit_masks
+from autotune.sampling.denoiser import TorchDenoiser, fingerprint_module
 
 PARTS = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
 CLASSES = {"text_encoder": ("CLIPTextModelWithProjection",), "text_encoder_2": ("CLIPTextModelWithProjection",),
@@ -189,6 +189,7 @@ class SD3Denoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoiser
         self._memo: tuple[tuple[str, ...], PooledTextCondition] | None = None
         self.null_condition = self.encode_prompts([""])  # the pipeline's default negative prompt
         self.cfg = ClassifierFreeGuidance(self._transformer_forward, self.null_condition)
+        self.units = with_guidance_unit(self.units)  # the guidance direction is a reusable unit
         self._text_fingerprint: str | None = None
 
     # -- text -------------------------------------------------------------------------------------
@@ -247,8 +248,7 @@ class SD3Denoiser(PooledTextEngineInputs, VAEDecoding, PromptMemo, TorchDenoiser
         """Velocity at time t; cond + null condition in one batched transformer forward when guided."""
         tm = self.model_time(x, t)
         cond = None if cond is None else self.condition(cond, x)
-        with unit_masks(self.module, skip, reuse, record, cache):
-            return self.cfg(x, tm, cond, guidance)
+        return self.cfg.masked(self.module, x, tm, cond, guidance, skip, reuse, record, cache)
 
     def _transformer_forward(self, x: torch.Tensor, tm: torch.Tensor, cond: PooledTextCondition) -> torch.Tensor:
         dtype = self.transformer.dtype

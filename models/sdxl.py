@@ -37,7 +37,7 @@ from torch import nn
 from autotune.errors import ModelError
 from autotune.models.conditions import BatchedCondition
 from autotune.models.diffusers_dir import from_pretrained, read_json, read_scheduler_file
-from autotune.models.guidance import ClassifierFreeGuidance
+from autotune.models.guidance import ClassifierFreeGuidance, with_guidance_unit
 from autotune.models.latent import (
     ENCODE_CHUNK,
     TOKENIZERS,
@@ -159,6 +159,7 @@ class SDXLDenoiser(LatentPipelineDenoiser):
                              f"{self.pooled_dim} is {wanted} (an SDXL refiner or img2img UNet is not supported)")
         self.null_condition = self._null_condition()
         self.cfg = ClassifierFreeGuidance(self._unet_forward, self.null_condition)
+        self.units = with_guidance_unit(self.units)  # the guidance direction is a reusable unit
         self._text_fingerprint: str | None = None
 
     # -- text -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optio
 from autotune.errors import AutotuneError, InputError
 from autotune.evaluate.progress import ProgressFn
 from autotune.sampling.capabilities import check_guidance_applies
+from autotune.space.schedule import reusable_for
 
 if TYPE_CHECKING:  # torch-heavy: imported where they are used
     from autotune.evaluate.evaluator import Evaluator
@@ -318,8 +319,9 @@ def load_checked_model(config: JobConfig, model: Optional[Denoiser] = None, hook
         raise AutotuneError(f"--stage2-budget: {config.model} has no prunable units to skip")
     if config.reuse and not config.stage2_budget:
         raise AutotuneError("--reuse: it applies to stage 2; give --stage2-budget too")
-    if config.reuse and not getattr(m.units, "reusable", ()):
-        raise AutotuneError(f"--reuse: {config.model} has no units whose output can be reused")
+    if config.reuse and not reusable_for(m.units, config.guidance):
+        raise AutotuneError(f"--reuse: {config.model} has no units whose output can be reused"
+                            + (" (without guidance)" if config.guidance is None else ""))
     return m
 
 
@@ -628,7 +630,7 @@ def _stage2(setup: SearchSetup, pool: Pool, winner: _Winner, hooks: JobHooks) ->
     from autotune.search.skip_stage import run_stage2
 
     c = setup.config
-    reusable = tuple(getattr(setup.model.units, "reusable", ())) if c.reuse else ()
+    reusable = reusable_for(setup.model.units, winner.schedule.guidance) if c.reuse else ()
     what = "compute / reuse / skip per unit" if reusable else "skip masks"
     with hooks.step(f"stage 2: {what}, {c.stage2_budget} evaluations"):
         winner.stage2 = run_stage2(winner.schedule, tuple(setup.model.units), pool, c.stage2_budget,

@@ -38,7 +38,7 @@ import numpy as np
 
 from autotune.search.strategy import SearchError, rng_from_state, rng_state, schedule_from_json, schedule_to_json
 from autotune.sampling.reuse import without_masks
-from autotune.space.schedule import REUSE_ORDERS, Schedule
+from autotune.space.schedule import GUIDANCE_UNIT, REUSE_ORDERS, Schedule
 
 POPULATION = 12
 DENSITIES = (0.1, 0.25, 0.4, 0.6)  # share of skipped bits in the initial random masks
@@ -142,8 +142,10 @@ class SkipMaskSearch:
                 if row[i] not in self._allowed(k, u) or (row[i] == REUSE and u not in computed):
                     row[i] = COMPUTE
             inner_unknown = any(row[i] == REUSE for i, u in enumerate(self.units) if u in self.reuse_only)
+            # a step reusing the guidance direction runs the conditional half alone and caches nothing
+            half = any(row[i] == REUSE for i, u in enumerate(self.units) if u == GUIDANCE_UNIT)
             for i, u in enumerate(self.units):
-                if row[i] == COMPUTE and (u in self.reuse_only or not inner_unknown):
+                if row[i] == COMPUTE and not half and (u in self.reuse_only or not inner_unknown):
                     computed.add(u)
         if self.order_gene and genome[-1] not in self.reuse_orders:
             genome[-1] = self.reuse_orders[-1]

@@ -37,6 +37,9 @@ MAX_SHIFT = 4.0
 # how a reused unit's output is formed: 0 copies its last computed output (DeepCache); 1 extrapolates linearly in time
 # from its last two (a first-order forecast, as TaylorSeer does). Order 2 was measured worse than 1 on digits.
 REUSE_ORDERS = (0, 1)
+# The reuse-only unit of a model with classifier-free guidance that caches the guidance direction (models/guidance.py).
+# A call reusing it runs the conditional half alone and records no other unit (its features hold half the batch).
+GUIDANCE_UNIT = "guidance"
 
 
 @dataclass(frozen=True)
@@ -198,14 +201,22 @@ def step_to_dict(s: Step) -> dict[str, Any]:
 
 
 def computes_unit(step: Step, unit: str) -> bool:
-    """The step's model call(s) run ``unit``: it makes a call and neither skips nor reuses the unit or a unit whose
-    dotted name contains it (``a`` contains ``a.b``)."""
-    if REGISTRY[step.solver].calls(step.order) == 0:
+    """The step's model call(s) run ``unit`` and cache its output: it makes a call, neither skips nor reuses the unit
+    or a unit whose dotted name contains it (``a`` contains ``a.b``), and does not reuse ``GUIDANCE_UNIT`` (such a
+    call caches nothing)."""
+    if REGISTRY[step.solver].calls(step.order) == 0 or GUIDANCE_UNIT in step.reuse:
         return False
     parts = unit.split(".")
     outer = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
     return not outer & (set(step.skip) | set(step.reuse))
 
+
+
+def reusable_for(units: Any, guidance: float | None) -> tuple[str, ...]:
+    """The units a schedule with this ``guidance`` may reuse: the model's reusable units (``units.reusable`` when
+    it names them, else ``units``), less ``GUIDANCE_UNIT`` when the schedule is unguided."""
+    reusable = tuple(getattr(units, "reusable", units))
+    return reusable if guidance is not None else tuple(u for u in reusable if u != GUIDANCE_UNIT)
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -303,6 +314,9 @@ def validate(s: Schedule) -> None:
         both = sorted(set(step.skip) & set(step.reuse))
         if both:
             raise ScheduleError(f"{where}.reuse", f"unit {both[0]!r} is both skipped and reused in this step")
+        if GUIDANCE_UNIT in step.reuse and s.guidance is None:
+            raise ScheduleError(f"{where}.reuse", f"unit {GUIDANCE_UNIT!r} (the guidance direction) is reused, but "
+                                "the schedule has no guidance")
         if step.reuse and k == 0:
             raise ScheduleError(f"{where}.reuse", "the first step cannot reuse: no earlier call computed anything")
         for u in step.reuse:

@@ -268,7 +268,7 @@ def _batch(b=6):
 
 
 def test_digits_deep_branches_keep_weights_and_outputs(digits):
-    assert set(digits.units.reusable) - set(digits.units) == {"deep0", "deep1"}
+    assert set(digits.units.reusable) - set(digits.units) == {"deep0", "deep1", "guidance"}
     assert not any(k.startswith("deep") for k in digits.module.state_dict())
     x, labels = _batch()
     t = torch.tensor(0.4)
