@@ -27,19 +27,24 @@ the masks: they take one rule for every step, where a searched schedule changes 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from autotune.diffusers_scheduler import AutotuneScheduler
 from autotune.errors import ModelError, SamplingError
 from autotune.models.transformer_units import mark_transformer_blocks
 from autotune.models.unet_branches import attach_branches, branched_forward
 from autotune.sampling.coefficients import make_plan
-from autotune.sampling.denoiser import FeatureCache, Units, cacheable_units, prunable_units, unit_masks, with_features
+from autotune.models.guidance import with_guidance_unit
+from autotune.sampling.denoiser import (FeatureCache, Units, cacheable_units, map_features, prunable_units, unit_masks,
+                                        with_features)
 from autotune.sampling.reuse import without_masks
 from autotune.space.fileformat import load
-from autotune.space.schedule import Schedule
+from autotune.space.schedule import GUIDANCE_UNIT, Schedule
 
 __all__ = ["apply_schedule", "remove_schedule"]
 
@@ -65,7 +70,9 @@ def apply_schedule(pipe: Any, schedule: Schedule | str | Path) -> AutotuneSchedu
             raise ModelError(f"apply_schedule: {source or 'the schedule'} skips or reuses units, which autotune "
                              f"runs in UNet2DModel (DDPMPipeline layout), SD 1.x / SDXL, SD3 and Flux pipelines; this "
                              f"pipeline's network is a {kind}")
-        schedule.check_units(Units(prunable_units(network), cacheable_units(network)))
+        units = Units(prunable_units(network), cacheable_units(network))
+        # the guidance direction: the pipelines with classifier-free guidance (a UNet2DModel pipeline has none)
+        schedule.check_units(with_guidance_unit(units) if type(network).__name__ in OWN_FORWARD else units)
         registry = _registry(network)  # refused before anything changes on a diffusers without one
     pipe.scheduler = scheduler
     remove_schedule(pipe)  # a schedule applied before: this one replaces it
@@ -88,6 +95,8 @@ def remove_schedule(pipe: Any) -> None:
             network.__dict__.pop("forward", None)
 
 
+_NO_NEGATIVE = ("apply_schedule: the schedule reuses the guidance direction, but the pipeline does not call its "
+                "transformer once for the prompt and once for a negative prompt per step (true_cfg_scale > 1)")
 HOOK = "autotune_schedule"  # the name of apply_schedule's hook in the network's diffusers HookRegistry
 
 
@@ -148,6 +157,8 @@ def _schedule_hook() -> type:
             self.caches: list[FeatureCache] = []  # one per branch of the batch
             self.run: Any = None  # the scheduler's run state the caches belong to
             self.last_call, self.branch = -1, 0
+            self.separate_cfg = type(network).__name__ == "FluxTransformer2DModel"  # true CFG: two calls per step
+            self.positive: Any = None  # the prompt's output of this step (FluxPipeline's true CFG)
 
         def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
             if self.pipe.scheduler is not self.scheduler:
@@ -159,17 +170,78 @@ def _schedule_hook() -> type:
                                     f"{len(self.calls)} model evaluations in one run (call set_timesteps to start "
                                     f"again)")
             if self.scheduler._state is not self.run:  # set_timesteps started a new run
-                self.run, self.caches, self.last_call = self.scheduler._state, [], -1
+                self.run, self.caches, self.last_call, self.positive = self.scheduler._state, [], -1, None
             self.branch = self.branch + 1 if k == self.last_call else 0
             self.last_call = k
             while len(self.caches) <= self.branch:
                 self.caches.append(FeatureCache())
             cache, ins = self.caches[self.branch], self.calls[k]
+            if GUIDANCE_UNIT in ins.reuse | ins.record:
+                return self._guidance_call(module, ins, cache, args, kwargs)
 
             def run() -> Any:
                 with unit_masks(module, ins.skip, ins.reuse, ins.record, cache):
                     return self._forward(module, *args, **kwargs)
 
+            return with_features(ins, ins.time, cache, run) if (ins.reuse or ins.record) else run()
+
+        def _guidance_call(self, module: Any, ins: Any, cache: FeatureCache, args: tuple, kwargs: dict) -> Any:
+            """A call that reuses or records the guidance direction (``GUIDANCE_UNIT``, models/guidance.py), as the
+            executor's: a reusing step computes the prompt's output alone and gives the pipeline, as the negative
+            prompt's, that output less the cached direction (its guidance ``neg + g (pos - neg)`` is then
+            ``pos + (g - 1) direction``); a recording step computes both and caches ``pos - neg``. The other units
+            of a reusing step read the prompt's half of their cached outputs and record nothing."""
+            others = dataclasses.replace(ins, reuse=ins.reuse - {GUIDANCE_UNIT}, record=frozenset()
+                                         if GUIDANCE_UNIT in ins.reuse else ins.record - {GUIDANCE_UNIT})
+            if self.separate_cfg:  # FluxPipeline's true CFG: the prompt's call, then the negative prompt's
+                if self.branch == 0:
+                    if self.positive is not None:
+                        raise SamplingError(_NO_NEGATIVE)
+                    out = self._masked(module, others, cache, args, kwargs)
+                    self.positive = _sample_of(out)
+                    return out
+                if self.branch != 1 or self.positive is None:
+                    raise SamplingError(_NO_NEGATIVE)
+                positive, self.positive = self.positive, None
+                if GUIDANCE_UNIT in ins.reuse:
+                    direction = dataclasses.replace(ins, reuse=frozenset({GUIDANCE_UNIT}), record=frozenset())
+                    return with_features(direction, ins.time, cache,
+                                         lambda: _with_sample(kwargs, positive - cache[GUIDANCE_UNIT]))
+
+                def record_direction() -> Any:
+                    out = self._masked_run(module, others, cache, args, kwargs)
+                    cache[GUIDANCE_UNIT] = positive - _sample_of(out)
+                    return out
+
+                return with_features(ins, ins.time, cache, record_direction)
+            if not getattr(self.pipe, "do_classifier_free_guidance", False):
+                raise SamplingError("apply_schedule: the schedule reuses the guidance direction, but the pipeline "
+                                    "runs without classifier-free guidance (guidance_scale > 1)")
+            if GUIDANCE_UNIT in ins.reuse:
+                def reuse_direction() -> Any:
+                    batch = _input_of(args, kwargs).shape[0]  # diffusers' CFG batch: negative prompt first
+                    half = {u: map_features(lambda f: f[batch // 2:], cache[u]) for u in others.reuse if u in cache}
+                    with unit_masks(module, others.skip, others.reuse, (), half):
+                        out = self._forward(module, *_second_half(args, batch), **_second_half(kwargs, batch))
+                    positive = _sample_of(out)
+                    return _replace_sample(out, torch.cat([positive - cache[GUIDANCE_UNIT], positive]))
+
+                return with_features(ins, ins.time, cache, reuse_direction)
+
+            def record_direction() -> Any:
+                out = self._masked_run(module, others, cache, args, kwargs)
+                negative, positive = _sample_of(out).chunk(2)
+                cache[GUIDANCE_UNIT] = positive - negative
+                return out
+
+            return with_features(ins, ins.time, cache, record_direction)
+
+        def _masked_run(self, module: Any, ins: Any, cache: FeatureCache, args: tuple, kwargs: dict) -> Any:
+            with unit_masks(module, ins.skip, ins.reuse, ins.record, cache):
+                return self._forward(module, *args, **kwargs)
+
+        def _masked(self, module: Any, ins: Any, cache: FeatureCache, args: tuple, kwargs: dict) -> Any:
+            run = functools.partial(self._masked_run, module, ins, cache, args, kwargs)
             return with_features(ins, ins.time, cache, run) if (ins.reuse or ins.record) else run()
 
         def _forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
@@ -186,3 +258,47 @@ def _schedule_hook() -> type:
             return UNet2DOutput(sample=out) if return_dict else (out,)
 
     return ScheduleHook
+
+
+def _sample_of(out: Any) -> torch.Tensor:
+    """The batched tensor of a network's output: itself, a tuple's first element or ``.sample``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The batched input of a network call: its first positional argument, or ``sample`` / ``hidden_states``."""
+    if args:
+        return args[0]
+    return kwargs["sample"] if "sample" in kwargs else kwargs["hidden_states"]
+
+
+def _replace_sample(out: Any, sample: torch.Tensor) -> Any:
+    """``out`` with its batched tensor replaced (a tensor, a tuple's first element, or an output's ``sample``)."""
+    if isinstance(out, torch.Tensor):
+        return sample
+    if isinstance(out, tuple):
+        return (sample,) + tuple(out[1:])
+    return dataclasses.replace(out, sample=sample)
+
+
+def _with_sample(kwargs: dict, sample: torch.Tensor) -> Any:
+    """What the network returns for an output tensor ``sample``, in the form the call asked for (``return_dict``)."""
+    if kwargs.get("return_dict", True):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)
+    return (sample,)
+
+
+def _second_half(value: Any, batch: int) -> Any:
+    """The prompt's half of a CFG call's inputs: every tensor batched along dimension 0 (``batch`` rows), in tuples,
+    lists and dicts (``added_cond_kwargs``), sliced to its second half; everything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value[batch // 2:] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _second_half(v, batch) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_second_half(v, batch) for v in value)
+    return value

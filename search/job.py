@@ -630,7 +630,9 @@ def _stage2(setup: SearchSetup, pool: Pool, winner: _Winner, hooks: JobHooks) ->
     from autotune.search.skip_stage import run_stage2
 
     c = setup.config
-    reusable = reusable_for(setup.model.units, winner.schedule.guidance) if c.reuse else ()
+    # the guidance direction exists only in guided calls: a guidance scale and conditions (a text model's prompts)
+    guided = winner.schedule.guidance if setup.evaluator.eval_set.conditions() is not None else None
+    reusable = reusable_for(setup.model.units, guided) if c.reuse else ()
     what = "compute / reuse / skip per unit" if reusable else "skip masks"
     with hooks.step(f"stage 2: {what}, {c.stage2_budget} evaluations"):
         winner.stage2 = run_stage2(winner.schedule, tuple(setup.model.units), pool, c.stage2_budget,

@@ -141,3 +141,31 @@ def test_onnx_engine_with_guidance_reuse_matches_the_executor(digits, guided, tm
     s = dataclasses.replace(deepcache(guided, 2, GUIDANCE_UNIT), reuse_order=1)
     man = build_engine(digits, s, tmp_path / "e", "onnxruntime")
     assert man.parity["engine_vs_executor_max_abs"] <= 1e-3
+
+
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_a_guided_search_offers_stage2_the_guidance_direction_and_an_unguided_one_does_not(tmp_path, monkeypatch,
+                                                                                          guidance):
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+    from autotune.evaluate import ids
+    from autotune.search import skip_stage
+
+    monkeypatch.setitem(ids.DEFAULT_SIZE, "report", 8)
+    seen = {}
+    original = skip_stage.run_stage2
+
+    def spy(*args, **kwargs):
+        seen["reusable"] = kwargs["reusable"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(skip_stage, "run_stage2", spy)
+    out = tmp_path / "s.json"
+    args = ["search", "--model", "digits", "--nfe", 4, "--method", "random", "--budget", 4, "--workers", 0,
+            "--refine", 0, "--no-cache", "--set-size", 4, "--validate", 0, "--stage2-budget", 4, "--reuse",
+            "--out", out] + (["--guidance", guidance] if guidance is not None else [])
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "deep0" in seen["reusable"]
+    assert (GUIDANCE_UNIT in seen["reusable"]) == (guidance is not None)

@@ -18,7 +18,7 @@ from autotune.models.registry import load_model  # noqa: E402
 from autotune.sampling.denoiser import FeatureCache  # noqa: E402
 from autotune.sampling.executor import sample  # noqa: E402
 from autotune.sampling.named import build  # noqa: E402
-from autotune.space.schedule import Schedule  # noqa: E402
+from autotune.space.schedule import GUIDANCE_UNIT, Schedule  # noqa: E402
 
 NFE = 6
 GUIDANCE = 4.0
@@ -55,7 +55,8 @@ def _prompts(family):
 ])
 def test_blocks_are_units_and_a_reused_block_adds_its_cached_residual(families, family, units):
     _, model = families[family]
-    assert tuple(model.units) == units and tuple(model.units.reusable) == units
+    guided = (GUIDANCE_UNIT,) if family == "sd3" else ()  # flux-dev: distilled guidance, no CFG direction
+    assert tuple(model.units) == units and tuple(model.units.reusable) == units + guided
     block = dict(model.module.named_modules())[units[1]]
     seen = []
     hook = block.register_forward_hook(
@@ -269,3 +270,71 @@ def test_the_masks_are_a_hook_in_diffusers_registry_and_compose_with_its_other_h
         unmasked = sample(model, base, latents, model.encode_prompts(prompts)).sample
     assert Count.calls == 2 * NFE  # the other hook still runs, now without the masks
     assert float((plain - unmasked).abs().max()) <= 1e-4
+
+
+def _guidance_reuse(schedule: Schedule, also: tuple[str, ...] = ()) -> Schedule:
+    """The guidance direction reused at steps 1, 3 and 5 (with ``also`` at step 3): those calls run the prompt alone."""
+    steps = tuple(dataclasses.replace(st, reuse=(GUIDANCE_UNIT,) + (also if k == 3 else ()) if k % 2 else ())
+                  for k, st in enumerate(schedule.steps))
+    return dataclasses.replace(schedule, steps=steps, name="guidance-reuse")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux-schnell"])
+def test_pipeline_with_apply_schedule_reuses_the_guidance_direction_as_the_executor(families, family):
+    """SD3's one batched CFG call runs the prompt's half alone at a reusing step; FluxPipeline's negative-prompt call
+    is not computed there. Copied and forecast, with a block reused in the same step, the pipeline ends where
+    ``autotune sample`` ends."""
+    path, model = families[family]
+    assert GUIDANCE_UNIT in model.units.reusable
+    prompts = _prompts(family)
+    base = dataclasses.replace(build("flow-euler", model.noise, NFE), guidance=GUIDANCE)
+    latents = torch.randn(len(prompts), *model.sample_shape, generator=torch.Generator().manual_seed(3))
+    cond = model.encode_prompts(prompts)
+    with torch.no_grad():
+        plain = sample(model, base, latents, cond).sample
+    for order in (0, 1):
+        schedule = dataclasses.replace(_guidance_reuse(base, tuple(model.units)[1:]), reuse_order=order)
+        with torch.no_grad():
+            ours = sample(model, schedule, latents, cond).sample
+        _, theirs = _pipeline_final(family, path, latents, prompts, NFE, schedule)
+        diff = float((theirs - ours).abs().max())
+        print(f"{family} guidance reuse, order {order}: pipeline vs executor max abs {diff:.2e}")
+        assert diff <= 1e-4
+        assert float((ours - plain).abs().max()) > 1e-5  # the reuse ran
+
+
+def test_guidance_reuse_in_a_pipeline_without_a_negative_prompt_call_is_refused(families):
+    from autotune.errors import SamplingError
+
+    path, model = families["flux-dev"]  # a guidance-embedding transformer: one call per step
+    assert GUIDANCE_UNIT not in model.units.reusable
+    base = dataclasses.replace(build("flow-euler", model.noise, NFE), guidance=GUIDANCE)
+    latents = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(SamplingError, match="negative prompt"):
+        _pipeline_final("flux-dev", path, latents, _prompts("flux-dev"), NFE, _guidance_reuse(base))
+
+
+def test_latent_unet_pipeline_reuses_the_guidance_direction_as_the_executor(tmp_path):
+    from tiny_sd import PROMPTS, load_sd_pipeline, make_tiny_sd_dir
+
+    path = make_tiny_sd_dir(tmp_path / "sd", train_steps=0)
+    model = load_model(str(path))
+    prompts = list(PROMPTS[:2])
+    base = dataclasses.replace(build("dpmsolver++2m", model.noise, NFE), guidance=GUIDANCE)
+    schedule = dataclasses.replace(_guidance_reuse(base, ("mid_block.resnets.0",)), reuse_order=1)
+    latents = torch.randn(len(prompts), *model.sample_shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = sample(model, schedule, latents, model.encode_prompts(prompts)).sample
+    pipe = load_sd_pipeline(path)
+    apply_schedule(pipe, schedule)
+    with torch.no_grad():
+        theirs = pipe(prompt=prompts, height=32, width=32, num_inference_steps=NFE, guidance_scale=GUIDANCE,
+                      latents=latents.clone(), output_type="latent").images
+    diff = float((theirs - ours).abs().max())
+    print(f"sd guidance reuse: pipeline vs executor max abs {diff:.2e}")
+    assert diff <= 1e-4
+    from autotune.errors import SamplingError
+
+    with pytest.raises(SamplingError, match="without classifier-free guidance"), torch.no_grad():
+        pipe(prompt=prompts, height=32, width=32, num_inference_steps=NFE, guidance_scale=1.0,
+             latents=latents.clone(), output_type="latent")
