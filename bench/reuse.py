@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -335,6 +336,18 @@ def score_row(row: Row, report: Evaluator, reference) -> None:
         row.reused = reused_calls(row.schedule)
 
 
+def front_at(points: list[tuple[float, float]], ms: float) -> float | None:
+    """The mse_ref of a policy's front at latency ``ms``: log mse_ref interpolated linearly in latency between the
+    two of its points (ms, mse_ref) that bracket ``ms`` (what running the policy's next pattern on part of the steps
+    would about give); None outside the points' latency range. DeepCache at the searched pattern's latency."""
+    pts = sorted(points)
+    for (m0, e0), (m1, e1) in zip(pts, pts[1:]):
+        if m0 <= ms <= m1:
+            w = 0.0 if m1 == m0 else (ms - m0) / (m1 - m0)
+            return math.exp((1 - w) * math.log(e0) + w * math.log(e1))
+    return None
+
+
 def no_reuse_at(points: list[tuple[float, float, int]], ms: float) -> tuple[float, int] | None:
     """(mse_ref, NFE) of the best no-reuse point (ms, mse_ref, NFE) no slower than ``ms``: what a user gets at this
     latency without reuse (the lowest error among the step counts that fit; a named grid need not improve with every
@@ -436,6 +449,11 @@ def print_table(rows: list[Row], args) -> None:
               f"<= 1.25x) {'met' if target else 'NOT met'};")
         print(f"  faster and better than: {', '.join(beaten) or 'none'}; "
               f"dominated by: {', '.join(dominated_by) or 'none'}")
+        at = front_at([(r.ms, r.mse) for r in dc + [u]], s.ms)
+        if at is not None:
+            # log mse_ref interpolated in latency between the DeepCache rows and unpruned that bracket it
+            print(f"  DeepCache at this latency (interpolated): {at:.2e}; searched {s.mse / at:.2f}x that: "
+                  f"{'better' if s.mse < at else 'NOT better'}")
 
 
 if __name__ == "__main__":

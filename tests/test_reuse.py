@@ -418,6 +418,14 @@ def test_reuse_bench_reads_the_no_reuse_front_at_a_latency():
     assert bench.no_reuse_at(points, 99.0) is None
 
 
+def test_reuse_bench_interpolates_a_policy_front_at_a_latency():
+    bench = _reuse_bench()
+    points = [(300.0, 1e-4), (100.0, 1e-2), (200.0, 1e-3)]  # (ms, mse_ref), any order
+    assert bench.front_at(points, 150.0) == pytest.approx(10 ** -2.5)  # halfway in log between 100 and 200 ms
+    assert bench.front_at(points, 300.0) == pytest.approx(1e-4)
+    assert bench.front_at(points, 99.0) is None and bench.front_at(points, 301.0) is None
+
+
 def test_reuse_bench_heartbeat_samples_as_the_evaluator_and_speaks_during_long_runs(capsys):
     from autotune.sampling.executor import sample_in_chunks
 
