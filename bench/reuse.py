@@ -452,7 +452,7 @@ def print_table(rows: list[Row], args) -> None:
         at = front_at([(r.ms, r.mse) for r in dc + [u]], s.ms)
         if at is not None:
             # log mse_ref interpolated in latency between the DeepCache rows and unpruned that bracket it
-            print(f"  DeepCache at this latency (interpolated): {at:.2e}; searched {s.mse / at:.2f}x that: "
+            print(f"  DeepCache at equal latency (interpolated) {at:.2e}: searched {s.mse / at:.2f}x, "
                   f"{'better' if s.mse < at else 'NOT better'}")
 
 
