@@ -37,6 +37,24 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def digits():
+    """The shipped digits model (reuse tests; a module may define its own ``digits``)."""
+    from autotune.models.digits import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def guided(digits):
+    """unipc-bh2-o2 at NFE 6 with guidance 2 on digits: the guided run the reuse tests vary."""
+    import dataclasses
+
+    from autotune.sampling.named import build
+
+    return dataclasses.replace(build("unipc-bh2-o2", digits.noise, 6), guidance=2.0)
+
+
+@pytest.fixture(scope="session")
 def gmm():
     """The analytic 2-D mixture in float64, shared by the search tests."""
     from autotune.models.registry import load_model

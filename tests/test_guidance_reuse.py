@@ -96,16 +96,6 @@ def test_stage2_repair_counts_a_guidance_reusing_step_as_caching_nothing():
     assert any(GUIDANCE_UNIT in st.reuse for st in search.ask(1)[0].steps)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
-
-
-@pytest.fixture(scope="module")
-def guided(digits):
-    return dataclasses.replace(build("unipc-bh2-o2", digits.noise, 6), guidance=2.0)
-
-
 def _batch(b=6):
     return torch.randn(b, 1, 16, 16, generator=torch.Generator().manual_seed(3)), torch.arange(b) % 10
 

@@ -117,6 +117,18 @@ def _pipeline_final(family, path, latents, prompts, nfe, schedule):
     return pipe, unpack_latents(out, size, size)
 
 
+def _pipeline_equals_executor(family, path, model, latents, prompts, cond, schedule):
+    """(the pipeline, ``autotune sample``'s final latents), after checking the pipeline with ``schedule`` applied ends
+    within 1e-4 of them."""
+    with torch.no_grad():
+        ours = sample(model, schedule, latents, cond).sample
+    pipe, theirs = _pipeline_final(family, path, latents, prompts, NFE, schedule)
+    diff = float((theirs - ours).abs().max())
+    print(f"{family} {schedule.name} (reuse order {schedule.reuse_order}): pipeline vs executor max abs {diff:.2e}")
+    assert diff <= 1e-4
+    return pipe, ours
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux-dev", "flux-schnell"])
 def test_pipeline_with_apply_schedule_runs_block_reuse_as_the_executor(families, family):
     """StableDiffusion3Pipeline (one batched CFG call per step), FluxPipeline "dev" (guidance embedding) and
@@ -130,12 +142,7 @@ def test_pipeline_with_apply_schedule_runs_block_reuse_as_the_executor(families,
     finals = {}
     for order in (None, 0, 1):
         schedule = base if order is None else _reuse_after_first(base, tuple(model.units), order)
-        with torch.no_grad():
-            ours = sample(model, schedule, latents, cond).sample
-        pipe, theirs = _pipeline_final(family, path, latents, prompts, NFE, schedule)
-        diff = float((theirs - ours).abs().max())
-        print(f"{family} {schedule.name}: pipeline vs executor max abs {diff:.2e}")
-        assert diff <= 1e-4
+        pipe, ours = _pipeline_equals_executor(family, path, model, latents, prompts, cond, schedule)
         finals[order] = ours
         remove_schedule(pipe)
         assert "forward" not in pipe.transformer.__dict__
@@ -294,12 +301,7 @@ def test_pipeline_with_apply_schedule_reuses_the_guidance_direction_as_the_execu
         plain = sample(model, base, latents, cond).sample
     for order in (0, 1):
         schedule = dataclasses.replace(_guidance_reuse(base, tuple(model.units)[1:]), reuse_order=order)
-        with torch.no_grad():
-            ours = sample(model, schedule, latents, cond).sample
-        _, theirs = _pipeline_final(family, path, latents, prompts, NFE, schedule)
-        diff = float((theirs - ours).abs().max())
-        print(f"{family} guidance reuse, order {order}: pipeline vs executor max abs {diff:.2e}")
-        assert diff <= 1e-4
+        _, ours = _pipeline_equals_executor(family, path, model, latents, prompts, cond, schedule)
         assert float((ours - plain).abs().max()) > 1e-5  # the reuse ran
 
 

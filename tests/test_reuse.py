@@ -13,7 +13,6 @@ from torch import nn
 
 from autotune.errors import SamplingError, ScheduleError
 from autotune.search.strategy import SearchError
-from autotune.models.digits import load_digits
 from autotune.sampling.coefficients import make_plan
 from autotune.sampling.denoiser import FeatureCache, TorchDenoiser, Units, forecast
 from autotune.sampling.executor import sample
@@ -253,15 +252,7 @@ def test_a_model_without_reuse_support_refuses_a_reusing_schedule():
 
 # -- digits: deep branches, guidance, baker, engine ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
-
-
-@pytest.fixture(scope="module")
-def guided(digits):
-    return dataclasses.replace(build("unipc-bh2-o2", digits.noise, 6), guidance=2.0)
-
+# the fixtures ``digits`` and ``guided`` (unipc-bh2-o2, NFE 6, guidance 2) are tests/conftest.py's
 
 def _batch(b=6):
     return torch.randn(b, 1, 16, 16, generator=torch.Generator().manual_seed(3)), torch.arange(b) % 10
