@@ -164,12 +164,8 @@ def test_engine_with_block_reuse_equals_the_executor(families, family, tmp_path)
     assert parity <= 1e-3
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_latent_unet_pipeline_with_apply_schedule_runs_reuse_and_skips_as_the_executor(family, tmp_path):
-    """StableDiffusionPipeline / StableDiffusionXLPipeline: the UNet2DConditionModel's own forward under the masks
-    (its same-shape residual blocks reused, copied or forecast, and skipped), equal to ``autotune sample``."""
-    from tiny_sd import PROMPTS
-
+def _latent_family(family, tmp_path):
+    """(directory, model, pipeline loader, image size) of a tiny untrained SD 1.x or SDXL pipeline."""
     if family == "sd":
         from tiny_sd import load_sd_pipeline as load_pipeline
         from tiny_sd import make_tiny_sd_dir as make_dir
@@ -179,29 +175,44 @@ def test_latent_unet_pipeline_with_apply_schedule_runs_reuse_and_skips_as_the_ex
         from tiny_sdxl import load_sdxl_pipeline as load_pipeline
         from tiny_sdxl import make_tiny_sdxl_dir as make_dir
     path = make_dir(tmp_path / family, train_steps=0)
-    model = load_model(str(path))
+    return path, load_model(str(path)), load_pipeline, image
+
+
+def _latent_equals_executor(family, path, model, load_pipeline, image, prompts, latents, schedule):
+    """(the pipeline with ``schedule`` applied, ``autotune sample``'s final latents), after checking the pipeline
+    ends within 1e-4 of them."""
+    with torch.no_grad():
+        ours = sample(model, schedule, latents, model.encode_prompts(prompts)).sample
+    pipe = load_pipeline(path)
+    apply_schedule(pipe, schedule)
+    with torch.no_grad():
+        theirs = pipe(prompt=prompts, height=image, width=image, num_inference_steps=NFE, guidance_scale=GUIDANCE,
+                      latents=latents.clone(), output_type="latent").images
+    diff = float((theirs - ours).abs().max())
+    print(f"{family} {schedule.name} (reuse order {schedule.reuse_order}): pipeline vs executor max abs {diff:.2e}")
+    assert diff <= 1e-4
+    return pipe, ours
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_latent_unet_pipeline_with_apply_schedule_runs_reuse_and_skips_as_the_executor(family, tmp_path):
+    """StableDiffusionPipeline / StableDiffusionXLPipeline: the UNet2DConditionModel's own forward under the masks
+    (its same-shape residual blocks reused, copied or forecast, and skipped), equal to ``autotune sample``."""
+    from tiny_sd import PROMPTS
+
+    path, model, load_pipeline, image = _latent_family(family, tmp_path)
     units = tuple(model.units)
     assert "mid_block.resnets.0" in units
     prompts = list(PROMPTS[:2])
     base = dataclasses.replace(build("dpmsolver++2m", model.noise, NFE), guidance=GUIDANCE)
     latents = torch.randn(len(prompts), *model.sample_shape, generator=torch.Generator().manual_seed(5))
-    cond = model.encode_prompts(prompts)
     steps = tuple(dataclasses.replace(st, reuse=("mid_block.resnets.0",) if k % 2 else (),
                                       skip=("mid_block.resnets.1",) if k == NFE - 1 else ())
                   for k, st in enumerate(base.steps))
     finals = {}
     for order in (None, 0, 1):
         schedule = base if order is None else dataclasses.replace(base, steps=steps, reuse_order=order)
-        with torch.no_grad():
-            ours = sample(model, schedule, latents, cond).sample
-        pipe = load_pipeline(path)
-        apply_schedule(pipe, schedule)
-        with torch.no_grad():
-            theirs = pipe(prompt=prompts, height=image, width=image, num_inference_steps=NFE, guidance_scale=GUIDANCE,
-                          latents=latents.clone(), output_type="latent").images
-        diff = float((theirs - ours).abs().max())
-        print(f"{family} reuse order {order}: pipeline vs executor max abs {diff:.2e}")
-        assert diff <= 1e-4
+        _, ours = _latent_equals_executor(family, path, model, load_pipeline, image, prompts, latents, schedule)
         finals[order] = ours
     assert float((finals[0] - finals[None]).abs().max()) > 1e-4
     assert float((finals[1] - finals[0]).abs().max()) > 1e-5
@@ -316,27 +327,23 @@ def test_guidance_reuse_in_a_pipeline_without_a_negative_prompt_call_is_refused(
         _pipeline_final("flux-dev", path, latents, _prompts("flux-dev"), NFE, _guidance_reuse(base))
 
 
-def test_latent_unet_pipeline_reuses_the_guidance_direction_as_the_executor(tmp_path):
-    from tiny_sd import PROMPTS, load_sd_pipeline, make_tiny_sd_dir
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_latent_unet_pipeline_reuses_the_guidance_direction_as_the_executor(family, tmp_path):
+    """The prompt's half of the CFG batch alone at a reusing step (SDXL: its added text embeddings and time ids
+    sliced with it), a residual block reused in the same step, forecast: equal to ``autotune sample``."""
+    from tiny_sd import PROMPTS
 
-    path = make_tiny_sd_dir(tmp_path / "sd", train_steps=0)
-    model = load_model(str(path))
+    path, model, load_pipeline, image = _latent_family(family, tmp_path)
     prompts = list(PROMPTS[:2])
     base = dataclasses.replace(build("dpmsolver++2m", model.noise, NFE), guidance=GUIDANCE)
     schedule = dataclasses.replace(_guidance_reuse(base, ("mid_block.resnets.0",)), reuse_order=1)
     latents = torch.randn(len(prompts), *model.sample_shape, generator=torch.Generator().manual_seed(5))
+    pipe, ours = _latent_equals_executor(family, path, model, load_pipeline, image, prompts, latents, schedule)
     with torch.no_grad():
-        ours = sample(model, schedule, latents, model.encode_prompts(prompts)).sample
-    pipe = load_sd_pipeline(path)
-    apply_schedule(pipe, schedule)
-    with torch.no_grad():
-        theirs = pipe(prompt=prompts, height=32, width=32, num_inference_steps=NFE, guidance_scale=GUIDANCE,
-                      latents=latents.clone(), output_type="latent").images
-    diff = float((theirs - ours).abs().max())
-    print(f"sd guidance reuse: pipeline vs executor max abs {diff:.2e}")
-    assert diff <= 1e-4
+        plain = sample(model, base, latents, model.encode_prompts(prompts)).sample
+    assert float((ours - plain).abs().max()) > 1e-5  # the reuse ran
     from autotune.errors import SamplingError
 
     with pytest.raises(SamplingError, match="without classifier-free guidance"), torch.no_grad():
-        pipe(prompt=prompts, height=32, width=32, num_inference_steps=NFE, guidance_scale=1.0,
+        pipe(prompt=prompts, height=image, width=image, num_inference_steps=NFE, guidance_scale=1.0,
              latents=latents.clone(), output_type="latent")
