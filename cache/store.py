@@ -49,6 +49,14 @@ class CacheError(AutotuneError, RuntimeError):
     """The cache cannot be opened, read or written; the message names the URL or path."""
 
 
+class CacheTooLarge(CacheError):
+    """A value larger than one field of the database holds (``MAX_BLOB_BYTES``): it was not written."""
+
+
+# the largest value one field holds: SQLite's default SQLITE_MAX_LENGTH (1e9 bytes); PostgreSQL's bytea: 1 GB
+MAX_BLOB_BYTES = 1_000_000_000
+
+
 @dataclass(frozen=True)
 class EvalKey:
     """The identity of one evaluation: which model, on which evaluation set, of which schedule, scored how."""
@@ -330,6 +338,9 @@ class Store:
             meta_text = dumps(dict(meta or {}))
         except (TypeError, ValueError) as e:
             raise CacheError(f"reference {model_fp}/{eval_set}/{ref_version}: {e}") from None
+        if len(blob) > MAX_BLOB_BYTES:  # refused up front: the database would fail on it after the work was done
+            raise CacheTooLarge(f"cache {self.display}: reference {ref_version} is {len(blob) / 1e6:.0f} MB, more "
+                                f"than one field holds ({MAX_BLOB_BYTES / 1e6:.0f} MB); not stored")
         values = {"model_fp": model_fp, "eval_set": eval_set, "ref_version": ref_version, "meta": meta_text,
                   "arrays": blob, "nbytes": len(blob), "created_at": time.time()}
         with self._write("writing a reference") as conn:

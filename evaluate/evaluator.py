@@ -7,6 +7,7 @@ store (``autotune.cache``) both survive across processes and runs. Searches, `au
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -101,7 +102,13 @@ class Evaluator:
             ref = compute_reference(self.model, self.eval_set, guidance, steps=self.steps_for(nfe),
                                     progress=self.progress, t_start=t_start, start=start, sampler=self.sampler)
             if self.store is not None:
-                self.store.put_reference(self.fingerprint, self.eval_set.id, version, ref.to_arrays(), ref.meta)
+                from autotune.cache.store import CacheTooLarge
+
+                try:
+                    self.store.put_reference(self.fingerprint, self.eval_set.id, version, ref.to_arrays(), ref.meta)
+                except CacheTooLarge as e:  # e.g. 1024 dense 32x32 RGB trajectories: keep it, do not lose the run
+                    warnings.warn(f"{e}: kept in this process's memory only (another run solves it again)",
+                                  RuntimeWarning, stacklevel=2)
         self.references[version] = ref
         return ref
 

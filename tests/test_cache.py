@@ -477,3 +477,23 @@ def test_a_cache_from_before_the_memo_table_gains_it_on_open(tmp_path):
         assert store.get_search_state("s") == {"g": 1} and store.get_model_memo("k") is None
         store.put_model_memo("k", {"fingerprint": "fp"})
         assert store.stats()["rows"]["model_memos"] == 1
+
+
+def test_a_reference_too_large_for_one_field_is_refused_up_front_and_the_run_keeps_it(tmp_path, monkeypatch, gmm):
+    """1024 dense 32x32 RGB trajectories outgrew SQLite's field (a search of 33 minutes died writing its report
+    reference): the store refuses a value over MAX_BLOB_BYTES before writing, and the evaluator keeps the reference
+    in memory with a warning, so the run goes on."""
+    from autotune.cache import store as store_module
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.sampling.named import build
+
+    store = open_store(str(tmp_path / "c.db"))
+    monkeypatch.setattr(store_module, "MAX_BLOB_BYTES", 1000)
+    with pytest.raises(store_module.CacheTooLarge, match="more than one field holds"):
+        store.put_reference("fp", "set", "v1", {"states": np.zeros((10, 100))}, {})
+    assert store.get_reference("fp", "set", "v1") is None
+    ev = Evaluator(gmm, "search", size=16, store=store, ref_steps=20)
+    with pytest.warns(RuntimeWarning, match="kept in this process's memory only"):
+        ref = ev.reference()
+    assert ev.reference() is ref  # held in memory: not solved again
+    assert math.isfinite(ev.evaluate(build("unipc-bh2-o2", gmm.noise, 5))["mse_ref"])
