@@ -523,6 +523,16 @@ def second_start(evaluator: Evaluator, best: Schedule, best_value: float, named:
     return named[i] if value <= SECOND_START_SLACK * best_value else None
 
 
+# The model-time shifts can fit the search set's tail more than fresh noise's. Guided digits (guidance 4) NFE 8,
+# stage 1's best refined 40 steps, on the 1024 report noises (mean / p99): with shifts 1.59e-3 / 1.38e-2 (on its own
+# 128 noises the p99 was 3.22e-3), without them 1.66e-3 / 7.98e-3, where stage 1 was at 3.12e-3 / 8.97e-3 and the
+# best diffusers peer at 3.99e-3 / 9.29e-3. Elsewhere the shifts win: digits NFE 5 2.24e-3 / 1.54e-2 with them,
+# 3.12e-3 / 1.61e-2 without; guidance 2 NFE 4 9.01e-3 / 5.36e-2 vs 1.16e-2 / 4.54e-2. So both are refined and
+# validation's tail-aware rule (search/selection.py) chooses, for the price of a second refinement (scratch runs,
+# 2026-12-04; a cosine-decayed step and 512 search noises were tried too: the first worse, the second 8x the time).
+NO_SHIFT_LABEL = "refined without shifts"
+
+
 def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks,
             pool: Optional[Pool] = None) -> None:
     from autotune.search.gradient import refine_times
@@ -540,9 +550,9 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     if c.validate and c.single_mse:
         other = second_start(evaluator, result.best, result.best_trial.mse_ref, list(setup.named_peers))
 
-    def refine(start: Schedule) -> tuple[Schedule, float]:
+    def refine(start: Schedule, shifts: bool = True) -> tuple[Schedule, float]:
         refined = refine_times(setup.model, start, evaluator.eval_set, reference, iterations=c.refine_steps,
-                               samples=REFINE_SAMPLES, ratios=fit_ratios, split=split).schedule
+                               samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts).schedule
         metrics = evaluator.evaluate(refined)
         if "evaluated_schedule" in metrics:  # ratios: the refined grid with the ratios fitted for it
             refined = loads(metrics["evaluated_schedule"])
@@ -555,6 +565,10 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     if other is not None:
         with hooks.step(f"refining from {other.name} too ({c.refine_steps} steps)"):  # second_start: why
             winner.also_refined = [(f"refined from {other.name}", refine(other)[0])]
+    if c.validate and c.single_mse:  # NO_SHIFT_LABEL: why
+        without = "times and ratios" if fit_ratios else "times"
+        with hooks.step(f"refining {without} without shifts ({c.refine_steps} steps)"):
+            winner.also_refined.append((NO_SHIFT_LABEL, refine(result.best, shifts=False)[0]))
     if value < result.best_trial.mse_ref and c.single_mse:
         winner.schedule, winner.value = refined, value
 

@@ -262,3 +262,32 @@ def test_the_job_refines_the_second_start_and_validation_sees_both(gmm):
     labels = [f.label for f in outcome.validation.scored]
     assert "refined" in labels and f"refined from {other.name}" in labels
     assert outcome.best.metadata["validation"]["chosen"] == outcome.validation.chosen.label
+
+
+def test_the_winner_is_also_refined_without_shifts_and_validation_chooses(gmm):
+    """A second refinement of stage 1's best keeps the shifts where they were (the times and ratios move); both
+    refined schedules are validation finalists. Without validation nothing could choose, so there is no second."""
+    from autotune.search.job import NO_SHIFT_LABEL
+
+    steps: list[str] = []
+
+    @contextlib.contextmanager
+    def step(description):
+        steps.append(description)
+        yield None
+
+    config = JobConfig(**SMALL, refine=5, score_report=False)
+    outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
+    scored = {f.label: f.schedule for f in outcome.validation.scored}
+    start = outcome.search.best
+    assert "refined" in scored and NO_SHIFT_LABEL in scored
+    without = scored[NO_SHIFT_LABEL]
+    assert [s.shift for s in without.steps] == [s.shift for s in start.steps]
+    assert without.times != start.times  # its grid moved
+    assert any(s.shift != 0.0 for s in scored["refined"].steps)  # the first refinement moved the shifts
+    assert "refining times and ratios without shifts (5 steps)" in steps
+
+    steps.clear()
+    run_search_job(JobConfig(**{**SMALL, "validate": 0}, refine=5, score_report=False), model=gmm,
+                   hooks=JobHooks(step=step))
+    assert not any("without shifts" in d for d in steps) and any(d.startswith("refining times") for d in steps)
