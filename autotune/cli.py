@@ -530,7 +530,8 @@ def search_cmd(
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="keep evaluations in memory only (no resume)"),
     refine: Optional[int] = typer.Option(None, "--refine", min=0, max=MAX_ITERATIONS,
-                                         help="gradient steps on the winner's time grid, model-time shifts and ratios "
+                                         help="gradient steps on the winner's time grid, model-time shifts and ratios, "
+                                              "and as many again without the shifts when validating "
                                               f"(0: none; default {DEFAULT_REFINE} for an mse_ref search from noise "
                                               "without prompts)"),
     objective: str = typer.Option("mse_ref", "--objective",
@@ -549,7 +550,7 @@ def search_cmd(
     report_size: int = typer.Option(0, "--report-size", min=0, max=MAX_BATCH,
                                     help="samples of the closing table's report set (0: 1024)"),
     validate: int = typer.Option(512, "--validate", min=0, max=MAX_BATCH,
-                                 help="choose among the finalists (best trials, refined grid) on a held-out "
+                                 help="choose among the finalists (best trials, refined grids) on a held-out "
                                       "validation set of this many samples (0: keep the search-set best)"),
     ratios: Optional[str] = typer.Option(None, "--ratios",
                                          help="fit | cpr:FILE — score every candidate with DC-Solver ratios fitted for "
