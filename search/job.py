@@ -544,10 +544,11 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     fit_ratios = c.ratios is None
     what = "times, shifts and ratios" if fit_ratios else "times and shifts"
     split = _on_workers(pool, "gradient_split", evaluator.fingerprint)
-    # only validation can choose between two refined grids: without it (or with several objectives) no second start,
-    # and the named schedules are not scored for one
+    # only validation can choose between two refined grids: without it (or with several objectives) no second start
+    # nor refinement without shifts, and the named schedules are not scored for one
+    validated = bool(c.validate and c.single_mse)
     other = None
-    if c.validate and c.single_mse:
+    if validated:
         other = second_start(evaluator, result.best, result.best_trial.mse_ref, list(setup.named_peers))
 
     def refine(start: Schedule, shifts: bool = True) -> tuple[Schedule, float]:
@@ -565,7 +566,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     if other is not None:
         with hooks.step(f"refining from {other.name} too ({c.refine_steps} steps)"):  # second_start: why
             winner.also_refined = [(f"refined from {other.name}", refine(other)[0])]
-    if c.validate and c.single_mse:  # NO_SHIFT_LABEL: why
+    if validated:  # NO_SHIFT_LABEL: why
         without = "times and ratios" if fit_ratios else "times"
         with hooks.step(f"refining {without} without shifts ({c.refine_steps} steps)"):
             winner.also_refined.append((NO_SHIFT_LABEL, refine(result.best, shifts=False)[0]))
