@@ -526,7 +526,8 @@ def search_cmd(
                                                  "stalled and is replaced (0: 20x the slowest measured, >= 60 s)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale the schedule is tuned for"),
     batch: int = typer.Option(8, "--batch", min=1, max=MAX_BATCH, help="candidates per generation / batch"),
-    set_size: int = typer.Option(0, "--set-size", min=0, max=MAX_BATCH, help="search-set size (0: default)"),
+    set_size: int = typer.Option(0, "--set-size", min=0, max=MAX_BATCH,
+                                 help="search-set size (0: 128, or 512 for a model that samples cheaply)"),
     cache: Optional[str] = typer.Option(None, "--cache", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="keep evaluations in memory only (no resume)"),
     refine: Optional[int] = typer.Option(None, "--refine", min=0, max=MAX_ITERATIONS,
@@ -549,9 +550,10 @@ def search_cmd(
                                               help="also write a report (report.md and plots) to this folder"),
     report_size: int = typer.Option(0, "--report-size", min=0, max=MAX_BATCH,
                                     help="samples of the closing table's report set (0: 1024)"),
-    validate: int = typer.Option(512, "--validate", min=0, max=MAX_BATCH,
-                                 help="choose among the finalists (best trials, refined grids) on a held-out "
-                                      "validation set of this many samples (0: keep the search-set best)"),
+    validate: Optional[int] = typer.Option(None, "--validate", min=0, max=MAX_BATCH,
+                                           help="choose among the finalists (best trials, refined grids) on a held-out "
+                                                "validation set of this many samples (0: keep the search-set best; "
+                                                "default 512, or 4096 for a model that samples cheaply)"),
     ratios: Optional[str] = typer.Option(None, "--ratios",
                                          help="fit | cpr:FILE — score every candidate with DC-Solver ratios fitted for "
                                               "it (or predicted by a CPR file) instead of searching them"),

@@ -419,7 +419,8 @@ def main() -> None:
     parser.add_argument("--report-size", type=int, default=1024, help="held-out report-set noises")
     parser.add_argument("--budget", type=int, default=JobConfig.budget, help="the search's (default: the command's)")
     parser.add_argument("--set-size", type=int, default=JobConfig.set_size, help="search-set size (0: the default)")
-    parser.add_argument("--validate", type=int, default=JobConfig.validate, help="validation-set size")
+    parser.add_argument("--validate", type=int, default=JobConfig.validate,
+                        help="validation-set size (default: the command's)")
     parser.add_argument("--method", default=None, help="replace the default search method")
     parser.add_argument("--refine", type=int, default=None,
                         help="gradient steps on the winner's grid, shifts and ratios (default: autotune search's)")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # torch-heavy: imported where they are used
     from autotune.search.runner import Pool, Progress, SearchResult
     from autotune.search.skip_stage import Stage2
     from autotune.search.strategy import Strategy
+    from autotune.search.set_sizes import SetSizes
     from autotune.search.validate import Finalist
     from autotune.space.schedule import Schedule
 
@@ -80,11 +81,12 @@ class JobConfig:
     candidate_timeout: float = 0.0  # Ray: seconds before a worker counts as stalled (0: measured)
     guidance: Optional[float] = None
     batch: int = 8
-    set_size: int = 0
+    set_size: int = 0  # search-set noises (0: 128, more for a cheap model: search/set_sizes.py)
     refine: Optional[int] = None  # gradient steps on the winner's grid, shifts, ratios (None: refine_steps decides)
     stage2_budget: int = 0  # true evaluations for the skip-mask stage (0: off)
     latency_budget: float = 0.8  # stage 2's latency limit, a fraction of the unpruned schedule's
-    validate: int = 512  # held-out samples the finalists are chosen on (0: keep the search-set best)
+    # held-out samples the finalists are chosen on (0: keep the search-set best; None: 512, more for a cheap model)
+    validate: Optional[int] = None
     ratios: Optional[str] = None  # "fit" or "cpr:FILE"
     prompts: tuple[str, ...] = ()
     strength: Optional[float] = None  # img2img: the schedule a pipeline runs at this strength
@@ -124,6 +126,10 @@ class JobConfig:
         if high > MAX_NFE:
             raise InputError(f"--nfe {self.nfe}: at most {MAX_NFE} model evaluations")
         return low, high
+
+    @property
+    def validating(self) -> bool:
+        return self.validate != 0
 
     @property
     def search_method(self) -> str:
@@ -289,6 +295,7 @@ class SearchSetup:
     search_id: str
     t_start: float
     named_peers: tuple[Schedule, ...]
+    sizes: SetSizes  # the search and validation sets' (search/set_sizes.py)
     references: dict[str, Any] = field(default_factory=dict)  # version -> Reference, shipped to Ray workers
 
     @property
@@ -335,10 +342,11 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     from autotune.search.runner import search_id
 
     low, high = config.nfe_range
-    evaluator = Evaluator(m, "search", size=config.set_size, seed=config.seed, store=store, prompts=config.prompts)
+    t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance)
+    sizes = _set_sizes(config, m, [s for s in named_peers if s.nfe == high], hooks)
+    evaluator = Evaluator(m, "search", size=sizes.search, seed=config.seed, store=store, prompts=config.prompts)
     if config.ratios is not None:
         _attach_ratios(evaluator, config, low, high, hooks)
-    t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance)
     space, strategy, warm = _strategy(config, m.noise, t_start, named_peers, evaluator, store)
     extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
     if config.warm_start and (low != high or config.strength is not None):
@@ -359,7 +367,7 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else config.nfe, method=config.search_method,
                     budget=config.budget, seed=config.seed, guidance=config.guidance, eval_set=evaluator.eval_set.id,
                     batch=config.batch, space=repr(space), **extra)
-    setup = SearchSetup(config, m, store, evaluator, strategy, space, sid, t_start, named_peers)
+    setup = SearchSetup(config, m, store, evaluator, strategy, space, sid, t_start, named_peers, sizes)
     with hooks.step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
         evaluator.progress = progress
         g = config.guidance
@@ -381,6 +389,23 @@ def _attach_ratios(evaluator: Evaluator, config: JobConfig, low: int, high: int,
         for n in range(low, high + 1):
             for note in cpr.outside_grid(n, config.guidance):
                 hooks.notify(f"warning: {note}")
+
+
+def _set_sizes(config: JobConfig, model: Denoiser, probes: list[Schedule], hooks: JobHooks) -> SetSizes:
+    """The search and validation sets' sizes: as given, else by the cost of a probe run (search/set_sizes.py). No
+    probe for prompts or img2img (latent pipelines: never cheap), nor when both sizes were given."""
+    from autotune.evaluate.sets import eval_set_for
+    from autotune.search.set_sizes import PROBE_NOISES, choose_sizes, probe
+
+    left = config.set_size == 0 or (config.validate is None and config.single_mse)
+    seconds = None
+    if left and probes and not config.prompts and config.strength is None:
+        seconds = probe(model, probes[0], eval_set_for(model, "search", PROBE_NOISES, seed=config.seed))
+    sizes = choose_sizes(seconds, config.budget, config.set_size, config.validate)
+    if sizes.cheap:
+        hooks.notify(f"a cheap model ({probes[0].name} on {PROBE_NOISES} noises: {1e3 * seconds:.1f} ms): "
+                     f"{sizes.search} search noises, {sizes.validation} for validation")
+    return sizes
 
 
 def named_peers_for(noise: NoiseSchedule, low: int, high: int, strength: Optional[float], guidance: Optional[float]):
@@ -437,7 +462,7 @@ def open_pool(setup: SearchSetup, hooks: JobHooks = QUIET) -> Pool:
     latency = LatencySpec() if LATENCY in c.objectives else None
     if c.workers == 0:
         return InProcessPool(setup.evaluator, latency)
-    spec = EvaluatorSpec(c.model, "search", c.set_size, c.seed, setup.study_url, setup.evaluator.ref_steps,
+    spec = EvaluatorSpec(c.model, "search", setup.sizes.search, c.seed, setup.study_url, setup.evaluator.ref_steps,
                          ratios=c.ratios, prompts=c.prompts)
     with hooks.step(f"starting Ray ({c.workers} workers)" if c.address is None else f"joining Ray at {c.address}"):
         return RayPool(spec, c.workers, c.address, references=setup.references, latency=latency,
@@ -487,7 +512,7 @@ def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Deno
         winner = _Winner(result.best, result.best_value)
         if config.refine_steps and not result.best.stochastic:
             _refine(setup, result, winner, hooks, pool)
-        if config.validate and config.single_mse:
+        if config.validating and config.single_mse:
             _validate(setup, result, winner, hooks, pool)
         if config.stage2_budget:
             _stage2(setup, pool, winner, hooks)
@@ -546,7 +571,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     split = _on_workers(pool, "gradient_split", evaluator.fingerprint)
     # only validation can choose between two refined grids: without it (or with several objectives) no second start
     # nor refinement without shifts, and the named schedules are not scored for one
-    validated = bool(c.validate and c.single_mse)
+    validated = c.validating and c.single_mse
     other = None
     if validated:
         other = second_start(evaluator, result.best, result.best_trial.mse_ref, list(setup.named_peers))
@@ -622,7 +647,7 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
     from autotune.search.validate import finalists, pick_on_validation
 
     c, evaluator = setup.config, setup.evaluator
-    held_out = _held_out(setup, "validation", c.validate, pool, seed=c.seed)
+    held_out = _held_out(setup, "validation", setup.sizes.validation, pool, seed=c.seed)
     extra = ([("refined", winner.refined)] if winner.refined is not None else []) + winner.also_refined
     named_here = _named_finalists(evaluator, [s for s in setup.named_peers if s.nfe == result.best.nfe],
                                   most=VALIDATED_NAMED)

@@ -235,7 +235,8 @@ def test_search_with_fitted_ratios_writes_the_fitted_schedule(tmp_path):
     cache = str(tmp_path / "c.sqlite")
     out = tmp_path / "s.json"
     r = CliRunner().invoke(app, ["search", "--model", "gmm2d", "--nfe", "5", "--budget", "8", "--batch", "4",
-                                 "--workers", "0", "--ratios", "fit", "--cache", cache, "--out", str(out)])
+                                 "--set-size", "128", "--workers", "0", "--ratios", "fit", "--cache", cache,
+                                 "--out", str(out)])
     assert r.exit_code == 0, r.output
     best = load(out)
     assert any(abs(st.ratio - 1.0) > 1e-3 for st in best.steps)
@@ -248,7 +249,7 @@ def test_search_with_fitted_ratios_writes_the_fitted_schedule(tmp_path):
     # named schedule as good) with ratios fitted for its grid; which one the validation set chose
     scored = {loads(t["metrics"]["schedule"]).hash() for t in trials}
     assert best.hash() in scored or meta["validation"]["chosen"].startswith("refined")
-    plain = Evaluator(load_model("gmm2d"), "search").evaluate(best)["mse_ref"]
+    plain = Evaluator(load_model("gmm2d"), "search", size=128).evaluate(best)["mse_ref"]
     assert abs(plain - meta["search_value"]) <= 1e-9 * max(1.0, plain)
     bad = CliRunner().invoke(app, ["search", "--model", "gmm2d", "--nfe", "5", "--budget", "2", "--workers", "0",
                                    "--ratios", "guess", "--no-cache", "--out", str(tmp_path / "b.json")])

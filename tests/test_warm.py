@@ -54,8 +54,12 @@ def test_regrid_refuses_another_start(gmm):
     assert regrid(s, other, gmm.noise) is None
 
 
+SET_SIZE = 64  # given: gmm2d samples cheaply enough for the job's larger default set (search/set_sizes.py)
+
+
 def _search(tmp_path, nfe, store, **options):
-    config = JobConfig(model="gmm2d", nfe=str(nfe), budget=16, refine=0, validate=0, score_report=False,
+    config = JobConfig(model="gmm2d", nfe=str(nfe), budget=16, set_size=SET_SIZE, refine=0, validate=0,
+                       score_report=False,
                        out=tmp_path / f"nfe{nfe}.json", **options)
     return run_search_job(config, store)
 
@@ -66,7 +70,7 @@ def test_a_search_starts_from_the_best_schedule_a_neighbouring_nfe_found(tmp_pat
     model = first.model
     from autotune.evaluate.evaluator import Evaluator
 
-    ev = Evaluator(model, "search", size=0, seed=0)
+    ev = Evaluator(model, "search", size=SET_SIZE, seed=0)
     named = [build(n, model.noise, 5).hash() for n in ("unipc-bh2-o2",)]
     warm = warm_starts(store, ev.fingerprint, ev.eval_set.id, space_of(model, 5), model.noise, None, exclude=named)
     assert len(warm) == 1 and warm[0].metadata["warm_start"]["nfe"] == 4
@@ -94,8 +98,8 @@ def test_a_warm_start_asked_where_none_applies_says_so(tmp_path):
 
     lines = []
     store = open_store(str(tmp_path / "cache.sqlite"))
-    config = JobConfig(model="gmm2d", nfe="4-5", method="evolution", budget=4, refine=0, validate=0,
-                       score_report=False, warm_start=True)
+    config = JobConfig(model="gmm2d", nfe="4-5", method="evolution", budget=4, set_size=SET_SIZE, refine=0,
+                       validate=0, score_report=False, warm_start=True)
     setup = prepare_search(config, store, hooks=JobHooks(notify=lines.append))
     assert lines == ["warm start: not used (only a search at one NFE from pure noise takes one)"]
     plain = prepare_search(dataclasses.replace(config, warm_start=False), store)

@@ -1,0 +1,95 @@
+"""How many noises the search and validation sets hold when the user leaves it to the job.
+
+The defaults (128 search noises, 512 validation noises: evaluate/ids.py's DEFAULT_SIZE) are what a network
+costs. A model whose sampling costs next to nothing (an analytic mixture, a toy network) can afford far more,
+and there the extra noises buy the tail: on ``gmm64`` a few per cent of samples switch mixture component under
+a few-step schedule, so the 99th percentile of the per-sample error is a threshold on that share, which 128
+noises cannot see and 512 cannot choose on. Measured with the default job (NFE 4, 5, 6 x seeds 0-2, graded on
+1024 report noises, ratios ours / best named schedule, geometric means; scratch runs, 2026-12-04):
+
+    search / validation noises   mean   p99    p99 no worse than the best named
+    128 / 512 (the defaults)     0.24   1.44   2 of 9
+    512 / 512                    0.28   0.83   5 of 9
+    128 / 4096                   0.22   1.14   3 of 9
+    512 / 4096 (cheap models)    0.21   0.65   6 of 9
+
+So a model counts as cheap when one run of a named schedule on ``PROBE_NOISES`` noises (the probe, timed after
+a warm-up run) projects the search loop on the larger search set under ``CHEAP_SEARCH_SECONDS``; it then gets
+``CHEAP_SIZES``. gmm64 projects about 6 s, the ``digits`` UNet 12 to 17 minutes (the machine's load), so the line sits far
+from both.
+A size the user gives (``--set-size``, ``--validate``) is kept as given.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from autotune.evaluate.ids import DEFAULT_SIZE
+
+PROBE_NOISES = 8
+CHEAP_SEARCH_SECONDS = 30.0
+CHEAP_SIZES = {"search": 512, "validation": 4096}
+FIRST_RUN_LIMIT = 0.05  # seconds: a warm one-noise run slower than this ends the probe (see probe)
+
+
+@dataclass(frozen=True)
+class SetSizes:
+    """The sizes a job uses; ``cheap`` when the probe (``probe_seconds``, None: not measured) chose them."""
+
+    search: int
+    validation: int
+    cheap: bool = False
+    probe_seconds: Optional[float] = None
+
+
+def projected_search_seconds(probe_seconds: float, budget: int, search_size: int) -> float:
+    """The search loop's sampling time on ``search_size`` noises, from a probe on PROBE_NOISES: linear in the
+    noises (an overestimate for a model whose cost is per-call overhead, so a cautious one)."""
+    return budget * probe_seconds * search_size / PROBE_NOISES
+
+
+def choose_sizes(probe_seconds: Optional[float], budget: int, set_size: int, validate: Optional[int]) -> SetSizes:
+    """The sizes for a probe (None: not measured, the defaults), the budget, and what the user gave
+    (``set_size`` 0 and ``validate`` None: left to the job; ``validate`` 0: no validation)."""
+    cheap = (probe_seconds is not None
+             and projected_search_seconds(probe_seconds, budget, CHEAP_SIZES["search"]) <= CHEAP_SEARCH_SECONDS)
+    sizes = CHEAP_SIZES if cheap else DEFAULT_SIZE
+    return SetSizes(set_size or sizes["search"], sizes["validation"] if validate is None else validate, cheap,
+                    probe_seconds)
+
+
+def probe(model: Any, schedule: Any, eval_set: Any) -> float:
+    """Seconds one run of ``schedule`` takes on the first PROBE_NOISES noises of ``eval_set``, without gradients,
+    on one thread. Runs on one noise come first (the first one warms up); when a warm one still takes over FIRST_RUN_LIMIT the
+    model is far from cheap (a latent pipeline on a CPU: seconds) and PROBE_NOISES times it is the answer."""
+    import torch
+
+    from autotune.sampling.executor import sample
+
+    noise = eval_set.noise(torch.float32)[:PROBE_NOISES]
+    labels = eval_set.conditions()
+
+    def timed(n: int) -> float:
+        started = time.perf_counter()
+        sample(model, schedule, noise[:n], None if labels is None else labels[:n])
+        return time.perf_counter() - started
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray worker scores candidates; on a busy machine more threads only wait
+    try:
+        with torch.no_grad():
+            return _probe_runs(timed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _probe_runs(timed: Any) -> float:
+    """The probe's runs (see probe): ``timed(n)`` times one run on the first n noises."""
+    one = timed(1)
+    if one > FIRST_RUN_LIMIT:
+        one = timed(1)
+    if one > FIRST_RUN_LIMIT:
+        return one * PROBE_NOISES
+    return timed(PROBE_NOISES)
