@@ -193,8 +193,9 @@ def ranking_quality(pred: Sequence[float], true: Sequence[float]) -> RankingQual
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread (bit-reproducible training), restoring the caller's setting."""
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread (bit-reproducible training here; search/set_sizes.py times its probe so),
+    restoring the caller's setting."""
     previous = torch.get_num_threads()
     if previous != 1:
         torch.set_num_threads(1)
@@ -271,7 +272,7 @@ class MLPRanker:
             raise ValueError("MLPRanker.fit needs at least 2 points with finite targets, one per row of X")
         self._xs = _Standardiser(X)
         self._y_mean, self._y_std = float(y.mean()), float(y.std()) or 1.0
-        with _one_thread():
+        with one_thread():
             gen = torch.Generator().manual_seed(int(self.seed))
             x = torch.from_numpy(self._xs(X)).float()
             t = torch.from_numpy((y - self._y_mean) / self._y_std).float()
@@ -297,7 +298,7 @@ class MLPRanker:
         """Every member's prediction, (members, N), in target units."""
         if self._params is None:
             raise RuntimeError("MLPRanker.predict before fit")
-        with _one_thread(), torch.no_grad():
+        with one_thread(), torch.no_grad():
             x = torch.from_numpy(self._xs(np.asarray(X, dtype=np.float64))).float()
             return self._forward(self._params, x).double().numpy() * self._y_std + self._y_mean
 

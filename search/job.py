@@ -33,9 +33,9 @@ if TYPE_CHECKING:  # torch-heavy: imported where they are used
     from autotune.sampling.denoiser import Denoiser
     from autotune.sampling.noise import NoiseSchedule
     from autotune.search.runner import Pool, Progress, SearchResult
+    from autotune.search.set_sizes import SetSizes
     from autotune.search.skip_stage import Stage2
     from autotune.search.strategy import Strategy
-    from autotune.search.set_sizes import SetSizes
     from autotune.search.validate import Finalist
     from autotune.space.schedule import Schedule
 
@@ -403,7 +403,7 @@ def _set_sizes(config: JobConfig, model: Denoiser, probes: list[Schedule], hooks
         seconds = probe(model, probes[0], eval_set_for(model, "search", PROBE_NOISES, seed=config.seed))
     sizes = choose_sizes(seconds, config.budget, config.set_size, config.validate)
     if sizes.cheap:
-        hooks.notify(f"a cheap model ({probes[0].name} on {PROBE_NOISES} noises: {1e3 * seconds:.1f} ms): "
+        hooks.notify(f"a cheap model ({probes[0].name} on {PROBE_NOISES} noises: {1e3 * sizes.probe_seconds:.1f} ms): "
                      f"{sizes.search} search noises, {sizes.validation} for validation")
     return sizes
 

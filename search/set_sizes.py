@@ -15,9 +15,8 @@ noises cannot see and 512 cannot choose on. Measured with the default job (NFE 4
 
 So a model counts as cheap when one run of a named schedule on ``PROBE_NOISES`` noises (the probe, timed after
 a warm-up run) projects the search loop on the larger search set under ``CHEAP_SEARCH_SECONDS``; it then gets
-``CHEAP_SIZES``. gmm64 projects about 6 s, the ``digits`` UNet 12 to 17 minutes (the machine's load), so the line sits far
-from both.
-A size the user gives (``--set-size``, ``--validate``) is kept as given.
+``CHEAP_SIZES``. gmm64 projects about 6 s, the ``digits`` UNet 12 to 17 minutes (the machine's load), so the
+line sits far from both. A size the user gives (``--set-size``, ``--validate``) is kept as given.
 """
 
 from __future__ import annotations
@@ -62,10 +61,12 @@ def choose_sizes(probe_seconds: Optional[float], budget: int, set_size: int, val
 
 def probe(model: Any, schedule: Any, eval_set: Any) -> float:
     """Seconds one run of ``schedule`` takes on the first PROBE_NOISES noises of ``eval_set``, without gradients,
-    on one thread. Runs on one noise come first (the first one warms up); when a warm one still takes over FIRST_RUN_LIMIT the
-    model is far from cheap (a latent pipeline on a CPU: seconds) and PROBE_NOISES times it is the answer."""
+    on one thread (as a Ray worker scores candidates; on a busy machine more threads only wait). Runs on one noise
+    come first (the first one warms up); when a warm one still takes over FIRST_RUN_LIMIT the model is far from
+    cheap (a latent pipeline on a CPU: seconds) and PROBE_NOISES times it is the answer."""
     import torch
 
+    from autotune.predictors.s3 import one_thread
     from autotune.sampling.executor import sample
 
     noise = eval_set.noise(torch.float32)[:PROBE_NOISES]
@@ -76,13 +77,8 @@ def probe(model: Any, schedule: Any, eval_set: Any) -> float:
         sample(model, schedule, noise[:n], None if labels is None else labels[:n])
         return time.perf_counter() - started
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a Ray worker scores candidates; on a busy machine more threads only wait
-    try:
-        with torch.no_grad():
-            return _probe_runs(timed)
-    finally:
-        torch.set_num_threads(previous)
+    with one_thread(), torch.no_grad():
+        return _probe_runs(timed)
 
 
 def _probe_runs(timed: Any) -> float:

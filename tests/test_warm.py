@@ -59,8 +59,7 @@ SET_SIZE = 64  # given: gmm2d samples cheaply enough for the job's larger defaul
 
 def _search(tmp_path, nfe, store, **options):
     config = JobConfig(model="gmm2d", nfe=str(nfe), budget=16, set_size=SET_SIZE, refine=0, validate=0,
-                       score_report=False,
-                       out=tmp_path / f"nfe{nfe}.json", **options)
+                       score_report=False, out=tmp_path / f"nfe{nfe}.json", **options)
     return run_search_job(config, store)
 
 
