@@ -686,12 +686,16 @@ def _print_stage2(stage2, best, latency_budget: float) -> None:
         console.print(f"stage 2: no skip mask met the latency limit {stage2.limit_ms:.2f} ms ({stage2.reason}); "
                       "kept the stage-1 schedule")
     elif stage2:
-        t = stage2.result.best_trial
+        t = stage2.best_trial
         console.print(f"stage 2: {sum(len(st.skip) for st in best.steps)} unit calls skipped, "
                       f"{sum(len(st.reuse) for st in best.steps)} reused"
                       f"{' (forecast)' if best.reuse_order else ''}, "
-                      f"latency {t.latency_ms:.2f} ms <= limit {stage2.limit_ms:.2f} ms ({latency_budget:g} x "
-                      f"unpruned {stage2.unpruned_ms:.2f} ms), search-set mse_ref {t.mse_ref:.4e}")
+                      f"latency {t.latency_ms:.2f} ms, limit {stage2.limit_ms:.2f} ms ({latency_budget:g} x "
+                      f"unpruned {stage2.unpruned_ms:.2f} ms)"
+                      + (f", timed again {stage2.retimed[t.hash]:.3f} x unpruned" if t.hash in stage2.retimed else "")
+                      + f", search-set mse_ref {t.mse_ref:.4e}"
+                      + (f", validation {stage2.validation[t.hash]:.4e} (best of {len(stage2.validation)} "
+                         "finalists)" if t.hash in stage2.validation else ""))
 
 
 def _write_search_report(outcome, report_dir: Path, store) -> None:

@@ -18,8 +18,10 @@ round), the least time per row; with ``--engines``, the same for ONNX Runtime en
 Evaluator on the report set (``--report-size`` noises, default 256), every row against one reference
 (``--ref-steps`` solver steps, default 100), so rows of different NFE compare; the threshold rule is scored by
 ``evaluate.metrics.score`` against it (it is a run-time wrapper, not a schedule). The search scores its candidates
-on the *search* set (``--search-size`` noises) with their latency measured as stage 2 does; only its winner is
-graded on the report set. Ratios: speedup = unpruned latency / row latency, mse x = row mse_ref / unpruned mse_ref.
+on the *search* set (``--search-size`` noises) with their latency measured as stage 2 does; its best feasible
+patterns are re-scored on the validation set (``--validate-size`` noises) and the best there is the winner, the
+only one graded on the report set. Ratios: speedup = unpruned latency / row latency, mse x = row mse_ref /
+unpruned mse_ref.
 
 The joint (NFE, reuse) front (``--front LO``, default 5; 0: off): the base schedule without reuse at every NFE
 from LO to the largest of ``--nfes`` is scored and timed with the other rows. Each reuse row is then set against
@@ -184,15 +186,28 @@ def searched(model, base: Schedule, nfe: int, args, log) -> Schedule | None:
     # candidate (a batch of 4 on rgb32 at NFE 20 was over three silent minutes)
     log(f"  search NFE {nfe}: {args.search_budget} candidates, one at a time, on {args.search_size} noises, "
         f"latency measured per candidate")
+    validation = None
+    if args.validate_size:
+        validation = Evaluator(model, "validation", size=args.validate_size, store=args.store_obj)
+        validation.sampler = args.heart.sampler
     stage = run_stage2(base, units, pool, args.search_budget, fraction=args.fraction, seed=args.seed,
                        batch_size=1, store=None, latency=LatencySpec(batch=args.batch, repeats=3),
-                       reusable=tuple(args.search_reuse) + units, callback=progress)
+                       reusable=tuple(args.search_reuse) + units, callback=progress, validation=validation)
     log(f"  search NFE {nfe}: {args.search_budget} candidates in {time.perf_counter() - started:.0f} s, limit "
         f"{stage.limit_ms:.1f} ms (unpruned {stage.unpruned_ms:.1f} ms on the search worker)"
         + (f"; {stage.reason}" if stage.reason else ""))
-    if stage.result is None or stage.result.best is None:
+    if stage.result is None or stage.best is None:
         return None
-    return stage.result.best
+    if stage.retimed:
+        held = sum(1 for share in stage.retimed.values() if share <= args.fraction)
+        log(f"  search NFE {nfe}: {len(stage.retimed)} best masks timed again against unpruned, {held} within "
+            f"{args.fraction:g}: " + " ".join(f"{share:.3f}" for share in stage.retimed.values()))
+    if stage.validation:
+        unpruned = validation.evaluate(base)["mse_ref"]
+        log(f"  search NFE {nfe}: {len(stage.validation)} feasible finalists on {args.validate_size} validation "
+            "noises, mse x unpruned: " + " ".join(f"{v / unpruned:.2f}" + ("*" if h == stage.best_trial.hash else "")
+                                                   for h, v in stage.validation.items()) + " (* chosen)")
+    return stage.best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2])
     p.add_argument("--search-budget", type=int, default=24)
     p.add_argument("--search-size", type=int, default=64)
+    p.add_argument("--validate-size", type=int, default=256, help="validation noises the search's best feasible "
+                   "patterns are chosen on (0: the search set's best)")
     p.add_argument("--search-reuse", nargs="*", default=None, help="units the search may reuse (default: the "
                    "model's deep branches deep0 deep1; digits-dit: the block spans rest1 rest2 rest4 rest6; on the "
                    "guided models also the guidance direction, guidance)")

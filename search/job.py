@@ -674,13 +674,17 @@ def _stage2(setup: SearchSetup, pool: Pool, winner: _Winner, hooks: JobHooks) ->
     guided = winner.schedule.guidance if setup.evaluator.eval_set.conditions() is not None else None
     reusable = reusable_for(setup.model.units, guided) if c.reuse else ()
     what = "compute / reuse / skip per unit" if reusable else "skip masks"
-    with hooks.step(f"stage 2: {what}, {c.stage2_budget} evaluations"):
+    # its finalists are chosen on the validation set as stage 1's are (skip_stage.STAGE2_FINALISTS says why)
+    validation = _held_out(setup, "validation", setup.sizes.validation, pool, seed=c.seed) if c.validating else None
+    with hooks.step(f"stage 2: {what}, {c.stage2_budget} evaluations") as progress:
+        if validation is not None:
+            validation.progress = progress
         winner.stage2 = run_stage2(winner.schedule, tuple(setup.model.units), pool, c.stage2_budget,
                                    fraction=c.latency_budget, seed=c.seed, batch_size=c.batch, store=setup.store,
                                    parent_id=setup.search_id, study_url=setup.study_url, study_attrs=setup.study_attrs,
-                                   reusable=reusable)
+                                   reusable=reusable, validation=validation, progress=progress)
     if winner.stage2.result is not None:
-        winner.schedule = winner.stage2.result.best
+        winner.schedule = winner.stage2.best
 
 
 def stage2_meta(stage2: Stage2) -> dict[str, Any]:
@@ -688,9 +692,11 @@ def stage2_meta(stage2: Stage2) -> dict[str, Any]:
     meta = {"search_id": stage2.search_id, "latency_budget": stage2.fraction, "limit_ms": stage2.limit_ms,
             "unpruned_latency_ms": stage2.unpruned_ms, "found": stage2.result is not None}
     if stage2.result is not None:
-        t = stage2.result.best_trial
+        t = stage2.best_trial
         meta.update(latency_ms=t.latency_ms, mse_ref=t.mse_ref, true_evaluations=stage2.result.true_evaluations,
-                    cache_hits=stage2.result.cache_hits)
+                    cache_hits=stage2.result.cache_hits,
+                    **({"latency_share_retimed": stage2.retimed[t.hash]} if t.hash in stage2.retimed else {}),
+                    **({"validation_mse_ref": stage2.validation} if stage2.validation else {}))
     return meta
 
 

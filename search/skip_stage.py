@@ -16,11 +16,11 @@ With ``reusable`` units (``Denoiser.units.reusable``: skippable units and reuse-
 branch) the gene of each (step, unit) has three states: compute, reuse (the unit's output cached at the last call
 that computed it: ``Step.reuse``) or skip (only for skippable units). The first generation holds DeepCache's
 uniform patterns (every reuse-only unit at intervals 2, 3, 5; at 10 steps or more, intervals 2 and 3 also with the
-last two steps computed) beside random genomes; breeding is the same (binary
-tournament, uniform crossover, at least one gene set to another allowed state), and every genome is repaired into
-a valid schedule: a reuse needs an earlier step that computed the unit, counted conservatively (a step that
-reuses any reuse-only unit is taken as not computing the blocks inside it). Without ``reusable`` the search is the
-skip-only one above, draw for draw.
+last two steps computed; on a guided model, the guidance direction and a deep unit reused at the same steps, at
+intervals 2 and 3) beside random genomes; breeding is the same (binary tournament, uniform crossover, at least one
+gene set to another allowed state), and every genome is repaired into a valid schedule: a reuse needs an earlier
+step that computed the unit, counted conservatively (a step that reuses any reuse-only unit is taken as not
+computing the blocks inside it). Without ``reusable`` the search is the skip-only one above, draw for draw.
 
 With more than one of ``reuse_orders`` (default: both of ``Schedule.reuse_order``'s, copy and first-order
 forecast) the genome ends with one more gene, the schedule's reuse order, bred and mutated like the others; the
@@ -51,7 +51,26 @@ DEEPCACHE_INTERVALS = (2, 3, 5)
 # search's winner was DeepCache N=2 (forecast) with the last two steps computed: 1.70x faster at 1.19x the
 # unpruned mse_ref on the report set, where N=2 itself was at 2.18x.
 FULL_TAIL, FULL_TAIL_FROM = 2, 10
+# On a guided model, seeds that also reuse the guidance direction with each of the first COMBINED_UNITS deep units
+# at the same steps (intervals 2 and 3, the tail computed on long schedules). On digits (guidance 2, NFE 20, 128
+# report noises) the guidance direction and deep0 forecast together every other step, the last step computed, ran
+# 1.51-1.54x faster than unpruned at 1.03x its mse_ref, where neither alone reached 1.45x; budget-24 and budget-64
+# searches seeded with one unit at a time found deep0 alone (2.28x).
+COMBINED_UNITS = 2
 COMPUTE, REUSE, SKIP = 0, 1, 2
+# Masks chosen on a held-out set: the best feasible ones by search-set mse_ref, re-scored on validation. On digits
+# (guidance 2, NFE 20, 64 search noises) the search's two best bred masks were 1.19-1.20x the unpruned mse_ref on
+# the search set and 1.30-1.42x on 256 report noises, where DeepCache-shaped seeds held (1.03 -> 1.04, 1.08 -> 1.09).
+STAGE2_FINALISTS = 5
+# Before the choice, the CONFIRMED best masks timed at most BORDER over the limit are timed again, CONFIRM_ROUNDS times
+# each against the unpruned schedule, and only those whose median share of its time is within the limit are
+# finalists. One timing decides feasibility badly near the limit: on digits (guidance 2, NFE 20) the same pattern's
+# share of the unpruned time ranged 0.60-0.67 over six back-to-back pairs of 3 runs, and the guidance + deep0
+# seed (0.62-0.65 in interleaved timing, 1.04x the unpruned mse_ref on report noises) was timed over the 0.66 limit
+# in three searches of four, which then chose masks at 1.30-1.59x.
+BORDER = 0.05
+CONFIRM_ROUNDS = 3
+CONFIRMED = 2 * STAGE2_FINALISTS
 
 
 class SkipMaskSearch:
@@ -86,8 +105,13 @@ class SkipMaskSearch:
         n_steps = len(self.base.steps)
         self.seeds = [self._deepcache(unit, n) for unit in self.reuse_only for n in DEEPCACHE_INTERVALS
                       if n < n_steps]
-        if n_steps >= FULL_TAIL_FROM:  # the same patterns computing the last steps (an error there is not corrected)
-            self.seeds += [self._deepcache(unit, n, full_tail=FULL_TAIL) for unit in self.reuse_only
+        tail = FULL_TAIL if n_steps >= FULL_TAIL_FROM else 0
+        if tail:  # the same patterns computing the last steps (an error there is not corrected)
+            self.seeds += [self._deepcache(unit, n, full_tail=tail) for unit in self.reuse_only
+                           for n in DEEPCACHE_INTERVALS[:2]]
+        deep = [u for u in self.reuse_only if u != GUIDANCE_UNIT]
+        if GUIDANCE_UNIT in self.reuse_only:  # both reuses at once: the conditional half alone, without its deep part
+            self.seeds += [self._deepcache((GUIDANCE_UNIT, unit), n, full_tail=tail) for unit in deep[:COMBINED_UNITS]
                            for n in DEEPCACHE_INTERVALS[:2]]
         self.population_size = population
         self.rng = np.random.default_rng(seed)
@@ -122,9 +146,11 @@ class SkipMaskSearch:
             states.append(SKIP)
         return tuple(states)
 
-    def _deepcache(self, unit: str, interval: int, full_tail: int = 0) -> np.ndarray:
+    def _deepcache(self, units: str | tuple[str, ...], interval: int, full_tail: int = 0) -> np.ndarray:
+        """DeepCache's uniform pattern reusing ``units`` (one name or several) between full calls."""
+        units = (units,) if isinstance(units, str) else units
         last = len(self.base.steps) - full_tail  # steps from here on compute everything
-        genes = [REUSE if u == unit and k % interval and k < last else COMPUTE for k, u in self.bits]
+        genes = [REUSE if u in units and k % interval and k < last else COMPUTE for k, u in self.bits]
         return np.array(genes + ([self.reuse_orders[-1]] if self.order_gene else []), dtype=np.int8)
 
     def _allowed_at(self, i: int) -> tuple[int, ...]:
@@ -252,7 +278,10 @@ class SkipMaskSearch:
 
 @dataclasses.dataclass(frozen=True)
 class Stage2:
-    """What stage 2 found: the runner's result (None when no mask met the limit) and the latency figures."""
+    """What stage 2 found: the runner's result (None when no mask met the limit), the latency figures, and the
+    schedule chosen (``best``, its trial ``best_trial``) among the finalists (masks timed again within the limit,
+    ``retimed``): the lowest search-set mse_ref, or with a validation set the best there (``validation``: each
+    finalist's trial hash -> its validation mse_ref)."""
 
     result: Any  # SearchResult | None
     search_id: str
@@ -260,13 +289,46 @@ class Stage2:
     unpruned_ms: float
     fraction: float
     reason: str = ""  # why no mask was found
+    best: Any = None  # Schedule | None
+    best_trial: Any = None  # Trial | None
+    validation: dict = dataclasses.field(default_factory=dict)
+    retimed: dict = dataclasses.field(default_factory=dict)  # trial hash -> latency share of unpruned, timed again
+
+
+def stage2_candidates(result: Any, limit_ms: float, most: int = CONFIRMED) -> list[Any]:
+    """The ``most`` trials of lowest search-set mse_ref timed within BORDER over ``limit_ms``, one per schedule
+    (screened ones left out: their figure is an estimate)."""
+    out, seen = [], set()
+    for t in sorted(result.trials, key=lambda t: t.value):
+        ok = t.latency_ms is not None and t.latency_ms <= limit_ms * (1 + BORDER)
+        if ok and not t.diverged and not t.screened and math.isfinite(t.value) and t.hash not in seen:
+            seen.add(t.hash)
+            out.append(t)
+    return out[:most]
+
+
+def retimed_shares(pool: Any, unpruned: Schedule, trials: list[Any], latency: Any,
+                   rounds: int = CONFIRM_ROUNDS) -> dict[str, float]:
+    """Each trial's latency as a share of the unpruned schedule's, timed again: ``rounds`` pool calls of the unpruned
+    schedule followed by every trial's, the median over rounds of the trial's time over that round's unpruned time
+    (so a slow phase of the machine slows both sides of a ratio)."""
+    from autotune.search.latency import LATENCY
+    from autotune.space.fileformat import loads
+
+    schedules = [unpruned] + [loads(t.schedule) for t in trials]
+    shares: dict[str, list[float]] = {t.hash: [] for t in trials}
+    for _ in range(rounds):
+        rows = pool.map(schedules, latency)
+        for t, row in zip(trials, rows[1:]):
+            shares[t.hash].append(row[LATENCY] / rows[0][LATENCY])
+    return {h: float(np.median(v)) for h, v in shares.items()}
 
 
 def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *, fraction: float, seed: int = 0,
                batch_size: int = 8, store: Any = None, parent_id: str = "", study_url: str | None = None,
                study_attrs: dict[str, Any] | None = None, latency: Any = None,
                reusable: tuple[str, ...] = (), reuse_orders: tuple[int, ...] = REUSE_ORDERS,
-               callback: Any = None) -> Stage2:
+               callback: Any = None, validation: Any = None, progress: Any = None) -> Stage2:
     """Stage 2 on ``base``: skip masks minimising mse_ref with latency <= ``fraction`` x the unpruned latency;
     with ``reusable`` units, compute / reuse / skip per (step, unit), and the reuse order among ``reuse_orders`` (the
     study records all three).
@@ -275,6 +337,11 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
     resumed stage (same parent search, base, budget, fraction and seed) keeps the limit it started with.
     ``latency``: a LatencySpec (default: 8 samples, median of 5 runs after 1 warm-up). ``callback``: hears
     run_search's :class:`~autotune.search.runner.Progress` after every batch.
+
+    The finalists are the STAGE2_FINALISTS best masks (search-set mse_ref) whose latency, timed again against the
+    unpruned schedule's (``retimed_shares``), is within the limit; ``validation``: an Evaluator of a held-out set
+    where they are scored and the best is chosen (search/validate.py's rule, as for stage 1's finalists;
+    ``progress`` hears of each); without it, the first of them.
     """
     from autotune.search.latency import LATENCY, LatencySpec
     from autotune.search.optuna_record import StudyRecorder
@@ -305,4 +372,21 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
                             callback=callback)
     except SearchError as e:
         return Stage2(None, sid, limit, unpruned_ms, fraction, str(e))
-    return Stage2(result, sid, limit, unpruned_ms, fraction)
+    candidates = stage2_candidates(result, limit)
+    shares = retimed_shares(pool, unpruned, candidates, latency)
+    finalists = [t for t in candidates if shares[t.hash] <= fraction][:STAGE2_FINALISTS]
+    if not finalists:  # none held the limit when timed again: the search's own best (it did when it was timed)
+        return Stage2(result, sid, limit, unpruned_ms, fraction, best=result.best, best_trial=result.best_trial,
+                      retimed=shares)
+    best_trial, scores = finalists[0], {}
+    if validation is not None and len(finalists) > 1:
+        from autotune.search.validate import pick_on_validation
+        from autotune.space.fileformat import loads
+
+        chosen, scored = pick_on_validation(validation, [(t.hash, loads(t.schedule)) for t in finalists],
+                                            progress=progress)
+        scores = {f.label: f.validation["mse_ref"] for f in scored}
+        best_trial = next(t for t in finalists if t.hash == chosen.label)
+    best = result.best if best_trial.hash == result.best.hash() else best_trial.schedule_value()
+    return Stage2(result, sid, limit, unpruned_ms, fraction, best=best, best_trial=best_trial, validation=scores,
+                  retimed=shares)

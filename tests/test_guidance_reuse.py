@@ -96,6 +96,22 @@ def test_stage2_repair_counts_a_guidance_reusing_step_as_caching_nothing():
     assert any(GUIDANCE_UNIT in st.reuse for st in search.ask(1)[0].steps)
 
 
+def test_stage2_seeds_a_guided_search_with_the_direction_and_a_deep_unit_reused_together():
+    from autotune.search.skip_stage import COMBINED_UNITS, FULL_TAIL, SkipMaskSearch
+
+    base = dataclasses.replace(build("dpmsolver++2m", VPLinear(), 12), guidance=2.0)
+    units = ("deep0", "deep1", "deep2", GUIDANCE_UNIT)
+    search = SkipMaskSearch(base, (), 10.0, seed=1, reusable=units)
+    combined = [s for s in search.ask(len(search.seeds)) if any(len(st.reuse) > 1 for st in s.steps)]
+    assert len(combined) == 2 * COMBINED_UNITS  # intervals 2 and 3 for deep0 and deep1, not deep2
+    for s, (unit, interval) in zip(combined, [("deep0", 2), ("deep0", 3), ("deep1", 2), ("deep1", 3)]):
+        expect = [() if k % interval == 0 or k >= 12 - FULL_TAIL else (unit, GUIDANCE_UNIT) for k in range(12)]
+        assert [tuple(sorted(st.reuse)) for st in s.steps] == [tuple(sorted(r)) for r in expect]
+        assert s.reuse_order == 1
+    unguided = SkipMaskSearch(dataclasses.replace(base, guidance=None), (), 10.0, seed=1, reusable=units[:3])
+    assert not any(len(st.reuse) > 1 for s in unguided.ask(len(unguided.seeds)) for st in s.steps)
+
+
 def _batch(b=6):
     return torch.randn(b, 1, 16, 16, generator=torch.Generator().manual_seed(3)), torch.arange(b) % 10
 

@@ -176,6 +176,27 @@ def test_stage2_skips_units_of_the_written_schedule_on_digits(tmp_path, monkeypa
     assert meta["found"] and meta["latency_ms"] <= meta["limit_ms"] and meta["search_id"] == outcome.stage2.search_id
 
 
+def test_stage2_of_a_validating_job_chooses_its_mask_on_the_validation_set(tmp_path, monkeypatch):
+    """With validation on, the job's stage 2 scores its best feasible masks on the validation set, writes the one
+    chosen there and records their validation figures in the file."""
+    from autotune.models.registry import load_model
+    from autotune.search import runner
+
+    monkeypatch.setattr(runner, "measure_latency", lambda model, schedule, eval_set, spec: float(
+        sum(1 + len(model.units) - len(st.skip) for st in schedule.steps)))
+    out = tmp_path / "pruned.json"
+    config = JobConfig(model="digits", nfe="4", budget=4, batch=4, set_size=8, validate=8, stage2_budget=8,
+                       out=out, score_report=False, refine=0)
+    outcome = run_search_job(config, model=load_model("digits"))
+    stage = outcome.stage2
+    assert stage.result is not None, stage.reason
+    written = load(out)
+    assert written.hash() == stage.best.hash() == outcome.best.hash() == stage.best_trial.hash
+    assert stage.best_trial.hash in stage.validation and len(stage.validation) > 1
+    assert all(stage.retimed[h] <= config.latency_budget for h in stage.validation)  # the finalists held the limit
+    assert written.metadata["stage2"]["validation_mse_ref"] == stage.validation
+
+
 @pytest.mark.parametrize("nfe", ["4", "8"])
 def test_every_set_is_scored_against_the_reference_its_nfe_needs(tmp_path, gmm, nfe):
     """A job at NFE <= FEW_STEP_NFE scores its search, validation and report sets against the few-step reference

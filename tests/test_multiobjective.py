@@ -236,3 +236,77 @@ def test_stage2_with_reuse_records_the_reuse_masks_and_order_in_its_optuna_study
     # each trial decodes to a schedule the search scored (the order and both masks are in the hash)
     scored = {tr.schedule_value().hash() for tr in stage.result.trials}
     assert len(decoded) == len(stage.result.trials) and {s.hash() for s in decoded} <= scored
+
+
+def test_stage2_with_a_validation_set_chooses_among_its_best_feasible_masks_there(monkeypatch):
+    """With ``validation``, stage 2 re-scores its best masks within the limit (STAGE2_FINALISTS, by search-set
+    mse_ref) on the held-out set and returns the best there; without, the search set's best (latency: a
+    deterministic cost). The held-out set here scores the search set's best 10x worse, so the two choices differ."""
+    from autotune.models.registry import load_model
+    from autotune.search import runner
+    from autotune.search.latency import LatencySpec
+    from autotune.search.selection import selection_value
+    from autotune.search.skip_stage import STAGE2_FINALISTS, run_stage2
+
+    model = load_model("digits")
+    monkeypatch.setattr(runner, "measure_latency", lambda model, schedule, eval_set, spec: float(
+        sum(3 - len(st.reuse) for st in schedule.steps)))
+    evaluator = Evaluator(model, "search", size=4)
+    base = build("dpmsolver++2m", model.noise, 5)
+    args = dict(fraction=0.9, batch_size=4, latency=LatencySpec(batch=4, repeats=3), reusable=("deep0", "deep1"))
+    plain = run_stage2(base, (), InProcessPool(evaluator), 12, **args)
+    assert plain.best.hash() == plain.result.best.hash() and not plain.validation
+
+    class HeldOut(Evaluator):
+        def evaluate(self, schedule, screen=None):
+            m = dict(super().evaluate(schedule, screen))
+            if schedule.hash() == plain.best.hash():
+                m["mse_ref"], m["mse_ref_cvar"] = 10 * m["mse_ref"], 10 * m["mse_ref_cvar"]
+            return m
+
+    held_out = HeldOut(model, "validation", size=6)
+    # a fresh search-set evaluator: the same search (cache hits would not count against the budget)
+    stage = run_stage2(base, (), InProcessPool(Evaluator(model, "search", size=4)), 12, validation=held_out, **args)
+    assert stage.result.best.hash() == plain.best.hash()
+    feasible = {t.hash: t for t in stage.result.trials if t.feasible}
+    assert 1 < len(stage.validation) <= STAGE2_FINALISTS and set(stage.validation) <= set(feasible)
+    values = sorted({t.hash: t.value for t in feasible.values()}.items(), key=lambda kv: kv[1])
+    assert set(stage.validation) == {h for h, _ in values[:len(stage.validation)]}  # the best by the search set
+    scores = {h: selection_value(held_out.evaluate(feasible[h].schedule_value())) for h in stage.validation}
+    assert stage.best_trial.hash == min(scores, key=scores.get) != plain.best.hash()
+    assert stage.best.hash() == stage.best_trial.hash
+    assert math.isclose(stage.validation[stage.best_trial.hash], held_out.evaluate(stage.best)["mse_ref"])
+
+
+def test_stage2_times_masks_near_the_limit_again_before_it_chooses(monkeypatch):
+    """A mask timed once just over the limit (a slow moment: here, 1 ms more at its first timing) is a finalist when
+    timed again within it, and one timed again over it is not (unpruned 5 steps x 3 = 15 ms, limit 0.9 x 15)."""
+    from autotune.models.registry import load_model
+    from autotune.search import runner
+    from autotune.search.latency import LatencySpec
+    from autotune.search.skip_stage import BORDER, run_stage2
+
+    model = load_model("digits")
+    timed: set[str] = set()
+
+    def first_slow(model, schedule, eval_set, spec):
+        ms = float(sum(3 - len(st.reuse) for st in schedule.steps))
+        if schedule.units_reused and schedule.hash() not in timed:
+            timed.add(schedule.hash())
+            ms += 1.0
+        return ms
+
+    monkeypatch.setattr(runner, "measure_latency", first_slow)
+    base = build("dpmsolver++2m", model.noise, 5)
+    stage = run_stage2(base, (), InProcessPool(Evaluator(model, "search", size=4)), 12, fraction=0.9, batch_size=4,
+                       latency=LatencySpec(batch=4, repeats=3), reusable=("deep0", "deep1"))
+    assert stage.limit_ms == 0.9 * 15
+    borderline = {t.hash for t in stage.result.trials if stage.limit_ms < t.latency_ms <= stage.limit_ms * (1 + BORDER)}
+    assert borderline and borderline <= set(stage.retimed)  # 14 ms at the first timing: timed again
+    trials = {t.hash: t for t in stage.result.trials}
+    for h, share in stage.retimed.items():  # timed again: no first-timing penalty
+        assert share == sum(3 - len(st.reuse) for st in trials[h].schedule_value().steps) / 15
+    finalists = {h for h, share in stage.retimed.items() if share <= 0.9}
+    assert stage.best_trial.hash in finalists
+    assert stage.best_trial.value == min(t.value for t in stage.result.trials if t.hash in finalists)
+    assert any(stage.retimed[h] == 13 / 15 for h in borderline)  # over the limit once, a finalist now
