@@ -69,7 +69,7 @@ STAGE2_FINALISTS = 5
 # seed (0.62-0.65 in interleaved timing, 1.04x the unpruned mse_ref on report noises) was timed over the 0.66 limit
 # in three searches of four, which then chose masks at 1.30-1.59x.
 BORDER = 0.05
-CONFIRM_ROUNDS = 3
+CONFIRM_ROUNDS = 5
 CONFIRMED = 2 * STAGE2_FINALISTS
 
 
@@ -310,15 +310,17 @@ def stage2_candidates(result: Any, limit_ms: float, most: int = CONFIRMED) -> li
 def retimed_shares(pool: Any, unpruned: Schedule, trials: list[Any], latency: Any,
                    rounds: int = CONFIRM_ROUNDS) -> dict[str, float]:
     """Each trial's latency as a share of the unpruned schedule's, timed again: ``rounds`` pool calls of the unpruned
-    schedule followed by every trial's, the median over rounds of the trial's time over that round's unpruned time
-    (so a slow phase of the machine slows both sides of a ratio)."""
+    schedule followed by every trial's, one run each (the search's timings warmed the model), the median over rounds
+    of the trial's time over that round's unpruned time (so a slow phase of the machine slows both sides of a
+    ratio). It costs about as much as timing a few more candidates."""
     from autotune.search.latency import LATENCY
     from autotune.space.fileformat import loads
 
     schedules = [unpruned] + [loads(t.schedule) for t in trials]
     shares: dict[str, list[float]] = {t.hash: [] for t in trials}
+    once = dataclasses.replace(latency, repeats=1, warmup=0)  # each round pairs single runs, adjacent in time
     for _ in range(rounds):
-        rows = pool.map(schedules, latency)
+        rows = pool.map(schedules, once)
         for t, row in zip(trials, rows[1:]):
             shares[t.hash].append(row[LATENCY] / rows[0][LATENCY])
     return {h: float(np.median(v)) for h, v in shares.items()}
