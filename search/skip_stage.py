@@ -67,7 +67,7 @@ STAGE2_FINALISTS = 5
 # finalists. One timing decides feasibility badly near the limit: on digits (guidance 2, NFE 20) the same pattern's
 # share of the unpruned time ranged 0.60-0.67 over six back-to-back pairs of 3 runs, and the guidance + deep0
 # seed (0.62-0.65 in interleaved timing, 1.04x the unpruned mse_ref on report noises) was timed over the 0.66 limit
-# in three searches of four, which then chose masks at 1.30-1.59x.
+# in the bench's searches, which then chose masks at 1.30-1.59x (README: it still is, re-timing or not).
 BORDER = 0.05
 CONFIRM_ROUNDS = 5
 CONFIRMED = 2 * STAGE2_FINALISTS
@@ -314,9 +314,8 @@ def retimed_shares(pool: Any, unpruned: Schedule, trials: list[Any], latency: An
     of the trial's time over that round's unpruned time (so a slow phase of the machine slows both sides of a
     ratio). It costs about as much as timing a few more candidates."""
     from autotune.search.latency import LATENCY
-    from autotune.space.fileformat import loads
 
-    schedules = [unpruned] + [loads(t.schedule) for t in trials]
+    schedules = [unpruned] + [t.schedule_value() for t in trials]
     shares: dict[str, list[float]] = {t.hash: [] for t in trials}
     once = dataclasses.replace(latency, repeats=1, warmup=0)  # each round pairs single runs, adjacent in time
     for _ in range(rounds):
@@ -383,9 +382,8 @@ def run_stage2(base: Schedule, units: tuple[str, ...], pool: Any, budget: int, *
     best_trial, scores = finalists[0], {}
     if validation is not None and len(finalists) > 1:
         from autotune.search.validate import pick_on_validation
-        from autotune.space.fileformat import loads
 
-        chosen, scored = pick_on_validation(validation, [(t.hash, loads(t.schedule)) for t in finalists],
+        chosen, scored = pick_on_validation(validation, [(t.hash, t.schedule_value()) for t in finalists],
                                             progress=progress)
         scores = {f.label: f.validation["mse_ref"] for f in scored}
         best_trial = next(t for t in finalists if t.hash == chosen.label)
