@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.front and not 1 <= args.front <= max(args.nfes):
         p.error(f"--front: must be 0 (off) or an NFE in 1..{max(args.nfes)}, got {args.front}")
+    if args.validate_size < 0:
+        p.error(f"--validate-size: must be 0 (off) or a number of noises, got {args.validate_size}")
     torch.set_num_threads(args.threads)
 
     heart = Heartbeat()
