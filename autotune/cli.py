@@ -205,6 +205,8 @@ def sample_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64"),
     png: Optional[Path] = typer.Option(None, "--png", help="also write a grid image of the samples"),
     columns: Optional[int] = typer.Option(None, "--columns", min=1, help="samples per row of the --png grid"),
+    provider: Optional[str] = typer.Option(None, "--provider",
+                                           help="with --engine (onnxruntime): execution provider cpu, cuda or tensorrt"),
 ) -> None:
     """Run SCHEDULE on MODEL (or a compiled --engine) from the given noise and write the final samples."""
     import dataclasses
@@ -225,8 +227,10 @@ def sample_cmd(
                                 "--schedule, --prompts and --guidance")
         from autotune.compile_cli import sample_engine
 
-        sample_engine(engine, out, noise, num, seed, class_labels, png, columns)
+        sample_engine(engine, out, noise, num, seed, class_labels, png, columns, provider)
         return
+    if provider is not None:
+        raise InputError("--provider: only with --engine (an onnxruntime engine directory)")
     if model is None or schedule is None:
         raise AutotuneError("sample: give --model and --schedule, or --engine")
     sched = load(schedule)  # a bad file fails before any model is loaded

@@ -55,6 +55,8 @@ def compile_cmd(
     out: Path = typer.Option(..., "--out", help="engine directory to write"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="override the schedule's guidance (baked in)"),
     max_batch: int = typer.Option(64, "--max-batch", min=1, max=MAX_BATCH, help="tensorrt: largest batch of the profile"),
+    provider: str = typer.Option("cpu", "--provider",
+                                 help="onnxruntime: the execution provider the parity check runs on (cpu, cuda, tensorrt)"),
 ) -> None:
     """Bake SCHEDULE on MODEL into an engine directory (artifact, schedule file, manifest.json)."""
     import torch
@@ -62,11 +64,13 @@ def compile_cmd(
     from autotune.compile import build_engine
 
     check_output_dir(out, "--out")
+    load_options = _provider_options(backend, provider)
     torch.set_num_threads(1)
     with step(f"loading {model}"):
         m, sched = _model_and_schedule(model, schedule, guidance)
     with step(f"baking, exporting ({backend}) and checking parity"):
-        man = build_engine(m, sched, out, backend, precision, model_spec=model, max_batch=max_batch)
+        man = build_engine(m, sched, out, backend, precision, model_spec=model, max_batch=max_batch,
+                           load_options=load_options)
     p = man.parity
     console.print(f"wrote {out}: {man.backend} {man.precision}, {man.artifact}, NFE {sched.nfe}, "
                   f"schedule {sched.hash()}")
@@ -86,19 +90,23 @@ def bench_cmd(
     repeats: int = typer.Option(5, "--repeats", min=1, max=MAX_ITERATIONS,
                                 help="timed calls per cell (the median is shown)"),
     threads: int = typer.Option(1, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch and onnxruntime"),
+    provider: str = typer.Option("cpu", "--provider",
+                                 help="execution provider of the onnxruntime and bare ways: cpu, cuda or tensorrt"),
 ) -> None:
     """Latency of SCHEDULE on MODEL: eager executor vs baked module vs engines, side by side."""
     import torch
 
+    from autotune.compile.backends import check_provider
     from autotune.compile.timing import bench, ratios
 
+    check_provider(provider)
     torch.set_num_threads(threads)
     ways = _csv(backends, "--backends")
     sizes = _batches(batch)
     with step(f"loading {model}"):
         m, sched = _model_and_schedule(model, schedule, None)
     with step(f"building and timing {', '.join(ways)} at batch {', '.join(map(str, sizes))}"):
-        rows = bench(m, sched, ways, sizes, repeats=repeats, threads=threads)
+        rows = bench(m, sched, ways, sizes, repeats=repeats, threads=threads, provider=provider)
     rel = ratios(rows)
     from autotune.tables import bench_table
 
@@ -107,8 +115,23 @@ def bench_cmd(
         console.print(f"{way}: {note}", highlight=False)
 
 
+def _provider_options(backend: str, provider: Optional[str]) -> dict[str, str]:
+    """The loader options ``--provider`` asks for: onnxruntime's execution provider, checked before any work."""
+    from autotune.compile.backends import check_provider
+
+    if provider is None:
+        return {}
+    if backend != "onnxruntime":
+        if provider == "cpu":
+            return {}
+        raise InputError(f"--provider {provider}: only onnxruntime engines take a provider (this is {backend})")
+    check_provider(provider)
+    return {"provider": provider}
+
+
 def sample_engine(engine_dir: Path, out: Path, noise: Optional[Path], num: Optional[int], seed: int,
-                  class_labels: Optional[Path], png: Optional[Path], columns: Optional[int]) -> None:
+                  class_labels: Optional[Path], png: Optional[Path], columns: Optional[int],
+                  provider: Optional[str] = None) -> None:
     """`autotune sample --engine DIR`: run a compiled engine on the noise (and labels) and write the samples."""
     import numpy as np
 
@@ -117,9 +140,9 @@ def sample_engine(engine_dir: Path, out: Path, noise: Optional[Path], num: Optio
     if not engine_dir.is_dir():
         raise InputError(f"--engine {engine_dir}: not a directory (an engine directory from `autotune compile`)")
     with step(f"loading the engine in {engine_dir}"):  # the runtime's import and session start are this wait
-        from autotune.compile import load_engine
+        from autotune.compile import load_engine, read_manifest
 
-        eng = load_engine(engine_dir)
+        eng = load_engine(engine_dir, **_provider_options(read_manifest(engine_dir).backend, provider))
     specs = {s.name: s for s in eng.manifest.inputs}
     if noise is not None:
         x = read_noise(noise).astype(np.float32)

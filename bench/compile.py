@@ -8,7 +8,7 @@ and within 1.1x of ``bare``. Optionally the fp16 torch engine's ``mse_ref`` vs t
 
     python bench/compile.py [--model digits] [--schedule FILE | --named dpmsolver++2m --nfe 8]
                             [--guidance 2] [--batch 1,16] [--repeats 20] [--threads 1]
-                            [--ways eager,baked,onnxruntime,bare] [--quality]
+                            [--ways eager,baked,onnxruntime,bare] [--provider cpu|cuda] [--quality]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ways", default="eager,baked,onnxruntime,bare")
+    p.add_argument("--provider", default="cpu", help="onnxruntime execution provider of the engine and bare: cpu, cuda")
     p.add_argument("--quality", action="store_true", help="also mse_ref of the torch fp16 engine vs eager fp32")
     p.add_argument("--report-size", type=int, default=64)
     args = p.parse_args()
@@ -74,8 +75,8 @@ def main() -> None:
     ways = args.ways.split(",")
     print(f"model {args.model}, schedule {schedule.name or args.schedule} ({schedule.hash()}), NFE {schedule.nfe}, "
           f"guidance {schedule.guidance}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, cuda {torch.cuda.is_available()}")
-    rows = bench(model, schedule, ways, batches, repeats=args.repeats, threads=args.threads,
+          f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, onnxruntime provider {args.provider}")
+    rows = bench(model, schedule, ways, batches, repeats=args.repeats, threads=args.threads, provider=args.provider,
                  on_row=lambda r: print(f"  measured {r.way:<12} batch {r.batch:<4} {1e3 * r.seconds:9.2f} ms",
                                         flush=True))
     rel = ratios(rows)

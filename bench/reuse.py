@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fraction", type=float, default=0.66, help="search latency budget x unpruned")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engines", action="store_true", help="also time ONNX Runtime engines of the static rows")
+    p.add_argument("--provider", default="cpu", help="--engines: onnxruntime execution provider (cpu, cuda)")
     p.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "autotune-bench-reuse.db"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--front", type=int, default=5, metavar="LO",
@@ -415,12 +416,12 @@ def engine_times(model, group: list[Row], args, log) -> None:
         runs = []
         for i, row in enumerate(group):
             man = build_engine(model, row.schedule, Path(tmp) / str(i), "onnxruntime", parity_noises=2,
-                               load_options={"threads": args.threads})
+                               load_options={"threads": args.threads, "provider": args.provider})
             row.note = (row.note + "; " if row.note else "") + \
                 f"engine parity {man.parity['engine_vs_executor_max_abs']:.1e}"
             log(f"  engine NFE {row.nfe} {row.name}: built, parity "
                 f"{man.parity['engine_vs_executor_max_abs']:.1e}")
-            engine = load_engine(Path(tmp) / str(i), model, threads=args.threads)
+            engine = load_engine(Path(tmp) / str(i), model, threads=args.threads, provider=args.provider)
             inputs, _ = engine_io(model, row.schedule)
             data = {k: v.numpy() for k, v in example_inputs(model, inputs, args.batch, seed=1).items()}
             runs.append(lambda engine=engine, data=data: engine(**data))
@@ -438,7 +439,8 @@ def print_table(rows: list[Row], args) -> None:
     print()
     model = args.model if args.guidance is None else f"{args.model}, guidance {args.guidance:g}"
     print(f"{model}, base {args.base}; mse_ref on {args.report_size} report noises;")
-    print(f"latency: executor (ms) and ONNX Runtime engine (eng ms), batch {args.batch}, least of {args.rounds} "
+    where = "" if args.provider == "cpu" else f" on {args.provider}"
+    print(f"latency: executor (ms) and ONNX Runtime engine{where} (eng ms), batch {args.batch}, least of {args.rounds} "
           f"interleaved rounds, {args.threads} thread(s)")
     print(head)
     print("-" * len(head))

@@ -113,6 +113,22 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def check_provider(provider: str) -> None:
+    """``provider`` names one of onnxruntime's execution providers we run engines on, and this install has it."""
+    if provider not in OnnxRuntimeBackend.PROVIDERS:
+        raise BackendError(f"onnxruntime: provider {provider!r} unknown "
+                           f"(one of {', '.join(OnnxRuntimeBackend.PROVIDERS)})")
+    if provider == "cpu" or not _has_module("onnxruntime"):
+        return  # the CPU provider is in every install; a missing onnxruntime is the backend's own error
+    import onnxruntime as ort
+
+    ep = OnnxRuntimeBackend.PROVIDERS[provider]
+    if ep not in ort.get_available_providers():
+        raise BackendError(f"onnxruntime: {ep} is not available in this install "
+                           f"(available: {', '.join(ort.get_available_providers())}; "
+                           "the GPU providers need onnxruntime-gpu)")
+
+
 @register
 class OnnxRuntimeBackend:
     """ONNX Runtime over ``model.onnx`` (CPU by default; ``provider="cuda"`` / ``"tensorrt"`` with onnxruntime-gpu)."""
@@ -143,13 +159,8 @@ class OnnxRuntimeBackend:
         itself, but our pin allows releases from 1.18, and its refusal is a traceback, not one line)."""
         import onnxruntime as ort
 
-        if provider not in self.PROVIDERS:
-            raise BackendError(f"onnxruntime: provider {provider!r} unknown (one of {', '.join(self.PROVIDERS)})")
+        check_provider(provider)
         ep = self.PROVIDERS[provider]
-        if ep not in ort.get_available_providers():
-            raise BackendError(f"onnxruntime: {ep} is not available in this install "
-                               f"(available: {', '.join(ort.get_available_providers())}; "
-                               "the GPU providers need onnxruntime-gpu)")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -157,6 +168,12 @@ class OnnxRuntimeBackend:
         artifact = inside(engine_dir, manifest.artifact, "the artifact")
         check_external_data(artifact, engine_dir)
         session = ort.InferenceSession(str(artifact), opts, providers=[ep])
+        if session.get_providers()[0] != ep:
+            # onnxruntime falls back to the CPU provider with only a logged warning when a GPU provider's
+            # libraries (CUDA, cuDNN, TensorRT) fail to load: say so instead of timing the CPU as the GPU
+            raise BackendError(f"onnxruntime: {ep} failed to start (the session runs on "
+                               f"{', '.join(session.get_providers())}); see onnxruntime's log above for the "
+                               "library it could not load")
         check_onnx_io(session, manifest, engine_dir)
         out_name = manifest.outputs[0].name
 
@@ -360,7 +377,7 @@ class TorchBackend:
         if model is None:
             model = _builtin_model(engine_dir, manifest)
         started = time.perf_counter()
-        module = _export(BakedSampler(model, schedule, torch.float32).eval(), manifest).to(dev)
+        module = _on_device(_export(BakedSampler(model, schedule, torch.float32).eval(), manifest), dev)
         export_s = time.perf_counter() - started
         half = manifest.precision == "fp16"
         if half:
@@ -415,6 +432,39 @@ def _export(baked: torch.nn.Module, manifest: Manifest) -> torch.fx.GraphModule:
             first = str(e).splitlines()[0] if str(e) else ""
             raise BackendError(f"torch backend: torch.export failed: {type(e).__name__}: {first}") from None
     return program.module()
+
+
+def _on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The exported graph ``module`` made to run on ``device``, the caller's model left where it is.
+
+    ``module.to(device)`` is not enough, and wrong: the graph shares its parameters with the model it was traced
+    from, and ``Module.to`` moves a shared parameter in place (the caller's network ended up on the GPU); the
+    export's lifted constants are plain tensor attributes, which ``to`` leaves behind; and the graph names the
+    device it was traced on (``to(dtype, device=cpu)`` after each cast, ``arange(device=cpu)``, the export's
+    metadata assertions), so the first cast would bring every tensor back to the CPU mid-graph. So: device
+    arguments of the graph are pointed at ``device``, parameters and buffers replaced by copies there, plain
+    tensor attributes moved. Tensors already on ``device`` are left alone (no copy on the CPU)."""
+    graph = getattr(module, "graph", None)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
+                node.update_kwarg("device", device)
+            if any(isinstance(a, torch.device) and a != device for a in node.args):
+                node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
+        module.recompile()
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device != device:
+                sub._parameters[name] = torch.nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.device != device:
+                sub._buffers[name] = b.to(device)
+        for name, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(sub, name, value.to(device))
+    return module
 
 
 def _drop_dtype_asserts(module: torch.fx.GraphModule) -> None:

@@ -143,6 +143,15 @@ def load_engine(engine_dir: str | Path, model: Denoiser | None = None, **options
     return Engine(engine_dir, manifest, runner, runner.description)
 
 
+def _error_line(e: Exception) -> str:
+    """The line of a runtime's error that says what failed: ONNX Runtime and most put it last; torch.compile
+    puts it first, above "from user code:" and its hints (TORCHDYNAMO_VERBOSE, TORCH_LOGS)."""
+    text = str(e).split("from user code:")[0]
+    lines = [ln.strip() for ln in text.strip().splitlines()
+             if ln.strip() and "TORCHDYNAMO_VERBOSE" not in ln and "TORCH_LOGS" not in ln]
+    return (lines or [""])[-1][:300]
+
+
 def _max_abs(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
 
@@ -230,7 +239,7 @@ def build_engine(
         engine_out = engine(**{k: v.numpy() for k, v in check.items()})
     except Exception as e:  # noqa: BLE001 - runtimes raise their own types; the user gets one line
         (out_dir / MANIFEST).unlink()
-        first = (str(e).strip().splitlines() or [""])[-1][:300]
+        first = _error_line(e)
         raise BackendError(f"{out_dir}: the {backend} engine fails on a batch of {parity_noises} (exported at batch "
                            f"{len(next(iter(examples.values())))}): {type(e).__name__}: {first}; the engine was not "
                            "written") from None

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from autotune.compile.backends import BACKENDS
+from autotune.compile.backends import BACKENDS, check_provider
 from autotune.compile.bake import BakedSampler, condition_of_inputs
 from autotune.compile.engine import build_engine, engine_io, example_inputs, executor_sample, load_engine
 from autotune.errors import BackendError
@@ -61,9 +61,11 @@ class NetworkCall(torch.nn.Module):
         return self.model(x, self.t, condition_of_inputs(self.model, conditions), guidance=self.guidance)
 
 
-def _bare_session(model: Denoiser, schedule: Schedule, workdir: Path, threads: int):
-    """An ONNX Runtime session over the bare network call, and its input names."""
+def _bare_session(model: Denoiser, schedule: Schedule, workdir: Path, threads: int, provider: str):
+    """An ONNX Runtime session over the bare network call on ``provider`` (an onnxruntime engine's provider)."""
     import onnxruntime as ort
+
+    from autotune.compile.backends import OnnxRuntimeBackend
 
     from autotune.compile.onnx_export import export_onnx
 
@@ -75,7 +77,11 @@ def _bare_session(model: Denoiser, schedule: Schedule, workdir: Path, threads: i
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ep = OnnxRuntimeBackend.PROVIDERS[provider]
+    session = ort.InferenceSession(str(path), opts, providers=[ep])
+    if session.get_providers()[0] != ep:
+        raise BackendError(f"bare: onnxruntime's {ep} failed to start (see onnxruntime's log above)")
+    return session
 
 
 def bench(
@@ -86,12 +92,15 @@ def bench(
     *,
     repeats: int = 5,
     threads: int = 1,
+    provider: str = "cpu",
     workdir: str | Path | None = None,
     on_row: Callable[[BenchRow], None] | None = None,
 ) -> list[BenchRow]:
     """Time each of ``ways`` at each batch size on the same inputs; ``on_row`` sees each row as it is measured.
 
-    Raises BackendError for an unknown way or a backend missing here (before anything is timed).
+    ``provider`` is onnxruntime's execution provider ("cpu", "cuda", "tensorrt") for the ``onnxruntime`` engine
+    and for ``bare``; the engine's parity with the executor is checked on it when the engine is built.
+    Raises BackendError for an unknown way, provider, or a backend missing here (before anything is timed).
     """
     unknown = [w for w in ways if w not in WAYS]
     if unknown:
@@ -99,6 +108,7 @@ def bench(
     for w in ways:
         if w in BACKENDS and BACKENDS[w].missing() is not None:
             raise BackendError(f"backend {w!r}: {BACKENDS[w].missing()}")
+    check_provider(provider)
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory(prefix="autotune-bench-") as tmp:
         root = Path(workdir or tmp)
@@ -113,9 +123,9 @@ def bench(
             elif w == "baked":
                 runners[w] = lambda d: baked(*[d[s.name] for s in inputs])
             elif w == "bare":
-                session = _bare_session(model, schedule, root, threads)
+                session = _bare_session(model, schedule, root, threads, provider)
                 nfe = schedule.nfe
-                notes[w] = f"{nfe} x one network forward (onnxruntime)"
+                notes[w] = f"{nfe} x one network forward (onnxruntime, {session.get_providers()[0]})"
 
                 def run_bare(d, session=session, nfe=nfe):
                     feed = {k: v.numpy() for k, v in d.items()}
@@ -123,7 +133,7 @@ def bench(
                         session.run(None, feed)
                 runners[w] = run_bare
             else:
-                options = {"threads": threads} if w == "onnxruntime" else {}
+                options = {"threads": threads, "provider": provider} if w == "onnxruntime" else {}
                 build_engine(model, schedule, root / w, w, model_spec="bench", parity_noises=2,
                              load_options=options)
                 engine = load_engine(root / w, model, **options)  # a torch engine is rebuilt from the model
