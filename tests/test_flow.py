@@ -21,7 +21,7 @@ from autotune.models.registry import load_model  # noqa: E402
 from autotune.sampling.executor import sample  # noqa: E402
 from autotune.sampling.named import FLOW_NAMED, NAMED, build, names_for  # noqa: E402
 from autotune.sampling.noise import FlowMatching, VPDiscrete  # noqa: E402
-from tests.peers import tiny_unet  # noqa: E402
+from peers import tiny_unet  # noqa: E402
 
 TOL = 1e-4
 SHIFT = 3.0
@@ -232,7 +232,7 @@ def test_autotune_scheduler_in_the_flow_pipeline_equals_sample(flow_dir, model, 
     from diffusers import DDPMPipeline
 
     from autotune.diffusers_scheduler import AutotuneScheduler
-    from tests.peers import record_prev_samples
+    from peers import record_prev_samples
 
     schedule = _searched_like(model.noise) if which == "searched" else build(which, model.noise, 5)
     pipe = DDPMPipeline.from_pretrained(str(flow_dir))
