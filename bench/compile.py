@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from autotune.compile.backends import check_provider
 from autotune.compile.timing import bench, ratios
+from autotune.errors import BackendError
 from autotune.models.registry import load_model
 from autotune.sampling.named import build
 from autotune.space.fileformat import load
@@ -62,6 +64,10 @@ def main() -> None:
     p.add_argument("--quality", action="store_true", help="also mse_ref of the torch fp16 engine vs eager fp32")
     p.add_argument("--report-size", type=int, default=64)
     args = p.parse_args()
+    try:
+        check_provider(args.provider)
+    except BackendError as e:
+        p.error(f"--provider: {e}")
     torch.set_num_threads(args.threads)
 
     model = load_model(args.model)

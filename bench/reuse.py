@@ -240,6 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ref-steps", type=int, default=100, help="solver steps of the one reference every row is scored "
                    "against")
     args = p.parse_args(argv)
+    if args.engines:
+        from autotune.compile.backends import check_provider
+        from autotune.errors import BackendError
+
+        try:
+            check_provider(args.provider)
+        except BackendError as e:
+            p.error(f"--provider: {e}")
     if args.front and not 1 <= args.front <= max(args.nfes):
         p.error(f"--front: must be 0 (off) or an NFE in 1..{max(args.nfes)}, got {args.front}")
     if args.validate_size < 0:
