@@ -205,8 +205,8 @@ def sample_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64"),
     png: Optional[Path] = typer.Option(None, "--png", help="also write a grid image of the samples"),
     columns: Optional[int] = typer.Option(None, "--columns", min=1, help="samples per row of the --png grid"),
-    provider: Optional[str] = typer.Option(None, "--provider",
-                                           help="with --engine (onnxruntime): execution provider cpu, cuda or tensorrt"),
+    provider: Optional[str] = typer.Option(
+        None, "--provider", help="with --engine (onnxruntime): execution provider cpu, cuda or tensorrt"),
 ) -> None:
     """Run SCHEDULE on MODEL (or a compiled --engine) from the given noise and write the final samples."""
     import dataclasses

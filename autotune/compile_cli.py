@@ -55,8 +55,8 @@ def compile_cmd(
     out: Path = typer.Option(..., "--out", help="engine directory to write"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="override the schedule's guidance (baked in)"),
     max_batch: int = typer.Option(64, "--max-batch", min=1, max=MAX_BATCH, help="tensorrt: largest batch of the profile"),
-    provider: str = typer.Option("cpu", "--provider",
-                                 help="onnxruntime: the execution provider the parity check runs on (cpu, cuda, tensorrt)"),
+    provider: str = typer.Option(
+        "cpu", "--provider", help="onnxruntime: the execution provider the parity check runs on (cpu, cuda, tensorrt)"),
 ) -> None:
     """Bake SCHEDULE on MODEL into an engine directory (artifact, schedule file, manifest.json)."""
     import torch

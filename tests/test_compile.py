@@ -282,7 +282,8 @@ def test_one_line_of_a_torch_compile_error():
 
     e = RuntimeError("Dynamo failed to run FX node with fake tensors: call_function add(*(a, b)): got "
                      "RuntimeError('two devices')\n\nfrom user code:\n   File \"x.py\", line 3\n\n"
-                     "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace\nFor more context, set TORCH_LOGS=\"+dynamo\"")
+                     "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace\n"
+                     "For more context, set TORCH_LOGS=\"+dynamo\"")
     assert _error_line(e).endswith("got RuntimeError('two devices')")
     assert _error_line(ValueError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT\nGot invalid dimensions")) == \
         "Got invalid dimensions"
