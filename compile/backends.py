@@ -159,28 +159,37 @@ class OnnxRuntimeBackend:
         itself, but our pin allows releases from 1.18, and its refusal is a traceback, not one line)."""
         import onnxruntime as ort
 
-        check_provider(provider)
-        ep = self.PROVIDERS[provider]
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+        check_provider(provider)  # before the directory is read, as the CLI checks it before any work
         artifact = inside(engine_dir, manifest.artifact, "the artifact")
         check_external_data(artifact, engine_dir)
-        session = ort.InferenceSession(str(artifact), opts, providers=[ep])
-        if session.get_providers()[0] != ep:
-            # onnxruntime falls back to the CPU provider with only a logged warning when a GPU provider's
-            # libraries (CUDA, cuDNN, TensorRT) fail to load: say so instead of timing the CPU as the GPU
-            raise BackendError(f"onnxruntime: {ep} failed to start (the session runs on "
-                               f"{', '.join(session.get_providers())}); see onnxruntime's log above for the "
-                               "library it could not load")
+        session = onnx_session(artifact, provider, threads)
         check_onnx_io(session, manifest, engine_dir)
         out_name = manifest.outputs[0].name
 
         def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
             return session.run([out_name], inputs)[0]
 
-        return BackendRunner(run, f"onnxruntime {ort.__version__} ({ep})")
+        return BackendRunner(run, f"onnxruntime {ort.__version__} ({session.get_providers()[0]})")
+
+
+def onnx_session(path: Path, provider: str, threads: int = 0) -> Any:
+    """An InferenceSession over ``path`` on ``provider`` (``threads``: intra-op threads, 0 = onnxruntime's own)."""
+    import onnxruntime as ort
+
+    check_provider(provider)
+    ep = OnnxRuntimeBackend.PROVIDERS[provider]
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=[ep])
+    if session.get_providers()[0] != ep:
+        # onnxruntime falls back to the CPU provider with only a logged warning when a GPU provider's
+        # libraries (CUDA, cuDNN, TensorRT) fail to load: say so instead of timing the CPU as the GPU
+        raise BackendError(f"onnxruntime: {ep} failed to start (the session runs on "
+                           f"{', '.join(session.get_providers())}); see onnxruntime's log above for the "
+                           "library it could not load")
+    return session
 
 
 def _tensors(graph: Any):

@@ -63,25 +63,14 @@ class NetworkCall(torch.nn.Module):
 
 def _bare_session(model: Denoiser, schedule: Schedule, workdir: Path, threads: int, provider: str):
     """An ONNX Runtime session over the bare network call on ``provider`` (an onnxruntime engine's provider)."""
-    import onnxruntime as ort
-
-    from autotune.compile.backends import OnnxRuntimeBackend
-
+    from autotune.compile.backends import onnx_session
     from autotune.compile.onnx_export import export_onnx
 
     inputs, outputs = engine_io(model)
     names = [s.name for s in inputs]
     path = workdir / "bare.onnx"
     export_onnx(NetworkCall(model, schedule), example_inputs(model, inputs, 2), path, names, ["out"])
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    ep = OnnxRuntimeBackend.PROVIDERS[provider]
-    session = ort.InferenceSession(str(path), opts, providers=[ep])
-    if session.get_providers()[0] != ep:
-        raise BackendError(f"bare: onnxruntime's {ep} failed to start (see onnxruntime's log above)")
-    return session
+    return onnx_session(path, provider, threads)
 
 
 def bench(
