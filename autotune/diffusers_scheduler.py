@@ -66,7 +66,7 @@ def check_replayable(schedule: Schedule, source: str | None = None) -> None:
                 f"steps[{k}].solver",
                 f"{step.solver!r} replaces the step's model call (an analytic first step) and cannot be replayed by "
                 "a diffusers scheduler (the pipeline makes the first model call on its initial latents); run this "
-                "schedule with `autotune sample` instead", source)
+                "schedule with `autotune sample`, or search again with `--no-analytic-first`", source)
         if step.skip:
             raise ScheduleError(
                 f"steps[{k}].skip",

@@ -273,6 +273,17 @@ def dpmsolver_pp_2m_afs(noise: NoiseSchedule, nfe: int, final: str = "zero") -> 
     return _schedule("dpmsolver++2m-afs", times, steps)
 
 
+def with_analytic_first(name: str, noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
+    """The named schedule ``name`` on nfe + 1 steps whose first model call is replaced by USF's analytic first
+    step (``afs``): the same ``nfe`` model calls, one more step. Its first step carries no corrector (the output it
+    would correct with is an estimate, not a call); the later steps are the named schedule's own, and the
+    multistep ones among them read the analytic estimate as the output at T. Named ``NAME+afs``."""
+    base = build(name, noise, nfe + 1, final)
+    first = replace(base.steps[0], solver="afs", order=1, corrector="none", corrector_order=0)
+    return replace(base, steps=(first,) + base.steps[1:], name=f"{name}+afs",
+                   metadata={"named": name, "analytic_first": True})
+
+
 # named schedules of the solvers beyond the multistep family: `autotune baseline` and `build` know them; they are
 # not among the peers every search and report compares against (heun needs an odd NFE; an SDE schedule is a draw)
 SOLVER_NAMED: dict[str, Callable[..., Schedule]] = {

@@ -99,6 +99,9 @@ class JobConfig:
     # mixed (digits NFE 5 -> 6 3.94x vs 2.76x the best named; gmm64 worse in 7 of 10 seeds x NFE 4/6, digits-flow
     # NFE 5 -> 6 1.39x vs 3.19x): the refinement's landing depends on stage 1's end more than the start helps
     warm_start: bool = False
+    # also refine the best named schedule whose first call is USF's analytic first step (analytic_first_start), a
+    # validation finalist; off: every schedule the job can write replays in a diffusers pipeline (AutotuneScheduler)
+    analytic_first: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nfe", str(self.nfe))  # an int is a count too
@@ -548,6 +551,31 @@ def second_start(evaluator: Evaluator, best: Schedule, best_value: float, named:
     return named[i] if value <= SECOND_START_SLACK * best_value else None
 
 
+# USF's analytic first step (sampling/solvers/afs.py) spends no model call at T, where the state is almost pure noise,
+# so a schedule of N calls gets N + 1 steps. Named schedules with it, scratch runs on 256 report noises (2026-12-04):
+# digits NFE 4 unipc-bh2-o2 1.72e-2 -> 6.93e-3, NFE 5 7.49e-3 -> 5.06e-3; refined 40 steps from there, digits NFE 5
+# reached 1.06e-3 (from unipc-bh2-o2 itself 5.92e-3; the default search's winner ~2.2e-3). On the v-prediction
+# rgb32-v, whose data is not centred, it is worse unrefined (NFE 5 unipc-bh1-o3 1.02e-2 -> 1.61e-2). Stage 1's
+# fixed-step space has no such step, so the job refines the best of these as one more finalist and validation
+# chooses, on every model: where the estimate x0 = 0 is poor, the finalist loses there.
+AFS_NAMED = ("unipc-bh1-o2", "unipc-bh1-o3", "unipc-bh2-o2", "unipc-bh2-o3", "dpmsolver++2m", "dpmsolver++3m")
+
+
+def analytic_first_start(evaluator: Evaluator, noise: NoiseSchedule, best: Schedule) -> Optional[Schedule]:
+    """The AFS_NAMED schedule at ``best``'s NFE with an analytic first step (``with_analytic_first``) of the lowest
+    search-set mean, when ``best`` starts from pure noise at T with at least two calls and one scores finite; else
+    None."""
+    from autotune.sampling.named import with_analytic_first
+
+    if best.nfe < 2 or best.final_denoise or best.t_start != float(noise.T):
+        return None
+    starts = [dataclasses.replace(with_analytic_first(name, noise, best.nfe), guidance=best.guidance)
+              for name in AFS_NAMED]
+    values = [(evaluator.evaluate(s)["mse_ref"], i) for i, s in enumerate(starts)]
+    values = [(v, i) for v, i in values if math.isfinite(v)]
+    return starts[min(values)[1]] if values else None
+
+
 # The model-time shifts can fit the search set's tail more than fresh noise's. Guided digits (guidance 4) NFE 8,
 # stage 1's best refined 40 steps, on the 1024 report noises (mean / p99): with shifts 1.59e-3 / 1.38e-2 (on its own
 # 128 noises the p99 was 3.22e-3), without them 1.66e-3 / 7.98e-3, where stage 1 was at 3.12e-3 / 8.97e-3 and the
@@ -591,6 +619,12 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     if other is not None:
         with hooks.step(f"refining from {other.name} too ({c.refine_steps} steps)"):  # second_start: why
             winner.also_refined = [(f"refined from {other.name}", refine(other)[0])]
+    if validated and c.analytic_first and c.strength is None and c.nfe_range[0] == c.nfe_range[1]:
+        with hooks.step("scoring named schedules with an analytic first step"):  # AFS_NAMED: why
+            afs = analytic_first_start(evaluator, setup.model.noise, result.best)
+        if afs is not None:
+            with hooks.step(f"refining from {afs.name} ({c.refine_steps} steps)"):
+                winner.also_refined.append((f"refined from {afs.name}", refine(afs)[0]))
     if validated:  # NO_SHIFT_LABEL: why
         without = "times and ratios" if fit_ratios else "times"
         with hooks.step(f"refining {without} without shifts ({c.refine_steps} steps)"):
