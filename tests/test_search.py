@@ -147,7 +147,7 @@ def test_sigkilled_search_finishes_with_no_evaluation_done_twice(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
-        if cache.exists() and len(_search_rows(cache)) >= 14:
+        if cache.exists() and len(_search_rows(cache)) >= 9:  # of 13 on this machine: screened scores are not kept
             break
     assert proc.poll() is None, "the search finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
