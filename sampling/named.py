@@ -264,24 +264,26 @@ def dpmsolver_pp_2m_sde(noise: NoiseSchedule, nfe: int, final: str = "zero") -> 
     return _schedule("dpmsolver++2m-sde", times, steps)
 
 
+def _analytic_first(base: Schedule, name: str, metadata: dict) -> Schedule:
+    """``base`` with its first model call replaced by USF's analytic first step (``afs``, order 1, no corrector:
+    the output it would correct with is an estimate, not a call); the later steps are ``base``'s own, and the
+    multistep ones among them read the analytic estimate as the output at T."""
+    first = replace(base.steps[0], solver="afs", order=1, corrector="none", corrector_order=0)
+    return replace(base, steps=(first,) + base.steps[1:], name=name, metadata=metadata)
+
+
 def dpmsolver_pp_2m_afs(noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
     """DPM-Solver++ 2M whose first model call is replaced by USF's analytic estimate: nfe + 1 steps for nfe
     calls, on linspace spacing."""
-    times = linspace_times(noise, nfe + 1, final)
-    steps = _dpm_steps(times, 2, final)
-    steps[0] = replace(steps[0], solver="afs", order=1)
-    return _schedule("dpmsolver++2m-afs", times, steps)
+    return _analytic_first(_dpmsolver_pp(2)(noise, nfe + 1, final), "dpmsolver++2m-afs",
+                           {"named": "dpmsolver++2m-afs"})
 
 
 def with_analytic_first(name: str, noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
-    """The named schedule ``name`` on nfe + 1 steps whose first model call is replaced by USF's analytic first
-    step (``afs``): the same ``nfe`` model calls, one more step. Its first step carries no corrector (the output it
-    would correct with is an estimate, not a call); the later steps are the named schedule's own, and the
-    multistep ones among them read the analytic estimate as the output at T. Named ``NAME+afs``."""
-    base = build(name, noise, nfe + 1, final)
-    first = replace(base.steps[0], solver="afs", order=1, corrector="none", corrector_order=0)
-    return replace(base, steps=(first,) + base.steps[1:], name=f"{name}+afs",
-                   metadata={"named": name, "analytic_first": True})
+    """The named schedule ``name`` on nfe + 1 steps, its first model call analytic (``_analytic_first``): the same
+    ``nfe`` model calls, one more step. Named ``NAME+afs``."""
+    return _analytic_first(build(name, noise, nfe + 1, final), f"{name}+afs",
+                           {"named": name, "analytic_first": True})
 
 
 # named schedules of the solvers beyond the multistep family: `autotune baseline` and `build` know them; they are
