@@ -264,11 +264,13 @@ def dpmsolver_pp_2m_sde(noise: NoiseSchedule, nfe: int, final: str = "zero") -> 
     return _schedule("dpmsolver++2m-sde", times, steps)
 
 
-def _analytic_first(base: Schedule, name: str, metadata: dict) -> Schedule:
+def _analytic_first(base: Schedule, name: str, metadata: dict, data_mean: tuple[float, ...] = ()) -> Schedule:
     """``base`` with its first model call replaced by USF's analytic first step (``afs``, order 1, no corrector:
-    the output it would correct with is an estimate, not a call); the later steps are ``base``'s own, and the
-    multistep ones among them read the analytic estimate as the output at T."""
-    first = replace(base.steps[0], solver="afs", order=1, corrector="none", corrector_order=0)
+    the output it would correct with is an estimate, not a call; its data estimate ``data_mean``, per channel, or
+    0); the later steps are ``base``'s own, and the multistep ones among them read the analytic estimate as the
+    output at T."""
+    first = replace(base.steps[0], solver="afs", order=1, corrector="none", corrector_order=0,
+                    data_mean=tuple(data_mean))
     return replace(base, steps=(first,) + base.steps[1:], name=name, metadata=metadata)
 
 
@@ -279,11 +281,13 @@ def dpmsolver_pp_2m_afs(noise: NoiseSchedule, nfe: int, final: str = "zero") -> 
                            {"named": "dpmsolver++2m-afs"})
 
 
-def with_analytic_first(name: str, noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
-    """The named schedule ``name`` on nfe + 1 steps, its first model call analytic (``_analytic_first``): the same
-    ``nfe`` model calls, one more step. Named ``NAME+afs``."""
-    return _analytic_first(build(name, noise, nfe + 1, final), f"{name}+afs",
-                           {"named": name, "analytic_first": True})
+def with_analytic_first(name: str, noise: NoiseSchedule, nfe: int, final: str = "zero",
+                        data_mean: tuple[float, ...] = ()) -> Schedule:
+    """The named schedule ``name`` on nfe + 1 steps, its first model call analytic (``_analytic_first``, with the
+    data estimate ``data_mean``): the same ``nfe`` model calls, one more step. Named ``NAME+afs``, or
+    ``NAME+afs-mean`` with a data mean."""
+    return _analytic_first(build(name, noise, nfe + 1, final), f"{name}+afs" + ("-mean" if data_mean else ""),
+                           {"named": name, "analytic_first": True}, data_mean)
 
 
 # named schedules of the solvers beyond the multistep family: `autotune baseline` and `build` know them; they are

@@ -19,6 +19,7 @@ from typing import Any, Callable, Generator, Hashable, Iterable, Union
 
 import torch
 
+from autotune.errors import ScheduleError
 from autotune.sampling.denoiser import to_data_and_noise
 
 Slot = Hashable
@@ -55,11 +56,15 @@ class Call:
 
 @dataclass(frozen=True)
 class Analytic:
-    """USF's analytic first step: no model call; at t = T the data is unknown, so x0 = 0 and eps = x / sigma."""
+    """USF's analytic first step: no model call; at t = T the state says next to nothing about the data, so x0 is
+    its mean (``mean``, one value per channel; empty: 0, as USF has it for centred data) and eps = (x - alpha x0) /
+    sigma."""
 
     slot: Slot
     at: str
+    alpha: Weight
     sigma: Weight
+    mean: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,7 @@ class Plan:
                 return replace(ins, alpha=fn(ins.alpha), sigma=fn(ins.sigma),
                                time=ins.time if time_fn is None else time_fn(ins.time))
             if isinstance(ins, Analytic):
-                return replace(ins, sigma=fn(ins.sigma))
+                return replace(ins, alpha=fn(ins.alpha), sigma=fn(ins.sigma))
             if isinstance(ins, Combine):
                 return replace(ins, state=None if ins.state is None else fn(ins.state), outputs=weights(ins.outputs),
                                noise=None if ins.noise is None else fn(ins.noise))
@@ -239,12 +244,24 @@ def interpret(plan: Plan, x: torch.Tensor, parameterization: str,
         elif isinstance(ins, Mark):
             yield ins, regs["x"]
         elif isinstance(ins, Analytic):
-            eps = regs[ins.at] / ins.sigma
+            x0 = analytic_data(ins, regs[ins.at])
+            eps = (regs[ins.at] - ins.alpha * x0) / ins.sigma
             for p in plan.spaces:
-                hist[p][ins.slot] = torch.zeros_like(eps) if p == "data" else eps
+                hist[p][ins.slot] = x0 if p == "data" else eps
         else:  # pragma: no cover - a new instruction kind without a case here
             raise TypeError(f"unknown instruction {type(ins).__name__}")
     return regs["x"]
+
+
+def analytic_data(ins: Analytic, x: torch.Tensor) -> torch.Tensor:
+    """The data estimate of an analytic step on state ``x``: its per-channel mean broadcast over ``x``, or zeros."""
+    if not ins.mean:
+        return torch.zeros_like(x)
+    if x.dim() < 2 or x.shape[1] != len(ins.mean):
+        raise ScheduleError(f"steps[{ins.slot}].data_mean", f"{len(ins.mean)} values, but the model's state has "
+                            f"shape {tuple(x.shape)} ({x.shape[1] if x.dim() > 1 else 'no'} channels in dimension 1)")
+    mean = torch.tensor(ins.mean, dtype=x.dtype, device=x.device)
+    return mean.reshape((1, -1) + (1,) * (x.dim() - 2)).expand_as(x)
 
 
 def run(plan: Plan, x: torch.Tensor, parameterization: str, call: Callable[[Call, torch.Tensor], torch.Tensor],

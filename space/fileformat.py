@@ -7,6 +7,7 @@ Format (``schema_version`` 1)::
      "steps": [{"t": 0.8, "order": 1, "solver": "dpm", "prediction": "data", "corrector": "none",
                 "corrector_order": 0, "ratio": 1.0, "skip": []}, ...],   # + "reuse": [...] when a step reuses,
                                                                         # + "shift": x when a step shifts its model time
+                                                                        # + "data_mean": [...] on an analytic first step
      "hash": "…", "metadata": {}}
 
 ``nfe`` and ``hash`` are written for people and tools and are never trusted on reading: both are
@@ -29,7 +30,8 @@ KIND = "autotune.schedule"
 MAX_NFE = 1000  # the most model evaluations (steps) any command or file accepts: far beyond fast sampling
 _TOP_KEYS = {"schema_version", "kind", "name", "nfe", "t_start", "guidance", "final_denoise", "dc_order", "reuse_order",
              "steps", "hash", "metadata"}
-_STEP_KEYS = {"t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip", "reuse", "shift"}
+_STEP_KEYS = {"t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip", "reuse", "shift",
+              "data_mean"}
 
 
 def to_dict(s: Schedule) -> dict[str, Any]:
@@ -215,6 +217,10 @@ def from_dict(doc: Any) -> Schedule:
             for j, u in enumerate(names):
                 if not isinstance(u, str):
                     raise ScheduleError(f"{where}{key}[{j}]", f"expected a unit name, got {type(u).__name__}")
+        data_mean = _get(sd, "data_mean", where, (list,), required=False, default=[])
+        for j, v in enumerate(data_mean):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ScheduleError(f"{where}data_mean[{j}]", f"expected a number, got {type(v).__name__}")
         steps.append(
             Step(
                 t=float(_get(sd, "t", where, (int, float))),
@@ -227,6 +233,7 @@ def from_dict(doc: Any) -> Schedule:
                 skip=tuple(skip),
                 reuse=tuple(reuse),
                 shift=float(_get(sd, "shift", where, (int, float), required=False, default=0.0)),
+                data_mean=tuple(float(v) for v in data_mean),
             )
         )
     guidance = _get(doc, "guidance", "", (int, float, type(None)), required=False)

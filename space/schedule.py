@@ -12,7 +12,9 @@ call(s), and the units reused in them (DeepCache): a reused unit is not computed
 produced at the last model call that computed it (cached features, carried between calls). ``shift`` moves the
 time the network is *told* at the step's own call by that much log-SNR (0: tau_k itself), while the state and the
 solver stay at tau_k: a learned correction of the discretisation error (timestep shifting as in TS-DPM, and the
-decoupled model time of LD3), found by gradient refinement (search/gradient.py).
+decoupled model time of LD3), found by gradient refinement (search/gradient.py). ``data_mean`` is the data estimate
+of an analytic first step (solver ``afs``: no model call at T), one value per channel (dimension 1 of the state);
+empty means 0, USF's own estimate for centred data.
 """
 
 from __future__ import annotations
@@ -56,11 +58,14 @@ class Step:
     skip: tuple[str, ...] = ()
     reuse: tuple[str, ...] = ()
     shift: float = 0.0
+    data_mean: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         # canonical form: numbers as floats (1 == 1.0, -0.0 == 0.0 hash alike), skip and reuse masks sorted
         for name in ("t", "ratio", "shift"):
             object.__setattr__(self, name, _canonical_float(getattr(self, name)))
+        if isinstance(self.data_mean, (list, tuple)):
+            object.__setattr__(self, "data_mean", tuple(_canonical_float(v) for v in self.data_mean))
         for name in ("skip", "reuse"):
             units = getattr(self, name)
             if isinstance(units, (list, tuple)) and all(isinstance(u, str) for u in units):
@@ -197,6 +202,7 @@ def step_to_dict(s: Step) -> dict[str, Any]:
         # only when used, so every schedule without reuse keeps its hash and file byte for byte
         **({"reuse": list(s.reuse)} if s.reuse else {}),
         **({"shift": s.shift} if s.shift != 0.0 else {}),
+        **({"data_mean": list(s.data_mean)} if s.data_mean else {}),
     }
 
 
@@ -303,6 +309,11 @@ def validate(s: Schedule) -> None:
         if not _finite(step.shift) or abs(step.shift) > MAX_SHIFT:
             raise ScheduleError(f"{where}.shift", f"must be a log-SNR offset in [-{MAX_SHIFT}, {MAX_SHIFT}], "
                                 f"got {step.shift!r}")
+        if not isinstance(step.data_mean, tuple) or not all(_finite(v) for v in step.data_mean):
+            raise ScheduleError(f"{where}.data_mean", "must be a list of finite numbers (one per channel)")
+        if step.data_mean and not info.reads_data_mean:
+            raise ScheduleError(f"{where}.data_mean", f"only an analytic first step reads a data mean, not solver "
+                                f"{step.solver!r}")
         if not isinstance(step.skip, tuple) or not all(isinstance(u, str) and u for u in step.skip):
             raise ScheduleError(f"{where}.skip", "must be a list of unit names")
         if len(set(step.skip)) != len(step.skip):

@@ -27,6 +27,8 @@ class SolverInfo:
         first_step_only: only step 0 may use it (USF's analytic first step).
         self_starting: a step of any order makes every call it needs (Heun), so its order does not need earlier
             model outputs; a multistep order-p step reads p - 1 earlier ones.
+        reads_data_mean: the step's ``data_mean`` is its data estimate (USF's analytic first step); no other
+            solver may carry one.
     """
 
     name: str
@@ -37,6 +39,7 @@ class SolverInfo:
     stochastic: bool = False
     first_step_only: bool = False
     self_starting: bool = False
+    reads_data_mean: bool = False
 
     def calls(self, order: int) -> int:
         """Model calls a step of this solver and order makes."""
@@ -51,7 +54,8 @@ REGISTRY: dict[str, SolverInfo] = {info.name: info for info in (
     SolverInfo("heun", 2, "heun", calls_by_order=(1, 2), self_starting=True),  # EDM's Heun: two calls
     SolverInfo("dpm-single", 2, "singlestep"),      # DPM-Solver++ 2S on the grid
     SolverInfo("dpm-sde", 2, "sde", stochastic=True),  # DPM-Solver++ 2M SDE
-    SolverInfo("afs", 1, "afs", calls_by_order=(0,), first_step_only=True),  # USF's analytic first step
+    SolverInfo("afs", 1, "afs", calls_by_order=(0,), first_step_only=True,  # USF's analytic first step
+               reads_data_mean=True),
 )}
 
 SOLVERS: tuple[str, ...] = tuple(REGISTRY)

@@ -38,6 +38,7 @@ def steps_at(draw, k: int, t: float, n: int, dc_order: int) -> Step:
         t=t, order=draw(st.integers(1, limit)), solver=solver, prediction=draw(st.sampled_from(PREDICTIONS)),
         corrector=corrector, corrector_order=co, ratio=draw(st.just(1.0) | FINITE) if k >= dc_order else 1.0,
         skip=tuple(draw(st.lists(UNIT, unique=True, max_size=3))),
+        data_mean=tuple(draw(st.lists(FINITE, max_size=4))) if info.reads_data_mean else (),
     )
 
 
@@ -177,9 +178,12 @@ def m_negative_time(draw, doc):
 
 
 def m_order_too_large(draw, doc):
-    """An order above the model outputs known at that step (or above the solver's maximum)."""
+    """An order above the model outputs known at that step (or above the solver's maximum: a self-starting solver,
+    Heun, makes the calls its order needs itself, so order 2 at step 0 is valid for it)."""
     k = _step(draw, doc)
-    doc["steps"][k]["order"] = draw(st.integers(k + 2, k + 6))
+    info = REGISTRY[doc["steps"][k].get("solver", "dpm")]
+    low = info.max_order + 1 if info.self_starting else k + 2
+    doc["steps"][k]["order"] = draw(st.integers(low, low + 4))
     return _text(doc), f"steps[{k}].order"
 
 
