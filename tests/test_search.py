@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from autotune.cache.store import open_store
 from autotune.evaluate.evaluator import Evaluator
@@ -256,6 +257,35 @@ def test_gradient_refinement_split_over_parts_of_the_noise_takes_the_same_steps(
     assert calls == [2] * 8 + [1] * 8  # rms sums squared errors, mean the errors
     here = refine_times(gmm, base, evaluator.eval_set, reference, iterations=3, split=lambda *a: None)
     assert here.losses == pytest.approx(refine_times(gmm, base, evaluator.eval_set, reference, iterations=3).losses)
+
+
+@pytest.mark.parametrize("spike", [100.0, math.nan])
+def test_gradient_refinement_backs_off_from_a_spike_to_the_best_iterate(gmm, spike):
+    """An iterate whose loss jumps over BACKOFF x the best so far (or is not finite) sends the parameters back to
+    the best iterate (the next loss is computed there again) and Adam goes on at half the step; the refinement
+    does not stop there and still returns the best iterate."""
+    from autotune.search.gradient import BACKOFF, error_sum, refine_times
+
+    evaluator = Evaluator(gmm, "search", size=32)
+    base = build("unipc-bh2-o2", gmm.noise, 5)
+    reference = evaluator.reference(None, nfe=5)
+    seen = []
+
+    def spiking(model, schedule, noise, labels, target, power):
+        def errors(values):
+            total, grads = error_sum(model, schedule, noise, labels, target, power, values)
+            seen.append({k: v.clone() for k, v in values.items() if v is not None})
+            return (total * spike if len(seen) == 4 else total), grads
+        return errors
+
+    out = refine_times(gmm, base, evaluator.eval_set, reference, iterations=8, lr=0.1, split=spiking)
+    assert len(seen) == 8 and len(out.losses) == (8 if math.isfinite(spike) else 7)
+    first = out.losses[:3]
+    assert spike != spike or out.losses[3] > BACKOFF * min(first)
+    best = min(range(3), key=first.__getitem__)
+    assert all(torch.equal(seen[4][k], seen[best][k]) for k in seen[best])  # back at the best iterate
+    assert not all(torch.equal(seen[5][k], seen[4][k]) for k in seen[4])  # and moving on from it
+    assert min(out.losses) < min(first)
 
 
 def test_gradient_refinement_can_fit_the_compensation_ratios_with_the_grid(gmm):
