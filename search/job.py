@@ -29,8 +29,6 @@ from autotune.sampling.capabilities import check_guidance_applies
 from autotune.space.schedule import reusable_for
 
 if TYPE_CHECKING:  # torch-heavy: imported where they are used
-    import torch
-
     from autotune.evaluate.evaluator import Evaluator
     from autotune.sampling.denoiser import Denoiser
     from autotune.sampling.noise import NoiseSchedule
@@ -560,31 +558,25 @@ def second_start(evaluator: Evaluator, best: Schedule, best_value: float, named:
 # rgb32-v, whose data is not centred, it is worse unrefined (NFE 5 unipc-bh1-o3 1.02e-2 -> 1.61e-2). Stage 1's
 # fixed-step space has no such step, so the job refines the best of these as one more finalist and validation
 # chooses, on every model: where the estimate is poor, the finalist loses there.
-# USF's estimate x0 = 0 is the data's mean only for centred data; the job also tries x0 = the per-channel mean of the
-# search set's reference samples (E[x0 | x_T] when alpha_T is ~0). Unrefined, 256 report noises (2026-12-04): rgb32-v
-# NFE 5 unipc-bh1-o2+afs 1.38e-2 -> 9.01e-3 (channel means -0.16 / -0.12 / -0.22; the plain unipc-bh1-o3 1.04e-2),
-# a per-pixel mean no better (9.02e-3); digits (mean -0.40) NFE 4 / 5 within +-3 % either way. Both are scored.
+# USF's estimate x0 = 0 is the data's mean only for centred data, and a step's data_mean can hold the mean instead
+# (E[x0 | x_T] when alpha_T is ~0). Measured and not used here (2026-12-04, 256 report noises): rgb32-v NFE 5
+# unipc-bh1-o2+afs unrefined 1.38e-2 -> 9.01e-3 with the reference samples' channel mean (-0.16 / -0.12 / -0.22; the
+# plain unipc-bh1-o3 1.04e-2), but refined 40 steps it ends at 5.98e-3 where the x0 = 0 start reaches 4.83e-3;
+# digits (mean -0.40) unrefined within +-3 % either way. The refinement moves the later steps around the estimate,
+# and the start that scores best unrefined is not the one that refines best, so the job keeps USF's x0 = 0.
 AFS_NAMED = ("unipc-bh1-o2", "unipc-bh1-o3", "unipc-bh2-o2", "unipc-bh2-o3", "dpmsolver++2m", "dpmsolver++3m")
 
 
-def channel_mean(samples: torch.Tensor) -> tuple[float, ...]:
-    """The mean of ``samples`` (batch first) over every dimension but dimension 1 (the channels)."""
-    dims = [d for d in range(samples.dim()) if d != 1]
-    return tuple(float(v) for v in samples.double().mean(dim=dims))
-
-
 def analytic_first_start(evaluator: Evaluator, noise: NoiseSchedule, best: Schedule) -> Optional[Schedule]:
-    """The AFS_NAMED schedule at ``best``'s NFE with an analytic first step (``with_analytic_first``), its data
-    estimate 0 or the reference samples' channel mean, of the lowest search-set mean, when ``best`` starts from
-    pure noise at T with at least two calls and one scores finite; else None."""
+    """The AFS_NAMED schedule at ``best``'s NFE with an analytic first step (``with_analytic_first``) of the lowest
+    search-set mean, when ``best`` starts from pure noise at T with at least two calls and one scores finite; else
+    None."""
     from autotune.sampling.named import with_analytic_first
 
     if best.nfe < 2 or best.final_denoise or best.t_start != float(noise.T):
         return None
-    reference = evaluator.reference(best.guidance, nfe=best.nfe).final
-    means = [()] + ([channel_mean(reference)] if reference.dim() >= 2 else [])
-    starts = [dataclasses.replace(with_analytic_first(name, noise, best.nfe, data_mean=mean), guidance=best.guidance)
-              for mean in means for name in AFS_NAMED]
+    starts = [dataclasses.replace(with_analytic_first(name, noise, best.nfe), guidance=best.guidance)
+              for name in AFS_NAMED]
     values = [(evaluator.evaluate(s)["mse_ref"], i) for i, s in enumerate(starts)]
     values = [(v, i) for v, i in values if math.isfinite(v)]
     return starts[min(values)[1]] if values else None
