@@ -197,7 +197,7 @@ def refine_times(
         total, grads = errors({k: None if v is None else v.detach() for k, v in given.items()})
         value = math.sqrt(total / count) if power == 2 else total / count
         spiked = not math.isfinite(value) or value > BACKOFF * best[0]
-        if not math.isfinite(value) and (not BACKOFF or backoffs >= MAX_BACKOFFS):
+        if not math.isfinite(value) and backoffs >= MAX_BACKOFFS:
             break
         if math.isfinite(value):
             losses.append(value)
@@ -205,7 +205,7 @@ def refine_times(
             if candidate is not None and value < best[0]:
                 best = (value, candidate)
                 best_params = [p.detach().clone() for p in params]
-        if BACKOFF and spiked and backoffs < MAX_BACKOFFS:
+        if spiked and backoffs < MAX_BACKOFFS:
             with torch.no_grad():
                 for p, kept in zip(params, best_params):
                     p.copy_(kept)

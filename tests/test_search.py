@@ -227,14 +227,19 @@ def test_gradient_refinement_lowers_the_loss_keeps_a_valid_grid_and_shifts_model
         refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), aggregate="median")
 
 
-def test_gradient_refinement_split_over_parts_of_the_noise_takes_the_same_steps(gmm):
+@pytest.fixture
+def refinement_start(gmm):
+    """What the gradient refinement tests start from: gmm's search set, UniPC bh2 order 2 at NFE 5, its reference."""
+    evaluator = Evaluator(gmm, "search", size=32)
+    return evaluator, build("unipc-bh2-o2", gmm.noise, 5), evaluator.reference(None, nfe=5)
+
+
+def test_gradient_refinement_split_over_parts_of_the_noise_takes_the_same_steps(gmm, refinement_start):
     """The loss handed out in parts (as RayPool.gradient_split does over its workers) and summed is the loss on all
     of the noise: the same iterates, to the float32 rounding of other batch sizes."""
     from autotune.search.gradient import error_sum, refine_times
 
-    evaluator = Evaluator(gmm, "search", size=32)
-    base = build("unipc-bh2-o2", gmm.noise, 5)
-    reference = evaluator.reference(None, nfe=5)
+    evaluator, base, reference = refinement_start
     calls = []
 
     def halves(model, schedule, noise, labels, target, power):
@@ -260,15 +265,13 @@ def test_gradient_refinement_split_over_parts_of_the_noise_takes_the_same_steps(
 
 
 @pytest.mark.parametrize("spike", [100.0, math.nan])
-def test_gradient_refinement_backs_off_from_a_spike_to_the_best_iterate(gmm, spike):
+def test_gradient_refinement_backs_off_from_a_spike_to_the_best_iterate(gmm, refinement_start, spike):
     """An iterate whose loss jumps over BACKOFF x the best so far (or is not finite) sends the parameters back to
     the best iterate (the next loss is computed there again) and Adam goes on at half the step; the refinement
     does not stop there and still returns the best iterate."""
     from autotune.search.gradient import BACKOFF, error_sum, refine_times
 
-    evaluator = Evaluator(gmm, "search", size=32)
-    base = build("unipc-bh2-o2", gmm.noise, 5)
-    reference = evaluator.reference(None, nfe=5)
+    evaluator, base, reference = refinement_start
     seen = []
 
     def spiking(model, schedule, noise, labels, target, power):
@@ -288,12 +291,10 @@ def test_gradient_refinement_backs_off_from_a_spike_to_the_best_iterate(gmm, spi
     assert min(out.losses) < min(first)
 
 
-def test_gradient_refinement_can_fit_the_compensation_ratios_with_the_grid(gmm):
+def test_gradient_refinement_can_fit_the_compensation_ratios_with_the_grid(gmm, refinement_start):
     from autotune.search.gradient import refine_times
 
-    evaluator = Evaluator(gmm, "search", size=32)
-    base = build("unipc-bh2-o2", gmm.noise, 5)
-    reference = evaluator.reference(None, nfe=5)
+    evaluator, base, reference = refinement_start
     fitted = refine_times(gmm, base, evaluator.eval_set, reference, iterations=20, lr=0.1, ratios=True)
     s = fitted.schedule
     # compensation needs dc_order + 1 earlier outputs: the first dc_order steps keep ratio 1, the rest move
