@@ -105,6 +105,7 @@ ErrorSum = Callable[[dict[str, Optional[torch.Tensor]]], tuple[float, dict[str, 
 class Refinement:
     schedule: Schedule
     losses: list[float]  # the loss of each iterate, in order (the first is the schedule as given)
+    gave_up: bool = False  # stopped halfway: its best loss then was over the caller's give_up_above
 
 
 def _free_times(schedule: Schedule) -> int:
@@ -130,14 +131,15 @@ def error_sum(model: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: 
 def refine_times(
     model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *, iterations: int = 40,
     lr: float = DEFAULT_LR, samples: int = 0, shifts: bool = True, aggregate: str = "rms", ratios: bool = False,
-    split: Optional[Callable[..., Optional[ErrorSum]]] = None,
+    split: Optional[Callable[..., Optional[ErrorSum]]] = None, give_up_above: float = math.inf,
 ) -> Refinement:
     """Adam on the softmax parameterisation of the log-SNR grid (and on the steps' shifts unless ``shifts`` is
     False, and on the compensation ratios of the steps from ``dc_order`` on when ``ratios``); returns the best
     iterate seen. The loss is the ``aggregate`` ("rms" or "mean") of the per-sample
     errors on the set's first ``samples`` noises (0: all). ``split(model, schedule, noise, labels, target, power)``
     may hand the loss's samples out in parts (RayPool.gradient_split: the search's idle workers); it returns
-    an :data:`ErrorSum`, or None to compute it here."""
+    an :data:`ErrorSum`, or None to compute it here. A run whose best loss after half its ``iterations`` is still
+    over ``give_up_above`` stops there (``gave_up``), returning that best."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
     ns = model.noise
@@ -189,7 +191,9 @@ def refine_times(
     best_params = [p.detach().clone() for p in params]
     losses = []
     step_size, backoffs = lr, 0
-    for _ in range(iterations):
+    for iteration in range(iterations):
+        if iteration == iterations // 2 and best[0] > give_up_above:
+            return Refinement(best[1], losses, gave_up=True)
         t = grid(logits)
         shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)
         ratio = torch.where(movable, ratio_free, fixed_ratios)

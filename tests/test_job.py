@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -269,11 +270,14 @@ def test_a_second_refinement_start_only_when_the_search_stayed_near_a_named_sche
     assert second_start(SearchSet(), found, 0.1, [named[3]]) is None  # diverged
 
 
-def test_the_job_refines_the_second_start_and_validation_sees_both(gmm):
+def test_the_job_refines_the_second_start_and_validation_sees_both(gmm, monkeypatch):
     """When stage 1 stays near the best named schedule, the job refines that schedule too, and both refined grids
     are validation finalists (the chosen one is written)."""
     from autotune.evaluate.evaluator import Evaluator
+    from autotune.search import job
     from autotune.search.job import named_peers_for, second_start
+
+    monkeypatch.setattr(job, "GIVE_UP", math.inf)  # every refinement runs its steps (giving up: its own test)
 
     config = JobConfig(**{**SMALL, "nfe": "5"}, refine=5, score_report=False)
     outcome = run_search_job(config, model=gmm)
@@ -321,18 +325,21 @@ def test_the_job_refines_an_analytic_first_start_unless_told_not_to(gmm):
     finalist; --no-analytic-first (``analytic_first=False``) leaves it out, so nothing the job writes has one."""
     on = run_search_job(JobConfig(**SMALL, refine=5, score_report=False), model=gmm)
     labels = [f.label for f in on.validation.scored]
-    afs = [f for f in on.validation.scored if f.label.endswith("+afs")]
+    afs = [f for f in on.validation.scored if "+afs" in f.label]  # "... (gave up after N steps)": GIVE_UP
     assert len(afs) == 1 and afs[0].label.startswith("refined from "), labels
     assert afs[0].schedule.steps[0].solver == "afs" and afs[0].schedule.nfe == 4
     off = run_search_job(JobConfig(**SMALL, refine=5, score_report=False, analytic_first=False), model=gmm)
-    assert not any(f.label.endswith("+afs") for f in off.validation.scored)
+    assert not any("+afs" in f.label for f in off.validation.scored)
     assert all(s.solver != "afs" for s in off.best.steps)
 
 
-def test_the_winner_is_also_refined_without_shifts_and_validation_chooses(gmm):
+def test_the_winner_is_also_refined_without_shifts_and_validation_chooses(gmm, monkeypatch):
     """A second refinement of stage 1's best keeps the shifts where they were (the times and ratios move); both
     refined schedules are validation finalists. Without validation nothing could choose, so there is no second."""
+    from autotune.search import job
     from autotune.search.job import NO_SHIFT_LABEL
+
+    monkeypatch.setattr(job, "GIVE_UP", math.inf)  # every refinement runs its steps (giving up: its own test)
 
     steps: list[str] = []
 
@@ -356,3 +363,31 @@ def test_the_winner_is_also_refined_without_shifts_and_validation_chooses(gmm):
     run_search_job(JobConfig(**{**SMALL, "validate": 0}, refine=5, score_report=False), model=gmm,
                    hooks=JobHooks(step=step))
     assert not any("without shifts" in d for d in steps) and any(d.startswith("refining times") for d in steps)
+
+
+def test_a_later_refinement_gives_up_halfway_far_above_the_lowest_loss_reached(gmm, monkeypatch):
+    """Every refinement after the first stops after half its steps when its best loss is still over GIVE_UP x the
+    lowest any refinement reached; it stays a finalist, its label saying so. The first always runs every step."""
+    from autotune.search import gradient, job
+
+    runs = []
+    refine_times = gradient.refine_times
+
+    def recorded(*args, **kwargs):
+        runs.append(refine_times(*args, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(gradient, "refine_times", recorded)
+    monkeypatch.setattr(job, "GIVE_UP", 1e-9)  # a bar nothing clears: every later refinement gives up
+    outcome = run_search_job(JobConfig(**SMALL, refine=6, score_report=False), model=gmm)
+    labels = [f.label for f in outcome.validation.scored]
+    assert len(runs) >= 3 and not runs[0].gave_up and len(runs[0].losses) == 6
+    assert all(r.gave_up and len(r.losses) == 3 for r in runs[1:])
+    assert "refined" in labels and f"{job.NO_SHIFT_LABEL} (gave up after 3 steps)" in labels, labels
+    assert sum(label.endswith("(gave up after 3 steps)") for label in labels) == len(runs) - 1
+
+    runs.clear()
+    monkeypatch.setattr(job, "GIVE_UP", math.inf)  # no bar: each runs every step
+    outcome = run_search_job(JobConfig(**SMALL, refine=6, score_report=False), model=gmm)
+    assert len(runs) >= 3 and all(not r.gave_up and len(r.losses) == 6 for r in runs)
+    assert not any("gave up" in f.label for f in outcome.validation.scored)

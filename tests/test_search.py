@@ -325,3 +325,20 @@ def test_a_trial_row_round_trips_through_the_store(gmm, tmp_path):
     back = Trial.from_row(row["trial_number"], row["schedule_hash"], row["metrics"])
     assert back == trial and "number" not in trial.row() and "extra" not in trial.row()
     assert "feasible" not in Trial(1, "h", 0.1, {"mse_ref": 0.1}, "{}").row()  # optional fields only when set
+
+
+def test_gradient_refinement_gives_up_halfway_above_the_bar_and_returns_its_best(gmm, refinement_start):
+    """``give_up_above``: a run whose best loss after half its iterations is over the bar stops there with its best
+    iterate; under the bar (or with none) it runs every iteration, the same iterates."""
+    from autotune.search.gradient import refine_times
+
+    evaluator, base, reference = refinement_start
+    full = refine_times(gmm, base, evaluator.eval_set, reference, iterations=8, lr=0.1)
+    stopped = refine_times(gmm, base, evaluator.eval_set, reference, iterations=8, lr=0.1, give_up_above=1e-12)
+    assert not full.gave_up and len(full.losses) == 8
+    assert stopped.gave_up and stopped.losses == full.losses[:4]
+    assert min(stopped.losses) < stopped.losses[0]  # it had moved: the best of its 4 iterates is returned
+    assert evaluator.evaluate(stopped.schedule)["mse_ref"] < evaluator.evaluate(base)["mse_ref"]
+    cleared = refine_times(gmm, base, evaluator.eval_set, reference, iterations=8, lr=0.1,
+                           give_up_above=2 * min(full.losses[:4]))
+    assert not cleared.gave_up and cleared.losses == full.losses
