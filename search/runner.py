@@ -176,9 +176,14 @@ class RayPool:
             cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
             ray_constants.ENABLE_RAY_CLUSTER = bool(address) and cluster_mode
             try:
-                # address "local" starts a private Ray for this run even if another cluster runs on the machine
+                # address "local" starts a private Ray for this run even if another cluster runs on the machine.
+                # Its workers run at this process's priority: Ray's default niceness 15 starved them whenever
+                # anything else ran (the README's digits search loop, two busy processes beside it: 25 min 20 s,
+                # 45 s on an idle machine), while the driver, at 0, only waits for them.
                 ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                         ignore_reinit_error=True, **({} if address else {"num_cpus": max(workers, 1)}))
+                         ignore_reinit_error=True,
+                         **({} if address else {"num_cpus": max(workers, 1),
+                                                "_system_config": {"worker_niceness": os.nice(0)}}))
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"--address {address}: cannot join the Ray cluster" if address else "cannot start a local Ray"
                 raise SearchError(f"{where} ({e})") from None

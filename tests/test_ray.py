@@ -43,6 +43,14 @@ def test_ray_pool_scores_like_the_in_process_pool(local_pool):
     assert len(set(pool.worker_pids())) == 2  # two separate worker processes
 
 
+def test_the_local_rays_workers_run_at_the_jobs_priority(local_pool):
+    """Ray's default worker niceness (15) starved the workers beside any other busy process while the driver, at
+    this process's priority, waited for them: the private Ray's workers run at the driver's niceness."""
+    pool, _, _ = local_pool
+    pids = pool.worker_pids()
+    assert len(pids) == 2 and all(os.getpriority(os.PRIO_PROCESS, pid) == os.nice(0) for pid in pids)
+
+
 def test_a_killed_worker_is_retried(local_pool):
     pool, _, model = local_pool
     os.kill(pool.worker_pids()[0], signal.SIGKILL)
