@@ -178,7 +178,7 @@ class RayPool:
             try:
                 # address "local" starts a private Ray for this run even if another cluster runs on the machine.
                 # Its workers run at this process's priority: Ray's default niceness 15 starved them whenever
-                # anything else ran (the README's digits search loop, two busy processes beside it: 25 min 20 s,
+                # anything else ran (the README's digits search loop, three busy processes beside it: 25 min 20 s,
                 # 45 s on an idle machine), while the driver, at 0, only waits for them.
                 ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                          ignore_reinit_error=True,
