@@ -192,7 +192,7 @@ def refine_times(
     losses = []
     step_size, backoffs = lr, 0
     for iteration in range(iterations):
-        if iteration == iterations // 2 and best[0] > give_up_above:
+        if iteration and iteration == iterations // 2 and best[0] > give_up_above:  # a loss seen: never at 0
             return Refinement(best[1], losses, gave_up=True)
         t = grid(logits)
         shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)

@@ -342,3 +342,5 @@ def test_gradient_refinement_gives_up_halfway_above_the_bar_and_returns_its_best
     cleared = refine_times(gmm, base, evaluator.eval_set, reference, iterations=8, lr=0.1,
                            give_up_above=2 * min(full.losses[:4]))
     assert not cleared.gave_up and cleared.losses == full.losses
+    single = refine_times(gmm, base, evaluator.eval_set, reference, iterations=1, lr=0.1, give_up_above=1e-12)
+    assert not single.gave_up and single.losses == full.losses[:1]  # half of 1 step is none: nothing to judge by
