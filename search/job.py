@@ -619,13 +619,14 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     if validated:
         other = second_start(evaluator, result.best, result.best_trial.mse_ref, list(setup.named_peers))
 
-    lowest = [math.inf]  # the lowest loss a refinement reached so far: the later ones give up GIVE_UP x above it
+    lowest = math.inf  # the lowest loss a refinement reached so far: the later ones give up GIVE_UP x above it
 
     def refine(start: Schedule, shifts: bool = True) -> tuple[Schedule, float, str]:
+        nonlocal lowest
         run = refine_times(setup.model, start, evaluator.eval_set, reference, iterations=c.refine_steps,
                            samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts,
-                           give_up_above=GIVE_UP * lowest[0])
-        lowest[0] = min([lowest[0], *run.losses])
+                           give_up_above=GIVE_UP * lowest)
+        lowest = min([lowest, *run.losses])
         refined, metrics = run.schedule, evaluator.evaluate(run.schedule)
         if "evaluated_schedule" in metrics:  # ratios: the refined grid with the ratios fitted for it
             refined = loads(metrics["evaluated_schedule"])
