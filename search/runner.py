@@ -180,10 +180,10 @@ class RayPool:
                 # Its workers run at this process's priority: Ray's default niceness 15 starved them whenever
                 # anything else ran (the README's digits search loop, three busy processes beside it: 25 min 20 s,
                 # 45 s on an idle machine), while the driver, at 0, only waits for them.
+                # (os.nice is POSIX only: elsewhere Ray's own default stays)
+                niceness = {"_system_config": {"worker_niceness": os.nice(0)}} if hasattr(os, "nice") else {}
                 ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                         ignore_reinit_error=True,
-                         **({} if address else {"num_cpus": max(workers, 1),
-                                                "_system_config": {"worker_niceness": os.nice(0)}}))
+                         ignore_reinit_error=True, **({} if address else {"num_cpus": max(workers, 1), **niceness}))
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"--address {address}: cannot join the Ray cluster" if address else "cannot start a local Ray"
                 raise SearchError(f"{where} ({e})") from None
