@@ -60,6 +60,13 @@ first step at NFE 5 (40 steps, 128 noises) the loss went 5.5e-3 at step 15 -> 2.
 at 5.47e-3 best (report mean, 256 noises: 5.91e-3). Now an iterate over BACKOFF x the best so far puts the parameters
 back at the best iterate and halves the step (a fresh Adam from there): the same run descends smoothly to 4.69e-3
 (report 4.83e-3, -18 %); on the README's digits search no refinement spikes (the same iterates, to the digit).
+The step after a backoff uses the best iterate's own loss and gradient, kept from when it was computed, so a
+backoff costs no evaluation (it used to compute the best iterate again): rgb32-v NFE 6 from unipc-bh1-o3 (128
+noises, ratios) backs off twice in its first 8 steps and so had 38 distinct iterates of 40, now 40 (the same path,
+two steps longer; the best, 3.63e-3, came before the end either way). Also tried there and not kept (scratch runs,
+2026-12-05, report set of 1024 noises): 256 noises instead of 128 (4 backoffs, the step ended at 1/16: report mean
+4.84e-3 vs 3.89e-3), and a 5-step warm-up of the step with 1.2x regrowth after each new best (the loss oscillated
+between 4.4e-3 and 1.2e-2: report 4.37e-3).
 
 A race of starts was tried and not kept (commit 2582fde, reverted): stage 1's best, its next distinct trial and the
 2 best named schedules took 10 steps each on 32 noises and the lowest went on. Going on from the race iterate:
@@ -189,33 +196,42 @@ def refine_times(
 
     best = (float("inf"), schedule)
     best_params = [p.detach().clone() for p in params]
-    losses = []
-    step_size, backoffs = lr, 0
-    for iteration in range(iterations):
-        if iteration and iteration == iterations // 2 and best[0] > give_up_above:  # a loss seen: never at 0
+    best_errors: Optional[tuple[float, dict[str, torch.Tensor]]] = None  # what errors() gave at the best iterate
+    known = None  # after a backoff: the best iterate's errors, so the step from it costs no evaluation
+    losses: list[float] = []
+    step_size, backoffs, evaluations = lr, 0, 0
+    while evaluations < iterations:
+        if losses and evaluations == iterations // 2 and best[0] > give_up_above:  # a loss seen: never at 0
             return Refinement(best[1], losses, gave_up=True)
         t = grid(logits)
         shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)
         ratio = torch.where(movable, ratio_free, fixed_ratios)
         given = dict(zip(VALUES, (t, shift if shifts else None, ratio if ratio_free.requires_grad else None)))
-        total, grads = errors({k: None if v is None else v.detach() for k, v in given.items()})
+        fresh = known is None
+        if fresh:
+            total, grads = errors({k: None if v is None else v.detach() for k, v in given.items()})
+            evaluations += 1
+        else:  # back at the best iterate after a backoff: its loss and gradient are known
+            (total, grads), known = known, None
         value = math.sqrt(total / count) if power == 2 else total / count
-        spiked = not math.isfinite(value) or value > BACKOFF * best[0]
-        if not math.isfinite(value) and backoffs >= MAX_BACKOFFS:
-            break
-        if math.isfinite(value):
-            losses.append(value)
-            candidate = _with_values(schedule, t.detach(), shift.detach(), ratio.detach())
-            if candidate is not None and value < best[0]:
-                best = (value, candidate)
-                best_params = [p.detach().clone() for p in params]
-        if spiked and backoffs < MAX_BACKOFFS:
-            with torch.no_grad():
-                for p, kept in zip(params, best_params):
-                    p.copy_(kept)
-            step_size, backoffs = step_size / 2, backoffs + 1
-            optimiser = torch.optim.Adam(params, lr=step_size)
-            continue
+        if fresh:
+            spiked = not math.isfinite(value) or value > BACKOFF * best[0]
+            if not math.isfinite(value) and backoffs >= MAX_BACKOFFS:
+                break
+            if math.isfinite(value):
+                losses.append(value)
+                candidate = _with_values(schedule, t.detach(), shift.detach(), ratio.detach())
+                if candidate is not None and value < best[0]:
+                    best, best_errors = (value, candidate), (total, grads)
+                    best_params = [p.detach().clone() for p in params]
+            if spiked and backoffs < MAX_BACKOFFS:
+                with torch.no_grad():
+                    for p, kept in zip(params, best_params):
+                        p.copy_(kept)
+                step_size, backoffs = step_size / 2, backoffs + 1
+                optimiser = torch.optim.Adam(params, lr=step_size)
+                known = best_errors
+                continue
         optimiser.zero_grad()
         # the chain rule from the summed errors to the loss (d sqrt(S/n) / dS = 1 / (2 n loss)), then to the params
         scale = 1.0 / (2.0 * count * value) if power == 2 else 1.0 / count
