@@ -54,6 +54,9 @@ DEFAULT_METHOD = "s3"
 # README's search near its 5 minutes (30 steps of the mean loss got digits only to 3.13e-3 on validation).
 DEFAULT_REFINE = 40
 REFINE_SAMPLES = 0  # all of the search set: fewer noises fit the mean and leave the tail worse (gradient.py)
+# REFINE_SET: a cheap model's refinement fits a search-kind set of its own, larger than the search set
+# (search/set_sizes.py: CHEAP_SIZES["refine"]), because what limits its tail is how many of the rare mode switches
+# the loss sees; the search loop keeps its smaller set.
 DEFAULT_PARETO_METHOD = "evolution"
 
 
@@ -407,7 +410,8 @@ def _set_sizes(config: JobConfig, model: Denoiser, probes: list[Schedule], hooks
     sizes = choose_sizes(seconds, config.budget, config.set_size, config.validate)
     if sizes.cheap:
         hooks.notify(f"a cheap model ({probes[0].name} on {PROBE_NOISES} noises: {1e3 * sizes.probe_seconds:.1f} ms): "
-                     f"{sizes.search} search noises, {sizes.validation} for validation")
+                     f"{sizes.search} search noises, {sizes.validation} for validation"
+                     + (f", {sizes.refine} for the refinement" if sizes.refine else ""))
     return sizes
 
 
@@ -607,7 +611,18 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     from autotune.space.fileformat import loads
 
     c, evaluator = setup.config, setup.evaluator
-    reference = setup.references[evaluator.reference_version(c.guidance, nfe=result.best.nfe)]
+    fitted = evaluator  # the set the refinement fits: the search set, or a larger one of its kind (REFINE_SET: why)
+    if setup.sizes.refine and setup.sizes.refine != evaluator.eval_set.size:
+        from autotune.evaluate.evaluator import Evaluator
+
+        fitted = Evaluator(setup.model, "search", size=setup.sizes.refine, seed=c.seed, store=setup.store,
+                           prompts=c.prompts)
+        with hooks.step(f"reference solution, {fitted.eval_set.size} samples for the refinement") as progress:
+            fitted.progress = progress
+            reference = fitted.reference(c.guidance, nfe=result.best.nfe)
+            fitted.progress = None
+    else:
+        reference = setup.references[evaluator.reference_version(c.guidance, nfe=result.best.nfe)]
     # the compensation ratios move with the grid unless --ratios fits them for every scored schedule itself
     fit_ratios = c.ratios is None
     what = "times, shifts and ratios" if fit_ratios else "times and shifts"
@@ -623,7 +638,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 
     def refine(start: Schedule, shifts: bool = True) -> tuple[Schedule, float, str]:
         nonlocal lowest
-        run = refine_times(setup.model, start, evaluator.eval_set, reference, iterations=c.refine_steps,
+        run = refine_times(setup.model, start, fitted.eval_set, reference, iterations=c.refine_steps,
                            samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts,
                            give_up_above=GIVE_UP * lowest)
         lowest = min([lowest, *run.losses])

@@ -29,6 +29,13 @@ def test_a_cheap_probe_gets_the_larger_sets_and_a_dear_one_the_defaults(projecte
     assert (sizes.search, sizes.validation, sizes.cheap) == (expected["search"], expected["validation"], cheap)
 
 
+def test_only_a_cheap_model_refines_on_a_set_of_its_own_and_not_when_the_user_sized_the_search_set():
+    assert choose_sizes(_probe_at(1.0), 96, 0, None).refine == CHEAP_SIZES["refine"] > CHEAP_SIZES["search"]
+    assert choose_sizes(_probe_at(1.0), 96, 64, None).refine == 0  # 0: the search set itself
+    assert choose_sizes(_probe_at(700.0), 96, 0, None).refine == 0
+    assert choose_sizes(None, 96, 0, None).refine == 0
+
+
 def test_without_a_probe_the_defaults():
     sizes = choose_sizes(None, 96, 0, None)
     assert (sizes.search, sizes.validation, sizes.cheap) == (DEFAULT_SIZE["search"], DEFAULT_SIZE["validation"], False)
@@ -92,3 +99,27 @@ def test_a_job_with_both_sizes_given_probes_nothing(gmm, monkeypatch):
     outcome = run_search_job(JobConfig(model="gmm2d", nfe="4", budget=8, batch=4, refine=0, set_size=16,
                                        validate=32, report_size=32), model=gmm)
     assert "-n16-" in outcome.eval_set and "-n32-" in outcome.validation.set_id
+
+
+@pytest.mark.parametrize("set_size, fitted", [(0, CHEAP_SIZES["refine"]), (64, 64)])
+def test_a_cheap_models_refinements_fit_the_larger_refinement_set(gmm, monkeypatch, set_size, fitted):
+    """Every refinement of a cheap model's job (stage 1's best, the other starts) fits the larger set of noises,
+    against that set's own reference; with a search set the user sized, the search set."""
+    import autotune.search.gradient as gradient
+    from autotune.search.job import JobHooks
+
+    seen = []
+    refine_times = gradient.refine_times
+
+    def recording(model, schedule, eval_set, reference, **options):
+        seen.append((eval_set.size, eval_set.id, reference.final.shape[0]))
+        return refine_times(model, schedule, eval_set, reference, **options)
+
+    monkeypatch.setattr(gradient, "refine_times", recording)
+    notes = []
+    outcome = run_search_job(JobConfig(model="gmm2d", nfe="4", budget=8, batch=4, refine=2, set_size=set_size,
+                                       report_size=32), model=gmm, hooks=JobHooks(notify=notes.append))
+    assert len(seen) >= 2 and all(size == fitted == n for size, _, n in seen)
+    assert all(set_id.startswith("search-") for _, set_id, _ in seen)
+    assert (f"-n{fitted}-" in outcome.eval_set) == (set_size != 0)  # the search loop keeps its own set
+    assert any(f"{fitted} for the refinement" in n for n in notes) == (set_size == 0)
