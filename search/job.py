@@ -504,6 +504,7 @@ class _Winner:
     validation: Optional[ValidationNote] = None
     validation_meta: Optional[dict[str, Any]] = None
     stage2: Optional[Stage2] = None
+    refine_set: Optional[str] = None  # the id of the set the refinements fitted (REFINE_SET)
 
 
 def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Denoiser] = None,
@@ -649,7 +650,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 
     with hooks.step(f"refining {what} ({c.refine_steps} gradient steps)"):
         refined, value, _ = refine(result.best)  # the first refinement has no bar: it runs every step
-    winner.refined = refined
+    winner.refined, winner.refine_set = refined, fitted.eval_set.id
     winner.refinement = RefinementNote(result.best_trial.mse_ref, value)
 
     def also(label: str, start: Schedule, shifts: bool = True) -> None:
@@ -782,6 +783,7 @@ def _with_metadata(setup: SearchSetup, result: SearchResult, winner: _Winner) ->
         "model_fingerprint": setup.evaluator.fingerprint, "nfe": w.nfe, "objectives": list(c.objectives),
         "search_value": winner.value, "search_mse_ref": result.best_trial.mse_ref,
         "refine_steps": c.refine_steps if winner.refined is not None else 0,
+        **({"refine_set": winner.refine_set} if winner.refined is not None else {}),
         "true_evaluations": result.true_evaluations, "cache_hits": result.cache_hits,
         "seconds": round(result.seconds, 2), "seed": c.seed, "eval_set": setup.evaluator.eval_set.id,
         **({"validation": winner.validation_meta} if winner.validation_meta else {}),

@@ -123,3 +123,4 @@ def test_a_cheap_models_refinements_fit_the_larger_refinement_set(gmm, monkeypat
     assert all(set_id.startswith("search-") for _, set_id, _ in seen)
     assert (f"-n{fitted}-" in outcome.eval_set) == (set_size != 0)  # the search loop keeps its own set
     assert any(f"{fitted} for the refinement" in n for n in notes) == (set_size == 0)
+    assert outcome.best.metadata["refine_set"] == seen[0][1]  # the file says which noises the refinement fitted
