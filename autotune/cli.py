@@ -643,12 +643,23 @@ def _search_hooks(objective: str):
                    TimeRemainingColumn())
         with Progress(*columns, console=err_console, transient=False) as progress:
             task = progress.add_task(description, total=budget, best="-")
-            yield lambda p: progress.update(task, completed=p.true_evaluations, best=f"{p.best_value:.3e}")
+            # a search with partial scores (s3-mf) counts its budget in whole-set evaluations: show what it spent
+            yield lambda p: progress.update(task, completed=p.true_evaluations if p.spent in (-1.0, p.true_evaluations)
+                                            else round(p.spent, 1), best=f"{p.best_value:.3e}")
 
     def notify(line: str) -> None:
         err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     return JobHooks(step=progress_cli.step, search_progress=search_bar, notify=notify)
+
+
+def _partial_note(result) -> str:
+    """How much of a multi-fidelity search's budget its partial scores took (empty for any other search)."""
+    partial = [t for t in result.trials if t.cost is not None]
+    if not partial:
+        return ""
+    return (f", {len(partial)} of them on the first {partial[0].screened} noises only ({result.spent:.1f} whole-set "
+            "evaluations in all)")
 
 
 def _print_search(outcome) -> None:
@@ -667,7 +678,7 @@ def _print_search(outcome) -> None:
     console.print(f"wrote {outcome.schedule_path}: best search-set {names[0]} {outcome.best_value:.4e} after "
                   f"{result.true_evaluations} true evaluations ({result.cache_hits} cache hits)"
                   + (f", {result.screened} of them stopped early by the screen" if result.screened else "")
-                  + (" (resumed)" if result.resumed else ""))
+                  + _partial_note(result) + (" (resumed)" if result.resumed else ""))
     _print_stage2(outcome.stage2, outcome.best, config.latency_budget)
     if outcome.pareto_path is not None:
         console.print(pareto_table(result.front, names))

@@ -1,12 +1,13 @@
-"""Search cost: true evaluations each method needs to reach the final quality of `evolution`.
+"""Search cost: the budget each method needs to reach the final quality of `evolution`.
 
 Every method runs the search stage of `autotune search` itself (search/job.py: the same space, search set,
-seeds = the named schedules, batches and search id) in this process with the same budget of true evaluations
-and no cache, so each method pays its own way; validation, refinement and the report set are off, as they do
-not change the count. The target is evolution's final best search-set value; for each method the bench
-prints its own final best and the first true evaluation at which its best-so-far reached the target (or "not
-reached"), the ratio to evolution's, the search loop's wall time (the search set's reference is solved
-before it) and how many of its evaluations set a new best.
+seeds = the named schedules, batches and search id) in this process with the same budget and no cache, so each
+method pays its own way; validation, refinement and the report set are off, as they do not change the count. The
+budget counts whole-set evaluations: a candidate scored in full costs one, one `s3-mf` scores on its first noises
+only costs that share (search/runner.py). The target is evolution's final best search-set value; for each method
+the bench prints its own final best, the budget it had spent when its best-so-far (scores in full only) first
+reached the target (or "never"), as a share of evolution's, the search loop's wall time (the search set's
+reference is solved before it) and how many of its evaluations set a new best.
 
 Where the predictor's ranking is wrong (s3): each schedule s3's predictor proposed is set against its true
 search-set value. Per round (one ask answered by the predictor), the Kendall tau between predicted and true
@@ -16,8 +17,14 @@ by how far each proposal lay from the nearest point the predictor was trained on
 feature space): extrapolation is where a predictor fitted to a few dozen points goes wrong. A screened trial's
 value (stopped early by the search's screen) is the screen's estimate.
 
-    python bench/search_cost.py                                   # digits, NFE 5, the default budget (96)
-    python bench/search_cost.py --methods evolution,s3 --budget 200
+One seed says little: which mutation of a named schedule evolution happens to find first moves its final value and
+when it got there (digits NFE 5: reached at evaluation 16 with seed 0, at 5 with seed 1, a named schedule it never
+improved on), so the bench runs every method at each of ``--seeds`` and prints, per method, the share of
+evolution's budget it needed at each seed (its own seed's evolution is the target) and their median ("never" counts
+as worse than any share).
+
+    python bench/search_cost.py                                   # digits, NFE 5, budget 96, seeds 0, 1, 2
+    python bench/search_cost.py --model gmm64 --methods evolution,s3 --seeds 0,1,2,3
 """
 
 from __future__ import annotations
@@ -31,12 +38,24 @@ import torch
 
 
 def best_so_far(trials: list) -> list[float]:
-    """Best value after each true evaluation (cache hits are free and do not advance the count)."""
+    """Best value after each true evaluation (cache hits are free and do not advance the count). A trial scored in
+    part (``s3-mf``'s partial scores: ``cost`` set) holds an estimate, never the best: the best so far stays."""
     out, best = [], math.inf
     for t in trials:
-        best = min(best, t.value)
+        if t.cost is None:
+            best = min(best, t.value)
         if not t.cached:
             out.append(best)
+    return out
+
+
+def spent_so_far(trials: list) -> list[float]:
+    """The budget used after each true evaluation: 1 each, or its share of the set for a partial score."""
+    out, spent = [], 0.0
+    for t in trials:
+        if not t.cached:
+            spent += 1.0 if t.cost is None else t.cost
+            out.append(spent)
     return out
 
 
@@ -56,9 +75,25 @@ def progress_lines(description: str, budget: int):
 
     def on_batch(p) -> None:
         batches[0] += 1
-        if batches[0] % 3 == 0 or p.true_evaluations >= budget:
-            print(f"  {description}: {p.true_evaluations}/{budget} evaluations, best {p.best_value:.3e}", flush=True)
+        spent = p.true_evaluations if p.spent < 0 else p.spent
+        if batches[0] % 3 == 0 or spent >= budget:
+            print(f"  {description}: {spent:.4g}/{budget} evaluations, best {p.best_value:.3e}", flush=True)
     yield on_batch
+
+
+def reach_share(curve: list[float], evolution: list[float], spent: list[float] | None = None) -> float:
+    """The budget ``curve`` used to reach evolution's final value (``spent`` after each of its evaluations; None:
+    one each), as a share of evolution's evaluations (inf: not reached)."""
+    n = evaluations_to_reach(curve, evolution[-1])
+    if not n:
+        return math.inf
+    return (spent[n - 1] if spent is not None else n) / len(evolution)
+
+
+def median_share(shares: list[float]) -> float:
+    """The median share over seeds (inf, not reached, sorts last; an even count takes the upper middle, so a
+    method that failed at half the seeds has an infinite median)."""
+    return sorted(shares)[len(shares) // 2]
 
 
 def run_search_stage(config, model):
@@ -71,6 +106,14 @@ def run_search_stage(config, model):
         return run_stage1(setup, pool, JobHooks(search_progress=progress_lines)), setup.strategy
     finally:
         pool.close()
+
+
+def search_set_size(config, model) -> int:
+    """The search set the job would use (a cheap model's is larger; search/set_sizes.py decides that by timing a
+    probe, which a loaded machine or a cold first run can tip), chosen once so every method scores on the same."""
+    from autotune.search.job import prepare_search
+
+    return prepare_search(config, None, model=model).sizes.search
 
 
 def prediction_rows(predictions: list, trials: list) -> list[dict]:
@@ -116,6 +159,38 @@ def print_prediction_report(rows: list[dict]) -> None:
     print(f"all rounds: kendall {tau:.2f}, mean err {err.mean():.2f}, |err| {np.abs(err).mean():.2f}")
 
 
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated non-negative integers."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers like 0,1,2, got {text!r}")
+    return seeds
+
+
+def run_seed(model, args, seed: int) -> tuple[dict, list[dict] | None, int]:
+    """Each method's best-so-far curve and wall time at ``seed``, s3's prediction rows, the number of named seeds."""
+    from autotune.search.job import JobConfig
+
+    results, s3_rows, named = {}, None, 0
+    for method in args.methods.split(","):
+        config = JobConfig(model=args.model, nfe=str(args.nfe), method=method, budget=args.budget, seed=seed,
+                           refine=0, validate=0, score_report=False,  # the search stage alone: no file, no report set
+                           set_size=args.set_size)
+        search, strategy = run_search_stage(config, model)
+        named = len(strategy.context.seeds)
+        results[method] = (best_so_far(search.trials), search.seconds, spent_so_far(search.trials))
+        if method == "s3":
+            s3_rows = prediction_rows(strategy.predictions, search.trials)
+        curve, spent = results[method][0], results[method][2]
+        part = f", {spent[-1]:.1f} of the budget" if spent[-1] != len(curve) else ""
+        print(f"seed {seed} {method:12s} final best {curve[-1]:.4e}, {len(curve)} true evaluations{part} "
+              f"({new_bests(curve)} new bests), {results[method][1]:.0f} s", flush=True)
+    return results, s3_rows, named
+
+
 def main() -> None:
     from autotune.models.registry import load_model
     from autotune.search.job import JobConfig
@@ -124,33 +199,41 @@ def main() -> None:
     parser.add_argument("--model", default="digits")
     parser.add_argument("--nfe", type=int, default=5)
     parser.add_argument("--budget", type=int, default=JobConfig.budget)
-    parser.add_argument("--methods", default="evolution,s3,optuna-tpe,random")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default="evolution,s3,s3-mf,optuna-tpe,random")
+    parser.add_argument("--set-size", type=int, default=0, help="search noises (default: the job's choice)")
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="search seeds (default 0,1,2)")
     args = parser.parse_args()
+    seeds = args.seeds
     torch.set_num_threads(1)
     model = load_model(args.model)
-    results, s3_rows = {}, None
-    for method in args.methods.split(","):
-        config = JobConfig(model=args.model, nfe=str(args.nfe), method=method, budget=args.budget, seed=args.seed,
-                           refine=0, validate=0, score_report=False)  # the search stage alone: no file, no report set
-        search, strategy = run_search_stage(config, model)
-        results[method] = (best_so_far(search.trials), search.seconds)
-        if method == "s3":
-            s3_rows = prediction_rows(strategy.predictions, search.trials)
-        curve = results[method][0]
-        print(f"{method:12s} final best {curve[-1]:.4e}, {len(curve)} true evaluations "
-              f"({new_bests(curve)} new bests), {results[method][1]:.0f} s", flush=True)
-    if s3_rows is not None:
+    if not args.set_size:
+        args.set_size = search_set_size(JobConfig(model=args.model, nfe=str(args.nfe), refine=0, validate=0,
+                                                  score_report=False), model)
+    print(f"{args.model} NFE {args.nfe}: every method scores on the same {args.set_size} search noises", flush=True)
+    shares: dict[str, list[float]] = {m: [] for m in args.methods.split(",")}
+    s3_rows: list[dict] = []
+    for seed in seeds:
+        results, rows, named = run_seed(model, args, seed)
+        s3_rows += rows or []
+        if "evolution" not in results:
+            continue
+        evolution = results["evolution"][0]
+        n_evo = evaluations_to_reach(evolution, evolution[-1])
+        kept = " (a named schedule: it never improved on the seeds)" if n_evo <= named else ""
+        print(f"seed {seed}: target = evolution's final search-set value {evolution[-1]:.4e}, first reached at "
+              f"evaluation {n_evo}{kept}", flush=True)
+        for method, (curve, _, spent) in results.items():
+            shares[method].append(reach_share(curve, evolution, spent))
+    if "s3" in shares:
         print_prediction_report(s3_rows)
-    if "evolution" not in results:
+    if "evolution" not in shares:
         return
-    target = results["evolution"][0][-1]
-    n_evo = evaluations_to_reach(results["evolution"][0], target)
-    print(f"\ntarget: evolution's final search-set value {target:.4e}, first reached at evaluation {n_evo}")
-    for method, (curve, _) in results.items():
-        n = evaluations_to_reach(curve, target)
-        print(f"{method:12s} reaches it at " + (f"evaluation {n} ({n / len(results['evolution'][0]):.2f} of "
-                                                  f"evolution's budget)" if n else "not reached within the budget"))
+    print(f"\n{args.model} NFE {args.nfe}: evaluations to reach evolution's final value, share of its {args.budget} "
+          f"(seeds {', '.join(map(str, seeds))}; never: not reached)")
+    for method, values in shares.items():
+        cells = " ".join("never" if math.isinf(v) else f"{v:.2f}" for v in values)
+        med = median_share(values)
+        print(f"  {method:12s} {cells}   median " + ("never" if math.isinf(med) else f"{med:.2f}"))
 
 
 if __name__ == "__main__":

@@ -457,6 +457,9 @@ def _strategy(config: JobConfig, noise: NoiseSchedule, t_start: float, named_pee
                            exclude=[s.hash() for s in seeds])
     strategy = make_strategy(config.search_method,
                              SearchContext(space, noise, seeds + warm, config.seed, config.objectives))
+    if getattr(strategy, "partial_scores", False) and config.ratios is not None:  # the evaluator scores those whole
+        raise InputError(f"--method {config.search_method} scores candidates on part of the search set first, "
+                         "which a search with --ratios cannot (each candidate's ratios are fitted on all of it)")
     return space, strategy, warm
 
 
@@ -487,7 +490,7 @@ def run_stage1(setup: SearchSetup, pool: Pool, hooks: JobHooks = QUIET) -> Searc
     with hooks.search_progress(f"{c.search_method} NFE {c.nfe}", c.budget) as on_batch:
         return run_search(setup.strategy, pool, c.budget, objectives=c.objectives, batch_size=c.batch,
                           store=setup.store, sid=setup.search_id, recorder=recorder, callback=on_batch,
-                          screening=c.screening)
+                          screening=c.screening, set_size=setup.evaluator.eval_set.size)
 
 
 # ---------------------------------------------------------------------------------------------- the job

@@ -505,6 +505,7 @@ class Progress:
     budget: int
     elapsed: float
     screened: int = 0  # of the true evaluations, those the screen stopped early
+    spent: float = -1.0  # the budget used (a partial score costs its share of the set); -1: true_evaluations
 
 
 # Multi-fidelity scoring in the search loop (successive halving's first rung, Optuna's pruners): a candidate first
@@ -538,6 +539,28 @@ class Screening:
         return Screen(self.samples, self.factor * partial, scale=best_value / partial)
 
 
+def partial_samples(strategy: Strategy) -> int | None:
+    """The noises the strategy wants its last-asked batch scored on (None: the whole set; strategy.py's
+    ``batch_samples``)."""
+    ask = getattr(strategy, "batch_samples", None)
+    return None if ask is None else ask()
+
+
+def partial_screen(samples: int, best_value: float | None, best_errors: Any) -> Screen:
+    """A screen that stops every candidate after ``samples`` noises (a strategy's low-fidelity score): the value told
+    is the paired estimate of the whole-set mean (scaled by the best trial's whole-set mean over its mean on the same
+    noises), or the partial mean itself before there is a best to scale by."""
+    scale = 1.0
+    if best_errors is not None and len(best_errors) >= samples and best_value is not None \
+            and math.isfinite(best_value) and best_value > 0:
+        head = float(best_errors[:samples].mean())
+        scale = best_value / head if head > 0 else 1.0
+    return Screen(samples, limit=PARTIAL_LIMIT, scale=scale)
+
+
+PARTIAL_LIMIT = 1e-300  # a screen limit every finite positive error mean exceeds: the candidate always stops
+
+
 @dataclass
 class SearchResult:
     """The best schedule by the first objective (among the feasible ones, with ``limits``), the counts, every
@@ -554,6 +577,7 @@ class SearchResult:
     front: list[Trial] = field(default_factory=list)
     best_trial: Trial | None = None
     screened: int = 0  # true evaluations the screen stopped early (each sampled only the screen's first noises)
+    spent: float = -1.0  # the budget used: true_evaluations, less what partial scores saved (-1: none were asked)
 
 
 def search_id(**parts: Any) -> str:
@@ -603,6 +627,7 @@ def run_search(
     recorder: Any = None,
     latency: LatencySpec | None = None,
     screening: Screening | None = None,
+    set_size: int | None = None,
 ) -> SearchResult:
     """Spend ``budget`` true evaluations (cache hits are free) and return the best schedule found.
 
@@ -619,6 +644,9 @@ def run_search(
         latency: time every candidate with this spec (stage 2), whatever the pool was built with.
         screening: stop hopeless candidates early (:class:`Screening`; a plain ``mse_ref`` search only). A
             screened candidate counts as a true evaluation; its trial says ``screened``.
+        set_size: the search set's size; needed by a strategy that asks for partial scores (``batch_samples``):
+            such a batch is scored on its first noises only and each costs that share of an evaluation (its
+            trial's ``cost``), so the budget counts whole-set evaluations. A trial scored in part is never the best.
     """
     if budget < 1:
         raise SearchError(f"--budget must be >= 1, got {budget}")
@@ -626,8 +654,13 @@ def run_search(
     limits = dict(limits or {})
     if screening is not None and (objectives != ("mse_ref",) or limits or latency is not None):
         raise ValueError("screening applies to a search of mse_ref alone, without limits or latency")
+    if getattr(strategy, "partial_scores", False) and (objectives != ("mse_ref",) or limits or latency is not None
+                                                        or not set_size):
+        raise SearchError(f"--method {strategy.name} scores candidates on part of the search set: it searches "
+                          "mse_ref alone, without limits or latency")
     start = time.perf_counter()
     true_evals = hits = screened = 0
+    spent = 0.0  # the budget used: 1 a candidate, or its share of the set when the strategy asked a partial score
     elapsed0 = 0.0
     trials: list[Trial] = []
     resumed = False
@@ -637,6 +670,7 @@ def run_search(
         if saved is not None:
             strategy.load_state(saved["strategy"])
             true_evals, hits, screened = saved["true_evaluations"], saved["cache_hits"], saved.get("screened", 0)
+            spent = float(saved.get("spent", true_evals))
             trials = _saved_trials(store, sid, saved)
             elapsed0 = float(saved.get("seconds", 0.0))
             if saved.get("screen_errors"):
@@ -644,7 +678,7 @@ def run_search(
             resumed = True
     best = _best(trials, limits)
 
-    def record(s: Schedule, m: dict[str, Any]) -> None:
+    def record(s: Schedule, m: dict[str, Any], cost: float | None) -> None:
         nonlocal best, best_errors
         objs = objective_values(m, objectives)
         value = objs[objectives[0]]
@@ -654,50 +688,62 @@ def run_search(
                       elapsed=elapsed0 + time.perf_counter() - start,
                       # with fitted / CPR ratios (``--ratios``) the schedule scored is the candidate with its ratios
                       schedule=m.get("evaluated_schedule") or dumps(s), latency_ms=m.get(LATENCY),
-                      feasible=_feasible(objs, limits) if limits else None, screened=m.get("screened"))
+                      feasible=_feasible(objs, limits) if limits else None, screened=m.get("screened"), cost=cost)
         trials.append(trial)
         if store is not None and sid is not None:
             store.add_trial(sid, trial.number, trial.hash, trial.row())
         if recorder is not None:
             recorder.record(trial, s)
         best = _better(best, trial, limits)
-        if screening is not None and best is trial and not trial.screened and PER_SAMPLE in m:
-            best_errors = decode_errors(m[PER_SAMPLE])[: screening.samples]
+        if best is trial and not trial.screened and PER_SAMPLE in m and (screening is not None or set_size):
+            best_errors = decode_errors(m[PER_SAMPLE])  # whole: a partial score may want more than the screen's
 
     asks = 0
-    while true_evals < budget:
+    while spent < budget:
         asks += 1
         if asks > 50 * budget:
             break  # the strategy keeps proposing schedules that are all cached: the space is exhausted
-        batch = strategy.ask(min(batch_size, max(budget - true_evals, 1)))
-        screen = screening.screen(best.value, best_errors) if screening is not None and best else None
+        batch = strategy.ask(min(batch_size, max(math.ceil(budget - spent), 1)))
+        partial = partial_samples(strategy)
+        if partial is not None and not 1 <= partial < (set_size or 0):
+            raise SearchError(f"--method {strategy.name} scores candidates on {partial} noises first; the search set "
+                              f"has {set_size}: use a larger --set-size or another method")
+        if partial is not None:
+            screen = partial_screen(partial, best.value if best else None, best_errors)
+        else:
+            screen = screening.screen(best.value, best_errors) if screening is not None and best else None
         if latency is not None:
             metrics = pool.map(batch, latency)
         else:  # a pool without screening (a bench's own) is only ever asked without a screen
             metrics = pool.map(batch, screen=screen) if screen is not None else pool.map(batch)
         for s, m in zip(batch, metrics):
-            record(s, m)
+            # a partial score costs its share; a cached answer (a schedule scored in full before) costs nothing
+            cost = partial / set_size if partial is not None and m.get("screened") and not m.get("cached") else None
+            record(s, m, cost)
             told = _minimised(trials[-1].objectives)
             strategy.tell(s, told if len(objectives) > 1 else told[0])
             if m.get("cached"):
                 hits += 1
             else:
                 true_evals += 1
-                screened += bool(m.get("screened"))
+                spent += 1.0 if cost is None else cost
+                screened += bool(m.get("screened")) and cost is None
         if store is not None and sid is not None:
             store.put_search_state(sid, {"version": STATE_VERSION, "strategy": strategy.state(),
                                          "true_evaluations": true_evals, "cache_hits": hits, "trials": len(trials),
                                          "seconds": elapsed0 + time.perf_counter() - start, "screened": screened,
+                                         "spent": spent,
                                          "screen_errors": None if best_errors is None else encode_errors(best_errors)})
         if callback is not None:
             callback(Progress(true_evals, hits, best.value if best else math.inf, budget,
-                              time.perf_counter() - start, screened))
+                              time.perf_counter() - start, screened, spent))
     if best is None:
         raise SearchError("every candidate diverged" + (" or broke a limit" if limits else "")
                           + "; no schedule to return")
     front = _front(trials, objectives) if len(objectives) > 1 else []
     return SearchResult(loads(best.schedule), best.value, true_evals, hits,
-                        elapsed0 + time.perf_counter() - start, trials, resumed, front, best, screened)
+                        elapsed0 + time.perf_counter() - start, trials, resumed, front, best, screened,
+                        spent if any(t.cost is not None for t in trials) else -1.0)
 
 
 def _saved_trials(store: Any, sid: str, saved: dict[str, Any]) -> list[Trial]:
@@ -727,7 +773,9 @@ def _key(trial: Trial) -> float:
 
 
 def _better(best: Trial | None, trial: Trial, limits: Mapping[str, float]) -> Trial | None:
-    if not math.isfinite(_key(trial)) or (limits and not _feasible(trial.objectives, limits)):
+    """The better of the two; a trial scored in part (a strategy's partial score) is an estimate, never the best."""
+    if trial.cost is not None or not math.isfinite(_key(trial)) or (limits and not _feasible(trial.objectives,
+                                                                                             limits)):
         return best
     return trial if best is None or _key(trial) < _key(best) else best
 

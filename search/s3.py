@@ -15,6 +15,17 @@ uncertainty penalty) drifted to where the predictor is wrong and did worse at bu
 ``generations`` argument keeps them available. The predictor is retrained from scratch at every ask with
 a seed fixed by the search seed and the number of told points (on one thread), so the JSON state (told
 points, proposed hashes, rng, phase) is enough for a restored copy to ask exactly the same next batch.
+
+`s3-mf`, the multi-fidelity variant: the predictor trained on a few dozen points ranks schedules it has not seen
+no better than chance (bench/search_cost.py: Kendall tau -0.2 to 0.04 over its own proposals on gmm64, digits and
+digits-flow, over-promising by e^1.3 to e^2.8), while the same schedules' mean error on the first 8 of the 128
+search noises ranks them like the whole set does (Kendall 0.94 on digits and digits-flow, 0.74 at 8 of gmm64's 512;
+160 prior samples and mutations of the named schedules, scratch, 2026-12-05). So after the named seeds (scored in
+full) it runs rounds: the predictor picks ``round_size`` schedules (the same lower bound and member draws), the
+runner scores each on its first ``partial`` noises only (search/runner.py: a share of an evaluation, told as the
+paired estimate of its whole-set mean), and the ``promoted`` best estimates are then scored in full. The predictor
+learns from every full score and every estimate, so it sees many more points for the same budget; only a schedule
+scored in full can be the search's best.
 """
 
 from __future__ import annotations
@@ -42,6 +53,11 @@ MUTATE_P = 0.15  # per discrete coordinate, at strength 1
 TIME_SIGMA = 0.25  # std of the log-SNR jitter of each time, in mean steps in lambda, at strength 1
 STRENGTHS = (0.5, 1.0, 2.0)  # mutation strengths, one drawn per child
 KAPPA = 0.5  # lower confidence bound: predicted mean - KAPPA * ensemble spread
+# `s3-mf` (multi-fidelity; module doc): each round the predictor picks ROUND candidates, each is scored on its first
+# PARTIAL_SAMPLES noises (a share of an evaluation), and the PROMOTED best of them are scored in full
+PARTIAL_SAMPLES = 16
+ROUND = 32
+PROMOTED = 2
 
 
 class Prediction(NamedTuple):
@@ -75,13 +91,27 @@ class S3:
 
     def __init__(self, context: SearchContext, n_init: int = N_INIT, predictor: str = "mlp",
                  generations: int = GENERATIONS, children: int = CHILDREN, kappa: float = KAPPA,
-                 select: str = "members") -> None:
+                 select: str = "members", partial: int = 0, round_size: int = ROUND, promoted: int = PROMOTED,
+                 name: str = "s3") -> None:
+        if partial < 0 or (partial and not 1 <= promoted <= round_size):
+            raise SearchError(f"s3: expected partial >= 0 and 1 <= promoted <= round_size, got {partial}, "
+                              f"{promoted}, {round_size}")
         if select not in ("members", "lcb"):
             raise SearchError(f"s3: select must be 'members' or 'lcb', got {select!r}")
         if predictor not in PREDICTORS:
             raise SearchError(f"s3: unknown predictor {predictor!r} (one of {', '.join(PREDICTORS)})")
         self.context = context
         self.space = context.space
+        self.name = name
+        # multi-fidelity: the named seeds are the only points scored in full before the rounds start
+        self.partial, self.round_size, self.promoted = partial, round_size, promoted
+        self.partial_scores = partial > 0  # the runner scores a batch in part when batch_samples() says so
+        if partial:
+            n_init = min(n_init, len(context.seeds))
+        self.estimates: dict[str, tuple[Schedule, float]] = {}  # partial scores (the runner's estimates), by hash
+        self.queue: list[Schedule] = []  # this round's picks not handed out yet
+        self.round_hashes: list[str] = []  # this round's picks, in order
+        self.last_partial = False  # whether the batch asked last is to be scored in part
         self.n_init, self.predictor_kind = n_init, predictor
         self.generations, self.children, self.kappa, self.select = generations, children, kappa, select
         self.features = ScheduleFeatures(self.space, context.noise)
@@ -117,13 +147,42 @@ class S3:
                 out.append(s)
         while len(out) < n and self.phase == "init":
             out.append(self._initial_candidate())
+        self.last_partial = False
+        if len(out) < n and self.partial and not out:
+            return self._round_batch(n)
         if len(out) < n:
             out += self._model_batch(n - len(out))
+        return out
+
+    def batch_samples(self) -> int | None:
+        """The noises the batch asked last is to be scored on: ``partial`` during a round, None (all) otherwise."""
+        return self.partial if self.last_partial else None
+
+    def _round_batch(self, n: int) -> list[Schedule]:
+        """Multi-fidelity: hand out this round's predictor picks for partial scores, ``n`` at a time; once all are
+        scored, the ``promoted`` best estimates, for full scores; then the next round's picks."""
+        scored = [self.estimates[h] for h in self.round_hashes if h in self.estimates]
+        if self.round_hashes and not self.queue and len(scored) == len(self.round_hashes):
+            full = {s.hash() for s, _ in self.evaluated}
+            best = sorted((v, i) for i, (_, v) in enumerate(scored) if math.isfinite(v) and scored[i][0].hash()
+                          not in full)
+            self.round_hashes = []
+            promote = [scored[i][0] for _, i in best[: min(self.promoted, n)]]  # n: what the budget has left
+            if promote:
+                return promote
+        if not self.queue:
+            self.queue = self._model_batch(self.round_size)
+            self.round_hashes = [s.hash() for s in self.queue]
+        out, self.queue = self.queue[:n], self.queue[n:]
+        self.last_partial = True
         return out
 
     def tell(self, schedule: Schedule, value: float) -> None:
         h = schedule.hash()
         if h in self._told_set or not self.space.contains(schedule):
+            return
+        if self.last_partial and h in self.round_hashes and h not in self.estimates:
+            self.estimates[h] = (schedule, float(value) if math.isfinite(value) else math.inf)
             return
         self._told_set.add(h)
         self.evaluated.append((schedule, float(value) if math.isfinite(value) else math.inf))
@@ -162,13 +221,14 @@ class S3:
         ``(j - 1) mod members`` alone (a Thompson-like draw), which spreads a batch over what the members
         disagree on instead of spending it on near-copies of one predicted optimum.
         """
-        finite = [v for _, v in self.evaluated if math.isfinite(v)]
+        known = self._known()
+        finite = [v for _, v in known if math.isfinite(v)]
         if len(finite) < 2:  # nothing to learn from yet (all diverged, or nothing told): keep exploring
             return [self._initial_candidate() for _ in range(n)]
         self.rounds += 1
-        vectors = np.stack([self.space.encode(s) for s, _ in self.evaluated])
-        targets = log_target([v for _, v in self.evaluated])
-        seed = (int(self.context.seed) * 1_000_003 + len(self.evaluated)) % (2**31)
+        vectors = np.stack([self.space.encode(s) for s, _ in known])
+        targets = log_target([v for _, v in known])
+        seed = (int(self.context.seed) * 1_000_003 + len(known)) % (2**31)
         model = make_predictor(self.predictor_kind, seed=seed).fit(self.features(vectors), targets)
 
         true_best = np.argsort(targets, kind="stable")[:TRUE_PARENTS]
@@ -212,6 +272,12 @@ class S3:
         while len(out) < n:
             out.append(self._initial_candidate())
         return out
+
+    def _known(self) -> list[tuple[Schedule, float]]:
+        """What the predictor learns from: every full score, then the partial estimates of schedules not scored in
+        full (multi-fidelity), in the order told."""
+        full = {s.hash() for s, _ in self.evaluated}
+        return self.evaluated + [(s, v) for h, (s, v) in self.estimates.items() if h not in full]
 
     def _record_predictions(self, candidates: list[Schedule], preds: np.ndarray, picked: list[str],
                             told_vectors: np.ndarray) -> None:
@@ -290,6 +356,10 @@ class S3:
             "seed_cursor": self.seed_cursor,
             "rounds": self.rounds,
             "predictions": [list(p) for p in self.predictions],
+            "estimates": [[schedule_to_json(s), v if math.isfinite(v) else None] for s, v in self.estimates.values()],
+            "queue": [schedule_to_json(s) for s in self.queue],
+            "round": list(self.round_hashes),
+            "last_partial": self.last_partial,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -301,3 +371,14 @@ class S3:
         self.seed_cursor = int(state["seed_cursor"])
         self.rounds = int(state["rounds"])
         self.predictions = [Prediction(*p) for p in state.get("predictions", [])]  # older states: none kept
+        estimates = [(schedule_from_json(d), math.inf if v is None else float(v)) for d, v in state.get("estimates", [])]
+        self.estimates = {s.hash(): (s, v) for s, v in estimates}
+        self.queue = [schedule_from_json(d) for d in state.get("queue", [])]
+        self.round_hashes = list(state.get("round", []))
+        self.last_partial = bool(state.get("last_partial", False))
+
+
+@register("s3-mf")
+def multi_fidelity_s3(context: SearchContext) -> S3:
+    """`s3-mf`: S3 whose picks are scored on PARTIAL_SAMPLES noises first, the PROMOTED best of each ROUND in full."""
+    return S3(context, partial=PARTIAL_SAMPLES, name="s3-mf")

@@ -9,6 +9,10 @@ one value per objective, every one to be minimised (the runner negates the objec
 better). Only strategies whose class sets ``multi_objective = True`` accept tuples, and only those with
 ``varies_nfe = True`` accept a space whose NFE varies (:class:`~autotune.search.nfe_space.NFERangeSpace`);
 ``make_strategy`` refuses the others with one line.
+
+A strategy with ``partial_scores = True`` may ask for a batch to be scored on the first noises of the search set
+only: after each ``ask`` the runner calls its ``batch_samples()`` (None: the whole set) and tells it the paired
+estimate of each such candidate's whole-set mean; each costs that share of an evaluation (search/runner.py).
 """
 
 from __future__ import annotations

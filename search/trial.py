@@ -31,6 +31,7 @@ class Trial:
     latency_ms: float | None = None
     feasible: bool | None = None
     screened: int | None = None  # stopped by the search's screen after this many noises (value: an estimate)
+    cost: float | None = None  # the share of an evaluation it cost, when the strategy asked a partial score (None: 1)
     extra: Mapping[str, Any] = field(default_factory=dict)  # row keys this version does not know, kept as read
 
     @property
@@ -44,7 +45,7 @@ class Trial:
         """The store's row for the trial (its number and hash are the row's keys, not part of it)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("number", "hash", "extra")}
         out["objectives"] = dict(self.objectives)
-        for optional in ("latency_ms", "feasible", "screened"):
+        for optional in ("latency_ms", "feasible", "screened", "cost"):
             if out[optional] is None:
                 del out[optional]
         return {**self.extra, **out}

@@ -46,14 +46,15 @@ class Finalist:
 
 def finalists(trials: Sequence[Trial], extra: Sequence[tuple[str, Schedule]] = (),
               top: int = TOP_FINALISTS) -> list[tuple[str, Schedule]]:
-    """``extra`` (e.g. the refined grid) and the ``top`` distinct best finite trials, best first, no repeats."""
+    """``extra`` (e.g. the refined grid) and the ``top`` distinct best finite trials, best first, no repeats (a trial
+    scored on part of the search set, ``s3-mf``'s, holds an estimate: only trials scored in full are finalists)."""
     out: list[tuple[str, Schedule]] = []
     seen: set[str] = set()
     for label, s in extra:
         if s.hash() not in seen:
             seen.add(s.hash())
             out.append((label, s))
-    ranked = sorted((t for t in trials if t.finite), key=lambda t: t.value)
+    ranked = sorted((t for t in trials if t.finite and t.cost is None), key=lambda t: t.value)
     for t in ranked:
         if sum(label.startswith("trial") for label, _ in out) >= top:
             break

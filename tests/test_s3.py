@@ -209,3 +209,74 @@ def test_s3_beats_the_named_baselines_on_gmm2d_and_compares_with_evolution(gmm):
     print(f"\ngmm2d NFE 4, budget {budget}: best named {named:.3e}, s3 {best['s3']:.3e} ({seconds['s3']:.1f} s), "
           f"evolution {best['evolution']:.3e} ({seconds['evolution']:.1f} s)")
     assert best["s3"] < 0.5 * named, (best, named)
+
+
+# -- s3-mf: partial scores first, the best of each round in full ----------------------------------------------
+
+
+def _mf(gmm, **kw):
+    return S3(search_context(gmm), partial=8, round_size=8, promoted=2, children=128, name="s3-mf", **kw)
+
+
+def test_s3_mf_scores_each_round_in_part_and_promotes_its_best_estimates(gmm):
+    """The runner scores a round's picks on their first 8 noises (each costs 8 / 32 of an evaluation), then the two
+    best estimates in full; a partial score is never the best; the budget counts whole-set evaluations."""
+    evaluator = Evaluator(gmm, "search", size=32)
+    result = run_search(_mf(gmm), InProcessPool(evaluator), 12, batch_size=4, screening=None, set_size=32)
+    fresh = [t for t in result.trials if not t.cached]
+    partial = [t for t in fresh if t.cost is not None]
+    assert partial and all(t.cost == 8 / 32 and t.screened == 8 for t in partial)
+    assert result.spent == pytest.approx(sum(1.0 if t.cost is None else t.cost for t in fresh))
+    assert 12 <= result.spent < 12 + 1  # the last batch may run over by less than one evaluation
+    assert result.true_evaluations == len(fresh) > 12
+    assert result.best_trial.cost is None and result.best_value == min(t.value for t in fresh if t.cost is None)
+    # after the 8 named seeds: rounds of 8 partial scores (two batches of 4), then the 2 best of them in full
+    rounds = fresh[len(NAMED):]
+    first = rounds[:8]
+    assert all(t.cost is not None for t in first)
+    promoted = sorted(first, key=lambda t: t.value)[:2]
+    assert [t.hash for t in rounds[8:10]] == [t.hash for t in promoted] and all(t.cost is None for t in rounds[8:10])
+    # the estimate told for a partial score is the paired one: partial mean x best mean / best's partial mean
+    assert first[0].value == pytest.approx(first[0].mse_ref)
+
+
+def test_restored_s3_mf_continues_its_round(gmm):
+    """Stopped mid-round, a restored s3-mf hands out the rest of the round's picks, then promotes the same ones."""
+    a = _mf(gmm)
+    f = ScheduleFeatures(search_context(gmm).space, gmm.noise)
+
+    def tell_all(strategy, batch):
+        for s, v in zip(batch, f(np.stack([strategy.space.encode(s) for s in batch]))[:, 0] + 0.1):
+            strategy.tell(s, float(v))
+
+    tell_all(a, a.ask(8))  # the named seeds, scored in full
+    first = a.ask(4)
+    assert a.batch_samples() == 8
+    tell_all(a, first)
+    state = json.loads(json.dumps(a.state(), allow_nan=False))
+    b = _mf(gmm)
+    b.load_state(state)
+    rest_a, rest_b = a.ask(4), b.ask(4)
+    assert [s.hash() for s in rest_a] == [s.hash() for s in rest_b] and a.batch_samples() == b.batch_samples() == 8
+    tell_all(a, rest_a)
+    tell_all(b, rest_b)
+    up_a, up_b = a.ask(4), b.ask(4)
+    assert [s.hash() for s in up_a] == [s.hash() for s in up_b] and len(up_a) == 2
+    assert a.batch_samples() is None  # promoted: scored in full
+    estimates = sorted((v, h) for h, (_, v) in a.estimates.items())
+    assert [s.hash() for s in up_a] == [h for _, h in estimates[:2]]
+
+
+def test_s3_mf_is_refused_where_it_cannot_score_in_part(gmm):
+    from autotune.errors import InputError
+    from autotune.search.job import JobConfig, run_search_job
+
+    evaluator = Evaluator(gmm, "search", size=8)
+    with pytest.raises(SearchError, match="scores candidates on 8 noises first; the search set has 8"):
+        run_search(_mf(gmm), InProcessPool(evaluator), 12, batch_size=4, set_size=8)
+    with pytest.raises(SearchError, match="mse_ref alone"):
+        run_search(_mf(gmm), InProcessPool(evaluator), 12, batch_size=4, objectives=("mse_ref", "nfe"), set_size=8)
+    with pytest.raises(InputError, match="--ratios"):
+        run_search_job(JobConfig(model="gmm2d", nfe="4", method="s3-mf", budget=8, ratios="fit", refine=0,
+                                 validate=0, score_report=False))
+    assert make_strategy("s3-mf", search_context(gmm)).name == "s3-mf"

@@ -159,7 +159,8 @@ def test_sigkilled_search_finishes_with_no_evaluation_done_twice(tmp_path):
     count = state["trials"]
     assert isinstance(count, int)  # the state keeps a count; the trials are rows of their own
     assert set(state) == {"version", "strategy", "true_evaluations", "cache_hits", "trials", "seconds", "screened",
-                          "screen_errors"}
+                          "screen_errors", "spent"}
+    assert state["spent"] == state["true_evaluations"]  # every candidate scored in full: each cost one
     assert 0 < count < 48 + len(NAMED) and len(rows) >= count
     saved = rows[:count]
     assert [t["number"] for t in saved] == list(range(count))

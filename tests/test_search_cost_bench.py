@@ -55,3 +55,38 @@ def test_prediction_rows_pair_s3s_word_with_the_true_values(capsys):
     bench.print_prediction_report(rows)
     out = capsys.readouterr().out
     assert "kendall" in out and out.count("proposals, mean err") == 3
+
+
+def test_reach_shares_are_taken_against_evolutions_own_seed_and_never_sorts_last():
+    import argparse
+    import math
+
+    import pytest
+
+    bench = _load_bench()
+    evolution = [5.0, 4.0, 4.0, 3.0]  # final 3.0, first reached at its 4th evaluation
+    assert bench.reach_share([6.0, 3.0, 2.0, 2.0], evolution) == 2 / 4
+    assert bench.reach_share(evolution, evolution) == 1.0
+    assert bench.reach_share([6.0, 3.5, 3.1, 3.1], evolution) == math.inf
+    assert bench.median_share([0.5, math.inf, 0.25]) == 0.5
+    assert bench.median_share([0.5, math.inf]) == math.inf  # failed at half the seeds: no finite median
+    assert bench.seed_list("0,1,2") == [0, 1, 2]
+    for bad in ("", "a", "0,0", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.seed_list(bad)
+
+
+def test_a_partial_score_costs_its_share_and_is_never_the_best_so_far():
+    from autotune.search.trial import Trial
+
+    bench = _load_bench()
+
+    def trial(value, cost=None, cached=False):
+        return Trial(number=0, hash="h", value=value, objectives={"mse_ref": value}, schedule="{}", cost=cost,
+                     cached=cached)
+
+    trials = [trial(4.0), trial(1.0, cost=0.125), trial(3.0, cost=0.125), trial(2.0), trial(2.0, cached=True)]
+    assert bench.best_so_far(trials) == [4.0, 4.0, 4.0, 2.0]  # the estimate 1.0 is not a score in full
+    assert bench.spent_so_far(trials) == [1.0, 1.125, 1.25, 2.25]  # the cache hit is free
+    evolution = [4.0, 3.0, 3.0, 2.0]  # final 2.0 after 4 evaluations
+    assert bench.reach_share(bench.best_so_far(trials), evolution, bench.spent_so_far(trials)) == 2.25 / 4
