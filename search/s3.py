@@ -371,7 +371,8 @@ class S3:
         self.seed_cursor = int(state["seed_cursor"])
         self.rounds = int(state["rounds"])
         self.predictions = [Prediction(*p) for p in state.get("predictions", [])]  # older states: none kept
-        estimates = [(schedule_from_json(d), math.inf if v is None else float(v)) for d, v in state.get("estimates", [])]
+        estimates = [(schedule_from_json(d), math.inf if v is None else float(v))
+                     for d, v in state.get("estimates", [])]
         self.estimates = {s.hash(): (s, v) for s, v in estimates}
         self.queue = [schedule_from_json(d) for d in state.get("queue", [])]
         self.round_hashes = list(state.get("round", []))
