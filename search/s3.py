@@ -17,7 +17,7 @@ a seed fixed by the search seed and the number of told points (on one thread), s
 points, proposed hashes, rng, phase) is enough for a restored copy to ask exactly the same next batch.
 
 `s3-mf`, the multi-fidelity variant: the predictor trained on a few dozen points ranks schedules it has not seen
-no better than chance (bench/search_cost.py: Kendall tau -0.2 to 0.04 over its own proposals on gmm64, digits and
+no better than chance (bench/search_cost.py: Kendall tau -0.22 to 0.04 over its own proposals on gmm64, digits and
 digits-flow, over-promising by e^1.3 to e^2.8), while the same schedules' mean error on the first 8 of the 128
 search noises ranks them like the whole set does (Kendall 0.94 on digits and digits-flow, 0.74 at 8 of gmm64's 512;
 160 prior samples and mutations of the named schedules, scratch, 2026-12-05). So after the named seeds (scored in
