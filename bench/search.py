@@ -281,6 +281,7 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
                 "dist": all(d["no_worse"] for d in dist.values()) if dist else None},
         "search_wall_s": outcome.seconds, "search_loop_s": outcome.search.seconds,
         "true_evaluations": outcome.true_evaluations, "method": outcome.method,
+        "budget_spent": outcome.search.spent if outcome.search.spent >= 0 else outcome.true_evaluations,
         "schedule": str(outcome.schedule_path),
     }
 
@@ -354,6 +355,12 @@ def _table(*headers: str, title: str):
     return Table(*columns, title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=0)
 
 
+def evals_text(row: dict) -> str:
+    """The search's true evaluations; with partial scores (s3-mf) the whole-set evaluations spent / the scores."""
+    spent = row.get("budget_spent", row["true_evaluations"])
+    return str(row["true_evaluations"]) if spent == row["true_evaluations"] else f"{spent:g}/{row['true_evaluations']}"
+
+
 def results_table(rows: list[dict], report_size: int):
     table = _table("model", "NFE", "best peer", "mean", "95% CI", "p99", "dist", "wall s", "evals",
                    title=f"ours / best peer at the same NFE (< 1: ours lower), report set of {report_size}")
@@ -362,7 +369,7 @@ def results_table(rows: list[dict], report_size: int):
         table.add_row(r["model"], str(r["nfe"]), PEER_LABELS.get(r["best_peer"], r["best_peer"]),
                       marked(r["mean_ratio"], r["met"]["mean"]), ci_text(*r["mean_ratio_ci"]),
                       marked(r["p99_ratio"], r["met"]["p99"]), dist, f"{r['search_wall_s']:.0f}",
-                      str(r["true_evaluations"]))
+                      evals_text(r))
     return table
 
 
@@ -452,7 +459,8 @@ def main() -> None:
         rows += bench_model(name, args, work)
     console.print(results_table(rows, args.report_size))
     console.print(LEGEND + "; dist: " + ", ".join(DATA_METRICS[k] for k in DIST_HEADLINE) + " ratio, its mark "
-                  "checks every distribution metric the model reports; wall s and evals: the search job's",
+                  "checks every distribution metric the model reports; wall s and evals: the search job's (a search "
+                  "with partial scores: whole-set evaluations spent / scores)",
                   highlight=False)
     if any(r["dist"] for r in rows):
         console.print(dist_table(rows))

@@ -1,0 +1,18 @@
+"""bench/search.py's evals column: the true evaluations, or for a search with partial scores (s3-mf) the whole-set
+evaluations it spent over the scores it made."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "search.py"
+
+
+def test_evals_column_shows_the_budget_spent_when_scores_were_partial():
+    spec = importlib.util.spec_from_file_location("bench_search", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.evals_text({"true_evaluations": 96, "budget_spent": 96}) == "96"
+    assert bench.evals_text({"true_evaluations": 96}) == "96"  # rows written before budget_spent existed
+    assert bench.evals_text({"true_evaluations": 1026, "budget_spent": 96.0}) == "96/1026"
