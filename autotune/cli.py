@@ -644,7 +644,7 @@ def _search_hooks(objective: str):
         with Progress(*columns, console=err_console, transient=False) as progress:
             task = progress.add_task(description, total=budget, best="-")
             # a search with partial scores (s3-mf) counts its budget in whole-set evaluations: show what it spent
-            yield lambda p: progress.update(task, completed=p.true_evaluations if p.spent in (-1.0, p.true_evaluations)
+            yield lambda p: progress.update(task, completed=p.true_evaluations if p.spent == p.true_evaluations
                                             else round(p.spent, 1), best=f"{p.best_value:.3e}")
 
     def notify(line: str) -> None:

@@ -281,7 +281,7 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
                 "dist": all(d["no_worse"] for d in dist.values()) if dist else None},
         "search_wall_s": outcome.seconds, "search_loop_s": outcome.search.seconds,
         "true_evaluations": outcome.true_evaluations, "method": outcome.method,
-        "budget_spent": outcome.search.spent if outcome.search.spent >= 0 else outcome.true_evaluations,
+        "budget_spent": outcome.search.spent,
         "schedule": str(outcome.schedule_path),
     }
 

@@ -75,9 +75,8 @@ def progress_lines(description: str, budget: int):
 
     def on_batch(p) -> None:
         batches[0] += 1
-        spent = p.true_evaluations if p.spent < 0 else p.spent
-        if batches[0] % 3 == 0 or spent >= budget:
-            print(f"  {description}: {spent:.4g}/{budget} evaluations, best {p.best_value:.3e}", flush=True)
+        if batches[0] % 3 == 0 or p.spent >= budget:
+            print(f"  {description}: {p.spent:.4g}/{budget} evaluations, best {p.best_value:.3e}", flush=True)
     yield on_batch
 
 

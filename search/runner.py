@@ -505,7 +505,7 @@ class Progress:
     budget: int
     elapsed: float
     screened: int = 0  # of the true evaluations, those the screen stopped early
-    spent: float = -1.0  # the budget used (a partial score costs its share of the set); -1: true_evaluations
+    spent: float = 0.0  # the budget used: true_evaluations, less what partial scores (s3-mf) saved
 
 
 # Multi-fidelity scoring in the search loop (successive halving's first rung, Optuna's pruners): a candidate first
@@ -577,7 +577,7 @@ class SearchResult:
     front: list[Trial] = field(default_factory=list)
     best_trial: Trial | None = None
     screened: int = 0  # true evaluations the screen stopped early (each sampled only the screen's first noises)
-    spent: float = -1.0  # the budget used: true_evaluations, less what partial scores saved (-1: none were asked)
+    spent: float = 0.0  # the budget used: true_evaluations, less what partial scores (s3-mf) saved
 
 
 def search_id(**parts: Any) -> str:
@@ -742,8 +742,7 @@ def run_search(
                           + "; no schedule to return")
     front = _front(trials, objectives) if len(objectives) > 1 else []
     return SearchResult(loads(best.schedule), best.value, true_evals, hits,
-                        elapsed0 + time.perf_counter() - start, trials, resumed, front, best, screened,
-                        spent if any(t.cost is not None for t in trials) else -1.0)
+                        elapsed0 + time.perf_counter() - start, trials, resumed, front, best, screened, spent)
 
 
 def _saved_trials(store: Any, sid: str, saved: dict[str, Any]) -> list[Trial]:
