@@ -107,6 +107,30 @@ def test_mlp_is_deterministic_given_its_seed():
     with pytest.raises(ValueError, match="unknown predictor"):
         make_predictor("gp")
 
+def test_mlp_ranks_on_sampled_pairs_above_the_pair_limit(monkeypatch):
+    """Above PAIR_LIMIT points the ranking loss runs on sampled pairs, each oriented worse-first with no ties; the fit
+    is still deterministic and still learns the ranking; below it every pair is used (the dense loss)."""
+    import autotune.predictors.s3 as predictors
+
+    monkeypatch.setattr(predictors, "PAIR_LIMIT", 40)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(260, 4))
+    y = x[:, 0] + 0.5 * x[:, 1] ** 2
+    y[:10] = y[10]  # ties: never a pair
+    t = torch.from_numpy(y).float()
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.ones(2, len(y))
+    loss = MLPRanker(members=2)._rank_loss(t, weights, gen)
+    right = loss(torch.stack([t, t]) * 1e6)  # predictions ordering every pair right by a wide margin: loss near 0
+    wrong = loss(torch.stack([-t, -t]) * 1e6)  # every pair ordered wrong: a large loss (a tie would add log 2)
+    assert float(right.max()) < 1e-5 and float(wrong.min()) > 10
+    dense = MLPRanker(members=2)._rank_loss(t[:30], weights[:, :30], gen)  # below the limit
+    assert float(dense(torch.stack([t[:30], t[:30]]) * 1e6).max()) < 1e-5
+    fit = lambda: MLPRanker(seed=1, epochs=100).fit(x[:200], y[:200]).predict(x[200:])  # noqa: E731
+    p1, p2 = fit(), fit()
+    assert np.array_equal(p1, p2)
+    assert ranking_quality(p1, y[200:]).kendall > 0.7
+
 
 # -- the search loop ------------------------------------------------------------------------------------------
 
