@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from autotune.errors import ScheduleError
 from autotune.sampling.noise import NoiseSchedule
 from autotune.sampling.program import (
     Call, Combine, Compensate, Copy, Instruction, Mark, Plan, state_register, with_frees,
@@ -127,7 +128,11 @@ def make_plan(
     called_at = model_times(noise, times, ctx.lam, shifts)
     code: list[Instruction] = []
     for k in range(len(schedule.steps)):
-        code += _step_code(k, schedule, ctx, ratios, called_at)
+        try:
+            code += _step_code(k, schedule, ctx, ratios, called_at)
+        except torch.linalg.LinAlgError:  # a multistep update's nodes coincide in log-SNR (times an ulp apart)
+            raise ScheduleError(f"steps[{k}].t", "the step's multistep update is singular: two of the times it "
+                                "uses are equal in log-SNR; move them apart or lower the order") from None
     if schedule.final_denoise:  # DPM-Solver's denoise_to_zero: the data prediction at the last time is the sample
         n = len(schedule.steps)
         code += [ctx.call(n), Combine("x", "x", None, ((n, torch.ones((), dtype=times.dtype)),), "data"),

@@ -25,7 +25,8 @@ name                  present when           kind   value
 Times are encoded *as themselves* (not as normalised positions or increments) so that encoding is exact:
 ``decode(encode(s)) == s`` holds bit for bit. The decoder makes any vector monotone by sorting the interior
 times in decreasing order (the encoding is invariant to permuting them) and nudging ties, or hits on an end
-point, apart by single ulps. Everything else is clamped to the bounds, rounded (half up) where discrete,
+point, apart by TIME_NUDGE of the time span (single ulps left two nodes of a multistep update at one log-SNR, a
+singular system for order 3). Everything else is clamped to the bounds, rounded (half up) where discrete,
 then clamped to what the step may use: the order to the solver's maximum, the history (``k + 1`` outputs)
 and to 1 on a step onto ``t = 0`` for dpm/unip; no corrector on the last step; ratio 1.0 while
 ``k < dc_order``; a unit both skipped and reused at a step is skipped, and a reuse no earlier call computed the
@@ -65,6 +66,9 @@ FAMILIES = ("t", "order", "solver", "prediction", "corrector", "corrector_order"
             "reuse_order")
 KINDS = ("real", "int", "cat", "bool")
 DEFAULT_RATIO_RANGE = (0.8, 1.2)
+# the share of (t_start - t_end) that decoding puts between tied times or between a time and an end point it hit
+# (a mutation clamped at t_start); one ulp was too little: UniP-3's node system became singular (a search crashed)
+TIME_NUDGE = 1e-7
 
 
 @dataclass(frozen=True)
@@ -396,15 +400,18 @@ def _sanitize(sp: ScheduleSpace, vec: Sequence[float] | np.ndarray) -> np.ndarra
 
 
 def _strictly_decreasing(ts: list[float], hi: float, lo: float) -> list[float]:
-    """Sort descending and nudge ties or end-point hits apart by ulps so that hi > t_0 > ... > t_m > lo."""
+    """Sort descending and nudge ties or end-point hits apart by TIME_NUDGE of the span (by ulps where that is
+    less than two ulps) so that hi > t_0 > ... > t_m > lo."""
     out = sorted((min(max(float(t), lo), hi) for t in ts), reverse=True)
+    gap = (hi - lo) * TIME_NUDGE
+    tiny = gap <= 2 * np.spacing(hi)
     prev = hi
     for i, t in enumerate(out):
-        out[i] = t if t < prev else float(np.nextafter(prev, -np.inf))
+        out[i] = t if t < prev else (float(np.nextafter(prev, -np.inf)) if tiny else prev - gap)
         prev = out[i]
     nxt = lo
     for i in range(len(out) - 1, -1, -1):
-        out[i] = out[i] if out[i] > nxt else float(np.nextafter(nxt, np.inf))
+        out[i] = out[i] if out[i] > nxt else (float(np.nextafter(nxt, np.inf)) if tiny else nxt + gap)
         nxt = out[i]
     return out
 

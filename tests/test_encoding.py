@@ -265,6 +265,29 @@ def test_decode_sorts_and_separates_times():
         assert all(a > b for a, b in zip(times, times[1:])) and times[0] == 1.0 and times[-1] == 0.0, bad
 
 
+def test_decode_separates_clamped_times_enough_for_an_order_3_update():
+    """A mutation clamped at t_start used to decode an ulp below it; UniP-3 then found two of its nodes at one log-SNR
+    and its system was singular (an s3-mf search on digits crashed). Decoded times now stand TIME_NUDGE of the span
+    apart, and a hand-written schedule with such times gets a ScheduleError naming the step, not a LinAlgError."""
+    from autotune.sampling.coefficients import make_plan
+    from autotune.space.encoding import TIME_NUDGE
+
+    noise = VPLinear()
+    sp = ScheduleSpace(5, 1.0, 0.0, solvers=("unip-bh1",), predictions=("data",), allow_corrector=False,
+                       ratio_range=None, max_order=3)
+    steps = tuple(Step(t, order=o, solver="unip-bh1", prediction="data")
+                  for t, o in zip((0.5, 0.42, 0.3, 0.2, 0.0), (1, 2, 3, 3, 1)))
+    vec = sp.encode(Schedule(1.0, steps))
+    vec[[c.name for c in sp.coords].index("t[0]")] = 1.0  # the first time clamped at t_start
+    decoded = sp.decode(vec)
+    assert decoded.times[1] == 1.0 - TIME_NUDGE and decoded.steps[2].order == 3
+    make_plan(decoded, noise)  # solvable
+    ulp_apart = dataclasses.replace(decoded, steps=(dataclasses.replace(decoded.steps[0], t=math.nextafter(1.0, 0)),)
+                                    + decoded.steps[1:])
+    with pytest.raises(ScheduleError, match=r"steps\[2\]\.t.*singular"):
+        make_plan(ulp_apart, noise)
+
+
 def test_decode_rejects_a_vector_of_the_wrong_length():
     sp = ScheduleSpace(3, 1.0, 0.0)
     for bad in (np.zeros(sp.dim + 1), [], np.zeros((2, sp.dim)), ["a"] * sp.dim):
