@@ -136,7 +136,7 @@ def print_prediction_report(rows: list[dict]) -> None:
     if not rows:
         print("s3: the predictor proposed nothing that was scored")
         return
-    print("\ns3's predictor on its own proposals (log mse_ref; error = predicted - true, < 0: over-promised)")
+    print("\ns3's predictor on its own proposals (log mse_ref)\nerror = predicted - true (< 0: over-promised)")
     print(f"{'round':>5} {'n':>3} {'kendall':>8} {'mean err':>9} {'|err|':>6} {'beat best':>9}")
     for r in sorted({row["round"] for row in rows}):
         batch = [row for row in rows if row["round"] == r]
@@ -148,7 +148,7 @@ def print_prediction_report(rows: list[dict]) -> None:
     dist = np.array([row["distance"] for row in rows])
     err = np.array([row["pred"] - row["true"] for row in rows])
     edges = np.quantile(dist, [0, 1 / 3, 2 / 3, 1])
-    print("by distance to the nearest training point (feature space), thirds of the proposals:")
+    print("by distance to the nearest training point (features), thirds of the proposals:")
     for k in range(3):
         inside = (dist >= edges[k]) & ((dist < edges[k + 1]) if k < 2 else (dist <= edges[k + 1]))
         if inside.any():
@@ -184,9 +184,9 @@ def run_seed(model, args, seed: int) -> tuple[dict, list[dict] | None, int]:
         if method == "s3":
             s3_rows = prediction_rows(strategy.predictions, search.trials)
         curve, spent = results[method][0], results[method][2]
-        part = f", {spent[-1]:.1f} of the budget" if spent[-1] != len(curve) else ""
-        print(f"seed {seed} {method:12s} final best {curve[-1]:.4e}, {len(curve)} true evaluations{part} "
-              f"({new_bests(curve)} new bests), {results[method][1]:.0f} s", flush=True)
+        part = f", {spent[-1]:.1f} spent" if spent[-1] != len(curve) else ""  # partial scores at their share
+        print(f"seed {seed} {method:9s} best {curve[-1]:.4e}, {len(curve)} scores{part}, {new_bests(curve)} new "
+              f"bests, {results[method][1]:.0f} s", flush=True)
     return results, s3_rows, named
 
 
@@ -218,21 +218,21 @@ def main() -> None:
             continue
         evolution = results["evolution"][0]
         n_evo = evaluations_to_reach(evolution, evolution[-1])
-        kept = " (a named schedule: it never improved on the seeds)" if n_evo <= named else ""
-        print(f"seed {seed}: target = evolution's final search-set value {evolution[-1]:.4e}, first reached at "
-              f"evaluation {n_evo}{kept}", flush=True)
+        kept = "\n  (a named schedule: evolution never improved on the seeds)" if n_evo <= named else ""
+        print(f"seed {seed}: target {evolution[-1]:.4e}, evolution's final value, first reached at {n_evo}{kept}",
+              flush=True)
         for method, (curve, _, spent) in results.items():
             shares[method].append(reach_share(curve, evolution, spent))
     if "s3" in shares:
         print_prediction_report(s3_rows)
     if "evolution" not in shares:
         return
-    print(f"\n{args.model} NFE {args.nfe}: evaluations to reach evolution's final value, share of its {args.budget} "
+    print(f"\n{args.model} NFE {args.nfe}: share of {args.budget} spent to reach evolution's final value\n"
           f"(seeds {', '.join(map(str, seeds))}; never: not reached)")
     for method, values in shares.items():
         cells = " ".join("never" if math.isinf(v) else f"{v:.2f}" for v in values)
         med = median_share(values)
-        print(f"  {method:12s} {cells}   median " + ("never" if math.isinf(med) else f"{med:.2f}"))
+        print(f"  {method:9s} {cells}   median " + ("never" if math.isinf(med) else f"{med:.2f}"))
 
 
 if __name__ == "__main__":
