@@ -131,8 +131,9 @@ def make_plan(
         try:
             code += _step_code(k, schedule, ctx, ratios, called_at)
         except torch.linalg.LinAlgError:  # a multistep update's nodes coincide in log-SNR (times an ulp apart)
-            raise ScheduleError(f"steps[{k}].t", "the step's multistep update is singular: two of the times it "
-                                "uses are equal in log-SNR; move them apart or lower the order") from None
+            raise ScheduleError(f"steps[{k}].t", "a multistep update here (this step's, or the corrector of the "
+                                "step before) is singular: two of the times it uses are equal in log-SNR; move them "
+                                "apart or lower the order") from None
     if schedule.final_denoise:  # DPM-Solver's denoise_to_zero: the data prediction at the last time is the sample
         n = len(schedule.steps)
         code += [ctx.call(n), Combine("x", "x", None, ((n, torch.ones((), dtype=times.dtype)),), "data"),
