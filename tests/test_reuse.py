@@ -389,16 +389,9 @@ def test_diffusers_scheduler_refuses_reuse_naming_the_field():
 
 
 def _reuse_bench():
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from bench_scripts import load_bench
 
-    spec = importlib.util.spec_from_file_location("bench_reuse", Path(__file__).resolve().parent.parent / "bench"
-                                                  / "reuse.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
+    return load_bench("reuse")
 
 
 def test_reuse_bench_reads_the_no_reuse_front_at_a_latency():

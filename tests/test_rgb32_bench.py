@@ -4,7 +4,6 @@ steps here; the real builds are the bench's job."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,20 +15,11 @@ pytest.importorskip("sklearn")
 
 from autotune.models.registry import load_model  # noqa: E402
 from autotune.sampling.denoiser import to_data_and_noise  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "rgb32.py"
+from bench_scripts import load_bench  # noqa: E402
 TINY = {"batch_size": 4, "probe_size": 4}  # a build of seconds: the test checks the directory, not the model
 
 
-def _load_bench():
-    # bench/ is a folder of scripts, not an installed package: load the module from its file
-    spec = importlib.util.spec_from_file_location("bench_rgb32", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rgb32 = _load_bench()
+rgb32 = load_bench("rgb32")
 
 
 @pytest.fixture(scope="module")

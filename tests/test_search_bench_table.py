@@ -3,16 +3,11 @@ evaluations it spent over the scores it made."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "search.py"
+from bench_scripts import load_bench
 
 
 def test_evals_column_shows_the_budget_spent_when_scores_were_partial():
-    spec = importlib.util.spec_from_file_location("bench_search", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("search")
     assert bench.evals_text({"true_evaluations": 96, "budget_spent": 96}) == "96"
     assert bench.evals_text({"true_evaluations": 96}) == "96"  # rows written before budget_spent existed
     assert bench.evals_text({"true_evaluations": 1026, "budget_spent": 96.0}) == "96/1026"

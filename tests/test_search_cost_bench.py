@@ -4,18 +4,11 @@ set against the true values of the schedules they proposed."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "search_cost.py"
+from bench_scripts import load_bench
 
 
 def _load_bench():
-    # bench/ is a folder of scripts, not an installed package: load the module from its file
-    spec = importlib.util.spec_from_file_location("bench_search_cost", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("search_cost")
 
 
 def test_best_so_far_follows_a_real_search_over_its_true_evaluations():
