@@ -568,7 +568,7 @@ def search_cmd(
         None, "--strength", help="image-to-image: search the schedule an img2img pipeline runs at this strength "
                                  "(0 < s < 1), starting below T from the eval set's images noised there"),
     reuse: bool = typer.Option(False, "--reuse", help="stage 2 may also reuse a unit's output cached at an earlier "
-                                                       "step (DeepCache), copied or forecast from its last two, not "
+                                                       "step (DeepCache), copied or forecast from its last two or three, not "
                                                        "only skip units; with --guidance also the guidance direction "
                                                        "(those steps run the conditional half only)"),
     solvers: Optional[str] = typer.Option(
@@ -708,7 +708,7 @@ def _print_stage2(stage2, best, latency_budget: float) -> None:
         t = stage2.best_trial
         console.print(f"stage 2: {sum(len(st.skip) for st in best.steps)} unit calls skipped, "
                       f"{sum(len(st.reuse) for st in best.steps)} reused"
-                      f"{' (forecast)' if best.reuse_order else ''}, "
+                      f"{f' (forecast, order {best.reuse_order})' if best.reuse_order else ''}, "
                       f"latency {t.latency_ms:.2f} ms, limit {stage2.limit_ms:.2f} ms ({latency_budget:g} x "
                       f"unpruned {stage2.unpruned_ms:.2f} ms)"
                       + (f", timed again {stage2.retimed[t.hash]:.3f} x unpruned" if t.hash in stage2.retimed else "")

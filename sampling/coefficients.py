@@ -97,7 +97,7 @@ def with_reuse(code: list[Instruction], schedule: Schedule) -> list[Instruction]
     for i in reversed(calls):
         ins = code[i]
         code[i] = replace(ins, reuse=reuse[i], record=later - reuse[i] - ins.skip,
-                          forecast=bool(reuse[i]) and schedule.reuse_order == 1)
+                          forecast=schedule.reuse_order if reuse[i] else 0)
         later = later | reuse[i]
     return code
 

@@ -136,10 +136,14 @@ def skipping(module: nn.Module, names: Iterable[str]) -> Iterator[None]:
                 del sub.forward
 
 
+# (time, output) pairs a FeatureCache keeps per unit: enough for the highest forecast order (Schedule.reuse_order 2)
+HISTORY = 3
+
+
 class FeatureCache(dict):
     """One run's feature cache: unit name -> the output it produced at the last call that ran it (what
-    :func:`caching` reads and writes). ``history``: unit -> the (time, output) of the last two calls that recorded
-    it, which a forecast (``Call.forecast``) extrapolates from; :func:`call_model` keeps it."""
+    :func:`caching` reads and writes). ``history``: unit -> the (time, output) of the last ``HISTORY`` calls that
+    recorded it, which a forecast (``Call.forecast``) extrapolates from; :func:`call_model` keeps it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -157,20 +161,40 @@ def map_features(fn: Callable[..., Any], *features: Any) -> Any:
     return fn(*features)
 
 
-def forecast(history: list[tuple[Any, Any]], t: Any) -> Any:
-    """The unit's output at time ``t`` extrapolated linearly from its last two computed ones ``[(t0, h0), (t1, h1)]``
-    (TaylorSeer's first order; with one, that output: DeepCache's copy). Times are the schedule's, as the plan
-    holds them (0-d tensors, so the weight is a graph constant when baked and differentiable when refined)."""
-    if len(history) < 2:
+def forecast(history: list[tuple[Any, Any]], t: Any, order: int = 1) -> Any:
+    """The unit's output at time ``t`` extrapolated from its last computed ones ``[..., (t0, h0), (t1, h1), (t2, h2)]``
+    by the polynomial in time through the last ``order + 1`` of them (TaylorSeer's expansion of that order, in the
+    Newton form): order 1 is the line through the last two, order 2 the parabola through the last three. With fewer
+    outputs than that, the highest order they allow; with one, that output (DeepCache's copy). Times are the
+    schedule's, as the plan holds them (0-d tensors, so the weights are graph constants when baked and
+    differentiable when refined)."""
+    if len(history) < 2 or order < 1:
         return history[-1][1]
-    (t0, h0), (t1, h1) = history[-2:]
-    weight = (t - t1) / (t1 - t0)
+    if order == 1 or len(history) == 2:
+        (t0, h0), (t1, h1) = history[-2:]
+        weight = (t - t1) / (t1 - t0)
 
-    def extrapolate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        w = weight.to(device=b.device, dtype=b.dtype) if isinstance(weight, torch.Tensor) else weight
-        return b + w * (b - a)
+        def extrapolate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return b + _like(weight, b) * (b - a)
 
-    return map_features(extrapolate, h0, h1)
+        return map_features(extrapolate, h0, h1)
+    (t0, h0), (t1, h1), (t2, h2) = history[-3:]
+    # p(t) = h2 + w1 (h2 - h1) + w2 ((h2 - h1) - r (h1 - h0)): the line through the last two plus the second divided
+    # difference's term, so the first-order part is computed as order 1 computes it
+    w1 = (t - t2) / (t2 - t1)
+    w2 = (t - t2) * (t - t1) / ((t2 - t0) * (t2 - t1))
+    r = (t2 - t1) / (t1 - t0)
+
+    def extrapolate2(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        d1 = c - b
+        return c + _like(w1, c) * d1 + _like(w2, c) * (d1 - _like(r, c) * (b - a))
+
+    return map_features(extrapolate2, h0, h1, h2)
+
+
+def _like(weight: Any, feature: torch.Tensor) -> Any:
+    """A forecast weight on the feature's device and dtype (a plain number as it is)."""
+    return weight.to(device=feature.device, dtype=feature.dtype) if isinstance(weight, torch.Tensor) else weight
 
 
 @contextlib.contextmanager
@@ -312,17 +336,17 @@ def with_features(ins: Any, t: Any, cache: MutableMapping[str, Any], run: Callab
     history = getattr(cache, "history", None)
     if ins.forecast and history is None:
         raise SamplingError("reuse: a forecasting call needs the run's FeatureCache (it keeps the units' history)")
-    last = {u: cache[u] for u in ins.reuse if ins.forecast and len(history.get(u, ())) == 2}
+    last = {u: cache[u] for u in ins.reuse if ins.forecast and len(history.get(u, ())) >= 2}
     before = {u: cache.get(u) for u in ins.record}
     try:
-        cache.update({u: forecast(history[u], t) for u in last})
+        cache.update({u: forecast(history[u], t, ins.forecast) for u in last})
         out = run()
     finally:
         cache.update(last)
     if history is not None:
         for u in ins.record:
             if u in cache and cache[u] is not before[u]:  # the unit ran (no enclosing unit was reused or skipped)
-                history[u] = history.get(u, [])[-1:] + [(t, cache[u])]
+                history[u] = history.get(u, [])[1 - HISTORY:] + [(t, cache[u])]
     return out
 
 

@@ -39,8 +39,8 @@ class Call:
     cache (what they returned at the last call that ran them); ``record``: units whose output this call puts in the
     cache because a later call reuses it. The cache belongs to one run and holds ordinary tensors
     (``sampling.denoiser.call_model``), so a trace of the run carries them from call to call. ``forecast``: the
-    reused outputs are extrapolated linearly in time from the unit's last two computed outputs (the schedule's
-    ``reuse_order`` 1) instead of copied from the last one.
+    order of the polynomial in time the reused outputs are extrapolated by from the unit's last computed outputs
+    (the schedule's ``reuse_order``; 0: copied from the last one).
     """
 
     slot: Slot
@@ -51,7 +51,7 @@ class Call:
     skip: frozenset[str] = frozenset()
     reuse: frozenset[str] = frozenset()
     record: frozenset[str] = frozenset()
-    forecast: bool = False
+    forecast: int = 0
 
 
 @dataclass(frozen=True)

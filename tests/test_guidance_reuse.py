@@ -107,7 +107,7 @@ def test_stage2_seeds_a_guided_search_with_the_direction_and_a_deep_unit_reused_
     for s, (unit, interval) in zip(combined, [("deep0", 2), ("deep0", 3), ("deep1", 2), ("deep1", 3)]):
         expect = [() if k % interval == 0 or k >= 12 - FULL_TAIL else (unit, GUIDANCE_UNIT) for k in range(12)]
         assert [tuple(sorted(st.reuse)) for st in s.steps] == [tuple(sorted(r)) for r in expect]
-        assert s.reuse_order == 1
+        assert s.reuse_order == 1  # seeds carry the first-order forecast
     unguided = SkipMaskSearch(dataclasses.replace(base, guidance=None), (), 10.0, seed=1, reusable=units[:3])
     assert not any(len(st.reuse) > 1 for s in unguided.ask(len(unguided.seeds)) for st in s.steps)
 

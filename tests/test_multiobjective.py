@@ -226,7 +226,7 @@ def test_stage2_with_reuse_records_the_reuse_masks_and_order_in_its_optuna_study
                        parent_id="p")
     assert stage.result is not None, stage.reason
     study = optuna.load_study(study_name=f"autotune-{stage.search_id}", storage=url)
-    space = ScheduleSpace.for_schedule(base, units=("mid_attn",), reusable=("deep0", "deep1"), max_reuse_order=1)
+    space = ScheduleSpace.for_schedule(base, units=("mid_attn",), reusable=("deep0", "deep1"), max_reuse_order=2)
     decoded = []
     for t in study.trials:
         vec = [space.choices(c.family).index(t.params[c.name]) if c.kind == "cat" else float(t.params[c.name])

@@ -84,7 +84,8 @@ def test_reuse_order_is_in_identity_and_file_only_when_used_and_checked():
     # nothing reused: the order changes nothing computed, so it is dropped (same value, same hash)
     plain = build("dpmsolver++2m", ns, 6)
     assert dataclasses.replace(plain, reuse_order=1) == plain
-    for bad in (2, -1, True, 1.0, "1"):
+    assert json.loads(dumps(dataclasses.replace(r, reuse_order=2)))["reuse_order"] == 2
+    for bad in (3, -1, True, 1.0, "1"):
         with pytest.raises(ScheduleError) as e:
             dataclasses.replace(r, reuse_order=bad)
         assert e.value.field == "reuse_order"
@@ -100,6 +101,27 @@ def test_forecast_extrapolates_linearly_in_time():
     torch.testing.assert_close(out, torch.tensor([4.0, 0.5]))  # half a step on: h1 + 0.5 (h1 - h0)
     assert out.dtype == torch.float32
     assert forecast([(t1, h1)], 0.6) is h1  # one computed output: DeepCache's copy
+
+
+def test_second_order_forecast_is_the_parabola_through_the_last_three():
+    ts = [torch.tensor(v, dtype=torch.float64) for v in (0.95, 0.8, 0.7, 0.55)]
+
+    def h(t):  # a feature quadratic in time: what order 2 extrapolates exactly and order 1 does not
+        t = float(t)
+        return torch.tensor([1.0 + 2.0 * t - 3.0 * t * t, -0.5 * t * t], dtype=torch.float64)
+
+    history = [(t, h(t)) for t in ts[:3]]
+    torch.testing.assert_close(forecast(history, ts[3], order=2), h(ts[3]), atol=1e-12, rtol=0)
+    assert float((forecast(history, ts[3], order=1) - h(ts[3])).abs().max()) > 1e-2
+    # order 1 reads the last two as before (a longer history changes nothing), order 0 copies
+    torch.testing.assert_close(forecast(history, ts[3], order=1), forecast(history[1:], ts[3]), atol=0, rtol=0)
+    assert forecast(history, ts[3], order=0) is history[-1][1]
+    # two outputs: the highest order they allow, the line
+    torch.testing.assert_close(forecast(history[1:], ts[3], order=2), forecast(history[1:], ts[3]), atol=0, rtol=0)
+    # structured features (a transformer block's pair, None where it outputs none) are forecast part by part
+    pairs = [(t, (None, x)) for t, x in history]
+    assert forecast(pairs, ts[3], order=2)[0] is None
+    torch.testing.assert_close(forecast(pairs, ts[3], order=2)[1], h(ts[3]), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("steps, field, reason", [
@@ -220,6 +242,35 @@ def test_first_order_reuse_forecasts_a_unit_affine_in_time_exactly():
     torch.testing.assert_close(forecast_run.sample, a, atol=1e-5, rtol=0)  # ... its linear forecast exact
 
 
+class Parabola(Clock):
+    """A unit whose output is quadratic in the model time (a second-order forecast of it is exact)."""
+
+    def forward(self, t):
+        self.calls += 1
+        return self.lin((t * t)[:, None])
+
+
+def test_second_order_reuse_forecasts_a_unit_quadratic_in_time_exactly():
+    torch.manual_seed(0)
+    ns = VPLinear()
+    noise = torch.randn(4, 3)
+    full = build("dpmsolver++2m", ns, 7)
+    pattern = _with(full, s3={"reuse": ("clock",)}, s5={"reuse": ("clock",)}, s6={"reuse": ("clock",)})
+    net = ClockNet()
+    net.clock = Parabola()
+    model = TorchDenoiser(net, ns, "epsilon")
+    calls = make_plan(dataclasses.replace(pattern, reuse_order=2), ns).calls
+    assert [c.forecast for c in calls] == [0, 0, 0, 2, 0, 2, 2]
+    a = sample(model, full, noise).sample
+    first = sample(model, dataclasses.replace(pattern, reuse_order=1), noise).sample
+    net.clock.calls = 0
+    second = sample(model, dataclasses.replace(pattern, reuse_order=2), noise)
+    assert net.clock.calls == 4 and second.nfe == 7
+    assert (first - a).abs().max() > 1e-2  # a line through a moving parabola is off ...
+    # ... the parabola through three is exact (to float32 rounding: the samples reach 250 here)
+    torch.testing.assert_close(second.sample, a, atol=1e-5, rtol=1e-6)
+
+
 def test_a_forecasting_call_needs_the_run_feature_cache():
     from autotune.sampling.denoiser import call_model
 
@@ -293,9 +344,14 @@ def test_deepcache_on_digits_with_guidance_runs_baked_alike(digits, guided):
     assert float((out - sample(digits, deepcache(guided, 3), x, labels).sample).abs().max()) > 1e-4
     with torch.no_grad():
         torch.testing.assert_close(BakedSampler(digits, f2)(x, labels), out, atol=1e-6, rtol=0)
+    q = dataclasses.replace(deepcache(guided, 2), reuse_order=2)  # second order: three computed before step 5
+    out2 = sample(digits, q, x, labels).sample
+    assert float((out2 - sample(digits, dataclasses.replace(q, reuse_order=1), x, labels).sample).abs().max()) > 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(BakedSampler(digits, q)(x, labels), out2, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("order", [0, 1])
+@pytest.mark.parametrize("order", [0, 1, 2])
 def test_onnx_engine_with_reuse_matches_the_executor(digits, guided, tmp_path, order):
     pytest.importorskip("onnxruntime")
     from autotune.compile import build_engine
@@ -344,16 +400,45 @@ def test_three_state_search_asks_valid_schedules_seeded_with_deepcache():
     assert any((g == 2).any() for g in genes) or any((search.mask(s) == 2).any() for s in batch)  # skips happen
     assert any((g[:-1] == 1).any() for g in genes)
     orders = {s.reuse_order for s in batch} | {s.reuse_order for s, _ in search.population}
-    assert orders == {0, 1}  # the order gene takes both values
+    assert orders == {0, 1, 2}  # the order gene takes every value
     copy_only = SkipMaskSearch(base, ("mid_attn",), 10.0, seed=1, reusable=("deep0", "deep1"), reuse_orders=(0,))
     assert copy_only.ask(1)[0].hash() == deepcache(base, 2, "deep0").hash()
     assert all(s.reuse_order == 0 for s in copy_only.ask(8))
     with pytest.raises(SearchError, match="reuse orders"):
-        SkipMaskSearch(base, ("mid_attn",), 10.0, reusable=("deep0",), reuse_orders=(2,))
+        SkipMaskSearch(base, ("mid_attn",), 10.0, reusable=("deep0",), reuse_orders=(3,))
     # the state round-trips
     again = SkipMaskSearch(base, ("mid_attn",), 10.0, seed=1, reusable=("deep0", "deep1"))
     again.load_state(search.state())
     assert again.ask(2) == search.ask(2)
+
+
+def test_after_the_seeds_the_best_genomes_are_asked_at_the_other_reuse_orders():
+    from autotune.search.skip_stage import ORDER_TRIALS, SkipMaskSearch
+
+    base = build("dpmsolver++2m", VPLinear(), 6)
+    search = SkipMaskSearch(base, (), 10.0, seed=1, reusable=("deep0",))
+    seeds = search.ask(len(search.seeds))
+    assert {s.reuse_order for s in seeds} == {1}
+    # told: the third and first seeds are the fittest (lowest mse_ref, within the latency limit), the second is over
+    for s, v in zip(seeds, [(0.5, 5.0), (0.1, 50.0), (0.2, 5.0)]):
+        search.tell(s, v)
+    trials = search.ask(ORDER_TRIALS * 2)
+    assert [(s.hash(), s.reuse_order) for s in trials] == [
+        (dataclasses.replace(seeds[i], reuse_order=o).hash(), o) for i in (2, 0) for o in (0, 2)]
+    assert search.reorders_left == 0
+    after = search.ask(4)  # then the search goes on as before: nothing asked twice
+    assert not {s.hash() for s in after} & {s.hash() for s in seeds + trials}
+    # restored mid-way, it asks the rest of the variants
+    again = SkipMaskSearch(base, (), 10.0, seed=1, reusable=("deep0",))
+    again.ask(len(again.seeds))
+    for s, v in zip(seeds, [(0.5, 5.0), (0.1, 50.0), (0.2, 5.0)]):
+        again.tell(s, v)
+    first = again.ask(1)
+    restored = SkipMaskSearch(base, (), 10.0, seed=1, reusable=("deep0",))
+    restored.load_state(again.state())
+    assert first + restored.ask(3) == trials
+    # one order only: no order gene, nothing to try
+    assert SkipMaskSearch(base, (), 10.0, seed=1, reusable=("deep0",), reuse_orders=(1,)).reorders_left == 0
 
 
 def test_long_schedules_also_seed_deepcache_with_the_last_steps_computed():
