@@ -568,9 +568,9 @@ def search_cmd(
         None, "--strength", help="image-to-image: search the schedule an img2img pipeline runs at this strength "
                                  "(0 < s < 1), starting below T from the eval set's images noised there"),
     reuse: bool = typer.Option(False, "--reuse", help="stage 2 may also reuse a unit's output cached at an earlier "
-                                                       "step (DeepCache), copied or forecast from its last two or three, not "
-                                                       "only skip units; with --guidance also the guidance direction "
-                                                       "(those steps run the conditional half only)"),
+                                                       "step (DeepCache), copied or forecast from its last two or "
+                                                       "three, not only skip units; with --guidance also the guidance "
+                                                       "direction (those steps run the conditional half only)"),
     solvers: Optional[str] = typer.Option(
         None, "--solvers", help="the solvers each step may choose, comma-separated (default: dpm, unip-bh1, "
                                 "unip-bh2, ipndm; also dpm-single)"),

@@ -19,6 +19,7 @@ from torch import nn
 
 from autotune.errors import ModelError, SamplingError
 from autotune.sampling.noise import NoiseSchedule
+from autotune.space.schedule import REUSE_ORDERS
 
 PARAMETERIZATIONS = ("epsilon", "sample", "v_prediction", "flow")
 
@@ -136,8 +137,8 @@ def skipping(module: nn.Module, names: Iterable[str]) -> Iterator[None]:
                 del sub.forward
 
 
-# (time, output) pairs a FeatureCache keeps per unit: enough for the highest forecast order (Schedule.reuse_order 2)
-HISTORY = 3
+# (time, output) pairs a FeatureCache keeps per unit: as many as the highest forecast order's polynomial passes through
+HISTORY = max(REUSE_ORDERS) + 1
 
 
 class FeatureCache(dict):

@@ -198,25 +198,27 @@ def test_executor_reuses_the_cached_output_and_skips_the_compute():
 
 
 class Clock(nn.Module):
-    """A unit whose output is affine in the model time (so a first-order forecast of it is exact)."""
+    """A unit whose output is a polynomial of degree ``power`` in the model time: affine by default, so a
+    first-order forecast of it is exact (with ``power`` 2, a second-order one)."""
 
     autotune_prunable = True
 
-    def __init__(self) -> None:
+    def __init__(self, power: int = 1) -> None:
         super().__init__()
         self.lin = nn.Linear(1, 8)
+        self.power = power
         self.calls = 0
 
     def forward(self, t):
         self.calls += 1
-        return self.lin(t[:, None])
+        return self.lin((t if self.power == 1 else t ** self.power)[:, None])
 
 
 class ClockNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, power: int = 1) -> None:
         super().__init__()
         self.inp = nn.Linear(3, 8)
-        self.clock = Clock()
+        self.clock = Clock(power)
         self.out = nn.Linear(8, 3)
 
     def forward(self, x, t):
@@ -242,22 +244,13 @@ def test_first_order_reuse_forecasts_a_unit_affine_in_time_exactly():
     torch.testing.assert_close(forecast_run.sample, a, atol=1e-5, rtol=0)  # ... its linear forecast exact
 
 
-class Parabola(Clock):
-    """A unit whose output is quadratic in the model time (a second-order forecast of it is exact)."""
-
-    def forward(self, t):
-        self.calls += 1
-        return self.lin((t * t)[:, None])
-
-
 def test_second_order_reuse_forecasts_a_unit_quadratic_in_time_exactly():
     torch.manual_seed(0)
     ns = VPLinear()
     noise = torch.randn(4, 3)
     full = build("dpmsolver++2m", ns, 7)
     pattern = _with(full, s3={"reuse": ("clock",)}, s5={"reuse": ("clock",)}, s6={"reuse": ("clock",)})
-    net = ClockNet()
-    net.clock = Parabola()
+    net = ClockNet(power=2)
     model = TorchDenoiser(net, ns, "epsilon")
     calls = make_plan(dataclasses.replace(pattern, reuse_order=2), ns).calls
     assert [c.forecast for c in calls] == [0, 0, 0, 2, 0, 2, 2]
