@@ -20,12 +20,14 @@ points, proposed hashes, rng, phase) is enough for a restored copy to ask exactl
 no better than chance (bench/search_cost.py: Kendall tau -0.22 to 0.04 over its own proposals on gmm64, digits and
 digits-flow, over-promising by e^1.3 to e^2.8), while the same schedules' mean error on the first 8 of the 128
 search noises ranks them like the whole set does (Kendall 0.94 on digits and digits-flow, 0.74 at 8 of gmm64's 512;
-160 prior samples and mutations of the named schedules, scratch, 2026-12-05). So after the named seeds (scored in
-full) it runs rounds: the predictor picks ``round_size`` schedules (the same lower bound and member draws), the
-runner scores each on its first ``partial`` noises only (search/runner.py: a share of an evaluation, told as the
-paired estimate of its whole-set mean), and the ``promoted`` best estimates are then scored in full. The predictor
-learns from every full score and every estimate, so it sees many more points for the same budget; only a schedule
-scored in full can be the search's best.
+160 prior samples and mutations of the named schedules, scratch, 2026-12-05). So it runs rounds: the runner scores
+each of a round's picks on its first ``partial`` noises only (search/runner.py: a share of an evaluation, told as
+the paired estimate of its whole-set mean), and the ``promoted`` best estimates are then scored in full. The first
+round is the named seeds (``seed_promoted`` of them promoted); in each later one the predictor picks
+``round_size - local`` schedules (the same lower bound and member draws) and ``local`` are mutations of the best
+schedules scored in full, evolution's move, which the cheap screen sorts. The predictor learns from every full
+score and every estimate, so it sees many more points for the same budget; only a schedule scored in full can be
+the search's best.
 """
 
 from __future__ import annotations
@@ -53,14 +55,23 @@ MUTATE_P = 0.15  # per discrete coordinate, at strength 1
 TIME_SIGMA = 0.25  # std of the log-SNR jitter of each time, in mean steps in lambda, at strength 1
 STRENGTHS = (0.5, 1.0, 2.0)  # mutation strengths, one drawn per child
 KAPPA = 0.5  # lower confidence bound: predicted mean - KAPPA * ensemble spread
-# `s3-mf` (multi-fidelity; module doc): each round the predictor picks ROUND candidates, each is scored on its first
-# PARTIAL_SAMPLES noises (a share of an evaluation), and the PROMOTED best of them are scored in full. 8, not 16:
-# half the cost of a round for rankings nearly as good (module doc); budget share to reach evolution's final value,
-# 16 -> 8, on the search stage (session 28, scratch): digits 0.32 / 0.39 -> 0.24 / 0.24 (seeds 0, 2), gmm64 0.18 /
-# 0.14 / 0.24 -> 0.20 / 0.12 / 0.18, digits-flow 0.59 -> 0.41 (seed 0)
-PARTIAL_SAMPLES = 8
+# `s3-mf` (multi-fidelity; module doc): the named seeds are scored on PARTIAL_SAMPLES noises first and the
+# SEED_PROMOTED best of them in full; then each round scores ROUND candidates in part (LOCAL_PICKS of them mutations
+# of the LOCAL_PARENTS best schedules scored in full, the rest the predictor's picks) and the PROMOTED best in full.
+# Budget share to reach evolution's final value on the search stage (session 30, scratch, same seeds, NFE 5,
+# budget 96): 8 noises, seeds in full, predictor picks only (session 28's s3-mf): digits-flow 0.41 / 0.32 (seeds 0,
+# 5); seeds in part: 0.40 / 0.28; local picks: 0.28 / 0.41; both: 0.28 / 0.24; both at 4 noises: 0.23 / 0.17, gmm64
+# 0.20 / 0.12 / 0.18 -> 0.15 / 0.09 / 0.14 (seeds 0-2). Why local picks: the predictor ranks its own proposals no
+# better than chance early on (module doc), so what finds the first improvements is the partial screen; mutations
+# of the incumbents (evolution's move) are the candidates most likely to pass it. Why 4 noises: the screen only has
+# to sort a round into "promising" and not, and at a quarter of the cost per candidate a round sees twice as many.
+PARTIAL_SAMPLES = 4
 ROUND = 32
 PROMOTED = 2
+SEED_PROMOTED = 3
+LOCAL_PICKS = 8
+LOCAL_PARENTS = 3
+LOCAL_STRENGTHS = (0.5, 1.0)  # mutation strengths of the local picks (STRENGTHS without the widest)
 
 
 class Prediction(NamedTuple):
@@ -88,6 +99,11 @@ class S3:
         kappa: weight of the ensemble spread in the lower confidence bound candidates are ranked by.
         select: "members" (first pick by the bound, then one pick per ensemble member in turn) or "lcb"
             (the whole batch by the bound).
+        partial, round_size, promoted: multi-fidelity (`s3-mf`, 0 = off): each round's ``round_size`` picks are
+            scored on their first ``partial`` noises, and the ``promoted`` best estimates in full.
+        seed_promoted: multi-fidelity: the named seeds are scored in part first, and this many best in full.
+        local: multi-fidelity: of each round's picks, this many mutate one of the LOCAL_PARENTS best schedules
+            scored in full; the predictor picks the rest.
     """
 
     name = "s3"
@@ -95,10 +111,12 @@ class S3:
     def __init__(self, context: SearchContext, n_init: int = N_INIT, predictor: str = "mlp",
                  generations: int = GENERATIONS, children: int = CHILDREN, kappa: float = KAPPA,
                  select: str = "members", partial: int = 0, round_size: int = ROUND, promoted: int = PROMOTED,
-                 name: str = "s3") -> None:
-        if partial < 0 or (partial and not 1 <= promoted <= round_size):
-            raise SearchError(f"s3: expected partial >= 0 and 1 <= promoted <= round_size, got {partial}, "
-                              f"{promoted}, {round_size}")
+                 seed_promoted: int = SEED_PROMOTED, local: int = LOCAL_PICKS, name: str = "s3") -> None:
+        if partial < 0 or (partial and not (1 <= promoted <= round_size and seed_promoted >= 1
+                                            and 0 <= local <= round_size)):
+            raise SearchError(f"s3: expected partial >= 0, 1 <= promoted <= round_size, seed_promoted >= 1 and "
+                              f"0 <= local <= round_size, got {partial}, {promoted}, {round_size}, {seed_promoted}, "
+                              f"{local}")
         if select not in ("members", "lcb"):
             raise SearchError(f"s3: select must be 'members' or 'lcb', got {select!r}")
         if predictor not in PREDICTORS:
@@ -108,12 +126,14 @@ class S3:
         self.name = name
         # multi-fidelity: the named seeds are the only points scored in full before the rounds start
         self.partial, self.round_size, self.promoted = partial, round_size, promoted
+        self.seed_promoted, self.local = seed_promoted, local
         self.partial_scores = partial > 0  # the runner scores a batch in part when batch_samples() says so
         if partial:
             n_init = min(n_init, len(context.seeds))
         self.estimates: dict[str, tuple[Schedule, float]] = {}  # partial scores (the runner's estimates), by hash
         self.queue: list[Schedule] = []  # this round's picks not handed out yet
         self.round_hashes: list[str] = []  # this round's picks, in order
+        self.seed_round = False  # whether this round's picks are the named seeds (SEED_PROMOTED of them promoted)
         self.last_partial = False  # whether the batch asked last is to be scored in part
         self.n_init, self.predictor_kind = n_init, predictor
         self.generations, self.children, self.kappa, self.select = generations, children, kappa, select
@@ -141,6 +161,9 @@ class S3:
     # -- ask / tell -----------------------------------------------------------------------------------------
 
     def ask(self, n: int) -> list[Schedule]:
+        self.last_partial = False
+        if self.partial:
+            return self._round_batch(n)
         out: list[Schedule] = []
         seeds = self.context.seeds
         while len(out) < n and self.seed_cursor < len(seeds):
@@ -150,9 +173,6 @@ class S3:
                 out.append(s)
         while len(out) < n and self.phase == "init":
             out.append(self._initial_candidate())
-        self.last_partial = False
-        if len(out) < n and self.partial and not out:
-            return self._round_batch(n)
         if len(out) < n:
             out += self._model_batch(n - len(out))
         return out
@@ -162,19 +182,30 @@ class S3:
         return self.partial if self.last_partial else None
 
     def _round_batch(self, n: int) -> list[Schedule]:
-        """Multi-fidelity: hand out this round's predictor picks for partial scores, ``n`` at a time; once all are
-        scored, the ``promoted`` best estimates, for full scores; then the next round's picks."""
+        """Multi-fidelity: hand out this round's picks for partial scores, ``n`` at a time; once all are scored, the
+        ``promoted`` best estimates (``seed_promoted`` in the named seeds' round), for full scores; then the next
+        round's picks. The first round is the named seeds."""
         scored = [self.estimates[h] for h in self.round_hashes if h in self.estimates]
         if self.round_hashes and not self.queue and len(scored) == len(self.round_hashes):
             full = {s.hash() for s, _ in self.evaluated}
             best = sorted((v, i) for i, (_, v) in enumerate(scored) if math.isfinite(v) and scored[i][0].hash()
                           not in full)
-            self.round_hashes = []
-            promote = [scored[i][0] for _, i in best[: min(self.promoted, n)]]  # n: what the budget has left
+            count = self.seed_promoted if self.seed_round else self.promoted
+            self.round_hashes, self.seed_round = [], False
+            promote = [scored[i][0] for _, i in best[: min(count, n)]]  # n: what the budget has left
             if promote:
                 return promote
+        if not self.queue and self.seed_cursor < len(self.context.seeds):
+            self.queue = [s for s in self.context.seeds if self.space.contains(s) and self._propose(s)]
+            self.seed_cursor = len(self.context.seeds)
+            self.seed_round = bool(self.queue)
+            self.round_hashes = [s.hash() for s in self.queue]
         if not self.queue:
-            self.queue = self._model_batch(self.round_size)
+            predicted = self.round_size - min(self.local, self.round_size)
+            picks = self._model_batch(predicted) if predicted else []  # all local: no predictor to fit
+            self.queue = picks + self._local_picks(min(self.local, self.round_size))
+            if not self.queue:  # all local, and nothing scored in full is finite: the predictor (or the prior)
+                self.queue = self._model_batch(self.round_size)
             self.round_hashes = [s.hash() for s in self.queue]
         out, self.queue = self.queue[:n], self.queue[n:]
         self.last_partial = True
@@ -198,6 +229,22 @@ class S3:
         self._proposed_set.add(h)
         self.proposed.append(h)
         return True
+
+    def _local_picks(self, n: int) -> list[Schedule]:
+        """Up to ``n`` mutations (strengths LOCAL_STRENGTHS) of the LOCAL_PARENTS best schedules scored in full, not
+        proposed before (none before a finite full score)."""
+        ranked = sorted((v, i) for i, (_, v) in enumerate(self.evaluated) if math.isfinite(v))[:LOCAL_PARENTS]
+        parents = [self.space.encode(self.evaluated[i][0]) for _, i in ranked]
+        out: list[Schedule] = []
+        for _ in range(50 * n if parents else 0):
+            if len(out) == n:
+                break
+            parent = parents[int(self.rng.integers(len(parents)))]
+            strength = np.array([LOCAL_STRENGTHS[int(self.rng.integers(len(LOCAL_STRENGTHS)))]])
+            s = self.space.decode(self._mutate(parent[None, :], strength)[0])
+            if self._propose(s):
+                out.append(s)
+        return out
 
     # -- the seed population --------------------------------------------------------------------------------
 
@@ -362,6 +409,7 @@ class S3:
             "estimates": [[schedule_to_json(s), v if math.isfinite(v) else None] for s, v in self.estimates.values()],
             "queue": [schedule_to_json(s) for s in self.queue],
             "round": list(self.round_hashes),
+            "seed_round": self.seed_round,
             "last_partial": self.last_partial,
         }
 
@@ -380,9 +428,11 @@ class S3:
         self.queue = [schedule_from_json(d) for d in state.get("queue", [])]
         self.round_hashes = list(state.get("round", []))
         self.last_partial = bool(state.get("last_partial", False))
+        self.seed_round = bool(state.get("seed_round", False))
 
 
 @register("s3-mf")
 def multi_fidelity_s3(context: SearchContext) -> S3:
-    """`s3-mf`: S3 whose picks are scored on PARTIAL_SAMPLES noises first, the PROMOTED best of each ROUND in full."""
+    """`s3-mf`: S3 whose picks, the named seeds first, are scored on PARTIAL_SAMPLES noises first, the best of each
+    round in full (SEED_PROMOTED seeds, then PROMOTED of each ROUND)."""
     return S3(context, partial=PARTIAL_SAMPLES, name="s3-mf")

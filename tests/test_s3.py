@@ -239,14 +239,18 @@ def test_s3_beats_the_named_baselines_on_gmm2d_and_compares_with_evolution(gmm):
 
 
 def _mf(gmm, **kw):
-    return S3(search_context(gmm), partial=8, round_size=8, promoted=2, children=128, name="s3-mf", **kw)
+    kw = {"partial": 8, "round_size": 8, "promoted": 2, "seed_promoted": 3, "local": 2, **kw}
+    return S3(search_context(gmm), children=128, name="s3-mf", **kw)
 
 
 def test_s3_mf_scores_each_round_in_part_and_promotes_its_best_estimates(gmm):
-    """The runner scores a round's picks on their first 8 noises (each costs 8 / 32 of an evaluation), then the two
-    best estimates in full; a partial score is never the best; the budget counts whole-set evaluations."""
+    """The runner scores the named seeds on their first 8 noises (each costs 8 / 32 of an evaluation), then the 3
+    best estimates in full; then a round of 8 partial scores and its 2 best in full; a partial score is never the
+    best; the budget counts whole-set evaluations."""
     evaluator = Evaluator(gmm, "search", size=32)
-    result = run_search(_mf(gmm), InProcessPool(evaluator), 12, batch_size=4, screening=None, set_size=32)
+    strategy = _mf(gmm)
+    named = {s.hash() for s in strategy.context.seeds if strategy.space.contains(s)}  # 5 of the 8 at NFE 4
+    result = run_search(strategy, InProcessPool(evaluator), 12, batch_size=4, screening=None, set_size=32)
     fresh = [t for t in result.trials if not t.cached]
     partial = [t for t in fresh if t.cost is not None]
     assert partial and all(t.cost == 8 / 32 and t.screened == 8 for t in partial)
@@ -254,41 +258,97 @@ def test_s3_mf_scores_each_round_in_part_and_promotes_its_best_estimates(gmm):
     assert 12 <= result.spent < 12 + 1  # the last batch may run over by less than one evaluation
     assert result.true_evaluations == len(fresh) > 12
     assert result.best_trial.cost is None and result.best_value == min(t.value for t in fresh if t.cost is None)
-    # after the 8 named seeds: rounds of 8 partial scores (two batches of 4), then the 2 best of them in full
-    rounds = fresh[len(NAMED):]
+    seeds, up = fresh[:len(named)], fresh[len(named):len(named) + 3]
+    assert {t.hash for t in seeds} == named
+    assert all(t.cost is not None for t in seeds) and all(t.cost is None for t in up)
+    assert [t.hash for t in up] == [t.hash for t in sorted(seeds, key=lambda t: t.value)[:3]]
+    # no trial scored in full yet: a seed's estimate is its partial mean, unscaled
+    assert seeds[0].value == pytest.approx(seeds[0].mse_ref)
+    rounds = fresh[len(named) + 3:]
     first = rounds[:8]
     assert all(t.cost is not None for t in first)
     promoted = sorted(first, key=lambda t: t.value)[:2]
     assert [t.hash for t in rounds[8:10]] == [t.hash for t in promoted] and all(t.cost is None for t in rounds[8:10])
-    # the estimate told for a partial score is the paired one: partial mean x best mean / best's partial mean
-    assert first[0].value == pytest.approx(first[0].mse_ref)
 
 
-def test_restored_s3_mf_continues_its_round(gmm):
-    """Stopped mid-round, a restored s3-mf hands out the rest of the round's picks, then promotes the same ones."""
-    a = _mf(gmm)
+def _tell_features(gmm):
+    """A stand-in score for each schedule of a batch (a feature of it), so a test needs no sampling."""
     f = ScheduleFeatures(search_context(gmm).space, gmm.noise)
 
     def tell_all(strategy, batch):
         for s, v in zip(batch, f(np.stack([strategy.space.encode(s) for s in batch]))[:, 0] + 0.1):
             strategy.tell(s, float(v))
+    return tell_all
 
-    tell_all(a, a.ask(8))  # the named seeds, scored in full
+
+def _restored(gmm, strategy, **kw):
+    copy = _mf(gmm, **kw)
+    copy.load_state(json.loads(json.dumps(strategy.state(), allow_nan=False)))
+    return copy
+
+
+def test_restored_s3_mf_continues_its_round(gmm):
+    """Stopped mid-round (the named seeds' round, then a later one), a restored s3-mf hands out the rest of the
+    round's picks, then promotes the same ones."""
+    tell_all = _tell_features(gmm)
+    a = _mf(gmm)
+    seeds = a.ask(4)
+    assert a.batch_samples() == 8 and {s.hash() for s in seeds} <= {build(n, gmm.noise, 4).hash() for n in NAMED}
+    tell_all(a, seeds)
+    b = _restored(gmm, a)
+    rest_a, rest_b = a.ask(4), b.ask(4)
+    assert [s.hash() for s in rest_a] == [s.hash() for s in rest_b] and b.batch_samples() == 8
+    tell_all(a, rest_a)
+    tell_all(b, rest_b)
+    up_a, up_b = a.ask(4), b.ask(4)  # the named seeds' round: its 3 best estimates
+    assert [s.hash() for s in up_a] == [s.hash() for s in up_b] and len(up_a) == 3
+    assert a.batch_samples() is None  # promoted: scored in full
+    _assert_best_estimates(up_a, a.estimates)
+    tell_all(a, up_a)
     first = a.ask(4)
     assert a.batch_samples() == 8
     tell_all(a, first)
-    state = json.loads(json.dumps(a.state(), allow_nan=False))
-    b = _mf(gmm)
-    b.load_state(state)
+    b = _restored(gmm, a)
     rest_a, rest_b = a.ask(4), b.ask(4)
     assert [s.hash() for s in rest_a] == [s.hash() for s in rest_b] and a.batch_samples() == b.batch_samples() == 8
     tell_all(a, rest_a)
     tell_all(b, rest_b)
     up_a, up_b = a.ask(4), b.ask(4)
     assert [s.hash() for s in up_a] == [s.hash() for s in up_b] and len(up_a) == 2
-    assert a.batch_samples() is None  # promoted: scored in full
-    estimates = sorted((v, h) for h, (_, v) in a.estimates.items())
-    assert [s.hash() for s in up_a] == [h for _, h in estimates[:2]]
+    _assert_best_estimates(up_a, {s.hash(): a.estimates[s.hash()] for s in first + rest_a})
+
+
+def _assert_best_estimates(promoted, estimates):
+    """``promoted`` are the best of ``estimates`` (ties in any order)."""
+    mine = {s.hash() for s in promoted}
+    assert mine <= set(estimates)
+    worst_promoted = max(estimates[h][1] for h in mine)
+    assert all(v >= worst_promoted for h, (_, v) in estimates.items() if h not in mine)
+
+
+def test_s3_mf_local_picks_mutate_the_best_full_scores(gmm):
+    """With every pick local, a round needs no predictor: each pick keeps most discrete choices of one of the
+    LOCAL_PARENTS best schedules scored in full, and none was proposed before."""
+    from autotune.search.s3 import LOCAL_PARENTS
+
+    tell_all = _tell_features(gmm)
+    s = _mf(gmm, local=8)
+    tell_all(s, s.ask(len(NAMED)))  # the named seeds in the space
+    up = s.ask(8)
+    tell_all(s, up)
+    picks = s.ask(8)
+    assert s.batch_samples() == 8 and len(picks) == 8 and s.rounds == 0  # no predictor was fitted
+    parents = sorted(s.evaluated, key=lambda p: p[1])[:LOCAL_PARENTS]
+    assert {p.hash() for p, _ in parents} == {u.hash() for u in up}
+    told = {p.hash() for p, _ in s.evaluated} | set(s.estimates)
+    choice = s.other_idx
+    for pick in picks:
+        assert pick.hash() not in told
+        v = s.space.encode(pick)[choice]
+        kept = max(float(np.mean(v == s.space.encode(p)[choice])) for p, _ in parents)
+        assert kept >= 0.5, kept
+    with pytest.raises(SearchError, match="local"):
+        _mf(gmm, local=9)
 
 
 def test_s3_mf_is_refused_where_it_cannot_score_in_part(gmm):
