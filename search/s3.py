@@ -58,13 +58,15 @@ KAPPA = 0.5  # lower confidence bound: predicted mean - KAPPA * ensemble spread
 # `s3-mf` (multi-fidelity; module doc): the named seeds are scored on PARTIAL_SAMPLES noises first and the
 # SEED_PROMOTED best of them in full; then each round scores ROUND candidates in part (LOCAL_PICKS of them mutations
 # of the LOCAL_PARENTS best schedules scored in full, the rest the predictor's picks) and the PROMOTED best in full.
-# Budget share to reach evolution's final value on the search stage (session 30, scratch, same seeds, NFE 5,
-# budget 96): 8 noises, seeds in full, predictor picks only (session 28's s3-mf): digits-flow 0.41 / 0.32 (seeds 0,
-# 5); seeds in part: 0.40 / 0.28; local picks: 0.28 / 0.41; both: 0.28 / 0.24; both at 4 noises: 0.23 / 0.17, gmm64
-# 0.20 / 0.12 / 0.18 -> 0.15 / 0.09 / 0.14 (seeds 0-2). Why local picks: the predictor ranks its own proposals no
-# better than chance early on (module doc), so what finds the first improvements is the partial screen; mutations
-# of the incumbents (evolution's move) are the candidates most likely to pass it. Why 4 noises: the screen only has
-# to sort a round into "promising" and not, and at a quarter of the cost per candidate a round sees twice as many.
+# Budget share to reach evolution's final value on the search stage (bench/search_cost.py, NFE 5, budget 96): before
+# (8 noises, seeds in full, predictor picks only) digits-flow 0.41 / 0.32 (seeds 0, 5), gmm64 0.20 / 0.12 / 0.18
+# (seeds 0-2); as here 0.21 / 0.09 and 0.15 / 0.09 / 0.14. One change at a time (session 30, a scratch subclass
+# whose seed round differed slightly where a named seed lies outside the space, digits-flow seeds 0 / 5): seeds in
+# part 0.40 / 0.28; local picks 0.28 / 0.41; both 0.28 / 0.24; both at 4 noises 0.23 / 0.17. Why local picks: the
+# predictor ranks its own proposals no better than chance early on (module doc), so what finds the first
+# improvements is the partial screen; mutations of the incumbents (evolution's move) are the candidates most likely
+# to pass it. Why 4 noises: the screen only has to sort a round into "promising" and not, and at half the cost per
+# candidate a round costs 1 evaluation instead of 2 before its 2 promotions.
 PARTIAL_SAMPLES = 4
 ROUND = 32
 PROMOTED = 2
@@ -124,7 +126,8 @@ class S3:
         self.context = context
         self.space = context.space
         self.name = name
-        # multi-fidelity: the named seeds are the only points scored in full before the rounds start
+        # multi-fidelity: the named seeds are the first round (scored in part like the others; their estimates are
+        # plain partial means, there being nothing scored in full to pair them with yet)
         self.partial, self.round_size, self.promoted = partial, round_size, promoted
         self.seed_promoted, self.local = seed_promoted, local
         self.partial_scores = partial > 0  # the runner scores a batch in part when batch_samples() says so
