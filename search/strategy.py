@@ -12,7 +12,8 @@ better). Only strategies whose class sets ``multi_objective = True`` accept tupl
 
 A strategy with ``partial_scores = True`` may ask for a batch to be scored on the first noises of the search set
 only: after each ``ask`` the runner calls its ``batch_samples()`` (None: the whole set) and tells it the paired
-estimate of each such candidate's whole-set mean; each costs that share of an evaluation (search/runner.py).
+estimate of each such candidate's whole-set mean; each costs that share of an evaluation (search/runner.py). Its
+batches are of one fidelity, so ``ask(n)`` may hand out fewer than ``n`` (s3-mf's promotions), never none.
 """
 
 from __future__ import annotations

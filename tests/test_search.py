@@ -29,7 +29,8 @@ def test_strategy_conformance(gmm, method):
     a = make_strategy(method, ctx)
     for _ in range(3):
         batch = a.ask(5)
-        assert len(batch) == 5
+        # n, or for a strategy scoring in part a batch of one fidelity (s3-mf's promotions): at least one, at most n
+        assert len(batch) == 5 or (getattr(a, "partial_scores", False) and 1 <= len(batch) < 5), len(batch)
         for i, s in enumerate(batch):
             assert ctx.space.contains(s) and s.nfe == 4
             a.tell(s, float(i) if i != 2 else math.inf)
