@@ -242,12 +242,15 @@ class S3:
         for _ in range(50 * n if parents else 0):
             if len(out) == n:
                 break
-            parent = parents[int(self.rng.integers(len(parents)))]
-            strength = np.array([LOCAL_STRENGTHS[int(self.rng.integers(len(LOCAL_STRENGTHS)))]])
-            s = self.space.decode(self._mutate(parent[None, :], strength)[0])
+            s = self._mutant(parents[int(self.rng.integers(len(parents)))], LOCAL_STRENGTHS)
             if self._propose(s):
                 out.append(s)
         return out
+
+    def _mutant(self, vec: np.ndarray, strengths: tuple[float, ...]) -> Schedule:
+        """The schedule of ``vec`` mutated (``_mutate``) at a strength drawn from ``strengths``."""
+        strength = np.array([strengths[int(self.rng.integers(len(strengths)))]])
+        return self.space.decode(self._mutate(vec[None, :], strength)[0])
 
     # -- the seed population --------------------------------------------------------------------------------
 
@@ -258,9 +261,7 @@ class S3:
             if not seeds or self.rng.random() < PRIOR_SHARE:
                 s = self.space.sample_prior(self.rng)
             else:
-                base = self.space.encode(seeds[int(self.rng.integers(len(seeds)))])
-                strength = np.array([STRENGTHS[int(self.rng.integers(len(STRENGTHS)))]])
-                s = self.space.decode(self._mutate(base[None, :], strength)[0])
+                s = self._mutant(self.space.encode(seeds[int(self.rng.integers(len(seeds)))]), STRENGTHS)
             if self._propose(s):
                 return s
         return s  # a tiny space where every draw was proposed already: let the runner's cache answer

@@ -285,8 +285,8 @@ def _tell_features(gmm):
     return tell_all
 
 
-def _restored(gmm, strategy, **kw):
-    copy = _mf(gmm, **kw)
+def _restored(gmm, strategy):
+    copy = _mf(gmm)
     copy.load_state(json.loads(json.dumps(strategy.state(), allow_nan=False)))
     return copy
 
