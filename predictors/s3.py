@@ -233,7 +233,7 @@ class MLPRanker:
     Adam, so an ensemble costs about as much as one net. Inputs and targets are standardised on the training
     set; member ``m`` weighs sample ``i`` by an Exp(1) draw (Bayesian bootstrap) in both losses. The ranking
     loss is ``softplus(-(p_i - p_j) / temperature)`` over every pair with ``y_i > y_j`` (above PAIR_LIMIT points,
-    over PAIRS_PER_POINT * N such pairs drawn once per fit).
+    over ``pairs_per_point`` * N such pairs drawn once per fit).
 
     Args:
         seed: fixes initialisation and bootstrap weights; same seed + same data = same predictions.
@@ -241,13 +241,18 @@ class MLPRanker:
         hidden: width of both hidden layers.
         epochs: full-batch Adam steps.
         lr, weight_decay: Adam settings (decoupled weight decay, AdamW).
+        pairs_per_point: above PAIR_LIMIT points, the ranking loss runs on this many sampled pairs per point.
         rank_weight: weight of the ranking loss relative to the MSE.
         temperature: scale of prediction differences in the ranking loss (standardised target units).
     """
 
     def __init__(self, seed: int = 0, members: int = 5, hidden: int = 64, epochs: int = 300, lr: float = 1e-2,
-                 weight_decay: float = 1.0, rank_weight: float = 1.0, temperature: float = 0.2) -> None:
+                 weight_decay: float = 1.0, rank_weight: float = 1.0, temperature: float = 0.2,
+                 pairs_per_point: int = PAIRS_PER_POINT) -> None:
+        if epochs < 1 or pairs_per_point < 1:
+            raise ValueError(f"MLPRanker: epochs and pairs_per_point must be >= 1, got {epochs}, {pairs_per_point}")
         self.seed, self.members, self.hidden, self.epochs = seed, members, hidden, epochs
+        self.pairs_per_point = pairs_per_point
         self.lr, self.weight_decay, self.rank_weight, self.temperature = lr, weight_decay, rank_weight, temperature
         self._params: list[torch.Tensor] | None = None
 
@@ -298,7 +303,7 @@ class MLPRanker:
     def _rank_loss(self, t: torch.Tensor, weights: torch.Tensor,
                    gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
         """The per-member ranking loss of predictions (members, N): over every pair with ``t_i > t_j`` up to
-        PAIR_LIMIT points (a dense N x N matrix), above it over PAIRS_PER_POINT * N pairs drawn uniformly (ties
+        PAIR_LIMIT points (a dense N x N matrix), above it over ``pairs_per_point`` * N pairs drawn uniformly (ties
         dropped), each weighted by its two points' bootstrap weights."""
         n = len(t)
         if n <= PAIR_LIMIT:
@@ -309,8 +314,8 @@ class MLPRanker:
                 diff = (p[:, :, None] - p[:, None, :]) / self.temperature
                 return (torch.nn.functional.softplus(-diff) * pair_w).sum(dim=(1, 2)) / pair_norm
             return dense
-        i = torch.randint(n, (n * PAIRS_PER_POINT,), generator=gen)
-        j = torch.randint(n, (n * PAIRS_PER_POINT,), generator=gen)
+        i = torch.randint(n, (n * self.pairs_per_point,), generator=gen)
+        j = torch.randint(n, (n * self.pairs_per_point,), generator=gen)
         keep = t[i] != t[j]
         i, j = i[keep], j[keep]
         swap = t[i] < t[j]

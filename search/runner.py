@@ -640,7 +640,8 @@ def run_search(
         batch_size: candidates asked per batch.
         store, sid: the cache and the search's id, for recording trials and resuming.
         callback: called with a :class:`Progress` after every batch.
-        recorder: a StudyRecorder (or anything with ``record(trial, schedule)``), called for every trial.
+        recorder: a StudyRecorder (or anything with ``record(trial, schedule)``), called for every trial; when the
+            search resumes, its ``record_missing`` (if it has one) is offered the saved trials.
         latency: time every candidate with this spec (stage 2), whatever the pool was built with.
         screening: stop hopeless candidates early (:class:`Screening`; a plain ``mse_ref`` search only). A
             screened candidate counts as a true evaluation; its trial says ``screened``.
@@ -676,6 +677,8 @@ def run_search(
             if saved.get("screen_errors"):
                 best_errors = decode_errors(saved["screen_errors"])
             resumed = True
+            if recorder is not None and hasattr(recorder, "record_missing"):  # a stop may have come before they were
+                recorder.record_missing([(t, loads(t.schedule)) for t in trials])
     best = _best(trials, limits)
 
     def record(s: Schedule, m: dict[str, Any], cost: float | None) -> None:

@@ -74,6 +74,19 @@ SEED_PROMOTED = 3
 LOCAL_PICKS = 8
 LOCAL_PARENTS = 3
 LOCAL_STRENGTHS = (0.5, 1.0)  # mutation strengths of the local picks (STRENGTHS without the widest)
+# s3-mf fits its predictor once a round (about 30 rounds in a budget of 96) on every full score and estimate (about
+# 1000 points by the end), so the fit and the search on the predictor were its loop's cost: on digits NFE 5, 74 s of
+# strategy time in a 96-evaluation search (52 s of fits, 20 s decoding 2048 children a round), where scoring took
+# 113 s on one core; on gmm64 they were nearly the whole loop. Half the epochs, a quarter of the sampled ranking pairs
+# and half the children: 33 s (scratch, synthetic values: strategy time alone). Shares to reach evolution's final
+# value (bench/search_cost.py, budget 96) before -> after: digits-flow seeds 0 / 5 0.21 / 0.09 -> 0.15 / 0.19, gmm64
+# (seeds 0-2) 0.15 / 0.09 / 0.14 -> 0.27 / 0.07 / 0.16, digits (seeds 0-4) 0.12 / 0.02 / 0.21 / 0.13 / 0.15 ->
+# 0.10 / 0.02 / 0.12 / 0.18 / 0.15; finals within the seeds' spread (digits 2.4e-3 / 3.0e-3 / 1.6e-3 / 1.9e-3 /
+# 3.4e-3 against 2.8e-3 / 3.7e-3 / 3.2e-3 / 1.8e-3 / 3.3e-3 before). Search loop: gmm64 108-115 s -> 48-50 s,
+# digits 167-182 s -> 133-142 s in one process (its scoring, 113 s, is the rest).
+MF_EPOCHS = 150
+MF_PAIRS_PER_POINT = 16
+MF_CHILDREN = 1024
 
 
 class Prediction(NamedTuple):
@@ -106,6 +119,7 @@ class S3:
         seed_promoted: multi-fidelity: the named seeds are scored in part first, and this many best in full.
         local: multi-fidelity: of each round's picks, this many mutate one of the LOCAL_PARENTS best schedules
             scored in full; the predictor picks the rest.
+        fit_options: passed to the predictor (predictors/s3.py: e.g. ``epochs``, ``pairs_per_point``).
     """
 
     name = "s3"
@@ -113,7 +127,8 @@ class S3:
     def __init__(self, context: SearchContext, n_init: int = N_INIT, predictor: str = "mlp",
                  generations: int = GENERATIONS, children: int = CHILDREN, kappa: float = KAPPA,
                  select: str = "members", partial: int = 0, round_size: int = ROUND, promoted: int = PROMOTED,
-                 seed_promoted: int = SEED_PROMOTED, local: int = LOCAL_PICKS, name: str = "s3") -> None:
+                 seed_promoted: int = SEED_PROMOTED, local: int = LOCAL_PICKS, name: str = "s3",
+                 fit_options: dict[str, Any] | None = None) -> None:
         if partial < 0 or (partial and not (1 <= promoted <= round_size and seed_promoted >= 1
                                             and 0 <= local <= round_size)):
             raise SearchError(f"s3: expected partial >= 0, 1 <= promoted <= round_size, seed_promoted >= 1 and "
@@ -139,6 +154,7 @@ class S3:
         self.seed_round = False  # whether this round's picks are the named seeds (SEED_PROMOTED of them promoted)
         self.last_partial = False  # whether the batch asked last is to be scored in part
         self.n_init, self.predictor_kind = n_init, predictor
+        self.fit_options = dict(fit_options or {})
         self.generations, self.children, self.kappa, self.select = generations, children, kappa, select
         self.features = ScheduleFeatures(self.space, context.noise)
         self.rng = np.random.default_rng(context.seed)
@@ -283,7 +299,7 @@ class S3:
         vectors = np.stack([self.space.encode(s) for s, _ in known])
         targets = log_target([v for _, v in known])
         seed = (int(self.context.seed) * 1_000_003 + len(known)) % (2**31)
-        model = make_predictor(self.predictor_kind, seed=seed).fit(self.features(vectors), targets)
+        model = make_predictor(self.predictor_kind, seed=seed, **self.fit_options).fit(self.features(vectors), targets)
 
         true_best = np.argsort(targets, kind="stable")[:TRUE_PARENTS]
         pool_vecs, pool_scores = vectors[true_best], targets[true_best]
@@ -439,4 +455,5 @@ class S3:
 def multi_fidelity_s3(context: SearchContext) -> S3:
     """`s3-mf`: S3 whose picks, the named seeds first, are scored on PARTIAL_SAMPLES noises first, the best of each
     round in full (SEED_PROMOTED seeds, then PROMOTED of each ROUND)."""
-    return S3(context, partial=PARTIAL_SAMPLES, name="s3-mf")
+    return S3(context, partial=PARTIAL_SAMPLES, name="s3-mf", children=MF_CHILDREN,
+              fit_options={"epochs": MF_EPOCHS, "pairs_per_point": MF_PAIRS_PER_POINT})

@@ -78,3 +78,39 @@ def test_recording_is_idempotent_and_diverged_trials_fail(gmm, tmp_path):
 def test_no_cache_means_in_memory_storage():
     assert isinstance(storage_for(None), optuna.storages.InMemoryStorage)
     assert isinstance(storage_for("sqlite://"), optuna.storages.InMemoryStorage)
+
+
+def test_a_trial_stopped_early_is_pruned_with_its_estimate_as_intermediate_value(gmm):
+    """Pruned, as Optuna's pruners leave a trial, without params (Optuna's param plots read completed trials only;
+    its schedule attribute holds them); a completed trial keeps its params."""
+    ctx = search_context(gmm)
+    s = build("unipc-bh2-o2", gmm.noise, 4)
+    rec = StudyRecorder(None, "pruned", ctx.space, ["mse_ref"])
+    rec.record(Trial(number=0, hash=s.hash(), value=0.3, objectives={"mse_ref": 0.3}, nfe=4, method="s3-mf",
+                     schedule=dumps(s), screened=4, cost=4 / 128), s)
+    rec.record(Trial(number=1, hash=s.hash(), value=0.2, objectives={"mse_ref": 0.2}, nfe=4, method="s3-mf",
+                     schedule=dumps(s)), s)
+    pruned, done = rec.study.trials
+    assert pruned.state == optuna.trial.TrialState.PRUNED and pruned.intermediate_values == {4: 0.3}
+    assert pruned.values is None and pruned.params == {} and pruned.user_attrs["schedule"] == dumps(s)
+    assert done.state == optuna.trial.TrialState.COMPLETE and done.values == [0.2] and len(done.params) > 0
+
+
+def test_a_resumed_search_records_the_trials_a_stopped_one_had_not(gmm, tmp_path):
+    """A search whose trials did not reach its study (stopped between the two writes, or run without a recorder:
+    here only its first trial was recorded) is resumed: the saved trials land in the study, once each, then the new
+    ones."""
+    store = open_store(str(tmp_path / "cache.sqlite"))
+    sid = search_id(test="resume-record")
+    ctx = search_context(gmm)
+    pool = InProcessPool(Evaluator(gmm, "search", size=16, store=store))
+    first = run_search(make_strategy("random", ctx), pool, 6, batch_size=3, store=store, sid=sid)
+    recorder = StudyRecorder(store.url, sid, ctx.space, ["mse_ref"])
+    recorder.record(first.trials[0], build("ddim", gmm.noise, 4))  # one of them was recorded before the stop
+    result = run_search(make_strategy("random", ctx), pool, 9, batch_size=3, store=store, sid=sid,
+                        recorder=recorder)
+    assert result.resumed
+    numbers = [t.user_attrs["trial_number"] for t in recorder.study.get_trials(deepcopy=False)]
+    assert sorted(numbers) == list(range(len(result.trials))) and len(result.trials) > len(first.trials)
+    hashes = {t.user_attrs["trial_number"]: t.user_attrs["schedule_hash"] for t in recorder.study.trials}
+    assert [hashes[n] for n in range(len(result.trials))] == [t.hash for t in result.trials]

@@ -132,6 +132,24 @@ def test_mlp_ranks_on_sampled_pairs_above_the_pair_limit(monkeypatch):
     assert ranking_quality(p1, y[200:]).kendall > 0.7
 
 
+def test_mlp_draws_pairs_per_point_pairs_and_refuses_empty_training(monkeypatch):
+    """``pairs_per_point`` sets how many pairs the sampled ranking loss draws (s3-mf asks fewer than the default):
+    the generator advances by exactly the two index draws of N x pairs_per_point each."""
+    import autotune.predictors.s3 as predictors
+
+    monkeypatch.setattr(predictors, "PAIR_LIMIT", 40)
+    t = torch.linspace(0.0, 1.0, 100)
+    for k in (4, predictors.PAIRS_PER_POINT):
+        gen, expected = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        MLPRanker(members=2, pairs_per_point=k)._rank_loss(t, torch.ones(2, 100), gen)
+        torch.randint(100, (100 * k,), generator=expected)
+        torch.randint(100, (100 * k,), generator=expected)
+        assert torch.equal(gen.get_state(), expected.get_state())
+    for bad in ({"epochs": 0}, {"pairs_per_point": 0}):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            MLPRanker(**bad)
+
+
 # -- the search loop ------------------------------------------------------------------------------------------
 
 
@@ -353,6 +371,27 @@ def test_s3_mf_local_picks_mutate_the_best_full_scores(gmm):
         assert kept >= 0.5, kept
     with pytest.raises(SearchError, match="local"):
         _mf(gmm, local=9)
+
+
+def test_s3_fits_its_predictor_with_the_fit_options_and_s3_mf_asks_the_cheaper_fit(gmm, monkeypatch):
+    """``fit_options`` reach the predictor at every fit; the registered s3-mf asks MF_EPOCHS, MF_PAIRS_PER_POINT and
+    MF_CHILDREN (its loop's cost is the fits), s3 the predictor's defaults."""
+    import autotune.search.s3 as s3_module
+    from autotune.search.s3 import MF_CHILDREN, MF_EPOCHS, MF_PAIRS_PER_POINT
+
+    asked = []
+    real = s3_module.make_predictor
+    monkeypatch.setattr(s3_module, "make_predictor", lambda kind, **kw: asked.append(kw) or real(kind, **kw))
+    tell_all = _tell_features(gmm)
+    s = _mf(gmm, local=2, fit_options={"epochs": 7, "pairs_per_point": 3})
+    tell_all(s, s.ask(len(NAMED)))
+    tell_all(s, s.ask(8))
+    s.ask(8)  # a round: its predictor picks need a fit
+    assert s.rounds == 1 and [{k: v for k, v in kw.items() if k != "seed"} for kw in asked] == [
+        {"epochs": 7, "pairs_per_point": 3}]
+    mf, plain = make_strategy("s3-mf", search_context(gmm)), make_strategy("s3", search_context(gmm))
+    assert mf.fit_options == {"epochs": MF_EPOCHS, "pairs_per_point": MF_PAIRS_PER_POINT}
+    assert mf.children == MF_CHILDREN and plain.fit_options == {} and plain.children == s3_module.CHILDREN
 
 
 def test_s3_mf_is_refused_where_it_cannot_score_in_part(gmm):
