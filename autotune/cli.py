@@ -520,9 +520,8 @@ def search_cmd(
     nfe: str = typer.Option("5", "--nfe", help="model evaluations of the searched schedule: 5, or a range like 4-10 "
                                                 f"(at most {MAX_NFE})"),
     method: Optional[str] = typer.Option(None, "--method", help="search method"),
-    budget: Optional[int] = typer.Option(None, "--budget", min=1, max=MAX_ITERATIONS,
-                                         help="whole-set evaluations to spend (cache hits are free; a partial "
-                                              "score costs its share; default: 64 for s3-mf, else 96)"),
+    budget: int = typer.Option(96, "--budget", min=1, max=MAX_ITERATIONS,
+                               help="true evaluations to spend (cache hits are free)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="seed of the search"),
     workers: int = typer.Option(2, "--workers", min=0, help="Ray workers (0: evaluate in this process)"),
     address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster instead of a local Ray"),

@@ -424,7 +424,7 @@ def main() -> None:
                         " (or any MODEL argument)")
     parser.add_argument("--nfe", default="4,5,6,8,10")
     parser.add_argument("--report-size", type=int, default=1024, help="held-out report-set noises")
-    parser.add_argument("--budget", type=int, default=None, help="the search's (default: the command's)")
+    parser.add_argument("--budget", type=int, default=JobConfig.budget, help="the search's (default: the command's)")
     parser.add_argument("--set-size", type=int, default=JobConfig.set_size, help="search-set size (0: the default)")
     parser.add_argument("--validate", type=int, default=JobConfig.validate,
                         help="validation-set size (default: the command's)")
@@ -448,13 +448,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     args.cache = str(work / "cache.sqlite")
     torch.set_num_threads(args.threads)
-    defaults = JobConfig(model="digits", method=args.method, budget=args.budget)
-    method = defaults.search_method
+    method = JobConfig(model="digits", method=args.method).search_method
     changed = [f"{k} {v}" for k, v in (("method", args.method), ("refine", args.refine)) if v is not None]
     console = Console()
     console.print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} thread(s); search: "
                   + (f"NOT the default ({', '.join(changed)})" if changed else "the default `autotune search`")
-                  + f", method {method}, budget {defaults.search_budget}, {args.workers} workers", highlight=False)
+                  + f", method {method}, budget {args.budget}, {args.workers} workers", highlight=False)
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, args, work)

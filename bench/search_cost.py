@@ -192,12 +192,12 @@ def run_seed(model, args, seed: int) -> tuple[dict, list[dict] | None, int]:
 
 def main() -> None:
     from autotune.models.registry import load_model
-    from autotune.search.job import DEFAULT_BUDGET, JobConfig
+    from autotune.search.job import JobConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits")
     parser.add_argument("--nfe", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
+    parser.add_argument("--budget", type=int, default=JobConfig.budget)
     parser.add_argument("--methods", default="evolution,s3,s3-mf,optuna-tpe,random")
     parser.add_argument("--set-size", type=int, default=0, help="search noises (default: the job's choice)")
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="search seeds (default 0,1,2)")

@@ -39,21 +39,10 @@ if TYPE_CHECKING:  # torch-heavy: imported where they are used
     from autotune.search.validate import Finalist
     from autotune.space.schedule import Schedule
 
-# s3-mf is the default single-objective method (s3 was until 2026-12-05, session 31: on held-out noise it had beaten
-# evolution on gmm64, 12 runs, 2.81x vs 1.88x the best named schedule's mean, and on digits NFE 5, 2.10x vs 1.49x;
-# bench/generalise.py). s3-mf scores its picks on 4 search noises first and the best of each round in full: it
-# reaches evolution's final search-set value within a quarter of the budget on digits, digits-flow and gmm64 at 9
-# of 10 seeds (bench/search_cost.py, budget 96; search/s3.py has the shares), where s3 reached it at 0.50-never.
-# Single-objective, so a Pareto search (several objectives) defaults to evolution.
-DEFAULT_METHOD = "s3-mf"
-# Stage 1's budget in whole-set evaluations (a partial score costs its share). 96 for every method but s3-mf, 64 for
-# it: its best after 64 was below s3's after 96 at every seed compared (search set, NFE 5: digits seeds 0-2 2.4e-3 /
-# 3.0e-3 / 1.6e-3 vs 3.6e-3 / 6.0e-3 / 3.6e-3; gmm64 3.6e-3 / 4.2e-3 / 3.8e-3 vs 1.5e-2 / 1.1e-2 / 4.1e-3;
-# digits-flow seed 0 3.5e-4 vs 7.8e-4), and its loop costs more per evaluation on a cheap model (the predictor's fit
-# each round, a thousand Optuna trials): on digits NFE 5 with 2 Ray workers 106 s for 96 where s3 takes 44-55 s,
-# which the README's search, on the 5-minute line, has no room for.
-DEFAULT_BUDGET = 96
-METHOD_BUDGETS = {"s3-mf": 64}
+# s3 is the default single-objective method: on held-out noise it beat evolution on gmm64 (12 runs, 2.81x vs
+# 1.88x the best named schedule's mean) and on digits NFE 5 (2.10x vs 1.49x); bench/generalise.py. It is
+# single-objective, so a Pareto search (several objectives) defaults to evolution.
+DEFAULT_METHOD = "s3"
 # Gradient steps on the search's winner (its time grid, each step's model-time shift and, where compensation applies,
 # its DC-Solver ratio: search/gradient.py) before validation, where the refined schedule is one more finalist; the
 # loss is tail-aware (the root mean square of the per-sample errors) on the whole search set. The ratios joined on
@@ -85,10 +74,9 @@ class JobConfig:
     out: Optional[Path] = None
     nfe: str = "5"
     method: Optional[str] = None  # None: DEFAULT_METHOD, or DEFAULT_PARETO_METHOD with several objectives
-    # true evaluations of stage 1 (None: METHOD_BUDGETS of the method, else DEFAULT_BUDGET); 120 before the
-    # refinement: on the README's search (digits NFE 5, seed 0, s3) the best trial came at evaluation 72, and the
-    # refinement moves it further than the last 24 evaluations did
-    budget: Optional[int] = None
+    # true evaluations of stage 1; was 120 before the refinement: on the README's search (digits NFE 5, seed 0) the
+    # best trial came at evaluation 72, and the refinement moves it further than the last 24 evaluations did
+    budget: int = 96
     seed: int = 0
     objectives: tuple[str, ...] = ("mse_ref",)
     workers: int = 0  # Ray workers; 0 scores in this process
@@ -124,7 +112,7 @@ class JobConfig:
         object.__setattr__(self, "prompts", tuple(self.prompts))
         if not self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise InputError(f"objectives: expected distinct metric names, got {list(self.objectives)}")
-        if (self.budget is not None and self.budget < 1) or self.batch < 1 or self.workers < 0:
+        if self.budget < 1 or self.batch < 1 or self.workers < 0:
             raise InputError(f"budget {self.budget}, batch {self.batch}, workers {self.workers}: expected a budget "
                              "and batch of at least 1 and workers of at least 0")
         if not 0.0 < self.latency_budget < float("inf"):  # NaN fails this too
@@ -152,11 +140,6 @@ class JobConfig:
     @property
     def search_method(self) -> str:
         return self.method or (DEFAULT_METHOD if len(self.objectives) == 1 else DEFAULT_PARETO_METHOD)
-
-    @property
-    def search_budget(self) -> int:
-        """Stage 1's budget: as given, else the method's (METHOD_BUDGETS), else DEFAULT_BUDGET."""
-        return self.budget if self.budget is not None else METHOD_BUDGETS.get(self.search_method, DEFAULT_BUDGET)
 
     @property
     def refine_steps(self) -> int:
@@ -328,7 +311,7 @@ class SearchSetup:
     @property
     def study_attrs(self) -> dict[str, Any]:
         c = self.config
-        return {"model": c.model, "method": c.search_method, "nfe": c.nfe, "seed": c.seed, "budget": c.search_budget}
+        return {"model": c.model, "method": c.search_method, "nfe": c.nfe, "seed": c.seed, "budget": c.budget}
 
 
 _HEAVY_MODULES = ("torch", "autotune.evaluate.evaluator", "autotune.search.runner", "autotune.search.strategy")
@@ -388,7 +371,7 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     if set(ref_nfes) != {DEFAULT_REF_STEPS}:  # trials scored against another reference than before it existed
         extra["ref_steps"] = sorted(ref_nfes)
     sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else config.nfe, method=config.search_method,
-                    budget=config.search_budget, seed=config.seed, guidance=config.guidance, eval_set=evaluator.eval_set.id,
+                    budget=config.budget, seed=config.seed, guidance=config.guidance, eval_set=evaluator.eval_set.id,
                     batch=config.batch, space=repr(space), **extra)
     setup = SearchSetup(config, m, store, evaluator, strategy, space, sid, t_start, named_peers, sizes)
     with hooks.step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
@@ -424,7 +407,7 @@ def _set_sizes(config: JobConfig, model: Denoiser, probes: list[Schedule], hooks
     seconds = None
     if left and probes and not config.prompts and config.strength is None:
         seconds = probe(model, probes[0], eval_set_for(model, "search", PROBE_NOISES, seed=config.seed))
-    sizes = choose_sizes(seconds, config.search_budget, config.set_size, config.validate)
+    sizes = choose_sizes(seconds, config.budget, config.set_size, config.validate)
     if sizes.cheap:
         hooks.notify(f"a cheap model ({probes[0].name} on {PROBE_NOISES} noises: {1e3 * sizes.probe_seconds:.1f} ms): "
                      f"{sizes.search} search noises, {sizes.validation} for validation"
@@ -504,8 +487,8 @@ def run_stage1(setup: SearchSetup, pool: Pool, hooks: JobHooks = QUIET) -> Searc
 
     c = setup.config
     recorder = StudyRecorder(setup.study_url, setup.search_id, setup.space, c.objectives, setup.study_attrs)
-    with hooks.search_progress(f"{c.search_method} NFE {c.nfe}", c.search_budget) as on_batch:
-        return run_search(setup.strategy, pool, c.search_budget, objectives=c.objectives, batch_size=c.batch,
+    with hooks.search_progress(f"{c.search_method} NFE {c.nfe}", c.budget) as on_batch:
+        return run_search(setup.strategy, pool, c.budget, objectives=c.objectives, batch_size=c.batch,
                           store=setup.store, sid=setup.search_id, recorder=recorder, callback=on_batch,
                           screening=c.screening, set_size=setup.evaluator.eval_set.size)
 

@@ -108,16 +108,6 @@ def test_a_bad_config_is_one_line_before_any_work(options, says):
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
-def test_the_budget_left_to_the_job_is_the_methods():
-    """None: METHOD_BUDGETS of the method (s3-mf, the default, 64), else DEFAULT_BUDGET; a budget given is kept."""
-    from autotune.search.job import DEFAULT_BUDGET, DEFAULT_METHOD, METHOD_BUDGETS
-
-    assert DEFAULT_METHOD == "s3-mf" and JobConfig(model="gmm2d").search_budget == METHOD_BUDGETS["s3-mf"] == 64
-    assert JobConfig(model="gmm2d", method="evolution").search_budget == DEFAULT_BUDGET == 96
-    assert JobConfig(model="gmm2d", objectives=("mse_ref", "nfe")).search_budget == 96  # evolution, Pareto
-    assert JobConfig(model="gmm2d", budget=10).search_budget == 10
-
-
 @pytest.mark.parametrize("options, says", [
     ({"guidance": 2.0}, "gmm2d is unconditional"),
     ({"stage2_budget": 2}, "--stage2-budget: gmm2d has no prunable units"),
