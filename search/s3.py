@@ -81,9 +81,10 @@ LOCAL_STRENGTHS = (0.5, 1.0)  # mutation strengths of the local picks (STRENGTHS
 # and half the children: 33 s (scratch, synthetic values: strategy time alone). Shares to reach evolution's final
 # value (bench/search_cost.py, budget 96) before -> after: digits-flow seeds 0 / 5 0.21 / 0.09 -> 0.15 / 0.19, gmm64
 # (seeds 0-2) 0.15 / 0.09 / 0.14 -> 0.27 / 0.07 / 0.16, digits (seeds 0-4) 0.12 / 0.02 / 0.21 / 0.13 / 0.15 ->
-# 0.10 / 0.02 / 0.12 / 0.18 / 0.15; finals within the seeds' spread (digits 2.4e-3 / 3.0e-3 / 1.6e-3 / 1.9e-3 /
-# 3.4e-3 against 2.8e-3 / 3.7e-3 / 3.2e-3 / 1.8e-3 / 3.3e-3 before). Search loop, in one process: gmm64 108-115 s ->
-# 48-50 s, digits 133-142 s (167-182 s before, but then two runs shared the 2 cores; its scoring is 113 s of it).
+# 0.10 / 0.02 / 0.12 / 0.18 / 0.15; finals within the seeds' spread (digits 2.4e-3 / 2.7e-3 / 1.6e-3 / 1.9e-3 /
+# 3.8e-3 against 2.8e-3 / 3.7e-3 / 3.2e-3 / 1.8e-3 / 3.3e-3 before). Search loop, in one process with another run
+# on the other core: gmm64 108-115 s -> 48-50 s, digits-flow 167-182 s -> 140-142 s (scoring, 113 s of digits' on an
+# idle core, is the rest).
 MF_EPOCHS = 150
 MF_PAIRS_PER_POINT = 16
 MF_CHILDREN = 1024
