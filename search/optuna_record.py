@@ -47,6 +47,7 @@ from autotune.search.optuna_space import quiet_optuna
 from autotune.search.pareto import direction
 from autotune.search.trial import Trial
 from autotune.space.encoding import ScheduleSpace
+from autotune.space.fileformat import loads
 from autotune.space.schedule import Schedule
 
 _BUSY_TIMEOUT_S = 30.0
@@ -240,12 +241,14 @@ class StudyRecorder:
             self.study.add_trial(create_trial(params=params, distributions=dists, user_attrs=attrs, **state))
         self.recorded.add(number)
 
-    def record_missing(self, trials: Iterable[tuple[Trial, Schedule]]) -> None:
-        """Add those of ``trials`` the study lacks (a resumed search's saved trials), reading the study once."""
+    def record_missing(self, trials: Iterable[Trial]) -> None:
+        """Add those of ``trials`` the study lacks (a resumed search's saved trials), reading the study once; only
+        their schedules are parsed (from the trial's own JSON, what it scored)."""
         with self._database("reading the study"), quiet_optuna():
             self._refresh()
-        for trial, schedule in trials:
-            self.record(trial, schedule)
+        for trial in trials:
+            if trial.number not in self.recorded:
+                self.record(trial, loads(trial.schedule))
 
 
 def _display(url: str | None) -> str:

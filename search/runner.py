@@ -678,7 +678,7 @@ def run_search(
                 best_errors = decode_errors(saved["screen_errors"])
             resumed = True
             if recorder is not None and hasattr(recorder, "record_missing"):  # a stop may have come before they were
-                recorder.record_missing([(t, loads(t.schedule)) for t in trials])
+                recorder.record_missing(trials)
     best = _best(trials, limits)
 
     def record(s: Schedule, m: dict[str, Any], cost: float | None) -> None:
