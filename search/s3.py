@@ -166,6 +166,7 @@ class S3:
         self.seed_cursor = 0  # named seeds handed out so far
         self.rounds = 0  # asks answered by the predictor
         self.predictions: list[Prediction] = []  # what the predictor said of each schedule it proposed
+        self._docs: dict[int, tuple[Schedule, dict[str, Any]]] = {}  # _doc's memo, by id: the exact object
         coords = self.space.coords
         self.time_idx = np.array([i for i, c in enumerate(coords) if c.family == "t"], dtype=np.int64)
         self.other_idx = np.array([i for i, c in enumerate(coords) if c.family != "t"], dtype=np.int64)
@@ -418,17 +419,27 @@ class S3:
 
     # -- state ----------------------------------------------------------------------------------------------
 
+    def _doc(self, schedule: Schedule) -> dict[str, Any]:
+        """``schedule_to_json(schedule)``, made once a schedule object: the runner saves the state after every
+        batch, and the lists it holds only grow (s3-mf: a thousand schedules at budget 96, each written 100 times
+        over). Keyed by id, the memo holding the object (equal schedules may differ in metadata, which the
+        document holds); the documents are shared between states, which are read, never changed."""
+        entry = self._docs.get(id(schedule))
+        if entry is None:
+            entry = self._docs[id(schedule)] = (schedule, schedule_to_json(schedule))
+        return entry[1]
+
     def state(self) -> dict[str, Any]:
         return {
             "phase": self.phase,
             "rng": rng_state(self.rng),
-            "evaluated": [[schedule_to_json(s), v if math.isfinite(v) else None] for s, v in self.evaluated],
+            "evaluated": [[self._doc(s), v if math.isfinite(v) else None] for s, v in self.evaluated],
             "proposed": list(self.proposed),
             "seed_cursor": self.seed_cursor,
             "rounds": self.rounds,
             "predictions": [list(p) for p in self.predictions],
-            "estimates": [[schedule_to_json(s), v if math.isfinite(v) else None] for s, v in self.estimates.values()],
-            "queue": [schedule_to_json(s) for s in self.queue],
+            "estimates": [[self._doc(s), v if math.isfinite(v) else None] for s, v in self.estimates.values()],
+            "queue": [self._doc(s) for s in self.queue],
             "round": list(self.round_hashes),
             "seed_round": self.seed_round,
             "last_partial": self.last_partial,

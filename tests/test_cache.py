@@ -452,6 +452,25 @@ def test_json_text_is_strict_and_tagged():
     assert math.isnan(back["a"]) and back["b"] == [float("inf"), -float("inf")] and back["c"] == 0.1
 
 
+def test_plain_json_and_tagged_values_are_written_alike():
+    """dumps hands plain JSON data to json's encoder alone and the rest to _encode first: both write the same text
+    (keys included: True as "true" either way), so which path a value took never shows in the cache."""
+    from autotune.cache import codec
+
+    def slow(obj):
+        return json.dumps(codec._encode(obj), allow_nan=False, separators=(",", ":"))
+
+    plain = [{"a": [1, 2.5, None, True, "x"], 3: (0.1, -0.0), 1.5: {"n": 10 ** 20}, True: 1, None: [], False: {}},
+             [[{"t": 0.123456789012345678}]], "s", 7, 1e-300]
+    for obj in plain:
+        assert codec.dumps(obj) == slow(obj)
+    assert codec.dumps({True: 1, None: 2, 4: 3}) == '{"true":1,"null":2,"4":3}'
+    tagged = {True: float("nan"), None: np.float32(0.5), 4: np.int64(3), "a": np.arange(2), "i": float("-inf")}
+    assert codec.dumps(tagged) == slow(tagged) == ('{"true":{"$float":"nan"},"null":0.5,"4":3,"a":[0,1],'
+                                                    '"i":{"$float":"-inf"}}')
+    assert loads(codec.dumps(tagged))["null"] == 0.5
+
+
 def test_cli_bad_cache_is_one_line_error():
     r = runner.invoke(_cli(), ["cache", "stats", "--cache", "nosuchdialect://x/y"])
     assert r.exit_code == 2, r.output

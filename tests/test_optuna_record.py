@@ -80,6 +80,17 @@ def test_no_cache_means_in_memory_storage():
     assert isinstance(storage_for("sqlite://"), optuna.storages.InMemoryStorage)
 
 
+def test_the_study_connections_are_set_as_the_cache_store_sets_its_own(tmp_path):
+    """Optuna's SQLite connections to the cache's file: WAL, synchronous NORMAL (1), the store's busy timeout."""
+    url = f"sqlite:///{tmp_path / 'cache.sqlite'}"
+    open_store(url)
+    storage = storage_for(url)
+    with storage.engine.connect() as conn:
+        settings = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("journal_mode", "synchronous",
+                                                                             "busy_timeout")]
+    assert settings[:2] == ["wal", 1] and settings[2] > 0
+
+
 def test_a_trial_stopped_early_is_pruned_with_its_estimate_as_intermediate_value(gmm):
     """Pruned, as Optuna's pruners leave a trial, without params (Optuna's param plots read completed trials only;
     its schedule attribute holds them); a completed trial keeps its params."""

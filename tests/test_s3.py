@@ -226,6 +226,32 @@ def test_killed_s3_search_resumes_on_the_same_trajectory(gmm, tmp_path):
     assert resumed.best_value == full.best_value
 
 
+def test_s3_state_writes_each_schedule_as_schedule_to_json_does(gmm):
+    """state() makes each schedule's document once (the runner saves it after every batch): the state saved late
+    in a search is the one written from scratch, and a schedule's document is made once however often saved."""
+    from unittest import mock
+
+    from autotune.search import s3 as s3_module
+    from autotune.search.strategy import schedule_to_json
+
+    strategy = S3(search_context(gmm), n_init=8, children=128, partial=4)
+    made = []
+
+    def counted(s):
+        made.append(s.hash())
+        return schedule_to_json(s)
+
+    with mock.patch.object(s3_module, "schedule_to_json", counted):
+        for i in range(4):
+            for s in strategy.ask(6):
+                strategy.tell(s, 1.0 + i + 0.01 * len(made))
+            state = strategy.state()
+    assert state["evaluated"] == [[schedule_to_json(s), v] for s, v in strategy.evaluated]
+    assert state["estimates"] == [[schedule_to_json(s), v] for s, v in strategy.estimates.values()]
+    assert state["queue"] == [schedule_to_json(s) for s in strategy.queue]
+    assert len(made) == len(set(made)) and len(state["evaluated"]) + len(state["estimates"]) > 12
+
+
 def test_s3_keeps_exploring_when_everything_diverged(gmm):
     ctx = search_context(gmm)
     strategy = S3(ctx, n_init=4, children=128)
