@@ -1,6 +1,10 @@
 """autotune: search, fit and compile per-step sampling schedules for diffusion and flow models."""
 
 import os as _os
+import time as _time
+
+# when this process began to be autotune: the commands' "finished in" counts from here (progress_cli.command_seconds)
+STARTED = _time.monotonic()
 
 __version__ = "0.1.0"
 

@@ -9,10 +9,8 @@ failing command says one ``error:`` line.
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TaskProgressColumn, TextColumn
@@ -22,21 +20,15 @@ from rich.text import Text
 from autotune.cli_common import err_console
 from autotune.evaluate.progress import ProgressEvent, ProgressFn
 
-_IMPORTED = time.monotonic()
-
-
 def command_seconds() -> float:
-    """Wall seconds since this process started, i.e. what the user has waited (imports included).
+    """Wall seconds since the package was first imported, i.e. what the user has waited for the command (the
+    imports of torch and the rest included; the interpreter's own start, tens of milliseconds, not).
 
-    Linux says when the process started (/proc); elsewhere the clock starts when the CLI is imported,
-    a fraction of a second later.
-    """
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
-    except (OSError, ValueError, IndexError):
-        return time.monotonic() - _IMPORTED
+    Not the process's start time from /proc: a shell that runs ``install && autotune ...`` may exec the last
+    command in its own process, whose start was then the install's (``bash -c``, a Dockerfile's RUN)."""
+    import autotune
+
+    return time.monotonic() - autotune.STARTED
 
 
 def _ignore(event: ProgressEvent) -> None:

@@ -265,6 +265,15 @@ def test_dashboard_command_is_one_unbroken_line(tmp_path):
     assert any(ln.startswith("finished in ") for ln in result.stdout.splitlines())
 
 
+def test_finished_in_counts_the_command_not_what_its_process_ran_before(tmp_path):
+    """A shell that runs `install && autotune ...` may exec autotune in its own process (bash -c, a Dockerfile's
+    RUN): the process then started when the install did, and "finished in" must not count the install."""
+    code = "from autotune.progress_cli import command_seconds; print(command_seconds())"
+    out = subprocess.run(["bash", "-c", f"sleep 3 && exec {sys.executable} -c '{code}'"], capture_output=True,
+                         text=True, check=True, cwd=tmp_path)
+    assert 0.0 < float(out.stdout) < 2.5, out.stdout  # the 3 s the shell slept are not the command's
+
+
 # -- diffusers export and load -------------------------------------------------------------------------------
 
 
