@@ -83,7 +83,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Generator, Optional
 
 import torch
 
@@ -146,9 +146,68 @@ def refine_times(
     errors on the set's first ``samples`` noises (0: all). ``split(model, schedule, noise, labels, target, power)``
     may hand the loss's samples out in parts (RayPool.gradient_split: the search's idle workers); it returns
     an :data:`ErrorSum`, or None to compute it here. A run whose best loss after half its ``iterations`` is still
-    over ``give_up_above`` stops there (``gave_up``), returning that best."""
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
+    over ``give_up_above`` stops there (``gave_up``), returning that best. (:class:`Descent` runs the same
+    descent in parts.)"""
+    run = Descent(model, schedule, eval_set, reference, iterations=iterations, lr=lr, samples=samples,
+                  shifts=shifts, aggregate=aggregate, ratios=ratios, split=split)
+    run.halfway()
+    if run.above(give_up_above):
+        return run.give_up()
+    return run.finish()
+
+
+class Descent:
+    """One refinement (:func:`refine_times`'s descent, the same iterates) that runs in parts, so that a caller can
+    take several starts to their halfway point before it decides which go on (search/job.py: RACE)."""
+
+    def __init__(self, model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *,
+                 iterations: int = 40, lr: float = DEFAULT_LR, samples: int = 0, shifts: bool = True,
+                 aggregate: str = "rms", ratios: bool = False,
+                 split: Optional[Callable[..., Optional[ErrorSum]]] = None) -> None:
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
+        self.iterations = iterations
+        self._steps = _descend(model, schedule, eval_set, reference, iterations, lr, samples, shifts, aggregate,
+                               ratios, split)
+        self.evaluations, self.so_far, self.best_loss = 0, Refinement(schedule, []), math.inf
+        self.result: Optional[Refinement] = None  # the best iterate once the descent has ended (best_loss its loss)
+        self._advance()
+
+    def _advance(self) -> None:
+        try:
+            self.evaluations, self.so_far, self.best_loss = next(self._steps)
+        except StopIteration as end:
+            self.result, self.best_loss = end.value
+
+    def run(self, evaluations: int) -> None:
+        """Go on until ``evaluations`` evaluations are done, or the descent ends."""
+        while self.result is None and self.evaluations < evaluations:
+            self._advance()
+
+    def halfway(self) -> None:
+        self.run(self.iterations // 2)
+
+    def above(self, bar: float) -> bool:
+        """Still going, a loss seen, and the best iterate's over ``bar``: the give-up rule's test at halfway."""
+        return self.result is None and bool(self.so_far.losses) and self.best_loss > bar
+
+    def give_up(self) -> Refinement:
+        """Stop here: the best iterate so far, marked ``gave_up``."""
+        self._steps.close()
+        return dataclasses.replace(self.so_far, gave_up=True)
+
+    def finish(self) -> Refinement:
+        """Run the remaining evaluations: the best iterate."""
+        self.run(self.iterations)
+        return self.result if self.result is not None else self.so_far
+
+
+def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, iterations: int,
+             lr: float, samples: int, shifts: bool, aggregate: str, ratios: bool,
+             split: Optional[Callable[..., Optional[ErrorSum]]]
+             ) -> Generator[tuple[int, Refinement, float], None, tuple[Refinement, float]]:
+    """The descent as a generator: before each evaluation it yields how many are done, the best iterate so far and
+    its loss; it returns the best iterate and its loss when done (or when the loss stops being finite)."""
     ns = model.noise
     free = _free_times(schedule)
     times = torch.tensor(schedule.times, dtype=torch.float64)
@@ -172,7 +231,7 @@ def refine_times(
     ratio_free = fixed_ratios.clone().requires_grad_(bool(movable.any()))
     params = [p for p in (logits, offsets, ratio_free) if p.requires_grad]
     if not params:
-        return Refinement(schedule, [])
+        return Refinement(schedule, []), math.inf
     optimiser = torch.optim.Adam(params, lr=lr)
     part = slice(None) if samples <= 0 else slice(0, samples)
     noise = eval_set.noise(torch.float32)[part]
@@ -201,8 +260,7 @@ def refine_times(
     losses: list[float] = []
     step_size, backoffs, evaluations = lr, 0, 0
     while evaluations < iterations:
-        if losses and evaluations == iterations // 2 and best[0] > give_up_above:  # a loss seen: never at 0
-            return Refinement(best[1], losses, gave_up=True)
+        yield evaluations, Refinement(best[1], list(losses)), best[0]
         t = grid(logits)
         shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)
         ratio = torch.where(movable, ratio_free, fixed_ratios)
@@ -242,7 +300,7 @@ def refine_times(
         if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
             break
         optimiser.step()
-    return Refinement(best[1], losses)
+    return Refinement(best[1], losses), best[0]
 
 
 def _with_values(schedule: Schedule, times: torch.Tensor, shifts: torch.Tensor, ratios: torch.Tensor

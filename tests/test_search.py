@@ -351,3 +351,24 @@ def test_gradient_refinement_gives_up_halfway_above_the_bar_and_returns_its_best
     assert not cleared.gave_up and cleared.losses == full.losses
     single = refine_times(gmm, base, evaluator.eval_set, reference, iterations=1, lr=0.1, give_up_above=1e-12)
     assert not single.gave_up and single.losses == full.losses[:1]  # half of 1 step is none: nothing to judge by
+
+
+def test_descents_run_in_parts_and_interleaved_take_the_iterates_they_take_alone(gmm, refinement_start):
+    """Descent (the job's race) runs refine_times' descent in parts: two starts taken to halfway one after the
+    other, then finished, take the iterates each takes alone; giving up returns the best of the first half."""
+    from autotune.sampling.named import build
+    from autotune.search.gradient import Descent, refine_times
+
+    evaluator, base, reference = refinement_start
+    other = build("dpmsolver++2m", gmm.noise, 5)
+    alone = [refine_times(gmm, s, evaluator.eval_set, reference, iterations=6, lr=0.1, ratios=True)
+             for s in (base, other)]
+    runs = [Descent(gmm, s, evaluator.eval_set, reference, iterations=6, lr=0.1, ratios=True) for s in (base, other)]
+    for run in runs:
+        run.halfway()
+        assert run.evaluations == 3 and run.result is None and len(run.so_far.losses) == 3
+    assert runs[1].give_up().losses == alone[1].losses[:3]
+    assert runs[1].best_loss == min(alone[1].losses[:3])
+    done = runs[0].finish()
+    assert done.losses == alone[0].losses and done.schedule == alone[0].schedule and not done.gave_up
+    assert runs[0].best_loss == pytest.approx(min(done.losses)) and runs[0].above(0.0) is False  # finished

@@ -109,13 +109,13 @@ def test_a_cheap_models_refinements_fit_the_larger_refinement_set(gmm, monkeypat
     from autotune.search.job import JobHooks
 
     seen = []
-    refine_times = gradient.refine_times
 
-    def recording(model, schedule, eval_set, reference, **options):
-        seen.append((eval_set.size, eval_set.id, reference.final.shape[0]))
-        return refine_times(model, schedule, eval_set, reference, **options)
+    class Recording(gradient.Descent):
+        def __init__(self, model, schedule, eval_set, reference, **options):
+            seen.append((eval_set.size, eval_set.id, reference.final.shape[0]))
+            super().__init__(model, schedule, eval_set, reference, **options)
 
-    monkeypatch.setattr(gradient, "refine_times", recording)
+    monkeypatch.setattr(gradient, "Descent", Recording)
     notes = []
     outcome = run_search_job(JobConfig(model="gmm2d", nfe="4", budget=8, batch=4, refine=2, set_size=set_size,
                                        report_size=32), model=gmm, hooks=JobHooks(notify=notes.append))

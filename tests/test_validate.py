@@ -102,7 +102,8 @@ def test_search_records_the_validation_choice(tmp_path):
                                  "--refine", "3", "--validate", "64", "--no-cache", "--out", str(out)])
     assert r.exit_code == 0, r.output
     v = json.loads(out.read_text())["metadata"]["validation"]
-    assert v["set"].startswith("validation-s0-n64") and "refined" in v["finalists"]
+    assert v["set"].startswith("validation-s0-n64")
+    assert any(k.split(" (gave up")[0] == "refined" for k in v["finalists"])  # stage 1's refinement may give up
     assert v["mse_ref"] == v["finalists"][v["chosen"]]
     assert v["selection"][v["chosen"]] == min(v["selection"].values())
     assert any(label.startswith("named ") for label in v["finalists"])  # the named schedules compete too
