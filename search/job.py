@@ -603,10 +603,10 @@ def analytic_first_start(evaluator: Evaluator, noise: NoiseSchedule, best: Sched
 # 2026-12-04; a cosine-decayed step and 512 search noises were tried too: the first worse, the second 8x the time).
 NO_SHIFT_LABEL = "refined without shifts"
 
-# Each refinement after the first gives up halfway when its best loss is still over GIVE_UP x the lowest loss any
-# refinement has reached (the same loss on the same noises), keeping its best iterate as a finalist. Loss after 40
-# steps / after 20, refining from the best named schedule with shifts, without, and from the AFS start (scratch,
-# 2026-12-05, search-set sizes of the job): digits NFE 4 0.93 / 0.87 / 0.81, NFE 5 0.86 / 0.96 / 0.72, guidance 4
+# A refinement gives up halfway when its best loss is still over GIVE_UP x the lowest loss any refinement has
+# reached (the same loss on the same noises; RACE: in which order), keeping its best iterate as a finalist. Loss
+# after 40 steps / after 20, refining from the best named schedule with shifts, without, and from the AFS start
+# (scratch, 2026-12-05, search-set sizes of the job): digits NFE 4 0.93 / 0.87 / 0.81, NFE 5 0.86 / 0.96 / 0.72, guidance 4
 # NFE 8 0.79 / 0.84 / 0.85, gmm64 NFE 5 0.51 / 0.65 / 0.81, digits-flow NFE 5 0.97 / 0.80 / 0.31. The one fall over
 # 2x was digits-flow's AFS start, 27x above the lowest at halfway and still 8x above at the end. The README's digits
 # search, whose AFS start refines to a third of the others' loss, saves half of its refinement without shifts.
