@@ -606,10 +606,11 @@ NO_SHIFT_LABEL = "refined without shifts"
 # A refinement gives up halfway when its best loss is still over GIVE_UP x the lowest loss any refinement has
 # reached (the same loss on the same noises; RACE: in which order), keeping its best iterate as a finalist. Loss
 # after 40 steps / after 20, refining from the best named schedule with shifts, without, and from the AFS start
-# (scratch, 2026-12-05, search-set sizes of the job): digits NFE 4 0.93 / 0.87 / 0.81, NFE 5 0.86 / 0.96 / 0.72, guidance 4
-# NFE 8 0.79 / 0.84 / 0.85, gmm64 NFE 5 0.51 / 0.65 / 0.81, digits-flow NFE 5 0.97 / 0.80 / 0.31. The one fall over
-# 2x was digits-flow's AFS start, 27x above the lowest at halfway and still 8x above at the end. The README's digits
-# search, whose AFS start refines to a third of the others' loss, saves half of its refinement without shifts.
+# (scratch, 2026-12-05, search-set sizes of the job): digits NFE 4 0.93 / 0.87 / 0.81, NFE 5 0.86 / 0.96 / 0.72,
+# guidance 4 NFE 8 0.79 / 0.84 / 0.85, gmm64 NFE 5 0.51 / 0.65 / 0.81, digits-flow NFE 5 0.97 / 0.80 / 0.31. The one
+# fall over 2x was digits-flow's AFS start, 27x above the lowest at halfway and still 8x above at the end. The
+# README's digits search, whose AFS start refines to a third of the others' loss, saves half of its refinement
+# without shifts.
 GIVE_UP = 3.0
 
 # RACE: the starts (the AFS start, stage 1's best, the second start, stage 1's best without shifts) each run the first
