@@ -670,8 +670,10 @@ def _print_search(outcome) -> None:
     config, result, names = outcome.config, outcome.search, outcome.config.objectives
     if outcome.refinement is not None:
         before, after = outcome.refinement.before, outcome.refinement.after
+        stopped = outcome.refinement.gave_up_after
         console.print(f"refined the grid: search-set mse_ref {before:.3e} -> {after:.3e}"
-                      + ("" if after < before else " (kept the unrefined)"))
+                      + ("" if after < before else " (kept the unrefined)")
+                      + (f" (gave up after {stopped} steps)" if stopped else ""))
     if outcome.validation is not None:
         v = outcome.validation
         console.print(finalists_table(v.scored, v.chosen, v.search_values, v.set_id))

@@ -227,6 +227,7 @@ class RefinementNote:
 
     before: float
     after: float
+    gave_up_after: int = 0  # the steps it ran when it gave up (RACE: another start's loss was far lower); 0: all
 
 
 @dataclass(frozen=True)
@@ -693,12 +694,13 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         refined[label] = (schedule, metrics["mse_ref"])
         if label == REFINED_LABEL:
             winner.refined_label = REFINED_LABEL + stopped
+            gave_up_after = len(done.losses) if done.gave_up else 0
         else:
             winner.also_refined.append((label + stopped, schedule))
     order = [label for label, *_ in starts]  # the finalists in the starts' order, whichever finished first
     winner.also_refined.sort(key=lambda found: order.index(found[0].split(" (gave up")[0]))
     winner.refined, value = refined[REFINED_LABEL]
-    winner.refinement = RefinementNote(result.best_trial.mse_ref, value)
+    winner.refinement = RefinementNote(result.best_trial.mse_ref, value, gave_up_after)
     if value < result.best_trial.mse_ref and c.single_mse:
         winner.schedule, winner.value = winner.refined, value
 

@@ -394,10 +394,12 @@ def test_the_refinements_race_to_halfway_and_those_far_above_the_lowest_loss_giv
     assert len(lowest.result.losses) == 6 and not lowest.result.gave_up  # it went on
     assert all(r.result is None and len(r.so_far.losses) == 3 for r in runs if r is not lowest)  # stopped halfway
     assert sum(label.endswith("(gave up after 3 steps)") for label in labels) == len(runs) - 1, labels
-    assert outcome.refinement.before == outcome.search.best_trial.mse_ref  # the note: stage 1's best
+    assert outcome.refinement.before == outcome.search.best_trial.mse_ref  # the note: stage 1's best ...
+    assert outcome.refinement.gave_up_after == (0 if runs[1] is lowest else 3)  # ... and whether it gave up
 
     runs.clear()
     monkeypatch.setattr(job, "GIVE_UP", math.inf)  # no bar: each runs every step
     outcome = run_search_job(JobConfig(**SMALL, refine=6, score_report=False), model=gmm)
     assert len(runs) >= 3 and all(not r.result.gave_up and len(r.result.losses) == 6 for r in runs)
+    assert outcome.refinement.gave_up_after == 0
     assert not any("gave up" in f.label for f in outcome.validation.scored)
