@@ -192,7 +192,9 @@ class Descent:
         return self.result is None and bool(self.so_far.losses) and self.best_loss > bar
 
     def give_up(self) -> Refinement:
-        """Stop here: the best iterate so far, marked ``gave_up``."""
+        """Stop here: the best iterate so far, marked ``gave_up`` (a descent that has ended: its result)."""
+        if self.result is not None:
+            return self.result
         self._steps.close()
         return dataclasses.replace(self.so_far, gave_up=True)
 

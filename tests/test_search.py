@@ -372,3 +372,4 @@ def test_descents_run_in_parts_and_interleaved_take_the_iterates_they_take_alone
     done = runs[0].finish()
     assert done.losses == alone[0].losses and done.schedule == alone[0].schedule and not done.gave_up
     assert runs[0].best_loss == pytest.approx(min(done.losses)) and runs[0].above(0.0) is False  # finished
+    assert runs[0].give_up() is done  # nothing left to give up: the result
