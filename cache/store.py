@@ -39,10 +39,23 @@ from autotune.cache.codec import dumps, loads, pack_arrays, unpack_arrays
 from autotune.cache.schema import SCHEMA_VERSION, TABLES, schema
 from autotune.errors import AutotuneError
 
-_BUSY_TIMEOUT_S = 30.0
+BUSY_TIMEOUT_S = 30.0  # how long a SQLite connection waits for another's write lock (the store's, Optuna's)
 _PG_SCHEMA_LOCK = 0x6175746F74756E65  # "autotune": serialises schema creation across processes
 __all__ = ["CacheError", "EvalKey", "SCHEMA_VERSION", "Store", "TABLES", "default_cache_path", "dumps", "loads",
            "open_store"]
+
+
+def sqlite_connection_settings(dbapi_conn: Any, wal: bool = True) -> None:
+    """What every SQLite connection on a cache file gets (the store's and Optuna's, search/optuna_record.py): BEGIN
+    left to SQLAlchemy (each engine's "begin" listener takes the write lock as it needs), a busy timeout, WAL (``wal``:
+    not for an in-memory database) and synchronous=NORMAL (a commit does not wait for the disk)."""
+    dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+    if wal:
+        cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
 
 
 class CacheError(AutotuneError, RuntimeError):
@@ -123,7 +136,7 @@ class Store:
             parsed = make_url(url)
             kwargs: dict[str, Any] = {}
             if parsed.get_backend_name() == "sqlite":
-                kwargs["connect_args"] = {"timeout": _BUSY_TIMEOUT_S}
+                kwargs["connect_args"] = {"timeout": BUSY_TIMEOUT_S}
             else:
                 kwargs["pool_pre_ping"] = True
                 if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
@@ -135,13 +148,7 @@ class Store:
         if self.backend == "sqlite":
             @event.listens_for(engine, "connect")
             def _sqlite_connect(dbapi_conn, _record):  # pragma: no cover - exercised through every test
-                dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (see _sqlite_begin)
-                cur = dbapi_conn.cursor()
-                cur.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
-                if sqlite_path is not None:
-                    cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
-                cur.close()
+                sqlite_connection_settings(dbapi_conn, wal=sqlite_path is not None)  # BEGIN: _sqlite_begin
 
             @event.listens_for(engine, "begin")
             def _sqlite_begin(conn):

@@ -42,7 +42,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from autotune.cache.store import CacheError, one_line
+from autotune.cache.store import BUSY_TIMEOUT_S, CacheError, one_line, sqlite_connection_settings
 from autotune.search.optuna_space import quiet_optuna
 from autotune.search.pareto import direction
 from autotune.search.trial import Trial
@@ -50,7 +50,6 @@ from autotune.space.encoding import ScheduleSpace
 from autotune.space.fileformat import loads
 from autotune.space.schedule import Schedule
 
-_BUSY_TIMEOUT_S = 30.0
 
 
 def study_name(search_id: str) -> str:
@@ -70,7 +69,7 @@ def storage_for(url: str | None) -> optuna.storages.BaseStorage:
     if _in_memory(url):
         return optuna.storages.InMemoryStorage()
     sqlite = url.startswith("sqlite")
-    kwargs = {"connect_args": {"timeout": _BUSY_TIMEOUT_S}} if sqlite else {"pool_pre_ping": True}
+    kwargs = {"connect_args": {"timeout": BUSY_TIMEOUT_S}} if sqlite else {"pool_pre_ping": True}
     with quiet_optuna():
         storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     if sqlite:
@@ -123,18 +122,15 @@ def interprocess_lock(url: str | None) -> Iterator[None]:
 
 
 def _sqlite_settings(engine: Any) -> None:
-    """Optuna's SQLite engine set as the cache store sets its own (cache/store.py), on the same database file: a
-    busy timeout, WAL with synchronous=NORMAL (a commit does not wait for the disk: the same 4.8 ms a stopped-early
-    trial on an idle machine, 10 -> 7 ms with two benchmarks running), and BEGIN IMMEDIATE for every transaction (a
-    deferred one could fail on upgrade)."""
+    """Optuna's SQLite engine set as the cache store sets its own, on the same database file
+    (``sqlite_connection_settings``: synchronous=NORMAL, the same 4.8 ms a stopped-early trial on an idle machine, 10
+    -> 7 ms with two benchmarks running), and BEGIN IMMEDIATE for every transaction (a deferred one could fail on
+    upgrade)."""
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn, _record):  # pragma: no cover - runs on every new connection
-        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself
-        dbapi_conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
-        dbapi_conn.execute("PRAGMA journal_mode=WAL")  # storage_for keeps in-memory databases off SQLite
-        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+        sqlite_connection_settings(dbapi_conn)  # WAL: storage_for keeps in-memory databases off SQLite
 
     @event.listens_for(engine, "begin")
     def _begin(conn):  # pragma: no cover - runs on every transaction
