@@ -665,15 +665,15 @@ def _partial_note(result) -> str:
 def _print_search(outcome) -> None:
     """stdout of a search, in the order its stages ran: refinement, finalists, the files, the study, the
     report set's tables."""
+    from autotune.search.job import gave_up_suffix
     from autotune.tables import finalists_table, pareto_table
 
     config, result, names = outcome.config, outcome.search, outcome.config.objectives
     if outcome.refinement is not None:
         before, after = outcome.refinement.before, outcome.refinement.after
-        stopped = outcome.refinement.gave_up_after
         console.print(f"refined the grid: search-set mse_ref {before:.3e} -> {after:.3e}"
                       + ("" if after < before else " (kept the unrefined)")
-                      + (f" (gave up after {stopped} steps)" if stopped else ""))
+                      + gave_up_suffix(outcome.refinement.gave_up_after))
     if outcome.validation is not None:
         v = outcome.validation
         console.print(finalists_table(v.scored, v.chosen, v.search_values, v.set_id))

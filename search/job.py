@@ -498,6 +498,11 @@ def run_stage1(setup: SearchSetup, pool: Pool, hooks: JobHooks = QUIET) -> Searc
 REFINED_LABEL = "refined"  # stage 1's best refined, as validation names it
 
 
+def gave_up_suffix(steps: int) -> str:
+    """What a refinement that gave up after ``steps`` steps (GIVE_UP; 0: it did not) adds to its label and line."""
+    return f" (gave up after {steps} steps)" if steps else ""
+
+
 @dataclass
 class _Winner:
     """The schedule the job will write, as the stages after the search replace it."""
@@ -512,7 +517,6 @@ class _Winner:
     validation_meta: Optional[dict[str, Any]] = None
     stage2: Optional[Stage2] = None
     refine_set: Optional[str] = None  # the id of the set the refinements fitted (REFINE_SET)
-    refined_label: str = REFINED_LABEL  # and whether its refinement gave up (GIVE_UP)
 
 
 def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Denoiser] = None,
@@ -671,16 +675,16 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 
     half = c.refine_steps // 2
     runs = []  # RACE: every start to halfway, then on from the lowest loss up while within GIVE_UP x the lowest
-    for label, description, start, shifts in starts:
+    for _, description, start, shifts in starts:
         line = f"refining {description} (steps 1-{half} of {c.refine_steps})"
         with hooks.step(line) if half else contextlib.nullcontext():
             runs.append(Descent(setup.model, start, fitted.eval_set, reference, iterations=c.refine_steps,
                                 samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts))
             runs[-1].halfway()
     lowest = min(run.best_loss for run in runs)  # the lowest loss any refinement has reached
-    refined: dict[str, tuple[Schedule, float]] = {}
+    finished: dict[int, tuple[Schedule, float, int]] = {}  # by start: the schedule, its search mean, gave up after
     for rank, i in enumerate(sorted(range(len(runs)), key=lambda i: runs[i].best_loss)):
-        (label, description, _, _), run = starts[i], runs[i]
+        description, run = starts[i][1], runs[i]
         if rank and run.above(GIVE_UP * lowest):  # the lowest at halfway always goes on
             done = run.give_up()
         else:
@@ -690,19 +694,16 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         schedule, metrics = done.schedule, evaluator.evaluate(done.schedule)
         if "evaluated_schedule" in metrics:  # ratios: the refined grid with the ratios fitted for it
             schedule = loads(metrics["evaluated_schedule"])
-        stopped = f" (gave up after {len(done.losses)} steps)" if done.gave_up else ""
-        refined[label] = (schedule, metrics["mse_ref"])
+        finished[i] = (schedule, metrics["mse_ref"], len(done.losses) if done.gave_up else 0)
+    for i, (label, *_) in enumerate(starts):  # the finalists in the starts' order
+        schedule, value, stopped = finished[i]
         if label == REFINED_LABEL:
-            winner.refined_label = REFINED_LABEL + stopped
-            gave_up_after = len(done.losses) if done.gave_up else 0
+            winner.refined = schedule
+            winner.refinement = RefinementNote(result.best_trial.mse_ref, value, stopped)
         else:
-            winner.also_refined.append((label + stopped, schedule))
-    order = [label for label, *_ in starts]  # the finalists in the starts' order, whichever finished first
-    winner.also_refined.sort(key=lambda found: order.index(found[0].split(" (gave up")[0]))
-    winner.refined, value = refined[REFINED_LABEL]
-    winner.refinement = RefinementNote(result.best_trial.mse_ref, value, gave_up_after)
-    if value < result.best_trial.mse_ref and c.single_mse:
-        winner.schedule, winner.value = winner.refined, value
+            winner.also_refined.append((label + gave_up_suffix(stopped), schedule))
+    if winner.refinement.after < result.best_trial.mse_ref and c.single_mse:
+        winner.schedule, winner.value = winner.refined, winner.refinement.after
 
 
 # a named schedule this many times worse than the best named one on the search set is neither validated nor in the
@@ -754,7 +755,8 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
 
     c, evaluator = setup.config, setup.evaluator
     held_out = _held_out(setup, "validation", setup.sizes.validation, pool, seed=c.seed)
-    extra = ([(winner.refined_label, winner.refined)] if winner.refined is not None else []) + winner.also_refined
+    extra = ([(REFINED_LABEL + gave_up_suffix(winner.refinement.gave_up_after), winner.refined)]
+             if winner.refined is not None else []) + winner.also_refined
     named_here = _named_finalists(evaluator, [s for s in setup.named_peers if s.nfe == result.best.nfe],
                                   most=VALIDATED_NAMED)
     candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
