@@ -665,7 +665,7 @@ def _partial_note(result) -> str:
 def _print_search(outcome) -> None:
     """stdout of a search, in the order its stages ran: refinement, finalists, the files, the study, the
     report set's tables."""
-    from autotune.search.job import gave_up_suffix
+    from autotune.search.job import refinement_suffix
     from autotune.tables import finalists_table, pareto_table
 
     config, result, names = outcome.config, outcome.search, outcome.config.objectives
@@ -673,7 +673,7 @@ def _print_search(outcome) -> None:
         before, after = outcome.refinement.before, outcome.refinement.after
         console.print(f"refined the grid: search-set mse_ref {before:.3e} -> {after:.3e}"
                       + ("" if after < before else " (kept the unrefined)")
-                      + gave_up_suffix(outcome.refinement.gave_up_after))
+                      + refinement_suffix(outcome.refinement.gave_up_after, outcome.refinement.quasi_newton))
     if outcome.validation is not None:
         v = outcome.validation
         console.print(finalists_table(v.scored, v.chosen, v.search_values, v.set_id))

@@ -170,12 +170,13 @@ class Descent:
         self._steps = _descend(model, schedule, eval_set, reference, iterations, lr, samples, shifts, aggregate,
                                ratios, split)
         self.evaluations, self.so_far, self.best_loss = 0, Refinement(schedule, []), math.inf
+        self.backoffs = 0  # how many times it has gone back to its best iterate at a smaller step (BACKOFF)
         self.result: Optional[Refinement] = None  # the best iterate once the descent has ended (best_loss its loss)
         self._advance()
 
     def _advance(self) -> None:
         try:
-            self.evaluations, self.so_far, self.best_loss = next(self._steps)
+            self.evaluations, self.so_far, self.best_loss, self.backoffs = next(self._steps)
         except StopIteration as end:
             self.result, self.best_loss = end.value
 
@@ -204,12 +205,45 @@ class Descent:
         return self.result if self.result is not None else self.so_far
 
 
-def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, iterations: int,
-             lr: float, samples: int, shifts: bool, aggregate: str, ratios: bool,
-             split: Optional[Callable[..., Optional[ErrorSum]]]
-             ) -> Generator[tuple[int, Refinement, float], None, tuple[Refinement, float]]:
-    """The descent as a generator: before each evaluation it yields how many are done, the best iterate so far and
-    its loss; it returns the best iterate and its loss when done (or when the loss stops being finite)."""
+@dataclass
+class _Problem:
+    """What a descent moves and what it minimises, shared by Adam (:func:`_descend`) and L-BFGS
+    (:class:`QuasiNewtonDescent`): the parameters (the grid's logits, the shifts, the movable ratios; those that
+    move are ``params``), the executor's values they give, and the loss on the noises."""
+
+    schedule: Schedule
+    params: list[torch.Tensor]
+    given: Callable[[], dict[str, Optional[torch.Tensor]]]  # the executor's overrides from the params, differentiable
+    errors: ErrorSum
+    count: int
+    power: int
+
+    def value(self, total: float) -> float:
+        """The loss from the summed per-sample errors to the power."""
+        return math.sqrt(total / self.count) if self.power == 2 else total / self.count
+
+    def candidate(self, given: dict[str, Optional[torch.Tensor]]) -> Optional[Schedule]:
+        t, shift, ratio = (given[k] for k in VALUES)
+        steps = self.schedule.steps
+        shifts = shift if shift is not None else torch.tensor([s.shift for s in steps], dtype=torch.float64)
+        ratios = ratio if ratio is not None else torch.tensor([s.ratio for s in steps], dtype=torch.float64)
+        return _with_values(self.schedule, t.detach(), shifts.detach(), ratios.detach())
+
+    def backward(self, given: dict[str, Optional[torch.Tensor]], grads: dict[str, torch.Tensor], value: float
+                 ) -> bool:
+        """The loss's gradient into the params' ``.grad``; False when nothing moves or it is not finite."""
+        # the chain rule from the summed errors to the loss (d sqrt(S/n) / dS = 1 / (2 n loss)), then to the params
+        scale = 1.0 / (2.0 * self.count * value) if self.power == 2 else 1.0 / self.count
+        moved = [k for k in grads if given[k] is not None and given[k].requires_grad]
+        if not moved or value == 0.0:
+            return False
+        torch.autograd.backward([given[k] for k in moved], [grads[k] * scale for k in moved])
+        return all(p.grad is None or torch.isfinite(p.grad).all() for p in self.params)
+
+
+def _problem(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, samples: int,
+             shifts: bool, aggregate: str, ratios: bool, split: Optional[Callable[..., Optional[ErrorSum]]]
+             ) -> _Problem:
     ns = model.noise
     free = _free_times(schedule)
     times = torch.tensor(schedule.times, dtype=torch.float64)
@@ -231,10 +265,6 @@ def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
     movable = torch.tensor([ratios and k >= schedule.dc_order for k in range(len(schedule.steps))])
     fixed_ratios = torch.tensor([s.ratio for s in schedule.steps], dtype=torch.float64)
     ratio_free = fixed_ratios.clone().requires_grad_(bool(movable.any()))
-    params = [p for p in (logits, offsets, ratio_free) if p.requires_grad]
-    if not params:
-        return Refinement(schedule, []), math.inf
-    optimiser = torch.optim.Adam(params, lr=lr)
     part = slice(None) if samples <= 0 else slice(0, samples)
     noise = eval_set.noise(torch.float32)[part]
     labels = eval_set.conditions()
@@ -244,7 +274,6 @@ def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
     errors = split(model, schedule, noise, labels, target, power) if split is not None else None
     if errors is None:
         errors = functools.partial(error_sum, model, schedule, noise, labels, target, power)
-    count = noise.shape[0]
 
     def grid(logit: torch.Tensor) -> torch.Tensor:
         if free < 1:
@@ -255,6 +284,32 @@ def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
         tail = times[free + 1:]
         return torch.cat([times[:1], inner, tail])
 
+    def given() -> dict[str, Optional[torch.Tensor]]:
+        shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)
+        ratio = torch.where(movable, ratio_free, fixed_ratios)
+        return dict(zip(VALUES, (grid(logits), shift if shifts else None,
+                                 ratio if ratio_free.requires_grad else None)))
+
+    params = [p for p in (logits, offsets, ratio_free) if p.requires_grad]
+    return _Problem(schedule, params, given, errors, noise.shape[0], power)
+
+
+def _detached(given: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
+    return {k: None if v is None else v.detach() for k, v in given.items()}
+
+
+def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, iterations: int,
+             lr: float, samples: int, shifts: bool, aggregate: str, ratios: bool,
+             split: Optional[Callable[..., Optional[ErrorSum]]]
+             ) -> Generator[tuple[int, Refinement, float, int], None, tuple[Refinement, float]]:
+    """Adam's descent as a generator: before each evaluation it yields how many are done, the best iterate so far,
+    its loss and how many times it has backed off; it returns the best iterate and its loss when done (or when the
+    loss stops being finite)."""
+    problem = _problem(model, schedule, eval_set, reference, samples, shifts, aggregate, ratios, split)
+    params = problem.params
+    if not params:
+        return Refinement(schedule, []), math.inf
+    optimiser = torch.optim.Adam(params, lr=lr)
     best = (float("inf"), schedule)
     best_params = [p.detach().clone() for p in params]
     best_errors: Optional[tuple[float, dict[str, torch.Tensor]]] = None  # what errors() gave at the best iterate
@@ -262,25 +317,22 @@ def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
     losses: list[float] = []
     step_size, backoffs, evaluations = lr, 0, 0
     while evaluations < iterations:
-        yield evaluations, Refinement(best[1], list(losses)), best[0]
-        t = grid(logits)
-        shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)
-        ratio = torch.where(movable, ratio_free, fixed_ratios)
-        given = dict(zip(VALUES, (t, shift if shifts else None, ratio if ratio_free.requires_grad else None)))
+        yield evaluations, Refinement(best[1], list(losses)), best[0], backoffs
+        given = problem.given()
         fresh = known is None
         if fresh:
-            total, grads = errors({k: None if v is None else v.detach() for k, v in given.items()})
+            total, grads = problem.errors(_detached(given))
             evaluations += 1
         else:  # back at the best iterate after a backoff: its loss and gradient are known
             (total, grads), known = known, None
-        value = math.sqrt(total / count) if power == 2 else total / count
+        value = problem.value(total)
         if fresh:
             spiked = not math.isfinite(value) or value > BACKOFF * best[0]
             if not math.isfinite(value) and backoffs >= MAX_BACKOFFS:
                 break
             if math.isfinite(value):
                 losses.append(value)
-                candidate = _with_values(schedule, t.detach(), shift.detach(), ratio.detach())
+                candidate = problem.candidate(given)
                 if candidate is not None and value < best[0]:
                     best, best_errors = (value, candidate), (total, grads)
                     best_params = [p.detach().clone() for p in params]
@@ -293,16 +345,105 @@ def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
                 known = best_errors
                 continue
         optimiser.zero_grad()
-        # the chain rule from the summed errors to the loss (d sqrt(S/n) / dS = 1 / (2 n loss)), then to the params
-        scale = 1.0 / (2.0 * count * value) if power == 2 else 1.0 / count
-        moved = [k for k in grads if given[k] is not None and given[k].requires_grad]
-        if not moved or value == 0.0:
-            break
-        torch.autograd.backward([given[k] for k in moved], [grads[k] * scale for k in moved])
-        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+        if not problem.backward(given, grads, value):
             break
         optimiser.step()
     return Refinement(best[1], losses), best[0]
+
+
+class QuasiNewtonDescent:
+    """The same refinement (parameters, loss, noises) by L-BFGS with a strong Wolfe line search
+    (torch.optim.LBFGS), in parts like :class:`Descent`: ``run(n)`` goes on until n evaluations are done. Every
+    evaluation counts once: one at a point already evaluated (where a part begins) is remembered. The job runs it
+    beside an Adam descent that backed off (search/job.py: QUASI_NEWTON says why and what it measured)."""
+
+    def __init__(self, model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *,
+                 iterations: int = 40, samples: int = 0, shifts: bool = True, aggregate: str = "rms",
+                 ratios: bool = False, split: Optional[Callable[..., Optional[ErrorSum]]] = None,
+                 history: int = 10) -> None:
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
+        self.iterations = iterations
+        self.problem = _problem(model, schedule, eval_set, reference, samples, shifts, aggregate, ratios, split)
+        self.evaluations, self.best_loss, self.backoffs = 0, math.inf, 0
+        self._best: Schedule = schedule
+        self._losses: list[float] = []
+        self._seen: dict[tuple[float, ...], tuple[float, list[torch.Tensor]]] = {}
+        self._ended = not self.problem.params
+        self.result: Optional[Refinement] = None
+        self._optimiser = torch.optim.LBFGS(self.problem.params, lr=1.0, max_iter=10 ** 9, history_size=history,
+                                            line_search_fn="strong_wolfe", tolerance_grad=0.0,
+                                            tolerance_change=0.0) if self.problem.params else None
+        if self._ended:
+            self.result = Refinement(schedule, [])
+
+    @property
+    def so_far(self) -> Refinement:
+        return Refinement(self._best, list(self._losses))
+
+    def _key(self) -> tuple[float, ...]:
+        return tuple(float(v) for p in self.problem.params for v in p.detach().reshape(-1))
+
+    def _closure(self) -> torch.Tensor:
+        key = self._key()
+        if key not in self._seen:
+            problem = self.problem
+            for p in problem.params:
+                p.grad = None
+            given = problem.given()
+            total, grads = problem.errors(_detached(given))
+            self.evaluations += 1
+            value = problem.value(total)
+            if not math.isfinite(value) or not problem.backward(given, grads, value):
+                raise _Stop
+            self._losses.append(value)
+            candidate = problem.candidate(given)
+            if candidate is not None and value < self.best_loss:
+                self._best, self.best_loss = candidate, value
+            self._seen[key] = (value, [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                       for p in problem.params])
+        value, grads = self._seen[key]
+        for p, g in zip(self.problem.params, grads):
+            p.grad = g.clone()
+        return torch.tensor(value, dtype=torch.float64)
+
+    def run(self, evaluations: int) -> None:
+        """Go on until ``evaluations`` evaluations are done, or the descent ends."""
+        while not self._ended and self.evaluations < evaluations:
+            done = self.evaluations
+            # the part's first call is at the current point: free when it was evaluated before
+            again = int(self._key() in self._seen)
+            self._optimiser.param_groups[0]["max_eval"] = evaluations - done + again
+            try:
+                self._optimiser.step(self._closure)
+            except _Stop:  # a loss or gradient that is not finite: the best so far stands
+                self._ended = True
+            if self.evaluations == done:  # converged: no step left to take
+                self._ended = True
+        if self.result is None and (self._ended or self.evaluations >= self.iterations):
+            self.result = self.so_far
+            self._ended = True
+
+    def halfway(self) -> None:
+        self.run(self.iterations // 2)
+
+    def above(self, bar: float) -> bool:
+        return self.result is None and bool(self._losses) and self.best_loss > bar
+
+    def give_up(self) -> Refinement:
+        if self.result is not None:
+            return self.result
+        self._ended = True
+        self.result = dataclasses.replace(self.so_far, gave_up=True)
+        return self.result
+
+    def finish(self) -> Refinement:
+        self.run(self.iterations)
+        return self.result if self.result is not None else self.so_far
+
+
+class _Stop(Exception):
+    """Raised inside L-BFGS's closure to end the descent (the loss or its gradient is not finite)."""
 
 
 def _with_values(schedule: Schedule, times: torch.Tensor, shifts: torch.Tensor, ratios: torch.Tensor

@@ -228,6 +228,7 @@ class RefinementNote:
     before: float
     after: float
     gave_up_after: int = 0  # the steps it ran when it gave up (RACE: another start's loss was far lower); 0: all
+    quasi_newton: bool = False  # refined by L-BFGS, not Adam (QUASI_NEWTON)
 
 
 @dataclass(frozen=True)
@@ -498,9 +499,11 @@ def run_stage1(setup: SearchSetup, pool: Pool, hooks: JobHooks = QUIET) -> Searc
 REFINED_LABEL = "refined"  # stage 1's best refined, as validation names it
 
 
-def gave_up_suffix(steps: int) -> str:
-    """What a refinement that gave up after ``steps`` steps (GIVE_UP; 0: it did not) adds to its label and line."""
-    return f" (gave up after {steps} steps)" if steps else ""
+def refinement_suffix(gave_up_after: int, quasi_newton: bool = False) -> str:
+    """What a refinement adds to its label and line: that it went on by L-BFGS (QUASI_NEWTON), that it gave up
+    after ``gave_up_after`` steps (GIVE_UP; 0: it did not)."""
+    words = (["L-BFGS"] if quasi_newton else []) + ([f"gave up after {gave_up_after} steps"] if gave_up_after else [])
+    return f" ({', '.join(words)})" if words else ""
 
 
 @dataclass
@@ -629,9 +632,24 @@ GIVE_UP = 3.0
 # the whole set, and all within GIVE_UP go on, as before.
 
 
+# QUASI_NEWTON: an Adam descent that backs off (BACKOFF in search/gradient.py: an iterate far above the best) has
+# overshot a stiff direction of the loss, where Adam's steps (at first lr x the gradient's sign in every parameter)
+# are too long, and its halved steps then crawl along the others. Measured on rgb32-v (scratch, 2026-12-06, the AFS
+# start unipc-bh1-o2+afs, 128 search noises): at NFE 6 the loss along the first interior time alone rises 1.6x
+# within 0.0024 of its minimum (the second time: 1.35x at +0.002), where Adam's first step moves them 0.007 and
+# 0.016. Adam backed off and ended its 40 steps at rms 4.10e-3 (report mean 4.35e-3, 0.75x the best peer); L-BFGS
+# (torch's, strong Wolfe line search: it learns that curvature) at 3.29e-3 (report 3.43e-3, 0.59x). L-BFGS is not
+# the better optimiser everywhere: rgb32-v NFE 5 (Adam backs off there too) 7.78e-3 against Adam's 4.78e-3; digits
+# NFE 5 (no backoff) 1.22e-3 vs 1.14e-3 (report 1.32e-3 vs 1.25e-3); Adam's first 20 steps and L-BFGS's 20 after
+# them were worse than either alone in 2 of these 3. So of the starts whose Adam descent backed off in its first
+# half (within GIVE_UP of the lowest), the lowest is refined by L-BFGS to halfway too, and the lower of the two
+# goes on in its place: rgb32-v NFE 6 L-BFGS (4.08e-3 vs 4.54e-3), NFE 5 Adam (5.89e-3 vs 1.08e-2), 20 more
+# evaluations in either. A job whose descents do not back off runs as before.
+
+
 def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks,
             pool: Optional[Pool] = None) -> None:
-    from autotune.search.gradient import Descent
+    from autotune.search.gradient import Descent, QuasiNewtonDescent
     from autotune.space.fileformat import loads
 
     c, evaluator = setup.config, setup.evaluator
@@ -674,7 +692,8 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
                        result.best, False))
 
     half = c.refine_steps // 2
-    runs = []  # RACE: every start to halfway, then on from the lowest loss up while within GIVE_UP x the lowest
+    # RACE: every start to halfway, then on from the lowest loss up while within GIVE_UP x the lowest
+    runs: list[Any] = []
     for _, description, start, shifts in starts:
         line = f"refining {description} (steps 1-{half} of {c.refine_steps})"
         with hooks.step(line) if half else contextlib.nullcontext():
@@ -682,9 +701,14 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
                                 samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts))
             runs[-1].halfway()
     lowest = min(run.best_loss for run in runs)  # the lowest loss any refinement has reached
+    quasi_newton = _quasi_newton_twin(runs, starts, lowest, hooks, half, c.refine_steps,
+                                      lambda start, shifts: QuasiNewtonDescent(
+                                          setup.model, start, fitted.eval_set, reference, iterations=c.refine_steps,
+                                          samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts))
+    lowest = min(run.best_loss for run in runs)
     finished: dict[int, tuple[Schedule, float, int]] = {}  # by start: the schedule, its search mean, gave up after
     for rank, i in enumerate(sorted(range(len(runs)), key=lambda i: runs[i].best_loss)):
-        description, run = starts[i][1], runs[i]
+        description, run = starts[i][1] + (" by L-BFGS" if i == quasi_newton else ""), runs[i]
         if rank and run.above(GIVE_UP * lowest):  # the lowest at halfway always goes on
             done = run.give_up()
         else:
@@ -699,11 +723,30 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         schedule, value, stopped = finished[i]
         if label == REFINED_LABEL:
             winner.refined = schedule
-            winner.refinement = RefinementNote(result.best_trial.mse_ref, value, stopped)
+            winner.refinement = RefinementNote(result.best_trial.mse_ref, value, stopped, i == quasi_newton)
         else:
-            winner.also_refined.append((label + gave_up_suffix(stopped), schedule))
+            winner.also_refined.append((label + refinement_suffix(stopped, i == quasi_newton), schedule))
     if winner.refinement.after < result.best_trial.mse_ref and c.single_mse:
         winner.schedule, winner.value = winner.refined, winner.refinement.after
+
+
+def _quasi_newton_twin(runs: list[Any], starts: list[tuple[str, str, Schedule, bool]], lowest: float,
+                       hooks: JobHooks, half: int, steps: int, make: Callable[[Schedule, bool], Any]) -> int:
+    """QUASI_NEWTON: the lowest start at halfway whose Adam descent backed off (and is within GIVE_UP of the lowest)
+    races an L-BFGS descent of itself to halfway; the lower of the two takes its place in ``runs``. Returns the
+    start's index where L-BFGS took it, else -1."""
+    backed_off = [i for i, run in enumerate(runs) if run.backoffs and not run.above(GIVE_UP * lowest)]
+    if not backed_off:
+        return -1
+    i = min(backed_off, key=lambda i: runs[i].best_loss)
+    _, description, start, shifts = starts[i]
+    with hooks.step(f"refining {description} by L-BFGS (steps 1-{half} of {steps})"):
+        twin = make(start, shifts)
+        twin.halfway()
+    if not twin.best_loss < runs[i].best_loss:
+        return -1
+    runs[i] = twin
+    return i
 
 
 # a named schedule this many times worse than the best named one on the search set is neither validated nor in the
@@ -755,7 +798,8 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
 
     c, evaluator = setup.config, setup.evaluator
     held_out = _held_out(setup, "validation", setup.sizes.validation, pool, seed=c.seed)
-    extra = ([(REFINED_LABEL + gave_up_suffix(winner.refinement.gave_up_after), winner.refined)]
+    note = winner.refinement
+    extra = ([(REFINED_LABEL + refinement_suffix(note.gave_up_after, note.quasi_newton), winner.refined)]
              if winner.refined is not None else []) + winner.also_refined
     named_here = _named_finalists(evaluator, [s for s in setup.named_peers if s.nfe == result.best.nfe],
                                   most=VALIDATED_NAMED)

@@ -12,7 +12,7 @@ import pytest
 
 from autotune.cache.store import open_store
 from autotune.errors import AutotuneError
-from autotune.search.job import JobConfig, JobHooks, run_search_job
+from autotune.search.job import QUIET, JobConfig, JobHooks, run_search_job
 from autotune.space.fileformat import from_dict, load
 
 # the smallest job that still runs every stage the CLI runs by default (search, validation, report set)
@@ -403,3 +403,73 @@ def test_the_refinements_race_to_halfway_and_those_far_above_the_lowest_loss_giv
     assert len(runs) >= 3 and all(not r.result.gave_up and len(r.result.losses) == 6 for r in runs)
     assert outcome.refinement.gave_up_after == 0
     assert not any("gave up" in f.label for f in outcome.validation.scored)
+
+
+def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_at_halfway_goes_on(gmm, monkeypatch):
+    """QUASI_NEWTON: of the starts whose Adam descent backed off, the lowest at halfway is refined by L-BFGS to
+    halfway too, and the lower of the two goes on in its place (labelled, and said in the refinement's note); a job
+    whose descents do not back off makes no L-BFGS descent."""
+    from autotune.search import gradient
+
+    made, steps = [], []
+    quasi_newton = gradient.QuasiNewtonDescent
+
+    class Recorded(quasi_newton):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    @contextlib.contextmanager
+    def step(description):
+        steps.append(description)
+        yield None
+
+    monkeypatch.setattr(gradient, "QuasiNewtonDescent", Recorded)
+    config = JobConfig(**SMALL, refine=6, score_report=False)
+    plain = run_search_job(config, model=gmm)
+    assert made == [] and not plain.refinement.quasi_newton
+    assert not any("L-BFGS" in f.label for f in plain.validation.scored)
+
+    monkeypatch.setattr(gradient, "BACKOFF", 0.0)  # every iterate after the first is a spike: Adam backs off
+    outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
+    (twin,) = made
+    assert twin.evaluations == 6 and twin.result is not None and not twin.result.gave_up  # it went on
+    assert "refining times, shifts and ratios by L-BFGS (steps 1-3 of 6)" in steps  # stage 1's best, the lowest
+    assert "refining times, shifts and ratios by L-BFGS (steps 4-6)" in steps
+    assert outcome.refinement.quasi_newton and outcome.refinement.after < plain.refinement.after
+    labels = [f.label for f in outcome.validation.scored]
+    assert "refined (L-BFGS)" in labels and sum("L-BFGS" in label for label in labels) == 1
+
+
+def test_the_l_bfgs_twin_takes_the_start_only_when_lower_at_halfway():
+    """_quasi_newton_twin on stand-in runs: only a start that backed off and is within GIVE_UP of the lowest
+    qualifies, the lowest of those gets the twin, and the twin replaces it only when its loss is lower."""
+    from autotune.search.job import GIVE_UP, _quasi_newton_twin
+
+    class Run:
+        def __init__(self, loss, backoffs):
+            self.best_loss, self.backoffs = loss, backoffs
+
+        def above(self, bar):
+            return self.best_loss > bar
+
+        def halfway(self):
+            pass
+
+    starts = [(f"s{i}", f"start {i}", None, True) for i in range(4)]
+    made = []
+
+    def make(loss):
+        def twin(start, shifts):
+            made.append(Run(loss, 0))
+            return made[-1]
+        return twin
+
+    runs = [Run(1.0, 0), Run(2.0, 1), Run(1.5, 2), Run(1.0 * GIVE_UP * 1.01, 3)]
+    assert _quasi_newton_twin(runs, starts, 1.0, QUIET, 3, 6, make(1.2)) == 2  # the lowest that backed off
+    assert runs[2] is made[-1]
+    runs = [Run(1.0, 0), Run(2.0, 1), Run(1.5, 2)]
+    assert _quasi_newton_twin(runs, starts, 1.0, QUIET, 3, 6, make(1.6)) == -1 and runs[2].best_loss == 1.5
+    made.clear()
+    assert _quasi_newton_twin([Run(1.0, 0), Run(5.0, 1)], starts, 1.0, QUIET, 3, 6, make(0.1)) == -1
+    assert made == []  # above GIVE_UP x the lowest: it gives up anyway, no twin

@@ -373,3 +373,49 @@ def test_descents_run_in_parts_and_interleaved_take_the_iterates_they_take_alone
     assert done.losses == alone[0].losses and done.schedule == alone[0].schedule and not done.gave_up
     assert runs[0].best_loss == pytest.approx(min(done.losses)) and runs[0].above(0.0) is False  # finished
     assert runs[0].give_up() is done  # nothing left to give up: the result
+
+
+def test_quasi_newton_descent_counts_each_evaluation_once_and_runs_in_parts_as_whole(gmm, refinement_start):
+    """QuasiNewtonDescent (L-BFGS on refine_times' parameters and loss): every evaluation of the loss counts once
+    and the budget holds (a part that begins where the last one ended does not pay for that point again); run to
+    halfway and then finished it takes the iterates it takes in one go; it lowers the loss, the schedule returned is
+    its best iterate; giving up at halfway returns the first half's best, marked."""
+    from autotune.search.gradient import QuasiNewtonDescent, error_sum
+
+    evaluator, base, reference = refinement_start
+    calls = []
+
+    def counted(model, schedule, noise, labels, target, power):
+        def errors(values):
+            calls.append(1)
+            return error_sum(model, schedule, noise, labels, target, power, values)
+        return errors
+
+    def descent(**kwargs):
+        return QuasiNewtonDescent(gmm, base, evaluator.eval_set, reference, iterations=10, ratios=True,
+                                  split=counted, **kwargs)
+
+    whole = descent()
+    whole.run(10)
+    assert whole.evaluations == len(calls) == len(whole.so_far.losses) == 10
+    calls.clear()
+    parts = descent()
+    parts.halfway()
+    assert parts.evaluations == len(calls) == 5 and parts.result is None
+    done = parts.finish()
+    assert parts.evaluations == len(calls) == 10 and done.losses == whole.so_far.losses
+    assert done.schedule == whole.so_far.schedule and not done.gave_up
+    assert min(done.losses) < done.losses[0] and parts.best_loss == min(done.losses)
+
+    def rms(schedule):
+        errors = decode_errors(evaluator.evaluate(schedule)[PER_SAMPLE]).astype(np.float64)
+        return float(np.sqrt(np.mean(errors ** 2)))
+
+    assert done.losses[0] == pytest.approx(rms(base), rel=1e-4) and rms(done.schedule) == pytest.approx(
+        min(done.losses), rel=1e-4)
+    stopped = descent()
+    stopped.halfway()
+    assert stopped.above(0.0) and not stopped.above(math.inf)
+    given_up = stopped.give_up()
+    assert given_up.gave_up and given_up.losses == whole.so_far.losses[:5]
+    assert stopped.give_up() is given_up and stopped.finish() is given_up  # it has ended
