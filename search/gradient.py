@@ -68,6 +68,17 @@ two steps longer; the best, 3.63e-3, came before the end either way). Also tried
 4.84e-3 vs 3.89e-3), and a 5-step warm-up of the step with 1.2x regrowth after each new best (the loss oscillated
 between 4.4e-3 and 1.2e-2: report 4.37e-3).
 
+Where a backoff happens, Adam is the wrong tool: the loss has a stiff direction. On rgb32-v NFE 6 from the AFS start
+(unipc-bh1-o2+afs, 128 noises, scratch, 2026-12-06) the loss along the first interior time alone rises 1.6x within
+0.0024 of its minimum, and Adam's first step (lr x the gradient's sign in every parameter) moves that time 0.007:
+40 steps ended at 4.10e-3 (report mean 4.35e-3). Smaller steps did not cure it (lr 0.01: 4.04e-3, report 4.22e-3;
+the grid's logits at a tenth of the step: report 4.49e-3; BACKOFF 1.1: slower at NFE 5 and 6). L-BFGS
+(:class:`QuasiNewtonDescent`, torch's with a strong Wolfe line search, the same 40 evaluations) learns the
+curvature: 3.29e-3, report 3.43e-3; but from NFE 5's AFS start, farther from its optimum, it ended at 7.78e-3
+against Adam's 4.78e-3, and on digits NFE 5 at 1.22e-3 against 1.14e-3. Adam for 20 steps and L-BFGS for 20 was
+worse than the better of the two in all three. Neither wins everywhere, so the job races them where Adam backed
+off (search/job.py: QUASI_NEWTON).
+
 A race of starts was tried and not kept (commit 2582fde, reverted): stage 1's best, its next distinct trial and the
 2 best named schedules took 10 steps each on 32 noises and the lowest went on. Going on from the race iterate:
 digits-flow seed 1 1.50x -> 1.97x the best named schedule, but the README's digits search 2.97x -> 1.68x (a start

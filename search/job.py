@@ -641,7 +641,7 @@ GIVE_UP = 3.0
 # (torch's, strong Wolfe line search: it learns that curvature) at 3.29e-3 (report 3.43e-3, 0.59x). L-BFGS is not
 # the better optimiser everywhere: rgb32-v NFE 5 (Adam backs off there too) 7.78e-3 against Adam's 4.78e-3; digits
 # NFE 5 (no backoff) 1.22e-3 vs 1.14e-3 (report 1.32e-3 vs 1.25e-3); Adam's first 20 steps and L-BFGS's 20 after
-# them were worse than either alone in 2 of these 3. So of the starts whose Adam descent backed off in its first
+# them were worse than the better of the two in all 3. So of the starts whose Adam descent backed off in its first
 # half (within GIVE_UP of the lowest), the lowest is refined by L-BFGS to halfway too, and the lower of the two
 # goes on in its place: rgb32-v NFE 6 L-BFGS (4.08e-3 vs 4.54e-3), NFE 5 Adam (5.89e-3 vs 1.08e-2), 20 more
 # evaluations in either. A job whose descents do not back off runs as before.
