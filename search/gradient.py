@@ -167,7 +167,32 @@ def refine_times(
     return run.finish()
 
 
-class Descent:
+class _InParts:
+    """What :class:`Descent` and :class:`QuasiNewtonDescent` share: a descent of ``iterations`` evaluations that
+    ``run(n)`` takes on to n, its ``result`` once it has ended, its best iterate ``so_far`` and ``best_loss``."""
+
+    iterations: int
+    result: Optional[Refinement]
+    best_loss: float
+    so_far: Refinement
+
+    def run(self, evaluations: int) -> None:
+        raise NotImplementedError
+
+    def halfway(self) -> None:
+        self.run(self.iterations // 2)
+
+    def above(self, bar: float) -> bool:
+        """Still going, a loss seen, and the best iterate's over ``bar``: the give-up rule's test at halfway."""
+        return self.result is None and bool(self.so_far.losses) and self.best_loss > bar
+
+    def finish(self) -> Refinement:
+        """Run the remaining evaluations: the best iterate."""
+        self.run(self.iterations)
+        return self.result if self.result is not None else self.so_far
+
+
+class Descent(_InParts):
     """One refinement (:func:`refine_times`'s descent, the same iterates) that runs in parts, so that a caller can
     take several starts to their halfway point before it decides which go on (search/job.py: RACE)."""
 
@@ -175,8 +200,6 @@ class Descent:
                  iterations: int = 40, lr: float = DEFAULT_LR, samples: int = 0, shifts: bool = True,
                  aggregate: str = "rms", ratios: bool = False,
                  split: Optional[Callable[..., Optional[ErrorSum]]] = None) -> None:
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
         self.iterations = iterations
         self._steps = _descend(model, schedule, eval_set, reference, iterations, lr, samples, shifts, aggregate,
                                ratios, split)
@@ -196,24 +219,12 @@ class Descent:
         while self.result is None and self.evaluations < evaluations:
             self._advance()
 
-    def halfway(self) -> None:
-        self.run(self.iterations // 2)
-
-    def above(self, bar: float) -> bool:
-        """Still going, a loss seen, and the best iterate's over ``bar``: the give-up rule's test at halfway."""
-        return self.result is None and bool(self.so_far.losses) and self.best_loss > bar
-
     def give_up(self) -> Refinement:
         """Stop here: the best iterate so far, marked ``gave_up`` (a descent that has ended: its result)."""
         if self.result is not None:
             return self.result
         self._steps.close()
         return dataclasses.replace(self.so_far, gave_up=True)
-
-    def finish(self) -> Refinement:
-        """Run the remaining evaluations: the best iterate."""
-        self.run(self.iterations)
-        return self.result if self.result is not None else self.so_far
 
 
 @dataclass
@@ -255,6 +266,8 @@ class _Problem:
 def _problem(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, samples: int,
              shifts: bool, aggregate: str, ratios: bool, split: Optional[Callable[..., Optional[ErrorSum]]]
              ) -> _Problem:
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
     ns = model.noise
     free = _free_times(schedule)
     times = torch.tensor(schedule.times, dtype=torch.float64)
@@ -362,7 +375,7 @@ def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
     return Refinement(best[1], losses), best[0]
 
 
-class QuasiNewtonDescent:
+class QuasiNewtonDescent(_InParts):
     """The same refinement (parameters, loss, noises) by L-BFGS with a strong Wolfe line search
     (torch.optim.LBFGS), in parts like :class:`Descent`: ``run(n)`` goes on until n evaluations are done. Every
     evaluation counts once: one at a point already evaluated (where a part begins) is remembered. The job runs it
@@ -372,11 +385,9 @@ class QuasiNewtonDescent:
                  iterations: int = 40, samples: int = 0, shifts: bool = True, aggregate: str = "rms",
                  ratios: bool = False, split: Optional[Callable[..., Optional[ErrorSum]]] = None,
                  history: int = 10) -> None:
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
         self.iterations = iterations
         self.problem = _problem(model, schedule, eval_set, reference, samples, shifts, aggregate, ratios, split)
-        self.evaluations, self.best_loss, self.backoffs = 0, math.inf, 0
+        self.evaluations, self.best_loss = 0, math.inf
         self._best: Schedule = schedule
         self._losses: list[float] = []
         self._seen: dict[tuple[float, ...], tuple[float, list[torch.Tensor]]] = {}
@@ -435,22 +446,13 @@ class QuasiNewtonDescent:
             self.result = self.so_far
             self._ended = True
 
-    def halfway(self) -> None:
-        self.run(self.iterations // 2)
-
-    def above(self, bar: float) -> bool:
-        return self.result is None and bool(self._losses) and self.best_loss > bar
-
     def give_up(self) -> Refinement:
+        """Stop here: the best iterate so far, marked ``gave_up`` (a descent that has ended: its result)."""
         if self.result is not None:
             return self.result
         self._ended = True
         self.result = dataclasses.replace(self.so_far, gave_up=True)
         return self.result
-
-    def finish(self) -> Refinement:
-        self.run(self.iterations)
-        return self.result if self.result is not None else self.so_far
 
 
 class _Stop(Exception):

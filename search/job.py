@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -692,19 +693,21 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
                        result.best, False))
 
     half = c.refine_steps // 2
+
+    def descent(kind: Any, start: Schedule, shifts: bool) -> Any:  # Adam's or L-BFGS's, on the same loss
+        return kind(setup.model, start, fitted.eval_set, reference, iterations=c.refine_steps,
+                    samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts)
+
     # RACE: every start to halfway, then on from the lowest loss up while within GIVE_UP x the lowest
     runs: list[Any] = []
     for _, description, start, shifts in starts:
         line = f"refining {description} (steps 1-{half} of {c.refine_steps})"
         with hooks.step(line) if half else contextlib.nullcontext():
-            runs.append(Descent(setup.model, start, fitted.eval_set, reference, iterations=c.refine_steps,
-                                samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts))
+            runs.append(descent(Descent, start, shifts))
             runs[-1].halfway()
     lowest = min(run.best_loss for run in runs)  # the lowest loss any refinement has reached
     quasi_newton = _quasi_newton_twin(runs, starts, lowest, hooks, half, c.refine_steps,
-                                      lambda start, shifts: QuasiNewtonDescent(
-                                          setup.model, start, fitted.eval_set, reference, iterations=c.refine_steps,
-                                          samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts))
+                                      functools.partial(descent, QuasiNewtonDescent))
     lowest = min(run.best_loss for run in runs)
     finished: dict[int, tuple[Schedule, float, int]] = {}  # by start: the schedule, its search mean, gave up after
     for rank, i in enumerate(sorted(range(len(runs)), key=lambda i: runs[i].best_loss)):
