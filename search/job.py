@@ -521,6 +521,8 @@ class _Winner:
     validation_meta: Optional[dict[str, Any]] = None
     stage2: Optional[Stage2] = None
     refine_set: Optional[str] = None  # the id of the set the refinements fitted (REFINE_SET)
+    # POLISH: by a refined finalist's label, what takes its schedule on by L-BFGS (None: it found no lower loss)
+    polish: dict[str, Callable[[Schedule], Optional[Schedule]]] = field(default_factory=dict)
 
 
 def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Denoiser] = None,
@@ -651,7 +653,6 @@ GIVE_UP = 3.0
 def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks,
             pool: Optional[Pool] = None) -> None:
     from autotune.search.gradient import Descent, QuasiNewtonDescent
-    from autotune.space.fileformat import loads
 
     c, evaluator = setup.config, setup.evaluator
     fitted = evaluator  # the set the refinement fits: the search set, or a larger one of its kind (REFINE_SET: why)
@@ -694,8 +695,8 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 
     half = c.refine_steps // 2
 
-    def descent(kind: Any, start: Schedule, shifts: bool) -> Any:  # Adam's or L-BFGS's, on the same loss
-        return kind(setup.model, start, fitted.eval_set, reference, iterations=c.refine_steps,
+    def descent(kind: Any, start: Schedule, shifts: bool, steps: int = c.refine_steps) -> Any:  # Adam or L-BFGS
+        return kind(setup.model, start, fitted.eval_set, reference, iterations=steps,
                     samples=REFINE_SAMPLES, ratios=fit_ratios, split=split, shifts=shifts)
 
     # RACE: every start to halfway, then on from the lowest loss up while within GIVE_UP x the lowest
@@ -718,19 +719,47 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
             with hooks.step(f"refining {description} (steps {half + 1}-{c.refine_steps})"):
                 done = run.finish()
         lowest = min([lowest, *done.losses])
-        schedule, metrics = done.schedule, evaluator.evaluate(done.schedule)
-        if "evaluated_schedule" in metrics:  # ratios: the refined grid with the ratios fitted for it
-            schedule = loads(metrics["evaluated_schedule"])
-        finished[i] = (schedule, metrics["mse_ref"], len(done.losses) if done.gave_up else 0)
-    for i, (label, *_) in enumerate(starts):  # the finalists in the starts' order
+        schedule, value = _as_evaluated(evaluator, done.schedule)
+        finished[i] = (schedule, value, len(done.losses) if done.gave_up else 0)
+
+    def polish(start: Schedule, shifts: bool) -> Optional[Schedule]:  # POLISH: why
+        done = descent(QuasiNewtonDescent, start, shifts, polish_steps(c.refine_steps)).finish()
+        if not (done.losses and min(done.losses) < done.losses[0]):  # its first loss is the start's
+            return None
+        return _as_evaluated(evaluator, done.schedule)[0]
+
+    for i, (label, _, _, shifts) in enumerate(starts):  # the finalists in the starts' order
         schedule, value, stopped = finished[i]
+        named = label + refinement_suffix(stopped, i == quasi_newton)  # as validation names it
         if label == REFINED_LABEL:
             winner.refined = schedule
             winner.refinement = RefinementNote(result.best_trial.mse_ref, value, stopped, i == quasi_newton)
         else:
-            winner.also_refined.append((label + refinement_suffix(stopped, i == quasi_newton), schedule))
+            winner.also_refined.append((named, schedule))
+        winner.polish[named] = functools.partial(polish, shifts=shifts)
     if winner.refinement.after < result.best_trial.mse_ref and c.single_mse:
         winner.schedule, winner.value = winner.refined, winner.refinement.after
+
+
+# POLISH: (figures to come)
+POLISH_SHARE = 1.0  # the polish's evaluations, as a share of a start's refinement steps (--refine)
+POLISHED_SUFFIX = " + L-BFGS"
+
+
+def polish_steps(refine_steps: int) -> int:
+    """The polish's L-BFGS evaluations for a refinement of ``refine_steps`` steps a start (POLISH_SHARE)."""
+    return round(POLISH_SHARE * refine_steps)
+
+
+def _as_evaluated(evaluator: Evaluator, schedule: Schedule) -> tuple[Schedule, float]:
+    """The schedule as the evaluator scores it (ratios fitted by the evaluator: the refined grid with the ratios
+    it fitted for it) and its mse_ref there."""
+    from autotune.space.fileformat import loads
+
+    metrics = evaluator.evaluate(schedule)
+    if "evaluated_schedule" in metrics:
+        schedule = loads(metrics["evaluated_schedule"])
+    return schedule, metrics["mse_ref"]
 
 
 def _quasi_newton_twin(runs: list[Any], starts: list[tuple[str, str, Schedule, bool]], lowest: float,
@@ -797,7 +826,7 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
               pool: Optional[Pool] = None) -> None:
     """Choose among the finalists (refined grid, best trials, named schedules) on the held-out validation set."""
     from autotune.search.selection import selection_value
-    from autotune.search.validate import finalists, pick_on_validation
+    from autotune.search.validate import Finalist, finalists, pick_on_validation
 
     c, evaluator = setup.config, setup.evaluator
     held_out = _held_out(setup, "validation", setup.sizes.validation, pool, seed=c.seed)
@@ -810,6 +839,16 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
     with hooks.step(f"validation: {len(candidates)} finalists, {held_out.eval_set.size} held-out samples") as progress:
         held_out.progress = progress  # the validation set's reference, solved first unless cached
         chosen, scored = pick_on_validation(held_out, candidates, progress=progress)
+    polish, polished = winner.polish.get(chosen.label), None
+    if polish is not None and polish_steps(c.refine_steps):  # POLISH: why
+        with hooks.step(f"polishing {chosen.label} by L-BFGS ({polish_steps(c.refine_steps)} steps)"):
+            polished = polish(chosen.schedule)
+    if polished is not None:
+        with hooks.step(f"validation: {chosen.label}{POLISHED_SUFFIX}") as progress:
+            held_out.progress = progress
+            scored.append(Finalist(chosen.label + POLISHED_SUFFIX, polished, held_out.evaluate(polished)))
+        if selection_value(scored[-1].validation) < selection_value(chosen.validation):
+            chosen = scored[-1]
     search_values = [evaluator.evaluate(f.schedule)["mse_ref"] for f in scored]
     winner.schedule, winner.value = chosen.schedule, evaluator.evaluate(chosen.schedule)["mse_ref"]
     winner.validation = ValidationNote(held_out.eval_set.id, chosen, scored, search_values)

@@ -409,7 +409,7 @@ def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_at_halfway
     """QUASI_NEWTON: of the starts whose Adam descent backed off, the lowest at halfway is refined by L-BFGS to
     halfway too, and the lower of the two goes on in its place (labelled, and said in the refinement's note); a job
     whose descents do not back off makes no L-BFGS descent."""
-    from autotune.search import gradient
+    from autotune.search import gradient, job
 
     made, steps = [], []
     quasi_newton = gradient.QuasiNewtonDescent
@@ -425,6 +425,7 @@ def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_at_halfway
         yield None
 
     monkeypatch.setattr(gradient, "QuasiNewtonDescent", Recorded)
+    monkeypatch.setattr(job, "POLISH_SHARE", 0.0)  # the twin alone (POLISH makes L-BFGS descents of its own)
     config = JobConfig(**SMALL, refine=6, score_report=False)
     plain = run_search_job(config, model=gmm)
     assert made == [] and not plain.refinement.quasi_newton
@@ -439,6 +440,54 @@ def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_at_halfway
     assert outcome.refinement.quasi_newton and outcome.refinement.after < plain.refinement.after
     labels = [f.label for f in outcome.validation.scored]
     assert "refined (L-BFGS)" in labels and sum("L-BFGS" in label for label in labels) == 1
+
+
+def test_the_chosen_refinement_is_polished_by_l_bfgs_and_kept_only_when_lower_on_validation(gmm, monkeypatch):
+    """POLISH: the finalist validation chose, when it is a refinement, goes on by L-BFGS for POLISH_SHARE x
+    --refine evaluations on the set the refinements fitted; the polished schedule (lower there) is scored on
+    validation and written only when its selection value is lower. A chosen finalist that is no refinement is not
+    polished."""
+    from autotune.search import gradient, job, validate
+    from autotune.search.selection import selection_value
+
+    made, steps = [], []
+
+    class Recorded(gradient.QuasiNewtonDescent):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    @contextlib.contextmanager
+    def step(description):
+        steps.append(description)
+        yield None
+
+    monkeypatch.setattr(gradient, "QuasiNewtonDescent", Recorded)
+    monkeypatch.setattr(job, "POLISH_SHARE", 0.5)
+    outcome = run_search_job(JobConfig(**SMALL, refine=8, score_report=False), model=gmm, hooks=JobHooks(step=step))
+    v = outcome.validation
+    (polished,) = [f for f in v.scored if f.label.endswith(job.POLISHED_SUFFIX)]
+    (base,) = [f for f in v.scored if f.label + job.POLISHED_SUFFIX == polished.label]
+    assert base.label.startswith("refined") and f"polishing {base.label} by L-BFGS (4 steps)" in steps
+    (run,) = made  # no backoff on gmm2d: no twin, the polish's descent alone
+    assert run.evaluations == 4 and min(run.so_far.losses) < run.so_far.losses[0]  # lower on the fitted set
+    assert polished.schedule.times != base.schedule.times
+    lower = selection_value(polished.validation) < selection_value(base.validation)
+    assert v.chosen is (polished if lower else base)
+    assert outcome.best.times == v.chosen.schedule.times  # what validation chose is what the job wrote
+
+    picked = validate.pick_on_validation
+
+    def pick_a_trial(evaluator, candidates, **kwargs):  # validation chooses a finalist that is no refinement
+        _, scored = picked(evaluator, candidates, **kwargs)
+        return next(f for f in scored if not f.label.startswith("refined")), scored
+
+    made.clear()
+    steps.clear()
+    monkeypatch.setattr(validate, "pick_on_validation", pick_a_trial)
+    outcome = run_search_job(JobConfig(**SMALL, refine=8, score_report=False), model=gmm, hooks=JobHooks(step=step))
+    assert made == [] and not any(s.startswith("polishing") for s in steps)
+    assert not any(f.label.endswith(job.POLISHED_SUFFIX) for f in outcome.validation.scored)
 
 
 def test_the_l_bfgs_twin_takes_the_start_only_when_lower_at_halfway():
