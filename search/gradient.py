@@ -90,6 +90,7 @@ not always the best of the good (seed 0: 6.30e-4 / 1.14e-3 / 6.12e-4 at 10 steps
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -393,7 +394,9 @@ class QuasiNewtonDescent(_InParts):
         self._seen: dict[tuple[float, ...], tuple[float, list[torch.Tensor]]] = {}
         self._ended = not self.problem.params
         self.result: Optional[Refinement] = None
-        self._optimiser = torch.optim.LBFGS(self.problem.params, lr=1.0, max_iter=10 ** 9, history_size=history,
+        self._limit = 0  # the evaluations the current part may reach
+        self._optimiser = torch.optim.LBFGS(self.problem.params, lr=1.0, max_iter=1, max_eval=10 ** 9,
+                                            history_size=history,
                                             line_search_fn="strong_wolfe", tolerance_grad=0.0,
                                             tolerance_change=0.0) if self.problem.params else None
         if self._ended:
@@ -408,6 +411,8 @@ class QuasiNewtonDescent(_InParts):
 
     def _closure(self) -> torch.Tensor:
         key = self._key()
+        if key not in self._seen and self.evaluations >= self._limit:
+            raise _Spent
         if key not in self._seen:
             problem = self.problem
             for p in problem.params:
@@ -431,13 +436,21 @@ class QuasiNewtonDescent(_InParts):
 
     def run(self, evaluations: int) -> None:
         """Go on until ``evaluations`` evaluations are done, or the descent ends."""
+        self._limit = evaluations
         while not self._ended and self.evaluations < evaluations:
             done = self.evaluations
-            # the part's first call is at the current point: free when it was evaluated before
-            again = int(self._key() in self._seen)
-            self._optimiser.param_groups[0]["max_eval"] = evaluations - done + again
+            # one L-BFGS iteration a call (max_iter 1); kept to go back to where it began if the budget ends inside
+            # its line search (whose evaluations torch bounds only to one over max_eval)
+            at = [p.detach().clone() for p in self.problem.params]
+            state = copy.deepcopy(self._optimiser.state_dict())
             try:
                 self._optimiser.step(self._closure)
+            except _Spent:  # a later part takes the same step again, the points it evaluated remembered
+                with torch.no_grad():
+                    for p, kept in zip(self.problem.params, at):
+                        p.copy_(kept)
+                self._optimiser.load_state_dict(state)
+                break
             except _Stop:  # a loss or gradient that is not finite: the best so far stands
                 self._ended = True
             if self.evaluations == done:  # converged: no step left to take
@@ -457,6 +470,10 @@ class QuasiNewtonDescent(_InParts):
 
 class _Stop(Exception):
     """Raised inside L-BFGS's closure to end the descent (the loss or its gradient is not finite)."""
+
+
+class _Spent(Exception):
+    """Raised inside L-BFGS's closure when a new evaluation would go over the part's budget."""
 
 
 def _with_values(schedule: Schedule, times: torch.Tensor, shifts: torch.Tensor, ratios: torch.Tensor

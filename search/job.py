@@ -707,12 +707,12 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
             runs.append(descent(Descent, start, shifts))
             runs[-1].halfway()
     lowest = min(run.best_loss for run in runs)  # the lowest loss any refinement has reached
-    quasi_newton = _quasi_newton_twin(runs, starts, lowest, hooks, half, c.refine_steps,
+    quasi_newton = _quasi_newton_twins(runs, starts, lowest, hooks, half, c.refine_steps,
                                       functools.partial(descent, QuasiNewtonDescent))
     lowest = min(run.best_loss for run in runs)
     finished: dict[int, tuple[Schedule, float, int]] = {}  # by start: the schedule, its search mean, gave up after
     for rank, i in enumerate(sorted(range(len(runs)), key=lambda i: runs[i].best_loss)):
-        description, run = starts[i][1] + (" by L-BFGS" if i == quasi_newton else ""), runs[i]
+        description, run = starts[i][1] + (" by L-BFGS" if i in quasi_newton else ""), runs[i]
         if rank and run.above(GIVE_UP * lowest):  # the lowest at halfway always goes on
             done = run.give_up()
         else:
@@ -730,13 +730,14 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 
     for i, (label, _, _, shifts) in enumerate(starts):  # the finalists in the starts' order
         schedule, value, stopped = finished[i]
-        named = label + refinement_suffix(stopped, i == quasi_newton)  # as validation names it
+        named = label + refinement_suffix(stopped, i in quasi_newton)  # as validation names it
         if label == REFINED_LABEL:
             winner.refined = schedule
-            winner.refinement = RefinementNote(result.best_trial.mse_ref, value, stopped, i == quasi_newton)
+            winner.refinement = RefinementNote(result.best_trial.mse_ref, value, stopped, i in quasi_newton)
         else:
             winner.also_refined.append((named, schedule))
-        winner.polish[named] = functools.partial(polish, shifts=shifts)
+        if i in quasi_newton or runs[i].backoffs:  # a stiff direction met on the way (POLISH: why only there)
+            winner.polish[named] = functools.partial(polish, shifts=shifts)
     if winner.refinement.after < result.best_trial.mse_ref and c.single_mse:
         winner.schedule, winner.value = winner.refined, winner.refinement.after
 
@@ -762,23 +763,23 @@ def _as_evaluated(evaluator: Evaluator, schedule: Schedule) -> tuple[Schedule, f
     return schedule, metrics["mse_ref"]
 
 
-def _quasi_newton_twin(runs: list[Any], starts: list[tuple[str, str, Schedule, bool]], lowest: float,
-                       hooks: JobHooks, half: int, steps: int, make: Callable[[Schedule, bool], Any]) -> int:
-    """QUASI_NEWTON: the lowest start at halfway whose Adam descent backed off (and is within GIVE_UP of the lowest)
+def _quasi_newton_twins(runs: list[Any], starts: list[tuple[str, str, Schedule, bool]], lowest: float,
+                        hooks: JobHooks, half: int, steps: int, make: Callable[[Schedule, bool], Any]) -> set[int]:
+    """QUASI_NEWTON: every start whose Adam descent backed off by halfway (and is within GIVE_UP of the lowest)
     races an L-BFGS descent of itself to halfway; the lower of the two takes its place in ``runs``. Returns the
-    start's index where L-BFGS took it, else -1."""
-    backed_off = [i for i, run in enumerate(runs) if run.backoffs and not run.above(GIVE_UP * lowest)]
-    if not backed_off:
-        return -1
-    i = min(backed_off, key=lambda i: runs[i].best_loss)
-    _, description, start, shifts = starts[i]
-    with hooks.step(f"refining {description} by L-BFGS (steps 1-{half} of {steps})"):
-        twin = make(start, shifts)
-        twin.halfway()
-    if not twin.best_loss < runs[i].best_loss:
-        return -1
-    runs[i] = twin
-    return i
+    starts' indices where L-BFGS took them."""
+    taken = set()
+    for i, run in enumerate(list(runs)):
+        if not run.backoffs or run.above(GIVE_UP * lowest):
+            continue
+        _, description, start, shifts = starts[i]
+        with hooks.step(f"refining {description} by L-BFGS (steps 1-{half} of {steps})"):
+            twin = make(start, shifts)
+            twin.halfway()
+        if twin.best_loss < run.best_loss:
+            runs[i] = twin
+            taken.add(i)
+    return taken
 
 
 # a named schedule this many times worse than the best named one on the search set is neither validated nor in the

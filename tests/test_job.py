@@ -406,9 +406,9 @@ def test_the_refinements_race_to_halfway_and_those_far_above_the_lowest_loss_giv
 
 
 def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_at_halfway_goes_on(gmm, monkeypatch):
-    """QUASI_NEWTON: of the starts whose Adam descent backed off, the lowest at halfway is refined by L-BFGS to
-    halfway too, and the lower of the two goes on in its place (labelled, and said in the refinement's note); a job
-    whose descents do not back off makes no L-BFGS descent."""
+    """QUASI_NEWTON: every start whose Adam descent backed off is refined by L-BFGS to halfway too, and the lower
+    of the two goes on in its place (labelled, and said in the refinement's note); a job whose descents do not back
+    off makes no L-BFGS descent."""
     from autotune.search import gradient, job
 
     made, steps = [], []
@@ -433,19 +433,22 @@ def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_at_halfway
 
     monkeypatch.setattr(gradient, "BACKOFF", 0.0)  # every iterate after the first is a spike: Adam backs off
     outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
-    (twin,) = made
-    assert twin.evaluations == 6 and twin.result is not None and not twin.result.gave_up  # it went on
-    assert "refining times, shifts and ratios by L-BFGS (steps 1-3 of 6)" in steps  # stage 1's best, the lowest
-    assert "refining times, shifts and ratios by L-BFGS (steps 4-6)" in steps
-    assert outcome.refinement.quasi_newton and outcome.refinement.after < plain.refinement.after
+    twins = [s for s in steps if "by L-BFGS (steps 1-3 of 6)" in s]
+    assert len(made) == len(twins) == 3  # every start backed off, and is within GIVE_UP (3x) of the lowest
+    assert "refining times, shifts and ratios by L-BFGS (steps 1-3 of 6)" in steps  # stage 1's best has one too
     labels = [f.label for f in outcome.validation.scored]
-    assert "refined (L-BFGS)" in labels and sum("L-BFGS" in label for label in labels) == 1
+    assert any("(L-BFGS" in label for label in labels)  # a twin lower than its start took its place
+    went_on = [twin for twin in made if twin.result is not None and not twin.result.gave_up]
+    assert len(went_on) == 1 and went_on[0].evaluations == 6  # the lowest at halfway; the others gave up there
+    assert sum(s.endswith("by L-BFGS (steps 4-6)") for s in steps) == 1
+    assert outcome.refinement.quasi_newton == any(label.startswith("refined (L-BFGS") for label in labels)
 
 
-def test_the_chosen_refinement_is_polished_by_l_bfgs_and_kept_only_when_lower_on_validation(gmm, monkeypatch):
-    """POLISH: the finalist validation chose, when it is a refinement, goes on by L-BFGS for POLISH_SHARE x
-    --refine evaluations on the set the refinements fitted; the polished schedule (lower there) is scored on
-    validation and written only when its selection value is lower. A chosen finalist that is no refinement is not
+def test_the_chosen_stiff_refinement_is_polished_by_l_bfgs_and_kept_only_when_lower_on_validation(gmm, monkeypatch):
+    """POLISH: the finalist validation chose, when it is a refinement whose descent met a stiff direction (Adam
+    backed off, or L-BFGS took it), goes on by L-BFGS for POLISH_SHARE x --refine evaluations on the set the
+    refinements fitted; the polished schedule (lower there) is scored on validation and written only when its
+    selection value is lower. Without backoffs, or when the chosen finalist is no refinement, nothing is
     polished."""
     from autotune.search import gradient, job, validate
     from autotune.search.selection import selection_value
@@ -464,12 +467,19 @@ def test_the_chosen_refinement_is_polished_by_l_bfgs_and_kept_only_when_lower_on
 
     monkeypatch.setattr(gradient, "QuasiNewtonDescent", Recorded)
     monkeypatch.setattr(job, "POLISH_SHARE", 0.5)
-    outcome = run_search_job(JobConfig(**SMALL, refine=8, score_report=False), model=gmm, hooks=JobHooks(step=step))
+    config = JobConfig(**SMALL, refine=8, score_report=False)
+    outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))  # no descent backs off on gmm2d
+    assert made == [] and not any(s.startswith("polishing") for s in steps)
+    assert not any(f.label.endswith(job.POLISHED_SUFFIX) for f in outcome.validation.scored)
+
+    monkeypatch.setattr(gradient, "BACKOFF", 0.0)  # every iterate after the first is a spike: Adam backs off
+    steps.clear()
+    outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
     v = outcome.validation
     (polished,) = [f for f in v.scored if f.label.endswith(job.POLISHED_SUFFIX)]
     (base,) = [f for f in v.scored if f.label + job.POLISHED_SUFFIX == polished.label]
     assert base.label.startswith("refined") and f"polishing {base.label} by L-BFGS (4 steps)" in steps
-    (run,) = made  # no backoff on gmm2d: no twin, the polish's descent alone
+    (run,) = [run for run in made if run.iterations == 4]  # the polish (the twins run 8)
     assert run.evaluations == 4 and min(run.so_far.losses) < run.so_far.losses[0]  # lower on the fitted set
     assert polished.schedule.times != base.schedule.times
     lower = selection_value(polished.validation) < selection_value(base.validation)
@@ -485,15 +495,15 @@ def test_the_chosen_refinement_is_polished_by_l_bfgs_and_kept_only_when_lower_on
     made.clear()
     steps.clear()
     monkeypatch.setattr(validate, "pick_on_validation", pick_a_trial)
-    outcome = run_search_job(JobConfig(**SMALL, refine=8, score_report=False), model=gmm, hooks=JobHooks(step=step))
-    assert made == [] and not any(s.startswith("polishing") for s in steps)
+    outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
+    assert made and all(run.iterations == 8 for run in made) and not any(s.startswith("polishing") for s in steps)
     assert not any(f.label.endswith(job.POLISHED_SUFFIX) for f in outcome.validation.scored)
 
 
-def test_the_l_bfgs_twin_takes_the_start_only_when_lower_at_halfway():
-    """_quasi_newton_twin on stand-in runs: only a start that backed off and is within GIVE_UP of the lowest
-    qualifies, the lowest of those gets the twin, and the twin replaces it only when its loss is lower."""
-    from autotune.search.job import GIVE_UP, _quasi_newton_twin
+def test_an_l_bfgs_twin_takes_a_start_only_when_lower_at_halfway():
+    """_quasi_newton_twins on stand-in runs: every start that backed off and is within GIVE_UP of the lowest gets
+    a twin, and a twin replaces its start only when its loss is lower."""
+    from autotune.search.job import GIVE_UP, _quasi_newton_twins
 
     class Run:
         def __init__(self, loss, backoffs):
@@ -508,17 +518,20 @@ def test_the_l_bfgs_twin_takes_the_start_only_when_lower_at_halfway():
     starts = [(f"s{i}", f"start {i}", None, True) for i in range(4)]
     made = []
 
-    def make(loss):
+    def make(*losses):  # the twins' losses, in the order they are made
         def twin(start, shifts):
-            made.append(Run(loss, 0))
+            made.append(Run(losses[len(made)], 0))
             return made[-1]
         return twin
 
     runs = [Run(1.0, 0), Run(2.0, 1), Run(1.5, 2), Run(1.0 * GIVE_UP * 1.01, 3)]
-    assert _quasi_newton_twin(runs, starts, 1.0, QUIET, 3, 6, make(1.2)) == 2  # the lowest that backed off
-    assert runs[2] is made[-1]
-    runs = [Run(1.0, 0), Run(2.0, 1), Run(1.5, 2)]
-    assert _quasi_newton_twin(runs, starts, 1.0, QUIET, 3, 6, make(1.6)) == -1 and runs[2].best_loss == 1.5
+    kept = list(runs)
+    assert _quasi_newton_twins(runs, starts, 1.0, QUIET, 3, 6, make(2.5, 1.2)) == {2}  # start 1's twin is higher
+    assert len(made) == 2 and runs[1] is kept[1] and runs[2] is made[1] and runs[3] is kept[3]
     made.clear()
-    assert _quasi_newton_twin([Run(1.0, 0), Run(5.0, 1)], starts, 1.0, QUIET, 3, 6, make(0.1)) == -1
+    runs = [Run(1.0, 0), Run(2.0, 1), Run(1.5, 2)]
+    assert _quasi_newton_twins(runs, starts, 1.0, QUIET, 3, 6, make(0.5, 0.9)) == {1, 2}
+    assert runs[1:] == made
+    made.clear()
+    assert _quasi_newton_twins([Run(1.0, 0), Run(5.0, 1)], starts, 1.0, QUIET, 3, 6, make(0.1)) == set()
     assert made == []  # above GIVE_UP x the lowest: it gives up anyway, no twin

@@ -377,8 +377,8 @@ def test_descents_run_in_parts_and_interleaved_take_the_iterates_they_take_alone
 
 def test_quasi_newton_descent_counts_each_evaluation_once_and_runs_in_parts_as_whole(gmm, refinement_start):
     """QuasiNewtonDescent (L-BFGS on refine_times' parameters and loss): every evaluation of the loss counts once
-    and the budget holds (a part that begins where the last one ended does not pay for that point again); run to
-    halfway and then finished it takes the iterates it takes in one go; it lowers the loss, the schedule returned is
+    and the budget holds exactly (a part that begins where the last one ended does not pay for that point again);
+    run to halfway and then finished, or one evaluation at a time, it takes the iterates it takes in one go; it lowers the loss, the schedule returned is
     its best iterate; giving up at halfway returns the first half's best, marked."""
     from autotune.search.gradient import QuasiNewtonDescent, error_sum
 
@@ -406,6 +406,11 @@ def test_quasi_newton_descent_counts_each_evaluation_once_and_runs_in_parts_as_w
     assert parts.evaluations == len(calls) == 10 and done.losses == whole.so_far.losses
     assert done.schedule == whole.so_far.schedule and not done.gave_up
     assert min(done.losses) < done.losses[0] and parts.best_loss == min(done.losses)
+    calls.clear()
+    steps = descent()  # one evaluation a part: most parts end inside a line search, which the next takes again
+    for n in range(1, 11):
+        steps.run(n)
+        assert steps.evaluations == len(calls) == n and steps.so_far.losses == whole.so_far.losses[:n]
 
     def rms(schedule):
         errors = decode_errors(evaluator.evaluate(schedule)[PER_SAMPLE]).astype(np.float64)
