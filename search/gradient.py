@@ -379,8 +379,10 @@ def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
 class QuasiNewtonDescent(_InParts):
     """The same refinement (parameters, loss, noises) by L-BFGS with a strong Wolfe line search
     (torch.optim.LBFGS), in parts like :class:`Descent`: ``run(n)`` goes on until n evaluations are done. Every
-    evaluation counts once: one at a point already evaluated (where a part begins) is remembered. The job runs it
-    beside an Adam descent that backed off (search/job.py: QUASI_NEWTON says why and what it measured)."""
+    evaluation counts once: one at a point already evaluated (where a part begins) is remembered; a part whose
+    budget ends inside a line search goes back to where that iteration began, and the next takes it again. The job
+    runs it beside an Adam descent that backed off and after one (search/job.py: QUASI_NEWTON, POLISH say why and
+    what they measured)."""
 
     def __init__(self, model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *,
                  iterations: int = 40, samples: int = 0, shifts: bool = True, aggregate: str = "rms",

@@ -644,10 +644,12 @@ GIVE_UP = 3.0
 # (torch's, strong Wolfe line search: it learns that curvature) at 3.29e-3 (report 3.43e-3, 0.59x). L-BFGS is not
 # the better optimiser everywhere: rgb32-v NFE 5 (Adam backs off there too) 7.78e-3 against Adam's 4.78e-3; digits
 # NFE 5 (no backoff) 1.22e-3 vs 1.14e-3 (report 1.32e-3 vs 1.25e-3); Adam's first 20 steps and L-BFGS's 20 after
-# them were worse than the better of the two in all 3. So of the starts whose Adam descent backed off in its first
-# half (within GIVE_UP of the lowest), the lowest is refined by L-BFGS to halfway too, and the lower of the two
-# goes on in its place: rgb32-v NFE 6 L-BFGS (4.08e-3 vs 4.54e-3), NFE 5 Adam (5.89e-3 vs 1.08e-2), 20 more
-# evaluations in either. A job whose descents do not back off runs as before.
+# them were worse than the better of the two in all 3. So every start whose Adam descent backed off in its first
+# half (within GIVE_UP of the lowest) is refined by L-BFGS to halfway too, and the lower of the two goes on in its
+# place: at halfway rgb32-v NFE 6's AFS start L-BFGS (4.08e-3 vs 4.54e-3), NFE 5's Adam (5.89e-3 vs 1.08e-2), 20
+# more evaluations a start that backed off. (Only the lowest such start had one at first: at NFE 6 that was stage
+# 1's best, while validation chose the AFS start, refined by Adam: 0.75x the best peer.) A job whose descents do not
+# back off runs as before.
 
 
 def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: JobHooks,
@@ -742,7 +744,19 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         winner.schedule, winner.value = winner.refined, winner.refinement.after
 
 
-# POLISH: (figures to come)
+# POLISH: the refinements stop after --refine steps, and where a descent met a stiff direction its loss is still
+# falling fast there. Scratch (2026-12-06, /work/bw/s35: lbfgs.py, 128 search noises, report mean on 1024 noises
+# / the best peer's, uni1-o3 on rgb32-v at both NFE): rgb32-v NFE 6's AFS start by Adam 40 steps rms 4.10e-3,
+# report 4.35e-3 (0.75x); then 20 more of L-BFGS 3.71e-3, 40 more 2.88e-3 (report 3.06e-3, 0.53x, p99 0.80x);
+# L-BFGS alone 40 / 60 / 80 steps 3.29e-3 / 2.75e-3 / 2.66e-3 (report 2.88e-3, 0.50x, p99 0.67x). NFE 5's AFS
+# start by Adam 40 steps 4.78e-3 (report 4.85e-3, 0.51x); then L-BFGS 20 / 40 more 4.32e-3 / 4.11e-3 (report
+# 4.41e-3, 0.47x, p99 0.66x). So after validation has chosen, its choice, when a refinement that backed off (or
+# that L-BFGS took), goes on by L-BFGS for POLISH_SHARE x --refine evaluations on the refinements' set, and is
+# scored on validation again: written when its selection value is lower. Digits NFE 5 gains too (the README's job
+# polishing its AFS start: report mean 1.27e-3 -> 1.11e-3, 5.28x -> 6.03x the best named schedule), but its
+# descents never back off, and 40 steps cost it 38 s: with them the README's command took 320 s in a fresh venv
+# (over its 5 minutes), so a descent that did not back off is not polished. (A fresh L-BFGS: its history is not
+# Adam's, and on rgb32-v 20 L-BFGS steps after Adam's 20 did worse than Adam's 40; here Adam has had its 40.)
 POLISH_SHARE = 1.0  # the polish's evaluations, as a share of a start's refinement steps (--refine)
 POLISHED_SUFFIX = " + L-BFGS"
 

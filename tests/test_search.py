@@ -378,8 +378,9 @@ def test_descents_run_in_parts_and_interleaved_take_the_iterates_they_take_alone
 def test_quasi_newton_descent_counts_each_evaluation_once_and_runs_in_parts_as_whole(gmm, refinement_start):
     """QuasiNewtonDescent (L-BFGS on refine_times' parameters and loss): every evaluation of the loss counts once
     and the budget holds exactly (a part that begins where the last one ended does not pay for that point again);
-    run to halfway and then finished, or one evaluation at a time, it takes the iterates it takes in one go; it lowers the loss, the schedule returned is
-    its best iterate; giving up at halfway returns the first half's best, marked."""
+    run to halfway and then finished, or one evaluation at a time, it takes the iterates it takes in one go; it
+    lowers the loss, the schedule returned is its best iterate; giving up at halfway returns the first half's best,
+    marked."""
     from autotune.search.gradient import QuasiNewtonDescent, error_sum
 
     evaluator, base, reference = refinement_start
