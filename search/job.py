@@ -521,7 +521,8 @@ class _Winner:
     validation_meta: Optional[dict[str, Any]] = None
     stage2: Optional[Stage2] = None
     refine_set: Optional[str] = None  # the id of the set the refinements fitted (REFINE_SET)
-    # POLISH: by a refined finalist's label, what takes its schedule on by L-BFGS (None: it found no lower loss)
+    # POLISH: by a refined finalist's label, what takes its schedule on by L-BFGS (it returns None where L-BFGS found
+    # no lower loss); only the finalists whose descent met a stiff direction have one
     polish: dict[str, Callable[[Schedule], Optional[Schedule]]] = field(default_factory=dict)
 
 
@@ -710,7 +711,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
             runs[-1].halfway()
     lowest = min(run.best_loss for run in runs)  # the lowest loss any refinement has reached
     quasi_newton = _quasi_newton_twins(runs, starts, lowest, hooks, half, c.refine_steps,
-                                      functools.partial(descent, QuasiNewtonDescent))
+                                       functools.partial(descent, QuasiNewtonDescent))
     lowest = min(run.best_loss for run in runs)
     finished: dict[int, tuple[Schedule, float, int]] = {}  # by start: the schedule, its search mean, gave up after
     for rank, i in enumerate(sorted(range(len(runs)), key=lambda i: runs[i].best_loss)):
