@@ -405,16 +405,15 @@ def test_the_refinements_race_to_halfway_and_those_far_above_the_lowest_loss_giv
     assert not any("gave up" in f.label for f in outcome.validation.scored)
 
 
-def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_at_halfway_goes_on(gmm, monkeypatch):
-    """QUASI_NEWTON: every start whose Adam descent backed off is refined by L-BFGS to halfway too, and the lower
-    of the two goes on in its place (labelled, and said in the refinement's note); a job whose descents do not back
-    off makes no L-BFGS descent."""
-    from autotune.search import gradient, job
+@pytest.fixture
+def l_bfgs_recorded(monkeypatch):
+    """Every L-BFGS descent a job makes (in ``made``) and every step line it shows (``steps``, through the ``step``
+    hook it returns)."""
+    from autotune.search import gradient
 
     made, steps = [], []
-    quasi_newton = gradient.QuasiNewtonDescent
 
-    class Recorded(quasi_newton):
+    class Recorded(gradient.QuasiNewtonDescent):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
@@ -425,6 +424,16 @@ def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_at_halfway
         yield None
 
     monkeypatch.setattr(gradient, "QuasiNewtonDescent", Recorded)
+    return made, steps, step
+
+
+def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_goes_on(gmm, monkeypatch, l_bfgs_recorded):
+    """QUASI_NEWTON: every start whose Adam descent backed off is refined by L-BFGS to halfway too, and the lower
+    of the two goes on in its place (labelled, and said in the refinement's note); a job whose descents do not back
+    off makes no L-BFGS descent."""
+    from autotune.search import gradient, job
+
+    made, steps, step = l_bfgs_recorded
     monkeypatch.setattr(job, "POLISH_SHARE", 0.0)  # the twin alone (POLISH makes L-BFGS descents of its own)
     config = JobConfig(**SMALL, refine=6, score_report=False)
     plain = run_search_job(config, model=gmm)
@@ -444,7 +453,7 @@ def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_at_halfway
     assert outcome.refinement.quasi_newton == any(label.startswith("refined (L-BFGS") for label in labels)
 
 
-def test_the_chosen_stiff_refinement_is_polished_by_l_bfgs_and_kept_only_when_lower_on_validation(gmm, monkeypatch):
+def test_the_chosen_stiff_refinement_is_polished_by_l_bfgs_if_lower(gmm, monkeypatch, l_bfgs_recorded):
     """POLISH: the finalist validation chose, when it is a refinement whose descent met a stiff direction (Adam
     backed off, or L-BFGS took it), goes on by L-BFGS for POLISH_SHARE x --refine evaluations on the set the
     refinements fitted; the polished schedule (lower there) is scored on validation and written only when its
@@ -453,19 +462,7 @@ def test_the_chosen_stiff_refinement_is_polished_by_l_bfgs_and_kept_only_when_lo
     from autotune.search import gradient, job, validate
     from autotune.search.selection import selection_value
 
-    made, steps = [], []
-
-    class Recorded(gradient.QuasiNewtonDescent):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    @contextlib.contextmanager
-    def step(description):
-        steps.append(description)
-        yield None
-
-    monkeypatch.setattr(gradient, "QuasiNewtonDescent", Recorded)
+    made, steps, step = l_bfgs_recorded
     monkeypatch.setattr(job, "POLISH_SHARE", 0.5)
     config = JobConfig(**SMALL, refine=8, score_report=False)
     outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))  # no descent backs off on gmm2d
