@@ -758,6 +758,10 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 # descents never back off, and 40 steps cost it 38 s: with them the README's command took 320 s in a fresh venv
 # (over its 5 minutes), so a descent that did not back off is not polished. (A fresh L-BFGS: its history is not
 # Adam's, and on rgb32-v 20 L-BFGS steps after Adam's 20 did worse than Adam's 40; here Adam has had its 40.)
+# With the twins for every start that backed off (QUASI_NEWTON), `bench/search.py --models rgb32-v`: NFE 5 0.51 ->
+# 0.47 [0.44, 0.49] the best peer's mean (the AFS start by Adam, polished: the scratch figure to the digit), NFE 6
+# 0.75 -> 0.52 [0.47, 0.56] (its AFS start's twin won, polished: validation mean 4.87e-3 -> 3.43e-3); p99 0.66 /
+# 0.71; 689 s / 798 s more search job (one thread).
 POLISH_SHARE = 1.0  # the polish's evaluations, as a share of a start's refinement steps (--refine)
 POLISHED_SUFFIX = " + L-BFGS"
 
