@@ -715,11 +715,12 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     lowest = min(run.best_loss for run in runs)
     finished: dict[int, tuple[Schedule, float, int]] = {}  # by start: the schedule, its search mean, gave up after
     for rank, i in enumerate(sorted(range(len(runs)), key=lambda i: runs[i].best_loss)):
-        description, run = starts[i][1] + (" by L-BFGS" if i in quasi_newton else ""), runs[i]
+        description, run = starts[i][1], runs[i]
         if rank and run.above(GIVE_UP * lowest):  # the lowest at halfway always goes on
             done = run.give_up()
         else:
-            with hooks.step(f"refining {description} (steps {half + 1}-{c.refine_steps})"):
+            verb = "L-BFGS:" if i in quasi_newton else "refining"  # STEP_LINES
+            with hooks.step(f"{verb} {description} (steps {half + 1}-{c.refine_steps})"):
                 done = run.finish()
         lowest = min([lowest, *done.losses])
         schedule, value = _as_evaluated(evaluator, done.schedule)
@@ -762,6 +763,9 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 # 0.47 [0.44, 0.49] the best peer's mean (the AFS start by Adam, polished: the scratch figure to the digit), NFE 6
 # 0.75 -> 0.52 [0.47, 0.56] (its AFS start's twin won, polished: validation mean 4.87e-3 -> 3.43e-3); p99 0.66 /
 # 0.71; 689 s / 798 s more search job (one thread).
+# STEP_LINES: a step line of more than 62 characters has its elapsed time cut in an 80-column terminal (rich
+# squeezes the bar, then the time), so the L-BFGS lines do not repeat "refining" and the polish's do not name the
+# finalist (its label can run to 70 characters).
 POLISH_SHARE = 1.0  # the polish's evaluations, as a share of a start's refinement steps (--refine)
 POLISHED_SUFFIX = " + L-BFGS"
 
@@ -792,7 +796,7 @@ def _quasi_newton_twins(runs: list[Any], starts: list[tuple[str, str, Schedule, 
         if not run.backoffs or run.above(GIVE_UP * lowest):
             continue
         _, description, start, shifts = starts[i]
-        with hooks.step(f"refining {description} by L-BFGS (steps 1-{half} of {steps})"):
+        with hooks.step(f"L-BFGS: {description} (steps 1-{half} of {steps})"):  # STEP_LINES
             twin = make(start, shifts)
             twin.halfway()
         if twin.best_loss < run.best_loss:
@@ -861,10 +865,11 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
         chosen, scored = pick_on_validation(held_out, candidates, progress=progress)
     polish, polished = winner.polish.get(chosen.label), None
     if polish is not None and polish_steps(c.refine_steps):  # POLISH: why
-        with hooks.step(f"polishing {chosen.label} by L-BFGS ({polish_steps(c.refine_steps)} steps)"):
+        # STEP_LINES; the finalists table names the choice ("+ L-BFGS")
+        with hooks.step(f"polishing validation's choice by L-BFGS ({polish_steps(c.refine_steps)} steps)"):
             polished = polish(chosen.schedule)
     if polished is not None:
-        with hooks.step(f"validation: {chosen.label}{POLISHED_SUFFIX}") as progress:
+        with hooks.step("validation: the choice, polished") as progress:
             held_out.progress = progress
             scored.append(Finalist(chosen.label + POLISHED_SUFFIX, polished, held_out.evaluate(polished)))
         if selection_value(scored[-1].validation) < selection_value(chosen.validation):

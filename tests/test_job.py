@@ -442,14 +442,14 @@ def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_goes_on(gm
 
     monkeypatch.setattr(gradient, "BACKOFF", 0.0)  # every iterate after the first is a spike: Adam backs off
     outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
-    twins = [s for s in steps if "by L-BFGS (steps 1-3 of 6)" in s]
+    twins = [s for s in steps if s.startswith("L-BFGS: ") and s.endswith("(steps 1-3 of 6)")]
     assert len(made) == len(twins) == 3  # every start backed off, and is within GIVE_UP (3x) of the lowest
-    assert "refining times, shifts and ratios by L-BFGS (steps 1-3 of 6)" in steps  # stage 1's best has one too
+    assert "L-BFGS: times, shifts and ratios (steps 1-3 of 6)" in steps  # stage 1's best has one too
     labels = [f.label for f in outcome.validation.scored]
     assert any("(L-BFGS" in label for label in labels)  # a twin lower than its start took its place
     went_on = [twin for twin in made if twin.result is not None and not twin.result.gave_up]
     assert len(went_on) == 1 and went_on[0].evaluations == 6  # the lowest at halfway; the others gave up there
-    assert sum(s.endswith("by L-BFGS (steps 4-6)") for s in steps) == 1
+    assert sum(s.startswith("L-BFGS: ") and s.endswith("(steps 4-6)") for s in steps) == 1
     assert outcome.refinement.quasi_newton == any(label.startswith("refined (L-BFGS") for label in labels)
 
 
@@ -475,7 +475,8 @@ def test_the_chosen_stiff_refinement_is_polished_by_l_bfgs_if_lower(gmm, monkeyp
     v = outcome.validation
     (polished,) = [f for f in v.scored if f.label.endswith(job.POLISHED_SUFFIX)]
     (base,) = [f for f in v.scored if f.label + job.POLISHED_SUFFIX == polished.label]
-    assert base.label.startswith("refined") and f"polishing {base.label} by L-BFGS (4 steps)" in steps
+    assert base.label.startswith("refined") and "polishing validation's choice by L-BFGS (4 steps)" in steps
+    assert v.scored[-1] is polished and v.scored.index(base) < len(v.scored) - 1  # scored after the choice
     (run,) = [run for run in made if run.iterations == 4]  # the polish (the twins run 8)
     assert run.evaluations == 4 and min(run.so_far.losses) < run.so_far.losses[0]  # lower on the fitted set
     assert polished.schedule.times != base.schedule.times
