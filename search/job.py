@@ -762,7 +762,9 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 # With the twins for every start that backed off (QUASI_NEWTON), `bench/search.py --models rgb32-v`: NFE 5 0.51 ->
 # 0.47 [0.44, 0.49] the best peer's mean (the AFS start by Adam, polished: the scratch figure to the digit), NFE 6
 # 0.75 -> 0.52 [0.47, 0.56] (its AFS start's twin won, polished: validation mean 4.87e-3 -> 3.43e-3); p99 0.66 /
-# 0.71; 689 s / 798 s more search job (one thread).
+# 0.71; 689 s / 798 s more search job (one thread). Not a win everywhere: gmm64 NFE 6 (its AFS descent backs off)
+# went 0.15 -> 0.17 and its p99 0.12 -> 2.60 the best peer's, validation's 4096 noises preferring the polished
+# finalist (selection value 8.31e-3 vs 1.20e-2) where the report set's tail did not (NFE 5: 0.19 -> 0.15, p99 0.43).
 # STEP_LINES: a step line of more than 62 characters has its elapsed time cut in an 80-column terminal (rich
 # squeezes the bar, then the time), so the L-BFGS lines do not repeat "refining" and the polish's do not name the
 # finalist (its label can run to 70 characters).
