@@ -764,7 +764,8 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 # 0.75 -> 0.52 [0.47, 0.56] (its AFS start's twin won, polished: validation mean 4.87e-3 -> 3.43e-3); p99 0.66 /
 # 0.71; 689 s / 798 s more search job (one thread). Not a win everywhere: gmm64 NFE 6 (its AFS descent backs off)
 # went 0.15 -> 0.17 and its p99 0.12 -> 2.60 the best peer's, validation's 4096 noises preferring the polished
-# finalist (selection value 8.31e-3 vs 1.20e-2) where the report set's tail did not (NFE 5: 0.19 -> 0.15, p99 0.43).
+# finalist (selection value 8.31e-3 vs 1.20e-2) where the report set's tail did not (the same job unpolished: p99
+# 9.83e-3; polished 2.12e-1. NFE 5: 0.19 -> 0.15, p99 0.43).
 # STEP_LINES: a step line of more than 62 characters has its elapsed time cut in an 80-column terminal (rich
 # squeezes the bar, then the time), so the L-BFGS lines do not repeat "refining" and the polish's do not name the
 # finalist (its label can run to 70 characters).
