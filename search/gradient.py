@@ -394,7 +394,7 @@ class QuasiNewtonDescent(_InParts):
         self._best: Schedule = schedule
         self._losses: list[float] = []
         self._seen: dict[tuple[float, ...], tuple[float, list[torch.Tensor]]] = {}
-        self._ended = not self.problem.params
+        self._ended = not self.problem.params  # for good: nothing to move, converged, or a loss not finite
         self.result: Optional[Refinement] = None
         self._limit = 0  # the evaluations the current part may reach
         self._optimiser = torch.optim.LBFGS(self.problem.params, lr=1.0, max_iter=1, max_eval=10 ** 9,
@@ -439,7 +439,7 @@ class QuasiNewtonDescent(_InParts):
     def run(self, evaluations: int) -> None:
         """Go on until ``evaluations`` evaluations are done, or the descent ends."""
         self._limit = evaluations
-        while not self._ended and self.evaluations < evaluations:
+        while self.result is None and not self._ended and self.evaluations < evaluations:
             done = self.evaluations
             # one L-BFGS iteration a call (max_iter 1); kept to go back to where it began if the budget ends inside
             # its line search (whose evaluations torch bounds only to one over max_eval)
@@ -459,13 +459,19 @@ class QuasiNewtonDescent(_InParts):
                 self._ended = True
         if self.result is None and (self._ended or self.evaluations >= self.iterations):
             self.result = self.so_far
-            self._ended = True
+
+    def go_on(self, more: int) -> Refinement:
+        """Take the descent ``more`` evaluations on from where it ended (its budget, or given up), its curvature
+        history kept (POLISH in search/job.py: why); one that converged or stopped stays as it ended. Its best
+        iterate."""
+        if not self._ended:
+            self.iterations, self.result = self.evaluations + more, None
+        return self.finish()
 
     def give_up(self) -> Refinement:
         """Stop here: the best iterate so far, marked ``gave_up`` (a descent that has ended: its result)."""
         if self.result is not None:
             return self.result
-        self._ended = True
         self.result = dataclasses.replace(self.so_far, gave_up=True)
         return self.result
 

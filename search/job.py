@@ -521,9 +521,9 @@ class _Winner:
     validation_meta: Optional[dict[str, Any]] = None
     stage2: Optional[Stage2] = None
     refine_set: Optional[str] = None  # the id of the set the refinements fitted (REFINE_SET)
-    # POLISH: by a refined finalist's label, what takes its schedule on by L-BFGS (it returns None where L-BFGS found
+    # POLISH: by a refined finalist's label, what takes it on by L-BFGS (it returns None where L-BFGS found
     # no lower loss); only the finalists whose descent met a stiff direction have one
-    polish: dict[str, Callable[[Schedule], Optional[Schedule]]] = field(default_factory=dict)
+    polish: dict[str, Callable[[], Optional[Schedule]]] = field(default_factory=dict)
 
 
 def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Denoiser] = None,
@@ -726,13 +726,16 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         schedule, value = _as_evaluated(evaluator, done.schedule)
         finished[i] = (schedule, value, len(done.losses) if done.gave_up else 0)
 
-    def polish(start: Schedule, shifts: bool) -> Optional[Schedule]:  # POLISH: why
-        done = descent(QuasiNewtonDescent, start, shifts, polish_steps(c.refine_steps)).finish()
-        if not (done.losses and min(done.losses) < done.losses[0]):  # its first loss is the start's
+    def polish(i: int) -> Optional[Schedule]:  # POLISH: why; L-BFGS's own descent goes on, its history kept
+        steps, run = polish_steps(c.refine_steps), runs[i]
+        run = run if i in quasi_newton else descent(QuasiNewtonDescent, finished[i][0], starts[i][3], steps)
+        before = run.best_loss  # a fresh descent's is inf: its first loss is the start's
+        done = run.go_on(steps) if i in quasi_newton else run.finish()
+        if not (done.losses and min(done.losses) < min(before, done.losses[0])):
             return None
         return _as_evaluated(evaluator, done.schedule)[0]
 
-    for i, (label, _, _, shifts) in enumerate(starts):  # the finalists in the starts' order
+    for i, (label, *_) in enumerate(starts):  # the finalists in the starts' order
         schedule, value, stopped = finished[i]
         named = label + refinement_suffix(stopped, i in quasi_newton)  # as validation names it
         if label == REFINED_LABEL:
@@ -741,7 +744,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         else:
             winner.also_refined.append((named, schedule))
         if i in quasi_newton or runs[i].backoffs:  # a stiff direction met on the way (POLISH: why only there)
-            winner.polish[named] = functools.partial(polish, shifts=shifts)
+            winner.polish[named] = functools.partial(polish, i)
     if winner.refinement.after < result.best_trial.mse_ref and c.single_mse:
         winner.schedule, winner.value = winner.refined, winner.refinement.after
 
@@ -757,8 +760,11 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 # scored on validation again: written when its selection value is lower. Digits NFE 5 gains too (the README's job
 # polishing its AFS start: report mean 1.27e-3 -> 1.11e-3, 5.28x -> 6.03x the best named schedule), but its
 # descents never back off, and 40 steps cost it 38 s: with them the README's command took 320 s in a fresh venv
-# (over its 5 minutes), so a descent that did not back off is not polished. (A fresh L-BFGS: its history is not
-# Adam's, and on rgb32-v 20 L-BFGS steps after Adam's 20 did worse than Adam's 40; here Adam has had its 40.)
+# (over its 5 minutes), so a descent that did not back off is not polished. A refinement by Adam is polished by a
+# fresh L-BFGS (Adam's history is no curvature; on rgb32-v 20 L-BFGS steps after Adam's 20 did worse than Adam's
+# 40; here Adam has had its 40); one that its L-BFGS twin took goes on by that descent, its curvature pairs kept:
+# a fresh one forgets them, and rgb32-v NFE 6's AFS start by L-BFGS 80 in one go reached report mean 2.88e-3 (0.495x
+# the best peer, scratch above) where the job's 40, then a fresh 40, reached 3.00e-3 (0.52x).
 # With the twins for every start that backed off (QUASI_NEWTON), `bench/search.py --models rgb32-v`: NFE 5 0.51 ->
 # 0.47 [0.44, 0.49] the best peer's mean (the AFS start by Adam, polished: the scratch figure to the digit), NFE 6
 # 0.75 -> 0.52 [0.47, 0.56] (its AFS start's twin won, polished: validation mean 4.87e-3 -> 3.43e-3); p99 0.66 /
@@ -870,7 +876,7 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
     if polish is not None and polish_steps(c.refine_steps):  # POLISH: why
         # STEP_LINES; the finalists table names the choice ("+ L-BFGS")
         with hooks.step(f"polishing validation's choice by L-BFGS ({polish_steps(c.refine_steps)} steps)"):
-            polished = polish(chosen.schedule)
+            polished = polish()
     if polished is not None:
         with hooks.step("validation: the choice, polished") as progress:
             held_out.progress = progress

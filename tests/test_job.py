@@ -456,9 +456,9 @@ def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_goes_on(gm
 def test_the_chosen_stiff_refinement_is_polished_by_l_bfgs_if_lower(gmm, monkeypatch, l_bfgs_recorded):
     """POLISH: the finalist validation chose, when it is a refinement whose descent met a stiff direction (Adam
     backed off, or L-BFGS took it), goes on by L-BFGS for POLISH_SHARE x --refine evaluations on the set the
-    refinements fitted; the polished schedule (lower there) is scored on validation and written only when its
-    selection value is lower. Without backoffs, or when the chosen finalist is no refinement, nothing is
-    polished."""
+    refinements fitted (Adam's by a fresh L-BFGS; one its L-BFGS twin took by that same descent, its history
+    kept); the polished schedule (lower there) is scored on validation and written only when its selection value
+    is lower. Without backoffs, or when the chosen finalist is no refinement, nothing is polished."""
     from autotune.search import gradient, job, validate
     from autotune.search.selection import selection_value
 
@@ -470,28 +470,47 @@ def test_the_chosen_stiff_refinement_is_polished_by_l_bfgs_if_lower(gmm, monkeyp
     assert not any(f.label.endswith(job.POLISHED_SUFFIX) for f in outcome.validation.scored)
 
     monkeypatch.setattr(gradient, "BACKOFF", 0.0)  # every iterate after the first is a spike: Adam backs off
-    steps.clear()
-    outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
-    v = outcome.validation
-    (polished,) = [f for f in v.scored if f.label.endswith(job.POLISHED_SUFFIX)]
-    (base,) = [f for f in v.scored if f.label + job.POLISHED_SUFFIX == polished.label]
-    assert base.label.startswith("refined") and "polishing validation's choice by L-BFGS (4 steps)" in steps
-    assert v.scored[-1] is polished and v.scored.index(base) < len(v.scored) - 1  # scored after the choice
-    (run,) = [run for run in made if run.iterations == 4]  # the polish (the twins run 8)
-    assert run.evaluations == 4 and min(run.so_far.losses) < run.so_far.losses[0]  # lower on the fitted set
-    assert polished.schedule.times != base.schedule.times
-    lower = selection_value(polished.validation) < selection_value(base.validation)
-    assert v.chosen is (polished if lower else base)
-    assert outcome.best.times == v.chosen.schedule.times  # what validation chose is what the job wrote
-
     picked = validate.pick_on_validation
+
+    def run_choosing(wanted):  # validation chooses the first finalist ``wanted`` accepts
+        def pick(evaluator, candidates, **kwargs):
+            _, scored = picked(evaluator, candidates, **kwargs)
+            return next(f for f in scored if wanted(f.label)), scored
+
+        made.clear()
+        steps.clear()
+        monkeypatch.setattr(validate, "pick_on_validation", pick)
+        outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
+        v = outcome.validation
+        (polished,) = [f for f in v.scored if f.label.endswith(job.POLISHED_SUFFIX)]
+        (base,) = [f for f in v.scored if f.label + job.POLISHED_SUFFIX == polished.label]
+        assert wanted(base.label) and "polishing validation's choice by L-BFGS (4 steps)" in steps
+        assert v.scored[-1] is polished and v.scored.index(base) < len(v.scored) - 1  # scored after the choice
+        assert polished.schedule.times != base.schedule.times
+        lower = selection_value(polished.validation) < selection_value(base.validation)
+        assert v.chosen is (polished if lower else base)
+        assert outcome.best.times == v.chosen.schedule.times  # what validation chose is what the job wrote
+        return made
+
+    by_twin = run_choosing(lambda label: label == "refined (L-BFGS)")  # on gmm2d every twin takes its start
+    assert all(run.iterations != 4 for run in by_twin)  # no fresh descent: the twin that went on goes on
+    (went_on,) = [run for run in by_twin if run.iterations == 12]
+    losses = went_on.so_far.losses
+    assert went_on.evaluations == len(losses) == 12 and min(losses[8:]) < min(losses[:8])  # lower on the fitted set
+    with monkeypatch.context() as patched:  # no twin takes its start: every finalist is Adam's, backed off
+        patched.setattr(job, "_quasi_newton_twins", lambda *args: set())
+        by_adam = run_choosing(lambda label: label.startswith("refined"))
+    (fresh,) = by_adam  # a fresh L-BFGS from the chosen finalist
+    assert fresh.iterations == fresh.evaluations == 4 and min(fresh.so_far.losses) < fresh.so_far.losses[0]
+
+    made.clear()
+    steps.clear()
+    monkeypatch.setattr(validate, "pick_on_validation", picked)
 
     def pick_a_trial(evaluator, candidates, **kwargs):  # validation chooses a finalist that is no refinement
         _, scored = picked(evaluator, candidates, **kwargs)
         return next(f for f in scored if not f.label.startswith("refined")), scored
 
-    made.clear()
-    steps.clear()
     monkeypatch.setattr(validate, "pick_on_validation", pick_a_trial)
     outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
     assert made and all(run.iterations == 8 for run in made) and not any(s.startswith("polishing") for s in steps)

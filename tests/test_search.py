@@ -392,9 +392,9 @@ def test_quasi_newton_descent_counts_each_evaluation_once_and_runs_in_parts_as_w
             return error_sum(model, schedule, noise, labels, target, power, values)
         return errors
 
-    def descent(**kwargs):
-        return QuasiNewtonDescent(gmm, base, evaluator.eval_set, reference, iterations=10, ratios=True,
-                                  split=counted, **kwargs)
+    def descent(iterations=10):
+        return QuasiNewtonDescent(gmm, base, evaluator.eval_set, reference, iterations=iterations, ratios=True,
+                                  split=counted)
 
     whole = descent()
     whole.run(10)
@@ -425,3 +425,11 @@ def test_quasi_newton_descent_counts_each_evaluation_once_and_runs_in_parts_as_w
     given_up = stopped.give_up()
     assert given_up.gave_up and given_up.losses == whole.so_far.losses[:5]
     assert stopped.give_up() is given_up and stopped.finish() is given_up  # it has ended
+    # go_on (POLISH): a descent taken on past its end, its history kept, takes the iterates of a longer one
+    calls.clear()
+    went_on = stopped.go_on(5)
+    assert went_on.losses == whole.so_far.losses and not went_on.gave_up and len(calls) == 5
+    assert went_on.schedule == whole.so_far.schedule
+    short = descent(iterations=5)
+    short.finish()
+    assert short.go_on(3).losses == whole.so_far.losses[:8] and short.evaluations == 8
