@@ -15,8 +15,10 @@ interval is inverted with it): the mean (target <= 0.5 at NFE <= 6, <= 0.7 above
 every distribution metric the model reports, class accuracy and the NLL gap included, no worse than the best peer's,
 within a relative 1e-4; "-" where the model has none), each marked "ok" (met) or "NO" (missed); then the search's
 wall time (the whole job: its reference solves, the search, the validation) and its true evaluations. A summary
-line per target follows. `--json FILE` writes every row (each peer's figures, medians, the best p99 among all
-peers, every distribution metric).
+line per target follows; for the mean and the p99 it also counts the rows whose whole 95 % interval meets it (the
+p99's is a paired bootstrap too: where a schedule fails on about 1 % of noises, as gmm64's mode switches do, the
+p99 of 1024 noises sits on that cliff; `--report-size 16384` decides it there). `--json FILE` writes every row
+(each peer's figures, medians, both intervals, the best p99 among all peers, every distribution metric).
 
     python bench/search.py                                   # every model, NFE 4,5,6,8,10 (hours on a CPU)
     python bench/search.py --models digits --nfe 5 --budget 16 --report-size 64 --set-size 16 --validate 32
@@ -249,6 +251,19 @@ def ours_over(ours: dict[str, Any], peer: dict[str, Any]) -> tuple[float, float 
     return _inverse(v.ratio), _inverse(v.high), _inverse(v.low)
 
 
+def p99_over(ours: dict[str, Any], peer: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The 95 % interval of ours / peer p99 (a paired bootstrap): at a failure rate near 1 % (gmm64's mode
+    switches) the p99 of 1024 noises sits on that cliff, and one set of noises says little."""
+    from autotune.evaluate.ids import PER_SAMPLE
+    from autotune.evaluate.metrics import decode_errors, ratio_interval
+
+    a, b = ours.get(PER_SAMPLE), peer.get(PER_SAMPLE)
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return None, None
+    low, high = ratio_interval(decode_errors(b), decode_errors(a), percentile=99)
+    return _inverse(high), _inverse(low)
+
+
 def no_worse(metric: str, ours: float, peer: float) -> bool:
     slack = SAME_WITHIN * abs(peer)
     return ours >= peer - slack if direction(metric) == "maximize" else ours <= peer + slack
@@ -262,6 +277,7 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
     peer = peers[best]
     mean_ratio, ci_low, ci_high = ours_over(ours, peer)
     p99_ratio = ours["mse_ref_p99"] / peer["mse_ref_p99"] if peer["mse_ref_p99"] > 0 else math.inf
+    p99_low, p99_high = p99_over(ours, peer)
     dist = {k: {"ours": ours[k], "peer": peer[k], "no_worse": no_worse(k, ours[k], peer[k])}
             for k in DATA_METRICS if k in ours and k in peer}
     headline = next((k for k in DIST_HEADLINE if k in dist), None)
@@ -273,11 +289,13 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
         "peers": {p: {k: m.get(k) for k in (*figures, *DATA_METRICS, "diverged") if k in m} for p, m in peers.items()},
         "mean_ratio": mean_ratio, "mean_ratio_ci": [ci_low, ci_high], "mean_target": target,
         "median_ratio": ours["mse_ref_median"] / peer["mse_ref_median"] if peer["mse_ref_median"] > 0 else math.inf,
-        "p99_ratio": p99_ratio, "p99_vs_best_p99": ours["mse_ref_p99"] / peers[best_p99]["mse_ref_p99"],
+        "p99_ratio": p99_ratio, "p99_ratio_ci": [p99_low, p99_high],
+        "p99_vs_best_p99": ours["mse_ref_p99"] / peers[best_p99]["mse_ref_p99"],
         "dist": dist, "dist_headline": headline,
         "dist_ratio": dist[headline]["ours"] / dist[headline]["peer"] if headline else None,
         "met": {"mean": mean_ratio <= target, "mean_whole_ci": ci_high is not None and ci_high <= target,
                 "p99": no_worse("mse_ref_p99", ours["mse_ref_p99"], peer["mse_ref_p99"]),
+                "p99_whole_ci": p99_high is not None and p99_high <= 1 + SAME_WITHIN,
                 "dist": all(d["no_worse"] for d in dist.values()) if dist else None},
         "search_wall_s": outcome.seconds, "search_loop_s": outcome.search.seconds,
         "true_evaluations": outcome.true_evaluations, "method": outcome.method,
@@ -401,8 +419,8 @@ def summary(rows: list[dict]) -> list[str]:
         if not selected:
             return f"{what}: no row"
         met = sum(bool(r["met"][key]) for r in selected)
-        whole = sum(bool(r["met"]["mean_whole_ci"]) for r in selected)
-        tail = f" (whole 95% CI: {whole})" if key == "mean" else ""
+        whole = sum(bool(r["met"].get(f"{key}_whole_ci")) for r in selected)
+        tail = f" (whole 95% CI: {whole})" if key in ("mean", "p99") else ""
         return f"{what}: met in {met} of {len(selected)} rows{tail}"
 
     low = [r for r in rows if r["nfe"] <= 6]

@@ -82,15 +82,20 @@ def mean_interval(errors: np.ndarray) -> tuple[float, float]:
     return _interval(x[bootstrap_indices(len(x))].mean(axis=1))
 
 
-def ratio_interval(peer: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
-    """Paired-bootstrap 95 % interval of mean(peer) / mean(ours), the two scored on the same noise (each
-    resample takes the same samples from both, so the noise they share cancels)."""
+def ratio_interval(peer: np.ndarray, ours: np.ndarray, percentile: float | None = None) -> tuple[float, float]:
+    """Paired-bootstrap 95 % interval of mean(peer) / mean(ours), or of the ratio of their ``percentile`` (99:
+    the p99s), the two scored on the same noise (each resample takes the same samples from both, so the noise
+    they share cancels)."""
     a, b = np.asarray(peer, dtype=np.float64), np.asarray(ours, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired bootstrap: per-sample errors of different lengths ({len(a)} and {len(b)})")
     idx = bootstrap_indices(len(a))
+
+    def statistic(draws: np.ndarray) -> np.ndarray:
+        return draws.mean(axis=1) if percentile is None else np.percentile(draws, percentile, axis=1)
+
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _interval(a[idx].mean(axis=1) / b[idx].mean(axis=1))
+        return _interval(statistic(a[idx]) / statistic(b[idx]))
 
 
 def tail_mean(errors: np.ndarray, share: float = TAIL_SHARE) -> float:

@@ -77,6 +77,21 @@ def test_paired_ratio_interval():
         ratio_interval(ours[:3], ours)
 
 
+def test_paired_p99_ratio_interval_shows_a_tail_at_the_cliff():
+    """The p99s' ratio: exact where one error is a multiple of the other; where ours fails on about 1 % of the
+    noises (gmm64's mode switches), the p99 of 1024 samples sits on that cliff and the interval spans it."""
+    ours = np.random.default_rng(2).exponential(size=1024)
+    assert ratio_interval(3 * ours, ours, percentile=99) == pytest.approx((3.0, 3.0))
+    peer = np.full(1024, 1e-2)
+    ours = np.full(1024, 1e-3)
+    ours[:10] = 0.3  # 10 of 1024 fail: the p99 is the 11th worst, below the cliff in most resamples, not all
+    low, high = ratio_interval(peer, ours, percentile=99)
+    assert low < 0.1 and high > 5  # the p99 ratio: ours 10x better or 10x worse, undecided
+    ours[:4] = 0.3
+    ours[4:10] = 1e-3  # 4 of 1024: the p99 is decided
+    assert ratio_interval(peer, ours, percentile=99) == pytest.approx((10.0, 10.0))
+
+
 def test_per_sample_errors_round_trip_as_float32():
     x = np.random.default_rng(4).exponential(size=100)
     back = decode_errors(encode_errors(x))
