@@ -15,6 +15,7 @@ from typing import Iterator
 
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TaskProgressColumn, TextColumn
 from rich.progress import TimeElapsedColumn
+from rich.table import Column
 from rich.text import Text
 
 from autotune.cli_common import err_console
@@ -36,8 +37,11 @@ def _ignore(event: ProgressEvent) -> None:
 
 
 def _columns() -> tuple:
-    return (SpinnerColumn(), TextColumn("{task.description}", markup=False),
-            BarColumn(bar_width=16), TaskProgressColumn(), TimeElapsedColumn())
+    # a description too long for the terminal folds onto a second line: left to itself rich keeps it whole on one
+    # and squeezes the other columns, in 80 columns cutting the elapsed time of any description over 62 characters
+    whole = Column(no_wrap=True)
+    return (SpinnerColumn(), TextColumn("{task.description}", markup=False, table_column=Column(overflow="fold")),
+            BarColumn(bar_width=16), TaskProgressColumn(table_column=whole), TimeElapsedColumn(table_column=whole))
 
 
 @contextmanager

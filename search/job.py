@@ -772,9 +772,9 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 # went 0.15 -> 0.17 and its p99 0.12 -> 2.60 the best peer's, validation's 4096 noises preferring the polished
 # finalist (selection value 8.31e-3 vs 1.20e-2) where the report set's tail did not (the same job unpolished: p99
 # 9.83e-3; polished 2.12e-1. NFE 5: 0.19 -> 0.15, p99 0.43).
-# STEP_LINES: a step line of more than 62 characters has its elapsed time cut in an 80-column terminal (rich
-# squeezes the bar, then the time), so the L-BFGS lines do not repeat "refining" and the polish's do not name the
-# finalist (its label can run to 70 characters).
+# STEP_LINES: short, to stay on one line in an 80-column terminal (a longer one folds onto a second there,
+# progress_cli._columns), so the L-BFGS lines do not repeat "refining" and the polish's do not name the finalist
+# (its label can run to 70 characters).
 POLISH_SHARE = 1.0  # the polish's evaluations, as a share of a start's refinement steps (--refine)
 POLISHED_SUFFIX = " + L-BFGS"
 

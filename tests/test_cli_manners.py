@@ -265,6 +265,31 @@ def test_dashboard_command_is_one_unbroken_line(tmp_path):
     assert any(ln.startswith("finished in ") for ln in result.stdout.splitlines())
 
 
+def test_a_long_step_line_folds_and_keeps_its_time_in_80_columns():
+    """A step's description too long for an 80-column terminal goes on a second line, whole; its bar, percentage
+    and elapsed time stay (rich alone keeps the description on one line and cuts the time)."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from autotune.progress_cli import _columns
+
+    out = io.StringIO()
+    console = Console(file=out, width=80, color_system=None)
+    progress = Progress(*_columns(), console=console, auto_refresh=False)
+    long = "polishing validation's choice: refined from dpmsolver++3m+afs (L-BFGS, gave up after 20 steps)"
+    progress.add_task(long, total=None)
+    progress.update(progress.add_task("  reference solution, 2048 samples", total=200), completed=74)
+    console.print(progress.get_renderable())
+    lines = out.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in out.getvalue()
+    assert " ".join(w for line in lines for w in line.split()).count("0:00:00") == 2  # both elapsed times
+    assert "37%" in out.getvalue() and " ".join(out.getvalue().split()).find(long.split()[-1]) > 0
+    words = [w for line in lines for w in line.split() if w.isascii() and not w.startswith("0:00")]
+    assert " ".join(words).startswith(long)  # the description, whole, folded
+
+
 def test_finished_in_counts_the_command_not_what_its_process_ran_before(tmp_path):
     """A shell that runs `install && autotune ...` may exec autotune in its own process (bash -c, a Dockerfile's
     RUN): the process then started when the install did, and "finished in" must not count the install."""
