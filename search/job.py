@@ -514,6 +514,7 @@ class _Winner:
     schedule: Schedule
     value: float
     refined: Optional[Schedule] = None
+    refined_label: str = REFINED_LABEL  # its finalist's label, as _refine named it (POLISH finds it by that label)
     refinement: Optional[RefinementNote] = None
     # the refinement of a second start (a named schedule as good as stage 1's best), a validation finalist
     also_refined: list[tuple[str, Schedule]] = field(default_factory=list)
@@ -739,7 +740,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         schedule, value, stopped = finished[i]
         named = label + refinement_suffix(stopped, i in quasi_newton)  # as validation names it
         if label == REFINED_LABEL:
-            winner.refined = schedule
+            winner.refined, winner.refined_label = schedule, named
             winner.refinement = RefinementNote(result.best_trial.mse_ref, value, stopped, i in quasi_newton)
         else:
             winner.also_refined.append((named, schedule))
@@ -863,9 +864,7 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
 
     c, evaluator = setup.config, setup.evaluator
     held_out = _held_out(setup, "validation", setup.sizes.validation, pool, seed=c.seed)
-    note = winner.refinement
-    extra = ([(REFINED_LABEL + refinement_suffix(note.gave_up_after, note.quasi_newton), winner.refined)]
-             if winner.refined is not None else []) + winner.also_refined
+    extra = ([(winner.refined_label, winner.refined)] if winner.refined is not None else []) + winner.also_refined
     named_here = _named_finalists(evaluator, [s for s in setup.named_peers if s.nfe == result.best.nfe],
                                   most=VALIDATED_NAMED)
     candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
