@@ -769,10 +769,13 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 # With the twins for every start that backed off (QUASI_NEWTON), `bench/search.py --models rgb32-v`: NFE 5 0.51 ->
 # 0.47 [0.44, 0.49] the best peer's mean (the AFS start by Adam, polished: the scratch figure to the digit), NFE 6
 # 0.75 -> 0.52 [0.47, 0.56] (its AFS start's twin won, polished: validation mean 4.87e-3 -> 3.43e-3); p99 0.66 /
-# 0.71; 689 s / 798 s more search job (one thread). Not a win everywhere: gmm64 NFE 6 (its AFS descent backs off)
-# went 0.15 -> 0.17 and its p99 0.12 -> 2.60 the best peer's, validation's 4096 noises preferring the polished
-# finalist (selection value 8.31e-3 vs 1.20e-2) where the report set's tail did not (the same job unpolished: p99
-# 9.83e-3; polished 2.12e-1. NFE 5: 0.19 -> 0.15, p99 0.43).
+# 0.71; 689 s / 798 s more search job (one thread). gmm64 NFE 6 (its AFS descent backs off) seemed to lose on the
+# 1024 report noises (0.15 -> 0.17, p99 0.12 -> 2.60 the best peer's), but its schedules switch mode on about 0.5 %
+# of noises, and the p99 of 1024 sits on that cliff: on 3 x 16384 fresh noises (scratch, 2026-12-06) the polished
+# finalist validation chose is lower than the unpolished one in the mean (1.88e-3 / 1.40e-3 / 1.40e-3 vs 2.27e-3 /
+# 1.84e-3 / 1.89e-3), in the switches (errors over 0.05: 83 / 62 / 64 vs 90 / 69 / 73) and in the p99 (1.0e-3 vs
+# 4.3e-3 on the first set). `bench/search.py --models gmm64 --report-size 16384`: NFE 4-10 0.18 / 0.097 / 0.088 /
+# 0.19 / 0.054 the best peer's mean, p99 0.075 / 0.032 / 0.033 / 0.42 / 0.008, each within its whole 95 % interval.
 # STEP_LINES: short, to stay on one line in an 80-column terminal (a longer one folds onto a second there,
 # progress_cli._columns), so the L-BFGS lines do not repeat "refining" and the polish's do not name the finalist
 # (its label can run to 70 characters).
