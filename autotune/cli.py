@@ -690,12 +690,14 @@ def _print_search(outcome) -> None:
 
         console.print(f"Optuna study {study_name(outcome.search_id)}; browse it with:")
         console.print(f"optuna-dashboard {outcome.study_url}", highlight=False, soft_wrap=True)  # one line, to copy
-    from autotune.tables import reference_metrics_line, report_tables
+    from autotune.tables import reference_metrics_line, report_tables, tail_line
 
     shown = [{**r.metrics, "name": r.name} for r in outcome.ours + outcome.peers]
     title = f"report set {outcome.report_set}, NFE {outcome.best.nfe}"
     for table in report_tables(shown, shown[len(outcome.ours):], title):
         console.print(table)
+    for line in filter(None, (tail_line(r, shown[len(outcome.ours):]) for r in shown[:len(outcome.ours)])):
+        console.print(line, highlight=False)
     if outcome.reference_metrics:
         steps = outcome.report_evaluator.steps_for(outcome.best.nfe)
         console.print(reference_metrics_line(outcome.reference_metrics, steps, outcome.best.guidance),

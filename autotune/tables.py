@@ -114,6 +114,27 @@ def versus(ours: Mapping[str, Any], best_peer: Mapping[str, Any]) -> Versus:
     return Versus(ratio)
 
 
+def tail_line(row: Mapping[str, Any], peers: Sequence[Mapping[str, Any]]) -> str | None:
+    """The row's 99th percentile against the lowest of the ``peers``', in :func:`versus`'s convention (> 1: this
+    one's p99 is lower), with the paired-bootstrap 95 % interval of that ratio and whether the set decides it: a
+    schedule that fails on about 1 % of the noises (gmm64's mode switches) has its p99 on that cliff, and one set
+    of 1024 noises can put it on either side. None without per-sample errors on the same noise."""
+    mine = row.get(PER_SAMPLE)
+    named = [p for p in peers if _finite(p.get("mse_ref_p99")) and isinstance(p.get(PER_SAMPLE), str)]
+    if not named or not isinstance(mine, str) or not _finite(row.get("mse_ref_p99")):
+        return None
+    best = min(named, key=lambda p: float(p["mse_ref_p99"]))
+    theirs, ours = decode_errors(best[PER_SAMPLE]), decode_errors(mine)
+    if theirs.shape != ours.shape or ours.size < 2:
+        return None
+    low, high = ratio_interval(theirs, ours, percentile=99)
+    v = Versus(float(best["mse_ref_p99"]) / row["mse_ref_p99"] if row["mse_ref_p99"] > 0 else math.inf, low, high)
+    verdict = ("lower" if low > 1 else "higher" if high < 1
+               else f"not decided by these {ours.size} noises (--report-size)")
+    return (f"tail: {row['name']}'s p99 {sci(row['mse_ref_p99'])} vs {best['name']}'s {sci(best['mse_ref_p99'])}, "
+            f"the lowest named: {v.text()}, 95% CI {interval(low, high, fmt=fig)}: {verdict}")
+
+
 def best_row(rows: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The row with the lowest finite mse_ref, or None."""
     finite = [r for r in rows if _finite(r.get("mse_ref"))]

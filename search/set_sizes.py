@@ -44,6 +44,14 @@ from typing import Any, Optional
 from autotune.evaluate.ids import DEFAULT_SIZE
 
 PROBE_NOISES = 8
+# the probe's answer is the least of up to PROBE_REPEATS runs on PROBE_NOISES noises, taken while they have cost
+# under PROBE_REPEAT_SECONDS in all: a run of gmm64 takes about a millisecond, and on a busy machine one
+# descheduling (about 4 ms) made it look 5x dearer: measured with two benchmarks on the 2 cores, 5 of 40 single
+# runs projected gmm64 over the cheap line (1.09-5.44 ms), and that job then searched the default sets, not the
+# cheap ones (`autotune search --model gmm64 --nfe 6`: 3.09x the best named schedule where the cheap sets gave
+# 6.41x). The digits UNet (about 0.17 s a run) gets two.
+PROBE_REPEATS = 5
+PROBE_REPEAT_SECONDS = 0.25
 CHEAP_SEARCH_SECONDS = 30.0
 CHEAP_SIZES = {"search": 512, "validation": 4096, "refine": 2048}
 FIRST_RUN_LIMIT = 0.05  # seconds: a warm one-noise run slower than this ends the probe (see probe)
@@ -100,10 +108,14 @@ def probe(model: Any, schedule: Any, eval_set: Any) -> float:
 
 
 def _probe_runs(timed: Any) -> float:
-    """The probe's runs (see probe): ``timed(n)`` times one run on the first n noises."""
+    """The probe's runs (see probe): ``timed(n)`` times one run on the first n noises; the full probe's answer is
+    the least of its runs (PROBE_REPEATS: why)."""
     one = timed(1)
     if one > FIRST_RUN_LIMIT:
         one = timed(1)
     if one > FIRST_RUN_LIMIT:
         return one * PROBE_NOISES
-    return timed(PROBE_NOISES)
+    runs = [timed(PROBE_NOISES)]
+    while len(runs) < PROBE_REPEATS and sum(runs) < PROBE_REPEAT_SECONDS:
+        runs.append(timed(PROBE_NOISES))
+    return min(runs)

@@ -199,6 +199,7 @@ def test_cli_search_writes_a_schedule_that_beats_the_baselines(tmp_path):
     assert best.nfe == 4 and best.metadata["method"] == "s3" and best.metadata["true_evaluations"] == 32
     assert best.metadata["budget_spent"] == 32
     assert "x better" in done.stdout
+    assert "tail: s3-nfe4's p99" in " ".join(done.stdout.split())  # its p99 against the lowest named one's
 
 
 def test_gradient_refinement_lowers_the_loss_keeps_a_valid_grid_and_shifts_model_times(gmm):

@@ -7,8 +7,9 @@ import pytest
 
 from autotune.evaluate.ids import DEFAULT_SIZE
 from autotune.search.job import JobConfig, run_search_job
-from autotune.search.set_sizes import (CHEAP_SEARCH_SECONDS, CHEAP_SIZES, FIRST_RUN_LIMIT, PROBE_NOISES, _probe_runs,
-                                       choose_sizes, projected_search_seconds)
+from autotune.search.set_sizes import (CHEAP_SEARCH_SECONDS, CHEAP_SIZES, FIRST_RUN_LIMIT, PROBE_NOISES,
+                                       PROBE_REPEAT_SECONDS, PROBE_REPEATS, _probe_runs, choose_sizes,
+                                       projected_search_seconds)
 
 
 def _probe_at(projected: float, budget: int = 96) -> float:
@@ -66,15 +67,34 @@ def test_a_slow_warm_one_noise_run_ends_the_probe():
 
 
 def test_a_slow_cold_run_is_tried_again_warm_before_the_full_probe():
-    times = iter([3 * FIRST_RUN_LIMIT, 0.1 * FIRST_RUN_LIMIT, 0.004])
+    times = iter([3 * FIRST_RUN_LIMIT, 0.1 * FIRST_RUN_LIMIT, 0.004, 0.003, 0.005, 0.003, 0.004])
     calls = []
 
     def timed(n):
         calls.append(n)
         return next(times)
 
-    assert _probe_runs(timed) == 0.004
-    assert calls == [1, 1, PROBE_NOISES]
+    assert _probe_runs(timed) == 0.003
+    assert calls == [1, 1] + [PROBE_NOISES] * PROBE_REPEATS
+
+
+def test_the_probe_is_the_least_of_its_runs_while_they_are_cheap():
+    """One run descheduled on a busy machine (a cheap model's millisecond made 5 ms) does not decide the sizes; a
+    dearer model's runs stop once they have cost PROBE_REPEAT_SECONDS."""
+    def runs_of(full_runs):
+        times = iter([0.1 * FIRST_RUN_LIMIT, *full_runs])
+        calls = []
+
+        def timed(n):
+            calls.append(n)
+            return next(times)
+
+        return _probe_runs(timed), len(calls) - 1
+
+    assert runs_of([0.0054, 0.0011, 0.0012, 0.0053, 0.0011]) == (0.0011, PROBE_REPEATS)
+    dear = 0.6 * PROBE_REPEAT_SECONDS  # two runs pass the cap
+    assert runs_of([dear, 0.9 * dear]) == (0.9 * dear, 2)
+    assert choose_sizes(0.0011, 96, 0, None).cheap and not choose_sizes(0.0054, 96, 0, None).cheap  # the line
 
 
 def test_a_job_on_an_analytic_model_searches_and_validates_on_the_larger_sets(gmm):

@@ -92,6 +92,26 @@ def test_paired_p99_ratio_interval_shows_a_tail_at_the_cliff():
     assert ratio_interval(peer, ours, percentile=99) == pytest.approx((10.0, 10.0))
 
 
+def test_the_tail_line_says_whether_the_set_decides_the_p99():
+    """tail_line: the p99 against the lowest named p99, in versus' convention, and the verdict of its paired
+    interval: lower, higher, or not decided (ours fails on about 1 % of the noises: the p99 sits on that cliff)."""
+    from autotune.tables import tail_line
+
+    def row(name, errors):
+        return {"name": name, **error_summary(errors), PER_SAMPLE: encode_errors(errors)}
+
+    peers = [row("ddim", np.full(1024, 3e-2)), row("ipndm", np.full(1024, 1e-2))]
+    at_cliff = np.full(1024, 1e-3)
+    at_cliff[:10] = 0.3
+    line = tail_line(row("ours", at_cliff), peers)
+    assert line.startswith("tail: ours's p99 1.00e-03 vs ipndm's 1.00e-02, the lowest named: 10.00x better")
+    assert line.endswith("not decided by these 1024 noises (--report-size)")
+    assert tail_line(row("ours", np.full(1024, 1e-3)), peers).endswith("10.00x better, 95% CI [10.0, 10.0]: lower")
+    assert tail_line(row("ours", np.full(1024, 0.1)), peers).endswith("0.10x (worse), 95% CI [0.100, 0.100]: higher")
+    assert tail_line({"name": "ours", "mse_ref_p99": 1e-3}, peers) is None  # no per-sample errors
+    assert tail_line(row("ours", at_cliff[:512]), peers) is None  # not the same noise
+
+
 def test_per_sample_errors_round_trip_as_float32():
     x = np.random.default_rng(4).exponential(size=100)
     back = decode_errors(encode_errors(x))
