@@ -49,7 +49,7 @@ PROBE_NOISES = 8
 # descheduling (about 4 ms) made it look 5x dearer: measured with two benchmarks on the 2 cores, 5 of 40 single
 # runs projected gmm64 over the cheap line (1.09-5.44 ms), and that job then searched the default sets, not the
 # cheap ones (`autotune search --model gmm64 --nfe 6`: 3.09x the best named schedule where the cheap sets gave
-# 6.41x). The digits UNet (about 0.17 s a run) gets two.
+# 6.41x). The digits UNet (0.09 s a run, ddim NFE 5 under the same load) gets three: 0.45 s for the whole probe.
 PROBE_REPEATS = 5
 PROBE_REPEAT_SECONDS = 0.25
 CHEAP_SEARCH_SECONDS = 30.0
