@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from rich.table import Column, Table
+from rich.text import Text
 
 from autotune.evaluate.ids import PER_SAMPLE
 from autotune.evaluate.metrics import decode_errors, ratio_interval
@@ -114,11 +115,12 @@ def versus(ours: Mapping[str, Any], best_peer: Mapping[str, Any]) -> Versus:
     return Versus(ratio)
 
 
-def tail_line(row: Mapping[str, Any], peers: Sequence[Mapping[str, Any]]) -> str | None:
+def tail_line(row: Mapping[str, Any], peers: Sequence[Mapping[str, Any]], more: str = "--report-size") -> str | None:
     """The row's 99th percentile against the lowest of the ``peers``', in :func:`versus`'s convention (> 1: this
     one's p99 is lower), with the paired-bootstrap 95 % interval of that ratio and whether the set decides it: a
     schedule that fails on about 1 % of the noises (gmm64's mode switches) has its p99 on that cliff, and one set
-    of 1024 noises can put it on either side. None without per-sample errors on the same noise."""
+    of 1024 noises can put it on either side (``more``: the command's option for a larger set). None without
+    per-sample errors on the same noise."""
     mine = row.get(PER_SAMPLE)
     named = [p for p in peers if _finite(p.get("mse_ref_p99")) and isinstance(p.get(PER_SAMPLE), str)]
     if not named or not isinstance(mine, str) or not _finite(row.get("mse_ref_p99")):
@@ -130,7 +132,7 @@ def tail_line(row: Mapping[str, Any], peers: Sequence[Mapping[str, Any]]) -> str
     low, high = ratio_interval(theirs, ours, percentile=99)
     v = Versus(float(best["mse_ref_p99"]) / row["mse_ref_p99"] if row["mse_ref_p99"] > 0 else math.inf, low, high)
     verdict = ("lower" if low > 1 else "higher" if high < 1
-               else f"not decided by these {ours.size} noises (--report-size)")
+               else f"not decided by these {ours.size} noises ({more})")
     return (f"tail: {row['name']}'s p99 {sci(row['mse_ref_p99'])} vs {best['name']}'s {sci(best['mse_ref_p99'])}, "
             f"the lowest named: {v.text()}, 95% CI {interval(low, high, fmt=fig)}: {verdict}")
 
@@ -302,12 +304,17 @@ def bench_table(rows: Sequence[Any], rel: Mapping[tuple[str, int], Mapping[str, 
     return table
 
 
-def compare_tables(rows: Sequence[Mapping[str, Any]], peer_names: Iterable[str], where: str) -> list[Table]:
+def compare_tables(rows: Sequence[Mapping[str, Any]], peer_names: Iterable[str], where: str) -> list[Table | Text]:
     """`autotune compare`: the means at every NFE side by side, then per NFE the honest figures
-    (:func:`report_tables`) against the best named schedule (``peer_names``) at that NFE."""
+    (:func:`report_tables`) against the best named schedule (``peer_names``) at that NFE, and the
+    :func:`tail_line` of each schedule that is not a named one."""
     named = set(peer_names)
-    tables = [nfe_overview_table(rows, f"mse_ref (mean) on {where}; lower is better, * best per NFE")]
+    title = f"mse_ref (mean) on {where}; lower is better, * best per NFE"
+    shown: list[Table | Text] = [nfe_overview_table(rows, title)]
     for n in sorted({int(r["nfe"]) for r in rows}):
         here = [r for r in rows if int(r["nfe"]) == n]
-        tables += report_tables(here, [r for r in here if r["name"] in named], f"NFE {n}")
-    return tables
+        peers = [r for r in here if r["name"] in named]
+        shown += report_tables(here, peers, f"NFE {n}")
+        tails = (tail_line(r, peers, "--size") for r in here if r["name"] not in named)
+        shown += [Text(line) for line in tails if line is not None]
+    return shown

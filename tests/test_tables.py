@@ -106,6 +106,7 @@ def test_the_tail_line_says_whether_the_set_decides_the_p99():
     line = tail_line(row("ours", at_cliff), peers)
     assert line.startswith("tail: ours's p99 1.00e-03 vs ipndm's 1.00e-02, the lowest named: 10.00x better")
     assert line.endswith("not decided by these 1024 noises (--report-size)")
+    assert tail_line(row("ours", at_cliff), peers, "--size").endswith("(--size)")  # `compare`'s option
     assert tail_line(row("ours", np.full(1024, 1e-3)), peers).endswith("10.00x better, 95% CI [10.0, 10.0]: lower")
     assert tail_line(row("ours", np.full(1024, 0.1)), peers).endswith("0.10x (worse), 95% CI [0.100, 0.100]: higher")
     assert tail_line({"name": "ours", "mse_ref_p99": 1e-3}, peers) is None  # no per-sample errors
@@ -218,6 +219,10 @@ def test_compare_tables_fit_80_columns():
     text = _render(*compare_tables(rows, names, "digits, report-s0-n1024-1x16x16-c10"))
     _numbers_in_full(text, rows)
     assert text.count("*") >= 5  # the best-per-NFE marker, once per NFE column
+    assert "tail:" not in text  # every row a named schedule
+    mine = [{**r, "name": "best.json"} for r in _rows(["x"], 5, fd=False)]
+    text = _render(*compare_tables(rows + mine, names, "digits, report-s0-n1024-1x16x16-c10"))
+    assert text.count("tail: best.json's p99") == 1 and ELLIPSIS not in text  # the file's p99 vs the named ones'
 
 
 def test_models_table_fits_80_columns():
