@@ -765,7 +765,8 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 # fresh L-BFGS (Adam's history is no curvature; on rgb32-v 20 L-BFGS steps after Adam's 20 did worse than Adam's
 # 40; here Adam has had its 40); one that its L-BFGS twin took goes on by that descent, its curvature pairs kept:
 # a fresh one forgets them, and rgb32-v NFE 6's AFS start by L-BFGS 80 in one go reached report mean 2.88e-3 (0.495x
-# the best peer, scratch above) where the job's 40, then a fresh 40, reached 3.00e-3 (0.52x).
+# the best peer, scratch above) where the job's 40, then a fresh 40, reached 3.00e-3 (0.52x). With the descent going
+# on, the job (`bench/search.py --models rgb32-v --nfe 6`): 2.88e-3, 0.495x [0.452, 0.540], p99 0.67x.
 # With the twins for every start that backed off (QUASI_NEWTON), `bench/search.py --models rgb32-v`: NFE 5 0.51 ->
 # 0.47 [0.44, 0.49] the best peer's mean (the AFS start by Adam, polished: the scratch figure to the digit), NFE 6
 # 0.75 -> 0.52 [0.47, 0.56] (its AFS start's twin won, polished: validation mean 4.87e-3 -> 3.43e-3); p99 0.66 /
