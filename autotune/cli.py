@@ -697,7 +697,7 @@ def _print_search(outcome) -> None:
     for table in report_tables(shown, shown[len(outcome.ours):], title):
         console.print(table)
     for line in filter(None, (tail_line(r, shown[len(outcome.ours):]) for r in shown[:len(outcome.ours)])):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)  # a schedule name is not markup
     if outcome.reference_metrics:
         steps = outcome.report_evaluator.steps_for(outcome.best.nfe)
         console.print(reference_metrics_line(outcome.reference_metrics, steps, outcome.best.guidance),
