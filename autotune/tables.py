@@ -133,8 +133,9 @@ def tail_line(row: Mapping[str, Any], peers: Sequence[Mapping[str, Any]], more: 
     v = Versus(float(best["mse_ref_p99"]) / row["mse_ref_p99"] if row["mse_ref_p99"] > 0 else math.inf, low, high)
     verdict = ("lower" if low > 1 else "higher" if high < 1
                else f"not decided by these {ours.size} noises ({more})")
+    shown = v.text() if v.ratio >= 0.0995 else f"{fig(v.ratio)}x (worse)"  # 2 decimals would read 0.00x
     return (f"tail: {row['name']}'s p99 {sci(row['mse_ref_p99'])} vs {best['name']}'s {sci(best['mse_ref_p99'])}, "
-            f"the lowest named: {v.text()}, 95% CI {interval(low, high, fmt=fig)}: {verdict}")
+            f"the lowest named: {shown}, 95% CI {interval(low, high, fmt=fig)}: {verdict}")
 
 
 def best_row(rows: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:

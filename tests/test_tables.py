@@ -109,6 +109,7 @@ def test_the_tail_line_says_whether_the_set_decides_the_p99():
     assert tail_line(row("ours", at_cliff), peers, "--size").endswith("(--size)")  # `compare`'s option
     assert tail_line(row("ours", np.full(1024, 1e-3)), peers).endswith("10.00x better, 95% CI [10.0, 10.0]: lower")
     assert tail_line(row("ours", np.full(1024, 0.1)), peers).endswith("0.10x (worse), 95% CI [0.100, 0.100]: higher")
+    assert "the lowest named: 0.00333x (worse)" in tail_line(row("ours", np.full(1024, 3.0)), peers)  # not 0.00x
     assert tail_line({"name": "ours", "mse_ref_p99": 1e-3}, peers) is None  # no per-sample errors
     assert tail_line(row("ours", at_cliff[:512]), peers) is None  # not the same noise
 
