@@ -728,10 +728,10 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         finished[i] = (schedule, value, len(done.losses) if done.gave_up else 0)
 
     def polish(i: int) -> Optional[Schedule]:  # POLISH: why; L-BFGS's own descent goes on, its history kept
-        steps, run = polish_steps(c.refine_steps), runs[i]
-        run = run if i in quasi_newton else descent(QuasiNewtonDescent, finished[i][0], starts[i][3], steps)
+        steps = polish_steps(c.refine_steps)
+        run = runs[i] if i in quasi_newton else descent(QuasiNewtonDescent, finished[i][0], starts[i][3], steps)
         before = run.best_loss  # a fresh descent's is inf: its first loss is the start's
-        done = run.go_on(steps) if i in quasi_newton else run.finish()
+        done = run.go_on(steps)  # a fresh one's from 0 evaluations: its own budget
         if not (done.losses and min(done.losses) < min(before, done.losses[0])):
             return None
         return _as_evaluated(evaluator, done.schedule)[0]
