@@ -99,10 +99,12 @@ class Versus:
         return interval(self.low, self.high, fmt=lambda v: f"{v:.2f}")
 
 
-def versus(ours: Mapping[str, Any], best_peer: Mapping[str, Any]) -> Versus:
-    """The one better/worse convention: ratio = best_peer's mse_ref / ours (> 1: ours is better); the interval
-    is a paired bootstrap of that ratio when both rows carry per-sample errors of the same length."""
-    mine, theirs = float(ours.get("mse_ref", math.inf)), float(best_peer.get("mse_ref", math.inf))
+def versus(ours: Mapping[str, Any], best_peer: Mapping[str, Any], p99: bool = False) -> Versus:
+    """The one better/worse convention: ratio = best_peer's mse_ref / ours (> 1: ours is better), or of their 99th
+    percentiles with ``p99``; the interval is a paired bootstrap of that ratio when both rows carry per-sample
+    errors of the same length."""
+    key = "mse_ref_p99" if p99 else "mse_ref"
+    mine, theirs = float(ours.get(key, math.inf)), float(best_peer.get(key, math.inf))
     if not math.isfinite(mine):
         return Versus(0.0, diverged=True)
     ratio = theirs / mine if mine > 0 else math.inf
@@ -110,7 +112,7 @@ def versus(ours: Mapping[str, Any], best_peer: Mapping[str, Any]) -> Versus:
     if isinstance(a, str) and isinstance(b, str):
         ea, eb = decode_errors(a), decode_errors(b)
         if ea.shape == eb.shape and ea.size > 1:
-            low, high = ratio_interval(eb, ea)
+            low, high = ratio_interval(eb, ea, percentile=99 if p99 else None)
             return Versus(ratio, low, high)
     return Versus(ratio)
 
@@ -121,18 +123,16 @@ def tail_line(row: Mapping[str, Any], peers: Sequence[Mapping[str, Any]], more: 
     schedule that fails on about 1 % of the noises (gmm64's mode switches) has its p99 on that cliff, and one set
     of 1024 noises can put it on either side (``more``: the command's option for a larger set). None without
     per-sample errors on the same noise."""
-    mine = row.get(PER_SAMPLE)
     named = [p for p in peers if _finite(p.get("mse_ref_p99")) and isinstance(p.get(PER_SAMPLE), str)]
-    if not named or not isinstance(mine, str) or not _finite(row.get("mse_ref_p99")):
+    if not named:
         return None
     best = min(named, key=lambda p: float(p["mse_ref_p99"]))
-    theirs, ours = decode_errors(best[PER_SAMPLE]), decode_errors(mine)
-    if theirs.shape != ours.shape or ours.size < 2:
+    v = versus(row, best, p99=True)
+    if v.diverged or v.low is None or v.high is None:
         return None
-    low, high = ratio_interval(theirs, ours, percentile=99)
-    v = Versus(float(best["mse_ref_p99"]) / row["mse_ref_p99"] if row["mse_ref_p99"] > 0 else math.inf, low, high)
+    low, high = v.low, v.high
     verdict = ("lower" if low > 1 else "higher" if high < 1
-               else f"not decided by these {ours.size} noises ({more})")
+               else f"not decided by these {len(decode_errors(row[PER_SAMPLE]))} noises ({more})")
     shown = v.text() if v.ratio >= 0.0995 else f"{fig(v.ratio)}x (worse)"  # 2 decimals would read 0.00x
     return (f"tail: {row['name']}'s p99 {sci(row['mse_ref_p99'])} vs {best['name']}'s {sci(best['mse_ref_p99'])}, "
             f"the lowest named: {shown}, 95% CI {interval(low, high, fmt=fig)}: {verdict}")

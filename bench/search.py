@@ -252,16 +252,10 @@ def ours_over(ours: dict[str, Any], peer: dict[str, Any]) -> tuple[float, float 
 
 
 def p99_over(ours: dict[str, Any], peer: dict[str, Any]) -> tuple[float | None, float | None]:
-    """The 95 % interval of ours / peer p99 (a paired bootstrap): at a failure rate near 1 % (gmm64's mode
-    switches) the p99 of 1024 noises sits on that cliff, and one set of noises says little."""
-    from autotune.evaluate.ids import PER_SAMPLE
-    from autotune.evaluate.metrics import decode_errors, ratio_interval
-
-    a, b = ours.get(PER_SAMPLE), peer.get(PER_SAMPLE)
-    if not (isinstance(a, str) and isinstance(b, str)):
-        return None, None
-    low, high = ratio_interval(decode_errors(b), decode_errors(a), percentile=99)
-    return _inverse(high), _inverse(low)
+    """The 95 % interval of ours / peer p99 (`versus`' paired bootstrap, inverted): at a failure rate near 1 %
+    (gmm64's mode switches) the p99 of 1024 noises sits on that cliff, and one set of noises says little."""
+    v = versus(ours, peer, p99=True)
+    return _inverse(v.high), _inverse(v.low)
 
 
 def no_worse(metric: str, ours: float, peer: float) -> bool:
