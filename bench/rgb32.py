@@ -31,6 +31,7 @@ what it lacks: x0 weights of 0.1 and 1 at the noisiest steps reached the same ac
 
     python bench/rgb32.py --param eps --out bench-work/rgb32-eps
     python bench/rgb32.py --param v --out bench-work/rgb32-v --steps 400 --seed 1
+    python bench/rgb32.py --param eps --noise sd --out bench-work/rgb32-eps-sd
 """
 
 from __future__ import annotations
@@ -123,11 +124,21 @@ def make_unet(seed: int):
     return unet
 
 
-def make_scheduler(prediction_type: str):
+# the training noise schedule, as the pipeline's scheduler config holds it: "linear", DDPM's 1000 linear betas (the
+# config a user's DDPM directory has; terminal alpha 0.0064); "sd", Stable Diffusion 1.x's scaled-linear betas with
+# its steps offset and no clipping (terminal alpha 0.068: the noisiest step keeps some signal)
+NOISE_SCHEDULES = {
+    "linear": {"beta_schedule": "linear", "clip_sample": True},
+    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
+           "clip_sample": False},
+}
+
+
+def make_scheduler(prediction_type: str, noise: str = "linear"):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="linear", prediction_type=prediction_type,
-                         timestep_spacing="leading", clip_sample=True)
+    return DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, prediction_type=prediction_type,
+                         timestep_spacing="leading", **NOISE_SCHEDULES[noise])
 
 
 def diffusion_loss(unet, x0: torch.Tensor, eps: torch.Tensor, steps: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -192,10 +203,10 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 
 def train(param: str, steps: int, seed: int, batch_size: int = BATCH, probe_size: int = PROBE_SIZE,
-          log: Callable[[str], None] = print):
+          log: Callable[[str], None] = print, noise: str = "linear"):
     """The EMA UNet, its scheduler and the training record (loss per window, settings, seconds)."""
     prediction_type = PREDICTION_TYPES[param]
-    scheduler = make_scheduler(prediction_type)
+    scheduler = make_scheduler(prediction_type, noise)
     alphas_cumprod = scheduler.alphas_cumprod.float()
     unet = make_unet(seed).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -238,7 +249,7 @@ def train(param: str, steps: int, seed: int, batch_size: int = BATCH, probe_size
                 f"ema probe {probe:.5f}  {row['seconds']:7.1f} s")
     seconds = time.perf_counter() - start
     record = {
-        "param": param, "prediction_type": prediction_type, "steps": steps, "seed": seed,
+        "param": param, "prediction_type": prediction_type, "noise": noise, "steps": steps, "seed": seed,
         "batch_size": batch_size, "peak_lr": PEAK_LR, "warmup_steps": WARMUP_STEPS,
         "final_lr_fraction": FINAL_LR_FRACTION, "ema_decay": EMA_DECAY, "probe_size": probe_size,
         "loss_x0_weight": f"min(snr, {MIN_SNR_GAMMA}) + {X0_WEIGHT_FLOOR}", "timesteps": "stratified",
@@ -255,20 +266,23 @@ def train(param: str, steps: int, seed: int, batch_size: int = BATCH, probe_size
 
 
 def build(out: Path, param: str, steps: int = DEFAULT_STEPS, seed: int = 0, *, batch_size: int = BATCH,
-          probe_size: int = PROBE_SIZE, threads: int | None = 1, log: Callable[[str], None] = print) -> Path:
+          probe_size: int = PROBE_SIZE, threads: int | None = 1, log: Callable[[str], None] = print,
+          noise: str = "linear") -> Path:
     """Train and save the pipeline directory ``out`` (which must not exist yet): written into a sibling folder
     and renamed at the end, so an interrupted build never leaves a directory that looks complete."""
     from diffusers import DDPMPipeline
 
     if param not in PREDICTION_TYPES:
         raise ValueError(f"param: {param!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    if noise not in NOISE_SCHEDULES:
+        raise ValueError(f"noise: {noise!r} is not one of {', '.join(NOISE_SCHEDULES)}")
     if steps < 1:
         raise ValueError(f"steps: {steps} (at least 1)")
     out = Path(out)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     with torch_threads(threads):
-        ema, scheduler, record = train(param, steps, seed, batch_size, probe_size, log)
+        ema, scheduler, record = train(param, steps, seed, batch_size, probe_size, log, noise)
     try:
         DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(str(partial), safe_serialization=True)
         weights = partial / "unet" / "diffusion_pytorch_model.safetensors"
@@ -280,14 +294,19 @@ def build(out: Path, param: str, steps: int = DEFAULT_STEPS, seed: int = 0, *, b
     return out
 
 
-def ensure_rgb32(work: Path, param: str, steps: int | None = None, *,
+def rgb32_name(param: str, noise: str = "linear") -> str:
+    """The pipeline directory's name under a bench's work folder: rgb32-<param>, -<noise> unless linear."""
+    return f"rgb32-{param}" + ("" if noise == "linear" else f"-{noise}")
+
+
+def ensure_rgb32(work: Path, param: str, steps: int | None = None, *, noise: str = "linear",
                  log: Callable[[str], None] = print) -> Path:
-    """``work/rgb32-<param>``, built (``steps`` or DEFAULT_STEPS, seed 0) only when it is missing; an existing
-    directory is returned as it is, whatever steps built it (its training.json says)."""
-    path = Path(work) / f"rgb32-{param}"
+    """``work/rgb32_name(param, noise)``, built (``steps`` or DEFAULT_STEPS, seed 0) only when it is missing; an
+    existing directory is returned as it is, whatever steps built it (its training.json says)."""
+    path = Path(work) / rgb32_name(param, noise)
     if not (path / "model_index.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        build(path, param, DEFAULT_STEPS if steps is None else steps, log=log)
+        build(path, param, DEFAULT_STEPS if steps is None else steps, log=log, noise=noise)
     return path
 
 
@@ -297,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="eps: the UNet predicts the noise; v: it predicts v = alpha eps - sigma x0")
     parser.add_argument("--out", type=Path, required=True, help="pipeline directory to write (must not exist)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (batch {BATCH})")
+    parser.add_argument("--noise", choices=sorted(NOISE_SCHEDULES), default="linear",
+                        help="training noise schedule: linear (DDPM's betas) or sd (Stable Diffusion 1.x's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads while training")
     args = parser.parse_args(argv)
@@ -306,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps and --threads must be at least 1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = build(args.out, args.param, args.steps, args.seed, threads=args.threads,
-                log=lambda line: print(line, flush=True))
+                log=lambda line: print(line, flush=True), noise=args.noise)
     record = json.loads((out / "training.json").read_text())
     last = record["windows"][-1]
     print(f"wrote {out}: {record['parameters']:,} parameters, {record['seconds']:.0f} s")

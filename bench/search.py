@@ -26,8 +26,9 @@ p99 of 1024 noises sits on that cliff; `--report-size 16384` decides it there). 
 
 Models: digits (its default guidance), digits-g2 and digits-g4 (guidance 2 and 4), gmm64, pipeline (the test
 suite's tiny DDPM directory, trained once into --work), rgb32-eps and rgb32-v (bench/rgb32.py's photo-patch
-pipelines, built into --work when missing); any other name is passed to `load_model` as it is. A flow-matching
-model (digits-flow, digits-dit) is set against diffusers' flow schedulers instead (FLOW_PEERS). gmm64's
+pipelines, built into --work when missing), rgb32-eps-sd (the eps one under Stable Diffusion 1.x's noise
+schedule); any other name is passed to `load_model` as it is. A flow-matching model (digits-flow, digits-dit) is
+set against diffusers' flow schedulers instead (FLOW_PEERS). gmm64's
 continuous VP-linear noise is given to diffusers as its 1000-step discretisation (step n at t = (n + 1) / 1000,
 the time the network is then called at, so the peers solve the same ODE).
 
@@ -114,13 +115,13 @@ def pipeline_dir(work: Path, args) -> Path:
     return path
 
 
-def rgb32_dir(param: str) -> Callable[[Path, Any], Path]:
+def rgb32_dir(param: str, noise: str = "linear") -> Callable[[Path, Any], Path]:
     def build(work: Path, args) -> Path:
         # imported here: the other models run without bench/rgb32.py (and without scikit-learn)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from rgb32 import ensure_rgb32
 
-        return ensure_rgb32(work, param, args.rgb32_steps)
+        return ensure_rgb32(work, param, args.rgb32_steps, noise=noise)
     return build
 
 
@@ -128,6 +129,7 @@ def rgb32_dir(param: str) -> Callable[[Path, Any], Path]:
 BENCH_MODELS: dict[str, tuple[str | Callable[[Path, Any], Path], float | None]] = {
     "digits": ("digits", None), "digits-g2": ("digits", 2.0), "digits-g4": ("digits", 4.0), "gmm64": ("gmm64", None),
     "pipeline": (pipeline_dir, None), "rgb32-eps": (rgb32_dir("eps"), None), "rgb32-v": (rgb32_dir("v"), None),
+    "rgb32-eps-sd": (rgb32_dir("eps", "sd"), None),  # Stable Diffusion 1.x's noise schedule; trained in session 37
 }
 
 

@@ -90,3 +90,24 @@ def test_ensure_builds_only_what_is_missing(work, tmp_path, monkeypatch):
     assert rgb32.ensure_rgb32(fresh, "v", steps=2, log=lambda line: None) == fresh / "rgb32-v"
     assert calls == [("rgb32-v", "v", 2)] and (fresh / "rgb32-v" / "model_index.json").is_file()
     assert rgb32.ensure_rgb32(fresh, "v") == fresh / "rgb32-v" and len(calls) == 1
+
+
+def test_sd_noise_schedule(tmp_path):
+    """`noise="sd"` builds Stable Diffusion 1.x's scheduler config under its own name, and autotune reads that
+    noise schedule as diffusers does (terminal alpha 0.068, where the linear betas' is 0.0064)."""
+    from diffusers import DDPMScheduler
+
+    path = rgb32.ensure_rgb32(tmp_path, "eps", steps=2, noise="sd", log=lambda line: None)
+    assert path == tmp_path / "rgb32-eps-sd"
+    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["beta_schedule"], config["beta_start"], config["beta_end"], config["steps_offset"],
+            config["clip_sample"]) == ("scaled_linear", 0.00085, 0.012, 1, False)
+    assert json.loads((path / "training.json").read_text())["noise"] == "sd"
+    alphas_cumprod = DDPMScheduler.from_pretrained(str(path / "scheduler")).alphas_cumprod.double()
+    noise = load_model(str(path)).noise
+    last = torch.tensor(1.0, dtype=torch.float64)
+    assert int(noise.model_time(last)) == 999
+    assert abs(noise.log_alpha(last).exp().item() - alphas_cumprod[999].sqrt().item()) <= 1e-6
+    assert 0.06 < alphas_cumprod[999].sqrt().item() < 0.07
+    with pytest.raises(ValueError, match="noise"):
+        rgb32.build(tmp_path / "x", "eps", steps=1, noise="cosine")
