@@ -46,7 +46,9 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,6 +98,25 @@ DIST_HEADLINE = ("fd", "swd")  # the distribution metric shown as a ratio, the f
 # "no worse" allows this relative difference: the search may return a peer's own schedule (its seeds are the named
 # schedules), which our executor and diffusers' float32 loop reproduce only to about 1e-5 (measured on digits)
 SAME_WITHIN = 1e-4
+ROW_KEYS = ("model", "nfe", "best_peer", "ours", "peers", "mean_ratio", "mean_ratio_ci", "p99_ratio", "met", "dist",
+            "search_wall_s", "true_evaluations")  # what a saved row needs for the tables (--rows)
+
+
+def code_version() -> str:
+    """The checkout's commit the rows were measured on (short hash; "+changes" when tracked files differ from
+    it), or "unknown" outside a git checkout: rows of several runs are only comparable with their code."""
+    import subprocess
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+changes" if changed else "")
 
 
 def mean_target(nfe: int) -> float:
@@ -323,6 +344,7 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
             ours = report.evaluate(outcome.best)
         row = compare_row(name, nfe, ours, score_peers(model, report, guidance, nfe), outcome)
         row["report_set"] = report.eval_set.id
+        row["code"], row["date"] = args.code, time.strftime("%Y-%m-%d")
         row["reference_dist"] = report.reference_data_metrics(outcome.best)  # what ours was scored against
         if args.grown_space:
             solvers = tuple(s.strip() for s in args.grown_space.split(","))
@@ -375,9 +397,17 @@ def evals_text(row: dict) -> str:
     return str(row["true_evaluations"]) if spent == row["true_evaluations"] else f"{spent:g}/{row['true_evaluations']}"
 
 
-def results_table(rows: list[dict], report_size: int):
+def report_sizes(rows: list[dict]) -> str:
+    """The report-set sizes of the rows ("1024", "1024 / 16384"), read from their sets' ids (eval_set_id)."""
+    sizes = sorted({int(m.group(1)) for r in rows if (m := re.search(r"-n(\d+)-", r.get("report_set", "")))})
+    return " / ".join(str(n) for n in sizes) or "?"
+
+
+def results_table(rows: list[dict]):
+    sizes = report_sizes(rows)
     table = _table("model", "NFE", "best peer", "mean", "95% CI", "p99", "dist", "wall s", "evals",
-                   title=f"ours / best peer at the same NFE (< 1: ours lower), report set of {report_size}")
+                   title=f"ours / best peer at the same NFE (< 1: ours lower), report set{'s' * ('/' in sizes)} of "
+                         f"{sizes}")
     for r in rows:
         dist = marked(r["dist_ratio"], r["met"]["dist"]) if r["dist"] else "-"
         table.add_row(r["model"], str(r["nfe"]), PEER_LABELS.get(r["best_peer"], r["best_peer"]),
@@ -407,6 +437,37 @@ def dist_table(rows: list[dict]):
             table.add_row(r["model"], str(r["nfe"]), DATA_METRICS[k], f"{d['ours']:.4g}", f"{d['peer']:.4g}",
                           "-" if ref is None else f"{ref:.4g}", "ok" if d["no_worse"] else "NO")
     return table
+
+
+def saved_rows(paths: list[str]) -> list[dict]:
+    """The rows of earlier runs' --json files, one per (model, NFE): a later file's row replaces an earlier one's
+    (list the files oldest first). A file that is not such a list raises ValueError naming it."""
+    merged: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        try:
+            rows = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable rows file ({e})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a rows file is the JSON list --json writes, not {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise ValueError(f"{path}: row {i} lacks {', '.join(missing)}")
+            merged.pop((row["model"], row["nfe"]), None)  # re-inserted: the table keeps the order rows came in
+            merged[(row["model"], row["nfe"])] = {**row, "rows_file": str(path)}
+    return list(merged.values())
+
+
+def provenance(rows: list[dict]) -> list[str]:
+    """A line per code version: which rows were measured on it, and when (rows written before the bench recorded
+    its commit say "code not recorded")."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        code = r.get("code") or "code not recorded"
+        when = f", {r['date']}" if r.get("date") else ""
+        groups.setdefault(code, []).append(f"{r['model']} {r['nfe']}{when}")
+    return [f"{code}: {'; '.join(which)}" for code, which in groups.items()]
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -453,10 +514,26 @@ def main() -> None:
                         help="the searches use the bench's cache (references solved once; a rerun resumes)")
     parser.add_argument("--rgb32-steps", type=int, default=None, help="training steps of an rgb32 model built now")
     parser.add_argument("--json", default=None, help="also write every row here")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="FILE",
+                        help="run nothing: print the tables and the summary of earlier runs' --json files (oldest "
+                             "first; a later row of the same model and NFE replaces an earlier one), with the code "
+                             "each row was measured on; with --json, write the merged rows there")
     parser.add_argument("--grown-space", default=None, metavar="SOLVERS",
                         help="also search with `--solvers SOLVERS` (e.g. dpm,unip-bh1,unip-bh2,ipndm,dpm-single) and "
                              "compare it with the default space on the same report set")
     args = parser.parse_args()
+    console = Console()
+    if args.rows:
+        try:
+            rows = saved_rows(args.rows)
+        except ValueError as e:
+            parser.error(str(e))
+        print_rows(console, rows, args)
+        console.print("rows measured on (commit, date):", highlight=False)
+        for line in provenance(rows):
+            console.print(f"  {line}", highlight=False)
+        return
+    args.code = code_version()
     args.nfe = [int(n) for n in args.nfe.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -464,22 +541,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     method = JobConfig(model="digits", method=args.method).search_method
     changed = [f"{k} {v}" for k, v in (("method", args.method), ("refine", args.refine)) if v is not None]
-    console = Console()
     console.print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} thread(s); search: "
                   + (f"NOT the default ({', '.join(changed)})" if changed else "the default `autotune search`")
                   + f", method {method}, budget {args.budget}, {args.workers} workers", highlight=False)
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, args, work)
-    console.print(results_table(rows, args.report_size))
+    print_rows(console, rows, args)
+    console.print(f"code: {args.code}", highlight=False)
+
+
+def print_rows(console, rows: list[dict], args) -> None:
+    """The tables and the summary of ``rows`` (and --json)."""
+    console.print(results_table(rows))
     console.print(LEGEND + "; dist: " + ", ".join(DATA_METRICS[k] for k in DIST_HEADLINE) + " ratio, its mark "
                   "checks every distribution metric the model reports; wall s and evals: the search job's (a search "
                   "with partial scores: whole-set evaluations spent / scores)",
                   highlight=False)
     if any(r["dist"] for r in rows):
         console.print(dist_table(rows))
-    if args.grown_space:
-        console.print(grown_table(rows, args.grown_space))
+    grown = [r for r in rows if "grown" in r]
+    if grown:
+        console.print(grown_table(grown, " / ".join(sorted({",".join(r["grown"]["solvers"]) for r in grown}))))
     for line in summary(rows):
         console.print(line, highlight=False)
     if args.json:

@@ -40,3 +40,76 @@ def test_a_row_carries_the_p99_ratio_interval_and_the_summary_counts_rows_it_dec
     assert rows[0]["met"]["p99"] and low < 0.2 and high > 5 and not rows[0]["met"]["p99_whole_ci"]
     assert rows[1]["met"]["p99_whole_ci"] and low2 == high2 == pytest.approx(rows[1]["p99_ratio"], rel=1e-6)
     assert "p99 no worse than best peer: met in 2 of 2 rows (whole 95% CI: 1)" in bench.summary(rows)
+
+
+def _row(model: str, nfe: int, mean_ratio: float, **extra) -> dict:
+    """A saved row with what the tables read (as --json writes it)."""
+    peer = {"mse_ref": 1.0, "mse_ref_median": 1.0, "mse_ref_p99": 1.0}
+    return {"model": model, "nfe": nfe, "best_peer": "unipc-bh1-o3", "ours": dict(peer), "peers": {"x": peer},
+            "mean_ratio": mean_ratio, "mean_ratio_ci": [mean_ratio * 0.9, mean_ratio * 1.1], "p99_ratio": 0.5,
+            "met": {"mean": mean_ratio <= 0.5, "mean_whole_ci": mean_ratio * 1.1 <= 0.5, "p99": True, "dist": None},
+            "dist": {}, "dist_ratio": None,
+            "search_wall_s": 10.0, "true_evaluations": 96, "report_set": f"report-s0-n{extra.pop('n', 1024)}-1x8x8",
+            **extra}
+
+
+def test_saved_rows_make_one_table_a_later_run_replacing_an_earlier_row(tmp_path):
+    """--rows: the rows of several runs' --json files, one per (model, NFE), the later file's winning; each row
+    keeps the code it was measured on, and the provenance lines say which."""
+    import json
+
+    bench = load_bench("search")
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([_row("digits", 5, 0.6), _row("digits", 6, 0.3)]))  # no code: an older bench's
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps([_row("digits", 5, 0.2, code="abc1234", date="2026-12-06"),
+                               _row("gmm64", 5, 0.1, code="abc1234", date="2026-12-06", n=16384)]))
+    rows = bench.saved_rows([str(old), str(new)])
+    assert [(r["model"], r["nfe"], r["mean_ratio"]) for r in rows] == [("digits", 6, 0.3), ("digits", 5, 0.2),
+                                                                       ("gmm64", 5, 0.1)]
+    assert rows[1]["rows_file"] == str(new)
+    assert bench.provenance(rows) == ["code not recorded: digits 6",
+                                      "abc1234: digits 5, 2026-12-06; gmm64 5, 2026-12-06"]
+    assert bench.report_sizes(rows) == "1024 / 16384"
+    assert "mean <= 0.5x best peer, NFE <= 6: met in 3 of 3 rows (whole 95% CI: 3)" in bench.summary(rows)
+    reversed_order = bench.saved_rows([str(new), str(old)])  # the order of the files decides
+    assert [(r["model"], r["nfe"], r["mean_ratio"]) for r in reversed_order] == [("gmm64", 5, 0.1),
+                                                                                 ("digits", 5, 0.6),
+                                                                                 ("digits", 6, 0.3)]
+    assert "mean <= 0.5x best peer, NFE <= 6: met in 2 of 3 rows (whole 95% CI: 2)" in bench.summary(reversed_order)
+
+
+@pytest.mark.parametrize("text, message", [("{}", "the JSON list --json writes, not dict"),
+                                           ('[{"model": "m", "nfe": 5}]', "row 0 lacks best_peer"),
+                                           ("[1]", "row 0 lacks model"), ("not json", "not a readable rows file")])
+def test_a_bad_rows_file_is_named(tmp_path, text, message):
+    bench = load_bench("search")
+    path = tmp_path / "rows.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}: .*{message}"):
+        bench.saved_rows([str(path)])
+
+
+def test_code_version_is_the_checkouts_commit(tmp_path, monkeypatch):
+    """Each row records the commit it was measured on, "+changes" when tracked files differ from it."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    bench = load_bench("search")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    assert bench.code_version() == "unknown"  # not a checkout
+
+    def git(*argv):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *argv],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("commit", "-qm", "one")
+    (tmp_path / "untracked.txt").write_text("not code\n")
+    assert bench.code_version() == git("rev-parse", "--short", "HEAD")
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert bench.code_version() == git("rev-parse", "--short", "HEAD") + "+changes"
