@@ -57,6 +57,7 @@ import torch
 
 from autotune.evaluate.ids import PER_SAMPLE
 from autotune.evaluate.metrics import ERROR_FIGURES, encode_errors, error_summary
+from autotune.sampling.capabilities import capabilities_of
 from autotune.sampling.named import DIFFUSERS_PEERS
 from autotune.search.pareto import direction
 from autotune.tables import DATA_METRICS, versus  # the one ratio convention: best peer / ours, > 1 ours better
@@ -93,11 +94,14 @@ LEGEND = ("ok: target met, NO: missed; peers: dpm2m/3m = DPM-Solver++ 2M/3M (-k:
           "uni1/uni2-oK = UniPC bh1/bh2 order K, deis2/3 = DEIS order 2/3; flow models: euler-sK = "
           "FlowMatchEuler shift K, uni-flow / dpm2m-flow = UniPC / DPM-Solver++ 2M with flow sigmas")
 
+DIST_LEGEND = ("NO, undecided: worse on these noises, but the paired 95% interval of the difference (resampling "
+               "the report noises for both) reaches no worse")
 TRAIN_STEPS = 1000  # the discretisation a continuous VP schedule is given to diffusers in
 DIST_HEADLINE = ("fd", "swd")  # the distribution metric shown as a ratio, the first one a model reports
 # "no worse" allows this relative difference: the search may return a peer's own schedule (its seeds are the named
 # schedules), which our executor and diffusers' float32 loop reproduce only to about 1e-5 (measured on digits)
 SAME_WITHIN = 1e-4
+DIST_RESAMPLES = 200  # the distribution metrics' paired bootstrap (an FD refit per resample: 5 ms on digits)
 ROW_KEYS = ("model", "nfe", "best_peer", "ours", "peers", "mean_ratio", "mean_ratio_ci", "p99_ratio", "met", "dist",
             "search_wall_s", "true_evaluations")  # what a saved row needs for the tables (--rows)
 
@@ -208,7 +212,6 @@ def run_peer(model, peer: str, noise: torch.Tensor, labels, nfe: int, guidance) 
 def sample_metrics(model, samples: torch.Tensor, reference, labels) -> dict[str, Any]:
     """The report-set figures `evaluate.metrics.score` gives a schedule, for samples made elsewhere: the error
     summary, the per-sample errors (for paired ratios) and the model's distribution metrics."""
-    from autotune.sampling.capabilities import capabilities_of
 
     errors = ((samples.double() - reference.final.double()) ** 2).flatten(1).mean(1).numpy()
     if not np.isfinite(errors).all():
@@ -219,27 +222,62 @@ def sample_metrics(model, samples: torch.Tensor, reference, labels) -> dict[str,
     return row
 
 
-def score_peers(model, report, guidance, nfe: int) -> dict[str, dict[str, Any]]:
+def flow_peer_schedule(model, peer: str, nfe: int, guidance):
+    """A flow model's peer: the named schedule that reproduces the diffusers flow scheduler (FLOW_PEERS)."""
+    import dataclasses
+
+    from autotune.sampling.named import build
+
+    return dataclasses.replace(build(peer, model.noise, nfe), guidance=guidance)
+
+
+def score_peers(model, report, guidance, nfe: int) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """Every peer's report-set figures, and (where the model scores resamples: `dist_intervals`) the diffusers
+    peers' samples (a flow model's peers are sampled again when needed: the evaluator keeps no samples)."""
     from autotune.progress_cli import step
 
-    scored = {}
+    scored, samples = {}, {}
     if is_flow(model):  # the named schedules, scored by the evaluator against the reference ours was scored against
-        import dataclasses
-
-        from autotune.sampling.named import build
-
         for peer in FLOW_PEERS:
             with step(f"{peer}, NFE {nfe}, {report.eval_set.size} noises"):
-                schedule = dataclasses.replace(build(peer, model.noise, nfe), guidance=guidance)
-                scored[peer] = report.evaluate(schedule)
-        return scored
+                scored[peer] = report.evaluate(flow_peer_schedule(model, peer, nfe, guidance))
+        return scored, samples
     reference = report.reference(guidance, nfe=nfe)  # the one the search's schedule is scored against
     noise, labels = report.eval_set.noise(torch.float32), report.eval_set.labels()
+    keep = capabilities_of(model).data_metric_draws
     for peer in PEERS:  # a line each: on a transformer a peer on 1024 noises takes a minute
         with step(f"diffusers {peer}, NFE {nfe}, {len(noise)} noises"):
-            scored[peer] = sample_metrics(model, run_peer(model, peer, noise, labels, nfe, guidance), reference,
-                                          labels)
-    return scored
+            x = run_peer(model, peer, noise, labels, nfe, guidance)
+            scored[peer] = sample_metrics(model, x, reference, labels)
+            if keep:
+                samples[peer] = x
+    return scored, samples
+
+
+def report_samples(model, report, schedule) -> torch.Tensor:
+    """The schedule's final samples on the report set's noises, as the evaluator drew them to score it."""
+    from autotune.sampling.executor import sample_in_chunks
+
+    noise = report.eval_set.noise(torch.float32)
+    return sample_in_chunks(model, schedule, noise, report.eval_set.conditions(), check_finite=True).sample
+
+
+def excess(metric: str, ours, peer):
+    """How much worse ours is on a distribution metric (> 0: worse), in its own units."""
+    return peer - ours if direction(metric) == "maximize" else ours - peer
+
+
+def dist_intervals(model, ours: torch.Tensor, peer: torch.Tensor, labels) -> dict[str, list[float]]:
+    """Each distribution metric's paired-bootstrap 95 % interval of ours' excess over the peer (`excess`): the
+    same DIST_RESAMPLES resamples of the report noises from both sample sets. {} where the model cannot score
+    resamples (``data_metric_draws``)."""
+    from autotune.evaluate.metrics import bootstrap_indices, bootstrap_interval
+
+    if not capabilities_of(model).data_metric_draws:
+        return {}
+    indices = bootstrap_indices(len(ours), DIST_RESAMPLES)
+    a, b = model.data_metric_draws(ours, labels, indices), model.data_metric_draws(peer, labels, indices)
+    return {k: list(bootstrap_interval(excess(k, a[k], b[k]))) for k in a if k in b}
 
 
 # ------------------------------------------------------------------------------------------------- search
@@ -286,17 +324,34 @@ def no_worse(metric: str, ours: float, peer: float) -> bool:
     return ours >= peer - slack if direction(metric) == "maximize" else ours <= peer + slack
 
 
-def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict[str, Any]], outcome) -> dict:
-    """One table row: ours against the best peer (lowest mean), the targets, the search's cost."""
-    finite = [p for p in peers if math.isfinite(peers[p]["mse_ref"])]
-    best = min(finite, key=lambda p: peers[p]["mse_ref"])
-    best_p99 = min(finite, key=lambda p: peers[p]["mse_ref_p99"])
+def best_peer(peers: dict[str, dict[str, Any]], figure: str = "mse_ref") -> str:
+    """The peer with the lowest ``figure`` among those that did not diverge."""
+    return min((p for p in peers if math.isfinite(peers[p]["mse_ref"])), key=lambda p: peers[p][figure])
+
+
+def dist_entry(metric: str, ours: float, peer: float, interval: list[float] | None) -> dict[str, Any]:
+    """A distribution metric's row entry: the figures, no worse (within SAME_WITHIN), and with the paired interval
+    of ours' excess over the peer (`dist_intervals`) whether the whole interval is worse ("decided_worse") or no
+    worse ("whole_ci_no_worse"); None for both without an interval."""
+    slack = SAME_WITHIN * abs(peer)
+    entry = {"ours": ours, "peer": peer, "no_worse": no_worse(metric, ours, peer), "excess_ci": interval,
+             "decided_worse": None, "whole_ci_no_worse": None}
+    if interval is not None:
+        entry["decided_worse"], entry["whole_ci_no_worse"] = interval[0] > slack, interval[1] <= slack
+    return entry
+
+
+def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict[str, Any]], outcome,
+                dist_ci: dict[str, list[float]] | None = None) -> dict:
+    """One table row: ours against the best peer (lowest mean), the targets, the search's cost; ``dist_ci``:
+    the distribution metrics' paired intervals against that peer (`dist_intervals`), where measured."""
+    best, best_p99 = best_peer(peers), best_peer(peers, "mse_ref_p99")
     peer = peers[best]
     mean_ratio, ci_low, ci_high = ours_over(ours, peer)
     p99_ratio = ours["mse_ref_p99"] / peer["mse_ref_p99"] if peer["mse_ref_p99"] > 0 else math.inf
     p99_low, p99_high = p99_over(ours, peer)
-    dist = {k: {"ours": ours[k], "peer": peer[k], "no_worse": no_worse(k, ours[k], peer[k])}
-            for k in DATA_METRICS if k in ours and k in peer}
+    dist = {k: dist_entry(k, ours[k], peer[k], (dist_ci or {}).get(k)) for k in DATA_METRICS if k in ours and k in peer}
+    measured = [d for d in dist.values() if d["excess_ci"] is not None]
     headline = next((k for k in DIST_HEADLINE if k in dist), None)
     target = mean_target(nfe)
     figures = ("mse_ref", "mse_ref_median", "mse_ref_p99")
@@ -313,7 +368,9 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
         "met": {"mean": mean_ratio <= target, "mean_whole_ci": ci_high is not None and ci_high <= target,
                 "p99": no_worse("mse_ref_p99", ours["mse_ref_p99"], peer["mse_ref_p99"]),
                 "p99_whole_ci": p99_high is not None and p99_high <= 1 + SAME_WITHIN,
-                "dist": all(d["no_worse"] for d in dist.values()) if dist else None},
+                "dist": all(d["no_worse"] for d in dist.values()) if dist else None,
+                "dist_whole_ci": all(d["whole_ci_no_worse"] for d in measured) if measured else None,
+                "dist_decided_worse": any(d["decided_worse"] for d in measured) if measured else None},
         "search_wall_s": outcome.seconds, "search_loop_s": outcome.search.seconds,
         "true_evaluations": outcome.true_evaluations, "method": outcome.method,
         "budget_spent": outcome.search.spent,
@@ -342,7 +399,9 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         with step(f"scoring ours, {report.eval_set.size} noises") as progress:
             report.progress = progress  # the report set's reference, solved first unless cached
             ours = report.evaluate(outcome.best)
-        row = compare_row(name, nfe, ours, score_peers(model, report, guidance, nfe), outcome)
+        peers, peer_samples = score_peers(model, report, guidance, nfe)
+        row = compare_row(name, nfe, ours, peers, outcome,
+                          paired_dist_intervals(model, report, outcome.best, ours, peers, peer_samples, nfe, guidance))
         row["report_set"] = report.eval_set.id
         row["code"], row["date"] = args.code, time.strftime("%Y-%m-%d")
         row["reference_dist"] = report.reference_data_metrics(outcome.best)  # what ours was scored against
@@ -359,6 +418,28 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
                             "solvers_used": sorted({st.solver for st in grown_outcome.best.steps})}
         rows.append(row)
     return rows
+
+
+def paired_dist_intervals(model, report, schedule, ours: dict[str, Any], peers: dict[str, dict[str, Any]],
+                          peer_samples: dict[str, torch.Tensor], nfe: int, guidance) -> dict[str, list[float]]:
+    """`dist_intervals` of ours against the best peer, on samples drawn again (the evaluator keeps none); they
+    must give the figures the report scored, or the intervals would be of other samples."""
+    from autotune.progress_cli import step
+
+    if not capabilities_of(model).data_metric_draws or ours.get("diverged"):
+        return {}
+    best, labels = best_peer(peers), report.eval_set.labels()
+    with step(f"distribution metrics: paired intervals against {best}"):
+        mine = report_samples(model, report, schedule)
+        theirs = peer_samples.get(best)
+        if theirs is None:  # a flow peer, scored by the evaluator
+            theirs = report_samples(model, report, flow_peer_schedule(model, best, nfe, guidance))
+        for name, samples, figures in (("ours", mine, ours), (best, theirs, peers[best])):
+            again = model.data_metrics(samples, labels)
+            if any(not math.isclose(again[k], figures[k], rel_tol=1e-6, abs_tol=1e-9) for k in again if k in figures):
+                raise RuntimeError(f"{name}: its samples drawn again score {again}, the report scored "
+                                   f"{ {k: figures[k] for k in again if k in figures} }")
+        return dist_intervals(model, mine, theirs, labels)
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -435,8 +516,15 @@ def dist_table(rows: list[dict]):
         for k, d in r["dist"].items():
             ref = r.get("reference_dist", {}).get(k)
             table.add_row(r["model"], str(r["nfe"]), DATA_METRICS[k], f"{d['ours']:.4g}", f"{d['peer']:.4g}",
-                          "-" if ref is None else f"{ref:.4g}", "ok" if d["no_worse"] else "NO")
+                          "-" if ref is None else f"{ref:.4g}", dist_verdict(d))
     return table
+
+
+def dist_verdict(entry: dict[str, Any]) -> str:
+    """ok; NO; or, with the paired interval, "NO, undecided" where it reaches no worse (DIST_LEGEND)."""
+    if entry["no_worse"]:
+        return "ok"
+    return "NO, undecided" if entry.get("decided_worse") is False else "NO"
 
 
 def saved_rows(paths: list[str]) -> list[dict]:
@@ -483,10 +571,16 @@ def summary(rows: list[dict]) -> list[str]:
     low = [r for r in rows if r["nfe"] <= 6]
     high = [r for r in rows if r["nfe"] > 6]
     with_dist = [r for r in rows if r["dist"]]
+    dist = count(with_dist, "dist", "distribution metrics no worse (models with one)")
+    measured = [r for r in with_dist if r["met"].get("dist_decided_worse") is not None]
+    if measured:
+        worse = sum(bool(r["met"]["dist_decided_worse"]) for r in measured)
+        whole = sum(bool(r["met"]["dist_whole_ci"]) for r in measured)
+        dist += (f"; of {len(measured)} with paired intervals, worse with the whole 95% CI in {worse}, no worse "
+                 f"with it in {whole}")
     return [count(low, "mean", "mean <= 0.5x best peer, NFE <= 6"),
             count(high, "mean", "mean <= 0.7x best peer, NFE > 6"),
-            count(rows, "p99", "p99 no worse than best peer"),
-            count(with_dist, "dist", "distribution metrics no worse (models with one)")]
+            count(rows, "p99", "p99 no worse than best peer"), dist]
 
 
 def main() -> None:
@@ -560,6 +654,7 @@ def print_rows(console, rows: list[dict], args) -> None:
                   highlight=False)
     if any(r["dist"] for r in rows):
         console.print(dist_table(rows))
+        console.print(DIST_LEGEND, highlight=False)
     grown = [r for r in rows if "grown" in r]
     if grown:
         console.print(grown_table(grown, " / ".join(sorted({",".join(r["grown"]["solvers"]) for r in grown}))))

@@ -70,6 +70,11 @@ def bootstrap_indices(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
+def bootstrap_interval(draws: np.ndarray) -> tuple[float, float]:
+    """The percentile 95 % interval of a statistic's bootstrap draws."""
+    return _interval(np.asarray(draws, dtype=np.float64))
+
+
 def _interval(draws: np.ndarray) -> tuple[float, float]:
     tail = (1.0 - CONFIDENCE) / 2 * 100
     low, high = np.percentile(draws, [tail, 100 - tail])

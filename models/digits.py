@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -228,14 +229,24 @@ class DigitsDenoiser(TorchDenoiser):
     def data_metrics(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         """Frechet distance (``fd``) between the shipped classifier's features of the samples (clamped to
         [-1, 1], as images are) and of all 1797 real digits; ``class_acc``: share classified as asked."""
+        whole = np.arange(samples.shape[0])[None]
+        return {k: float(v[0]) for k, v in self.data_metric_draws(samples, labels, whole).items()}
+
+    def data_metric_draws(self, samples: torch.Tensor, labels: torch.Tensor | None,
+                          indices: np.ndarray) -> dict[str, np.ndarray]:
+        """``data_metrics`` of each resample ``samples[row]`` for the rows of ``indices`` (a bootstrap's), the
+        classifier run once on all the samples."""
         from autotune.evaluate.distribution import frechet_distance
 
         clf, real_features = _classifier_and_real_features()
         x = samples.detach().float().clamp(-1.0, 1.0)
         with torch.no_grad():
-            out = {"fd": frechet_distance(clf.features(x).double().numpy(), real_features)}
+            features = clf.features(x.to(next(clf.parameters()).dtype))
+            f = features.double().numpy()
+            out = {"fd": np.array([frechet_distance(f[row], real_features) for row in indices])}
             if labels is not None:
-                out["class_acc"] = float((clf.predict(x) == labels.to(x.device)).float().mean())
+                correct = (clf.head(features).argmax(1) == labels.to(x.device)).double().numpy()
+                out["class_acc"] = correct[indices].mean(1)
         return out
 
 

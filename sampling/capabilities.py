@@ -27,6 +27,7 @@ class Capabilities:
         guidance_input: the network takes the guidance scale as an input (distilled guidance, Flux dev).
         engine_conditions: an engine takes several named condition inputs (``engine_condition_inputs``).
         data_metrics: the model scores sample sets itself (``data_metrics``: e.g. Frechet distance, accuracy).
+        data_metric_draws: it also scores bootstrap resamples of a set (``data_metric_draws``: paired intervals).
         units: the units a schedule's skip (and reuse) masks may name, as the model lists them.
     """
 
@@ -37,6 +38,7 @@ class Capabilities:
     guidance_input: bool = False
     engine_conditions: bool = False
     data_metrics: bool = False
+    data_metric_draws: bool = False
     units: tuple[str, ...] = ()
 
     @property
@@ -65,6 +67,7 @@ def capabilities_of(model: Any) -> Capabilities:
         guidance_input=bool(getattr(model, "guidance_embeds", False)),
         engine_conditions=callable(getattr(model, "engine_condition_inputs", None)),
         data_metrics=callable(getattr(model, "data_metrics", None)),
+        data_metric_draws=callable(getattr(model, "data_metric_draws", None)),
         units=getattr(model, "units", None) or (),  # as the model has them (digits' Units also lists reusable ones)
     )
 

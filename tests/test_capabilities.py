@@ -19,6 +19,8 @@ def test_builtin_models_answer_from_their_members():
     assert digits.sample_shape == (1, 16, 16) and digits.num_classes == 10 and digits.guided and digits.images
     assert digits.units and not digits.decodes and not digits.prompts
     assert gmm.sample_shape == (2,) and not gmm.guided and not gmm.images and gmm.data_metrics
+    assert digits.data_metric_draws and gmm.data_metric_draws
+    assert not capabilities_of(TorchDenoiser(lambda x, t: 0.0 * x, VPLinear(), "epsilon")).data_metric_draws
 
 
 def test_a_declared_value_wins_and_drives_the_rules():

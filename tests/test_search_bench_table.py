@@ -113,3 +113,71 @@ def test_code_version_is_the_checkouts_commit(tmp_path, monkeypatch):
     assert bench.code_version() == git("rev-parse", "--short", "HEAD")
     (tmp_path / "f.py").write_text("a = 2\n")
     assert bench.code_version() == git("rev-parse", "--short", "HEAD") + "+changes"
+
+
+def test_distribution_metrics_get_a_paired_interval_and_a_verdict():
+    """`dist_intervals` resamples the report noises for both sample sets: samples far from the data are worse
+    with the whole interval, the same samples are even (0 exactly), and a verdict reads the interval."""
+    import torch
+
+    from autotune.models.registry import load_model
+
+    bench = load_bench("search")
+    gmm = load_model("gmm2d")
+    data = gmm.sample_data(256, torch.Generator().manual_seed(1)).float()
+    collapsed = torch.zeros_like(data)  # every sample at the origin: far from the mixture's spread
+    worse = bench.dist_intervals(gmm, collapsed, data, None)
+    assert set(worse) == {"nll_gap", "swd"} and worse["swd"][0] > 0  # ours (collapsed) worse, decided
+    better = bench.dist_intervals(gmm, data, collapsed, None)
+    assert better["swd"][1] < 0
+    assert bench.dist_intervals(gmm, data, data.clone(), None) == {"nll_gap": [0.0, 0.0], "swd": [0.0, 0.0]}
+
+    decided = bench.dist_entry("swd", 0.5, 0.1, worse["swd"])
+    assert (decided["no_worse"], decided["decided_worse"], bench.dist_verdict(decided)) == (False, True, "NO")
+    undecided = bench.dist_entry("class_acc", 0.95, 0.96, [-0.01, 0.03])  # higher is better: excess = peer - ours
+    assert (undecided["no_worse"], undecided["decided_worse"]) == (False, False)
+    assert bench.dist_verdict(undecided) == "NO, undecided"
+    unmeasured = bench.dist_entry("fd", 12.0, 10.0, None)
+    assert unmeasured["decided_worse"] is None and bench.dist_verdict(unmeasured) == "NO"
+    assert bench.dist_verdict(bench.dist_entry("fd", 9.0, 10.0, [-2.0, -0.5])) == "ok"
+    assert bench.excess("class_acc", 0.95, 0.96) == pytest.approx(0.01) and bench.excess("fd", 12.0, 10.0) == 2.0
+
+
+def test_digits_scores_resamples_as_it_scores_a_set():
+    """data_metric_draws: a resample that is the whole set (in any order) gives data_metrics' figures; class
+    accuracy of a resample is the share of its rows classified as asked."""
+    import numpy as np
+    import torch
+
+    from autotune.models.digits import _classifier_and_real_features
+    from autotune.models.registry import load_model
+
+    digits = load_model("digits")
+    x = (torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.6).clamp(-1, 1)
+    labels = torch.arange(64) % 10
+    whole = digits.data_metrics(x, labels)
+    rows = np.stack([np.arange(64), np.arange(64)[::-1], np.repeat(np.arange(8), 8)])
+    draws = digits.data_metric_draws(x, labels, rows)
+    assert draws["fd"][:2] == pytest.approx([whole["fd"]] * 2, rel=1e-9) and draws["fd"][2] != draws["fd"][0]
+    clf, _ = _classifier_and_real_features()
+    correct = (clf.predict(x) == labels).double().numpy()
+    assert draws["class_acc"] == pytest.approx(correct[rows].mean(1))
+    assert draws["class_acc"][0] == pytest.approx(whole["class_acc"])
+
+
+def test_the_summary_counts_distribution_misses_the_interval_decides():
+    bench = load_bench("search")
+
+    def with_dist(entry):
+        row = _row("digits", 5, 0.2)
+        row["dist"] = {"fd": entry}
+        row["met"].update(dist=entry["no_worse"], dist_decided_worse=entry["decided_worse"],
+                          dist_whole_ci=entry["whole_ci_no_worse"])
+        return row
+
+    rows = [with_dist(bench.dist_entry("fd", 12.0, 10.0, [1.0, 3.0])),  # worse, decided
+            with_dist(bench.dist_entry("fd", 12.0, 10.0, [-1.0, 3.0])),  # worse on the figure only
+            with_dist(bench.dist_entry("fd", 9.0, 10.0, [-2.0, -0.5])),  # better, decided
+            with_dist(bench.dist_entry("fd", 9.0, 10.0, None))]  # a row saved before the intervals
+    assert bench.summary(rows)[-1] == ("distribution metrics no worse (models with one): met in 2 of 4 rows; of 3 "
+                                       "with paired intervals, worse with the whole 95% CI in 1, no worse with it in 1")
