@@ -432,14 +432,49 @@ def paired_dist_intervals(model, report, schedule, ours: dict[str, Any], peers: 
     with step(f"distribution metrics: paired intervals against {best}"):
         mine = report_samples(model, report, schedule)
         theirs = peer_samples.get(best)
-        if theirs is None:  # a flow peer, scored by the evaluator
-            theirs = report_samples(model, report, flow_peer_schedule(model, best, nfe, guidance))
+        if theirs is None:  # a flow peer, scored by the evaluator; or a saved row's (--recheck-dist)
+            theirs = (report_samples(model, report, flow_peer_schedule(model, best, nfe, guidance)) if is_flow(model)
+                      else run_peer(model, best, report.eval_set.noise(torch.float32), labels, nfe, guidance))
         for name, samples, figures in (("ours", mine, ours), (best, theirs, peers[best])):
             again = model.data_metrics(samples, labels)
             if any(not math.isclose(again[k], figures[k], rel_tol=1e-6, abs_tol=1e-9) for k in again if k in figures):
                 raise RuntimeError(f"{name}: its samples drawn again score {again}, the report scored "
                                    f"{ {k: figures[k] for k in again if k in figures} }")
         return dist_intervals(model, mine, theirs, labels)
+
+
+def recheck_dist(rows: list[dict], args, work: Path, log: Callable[[str], None]) -> None:
+    """--recheck-dist: the paired distribution intervals of saved rows, from their schedule files and the best peer
+    sampled again on the same report noises (no search); the rows are updated in place. A row whose schedule file
+    is gone, or whose model scores no resamples, keeps what it had (said in ``log``)."""
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.models.registry import load_model
+    from autotune.space.fileformat import loads
+
+    models: dict[str, tuple[Any, str, Any]] = {}
+    for row in rows:
+        what = f"{row['model']} NFE {row['nfe']}"
+        path, found = Path(row.get("schedule", "")), re.search(r"^report-s(\d+)-n(\d+)-", row.get("report_set", ""))
+        if not row["dist"] or not path.is_file() or not found:
+            log(f"{what}: kept as saved ({'no distribution metric' if not row['dist'] else 'no schedule file'})")
+            continue
+        if row["model"] not in models:
+            model_arg, guidance = model_argument(row["model"], work, args)
+            models[row["model"]] = (load_model(model_arg), model_arg, guidance)
+        model, model_arg, guidance = models[row["model"]]
+        if not capabilities_of(model).data_metric_draws:
+            log(f"{what}: kept as saved (the model scores no resamples)")
+            continue
+        report = Evaluator(model, "report", size=int(found.group(2)), seed=int(found.group(1)), model_spec=model_arg)
+        best = row["best_peer"]
+        intervals = paired_dist_intervals(model, report, loads(path.read_text(), str(path)), row["ours"],
+                                          {best: row["peers"][best]}, {}, row["nfe"], guidance)
+        row["dist"] = {k: dist_entry(k, d["ours"], d["peer"], intervals.get(k)) for k, d in row["dist"].items()}
+        measured = [d for d in row["dist"].values() if d["excess_ci"] is not None]
+        row["met"]["dist_whole_ci"] = all(d["whole_ci_no_worse"] for d in measured) if measured else None
+        row["met"]["dist_decided_worse"] = any(d["decided_worse"] for d in measured) if measured else None
+        row["dist_ci_code"] = args.code
+        log(f"{what}: " + ", ".join(f"{DATA_METRICS[k]} {dist_verdict(d)}" for k, d in row["dist"].items()))
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -608,6 +643,9 @@ def main() -> None:
                         help="the searches use the bench's cache (references solved once; a rerun resumes)")
     parser.add_argument("--rgb32-steps", type=int, default=None, help="training steps of an rgb32 model built now")
     parser.add_argument("--json", default=None, help="also write every row here")
+    parser.add_argument("--recheck-dist", action="store_true",
+                        help="with --rows: give the saved rows' distribution metrics their paired intervals, from "
+                             "their schedule files and the best peer sampled again (no search)")
     parser.add_argument("--rows", nargs="+", default=None, metavar="FILE",
                         help="run nothing: print the tables and the summary of earlier runs' --json files (oldest "
                              "first; a later row of the same model and NFE replaces an earlier one), with the code "
@@ -617,17 +655,22 @@ def main() -> None:
                              "compare it with the default space on the same report set")
     args = parser.parse_args()
     console = Console()
+    args.code = code_version()
+    if args.recheck_dist and not args.rows:
+        parser.error("--recheck-dist rechecks saved rows: give them with --rows")
     if args.rows:
         try:
             rows = saved_rows(args.rows)
         except ValueError as e:
             parser.error(str(e))
+        if args.recheck_dist:
+            torch.set_num_threads(args.threads)
+            recheck_dist(rows, args, Path(args.work), lambda line: print(line, file=sys.stderr, flush=True))
         print_rows(console, rows, args)
         console.print("rows measured on (commit, date):", highlight=False)
         for line in provenance(rows):
             console.print(f"  {line}", highlight=False)
         return
-    args.code = code_version()
     args.nfe = [int(n) for n in args.nfe.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -181,3 +181,48 @@ def test_the_summary_counts_distribution_misses_the_interval_decides():
             with_dist(bench.dist_entry("fd", 9.0, 10.0, None))]  # a row saved before the intervals
     assert bench.summary(rows)[-1] == ("distribution metrics no worse (models with one): met in 2 of 4 rows; of 3 "
                                        "with paired intervals, worse with the whole 95% CI in 1, no worse with it in 1")
+
+
+def test_recheck_gives_a_saved_row_its_intervals_from_its_schedule_file(tmp_path):
+    """--rows --recheck-dist: the row's schedule file and its best peer are sampled again on the report noises
+    its id names; they must reproduce the saved figures (a row whose figures they do not match is refused), and
+    the row gains the intervals a fresh run would have given it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from autotune.evaluate.evaluator import Evaluator
+    from autotune.models.registry import load_model
+    from autotune.sampling.named import build
+    from autotune.space.fileformat import dumps
+
+    bench = load_bench("search")
+    model = load_model("gmm2d")
+    report = Evaluator(model, "report", size=64, seed=3)
+    schedule = build("ddim", model.noise, 4)
+    path = tmp_path / "ours.json"
+    path.write_text(dumps(schedule))
+    ours = report.evaluate(schedule)
+    noise, peers, samples = report.eval_set.noise(torch.float32), {}, {}
+    for peer in ("unipc-bh1-o3", "dpmsolver++2m"):
+        samples[peer] = bench.run_peer(model, peer, noise, None, 4, None)
+        peers[peer] = bench.sample_metrics(model, samples[peer], report.reference(None, nfe=4), None)
+    outcome = SimpleNamespace(seconds=1.0, search=SimpleNamespace(seconds=1.0, spent=4), true_evaluations=4,
+                              method="s3", schedule_path=path)
+    fresh = bench.compare_row("gmm2d", 4, ours, peers, outcome,
+                              bench.paired_dist_intervals(model, report, schedule, ours, peers, samples, 4, None))
+    saved = bench.compare_row("gmm2d", 4, ours, peers, outcome)
+    saved["report_set"] = report.eval_set.id
+    assert all(d["excess_ci"] is None for d in saved["dist"].values())
+    lines = []
+    bench.recheck_dist([saved], SimpleNamespace(code="abc1234"), tmp_path, lines.append)
+    assert saved["dist"] == fresh["dist"] and all(d["excess_ci"] is not None for d in saved["dist"].values())
+    assert saved["met"]["dist_decided_worse"] == fresh["met"]["dist_decided_worse"]
+    assert saved["dist_ci_code"] == "abc1234" and lines[0].startswith("gmm2d NFE 4: NLL gap ")
+
+    saved["ours"]["swd"] *= 1.01  # figures the schedule file does not give
+    with pytest.raises(RuntimeError, match="ours: its samples drawn again score"):
+        bench.recheck_dist([saved], SimpleNamespace(code="abc1234"), tmp_path, lines.append)
+    path.unlink()
+    bench.recheck_dist([saved], SimpleNamespace(code="abc1234"), tmp_path, lines.append)
+    assert lines[-1] == "gmm2d NFE 4: kept as saved (no schedule file)"
