@@ -212,7 +212,6 @@ def run_peer(model, peer: str, noise: torch.Tensor, labels, nfe: int, guidance) 
 def sample_metrics(model, samples: torch.Tensor, reference, labels) -> dict[str, Any]:
     """The report-set figures `evaluate.metrics.score` gives a schedule, for samples made elsewhere: the error
     summary, the per-sample errors (for paired ratios) and the model's distribution metrics."""
-
     errors = ((samples.double() - reference.final.double()) ** 2).flatten(1).mean(1).numpy()
     if not np.isfinite(errors).all():
         return {**{k: math.inf for k in ERROR_FIGURES}, "diverged": True}
@@ -341,6 +340,15 @@ def dist_entry(metric: str, ours: float, peer: float, interval: list[float] | No
     return entry
 
 
+def dist_met(dist: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
+    """The row's distribution targets: every metric no worse on the figure ("dist"); of those with a paired
+    interval, every whole interval no worse ("dist_whole_ci") and any whole interval worse ("dist_decided_worse")."""
+    measured = [d for d in dist.values() if d["excess_ci"] is not None]
+    return {"dist": all(d["no_worse"] for d in dist.values()) if dist else None,
+            "dist_whole_ci": all(d["whole_ci_no_worse"] for d in measured) if measured else None,
+            "dist_decided_worse": any(d["decided_worse"] for d in measured) if measured else None}
+
+
 def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict[str, Any]], outcome,
                 dist_ci: dict[str, list[float]] | None = None) -> dict:
     """One table row: ours against the best peer (lowest mean), the targets, the search's cost; ``dist_ci``:
@@ -351,7 +359,6 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
     p99_ratio = ours["mse_ref_p99"] / peer["mse_ref_p99"] if peer["mse_ref_p99"] > 0 else math.inf
     p99_low, p99_high = p99_over(ours, peer)
     dist = {k: dist_entry(k, ours[k], peer[k], (dist_ci or {}).get(k)) for k in DATA_METRICS if k in ours and k in peer}
-    measured = [d for d in dist.values() if d["excess_ci"] is not None]
     headline = next((k for k in DIST_HEADLINE if k in dist), None)
     target = mean_target(nfe)
     figures = ("mse_ref", "mse_ref_median", "mse_ref_p99")
@@ -368,9 +375,7 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
         "met": {"mean": mean_ratio <= target, "mean_whole_ci": ci_high is not None and ci_high <= target,
                 "p99": no_worse("mse_ref_p99", ours["mse_ref_p99"], peer["mse_ref_p99"]),
                 "p99_whole_ci": p99_high is not None and p99_high <= 1 + SAME_WITHIN,
-                "dist": all(d["no_worse"] for d in dist.values()) if dist else None,
-                "dist_whole_ci": all(d["whole_ci_no_worse"] for d in measured) if measured else None,
-                "dist_decided_worse": any(d["decided_worse"] for d in measured) if measured else None},
+                **dist_met(dist)},
         "search_wall_s": outcome.seconds, "search_loop_s": outcome.search.seconds,
         "true_evaluations": outcome.true_evaluations, "method": outcome.method,
         "budget_spent": outcome.search.spent,
@@ -470,9 +475,7 @@ def recheck_dist(rows: list[dict], args, work: Path, log: Callable[[str], None])
         intervals = paired_dist_intervals(model, report, loads(path.read_text(), str(path)), row["ours"],
                                           {best: row["peers"][best]}, {}, row["nfe"], guidance)
         row["dist"] = {k: dist_entry(k, d["ours"], d["peer"], intervals.get(k)) for k, d in row["dist"].items()}
-        measured = [d for d in row["dist"].values() if d["excess_ci"] is not None]
-        row["met"]["dist_whole_ci"] = all(d["whole_ci_no_worse"] for d in measured) if measured else None
-        row["met"]["dist_decided_worse"] = any(d["decided_worse"] for d in measured) if measured else None
+        row["met"].update(dist_met(row["dist"]))
         row["dist_ci_code"] = args.code
         log(f"{what}: " + ", ".join(f"{DATA_METRICS[k]} {dist_verdict(d)}" for k, d in row["dist"].items()))
 
