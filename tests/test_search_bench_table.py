@@ -3,6 +3,8 @@ evaluations it spent over the scores it made."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from bench_scripts import load_bench
 
@@ -226,3 +228,10 @@ def test_recheck_gives_a_saved_row_its_intervals_from_its_schedule_file(tmp_path
     path.unlink()
     bench.recheck_dist([saved], SimpleNamespace(code="abc1234"), tmp_path, lines.append)
     assert lines[-1] == "gmm2d NFE 4: kept as saved (no schedule file)"
+
+
+def test_a_ratio_on_the_target_shows_the_digit_that_decides_it():
+    bench = load_bench("search")
+    assert bench.marked(0.4952, True, 0.5) == "0.495 ok" and bench.marked(0.5030, False, 0.5) == "0.503 NO"
+    assert bench.marked(0.47, True, 0.5) == "0.47 ok" and bench.marked(0.998, True, 1.0) == "0.998 ok"
+    assert bench.marked(0.4952, None) == "0.50" and bench.marked(math.inf, False, 0.5) == "inf NO"
