@@ -179,9 +179,10 @@ class RayPool:
                 # address "local" starts a private Ray for this run even if another cluster runs on the machine.
                 # Its workers run at this process's priority: Ray's default niceness 15 starved them whenever
                 # anything else ran (the README's digits search loop, three busy processes beside it: 25 min 20 s,
-                # 45 s on an idle machine), while the driver, at 0, only waits for them.
-                # (os.nice is POSIX only: elsewhere Ray's own default stays)
-                niceness = {"_system_config": {"worker_niceness": os.nice(0)}} if hasattr(os, "nice") else {}
+                # 45 s on an idle machine), while the driver, at 0, only waits for them. worker_niceness is an
+                # increment on the niceness the workers inherit from this process: 0 keeps them at ours (measured:
+                # a driver under `nice -n 5` given os.nice(0) put its workers at 10). POSIX only, as os.nice.
+                niceness = {"_system_config": {"worker_niceness": 0}} if hasattr(os, "nice") else {}
                 ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                          ignore_reinit_error=True, **({} if address else {"num_cpus": max(workers, 1), **niceness}))
             except (ConnectionError, RuntimeError, ValueError) as e:
