@@ -270,13 +270,27 @@ def dist_intervals(model, ours: torch.Tensor, peer: torch.Tensor, labels) -> dic
     """Each distribution metric's paired-bootstrap 95 % interval of ours' excess over the peer (`excess`): the
     same DIST_RESAMPLES resamples of the report noises from both sample sets. {} where the model cannot score
     resamples (``data_metric_draws``)."""
-    from autotune.evaluate.metrics import bootstrap_indices, bootstrap_interval
-
     if not capabilities_of(model).data_metric_draws:
         return {}
-    indices = bootstrap_indices(len(ours), DIST_RESAMPLES)
-    a, b = model.data_metric_draws(ours, labels, indices), model.data_metric_draws(peer, labels, indices)
-    return {k: list(bootstrap_interval(excess(k, a[k], b[k]))) for k in a if k in b}
+    return excess_intervals(metric_draws(model, ours, labels)[1], metric_draws(model, peer, labels)[1])
+
+
+def metric_draws(model, samples: torch.Tensor, labels) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """(the distribution metrics of the whole set, their DIST_RESAMPLES bootstrap draws): one
+    ``data_metric_draws`` call, so the model's features are computed once for both."""
+    from autotune.evaluate.metrics import bootstrap_indices
+
+    n = len(samples)
+    draws = model.data_metric_draws(samples, labels, np.vstack([np.arange(n)[None],
+                                                                bootstrap_indices(n, DIST_RESAMPLES)]))
+    return {k: float(v[0]) for k, v in draws.items()}, {k: v[1:] for k, v in draws.items()}
+
+
+def excess_intervals(ours: dict[str, np.ndarray], peer: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """The 95 % interval of ours' `excess` over the peer per metric, from draws on the same resamples."""
+    from autotune.evaluate.metrics import bootstrap_interval
+
+    return {k: list(bootstrap_interval(excess(k, ours[k], peer[k]))) for k in ours if k in peer}
 
 
 # ------------------------------------------------------------------------------------------------- search
@@ -440,12 +454,14 @@ def paired_dist_intervals(model, report, schedule, ours: dict[str, Any], peers: 
         if theirs is None:  # a flow peer, scored by the evaluator; or a saved row's (--recheck-dist)
             theirs = (report_samples(model, report, flow_peer_schedule(model, best, nfe, guidance)) if is_flow(model)
                       else run_peer(model, best, report.eval_set.noise(torch.float32), labels, nfe, guidance))
+        draws = []
         for name, samples, figures in (("ours", mine, ours), (best, theirs, peers[best])):
-            again = model.data_metrics(samples, labels)
+            again, resampled = metric_draws(model, samples, labels)
             if any(not math.isclose(again[k], figures[k], rel_tol=1e-6, abs_tol=1e-9) for k in again if k in figures):
                 raise RuntimeError(f"{name}: its samples drawn again score {again}, the report scored "
                                    f"{ {k: figures[k] for k in again if k in figures} }")
-        return dist_intervals(model, mine, theirs, labels)
+            draws.append(resampled)
+        return excess_intervals(*draws)
 
 
 def recheck_dist(rows: list[dict], args, work: Path, log: Callable[[str], None]) -> None:
