@@ -353,7 +353,7 @@ def eval_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the cache"),
 ) -> None:
     """Score a schedule file on MODEL: mse_ref against the reference ODE solution, trajectory error, NFE, time."""
-    from autotune.evaluate.ids import PER_SAMPLE, metrics_json
+    from autotune.evaluate.ids import DATA_DRAWS, PER_SAMPLE, metrics_json
     from autotune.space.fileformat import load
 
     sched = load(schedule)
@@ -375,7 +375,7 @@ def eval_cmd(
             evaluator.progress = progress  # the set's reference, solved first unless cached
             metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
     if as_json:
-        shown = {k: v for k, v in metrics.items() if k != PER_SAMPLE}  # a payload for paired comparisons
+        shown = {k: v for k, v in metrics.items() if k not in (PER_SAMPLE, DATA_DRAWS)}  # payloads for pairing
         console.print_json(metrics_json({**shown, "eval_set": set_id}))
         return
     from autotune.tables import metrics_table
@@ -690,14 +690,16 @@ def _print_search(outcome) -> None:
 
         console.print(f"Optuna study {study_name(outcome.search_id)}; browse it with:")
         console.print(f"optuna-dashboard {outcome.study_url}", highlight=False, soft_wrap=True)  # one line, to copy
-    from autotune.tables import reference_metrics_line, report_tables, tail_line
+    from autotune.tables import dist_lines, reference_metrics_line, report_tables, tail_line
 
     shown = [{**r.metrics, "name": r.name} for r in outcome.ours + outcome.peers]
     title = f"report set {outcome.report_set}, NFE {outcome.best.nfe}"
     for table in report_tables(shown, shown[len(outcome.ours):], title):
         console.print(table)
-    for line in filter(None, (tail_line(r, shown[len(outcome.ours):]) for r in shown[:len(outcome.ours)])):
-        console.print(line, highlight=False, markup=False)  # a schedule name is not markup
+    peers = shown[len(outcome.ours):]
+    for r in shown[:len(outcome.ours)]:
+        for line in filter(None, [tail_line(r, peers), *dist_lines(r, peers)]):
+            console.print(line, highlight=False, markup=False)  # a schedule name is not markup
     if outcome.reference_metrics:
         steps = outcome.report_evaluator.steps_for(outcome.best.nfe)
         console.print(reference_metrics_line(outcome.reference_metrics, steps, outcome.best.guidance),

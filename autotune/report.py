@@ -33,7 +33,8 @@ import numpy as np
 from autotune.errors import AutotuneError
 from autotune.sampling.capabilities import capabilities_of
 from autotune.space.schedule import Schedule
-from autotune.tables import DATA_METRICS, best_row, data_metric_names, fig, mean_interval_text, sci, versus
+from autotune.tables import (DATA_METRICS, best_row, data_metric_names, dist_lines, fig, mean_interval_text, sci,
+                             versus)
 
 SOLVER_MARKERS = {"dpm": "o", "unip-bh1": "s", "unip-bh2": "D", "ipndm": "^"}
 ORDER_COLOURS = {1: "#4477aa", 2: "#228833", 3: "#ee7733", 4: "#aa3377"}
@@ -331,6 +332,8 @@ def figures_section(rows: Sequence[Mapping[str, Any]], named: Sequence[Mapping[s
     """The verdict sentence (when there is a schedule of ours and a named one) and :func:`figures_table`."""
     best_named = best_row(named)
     lead = versus_sentence(ours, best_named) + "\n" if ours is not None and best_named is not None else ""
+    if ours is not None:  # the distribution metrics, each with its paired interval where the rows carry draws
+        lead += "".join(f"{line}.\n\n" for line in dist_lines(ours, named, "a larger report set"))
     return lead + figures_table(rows, best_named) + "\n"
 
 

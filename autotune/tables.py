@@ -22,8 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from rich.table import Column, Table
 from rich.text import Text
 
-from autotune.evaluate.ids import PER_SAMPLE
-from autotune.evaluate.metrics import decode_errors, ratio_interval
+from autotune.evaluate.ids import DATA_DRAWS, PER_SAMPLE, direction
+from autotune.evaluate.metrics import decode_errors, excess, excess_interval, ratio_interval
 
 # the distribution metrics models return (``data_metrics``), in display order, with their column headers
 DATA_METRICS = {"fd": "FD", "class_acc": "class acc", "nll_gap": "NLL gap", "swd": "SWD"}
@@ -138,6 +138,44 @@ def tail_line(row: Mapping[str, Any], peers: Sequence[Mapping[str, Any]], more: 
             f"the lowest named: {shown}, 95% CI {interval(low, high, fmt=fig)}: {verdict}")
 
 
+def dist_lines(row: Mapping[str, Any], peers: Sequence[Mapping[str, Any]], more: str = "--report-size") -> list[str]:
+    """The row's distribution metrics against the best named schedule's (lowest mean, as :func:`versus_table`),
+    one line each: better or worse on the figure, and, where both rows carry bootstrap draws of the metric on the
+    same resamples (``DATA_DRAWS``: report sets), the paired 95 % interval of how much worse it is and whether the
+    set decides that (``more``: the command's option for a larger set). A metric a few-step schedule beats the
+    converged ODE's own samples on (digits' class accuracy) is printed all the same: the reference line says."""
+    best = best_row(peers)
+    if best is None or best is row or row.get("diverged"):
+        return []
+    lines = []
+    for key in data_metric_names([row, best]):
+        a, b = row.get(key), best.get(key)
+        if not (_finite(a) and _finite(b)):
+            continue
+        worse_by = excess(key, float(a), float(b))
+        said = "the same" if fig(a) == fig(b) else f"worse by {fig(abs(worse_by))}" if worse_by > 0 \
+            else f"better by {fig(abs(worse_by))}"
+        lines.append(f"{DATA_METRICS[key]}: {row['name']} {fig(a)} vs {best['name']} {fig(b)}, the best named "
+                     f"({'higher' if direction(key) == 'maximize' else 'lower'} is better): {said}"
+                     + _paired_dist_verdict(key, row, best, more))
+    return lines
+
+
+def _paired_dist_verdict(key: str, row: Mapping[str, Any], best: Mapping[str, Any], more: str) -> str:
+    """``; paired 95% CI of how much worse [lo, hi]: worse | better | not decided ...``, or "" without draws."""
+    a, b = (r.get(DATA_DRAWS, {}).get(key) for r in (row, best))
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return ""
+    da, db = decode_errors(a), decode_errors(b)
+    if da.shape != db.shape or da.size < 2:
+        return ""
+    low, high = excess_interval(key, da, db)
+    n = len(decode_errors(row[PER_SAMPLE])) if isinstance(row.get(PER_SAMPLE), str) else None
+    noises = f"these {n} noises" if n else "this set"
+    verdict = "worse" if low > 0 else "better" if high < 0 else f"not decided by {noises} ({more})"
+    return f"; paired 95% CI of how much worse {interval(low, high, fmt=fig)}: {verdict}"
+
+
 def best_row(rows: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The row with the lowest finite mse_ref, or None."""
     finite = [r for r in rows if _finite(r.get("mse_ref"))]
@@ -230,7 +268,7 @@ def nfe_overview_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
     return table
 
 
-HIDDEN_METRICS = (PER_SAMPLE, "schedule_hash", "evaluated_schedule")  # not figures: ids and payloads
+HIDDEN_METRICS = (PER_SAMPLE, DATA_DRAWS, "schedule_hash", "evaluated_schedule")  # not figures: ids and payloads
 FIRST_METRICS = ("mse_ref", "mse_ref_ci_low", "mse_ref_ci_high", "mse_ref_median", "mse_ref_p99", "mse_ref_cvar",
                  "traj_err", "nfe", "diverged", "diverged_at", "seconds", "cached")
 
@@ -308,7 +346,7 @@ def bench_table(rows: Sequence[Any], rel: Mapping[tuple[str, int], Mapping[str, 
 def compare_tables(rows: Sequence[Mapping[str, Any]], peer_names: Iterable[str], where: str) -> list[Table | Text]:
     """`autotune compare`: the means at every NFE side by side, then per NFE the honest figures
     (:func:`report_tables`) against the best named schedule (``peer_names``) at that NFE, and the
-    :func:`tail_line` of each schedule that is not a named one."""
+    :func:`tail_line` and :func:`dist_lines` of each schedule that is not a named one."""
     named = set(peer_names)
     title = f"mse_ref (mean) on {where}; lower is better, * best per NFE"
     shown: list[Table | Text] = [nfe_overview_table(rows, title)]
@@ -316,6 +354,8 @@ def compare_tables(rows: Sequence[Mapping[str, Any]], peer_names: Iterable[str],
         here = [r for r in rows if int(r["nfe"]) == n]
         peers = [r for r in here if r["name"] in named]
         shown += report_tables(here, peers, f"NFE {n}")
-        tails = (tail_line(r, peers, "--size") for r in here if r["name"] not in named)
-        shown += [Text(line) for line in tails if line is not None]
+        for r in here:
+            if r["name"] not in named:
+                tail = tail_line(r, peers, "--size")
+                shown += [Text(line) for line in ([tail] if tail else []) + dist_lines(r, peers, "--size")]
     return shown

@@ -61,6 +61,9 @@ class Evaluator:
         # samples in place of sample_in_chunks (same signature), e.g. split over a Ray pool's workers
         # (RayPool.sample_split); None: here. The figures are the same up to float rounding of other batch sizes.
         self.sampler: Callable[..., Any] | None = None
+        # a report set's rows carry bootstrap draws of the model's distribution metrics (paired intervals between
+        # schedules in the closing table and `autotune compare`); a search's thousands of evaluations do not
+        self.data_draws = self.eval_set.kind == "report"
 
     def partial_start(self, schedule: Schedule) -> float | None:
         """The schedule's t_start when it starts below T (image-to-image), else None."""
@@ -166,7 +169,7 @@ class Evaluator:
             start = None if t_start is None else self.start_state(schedule.guidance, t_start, schedule.nfe)
             reference = self.reference(schedule.guidance, t_start, schedule.nfe)
             metrics = score(self.model, schedule, self.eval_set, reference, start_state=start, screen=screen,
-                            sampler=self.sampler)
+                            sampler=self.sampler, data_draws=self.data_draws)
         metrics["schedule_hash"] = schedule.hash()
         if metrics.get("screened"):
             return {**metrics, "cached": False}

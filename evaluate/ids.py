@@ -14,6 +14,10 @@ REF_VERSION = "ref2"  # bump when the reference solver changes
 # distance to the data's NLL: a lower NLL rewarded samples collapsed onto the modes)
 METRIC_VERSION = "m5"
 PER_SAMPLE = "mse_ref_per_sample"  # per-sample errors (base64 float32): for paired comparisons, not for display
+# a report-set row's distribution metrics on DIST_RESAMPLES bootstrap resamples ({metric: base64 float32}), drawn on
+# the same index sets for every schedule of that set size: two rows give a paired interval of their difference
+DATA_DRAWS = "data_metric_draws"
+MAXIMIZED = frozenset({"class_acc"})  # metrics the evaluator reports where higher is better
 # set sizes, fit for a 2-core CPU on `digits`; the report set is large enough that a bootstrap interval of the
 # mean separates 2x from 1.3x (at 256 one sample switching mode could double the mean)
 DEFAULT_SIZE = {"search": 128, "report": 1024, "validation": 512}
@@ -26,6 +30,11 @@ DEFAULT_REF_STEPS = 100
 # search's time.
 FEW_STEP_NFE = 6
 FEW_STEP_REF_STEPS = 40
+
+
+def direction(name: str) -> str:
+    """"maximize" for the metrics where higher is better, "minimize" for every other figure."""
+    return "maximize" if name in MAXIMIZED else "minimize"
 
 
 def ref_steps_for(nfe: int) -> int:

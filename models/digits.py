@@ -236,14 +236,14 @@ class DigitsDenoiser(TorchDenoiser):
                           indices: np.ndarray) -> dict[str, np.ndarray]:
         """``data_metrics`` of each resample ``samples[row]`` for the rows of ``indices`` (a bootstrap's), the
         classifier run once on all the samples."""
-        from autotune.evaluate.distribution import frechet_distance
+        from autotune.evaluate.distribution import frechet_distance_draws
 
         clf, real_features = _classifier_and_real_features()
         x = samples.detach().float().clamp(-1.0, 1.0)
         with torch.no_grad():
             features = clf.features(x.to(next(clf.parameters()).dtype))
             f = features.double().numpy()
-            out = {"fd": np.array([frechet_distance(f[row], real_features) for row in indices])}
+            out = {"fd": frechet_distance_draws(f, real_features, indices)}
             if labels is not None:
                 correct = (clf.head(features).argmax(1) == labels.to(x.device)).double().numpy()
                 out["class_acc"] = correct[indices].mean(1)

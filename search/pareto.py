@@ -16,13 +16,9 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-MAXIMIZED = frozenset({"class_acc"})  # metrics the evaluator reports where higher is better
+from autotune.evaluate.ids import MAXIMIZED, direction  # noqa: F401  (one place for which metrics rise)
+
 DIRECTIONS = ("minimize", "maximize")
-
-
-def direction(name: str) -> str:
-    """"maximize" for the metrics where higher is better, "minimize" for every other objective."""
-    return "maximize" if name in MAXIMIZED else "minimize"
 
 
 def _keys(points: Sequence[Mapping[str, float]], objectives: Sequence[str],

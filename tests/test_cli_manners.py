@@ -128,6 +128,34 @@ def test_compare_names_files_of_one_name_by_their_file(tmp_path):
     assert [r["schedule"] for r in rows] == ["ddim", "seed0", "seed1", "mine", "my-grid"]
 
 
+def test_compare_gives_a_schedule_its_distribution_metrics_paired_intervals(tmp_path):
+    """A schedule that is not a named one gets a line per distribution metric against the best named schedule:
+    the figures, better or worse, and the paired 95 % interval of how much worse from both rows' bootstrap draws
+    on the same resamples (report sets carry them); the named rows get none."""
+    import dataclasses
+
+    from autotune.models.registry import load_model
+    from autotune.sampling.named import build
+    from autotune.space.fileformat import save
+
+    noise = load_model("gmm2d").noise
+    mine = save(dataclasses.replace(build("unipc-bh2-o2", noise, 3), name="mine"), tmp_path / "mine.json")
+    result = _run("compare", "--model", "gmm2d", "--nfe", "3", "--baselines", "ddim", "--size", "64", "--no-cache",
+                  "--schedules", mine, "--out", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for label in ("NLL gap", "SWD"):
+        found = re.search(label + r": mine (\S+) vs ddim (\S+), the best named \(lower is better\): "
+                          r"(worse|better) by \S+; paired 95% CI of how much worse \[(\S+), (\S+)\]: "
+                          r"(worse|better|not decided by these 64 noises \(--size\))", text)
+        assert found, (label, text)
+        low, high, verdict = float(found[4]), float(found[5]), found[6]
+        assert low <= high
+        assert verdict == ("worse" if low > 0 else "better" if high < 0 else found[6])
+        assert found[3] == ("worse" if float(found[1]) > float(found[2]) else "better")
+    assert "SWD: ddim" not in text  # the named schedule is the yardstick, not a line of its own
+
+
 def test_compare_out_folder_holds_both_files(tmp_path):
     result = _run(*COMPARE, "--out", tmp_path / "results")
     assert result.exit_code == 0, result.output

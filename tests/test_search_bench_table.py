@@ -8,6 +8,8 @@ import math
 import pytest
 from bench_scripts import load_bench
 
+from autotune.evaluate.metrics import excess
+
 
 def test_evals_column_shows_the_budget_spent_when_scores_were_partial():
     bench = load_bench("search")
@@ -142,7 +144,7 @@ def test_distribution_metrics_get_a_paired_interval_and_a_verdict():
     unmeasured = bench.dist_entry("fd", 12.0, 10.0, None)
     assert unmeasured["decided_worse"] is None and bench.dist_verdict(unmeasured) == "NO"
     assert bench.dist_verdict(bench.dist_entry("fd", 9.0, 10.0, [-2.0, -0.5])) == "ok"
-    assert bench.excess("class_acc", 0.95, 0.96) == pytest.approx(0.01) and bench.excess("fd", 12.0, 10.0) == 2.0
+    assert excess("class_acc", 0.95, 0.96) == pytest.approx(0.01) and excess("fd", 12.0, 10.0) == 2.0
 
 
 def test_digits_scores_resamples_as_it_scores_a_set():

@@ -114,6 +114,45 @@ def test_the_tail_line_says_whether_the_set_decides_the_p99():
     assert tail_line(row("ours", at_cliff[:512]), peers) is None  # not the same noise
 
 
+def test_distribution_lines_say_better_or_worse_and_whether_the_set_decides_it():
+    """dist_lines: each distribution metric against the best named schedule (lowest mean), in the metric's own
+    direction (class accuracy: higher is better), with the paired interval of how much worse from both rows'
+    draws on the same resamples: worse, better, or not decided; without draws, the figures only."""
+    from autotune.evaluate.ids import DATA_DRAWS
+    from autotune.tables import dist_lines
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(12.0, 1.0, 200)  # FD draws of the best named schedule
+
+    def row(name, mse, fd, acc, fd_draws=None, acc_draws=None):
+        r = {"name": name, "mse_ref": mse, "fd": fd, "class_acc": acc,
+             PER_SAMPLE: encode_errors(np.full(1024, mse))}
+        if fd_draws is not None:
+            r[DATA_DRAWS] = {"fd": encode_errors(fd_draws), "class_acc": encode_errors(acc_draws)}
+        return r
+
+    acc = rng.normal(0.97, 0.005, 200)
+    peers = [row("ddim", 3e-2, 20.0, 0.9, base + 8, acc - 0.07), row("uni", 1e-2, 12.0, 0.97, base, acc)]
+    worse = dist_lines(row("ours", 1e-3, 14.0, 0.96, base + 2 + rng.normal(0, 0.1, 200), acc - 0.01), peers)
+    found = re.fullmatch(r"FD: ours 14\.0 vs uni 12\.0, the best named \(lower is better\): worse by 2\.00; "
+                         r"paired 95% CI of how much worse \[(\S+), (\S+)\]: worse", worse[0])
+    assert found and 1.7 < float(found[1]) < 2.0 < float(found[2]) < 2.3, worse[0]
+    assert worse[1].startswith("class acc: ours 0.960 vs uni 0.970, the best named (higher is better): worse by "
+                               "0.0100; paired 95% CI of how much worse [0.0100, 0.0100]: worse")
+    better = dist_lines(row("ours", 1e-3, 11.0, 0.98, base - 1, acc + 0.01), peers, "--size")
+    assert better[0].endswith(": better") and "better by 1.00" in better[0]
+    assert better[1].startswith("class acc: ours 0.980 vs uni 0.970") and better[1].endswith(": better")
+    noisy = dist_lines(row("ours", 1e-3, 12.1, 0.97, base + rng.normal(0, 1.0, 200), acc), peers, "--size")
+    assert noisy[0].endswith("not decided by these 1024 noises (--size)") and "worse by 0.100" in noisy[0]
+    assert noisy[1].startswith("class acc: ours 0.970 vs uni 0.970, the best named (higher is better): the same;")
+    bare = dist_lines(row("ours", 1e-3, 13.0, 0.97), peers)  # no draws (a cached row from before they were kept)
+    assert bare[0] == "FD: ours 13.0 vs uni 12.0, the best named (lower is better): worse by 1.00"
+    assert dist_lines({**row("ours", 1e-3, 13.0, 0.97), "diverged": True}, peers) == []
+    assert dist_lines(peers[1], peers) == []  # the yardstick itself
+    short = row("ours", 1e-3, 14.0, 0.96, base[:100], acc[:100])
+    assert dist_lines(short, peers)[0].endswith("worse by 2.00")  # draws of another set size: no pairing
+
+
 def test_per_sample_errors_round_trip_as_float32():
     x = np.random.default_rng(4).exponential(size=100)
     back = decode_errors(encode_errors(x))
