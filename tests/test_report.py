@@ -119,6 +119,9 @@ def test_report_compare_cli(tmp_path):
     text = md.read_text()
     assert "| schedule | NFE 4 | NFE 5 | NFE 6 |" in text and "## mine" in text and "## odd" in text
     assert text.count("**") >= 6  # the best value of each NFE column is in bold
+    # the distribution metrics against the best named schedule, each with the paired interval of the report set
+    assert re.search(r"SWD: mine \S+ vs \S+ \S+, the best named \(lower is better\): (worse|better) by \S+; "
+                     r"paired 95% CI of how much worse \[\S+, \S+\]: (worse|better|not decided)", text), text
 
 
 def test_report_compare_errors(tmp_path):
