@@ -8,7 +8,9 @@ not fit beside each other go into a second table.
 One convention for "better" and "worse" (:func:`versus`): ratio = the best named schedule's mean error /
 this schedule's, so > 1 means this schedule's error is lower, printed ``2.10x better`` or ``0.80x (worse)``.
 The closing table of `autotune search`, `autotune compare`, report.md (autotune/report.py) and
-bench/search.py all use it.
+bench/search.py all use it. A distribution metric (:func:`dist_lines`) has no ratio: its line says "better" or
+"worse" by how much in the metric's own units and direction (class accuracy: higher is better), with the paired
+interval of how much worse.
 
 Tables are built here and printed by the *_cli modules (the only printers).
 """
