@@ -231,7 +231,7 @@ def flow_peer_schedule(model, peer: str, nfe: int, guidance):
 
 
 def score_peers(model, report, guidance, nfe: int) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-    """Every peer's report-set figures, and (where the model scores resamples: `dist_intervals`) the diffusers
+    """Every peer's report-set figures, and (where the model scores resamples: `paired_dist_intervals`) the diffusers
     peers' samples (a flow model's peers are sampled again when needed: the evaluator keeps no samples)."""
     from autotune.progress_cli import step
 
@@ -259,15 +259,6 @@ def report_samples(model, report, schedule) -> torch.Tensor:
 
     noise = report.eval_set.noise(torch.float32)
     return sample_in_chunks(model, schedule, noise, report.eval_set.conditions(), check_finite=True).sample
-
-
-def dist_intervals(model, ours: torch.Tensor, peer: torch.Tensor, labels) -> dict[str, list[float]]:
-    """Each distribution metric's paired-bootstrap 95 % interval of ours' excess over the peer (`excess`): the
-    same resamples of the report noises from both sample sets. {} where the model cannot score
-    resamples (``data_metric_draws``)."""
-    if not capabilities_of(model).data_metric_draws:
-        return {}
-    return excess_intervals(metric_draws(model, ours, labels)[1], metric_draws(model, peer, labels)[1])
 
 
 def excess_intervals(ours: dict[str, np.ndarray], peer: dict[str, np.ndarray]) -> dict[str, list[float]]:
@@ -326,7 +317,7 @@ def best_peer(peers: dict[str, dict[str, Any]], figure: str = "mse_ref") -> str:
 
 def dist_entry(metric: str, ours: float, peer: float, interval: list[float] | None) -> dict[str, Any]:
     """A distribution metric's row entry: the figures, no worse (within SAME_WITHIN), and with the paired interval
-    of ours' excess over the peer (`dist_intervals`) whether the whole interval is worse ("decided_worse") or no
+    of ours' excess over the peer (`paired_dist_intervals`) whether the whole interval is worse ("decided_worse") or no
     worse ("whole_ci_no_worse"); None for both without an interval."""
     slack = SAME_WITHIN * abs(peer)
     entry = {"ours": ours, "peer": peer, "no_worse": no_worse(metric, ours, peer), "excess_ci": interval,
@@ -348,7 +339,7 @@ def dist_met(dist: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
 def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict[str, Any]], outcome,
                 dist_ci: dict[str, list[float]] | None = None) -> dict:
     """One table row: ours against the best peer (lowest mean), the targets, the search's cost; ``dist_ci``:
-    the distribution metrics' paired intervals against that peer (`dist_intervals`), where measured."""
+    the distribution metrics' paired intervals against that peer (`paired_dist_intervals`), where measured."""
     best, best_p99 = best_peer(peers), best_peer(peers, "mse_ref_p99")
     peer = peers[best]
     mean_ratio, ci_low, ci_high = ours_over(ours, peer)
@@ -423,8 +414,10 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
 
 def paired_dist_intervals(model, report, schedule, ours: dict[str, Any], peers: dict[str, dict[str, Any]],
                           peer_samples: dict[str, torch.Tensor], nfe: int, guidance) -> dict[str, list[float]]:
-    """`dist_intervals` of ours against the best peer, on samples drawn again (the evaluator keeps none); they
-    must give the figures the report scored, or the intervals would be of other samples."""
+    """Each distribution metric's paired-bootstrap 95 % interval of ours' excess over the best peer (`excess`: both
+    sample sets resampled alike, `excess_intervals`), on samples drawn again (the evaluator keeps none); they must
+    give the figures the report scored, or the intervals would be of other samples. {} where the model cannot
+    score resamples (``data_metric_draws``)."""
     from autotune.progress_cli import step
 
     if not capabilities_of(model).data_metric_draws or ours.get("diverged"):

@@ -1,9 +1,9 @@
 """Pareto fronts of multi-objective searches: dominance, the front, NSGA-II's non-dominated sorting and crowding.
 
 Every function takes points as mappings ``{objective name: value}`` and the objective names to compare on.
-Objectives are minimised, except the few metrics where higher is better (``MAXIMIZED``, e.g. ``class_acc``),
-which are compared negated; pass ``directions`` to override. A non-finite value (a diverged schedule's inf or
-NaN) is worse than any finite one, so a diverged point never dominates a finite one.
+Objectives are minimised, except the few metrics where higher is better (evaluate/ids.py's ``MAXIMIZED``,
+e.g. ``class_acc``), which are compared negated; pass ``directions`` to override. A non-finite value (a
+diverged schedule's inf or NaN) is worse than any finite one, so a diverged point never dominates a finite one.
 
 Example:
     >>> pts = [{"mse_ref": 0.1, "nfe": 8}, {"mse_ref": 0.3, "nfe": 4}, {"mse_ref": 0.2, "nfe": 8}]
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from autotune.evaluate.ids import MAXIMIZED, direction  # noqa: F401  (one place for which metrics rise)
+from autotune.evaluate.ids import direction  # one place for which metrics rise
 
 DIRECTIONS = ("minimize", "maximize")
 

@@ -120,8 +120,9 @@ def test_code_version_is_the_checkouts_commit(tmp_path, monkeypatch):
 
 
 def test_distribution_metrics_get_a_paired_interval_and_a_verdict():
-    """`dist_intervals` resamples the report noises for both sample sets: samples far from the data are worse
-    with the whole interval, the same samples are even (0 exactly), and a verdict reads the interval."""
+    """`excess_intervals` of both sample sets' draws on the same resamples of the report noises (`metric_draws`, as
+    `paired_dist_intervals` takes them): samples far from the data are worse with the whole interval, the same
+    samples are even (0 exactly), and a verdict reads the interval."""
     import torch
 
     from autotune.models.registry import load_model
@@ -130,11 +131,15 @@ def test_distribution_metrics_get_a_paired_interval_and_a_verdict():
     gmm = load_model("gmm2d")
     data = gmm.sample_data(256, torch.Generator().manual_seed(1)).float()
     collapsed = torch.zeros_like(data)  # every sample at the origin: far from the mixture's spread
-    worse = bench.dist_intervals(gmm, collapsed, data, None)
+
+    def intervals(ours, peer):
+        return bench.excess_intervals(bench.metric_draws(gmm, ours, None)[1], bench.metric_draws(gmm, peer, None)[1])
+
+    worse = intervals(collapsed, data)
     assert set(worse) == {"nll_gap", "swd"} and worse["swd"][0] > 0  # ours (collapsed) worse, decided
-    better = bench.dist_intervals(gmm, data, collapsed, None)
+    better = intervals(data, collapsed)
     assert better["swd"][1] < 0
-    assert bench.dist_intervals(gmm, data, data.clone(), None) == {"nll_gap": [0.0, 0.0], "swd": [0.0, 0.0]}
+    assert intervals(data, data.clone()) == {"nll_gap": [0.0, 0.0], "swd": [0.0, 0.0]}
 
     decided = bench.dist_entry("swd", 0.5, 0.1, worse["swd"])
     assert (decided["no_worse"], decided["decided_worse"], bench.dist_verdict(decided)) == (False, True, "NO")
