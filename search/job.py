@@ -589,6 +589,14 @@ def second_start(evaluator: Evaluator, best: Schedule, best_value: float, named:
 # plain unipc-bh1-o3 1.04e-2), but refined 40 steps it ends at 5.98e-3 where the x0 = 0 start reaches 4.83e-3;
 # digits (mean -0.40) unrefined within +-3 % either way. The refinement moves the later steps around the estimate,
 # and the start that scores best unrefined is not the one that refines best, so the job keeps USF's x0 = 0.
+# Measured and not used: ending at sigma_min. The space ends every schedule at t = 0, where diffusers' UniPC bh1 (the
+# bench's peer: DIFFUSERS_PEERS) stops at t_min, and where sigma_min is large that peer is the best few-step one.
+# rgb32-eps-sd (SD 1.x's schedule, sigma_min 0.029; 128 report noises, scratch, 2026-12-06): the named schedules
+# ending at t_min score 0.68 / 0.73 / 0.77x their t = 0 versions at NFE 4 (unipc-bh1-o2, unipc-bh2-o2,
+# dpmsolver++2m), 0.61 / 0.66 / 0.72x at NFE 5; digits (sigma_min 0.01) 0.93-1.02x. Refined 40 steps (rms loss,
+# ratios, 128 search noises; mean / p99 on 256 report noises): unipc-bh1-o2 ending at t_min 2.90e-3 / 2.13e-2, at
+# t = 0 3.62e-3 / 1.39e-2; dpmsolver++2m+afs 4.10e-3 / 1.15e-2 against 3.77e-3 / 1.05e-2. Mixed, and measured
+# only on the model kept to check the defaults, so no start ending at t_min is refined.
 AFS_NAMED = ("unipc-bh1-o2", "unipc-bh1-o3", "unipc-bh2-o2", "unipc-bh2-o3", "dpmsolver++2m", "dpmsolver++3m")
 
 
