@@ -102,6 +102,34 @@ def with_reuse(code: list[Instruction], schedule: Schedule) -> list[Instruction]
     return code
 
 
+# NODES_APART: a multistep update divides by the log-SNR gaps between the times it reads, so times a few ulps apart (a
+# hand-written file; a decode clamped at t_start before encoding.py's TIME_NUDGE) leave its system singular up to
+# rounding. LAPACK sees that only sometimes: tests/test_encoding.py's schedule raised LinAlgError in UniP-3's solve on
+# one CPU and, on another (2026-12-06), solved to weights of ~1e15 and sampled garbage; an order-2 step has no solve
+# to fail at all. So a gap below this share of |lambda| (at least 1) is refused before any coefficient is computed.
+NODES_APART = 1e-12
+
+
+def _check_nodes_apart(schedule: Schedule, lam: torch.Tensor) -> None:
+    """Raise ScheduleError at the first step whose multistep update (its predictor of order >= 2, or its corrector
+    of order >= 2, applied after the next call) reads two times that coincide in log-SNR (NODES_APART)."""
+    from autotune.space.solvers import solver_info
+
+    values = lam.detach().double().tolist()
+    for k, step in enumerate(schedule.steps):
+        first = k
+        if step.order >= 2 and not solver_info(step.solver).self_starting:
+            first = k - (step.order - 1)
+        if step.corrector != "none" and step.corrector_order >= 2:
+            first = min(first, k - (step.corrector_order - 1))
+        for i in range(max(first, 0), k + 1) if first < k else ():
+            gap = abs(values[i + 1] - values[i])
+            if gap <= NODES_APART * max(1.0, abs(values[i])):
+                raise ScheduleError(f"steps[{k}].t", f"this step's multistep update reads times {i} and {i + 1} of "
+                                    "the grid (t_start is 0), which are equal in log-SNR up to rounding: its "
+                                    "system is singular; move them apart or lower the order")
+
+
 def make_plan(
     schedule: Schedule,
     noise: NoiseSchedule,
@@ -126,6 +154,7 @@ def make_plan(
         shifts = torch.tensor([s.shift for s in schedule.steps], dtype=times.dtype)
     ctx = PlanContext(schedule, times, alpha, sigma, log_alpha - torch.log(sigma))
     called_at = model_times(noise, times, ctx.lam, shifts)
+    _check_nodes_apart(schedule, ctx.lam)
     code: list[Instruction] = []
     for k in range(len(schedule.steps)):
         try:

@@ -268,7 +268,8 @@ def test_decode_sorts_and_separates_times():
 def test_decode_separates_clamped_times_enough_for_an_order_3_update():
     """A mutation clamped at t_start used to decode an ulp below it; UniP-3 then found two of its nodes at one log-SNR
     and its system was singular (an s3-mf search on digits crashed). Decoded times now stand TIME_NUDGE of the span
-    apart, and a hand-written schedule with such times gets a ScheduleError naming the step, not a LinAlgError."""
+    apart, and a hand-written schedule with such times gets a ScheduleError naming the first step whose multistep
+    update reads both (steps[1], order 2: no solve there to fail), on any CPU (coefficients.py: NODES_APART)."""
     from autotune.sampling.coefficients import make_plan
     from autotune.space.encoding import TIME_NUDGE
 
@@ -284,8 +285,12 @@ def test_decode_separates_clamped_times_enough_for_an_order_3_update():
     make_plan(decoded, noise)  # solvable
     ulp_apart = dataclasses.replace(decoded, steps=(dataclasses.replace(decoded.steps[0], t=math.nextafter(1.0, 0)),)
                                     + decoded.steps[1:])
-    with pytest.raises(ScheduleError, match=r"steps\[2\]\.t.*singular"):
+    with pytest.raises(ScheduleError, match=r"steps\[1\]\.t.*times 0 and 1 .*singular"):
         make_plan(ulp_apart, noise)
+    first_order_there = dataclasses.replace(ulp_apart, steps=(ulp_apart.steps[0], dataclasses.replace(
+        ulp_apart.steps[1], order=1)) + ulp_apart.steps[2:])  # step 2's order 3 still reads times 0 and 1
+    with pytest.raises(ScheduleError, match=r"steps\[2\]\.t.*times 0 and 1 .*singular"):
+        make_plan(first_order_there, noise)
 
 
 def test_decode_rejects_a_vector_of_the_wrong_length():

@@ -10,6 +10,7 @@ variance is a^2 + sum_i c_i^2, read off runs with unit inputs).
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -393,3 +394,24 @@ def test_a_stochastic_schedule_is_scored_by_a_distribution_metric(gmm):
     assert ode["scored_by"] == "mse_ref" and ode["mse_ref"] > 0 and 0 < ode["sliced_w"] < 1
     again = Evaluator(gmm, "search", size=64).evaluate(build("dpmsolver++2m-sde", gmm.noise, 10))
     assert again["sliced_w"] == sde["sliced_w"]
+
+
+@pytest.mark.parametrize("steps, refused_at", [
+    # DPM-Solver++ 2M: its order-2 step divides by the gap between the two earlier times (no solve to fail)
+    ((Step(math.nextafter(1.0, 0.0), order=1), Step(0.5, order=2), Step(0.0, order=1)), 1),
+    # UniP-1 steps; step 2's UniC-2 corrector reads times 1 to 3, and 2 and 3 are an ulp apart
+    ((Step(0.7, solver="unip-bh2"), Step(0.6, solver="unip-bh2"),
+      Step(math.nextafter(0.6, 0.0), solver="unip-bh2", corrector="bh2", corrector_order=2),
+      Step(0.0, solver="unip-bh2")), 2),
+])
+def test_a_multistep_update_on_times_an_ulp_apart_is_refused_before_any_coefficient(steps, refused_at):
+    """coefficients.py's NODES_APART: times equal in log-SNR up to rounding give a singular multistep update; the
+    plan refuses it, naming the step, whatever LAPACK would have said. The same grid at order 1 is fine."""
+    from autotune.sampling.coefficients import make_plan
+
+    noise = VPLinear()
+    s = Schedule(1.0, steps)
+    with pytest.raises(ScheduleError, match=rf"steps\[{refused_at}\]\.t.*singular"):
+        make_plan(s, noise)
+    first_order = Schedule(1.0, tuple(Step(st.t, solver=st.solver) for st in steps))
+    make_plan(first_order, noise)  # no multistep update: nothing to refuse
