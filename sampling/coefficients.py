@@ -126,8 +126,8 @@ def _check_nodes_apart(schedule: Schedule, lam: torch.Tensor) -> None:
             gap = abs(values[i + 1] - values[i])
             if gap <= NODES_APART * max(1.0, abs(values[i])):
                 raise ScheduleError(f"steps[{k}].t", f"this step's multistep update reads times {i} and {i + 1} of "
-                                    "the grid (t_start is 0), which are equal in log-SNR up to rounding: its "
-                                    "system is singular; move them apart or lower the order")
+                                    "the grid (time 0: t_start), equal in log-SNR up to rounding: its system is "
+                                    "singular; move them apart or lower the order")
 
 
 def make_plan(

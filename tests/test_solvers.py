@@ -11,6 +11,7 @@ variance is a^2 + sum_i c_i^2, read off runs with unit inputs).
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 import torch
