@@ -23,10 +23,11 @@ name                  present when           kind   value
 ====================  =====================  =====  ================================================
 
 Times are encoded *as themselves* (not as normalised positions or increments) so that encoding is exact:
-``decode(encode(s)) == s`` holds bit for bit. The decoder makes any vector monotone by sorting the interior
-times in decreasing order (the encoding is invariant to permuting them) and nudging ties, or hits on an end
-point, apart by TIME_NUDGE of the time span (single ulps left two nodes of a multistep update at one log-SNR, a
-singular system for order 3). Everything else is clamped to the bounds, rounded (half up) where discrete,
+``decode(encode(s)) == s`` holds bit for bit for every schedule of the space, whose times stand at least TIME_NUDGE
+of the time span apart. The decoder makes any vector monotone by sorting the interior times in decreasing order
+(the encoding is invariant to permuting them) and moving ties, hits on an end point and near-ties that far apart
+(single ulps left two nodes of a multistep update at one log-SNR, a singular system; S3's children kept a time 2
+ulps below t_start until 2026-12-06). Everything else is clamped to the bounds, rounded (half up) where discrete,
 then clamped to what the step may use: the order to the solver's maximum, the history (``k + 1`` outputs)
 and to 1 on a step onto ``t = 0`` for dpm/unip; no corrector on the last step; ratio 1.0 while
 ``k < dc_order``; a unit both skipped and reused at a step is skipped, and a reuse no earlier call computed the
@@ -400,18 +401,19 @@ def _sanitize(sp: ScheduleSpace, vec: Sequence[float] | np.ndarray) -> np.ndarra
 
 
 def _strictly_decreasing(ts: list[float], hi: float, lo: float) -> list[float]:
-    """Sort descending and nudge ties or end-point hits apart by TIME_NUDGE of the span (by ulps where that is
-    less than two ulps) so that hi > t_0 > ... > t_m > lo."""
+    """Sort descending and move times closer than TIME_NUDGE of the span to the one before (ties, end-point hits,
+    and near-ties: S3's children kept a time 2 ulps below t_start) that far apart (by ulps where that is less than
+    two ulps) so that hi > t_0 > ... > t_m > lo, each gap at least the nudge."""
     out = sorted((min(max(float(t), lo), hi) for t in ts), reverse=True)
     gap = (hi - lo) * TIME_NUDGE
     tiny = gap <= 2 * np.spacing(hi)
     prev = hi
     for i, t in enumerate(out):
-        out[i] = t if t < prev else (float(np.nextafter(prev, -np.inf)) if tiny else prev - gap)
+        out[i] = (t if t < prev else float(np.nextafter(prev, -np.inf))) if tiny else min(t, prev - gap)
         prev = out[i]
     nxt = lo
     for i in range(len(out) - 1, -1, -1):
-        out[i] = out[i] if out[i] > nxt else (float(np.nextafter(nxt, np.inf)) if tiny else nxt + gap)
+        out[i] = (out[i] if out[i] > nxt else float(np.nextafter(nxt, np.inf))) if tiny else max(out[i], nxt + gap)
         nxt = out[i]
     return out
 

@@ -7,14 +7,14 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from autotune.errors import ScheduleError
 from autotune.sampling.named import NAMED, build
 from autotune.sampling.noise import EDM, FlowMatching, VPDiscrete, VPLinear
-from autotune.space.encoding import ScheduleSpace
+from autotune.space.encoding import TIME_NUDGE, ScheduleSpace
 from autotune.space.schedule import CORRECTORS, MAX_CORRECTOR_ORDER, MAX_ORDER, PREDICTIONS, Schedule, Step
 from autotune.space.solvers import SEARCH_SOLVERS as SOLVERS
 
@@ -51,6 +51,9 @@ def members(draw, space: ScheduleSpace) -> Schedule:
     n = space.n_steps
     inner = st.floats(space.t_end, space.t_start, exclude_min=True, exclude_max=True)
     times = sorted(draw(st.lists(inner, min_size=n - 1, max_size=n - 1, unique=True)), reverse=True) + [space.t_end]
+    # the decoder keeps times at least TIME_NUDGE of the span apart (a multistep update on closer ones is singular)
+    edges = [space.t_start] + times
+    assume(all(a - b >= (space.t_start - space.t_end) * TIME_NUDGE for a, b in zip(edges, edges[1:])))
     steps = []
     for k, t in enumerate(times):
         solver = draw(st.sampled_from(space.solvers))
@@ -271,7 +274,6 @@ def test_decode_separates_clamped_times_enough_for_an_order_3_update():
     apart, and a hand-written schedule with such times gets a ScheduleError naming the first step whose multistep
     update reads both (steps[1], order 2: no solve there to fail), on any CPU (coefficients.py: NODES_APART)."""
     from autotune.sampling.coefficients import make_plan
-    from autotune.space.encoding import TIME_NUDGE
 
     noise = VPLinear()
     sp = ScheduleSpace(5, 1.0, 0.0, solvers=("unip-bh1",), predictions=("data",), allow_corrector=False,
