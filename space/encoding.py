@@ -403,17 +403,24 @@ def _sanitize(sp: ScheduleSpace, vec: Sequence[float] | np.ndarray) -> np.ndarra
 def _strictly_decreasing(ts: list[float], hi: float, lo: float) -> list[float]:
     """Sort descending and move times closer than TIME_NUDGE of the span to the one before (ties, end-point hits,
     and near-ties: S3's children kept a time 2 ulps below t_start) that far apart (by ulps where that is less than
-    two ulps) so that hi > t_0 > ... > t_m > lo, each gap at least the nudge."""
+    two ulps) so that hi > t_0 > ... > t_m > lo, each gap at least the nudge (tested as the difference, as the
+    property test's members are drawn: a time that far apart is kept bit for bit)."""
     out = sorted((min(max(float(t), lo), hi) for t in ts), reverse=True)
     gap = (hi - lo) * TIME_NUDGE
     tiny = gap <= 2 * np.spacing(hi)
     prev = hi
     for i, t in enumerate(out):
-        out[i] = (t if t < prev else float(np.nextafter(prev, -np.inf))) if tiny else min(t, prev - gap)
+        if tiny:
+            out[i] = t if t < prev else float(np.nextafter(prev, -np.inf))
+        else:
+            out[i] = t if prev - t >= gap else prev - gap
         prev = out[i]
     nxt = lo
     for i in range(len(out) - 1, -1, -1):
-        out[i] = (out[i] if out[i] > nxt else float(np.nextafter(nxt, np.inf))) if tiny else max(out[i], nxt + gap)
+        if tiny:
+            out[i] = out[i] if out[i] > nxt else float(np.nextafter(nxt, np.inf))
+        else:
+            out[i] = out[i] if out[i] - nxt >= gap else nxt + gap
         nxt = out[i]
     return out
 
