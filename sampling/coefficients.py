@@ -103,10 +103,11 @@ def with_reuse(code: list[Instruction], schedule: Schedule) -> list[Instruction]
 
 
 # NODES_APART: a multistep update divides by the log-SNR gaps between the times it reads, so times a few ulps apart (a
-# hand-written file; a decode clamped at t_start before encoding.py's TIME_NUDGE) leave its system singular up to
-# rounding. LAPACK sees that only sometimes: tests/test_encoding.py's schedule raised LinAlgError in UniP-3's solve on
-# one CPU and, on another (2026-12-06), solved to weights of ~1e15 and sampled garbage; an order-2 step has no solve
-# to fail at all. So a gap below this share of |lambda| (at least 1) is refused before any coefficient is computed.
+# hand-written file; a decoded grid before encoding.py kept its gaps TIME_NUDGE apart) leave its system singular up
+# to rounding. LAPACK sees that only sometimes: tests/test_encoding.py's schedule raised LinAlgError in UniP-3's solve
+# on one CPU and, on another (2026-12-06), solved to weights of ~1e15 and sampled garbage; an order-2 step has no
+# solve to fail at all. So a gap below this share of |lambda| (at least 1) is refused before any coefficient is
+# computed.
 NODES_APART = 1e-12
 
 
@@ -122,7 +123,9 @@ def _check_nodes_apart(schedule: Schedule, lam: torch.Tensor) -> None:
             first = k - (step.order - 1)
         if step.corrector != "none" and step.corrector_order >= 2:
             first = min(first, k - (step.corrector_order - 1))
-        for i in range(max(first, 0), k + 1) if first < k else ():
+        if first == k:
+            continue  # a one-step update: it reads no earlier time
+        for i in range(max(first, 0), k + 1):
             gap = abs(values[i + 1] - values[i])
             if gap <= NODES_APART * max(1.0, abs(values[i])):
                 raise ScheduleError(f"steps[{k}].t", f"this step's multistep update reads times {i} and {i + 1} of "
