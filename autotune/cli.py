@@ -101,12 +101,14 @@ def models_cmd(
 @_one_line_errors
 def baseline_cmd(
     name: str = typer.Argument(..., help="ddim, dpmsolver++2m, dpmsolver++3m, unipc-bh1-o2, "
-                              "unipc-bh1-o3, unipc-bh2-o2, unipc-bh2-o3, ipndm; "
+                              "unipc-bh1-o3 (diffusers' bh1: unipc-bh1-o2|3-smin), unipc-bh2-o2, "
+                              "unipc-bh2-o3, ipndm; "
                               "flow models also flow-euler, flow-euler-shift1|3|6, unipc-flow, dpmsolver++2m-flow"),
     model: str = typer.Option(..., "--model", help="diffusers pipeline directory or built-in model name"),
     nfe: int = typer.Option(..., "--nfe", min=1, max=MAX_NFE, help=f"model evaluations (1..{MAX_NFE})"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
-    final: str = typer.Option("zero", "--final", help="last step onto sigma = 0 ('zero') or to t_min ('sigma_min')"),
+    final: Optional[str] = typer.Option(None, "--final", help="last step onto sigma = 0 ('zero') or to t_min "
+                                        "('sigma_min'); default: the name's (sigma = 0 but the *-smin ones)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
 ) -> None:
     """Write a named hand-designed schedule for MODEL's noise schedule."""

@@ -3,15 +3,17 @@
 Every one starts at T and never clips x0. On a discrete (DDPM) noise schedule they reproduce the diffusers
 scheduler of the same name: ``ddim`` = DDIMScheduler(timestep_spacing="trailing", clip_sample=False);
 the others = the multistep scheduler with ``timestep_spacing="linspace"`` and its default lower-order
-warm-up and final steps. On continuous schedules the same spacing rules are applied to t. On flow-matching
-models the ``FLOW_NAMED`` ones reproduce diffusers' flow schedulers (FlowMatchEulerDiscreteScheduler with the
-model's own shift or fixed shifts; UniPC and DPM-Solver++ with ``use_flow_sigmas``).
+warm-up and final steps, but UniPC bh1: ``unipc-bh1-o2|3`` end at 0, where diffusers' bh1 returns NaN, and
+their ``-smin`` namesakes are diffusers' (``final_sigmas_type="sigma_min"``). On continuous schedules the same
+spacing rules are applied to t. On flow-matching models the ``FLOW_NAMED`` ones reproduce diffusers' flow
+schedulers (FlowMatchEulerDiscreteScheduler with the model's own shift or fixed shifts; UniPC and DPM-Solver++
+with ``use_flow_sigmas``).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -123,6 +125,27 @@ NAMED: dict[str, Callable[..., Schedule]] = {
 }
 
 
+# diffusers' UniPC bh1 returns NaN on a last step onto sigma = 0 (still in 0.42), so a diffusers user's bh1 ends at
+# sigma_min, where ours ends at 0. Both are named schedules, and every comparison (a search's validation and closing
+# table, `autotune compare` and `baseline`) holds both: where sigma_min is large the diffusers one is the better
+# few-step schedule (rgb32-eps-sd, SD 1.x's sigma_min 0.029, 128 report noises: 0.68x the mean at NFE 4, 0.61x at
+# 5), and a closing table measured against ours alone said more than diffusers would (search/job.py, above
+# AFS_NAMED). A search does not start from them: its space ends every schedule at t = 0.
+def _ending_at_sigma_min(name: str) -> Callable[..., Schedule]:
+    own = f"{name}-smin"
+
+    def build_ending_at_sigma_min(noise: NoiseSchedule, nfe: int, final: str = "sigma_min") -> Schedule:
+        if final != "sigma_min":
+            raise ScheduleError("final", f"{own} ends at sigma_min by its name (for final={final!r} use {name})")
+        return replace(NAMED[name](noise, nfe, final), name=own, metadata={"named": own})
+
+    return build_ending_at_sigma_min
+
+
+SIGMA_MIN_NAMED: dict[str, Callable[..., Schedule]] = {
+    f"{name}-smin": _ending_at_sigma_min(name) for name in ("unipc-bh1-o2", "unipc-bh1-o3")}
+
+
 # each named schedule's diffusers peer, declared once (tests/peers.py and bench/search.py read it): the
 # scheduler class and the constructor arguments, on top of the model's own scheduler config, with which
 # diffusers steps through the same times with the same updates (tests/test_peers.py: max abs <= 1e-4)
@@ -136,11 +159,13 @@ DIFFUSERS_PEERS: dict[str, tuple[str, dict]] = {
                                                  "timestep_spacing": "linspace"}),
     "unipc-bh2-o3": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 3,
                                                  "timestep_spacing": "linspace"}),
-    # diffusers' bh1 returns NaN on a last step onto sigma = 0; its sigma_min final is what ours reproduces
-    "unipc-bh1-o2": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2,
-                                                 "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}),
-    "unipc-bh1-o3": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3,
-                                                 "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}),
+    # the bh1 schedules ending at 0 have none: diffusers' bh1 returns NaN there (SIGMA_MIN_NAMED: why)
+    "unipc-bh1-o2-smin": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2,
+                                                      "timestep_spacing": "linspace",
+                                                      "final_sigmas_type": "sigma_min"}),
+    "unipc-bh1-o3-smin": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3,
+                                                      "timestep_spacing": "linspace",
+                                                      "final_sigmas_type": "sigma_min"}),
     "dpmsolver++2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 # peers that step differently from one call per step: Heun's two calls (num_inference_steps = (NFE + 1) / 2,
@@ -298,7 +323,7 @@ SOLVER_NAMED: dict[str, Callable[..., Schedule]] = {
     "dpmsolver++2s": dpmsolver_pp_2s,
     "heun": heun,
 }
-ALL_NAMED: dict[str, Callable[..., Schedule]] = {**NAMED, **FLOW_NAMED, **SOLVER_NAMED}
+ALL_NAMED: dict[str, Callable[..., Schedule]] = {**NAMED, **SIGMA_MIN_NAMED, **FLOW_NAMED, **SOLVER_NAMED}
 
 
 def kept_steps(n: int, strength: float, flow: bool = False) -> int:
@@ -358,11 +383,13 @@ def img2img_peers(noise: NoiseSchedule, nfe: int, strength: float) -> tuple[floa
 
 def names_for(noise: NoiseSchedule) -> list[str]:
     """The named schedules that apply to a model with this noise schedule (flow ones only for flow models)."""
-    return list(NAMED) + list(FLOW_NAMED) if isinstance(noise, FlowMatching) else list(NAMED)
+    names = list(NAMED) + list(SIGMA_MIN_NAMED)
+    return names + list(FLOW_NAMED) if isinstance(noise, FlowMatching) else names
 
 
-def build(name: str, noise: NoiseSchedule, nfe: int, final: str = "zero") -> Schedule:
-    """A named schedule at ``nfe`` model evaluations.
+def build(name: str, noise: NoiseSchedule, nfe: int, final: Optional[str] = None) -> Schedule:
+    """A named schedule at ``nfe`` model evaluations, ending where ``final`` says (None: where the name says, 0 but
+    for the SIGMA_MIN_NAMED ones).
 
     Example:
         >>> from autotune.sampling.noise import VPLinear
@@ -373,6 +400,8 @@ def build(name: str, noise: NoiseSchedule, nfe: int, final: str = "zero") -> Sch
         raise ScheduleError("name", f"unknown schedule {name!r} (one of {', '.join(ALL_NAMED)})")
     if not isinstance(nfe, int) or nfe < 1:
         raise ScheduleError("nfe", f"must be an integer >= 1, got {nfe!r}")
+    if final is None:
+        return ALL_NAMED[name](noise, nfe)
     if final not in FINALS:
         raise ScheduleError("final", f"must be one of {', '.join(FINALS)}, got {final!r}")
     return ALL_NAMED[name](noise, nfe, final)

@@ -449,7 +449,8 @@ def _strategy(config: JobConfig, noise: NoiseSchedule, t_start: float, named_pee
     from autotune.space.encoding import ScheduleSpace
 
     low, high = config.nfe_range
-    seeds = tuple(s for s in named_peers if s.t_start == t_start)  # the strategy's seeds lie in its space
+    # the strategy's seeds lie in its space: from t_start to 0 (not the named ones ending at sigma_min)
+    seeds = tuple(s for s in named_peers if s.t_start == t_start and s.times[-1] == 0.0)
     chosen = {"solvers": config.solvers} if config.solvers else {}
     space = ScheduleSpace(high, t_start, 0.0, ratio_range=None, guidance=config.guidance, **chosen)
     warm: tuple[Schedule, ...] = ()
@@ -568,7 +569,8 @@ def second_start(evaluator: Evaluator, best: Schedule, best_value: float, named:
     """The named schedule of ``best``'s NFE with the lowest search-set mean (already scored: the search's seeds),
     when it is not ``best`` and within SECOND_START_SLACK of ``best_value``; else None."""
     values = [(evaluator.evaluate(s)["mse_ref"], i) for i, s in enumerate(named)
-              if s.nfe == best.nfe and s.t_start == best.t_start and s.hash() != best.hash()]
+              if s.nfe == best.nfe and s.t_start == best.t_start and s.times[-1] == best.times[-1]
+              and s.hash() != best.hash()]
     values = [(v, i) for v, i in values if math.isfinite(v)]
     if not values or not math.isfinite(best_value):
         return None
@@ -596,7 +598,8 @@ def second_start(evaluator: Evaluator, best: Schedule, best_value: float, named:
 # dpmsolver++2m), 0.61 / 0.66 / 0.72x at NFE 5; digits (sigma_min 0.01) 0.93-1.02x. Refined 40 steps (rms loss,
 # ratios, 128 search noises; mean / p99 on 256 report noises): unipc-bh1-o2 ending at t_min 2.90e-3 / 2.13e-2, at
 # t = 0 3.62e-3 / 1.39e-2; dpmsolver++2m+afs 4.10e-3 / 1.15e-2 against 3.77e-3 / 1.05e-2. Mixed, and measured
-# only on the model kept to check the defaults, so no start ending at t_min is refined.
+# only on the model kept to check the defaults, so no start ending at t_min is refined; diffusers' bh1 itself
+# (SIGMA_MIN_NAMED) is among the named schedules validation and the closing table compare with.
 AFS_NAMED = ("unipc-bh1-o2", "unipc-bh1-o3", "unipc-bh2-o2", "unipc-bh2-o3", "dpmsolver++2m", "dpmsolver++3m")
 
 

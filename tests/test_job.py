@@ -291,6 +291,37 @@ def test_the_job_refines_the_second_start_and_validation_sees_both(gmm, monkeypa
     assert outcome.best.metadata["validation"]["chosen"] == outcome.validation.chosen.label
 
 
+def test_diffusers_bh1_ending_at_sigma_min_is_compared_with_but_never_a_search_start(gmm, monkeypatch):
+    """The job's named peers hold diffusers' bh1 (ending at sigma_min) beside ours (ending at 0), so validation and
+    the closing table compare with both; the strategy's seeds and the second refinement start never take one (the
+    space ends every schedule at 0)."""
+    from autotune.sampling.named import SIGMA_MIN_NAMED, build
+    from autotune.search import job, strategy
+
+    t_start, named = job.named_peers_for(gmm.noise, 4, 4, None, None)
+    ends = {s.name: s.times[-1] for s in named}
+    assert set(SIGMA_MIN_NAMED) == {"unipc-bh1-o2-smin", "unipc-bh1-o3-smin"} <= set(ends)
+    assert ends["unipc-bh1-o2-smin"] == gmm.noise.t_min > 0 and ends["unipc-bh1-o2"] == 0.0
+    seen = {}
+    make = strategy.make_strategy
+
+    def spy(method, context):
+        seen["seeds"] = context.seeds
+        return make(method, context)
+
+    monkeypatch.setattr(strategy, "make_strategy", spy)
+    space, _, _ = job._strategy(JobConfig(**SMALL), gmm.noise, t_start, named, None, None)
+    assert {s.name for s in seen["seeds"]} == set(ends) - set(SIGMA_MIN_NAMED)
+    assert all(space.contains(s) for s in seen["seeds"])
+
+    class SearchSet:  # the sigma_min ones best by far
+        def evaluate(self, s):
+            return {"mse_ref": 0.1 if s.name in SIGMA_MIN_NAMED else 1.0}
+
+    other = job.second_start(SearchSet(), build("unipc-bh2-o3", gmm.noise, 4), 1.0, list(named))
+    assert other is not None and other.name not in SIGMA_MIN_NAMED and space.contains(other)
+
+
 def test_the_analytic_first_start_is_the_best_named_schedule_with_an_analytic_first_step(gmm):
     """analytic_first_start scores AFS_NAMED with an analytic first step at the search's NFE (the same calls, one
     step more) and returns the lowest; none for a start below T, a one-call schedule or when every one diverged."""

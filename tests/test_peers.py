@@ -34,9 +34,8 @@ def test_cli_reproduces_diffusers(pipeline_dirs, tmp_path, prediction, dtype):
     worst = {}
     for name in PEERS:
         for nfe in (5, 10):
-            final = "sigma_min" if name.startswith("unipc-bh1") else "zero"  # diffusers' bh1: NaN onto zero
-            sched_file = tmp_path / f"{name}-{nfe}.json"
-            _cli("baseline", name, "--model", pipe, "--nfe", nfe, "--final", final, "--out", sched_file)
+            sched_file = tmp_path / f"{name}-{nfe}.json"  # where the name ends (the bh1 ones: sigma_min)
+            _cli("baseline", name, "--model", pipe, "--nfe", nfe, "--out", sched_file)
             out_file = tmp_path / f"{name}-{nfe}.npy"
             _cli("sample", "--model", pipe, "--schedule", sched_file, "--noise", tmp_path / "noise.npy",
                  "--out", out_file, "--dtype", dtype)
@@ -59,6 +58,24 @@ def test_schedules_start_at_T_despite_ddpm_config(pipeline_dirs):
         assert s.t_start == 1.0 and model.noise.model_time(torch.tensor(s.t_start)).item() == 999.0
 
 
+@pytest.mark.parametrize("order", [2, 3])
+def test_diffusers_bh1_is_the_named_schedule_ending_at_sigma_min(order):
+    """Each named schedule has the diffusers peer its name says: ``unipc-bh1-oK-smin`` is ours to sigma_min
+    under its own name (the runs above check it against diffusers), and cannot be built ending anywhere else."""
+    from autotune.errors import ScheduleError
+    from autotune.sampling.noise import VPLinear
+
+    name = f"unipc-bh1-o{order}"
+    theirs = build(f"{name}-smin", VPLinear(), 5)
+    ours = build(name, VPLinear(), 5, final="sigma_min")
+    assert theirs.steps == ours.steps and theirs.t_start == ours.t_start and theirs.times[-1] == VPLinear().t_min
+    assert theirs.name == f"{name}-smin" and theirs.metadata == {"named": theirs.name}
+    assert build(f"{name}-smin", VPLinear(), 5, final="sigma_min") == theirs
+    assert build(name, VPLinear(), 5).times[-1] == 0.0 and f"{name}-smin" in PEERS and name not in PEERS
+    with pytest.raises(ScheduleError, match="ends at sigma_min by its name"):
+        build(f"{name}-smin", VPLinear(), 5, final="zero")
+
+
 def test_unipc_bh1_stays_finite_onto_sigma_zero(pipeline_dirs):
     """diffusers 0.42's UniPC bh1 returns NaN when its last step goes to sigma = 0; ours must not."""
     pipe = pipeline_dirs["epsilon"]
@@ -70,7 +87,7 @@ def test_unipc_bh1_stays_finite_onto_sigma_zero(pipeline_dirs):
         # and a sensible one: stopping at sigma_min (sigma ~ 0.01) instead changes the sample only slightly
         near = sample(model, build("unipc-bh1-o2", model.noise, nfe, final="sigma_min"), noise).sample
         assert (ours - near).abs().mean() < 0.05 * near.abs().mean()
-    peer = run_peer("unipc-bh1-o2", model.unet, model.scheduler_config, noise, 5, final_sigmas_type="zero")
+    peer = run_peer("unipc-bh1-o2-smin", model.unet, model.scheduler_config, noise, 5, final_sigmas_type="zero")
     if torch.isfinite(peer).all():
         pytest.skip("this diffusers version no longer returns NaN for bh1 onto sigma = 0")
 
