@@ -586,6 +586,8 @@ def search_cmd(
         True, "--analytic-first/--no-analytic-first",
         help="also refine the best named schedule whose first step is analytic (no model call at T: one more step "
              "for the same NFE) as a validation finalist; such a schedule cannot replay in a diffusers pipeline"),
+    final: str = typer.Option("zero", "--final", help="where every searched schedule ends: 'zero' (onto the data) "
+                              "or 'sigma_min' (the model's t_min, as diffusers' final_sigmas_type='sigma_min')"),
     out: Path = typer.Option(..., "--out", help="schedule file to write"),
 ) -> None:
     """Search the unified space for the schedule with the lowest objective (or a Pareto front) at NFE model
@@ -602,7 +604,7 @@ def search_cmd(
         refine=refine, stage2_budget=stage2_budget, latency_budget=latency_budget, validate=validate, ratios=ratios,
         prompts=_read_prompt_file(prompts), strength=strength, report_size=report_size,
         solvers=tuple(x.strip() for x in solvers.split(",")) if solvers else (), reuse=reuse, screen=screen,
-        warm_start=warm_start, analytic_first=analytic_first)
+        warm_start=warm_start, analytic_first=analytic_first, final=final)
     store = open_store_option(cache, no_cache)
     outcome = run_search_job(config, store, hooks=_search_hooks(names[0]))
     _print_search(outcome)

@@ -275,7 +275,8 @@ def run_search(model, model_arg: str, guidance, nfe: int, args, out: Path, solve
 
     config = JobConfig(model=model_arg, out=out, nfe=str(nfe), method=args.method, budget=args.budget,
                        seed=args.seed, workers=args.workers, guidance=guidance, set_size=args.set_size,
-                       refine=args.refine, validate=args.validate, solvers=solvers, score_report=False)
+                       refine=args.refine, validate=args.validate, solvers=solvers, score_report=False,
+                       **({"final": args.final} if args.final else {}))
     from autotune.cli import _search_hooks
 
     store = open_store(args.cache) if args.search_cache else None  # None: a first run's cost, every time
@@ -364,7 +365,7 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
                 "p99_whole_ci": p99_high is not None and p99_high <= 1 + SAME_WITHIN,
                 **dist_met(dist)},
         "search_wall_s": outcome.seconds, "search_loop_s": outcome.search.seconds,
-        "true_evaluations": outcome.true_evaluations, "method": outcome.method,
+        "true_evaluations": outcome.true_evaluations, "method": outcome.method, "final": outcome.config.final,
         "budget_spent": outcome.search.spent,
         "schedule": str(outcome.schedule_path),
     }
@@ -632,6 +633,8 @@ def main() -> None:
     parser.add_argument("--validate", type=int, default=JobConfig.validate,
                         help="validation-set size (default: the command's)")
     parser.add_argument("--method", default=None, help="replace the default search method")
+    parser.add_argument("--final", default=None, choices=("zero", "sigma_min"),
+                        help="replace where the searched schedules end (the command's --final)")
     parser.add_argument("--refine", type=int, default=None,
                         help="gradient steps on the winner's grid, shifts and ratios (default: autotune search's)")
     parser.add_argument("--workers", type=int, default=0, help="Ray workers of the search (0: in this process)")
@@ -676,7 +679,8 @@ def main() -> None:
     args.cache = str(work / "cache.sqlite")
     torch.set_num_threads(args.threads)
     method = JobConfig(model="digits", method=args.method).search_method
-    changed = [f"{k} {v}" for k, v in (("method", args.method), ("refine", args.refine)) if v is not None]
+    changed = [f"{k} {v}" for k, v in (("method", args.method), ("refine", args.refine), ("final", args.final))
+               if v is not None]
     console.print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} thread(s); search: "
                   + (f"NOT the default ({', '.join(changed)})" if changed else "the default `autotune search`")
                   + f", method {method}, budget {args.budget}, {args.workers} workers", highlight=False)

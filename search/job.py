@@ -106,6 +106,9 @@ class JobConfig:
     # also refine the best named schedule whose first call is USF's analytic first step (analytic_first_start), a
     # validation finalist; off: every schedule the job can write replays in a diffusers pipeline (AutotuneScheduler)
     analytic_first: bool = True
+    # where every schedule of the search ends: "zero" (onto the data, t = 0) or "sigma_min" (the model's t_min, as
+    # diffusers' final_sigmas_type="sigma_min" does; SIGMA_MIN_NAMED)
+    final: str = "zero"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nfe", str(self.nfe))  # an int is a count too
@@ -118,8 +121,12 @@ class JobConfig:
                              "and batch of at least 1 and workers of at least 0")
         if not 0.0 < self.latency_budget < float("inf"):  # NaN fails this too
             raise InputError(f"--latency-budget {self.latency_budget}: expected a positive fraction like 0.8")
+        if self.final not in ("zero", "sigma_min"):
+            raise InputError(f"--final {self.final!r}: expected zero (onto the data) or sigma_min (the model's t_min)")
         if self.strength is not None:
             _check_strength(self.strength, self.nfe, self.refine, self.ratios)
+            if self.final != "zero":
+                raise InputError("--final sigma_min with --strength: an image-to-image search ends at t = 0")
         self.nfe_range  # a bad count or range fails here, not after the model has loaded
         object.__setattr__(self, "solvers", tuple(self.solvers))
         _check_solvers(self.solvers)
@@ -351,7 +358,7 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     from autotune.search.runner import search_id
 
     low, high = config.nfe_range
-    t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance)
+    t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance, config.final)
     sizes = _set_sizes(config, m, [s for s in named_peers if s.nfe == high], hooks)
     evaluator = Evaluator(m, "search", size=sizes.search, seed=config.seed, store=store, prompts=config.prompts)
     if config.ratios is not None:
@@ -418,12 +425,17 @@ def _set_sizes(config: JobConfig, model: Denoiser, probes: list[Schedule], hooks
     return sizes
 
 
-def named_peers_for(noise: NoiseSchedule, low: int, high: int, strength: Optional[float], guidance: Optional[float]):
-    """(the time the search starts at, the named schedules it competes with at each NFE in low..high)."""
-    from autotune.sampling.named import build, img2img_peers, names_for
+def named_peers_for(noise: NoiseSchedule, low: int, high: int, strength: Optional[float], guidance: Optional[float],
+                    final: str = "zero"):
+    """(the time the search starts at, the named schedules it competes with at each NFE in low..high: each where its
+    name says it ends, and the NAMED ones where ``final`` says too, the search's seeds)."""
+    from autotune.sampling.named import NAMED, SIGMA_MIN_NAMED, build, img2img_peers, names_for
 
     if strength is None:
         peers = [build(n, noise, k) for k in range(low, high + 1) for n in names_for(noise)]
+        if final != "zero":  # (bh1's are there already, by their -smin names)
+            peers += [build(n, noise, k, final) for k in range(low, high + 1) for n in NAMED
+                      if f"{n}-smin" not in SIGMA_MIN_NAMED]
         t_start = float(noise.T)
     else:
         t_start, peers = img2img_peers(noise, low, strength)
@@ -449,10 +461,10 @@ def _strategy(config: JobConfig, noise: NoiseSchedule, t_start: float, named_pee
     from autotune.space.encoding import ScheduleSpace
 
     low, high = config.nfe_range
-    # the strategy's seeds lie in its space: from t_start to 0 (not the named ones ending at sigma_min)
-    seeds = tuple(s for s in named_peers if s.t_start == t_start and s.times[-1] == 0.0)
+    t_end = 0.0 if config.final == "zero" else float(noise.t_min)
+    seeds = tuple(s for s in named_peers if s.t_start == t_start and s.times[-1] == t_end)  # those in its space
     chosen = {"solvers": config.solvers} if config.solvers else {}
-    space = ScheduleSpace(high, t_start, 0.0, ratio_range=None, guidance=config.guidance, **chosen)
+    space = ScheduleSpace(high, t_start, t_end, ratio_range=None, guidance=config.guidance, **chosen)
     warm: tuple[Schedule, ...] = ()
     if low != high:
         space = NFERangeSpace(space, low, high)
@@ -603,7 +615,8 @@ def second_start(evaluator: Evaluator, best: Schedule, best_value: float, named:
 AFS_NAMED = ("unipc-bh1-o2", "unipc-bh1-o3", "unipc-bh2-o2", "unipc-bh2-o3", "dpmsolver++2m", "dpmsolver++3m")
 
 
-def analytic_first_start(evaluator: Evaluator, noise: NoiseSchedule, best: Schedule) -> Optional[Schedule]:
+def analytic_first_start(evaluator: Evaluator, noise: NoiseSchedule, best: Schedule, final: str = "zero"
+                         ) -> Optional[Schedule]:
     """The AFS_NAMED schedule at ``best``'s NFE with an analytic first step (``with_analytic_first``) of the lowest
     search-set mean, when ``best`` starts from pure noise at T with at least two calls and one scores finite; else
     None."""
@@ -611,7 +624,7 @@ def analytic_first_start(evaluator: Evaluator, noise: NoiseSchedule, best: Sched
 
     if best.nfe < 2 or best.final_denoise or best.t_start != float(noise.T):
         return None
-    starts = [dataclasses.replace(with_analytic_first(name, noise, best.nfe), guidance=best.guidance)
+    starts = [dataclasses.replace(with_analytic_first(name, noise, best.nfe, final), guidance=best.guidance)
               for name in AFS_NAMED]
     values = [(evaluator.evaluate(s)["mse_ref"], i) for i, s in enumerate(starts)]
     values = [(v, i) for v, i in values if math.isfinite(v)]
@@ -698,7 +711,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     starts: list[tuple[str, str, Schedule, bool]] = []
     if validated and c.analytic_first and c.strength is None and c.nfe_range[0] == c.nfe_range[1]:
         with hooks.step("scoring named schedules with an analytic first step"):  # AFS_NAMED: why
-            afs = analytic_first_start(evaluator, setup.model.noise, result.best)
+            afs = analytic_first_start(evaluator, setup.model.noise, result.best, c.final)
         if afs is not None:
             starts.append((f"refined from {afs.name}", f"from {afs.name}", afs, True))
     starts.append((REFINED_LABEL, what, result.best, True))

@@ -322,6 +322,26 @@ def test_diffusers_bh1_ending_at_sigma_min_is_compared_with_but_never_a_search_s
     assert other is not None and other.name not in SIGMA_MIN_NAMED and space.contains(other)
 
 
+def test_a_search_ending_at_sigma_min_searches_seeds_and_writes_schedules_ending_there(gmm, tmp_path):
+    """--final sigma_min: the space ends at the model's t_min, the seeds are the named schedules ending there, and the
+    written schedule ends there (or above: the refinement frees a last time that is not 0); a bad value or an
+    img2img search with it is refused on construction."""
+    from autotune.errors import InputError
+    from autotune.space.fileformat import load, loads
+
+    with pytest.raises(InputError, match="--final 'data'"):
+        JobConfig(model="gmm2d", final="data")
+    with pytest.raises(InputError, match="--strength"):
+        JobConfig(model="gmm2d", final="sigma_min", strength=0.5)
+    outcome = run_search_job(JobConfig(**SMALL, final="sigma_min", out=tmp_path / "s.json", refine=3), model=gmm)
+    t_min = float(gmm.noise.t_min)
+    assert outcome.search.trials and all(loads(t.schedule).times[-1] == t_min for t in outcome.search.trials)
+    end = outcome.best.times[-1]  # float32 rounding of t_min at worst
+    assert t_min * (1 - 1e-6) <= end < outcome.best.times[-2] and load(tmp_path / "s.json") == outcome.best
+    named = {p.name for p in outcome.peers}
+    assert named and all(p.schedule.times[-1] in (0.0, t_min) for p in outcome.peers), named
+
+
 def test_the_analytic_first_start_is_the_best_named_schedule_with_an_analytic_first_step(gmm):
     """analytic_first_start scores AFS_NAMED with an analytic first step at the search's NFE (the same calls, one
     step more) and returns the lowest; none for a start below T, a one-call schedule or when every one diverged."""
