@@ -39,7 +39,8 @@ def mixed_schedule() -> Schedule:
 
 def _schedules(noise):
     return [build("ddim", noise, 4), build("dpmsolver++3m", noise, 6), build("unipc-bh2-o3", noise, 5),
-            build("ipndm", noise, 5), mixed_schedule(), build("heun", noise, 5)]
+            build("ipndm", noise, 5), mixed_schedule(), build("heun", noise, 5),
+            build("unipc-bh1-o3-smin", noise, 5)]  # ending at sigma_min, as `autotune search --final sigma_min` can
 
 
 def _cli_sample(model_dir, schedule_path, noise, tmp_path, *extra) -> torch.Tensor:
