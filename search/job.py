@@ -613,7 +613,8 @@ def second_start(evaluator: Evaluator, best: Schedule, best_value: float, named:
 # only on the model kept to check the defaults, so no start ending at t_min is refined; diffusers' bh1 itself
 # (SIGMA_MIN_NAMED) is among the named schedules validation and the closing table compare with. A whole search
 # ending at t_min is JobConfig.final "sigma_min" (--final), not the default: README, session 40 (rgb32-eps-sd NFE 4
-# 0.37 of the best peer where the default gave 0.57; on exact mixtures with SD 1.x's schedule better in 4 of 5 runs).
+# 0.37 of the best peer where the default gave 0.57, NFE 5 0.51 vs 0.503; with SD 1.x's schedule on exact mixtures
+# better in 4 of 5 runs).
 AFS_NAMED = ("unipc-bh1-o2", "unipc-bh1-o3", "unipc-bh2-o2", "unipc-bh2-o3", "dpmsolver++2m", "dpmsolver++3m")
 
 
