@@ -59,7 +59,7 @@ from autotune.evaluate.ids import PER_SAMPLE
 from autotune.evaluate.metrics import ERROR_FIGURES, encode_errors, error_summary, excess_interval
 from autotune.evaluate.metrics import data_metric_draws as metric_draws
 from autotune.sampling.capabilities import capabilities_of
-from autotune.sampling.named import DIFFUSERS_PEERS
+from autotune.sampling.named import DIFFUSERS_PEERS, FINALS
 from autotune.search.pareto import direction
 from autotune.tables import DATA_METRICS, versus  # the one ratio convention: best peer / ours, > 1 ours better
 
@@ -633,7 +633,7 @@ def main() -> None:
     parser.add_argument("--validate", type=int, default=JobConfig.validate,
                         help="validation-set size (default: the command's)")
     parser.add_argument("--method", default=None, help="replace the default search method")
-    parser.add_argument("--final", default=None, choices=("zero", "sigma_min"),
+    parser.add_argument("--final", default=None, choices=FINALS,
                         help="replace where the searched schedules end (the command's --final)")
     parser.add_argument("--refine", type=int, default=None,
                         help="gradient steps on the winner's grid, shifts and ratios (default: autotune search's)")

@@ -121,7 +121,7 @@ class JobConfig:
                              "and batch of at least 1 and workers of at least 0")
         if not 0.0 < self.latency_budget < float("inf"):  # NaN fails this too
             raise InputError(f"--latency-budget {self.latency_budget}: expected a positive fraction like 0.8")
-        if self.final not in ("zero", "sigma_min"):
+        if self.final not in ("zero", "sigma_min"):  # named.FINALS, spelled out: that module imports torch
             raise InputError(f"--final {self.final!r}: expected zero (onto the data) or sigma_min (the model's t_min)")
         if self.strength is not None:
             _check_strength(self.strength, self.nfe, self.refine, self.ratios)
