@@ -366,6 +366,7 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
                 **dist_met(dist)},
         "search_wall_s": outcome.seconds, "search_loop_s": outcome.search.seconds,
         "true_evaluations": outcome.true_evaluations, "method": outcome.method, "final": outcome.config.final,
+        "ends_at": outcome.best.times[-1],  # where the written schedule ends (T_MIN_STARTS may end it at t_min)
         "budget_spent": outcome.search.spent,
         "schedule": str(outcome.schedule_path),
     }

@@ -129,8 +129,8 @@ NAMED: dict[str, Callable[..., Schedule]] = {
 # sigma_min, where ours ends at 0. Both are named schedules, and every comparison (a search's validation and closing
 # table, `autotune compare` and `baseline`) holds both: where sigma_min is large the diffusers one is the better
 # few-step schedule (rgb32-eps-sd, SD 1.x's sigma_min 0.029, 128 report noises: 0.68x the mean at NFE 4, 0.61x at
-# 5), and a closing table measured against ours alone said more than diffusers would (search/job.py, above
-# AFS_NAMED). A search does not start from them: its space ends every schedule at t = 0.
+# 5), and a closing table measured against ours alone said more than diffusers would. Stage 1 does not start from
+# them (its space ends every schedule at t = 0); the refinement may (search/job.py: T_MIN_STARTS).
 def _ending_at_sigma_min(name: str) -> Callable[..., Schedule]:
     own = f"{name}-smin"
 

@@ -603,18 +603,8 @@ def second_start(evaluator: Evaluator, best: Schedule, best_value: float, named:
 # plain unipc-bh1-o3 1.04e-2), but refined 40 steps it ends at 5.98e-3 where the x0 = 0 start reaches 4.83e-3;
 # digits (mean -0.40) unrefined within +-3 % either way. The refinement moves the later steps around the estimate,
 # and the start that scores best unrefined is not the one that refines best, so the job keeps USF's x0 = 0.
-# Measured and not used: ending at sigma_min. The space ends every schedule at t = 0, where diffusers' UniPC bh1 (the
-# bench's peer: DIFFUSERS_PEERS) stops at t_min, and where sigma_min is large that peer is the best few-step one.
-# rgb32-eps-sd (SD 1.x's schedule, sigma_min 0.029; 128 report noises, scratch, 2026-12-06): the named schedules
-# ending at t_min score 0.68 / 0.73 / 0.77x their t = 0 versions at NFE 4 (unipc-bh1-o2, unipc-bh2-o2,
-# dpmsolver++2m), 0.61 / 0.66 / 0.72x at NFE 5; digits (sigma_min 0.01) 0.93-1.02x. Refined 40 steps (rms loss,
-# ratios, 128 search noises; mean / p99 on 256 report noises): unipc-bh1-o2 ending at t_min 2.90e-3 / 2.13e-2, at
-# t = 0 3.62e-3 / 1.39e-2; dpmsolver++2m+afs 4.10e-3 / 1.15e-2 against 3.77e-3 / 1.05e-2. Mixed, and measured
-# only on the model kept to check the defaults, so no start ending at t_min is refined; diffusers' bh1 itself
-# (SIGMA_MIN_NAMED) is among the named schedules validation and the closing table compare with. A whole search
-# ending at t_min is JobConfig.final "sigma_min" (--final), not the default: README, session 40 (rgb32-eps-sd NFE 4
-# 0.37 of the best peer where the default gave 0.57, NFE 5 0.51 vs 0.503; with SD 1.x's schedule on exact mixtures
-# better in 4 of 5 runs).
+# Where the schedule ends: the space ends every schedule at t = 0, where diffusers' UniPC bh1 (the bench's peer:
+# DIFFUSERS_PEERS) stops at t_min; where sigma_min is large that peer is the best few-step one: T_MIN_STARTS.
 AFS_NAMED = ("unipc-bh1-o2", "unipc-bh1-o3", "unipc-bh2-o2", "unipc-bh2-o3", "dpmsolver++2m", "dpmsolver++3m")
 
 
@@ -632,6 +622,59 @@ def analytic_first_start(evaluator: Evaluator, noise: NoiseSchedule, best: Sched
     values = [(evaluator.evaluate(s)["mse_ref"], i) for i, s in enumerate(starts)]
     values = [(v, i) for v, i in values if math.isfinite(v)]
     return starts[min(values)[1]] if values else None
+
+
+# T_MIN_STARTS: stopping at t_min (diffusers' final_sigmas_type="sigma_min") leaves noise of sigma_min in the sample
+# but spares the last, infinite log-SNR step onto t = 0, and where sigma_min is large the named schedules ending there
+# score well below their t = 0 versions. Search-set means, the best AFS_NAMED schedule ending at t_min over the best
+# named one ending at 0 (scratch, 2026-12-06; over the best AFS_NAMED one, as the job compares, it can only be lower):
+# SD 1.x's schedule (sigma_min 0.029) 0.66 on rgb32-eps-sd NFE 4, 0.61-0.71 on a 64-d mixture (gmm64's data, exact
+# denoiser), 0.91 on the 2-d ring; gmm64 (sigma_min 0.0105) 0.84-0.93 at NFE 4-10; the digits family (digits 0.01,
+# guided 2, the DiT and flow models 0.001) 0.94-1.02. Refined from there, such a start carries that gain or not. The
+# default job with these starts vs without (1024 report noises; mean / p99, each over the best named schedule's; the
+# starts where the ratio is below T_MIN_MARGIN): the 64-d mixture with SD 1.x's schedule NFE 4 0.255 / 0.271 -> 0.156
+# / 0.069 (the AFS start ending at t_min chosen), NFE 5 0.127 / 1.33 -> 0.168 / 0.177 (the named one: the tail the
+# search ending at 0 missed), NFE 8 0.301 / 0.180 -> 0.221 / 0.517; gmm64 NFE 10 0.293 / 1.02 -> 0.140 / 0.101, NFE 5,
+# 6, 8 the same schedule as without (the starts refined, not chosen; +9 / +19 / +16 s of job on a loaded machine);
+# rgb32-eps-sd NFE 4 (bench/search.py) 0.57 of the best peer as before: the named start ending at t_min had the lowest
+# validation mean (3.36e-3 vs 3.44e-3) but a worse tail, and validation's rule chose the refinement without shifts; a
+# whole search ending at t_min reached 0.37 there (JobConfig.final "sigma_min", README session 40: stage 1 in that
+# space finds what a refinement from the named schedules does not). The margin keeps the digits family out, where a
+# named schedule ending at t_min gains a few per cent at most: not what a refinement from there would need to win, and
+# two more starts would lengthen the README's search.
+T_MIN_MARGIN = 0.9
+
+
+def t_min_starts(evaluator: Evaluator, noise: NoiseSchedule, best: Schedule, analytic_first: bool = True
+                 ) -> list[Schedule]:
+    """The AFS_NAMED schedule at ``best``'s NFE built to end at the model's t_min of the lowest search-set mean, and
+    the lowest with an analytic first step (unless ``analytic_first`` is False), when the first is below
+    T_MIN_MARGIN x the lowest of them built to end at 0; else none (and none where ``best`` does not start from pure
+    noise at T and end at 0 with two calls or more, or t_min is 0)."""
+    from autotune.sampling.named import build, with_analytic_first
+
+    t_min = float(noise.t_min)
+    if best.nfe < 2 or best.final_denoise or best.t_start != float(noise.T) or best.times[-1] != 0.0 or t_min <= 0:
+        return []
+
+    def lowest(schedules: list[Schedule]) -> tuple[float, Optional[Schedule]]:
+        scored = [(evaluator.evaluate(s)["mse_ref"], i) for i, s in enumerate(schedules)]
+        finite = [(v, i) for v, i in scored if math.isfinite(v)]
+        return (min(finite)[0], schedules[min(finite)[1]]) if finite else (math.inf, None)
+
+    def named(final: str) -> list[Schedule]:
+        return [dataclasses.replace(build(n, noise, best.nfe, final), guidance=best.guidance) for n in AFS_NAMED]
+
+    at_zero, _ = lowest(named("zero"))
+    at_t_min, start = lowest(named("sigma_min"))
+    if start is None or not at_t_min < T_MIN_MARGIN * at_zero:
+        return []
+    starts = [start]
+    if analytic_first:
+        afs = lowest([dataclasses.replace(with_analytic_first(n, noise, best.nfe, "sigma_min"), guidance=best.guidance)
+                      for n in AFS_NAMED])[1]
+        starts += [afs] if afs is not None else []
+    return starts
 
 
 # The model-time shifts can fit the search set's tail more than fresh noise's. Guided digits (guidance 4) NFE 8,
@@ -718,6 +761,10 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
         if afs is not None:
             starts.append((f"refined from {afs.name}", f"from {afs.name}", afs, True))
     starts.append((REFINED_LABEL, what, result.best, True))
+    if validated and c.strength is None and c.final == "zero" and c.nfe_range[0] == c.nfe_range[1]:
+        with hooks.step("scoring named schedules ending at t_min"):  # T_MIN_STARTS: why
+            ending = t_min_starts(evaluator, setup.model.noise, result.best, c.analytic_first)
+        starts += [(f"refined from {s.name} to t_min", f"from {s.name} to t_min", s, True) for s in ending]
     if other is not None:  # second_start: why
         starts.append((f"refined from {other.name}", f"from {other.name} too", other, True))
     if validated:  # NO_SHIFT_LABEL: why

@@ -385,6 +385,69 @@ def test_the_job_refines_an_analytic_first_start_unless_told_not_to(gmm):
     assert all(s.solver != "afs" for s in off.best.steps)
 
 
+def test_the_starts_ending_at_t_min_come_only_where_the_named_schedules_ending_there_score_clearly_lower(gmm):
+    """t_min_starts scores AFS_NAMED built to end at t_min and at 0 on the search set: where the lowest ending at t_min
+    is below T_MIN_MARGIN x the lowest ending at 0 it returns that schedule and the lowest ending at t_min with an
+    analytic first step (not with analytic_first=False); else, and for a start that is not from T onto 0, none."""
+    from autotune.sampling.named import build, with_analytic_first
+    from autotune.search.job import AFS_NAMED, T_MIN_MARGIN, t_min_starts
+
+    t_min = float(gmm.noise.t_min)
+
+    class SearchSet:  # each schedule's value by its name and where it ends
+        def __init__(self, at_zero, at_t_min):
+            self.values = {0.0: at_zero, t_min: at_t_min}
+
+        def evaluate(self, s):
+            return {"mse_ref": self.values[s.times[-1]].get(s.name, 1.0)}
+
+    best = dataclasses.replace(build("unipc-bh2-o2", gmm.noise, 4), guidance=None)
+    clearly = SearchSet({"unipc-bh2-o3": 0.5}, {"dpmsolver++2m": 0.99 * T_MIN_MARGIN * 0.5, "unipc-bh1-o2+afs": 0.1,
+                                               "unipc-bh2-o3+afs": 0.2})
+    named, afs = t_min_starts(clearly, gmm.noise, best)
+    assert named == build("dpmsolver++2m", gmm.noise, 4, "sigma_min")
+    assert afs == with_analytic_first("unipc-bh1-o2", gmm.noise, 4, "sigma_min") and afs.times[-1] == t_min
+    assert t_min_starts(clearly, gmm.noise, best, analytic_first=False) == [named]
+    barely = SearchSet({"unipc-bh2-o3": 0.5}, {"dpmsolver++2m": 1.01 * T_MIN_MARGIN * 0.5})
+    assert t_min_starts(barely, gmm.noise, best) == []
+    diverged = SearchSet({}, {f"{n}": math.nan for n in AFS_NAMED})
+    assert t_min_starts(diverged, gmm.noise, best) == []
+    ending = dataclasses.replace(best, steps=best.steps[:-1] + (dataclasses.replace(best.steps[-1], t=t_min),))
+    for other in (ending, dataclasses.replace(best, t_start=0.9), build("ddim", gmm.noise, 1)):
+        assert t_min_starts(clearly, gmm.noise, other) == []
+
+
+def test_the_job_refines_the_starts_ending_at_t_min_and_validation_may_choose_one(gmm, monkeypatch):
+    """Where t_min_starts gives starts (here every time: T_MIN_MARGIN raised), each is refined with its last time free
+    and is a validation finalist ending at t_min or above; the written schedule is one of the finalists. With
+    --final sigma_min or without validation, no such start."""
+    from autotune.search import job
+
+    monkeypatch.setattr(job, "T_MIN_MARGIN", math.inf)
+    outcome = run_search_job(JobConfig(**SMALL, refine=4, score_report=False), model=gmm)
+    t_min = float(gmm.noise.t_min)
+    ending = [f for f in outcome.validation.scored if " to t_min" in f.label]
+    assert len(ending) == 2 and any("+afs" in f.label for f in ending), [f.label for f in outcome.validation.scored]
+    for f in ending:
+        assert t_min * (1 - 1e-6) <= f.schedule.times[-1] < f.schedule.times[-2]
+    chosen = outcome.validation.chosen
+    assert chosen in outcome.validation.scored and outcome.best.times == chosen.schedule.times
+    steps: list[str] = []
+
+    @contextlib.contextmanager
+    def step(description):
+        steps.append(description)
+        yield None
+
+    for config in (JobConfig(**SMALL, refine=4, score_report=False),
+                   JobConfig(**SMALL, refine=4, score_report=False, final="sigma_min"),
+                   JobConfig(**{**SMALL, "validate": 0}, refine=4, score_report=False)):
+        steps.clear()
+        run_search_job(config, model=gmm, hooks=JobHooks(step=step))
+        refining = [d for d in steps if d.startswith("refining from") and d.endswith("to t_min (steps 1-2 of 4)")]
+        assert len(refining) == (2 if config.final == "zero" and config.validating else 0), steps
+
+
 def test_the_winner_is_also_refined_without_shifts_and_validation_chooses(gmm, monkeypatch):
     """A second refinement of stage 1's best keeps the shifts where they were (the times and ratios move); both
     refined schedules are validation finalists. Without validation nothing could choose, so there is no second."""

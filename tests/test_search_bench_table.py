@@ -34,7 +34,8 @@ def test_a_row_carries_the_p99_ratio_interval_and_the_summary_counts_rows_it_dec
         return {**error_summary(errors), PER_SAMPLE: encode_errors(errors)}
 
     outcome = SimpleNamespace(seconds=1.0, search=SimpleNamespace(seconds=1.0, spent=96), true_evaluations=96,
-                              method="s3", schedule_path="x.json", config=SimpleNamespace(final="zero"))
+                              method="s3", schedule_path="x.json", config=SimpleNamespace(final="zero"),
+                              best=SimpleNamespace(times=(1.0, 0.5, 0.0)))
     peer = np.full(1024, 1e-2)
     at_cliff = np.full(1024, 1e-3)
     at_cliff[:10] = 0.3  # 10 of 1024 fail: the p99 (the 11th worst) is ours 0.1x, resampled often 30x
@@ -217,11 +218,12 @@ def test_recheck_gives_a_saved_row_its_intervals_from_its_schedule_file(tmp_path
         samples[peer] = bench.run_peer(model, peer, noise, None, 4, None)
         peers[peer] = bench.sample_metrics(model, samples[peer], report.reference(None, nfe=4), None)
     outcome = SimpleNamespace(seconds=1.0, search=SimpleNamespace(seconds=1.0, spent=4), true_evaluations=4,
-                              method="s3", schedule_path=path, config=SimpleNamespace(final="zero"))
+                              method="s3", schedule_path=path, config=SimpleNamespace(final="zero"), best=schedule)
     fresh = bench.compare_row("gmm2d", 4, ours, peers, outcome,
                               bench.paired_dist_intervals(model, report, schedule, ours, peers, samples, 4, None))
     saved = bench.compare_row("gmm2d", 4, ours, peers, outcome)
     saved["report_set"] = report.eval_set.id
+    assert saved["ends_at"] == 0.0 and saved["final"] == "zero"  # where the written schedule ends, and --final
     assert all(d["excess_ci"] is None for d in saved["dist"].values())
     lines = []
     bench.recheck_dist([saved], SimpleNamespace(code="abc1234"), tmp_path, lines.append)
