@@ -410,7 +410,7 @@ def test_the_starts_ending_at_t_min_come_only_where_the_named_schedules_ending_t
     assert t_min_starts(clearly, gmm.noise, best, analytic_first=False) == [named]
     barely = SearchSet({"unipc-bh2-o3": 0.5}, {"dpmsolver++2m": 1.01 * T_MIN_MARGIN * 0.5})
     assert t_min_starts(barely, gmm.noise, best) == []
-    diverged = SearchSet({}, {f"{n}": math.nan for n in AFS_NAMED})
+    diverged = SearchSet({}, {n: math.nan for n in AFS_NAMED})
     assert t_min_starts(diverged, gmm.noise, best) == []
     ending = dataclasses.replace(best, steps=best.steps[:-1] + (dataclasses.replace(best.steps[-1], t=t_min),))
     for other in (ending, dataclasses.replace(best, t_start=0.9), build("ddim", gmm.noise, 1)):
