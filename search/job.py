@@ -617,11 +617,15 @@ def analytic_first_start(evaluator: Evaluator, noise: NoiseSchedule, best: Sched
 
     if best.nfe < 2 or best.final_denoise or best.t_start != float(noise.T):
         return None
-    starts = [dataclasses.replace(with_analytic_first(name, noise, best.nfe, final), guidance=best.guidance)
-              for name in AFS_NAMED]
-    values = [(evaluator.evaluate(s)["mse_ref"], i) for i, s in enumerate(starts)]
+    return _lowest(evaluator, [dataclasses.replace(with_analytic_first(name, noise, best.nfe, final),
+                                                   guidance=best.guidance) for name in AFS_NAMED])[1]
+
+
+def _lowest(evaluator: Evaluator, schedules: list[Schedule]) -> tuple[float, Optional[Schedule]]:
+    """The lowest finite search-set mean among ``schedules`` and its schedule (inf, None when none is finite)."""
+    values = [(evaluator.evaluate(s)["mse_ref"], i) for i, s in enumerate(schedules)]
     values = [(v, i) for v, i in values if math.isfinite(v)]
-    return starts[min(values)[1]] if values else None
+    return (min(values)[0], schedules[min(values)[1]]) if values else (math.inf, None)
 
 
 # T_MIN_STARTS: stopping at t_min (diffusers' final_sigmas_type="sigma_min") leaves noise of sigma_min in the sample
@@ -653,30 +657,22 @@ def t_min_starts(evaluator: Evaluator, noise: NoiseSchedule, best: Schedule, ana
     the lowest with an analytic first step (unless ``analytic_first`` is False), when the first is below
     T_MIN_MARGIN x the lowest of them built to end at 0; else none (and none where ``best`` does not start from pure
     noise at T and end at 0 with two calls or more, or t_min is 0)."""
-    from autotune.sampling.named import build, with_analytic_first
+    from autotune.sampling.named import build
 
-    t_min = float(noise.t_min)
-    if best.nfe < 2 or best.final_denoise or best.t_start != float(noise.T) or best.times[-1] != 0.0 or t_min <= 0:
+    if best.nfe < 2 or best.final_denoise or best.t_start != float(noise.T):
         return []
-
-    def lowest(schedules: list[Schedule]) -> tuple[float, Optional[Schedule]]:
-        scored = [(evaluator.evaluate(s)["mse_ref"], i) for i, s in enumerate(schedules)]
-        finite = [(v, i) for v, i in scored if math.isfinite(v)]
-        return (min(finite)[0], schedules[min(finite)[1]]) if finite else (math.inf, None)
+    if best.times[-1] != 0.0 or noise.t_min <= 0:  # it ends elsewhere already, or the model has no t_min
+        return []
 
     def named(final: str) -> list[Schedule]:
         return [dataclasses.replace(build(n, noise, best.nfe, final), guidance=best.guidance) for n in AFS_NAMED]
 
-    at_zero, _ = lowest(named("zero"))
-    at_t_min, start = lowest(named("sigma_min"))
+    at_zero, _ = _lowest(evaluator, named("zero"))
+    at_t_min, start = _lowest(evaluator, named("sigma_min"))
     if start is None or not at_t_min < T_MIN_MARGIN * at_zero:
         return []
-    starts = [start]
-    if analytic_first:
-        afs = lowest([dataclasses.replace(with_analytic_first(n, noise, best.nfe, "sigma_min"), guidance=best.guidance)
-                      for n in AFS_NAMED])[1]
-        starts += [afs] if afs is not None else []
-    return starts
+    afs = analytic_first_start(evaluator, noise, best, "sigma_min") if analytic_first else None
+    return [start] + ([afs] if afs is not None else [])
 
 
 # The model-time shifts can fit the search set's tail more than fresh noise's. Guided digits (guidance 4) NFE 8,
