@@ -265,15 +265,17 @@ def slug(name: str) -> str:
 
 def schedule_table(schedule: Schedule) -> str:
     """Every step of a schedule as a markdown table."""
-    shifted = any(st.shift for st in schedule.steps)  # the column only for schedules that shift a model time
+    # the columns only for schedules that shift a model time, or scale a data prediction
+    shifted = any(st.shift for st in schedule.steps)
+    scaled = any(st.data_scale != 1.0 for st in schedule.steps)
     rows = [(k, st.t, st.solver, st.order, st.prediction, st.corrector if st.corrector == "none" else
              f"{st.corrector} ({st.corrector_order})", st.ratio, *((st.shift,) if shifted else ()),
-             ", ".join(st.skip) or "-")
+             *((st.data_scale,) if scaled else ()), ", ".join(st.skip) or "-")
             for k, st in enumerate(schedule.steps)]
     extra = f"t_start {schedule.t_start:g}, final_denoise {str(schedule.final_denoise).lower()}, " \
             f"dc_order {schedule.dc_order}, guidance {_fmt(schedule.guidance) or 'none'}"
     header = ("step", "t", "solver", "order", "prediction", "corrector", "ratio", *(("shift",) if shifted else ()),
-              "skip")
+              *(("data scale",) if scaled else ()), "skip")
     return _table(header, rows) + f"\n\n{extra}\n"
 
 

@@ -11,6 +11,7 @@ what no later instruction reads. Coefficients are torch tensors, differentiable 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -80,17 +81,32 @@ def _step_code(k: int, schedule: Schedule, ctx: PlanContext, ratios: torch.Tenso
     return code
 
 
+def _step_of(slot: Any, n: int) -> int | None:
+    """The step whose call fills ``slot`` (k or (k, i)); None for the final denoise's call (slot n)."""
+    k = slot[0] if isinstance(slot, tuple) else slot
+    return k if isinstance(k, int) and k < n else None
+
+
+def with_data_scales(code: list[Instruction], scales: torch.Tensor) -> list[Instruction]:
+    """Each call of step k scales its data prediction by ``scales[k]``: where the value is not 1, or always when the
+    tensor requires grad (so its gradient exists); other calls keep ``scale`` None and run as before."""
+    n = scales.shape[0]
+    out = []
+    for ins in code:
+        k = _step_of(ins.slot, n) if isinstance(ins, Call) else None
+        if k is not None and (scales.requires_grad or float(scales[k]) != 1.0):
+            ins = replace(ins, scale=scales[k])
+        out.append(ins)
+    return out
+
+
 def with_reuse(code: list[Instruction], schedule: Schedule) -> list[Instruction]:
     """Each call of step k (slot k or (k, i)) reuses step k's units; each call records the reused units it does not
     skip or reuse itself, when a later call reuses them (recording costs no compute: the cache keeps a reference)."""
     n = len(schedule.steps)
-
-    def step_of(slot) -> int | None:
-        k = slot[0] if isinstance(slot, tuple) else slot
-        return k if isinstance(k, int) and k < n else None  # slot n: the final denoise, a full call
-
     calls = [i for i, ins in enumerate(code) if isinstance(ins, Call)]
-    reuse = {i: frozenset(schedule.steps[k].reuse) if (k := step_of(code[i].slot)) is not None else frozenset()
+    # slot n: the final denoise, a full call
+    reuse = {i: frozenset(schedule.steps[k].reuse) if (k := _step_of(code[i].slot, n)) is not None else frozenset()
              for i in calls}
     later: frozenset[str] = frozenset()
     code = list(code)
@@ -140,11 +156,12 @@ def make_plan(
     ratios: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     shifts: torch.Tensor | None = None,
+    data_scales: torch.Tensor | None = None,
 ) -> Plan:
     """Precompute every instruction of ``schedule`` on ``noise``.
 
-    ``times`` (tau_0..tau_N), ``ratios`` and ``shifts`` (one per step) override the schedule's values with
-    tensors, typically ones that require grad: the plan is then differentiable in them.
+    ``times`` (tau_0..tau_N), ``ratios``, ``shifts`` and ``data_scales`` (one per step) override the schedule's
+    values with tensors, typically ones that require grad: the plan is then differentiable in them.
     """
     if times is None:
         times = torch.tensor(schedule.times, dtype=dtype)
@@ -170,6 +187,9 @@ def make_plan(
         n = len(schedule.steps)
         code += [ctx.call(n), Combine("x", "x", None, ((n, torch.ones((), dtype=times.dtype)),), "data"),
                  Mark(n, end_of_step=False)]
+    if data_scales is None:
+        data_scales = torch.tensor([s.data_scale for s in schedule.steps], dtype=times.dtype)
+    code = with_data_scales(code, data_scales)
     if schedule.units_reused:
         code = with_reuse(code, schedule)
     spaces = sorted({ins.prediction for ins in code if isinstance(ins, Combine)})

@@ -59,6 +59,7 @@ def sample(
     times: torch.Tensor | None = None,
     ratios: torch.Tensor | None = None,
     shifts: torch.Tensor | None = None,
+    data_scales: torch.Tensor | None = None,
     keep_states: bool = False,
     check_finite: bool = False,
     plan: Plan | None = None,
@@ -76,8 +77,8 @@ def sample(
         cond: conditioning for the model (class labels, prompt embeddings), or None.
         dtype: float32 or float64 for the state (default: the noise's dtype).
         differentiable: run with autograd on (for fitting ratios or times by gradient); default no_grad.
-        times, ratios: tensors overriding the schedule's times (tau_0..tau_N) and ratios, e.g. ones that
-            require grad.
+        times, ratios, shifts, data_scales: tensors overriding the schedule's times (tau_0..tau_N) and its
+            per-step ratios, shifts and data scales, e.g. ones that require grad.
         keep_states: also return the state at every visited time (after correction).
         check_finite: record the first step whose state is not finite (costs one sync per step).
         callback: ``callback(k, x)`` after each step, outside any traced region.
@@ -102,7 +103,7 @@ def sample(
     check_inputs(model, schedule, noise)
     dtype = dtype or noise.dtype
     if plan is None:
-        plan = make_plan(schedule, model.noise, times=times, ratios=ratios, shifts=shifts)
+        plan = make_plan(schedule, model.noise, times=times, ratios=ratios, shifts=shifts, data_scales=data_scales)
     plan = plan.map_weights(lambda w: w.to(dtype))
     draw = _noise_source(plan, step_noise, generator)
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
@@ -155,7 +156,7 @@ def sample_in_chunks(model: Denoiser, schedule: Schedule, noise: torch.Tensor, c
                       **kwargs)
     if kwargs.get("plan") is None:  # one plan for every slice: its coefficients depend on the schedule only
         kwargs["plan"] = make_plan(schedule, model.noise, times=kwargs.get("times"), ratios=kwargs.get("ratios"),
-                                   shifts=kwargs.get("shifts"))
+                                   shifts=kwargs.get("shifts"), data_scales=kwargs.get("data_scales"))
     parts = []
     for lo in range(0, size, chunk):
         part = slice(lo, lo + chunk)

@@ -40,7 +40,9 @@ class Call:
     cache because a later call reuses it. The cache belongs to one run and holds ordinary tensors
     (``sampling.denoiser.call_model``), so a trace of the run carries them from call to call. ``forecast``: the
     order of the polynomial in time the reused outputs are extrapolated by from the unit's last computed outputs
-    (the schedule's ``reuse_order``; 0: copied from the last one).
+    (the schedule's ``reuse_order``; 0: copied from the last one). ``scale``: the factor the data prediction is
+    multiplied by (the step's ``data_scale``), the noise prediction following from the state; None: as the model
+    gave it, with no arithmetic (so a plan without scales runs exactly as before).
     """
 
     slot: Slot
@@ -52,6 +54,7 @@ class Call:
     reuse: frozenset[str] = frozenset()
     record: frozenset[str] = frozenset()
     forecast: int = 0
+    scale: Weight | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,8 @@ class Plan:
         def one(ins: Instruction) -> Instruction:
             if isinstance(ins, Call):
                 return replace(ins, alpha=fn(ins.alpha), sigma=fn(ins.sigma),
-                               time=ins.time if time_fn is None else time_fn(ins.time))
+                               time=ins.time if time_fn is None else time_fn(ins.time),
+                               scale=None if ins.scale is None else fn(ins.scale))
             if isinstance(ins, Analytic):
                 return replace(ins, alpha=fn(ins.alpha), sigma=fn(ins.sigma))
             if isinstance(ins, Combine):
@@ -223,6 +227,9 @@ def interpret(plan: Plan, x: torch.Tensor, parameterization: str,
             out, state = yield ins, regs[ins.at]
             regs[ins.at] = state
             x0, eps = to_data_and_noise(out, state, ins.alpha, ins.sigma, parameterization)
+            if ins.scale is not None:
+                x0 = ins.scale * x0
+                eps = (state - ins.alpha * x0) / ins.sigma
             for p in plan.spaces:
                 hist[p][ins.slot] = x0 if p == "data" else eps
         elif isinstance(ins, Combine):

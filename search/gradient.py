@@ -103,17 +103,23 @@ from autotune.evaluate.reference import Reference
 from autotune.evaluate.sets import EvalSet
 from autotune.sampling.denoiser import Denoiser
 from autotune.sampling.executor import sample
-from autotune.space.schedule import MAX_SHIFT, Schedule
+from autotune.space.schedule import MAX_DATA_SCALE, MAX_SHIFT, Schedule
+from autotune.space.solvers import solver_info
 
 DEFAULT_LR = 0.03  # Adam's step on the grid logits and the shifts; 0.05 and up overshoot on digits
 # an iterate whose loss is over this many times the best so far sends the parameters back to the best iterate, and
 # Adam starts again from there at half its step (at most MAX_BACKOFFS times)
 BACKOFF = 1.5
 MAX_BACKOFFS = 4
+# the log data scales move SCALE_STEP x the step of the other parameters: a step of lr in a log scale is a 3 %
+# change of a whole call's data prediction, and on gmm64 NFE 10 the job's descents then backed off and ended worse
+# than without scales (scratch, 2026-12-07); a first trial at a third of the step (Adam 0.01 on the log scales of
+# a refined schedule) lowered digits-dit NFE 5's report mean by 17 %
+SCALE_STEP = 1.0 / 3.0
 AGGREGATES = ("rms", "mean")  # how the per-sample errors make the loss (the module's docstring says why rms)
 # the power of the per-sample errors whose sum each (part of the) set contributes: rms sums squares
 POWERS = {"rms": 2, "mean": 1}
-VALUES = ("times", "shifts", "ratios")  # the executor's overrides the loss differentiates, by name
+VALUES = ("times", "shifts", "ratios", "data_scales")  # the executor's overrides the loss differentiates, by name
 
 # Values -> (the summed per-sample errors to the power, their gradient with respect to each value given): the loss
 # on all of the noises, or on parts of them summed (RayPool.gradient_split); refine_times only adds them up.
@@ -151,9 +157,12 @@ def refine_times(
     model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *, iterations: int = 40,
     lr: float = DEFAULT_LR, samples: int = 0, shifts: bool = True, aggregate: str = "rms", ratios: bool = False,
     split: Optional[Callable[..., Optional[ErrorSum]]] = None, give_up_above: float = math.inf,
+    data_scales: bool = False, move_grid: bool = True,
 ) -> Refinement:
-    """Adam on the softmax parameterisation of the log-SNR grid (and on the steps' shifts unless ``shifts`` is
-    False, and on the compensation ratios of the steps from ``dc_order`` on when ``ratios``); returns the best
+    """Adam on the softmax parameterisation of the log-SNR grid (unless ``move_grid`` is False), on the steps' shifts
+    (unless ``shifts`` is
+    False, on the compensation ratios of the steps from ``dc_order`` on when ``ratios``, and on the data scales of
+    the steps that call the model when ``data_scales``); returns the best
     iterate seen. The loss is the ``aggregate`` ("rms" or "mean") of the per-sample
     errors on the set's first ``samples`` noises (0: all). ``split(model, schedule, noise, labels, target, power)``
     may hand the loss's samples out in parts (RayPool.gradient_split: the search's idle workers); it returns
@@ -161,7 +170,8 @@ def refine_times(
     over ``give_up_above`` stops there (``gave_up``), returning that best. (:class:`Descent` runs the same
     descent in parts.)"""
     run = Descent(model, schedule, eval_set, reference, iterations=iterations, lr=lr, samples=samples,
-                  shifts=shifts, aggregate=aggregate, ratios=ratios, split=split)
+                  shifts=shifts, aggregate=aggregate, ratios=ratios, split=split, data_scales=data_scales,
+                  move_grid=move_grid)
     run.halfway()
     if run.above(give_up_above):
         return run.give_up()
@@ -200,10 +210,11 @@ class Descent(_InParts):
     def __init__(self, model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *,
                  iterations: int = 40, lr: float = DEFAULT_LR, samples: int = 0, shifts: bool = True,
                  aggregate: str = "rms", ratios: bool = False,
-                 split: Optional[Callable[..., Optional[ErrorSum]]] = None) -> None:
+                 split: Optional[Callable[..., Optional[ErrorSum]]] = None, data_scales: bool = False,
+                 move_grid: bool = True) -> None:
         self.iterations = iterations
         self._steps = _descend(model, schedule, eval_set, reference, iterations, lr, samples, shifts, aggregate,
-                               ratios, split)
+                               ratios, split, data_scales, move_grid)
         self.evaluations, self.so_far, self.best_loss = 0, Refinement(schedule, []), math.inf
         self.backoffs = 0  # how many times it has gone back to its best iterate at a smaller step (BACKOFF)
         self.result: Optional[Refinement] = None  # the best iterate once the descent has ended (best_loss its loss)
@@ -231,8 +242,8 @@ class Descent(_InParts):
 @dataclass
 class _Problem:
     """What a descent moves and what it minimises, shared by Adam (:func:`_descend`) and L-BFGS
-    (:class:`QuasiNewtonDescent`): the parameters (the grid's logits, the shifts, the movable ratios; those that
-    move are ``params``), the executor's values they give, and the loss on the noises."""
+    (:class:`QuasiNewtonDescent`): the parameters (the grid's logits, the shifts, the movable ratios, the log data
+    scales; those that move are ``params``), the executor's values they give, and the loss on the noises."""
 
     schedule: Schedule
     params: list[torch.Tensor]
@@ -246,11 +257,12 @@ class _Problem:
         return math.sqrt(total / self.count) if self.power == 2 else total / self.count
 
     def candidate(self, given: dict[str, Optional[torch.Tensor]]) -> Optional[Schedule]:
-        t, shift, ratio = (given[k] for k in VALUES)
+        t, shift, ratio, scale = (given[k] for k in VALUES)
         steps = self.schedule.steps
         shifts = shift if shift is not None else torch.tensor([s.shift for s in steps], dtype=torch.float64)
         ratios = ratio if ratio is not None else torch.tensor([s.ratio for s in steps], dtype=torch.float64)
-        return _with_values(self.schedule, t.detach(), shifts.detach(), ratios.detach())
+        scales = scale if scale is not None else torch.tensor([s.data_scale for s in steps], dtype=torch.float64)
+        return _with_values(self.schedule, t.detach(), shifts.detach(), ratios.detach(), scales.detach())
 
     def backward(self, given: dict[str, Optional[torch.Tensor]], grads: dict[str, torch.Tensor], value: float
                  ) -> bool:
@@ -265,8 +277,8 @@ class _Problem:
 
 
 def _problem(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, samples: int,
-             shifts: bool, aggregate: str, ratios: bool, split: Optional[Callable[..., Optional[ErrorSum]]]
-             ) -> _Problem:
+             shifts: bool, aggregate: str, ratios: bool, split: Optional[Callable[..., Optional[ErrorSum]]],
+             data_scales: bool = False, move_grid: bool = True) -> _Problem:
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
     ns = model.noise
@@ -278,7 +290,7 @@ def _problem(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
     # initial logits reproduce the current grid: increments between consecutive lambdas, slack to lam_end
     points = torch.cat([lam_start.reshape(1), lam, lam_end.reshape(1)])
     increments = (points[1:] - points[:-1]).clamp_min(1e-6)
-    logits = torch.log(increments / increments.sum()).clone().requires_grad_(free >= 1)
+    logits = torch.log(increments / increments.sum()).clone().requires_grad_(free >= 1 and move_grid)
 
     def interior_lambdas(logit: torch.Tensor) -> torch.Tensor:
         return lam_start + (lam_end - lam_start) * torch.cumsum(torch.softmax(logit, 0), 0)[:free]
@@ -290,6 +302,11 @@ def _problem(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
     movable = torch.tensor([ratios and k >= schedule.dc_order for k in range(len(schedule.steps))])
     fixed_ratios = torch.tensor([s.ratio for s in schedule.steps], dtype=torch.float64)
     ratio_free = fixed_ratios.clone().requires_grad_(bool(movable.any()))
+    # a data scale moves on every step that calls the model (an analytic step has no prediction to scale), as its
+    # logarithm, so that a factor and its inverse are equally far; kept in [1 / MAX_DATA_SCALE, MAX_DATA_SCALE]
+    scaled = torch.tensor([data_scales and solver_info(s.solver).calls(s.order) > 0 for s in schedule.steps])
+    fixed_scales = torch.tensor([s.data_scale for s in schedule.steps], dtype=torch.float64)
+    log_scales = (torch.log(fixed_scales) / SCALE_STEP).requires_grad_(bool(scaled.any()))
     part = slice(None) if samples <= 0 else slice(0, samples)
     noise = eval_set.noise(torch.float32)[part]
     labels = eval_set.conditions()
@@ -312,10 +329,13 @@ def _problem(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: 
     def given() -> dict[str, Optional[torch.Tensor]]:
         shift = offsets.clamp(-MAX_SHIFT, MAX_SHIFT)
         ratio = torch.where(movable, ratio_free, fixed_ratios)
+        bound = math.log(MAX_DATA_SCALE)
+        scale = torch.where(scaled, torch.exp((SCALE_STEP * log_scales).clamp(-bound, bound)), fixed_scales)
         return dict(zip(VALUES, (grid(logits), shift if shifts else None,
-                                 ratio if ratio_free.requires_grad else None)))
+                                 ratio if ratio_free.requires_grad else None,
+                                 scale if log_scales.requires_grad else None)))
 
-    params = [p for p in (logits, offsets, ratio_free) if p.requires_grad]
+    params = [p for p in (logits, offsets, ratio_free, log_scales) if p.requires_grad]
     return _Problem(schedule, params, given, errors, noise.shape[0], power)
 
 
@@ -325,12 +345,14 @@ def _detached(given: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[to
 
 def _descend(model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, iterations: int,
              lr: float, samples: int, shifts: bool, aggregate: str, ratios: bool,
-             split: Optional[Callable[..., Optional[ErrorSum]]]
+             split: Optional[Callable[..., Optional[ErrorSum]]], data_scales: bool = False,
+             move_grid: bool = True
              ) -> Generator[tuple[int, Refinement, float, int], None, tuple[Refinement, float]]:
     """Adam's descent as a generator: before each evaluation it yields how many are done, the best iterate so far,
     its loss and how many times it has backed off; it returns the best iterate and its loss when done (or when the
     loss stops being finite)."""
-    problem = _problem(model, schedule, eval_set, reference, samples, shifts, aggregate, ratios, split)
+    problem = _problem(model, schedule, eval_set, reference, samples, shifts, aggregate, ratios, split, data_scales,
+                       move_grid)
     params = problem.params
     if not params:
         return Refinement(schedule, []), math.inf
@@ -387,9 +409,10 @@ class QuasiNewtonDescent(_InParts):
     def __init__(self, model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *,
                  iterations: int = 40, samples: int = 0, shifts: bool = True, aggregate: str = "rms",
                  ratios: bool = False, split: Optional[Callable[..., Optional[ErrorSum]]] = None,
-                 history: int = 10) -> None:
+                 history: int = 10, data_scales: bool = False) -> None:
         self.iterations = iterations
-        self.problem = _problem(model, schedule, eval_set, reference, samples, shifts, aggregate, ratios, split)
+        self.problem = _problem(model, schedule, eval_set, reference, samples, shifts, aggregate, ratios, split,
+                                data_scales)
         self.evaluations, self.best_loss = 0, math.inf
         self._best: Schedule = schedule
         self._losses: list[float] = []
@@ -484,14 +507,16 @@ class _Spent(Exception):
     """Raised inside L-BFGS's closure when a new evaluation would go over the part's budget."""
 
 
-def _with_values(schedule: Schedule, times: torch.Tensor, shifts: torch.Tensor, ratios: torch.Tensor
-                 ) -> Schedule | None:
-    """The schedule on the new grid with the new shifts and ratios, or None if rounding made it invalid (ties)."""
+def _with_values(schedule: Schedule, times: torch.Tensor, shifts: torch.Tensor, ratios: torch.Tensor,
+                 scales: torch.Tensor) -> Schedule | None:
+    """The schedule on the new grid with the new shifts, ratios and data scales, or None if rounding made it invalid
+    (ties)."""
     from autotune.errors import ScheduleError
 
     values = [float(v) for v in times]
     try:
-        steps = [dataclasses.replace(s, t=values[k + 1], shift=float(shifts[k]), ratio=float(ratios[k]))
+        steps = [dataclasses.replace(s, t=values[k + 1], shift=float(shifts[k]), ratio=float(ratios[k]),
+                                     data_scale=float(scales[k]))
                  for k, s in enumerate(schedule.steps)]
         return schedule.with_steps(steps)
     except ScheduleError:

@@ -8,6 +8,8 @@ Format (``schema_version`` 1)::
                 "corrector_order": 0, "ratio": 1.0, "skip": []}, ...],   # + "reuse": [...] when a step reuses,
                                                                         # + "shift": x when a step shifts its model time
                                                                         # + "data_mean": [...] on an analytic first step
+                                                                        # + "data_scale": x when a step scales its
+                                                                        #   data prediction
      "hash": "…", "metadata": {}}
 
 ``nfe`` and ``hash`` are written for people and tools and are never trusted on reading: both are
@@ -31,7 +33,7 @@ MAX_NFE = 1000  # the most model evaluations (steps) any command or file accepts
 _TOP_KEYS = {"schema_version", "kind", "name", "nfe", "t_start", "guidance", "final_denoise", "dc_order", "reuse_order",
              "steps", "hash", "metadata"}
 _STEP_KEYS = {"t", "order", "solver", "prediction", "corrector", "corrector_order", "ratio", "skip", "reuse", "shift",
-              "data_mean"}
+              "data_mean", "data_scale"}
 
 
 def to_dict(s: Schedule) -> dict[str, Any]:
@@ -234,6 +236,7 @@ def from_dict(doc: Any) -> Schedule:
                 reuse=tuple(reuse),
                 shift=float(_get(sd, "shift", where, (int, float), required=False, default=0.0)),
                 data_mean=tuple(float(v) for v in data_mean),
+                data_scale=float(_get(sd, "data_scale", where, (int, float), required=False, default=1.0)),
             )
         )
     guidance = _get(doc, "guidance", "", (int, float, type(None)), required=False)

@@ -12,9 +12,11 @@ call(s), and the units reused in them (DeepCache): a reused unit is not computed
 produced at the last model call that computed it (cached features, carried between calls). ``shift`` moves the
 time the network is *told* at the step's own call by that much log-SNR (0: tau_k itself), while the state and the
 solver stay at tau_k: a learned correction of the discretisation error (timestep shifting as in TS-DPM, and the
-decoupled model time of LD3), found by gradient refinement (search/gradient.py). ``data_mean`` is the data estimate
-of an analytic first step (solver ``afs``: no model call at T), one value per channel (dimension 1 of the state);
-empty means 0, USF's own estimate for centred data.
+decoupled model time of LD3), found by gradient refinement (search/gradient.py). ``data_scale`` multiplies the data
+prediction of the step's model call(s) (1.0: none; the noise prediction follows, so x = alpha x0 + sigma eps holds):
+a learned per-step correction of what the network predicts from a state a few-step solver left, fitted by the same
+refinement. ``data_mean`` is the data estimate of an analytic first step (solver ``afs``: no model call at T), one
+value per channel (dimension 1 of the state); empty means 0, USF's own estimate for centred data.
 """
 
 from __future__ import annotations
@@ -28,14 +30,17 @@ from typing import Any, Iterable
 from autotune.errors import ScheduleError
 from autotune.space.solvers import MAX_ORDER, REGISTRY, SOLVERS
 
-__all__ = ["CORRECTORS", "MAX_CORRECTOR_ORDER", "MAX_SHIFT", "MAX_ORDER", "PREDICTIONS", "REUSE_ORDERS", "SOLVERS",
-           "Schedule", "Step"]
+__all__ = ["CORRECTORS", "MAX_CORRECTOR_ORDER", "MAX_DATA_SCALE", "MAX_SHIFT", "MAX_ORDER", "PREDICTIONS",
+           "REUSE_ORDERS", "SOLVERS", "Schedule", "Step"]
 
 PREDICTIONS = ("data", "noise")
 CORRECTORS = ("none", "bh1", "bh2")
 MAX_CORRECTOR_ORDER = 3
 # a step's model-time shift, in log-SNR: refinement moves it by tenths; beyond this it is no longer a correction
 MAX_SHIFT = 4.0
+# a step's data-prediction scale lies in [1 / MAX_DATA_SCALE, MAX_DATA_SCALE]: refinement moves it by percents; a
+# factor of 2 would be a different network, not a correction of this one
+MAX_DATA_SCALE = 2.0
 # how a reused unit's output is formed: 0 copies its last computed output (DeepCache); 1 extrapolates linearly in time
 # from its last two, 2 by the parabola through its last three (TaylorSeer's forecasts of order 1 and 2). Which serves
 # depends on the pattern: on digits (guidance 2, NFE 20, 128 noises) deep0 reused two steps of three with the last
@@ -61,10 +66,11 @@ class Step:
     reuse: tuple[str, ...] = ()
     shift: float = 0.0
     data_mean: tuple[float, ...] = ()
+    data_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # canonical form: numbers as floats (1 == 1.0, -0.0 == 0.0 hash alike), skip and reuse masks sorted
-        for name in ("t", "ratio", "shift"):
+        for name in ("t", "ratio", "shift", "data_scale"):
             object.__setattr__(self, name, _canonical_float(getattr(self, name)))
         if isinstance(self.data_mean, (list, tuple)):
             object.__setattr__(self, "data_mean", tuple(_canonical_float(v) for v in self.data_mean))
@@ -206,6 +212,7 @@ def step_to_dict(s: Step) -> dict[str, Any]:
         **({"reuse": list(s.reuse)} if s.reuse else {}),
         **({"shift": s.shift} if s.shift != 0.0 else {}),
         **({"data_mean": list(s.data_mean)} if s.data_mean else {}),
+        **({"data_scale": s.data_scale} if s.data_scale != 1.0 else {}),
     }
 
 
@@ -312,6 +319,12 @@ def validate(s: Schedule) -> None:
         if not _finite(step.shift) or abs(step.shift) > MAX_SHIFT:
             raise ScheduleError(f"{where}.shift", f"must be a log-SNR offset in [-{MAX_SHIFT}, {MAX_SHIFT}], "
                                 f"got {step.shift!r}")
+        if not _finite(step.data_scale) or not 1.0 / MAX_DATA_SCALE <= step.data_scale <= MAX_DATA_SCALE:
+            raise ScheduleError(f"{where}.data_scale", f"must be a factor in [{1.0 / MAX_DATA_SCALE:g}, "
+                                f"{MAX_DATA_SCALE:g}], got {step.data_scale!r}")
+        if step.data_scale != 1.0 and info.calls(step.order) == 0:
+            raise ScheduleError(f"{where}.data_scale", f"solver {step.solver!r} makes no model call here: there is "
+                                "no data prediction to scale (leave it at 1)")
         if not isinstance(step.data_mean, tuple) or not all(_finite(v) for v in step.data_mean):
             raise ScheduleError(f"{where}.data_mean", "must be a list of finite numbers (one per channel)")
         if step.data_mean and not info.reads_data_mean:

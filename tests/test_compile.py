@@ -41,10 +41,10 @@ def _with_steps(schedule, **per_step):
 
 @pytest.fixture(scope="module")
 def digits_schedule(digits):
-    """UniPC bh2 order 3 (predictor + corrector), one DC ratio, a pruned step, a model-time shift, CFG 2: every
-    kind of constant."""
+    """UniPC bh2 order 3 (predictor + corrector), one DC ratio, a pruned step, a model-time shift, a data scale,
+    CFG 2: every kind of constant."""
     s = build("unipc-bh2-o3", digits.noise, 4)
-    s = _with_steps(s, s1={"skip": ("mid_attn", "up1_extra"), "shift": 0.25}, s2={"ratio": 0.9})
+    s = _with_steps(s, s1={"skip": ("mid_attn", "up1_extra"), "shift": 0.25}, s2={"ratio": 0.9, "data_scale": 0.96})
     return dataclasses.replace(s, guidance=2.0)
 
 

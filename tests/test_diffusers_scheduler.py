@@ -25,13 +25,14 @@ runner = CliRunner()
 
 def mixed_schedule() -> Schedule:
     """Every kind of per-step decision a pipeline can replay: solvers, orders and both predictions mixed,
-    UniC correctors of orders 1-3, DC compensation ratios, model-time shifts, and a final denoising call at t > 0."""
+    UniC correctors of orders 1-3, DC compensation ratios, model-time shifts, data scales, and a final denoising call
+    at t > 0."""
     steps = (
         Step(0.78, order=1, solver="dpm", prediction="data", corrector="bh2", corrector_order=1, shift=-0.2),
         Step(0.55, order=2, solver="unip-bh1", prediction="noise", corrector="bh1", corrector_order=2, shift=0.3),
-        Step(0.36, order=3, solver="dpm", prediction="noise", ratio=0.97),
+        Step(0.36, order=3, solver="dpm", prediction="noise", ratio=0.97, data_scale=1.04),
         Step(0.2, order=2, solver="unip-bh2", prediction="data", corrector="bh2", corrector_order=3, ratio=1.03),
-        Step(0.09, order=4, solver="ipndm", prediction="noise"),
+        Step(0.09, order=4, solver="ipndm", prediction="noise", data_scale=0.97),
         Step(0.03, order=3, solver="unip-bh2", prediction="data"),
     )
     return Schedule(1.0, steps, final_denoise=True, name="mixed")

@@ -253,3 +253,41 @@ def test_a_shift_moves_only_the_time_the_network_is_told():
     ours = sample(inner, shifted, noise).sample
     assert torch.allclose(ours, sample(model_told_shifted, base, noise).sample, rtol=0, atol=1e-12)
     assert (ours - sample(inner, base, noise).sample).abs().max() > 1e-4  # and the shift did change the sample
+
+
+@pytest.mark.parametrize("parameterization", ["epsilon", "v_prediction", "flow"])
+def test_a_data_scale_multiplies_that_steps_data_prediction(parameterization):
+    """A step's ``data_scale`` is the same run on a model whose data prediction is that much larger at the step's
+    own call (the noise prediction following from the state), whichever prediction the step's solver reads; at 1
+    the plan has no scaling at all, so every schedule without scales samples bit for bit as before."""
+    ns = FlowMatching() if parameterization == "flow" else VPDiscrete.from_diffusers_config({})
+    inner = gaussian_model(ns, parameterization=parameterization)
+    named = build("unipc-bh2-o3", ns, 5)
+    base = named.with_steps(dataclasses.replace(st, prediction="noise") if k % 2 else st
+                            for k, st in enumerate(named.steps))
+    factors = [1.0, 0.9, 1.0, 1.1, 0.95]
+    scaled = base.with_steps(dataclasses.replace(st, data_scale=v) for st, v in zip(base.steps, factors))
+    assert all(c.scale is None for c in make_plan(base, ns).calls)
+    assert [c.scale is not None for c in make_plan(scaled, ns).calls] == [v != 1.0 for v in factors]
+    call_times = [c.time for c in make_plan(base, ns).calls]
+    calls = iter(range(len(factors)))
+
+    def scaled_network(x, tm):
+        out, k = inner.fn(x, tm), next(calls)
+        alpha_t, sigma_t = torch.exp(ns.log_alpha(call_times[k])), ns.sigma(call_times[k])
+        x0, _ = to_data_and_noise(out, x, alpha_t, sigma_t, parameterization)
+        x0 = factors[k] * x0
+        eps = (x - alpha_t * x0) / sigma_t
+        return {"epsilon": eps, "v_prediction": alpha_t * eps - sigma_t * x0, "flow": eps - x0}[parameterization]
+
+    noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ours = sample(inner, scaled, noise).sample
+    assert torch.allclose(ours, sample(TorchDenoiser(scaled_network, ns, parameterization), base, noise).sample,
+                          rtol=0, atol=1e-10)
+    assert (ours - sample(inner, base, noise).sample).abs().max() > 1e-4
+    # differentiable in the scales, which an override tensor at 1 leaves as they were: every step's call counts
+    scales = torch.ones(len(base.steps), dtype=torch.float64, requires_grad=True)
+    out = sample(inner, base, noise, differentiable=True, data_scales=scales)
+    assert torch.allclose(out.sample.detach(), sample(inner, base, noise).sample, rtol=0, atol=1e-12)
+    ((out.sample - exact_gaussian_solution(ns, noise, 0.0)) ** 2).mean().backward()
+    assert torch.isfinite(scales.grad).all() and (scales.grad != 0).all()

@@ -500,6 +500,7 @@ def test_the_refinements_race_to_halfway_and_those_far_above_the_lowest_loss_giv
             self.at_halfway = self.best_loss
 
     monkeypatch.setattr(gradient, "Descent", Recorded)
+    monkeypatch.setattr(job, "SCALE_FIT_STEPS", 0)  # the starts' descents only (SCALE_FIT's: its own test)
     monkeypatch.setattr(job, "GIVE_UP", 1e-9)  # a bar nothing clears: all but the lowest at halfway give up
     outcome = run_search_job(JobConfig(**SMALL, refine=6, score_report=False), model=gmm)
     labels = [f.label for f in outcome.validation.scored]
@@ -578,6 +579,7 @@ def test_the_chosen_stiff_refinement_is_polished_by_l_bfgs_if_lower(gmm, monkeyp
 
     made, steps, step = l_bfgs_recorded
     monkeypatch.setattr(job, "POLISH_SHARE", 0.5)
+    monkeypatch.setattr(job, "SCALE_FIT_STEPS", 0)  # the polish alone (SCALE_FIT comes after it: its own test)
     config = JobConfig(**SMALL, refine=8, score_report=False)
     outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))  # no descent backs off on gmm2d
     assert made == [] and not any(s.startswith("polishing") for s in steps)
@@ -666,3 +668,44 @@ def test_an_l_bfgs_twin_takes_a_start_only_when_lower_at_halfway():
     made.clear()
     assert _quasi_newton_twins([Run(1.0, 0), Run(5.0, 1)], starts, 1.0, QUIET, 3, 6, make(0.1)) == set()
     assert made == []  # above GIVE_UP x the lowest: it gives up anyway, no twin
+
+
+def test_validations_choice_gets_its_data_scales_fitted_and_is_replaced_only_if_lower(gmm, monkeypatch):
+    """SCALE_FIT: after validation has chosen, the choice's data scales alone are fitted on the refinement set
+    (its times, shifts and ratios kept); the scaled schedule is scored on validation and written only when its
+    selection value is lower. Not with SCALE_FIT_STEPS 0, nor without validation."""
+    from autotune.search import job
+    from autotune.search.selection import selection_value
+
+    steps = []
+
+    @contextlib.contextmanager
+    def step(description):
+        steps.append(description)
+        yield None
+
+    config = JobConfig(**SMALL, refine=8, score_report=False)
+    outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
+    v = outcome.validation
+    (scaled,) = [f for f in v.scored if f.label.endswith(job.SCALED_SUFFIX)]
+    (base,) = [f for f in v.scored if f.label + job.SCALED_SUFFIX == scaled.label]
+    assert f"fitting validation's choice's data scales ({job.SCALE_FIT_STEPS} steps)" in steps
+    assert v.scored[-1] is scaled
+    assert [dataclasses.replace(st, data_scale=1.0) for st in scaled.schedule.steps] == \
+        [dataclasses.replace(st, data_scale=1.0) for st in base.schedule.steps]
+    assert any(st.data_scale != 1.0 for st in scaled.schedule.steps)
+    assert all(st.data_scale == 1.0 for st in base.schedule.steps)
+    assert v.chosen is (scaled if selection_value(scaled.validation) < selection_value(base.validation) else base)
+    assert outcome.best.hash() == v.chosen.schedule.hash()  # what validation chose is what the job wrote
+    assert outcome.best.metadata["validation"]["chosen"] == v.chosen.label
+
+    for changes in ({"validate": 0}, {}):
+        steps.clear()
+        with monkeypatch.context() as patched:
+            if not changes:
+                patched.setattr(job, "SCALE_FIT_STEPS", 0)
+            outcome = run_search_job(dataclasses.replace(config, **changes), model=gmm, hooks=JobHooks(step=step))
+        assert not any("data scales" in s for s in steps)
+        assert all(st.data_scale == 1.0 for st in outcome.best.steps)
+        assert outcome.validation is None or not any(f.label.endswith(job.SCALED_SUFFIX)
+                                                     for f in outcome.validation.scored)

@@ -164,3 +164,19 @@ def test_schedule_plot_draws_every_decision(tmp_path):
     fancy = plot_schedule(Schedule(1.0, steps, final_denoise=True), tmp_path / "fancy.png")
     a, b = imread(plain), imread(fancy)
     assert a.shape == b.shape and np.abs(a - b).max() > 0.5  # the ratio axis and skip label are drawn
+
+
+def test_schedule_table_shows_shifts_and_data_scales_only_where_a_step_has_one():
+    from autotune.report import schedule_table
+    from autotune.sampling.noise import VPLinear
+
+    plain = build("unipc-bh2-o2", VPLinear(), 4)
+    header = schedule_table(plain).splitlines()[0]
+    assert "shift" not in header and "data scale" not in header
+    steps = list(plain.steps)
+    steps[2] = dataclasses.replace(steps[2], data_scale=0.97)
+    table = schedule_table(plain.with_steps(steps)).splitlines()
+    columns = [c.strip() for c in table[0].strip("|").split("|")]
+    assert "data scale" in columns and "shift" not in columns
+    at = columns.index("data scale")
+    assert [row.strip("|").split("|")[at].strip() for row in table[2:6]] == ["1", "1", "0.97", "1"]

@@ -84,6 +84,12 @@ INVALID = {
     # model-time shift
     "shift nan": (lambda: with_step(1, shift=math.nan), "steps[1].shift"),
     "shift beyond the limit": (lambda: with_step(2, shift=-4.5), "steps[2].shift"),
+    # data-prediction scale
+    "data_scale nan": (lambda: with_step(1, data_scale=math.nan), "steps[1].data_scale"),
+    "data_scale zero": (lambda: with_step(1, data_scale=0.0), "steps[1].data_scale"),
+    "data_scale beyond the limit": (lambda: with_step(2, data_scale=2.5), "steps[2].data_scale"),
+    "data_scale on an analytic step": (lambda: Schedule(1.0, (Step(0.5, solver="afs", data_scale=0.9), Step(0.0))),
+                                       "steps[0].data_scale"),
     # skip
     "duplicate skip unit": (lambda: with_step(1, skip=("mid", "mid")), "steps[1].skip"),
     "empty unit name": (lambda: with_step(1, skip=("",)), "steps[1].skip"),
@@ -124,6 +130,9 @@ VALID = {
     "guidance": lambda: four(guidance=7.5),
     "skip": lambda: with_step(0, skip=("down.0", "mid")),
     "shifted model time": lambda: with_step(0, shift=-0.3),
+    "scaled data prediction": lambda: with_step(0, data_scale=0.97),
+    "data_scale at its limits": lambda: Schedule(1.0, (Step(0.75, data_scale=0.5), Step(0.5, order=2, data_scale=2.0),
+                                                       Step(0.0))),
 }
 
 
@@ -180,6 +189,18 @@ def test_a_schedule_without_shifts_keeps_its_identity_and_a_shift_round_trips():
     assert back == shifted and back.steps[1].shift == 0.25 and back.hash() == shifted.hash()
 
 
+def test_a_schedule_without_data_scales_keeps_its_identity_and_a_scale_round_trips():
+    """``data_scale`` too enters the identity and the file only where a step is not at 1."""
+    from autotune.space.fileformat import dumps, loads
+
+    assert "data_scale" not in dumps(four()) and four().hash() == "4e980a6403e6197d"
+    scaled = with_step(2, data_scale=0.95)
+    assert scaled.identity()["steps"][2]["data_scale"] == 0.95 and "data_scale" not in scaled.identity()["steps"][1]
+    back = loads(dumps(scaled))
+    assert back == scaled and back.steps[2].data_scale == 0.95 and back.hash() == scaled.hash()
+    assert with_step(2, data_scale=1).hash() == four().hash()  # 1 is "none", however written
+
+
 def test_skip_masks_are_canonical():
     a = Step(0.5, skip=("mid", "down.0"))
     b = Step(0.5, skip=["down.0", "mid"])
@@ -203,6 +224,7 @@ STEP_CHANGES = {
     "ratio": dict(ratio=1.05),
     "skip": dict(skip=("mid",)),
     "shift": dict(shift=0.1),
+    "data_scale": dict(data_scale=1.02),
 }
 
 

@@ -1,5 +1,6 @@
 """Search strategies (one conformance suite over the registry), the runner, resuming, and the CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -232,6 +233,25 @@ def test_gradient_refinement_lowers_the_loss_keeps_a_valid_grid_and_shifts_model
     assert evaluator.evaluate(only_times.schedule)["mse_ref"] == pytest.approx(min(only_times.losses), rel=1e-4)
     with pytest.raises(ValueError, match="aggregate 'median'"):
         refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), aggregate="median")
+
+
+def test_refinement_of_the_data_scales_alone_keeps_everything_else(gmm):
+    """``move_grid=False, shifts=False, data_scales=True``: only the steps' data scales move (within the schedule's
+    limits), the loss falls, and the best iterate is the schedule written."""
+    from autotune.search.gradient import refine_times
+    from autotune.space.schedule import MAX_DATA_SCALE
+
+    evaluator = Evaluator(gmm, "search", size=32)
+    base = build("dpmsolver++2m", gmm.noise, 5)
+    fitted = refine_times(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), iterations=15, lr=0.1,
+                          move_grid=False, shifts=False, data_scales=True)
+    s = fitted.schedule
+    assert min(fitted.losses) < fitted.losses[0]
+    assert s.times == base.times and all(st.shift == 0 and st.ratio == 1 for st in s.steps)
+    assert [dataclasses.replace(st, data_scale=1.0) for st in s.steps] == list(base.steps)
+    assert sum(st.data_scale != 1.0 for st in s.steps) == 5
+    assert all(1 / MAX_DATA_SCALE <= st.data_scale <= MAX_DATA_SCALE for st in s.steps)
+    assert evaluator.evaluate(s)["mse_ref"] < evaluator.evaluate(base)["mse_ref"]
 
 
 @pytest.fixture
