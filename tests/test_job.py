@@ -19,6 +19,18 @@ from autotune.space.fileformat import from_dict, load
 SMALL = dict(model="gmm2d", nfe="4", budget=8, batch=4, set_size=16, validate=32, report_size=32)
 
 
+def _step_recorder():
+    """A job's ``step`` hook that records the line of every step it shows, and the list it records them in."""
+    steps: list[str] = []
+
+    @contextlib.contextmanager
+    def step(description):
+        steps.append(description)
+        yield None
+
+    return steps, step
+
+
 def _search_rows(store, eval_set: str) -> set[str]:
     """Hashes of the schedules scored on this search set (the store's key: set id / reference version)."""
     return {e["schedule_hash"] for e in store.iter_evaluations() if e["eval_set"].startswith(eval_set + "/")}
@@ -432,12 +444,7 @@ def test_the_job_refines_the_starts_ending_at_t_min_and_validation_may_choose_on
         assert t_min * (1 - 1e-6) <= f.schedule.times[-1] < f.schedule.times[-2]
     chosen = outcome.validation.chosen
     assert chosen in outcome.validation.scored and outcome.best.times == chosen.schedule.times
-    steps: list[str] = []
-
-    @contextlib.contextmanager
-    def step(description):
-        steps.append(description)
-        yield None
+    steps, step = _step_recorder()
 
     for config in (JobConfig(**SMALL, refine=4, score_report=False),
                    JobConfig(**SMALL, refine=4, score_report=False, final="sigma_min"),
@@ -456,12 +463,7 @@ def test_the_winner_is_also_refined_without_shifts_and_validation_chooses(gmm, m
 
     monkeypatch.setattr(job, "GIVE_UP", math.inf)  # every refinement runs its steps (giving up: its own test)
 
-    steps: list[str] = []
-
-    @contextlib.contextmanager
-    def step(description):
-        steps.append(description)
-        yield None
+    steps, step = _step_recorder()
 
     config = JobConfig(**SMALL, refine=5, score_report=False)
     outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
@@ -526,17 +528,13 @@ def l_bfgs_recorded(monkeypatch):
     hook it returns)."""
     from autotune.search import gradient
 
-    made, steps = [], []
+    made = []
+    steps, step = _step_recorder()
 
     class Recorded(gradient.QuasiNewtonDescent):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
-
-    @contextlib.contextmanager
-    def step(description):
-        steps.append(description)
-        yield None
 
     monkeypatch.setattr(gradient, "QuasiNewtonDescent", Recorded)
     return made, steps, step
@@ -677,12 +675,7 @@ def test_validations_choice_gets_its_data_scales_fitted_and_is_replaced_only_if_
     from autotune.search import job
     from autotune.search.selection import selection_value
 
-    steps = []
-
-    @contextlib.contextmanager
-    def step(description):
-        steps.append(description)
-        yield None
+    steps, step = _step_recorder()
 
     config = JobConfig(**SMALL, refine=8, score_report=False)
     outcome = run_search_job(config, model=gmm, hooks=JobHooks(step=step))
