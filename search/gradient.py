@@ -409,10 +409,10 @@ class QuasiNewtonDescent(_InParts):
     def __init__(self, model: Denoiser, schedule: Schedule, eval_set: EvalSet, reference: Reference, *,
                  iterations: int = 40, samples: int = 0, shifts: bool = True, aggregate: str = "rms",
                  ratios: bool = False, split: Optional[Callable[..., Optional[ErrorSum]]] = None,
-                 history: int = 10, data_scales: bool = False) -> None:
+                 history: int = 10, data_scales: bool = False, move_grid: bool = True) -> None:
         self.iterations = iterations
         self.problem = _problem(model, schedule, eval_set, reference, samples, shifts, aggregate, ratios, split,
-                                data_scales)
+                                data_scales, move_grid)
         self.evaluations, self.best_loss = 0, math.inf
         self._best: Schedule = schedule
         self._losses: list[float] = []

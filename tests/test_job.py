@@ -548,6 +548,7 @@ def test_a_descent_that_backed_off_races_an_l_bfgs_twin_and_the_lower_goes_on(gm
 
     made, steps, step = l_bfgs_recorded
     monkeypatch.setattr(job, "POLISH_SHARE", 0.0)  # the twin alone (POLISH makes L-BFGS descents of its own)
+    monkeypatch.setattr(job, "SCALE_FIT_STEPS", 0)  # and so does SCALE_FIT
     config = JobConfig(**SMALL, refine=6, score_report=False)
     plain = run_search_job(config, model=gmm)
     assert made == [] and not plain.refinement.quasi_newton
@@ -669,8 +670,8 @@ def test_an_l_bfgs_twin_takes_a_start_only_when_lower_at_halfway():
 
 
 def test_validations_choice_gets_its_data_scales_fitted_and_is_replaced_only_if_lower(gmm, monkeypatch):
-    """SCALE_FIT: after validation has chosen, the choice's data scales alone are fitted on the refinement set
-    (its times, shifts and ratios kept); the scaled schedule is scored on validation and written only when its
+    """SCALE_FIT: after validation has chosen, the choice's data scales alone are fitted by L-BFGS on the refinement
+    set (its times, shifts and ratios kept); the scaled schedule is scored on validation and written only when its
     selection value is lower. Not with SCALE_FIT_STEPS 0, nor without validation."""
     from autotune.search import job
     from autotune.search.selection import selection_value
@@ -682,7 +683,7 @@ def test_validations_choice_gets_its_data_scales_fitted_and_is_replaced_only_if_
     v = outcome.validation
     (scaled,) = [f for f in v.scored if f.label.endswith(job.SCALED_SUFFIX)]
     (base,) = [f for f in v.scored if f.label + job.SCALED_SUFFIX == scaled.label]
-    assert f"fitting validation's choice's data scales ({job.SCALE_FIT_STEPS} steps)" in steps
+    assert f"fitting the choice's data scales by L-BFGS ({job.SCALE_FIT_STEPS} steps)" in steps
     assert v.scored[-1] is scaled
     assert [dataclasses.replace(st, data_scale=1.0) for st in scaled.schedule.steps] == \
         [dataclasses.replace(st, data_scale=1.0) for st in base.schedule.steps]

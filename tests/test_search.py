@@ -238,7 +238,7 @@ def test_gradient_refinement_lowers_the_loss_keeps_a_valid_grid_and_shifts_model
 def test_refinement_of_the_data_scales_alone_keeps_everything_else(gmm):
     """``move_grid=False, shifts=False, data_scales=True``: only the steps' data scales move (within the schedule's
     limits), the loss falls, and the best iterate is the schedule written."""
-    from autotune.search.gradient import refine_times
+    from autotune.search.gradient import QuasiNewtonDescent, refine_times
     from autotune.space.schedule import MAX_DATA_SCALE
 
     evaluator = Evaluator(gmm, "search", size=32)
@@ -252,6 +252,10 @@ def test_refinement_of_the_data_scales_alone_keeps_everything_else(gmm):
     assert sum(st.data_scale != 1.0 for st in s.steps) == 5
     assert all(1 / MAX_DATA_SCALE <= st.data_scale <= MAX_DATA_SCALE for st in s.steps)
     assert evaluator.evaluate(s)["mse_ref"] < evaluator.evaluate(base)["mse_ref"]
+    by_l_bfgs = QuasiNewtonDescent(gmm, base, evaluator.eval_set, evaluator.reference(None, nfe=5), iterations=6,
+                                   move_grid=False, shifts=False, data_scales=True).finish()
+    assert min(by_l_bfgs.losses) < by_l_bfgs.losses[0] and by_l_bfgs.schedule.times == base.times
+    assert [dataclasses.replace(st, data_scale=1.0) for st in by_l_bfgs.schedule.steps] == list(base.steps)
 
 
 @pytest.fixture
