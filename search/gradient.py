@@ -111,10 +111,10 @@ DEFAULT_LR = 0.03  # Adam's step on the grid logits and the shifts; 0.05 and up 
 # Adam starts again from there at half its step (at most MAX_BACKOFFS times)
 BACKOFF = 1.5
 MAX_BACKOFFS = 4
-# the log data scales move SCALE_STEP x the step of the other parameters: a step of lr in a log scale is a 3 %
-# change of a whole call's data prediction, and on gmm64 NFE 10 the job's descents then backed off and ended worse
-# than without scales (scratch, 2026-12-07); a first trial at a third of the step (Adam 0.01 on the log scales of
-# a refined schedule) lowered digits-dit NFE 5's report mean by 17 %
+# the log data scales are parameters at SCALE_STEP x their size: Adam's step of lr in a log scale would be a 3 %
+# change of a whole call's data prediction; moved with the grid at that step, gmm64 NFE 10's descents backed off
+# and ended worse (scratch, 2026-12-07). Adam at 0.01 on the log scales alone of a refined schedule lowered
+# digits-dit NFE 5's report mean by 17 %. (The job fits them alone, by L-BFGS: search/job.py, SCALE_FIT.)
 SCALE_STEP = 1.0 / 3.0
 AGGREGATES = ("rms", "mean")  # how the per-sample errors make the loss (the module's docstring says why rms)
 # the power of the per-sample errors whose sum each (part of the) set contributes: rms sums squares
@@ -160,11 +160,10 @@ def refine_times(
     data_scales: bool = False, move_grid: bool = True,
 ) -> Refinement:
     """Adam on the softmax parameterisation of the log-SNR grid (unless ``move_grid`` is False), on the steps' shifts
-    (unless ``shifts`` is
-    False, on the compensation ratios of the steps from ``dc_order`` on when ``ratios``, and on the data scales of
-    the steps that call the model when ``data_scales``); returns the best
-    iterate seen. The loss is the ``aggregate`` ("rms" or "mean") of the per-sample
-    errors on the set's first ``samples`` noises (0: all). ``split(model, schedule, noise, labels, target, power)``
+    (unless ``shifts`` is False), on the compensation ratios of the steps from ``dc_order`` on when ``ratios``, and
+    on the data scales of the steps that call the model when ``data_scales``; returns the best iterate seen. The
+    loss is the ``aggregate`` ("rms" or "mean") of the per-sample errors on the set's first ``samples`` noises (0:
+    all). ``split(model, schedule, noise, labels, target, power)``
     may hand the loss's samples out in parts (RayPool.gradient_split: the search's idle workers); it returns
     an :data:`ErrorSum`, or None to compute it here. A run whose best loss after half its ``iterations`` is still
     over ``give_up_above`` stops there (``gave_up``), returning that best. (:class:`Descent` runs the same
