@@ -869,8 +869,8 @@ POLISH_SHARE = 1.0  # the polish's evaluations, as a share of a start's refineme
 # sees states a few-step solver left, not the ones it was trained on). Scaling each step's data prediction by a
 # factor (Step.data_scale) fitted on the refinement set corrects that (Ning et al.'s epsilon scaling against exposure
 # bias scales the noise prediction by one schedule-wide rule; here each step has its own factor, fitted): on the
-# schedules the default job wrote
-# (scratch /work/bw/s42/scale/proto.py: Adam at 0.01 on the log scales, 30 steps, 128 search noises, grid fixed;
+# schedules the default job wrote (scratch /work/bw/s42/scale/proto.py: Adam at 0.01 on the log scales, 30 steps,
+# 128 search noises, grid fixed;
 # report mean / p99 on 1024 noises, scaled over unscaled) digits-dit NFE 5 0.83 / 0.86, NFE 8 0.89 / 0.84, digits
 # NFE 5 0.94 / 0.88, digits guidance 2 NFE 10 0.96 / 1.15; gmm64 NFE 10 fitted on 128 noises of a model whose
 # refinement fits 2048 was worse on validation (1.55x). Moving the scales in every refinement instead (with the
@@ -995,7 +995,8 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
         if selection_value(scored[-1].validation) < selection_value(chosen.validation):
             chosen = scored[-1]
     scaled = None
-    if winner.fit_scales is not None and chosen.schedule.nfe == result.best.nfe:  # SCALE_FIT: why
+    # SCALE_FIT: why; the refinement's reference is at the search's NFE, and a draw (an SDE schedule) has no mse_ref
+    if winner.fit_scales is not None and chosen.schedule.nfe == result.best.nfe and not chosen.schedule.stochastic:
         with hooks.step(f"fitting the choice's data scales by L-BFGS ({SCALE_FIT_STEPS} steps)"):  # STEP_LINES
             scaled = winner.fit_scales(chosen.schedule)
     if scaled is not None:
