@@ -865,28 +865,26 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 # progress_cli._columns), so the L-BFGS lines do not repeat "refining" and the polish's do not name the finalist
 # (its label can run to 70 characters).
 POLISH_SHARE = 1.0  # the polish's evaluations, as a share of a start's refinement steps (--refine)
-# SCALE_FIT: every call's data prediction may be a little off in a way the time grid cannot express (the network
-# sees states a few-step solver left, not the ones it was trained on). Scaling each step's data prediction by a
-# factor (Step.data_scale) fitted on the refinement set corrects that (Ning et al.'s epsilon scaling against exposure
-# bias scales the noise prediction by one schedule-wide rule; here each step has its own factor, fitted): on the
-# schedules the default job wrote (scratch /work/bw/s42/scale/proto.py: Adam at 0.01 on the log scales, 30 steps,
-# 128 search noises, grid fixed;
-# report mean / p99 on 1024 noises, scaled over unscaled) digits-dit NFE 5 0.83 / 0.86, NFE 8 0.89 / 0.84, digits
-# NFE 5 0.94 / 0.88, digits guidance 2 NFE 10 0.96 / 1.15; gmm64 NFE 10 fitted on 128 noises of a model whose
-# refinement fits 2048 was worse on validation (1.55x). Moving the scales in every refinement instead (with the
-# grid, the shifts and the ratios) made gmm64 NFE 10's descents back off and end worse (validation 4.1e-3 vs 7.9e-4
-# for the finalist the job chose without them; digits NFE 5 gained more that way, 0.183x the best named schedule's
-# report mean against 0.204x without scales, p99 0.265x vs 0.269x). So the scales are fitted last, on validation's
-# choice with everything else fixed, and validation keeps the scaled schedule only where its selection value is
-# lower. The job (scratch /work/bw/s42/exp/ab.py, 1024 report noises, mean / p99 over the best named schedule's):
-# digits NFE 5 0.204 / 0.269 -> 0.194 / 0.224 (the scaled choice kept); gmm64 NFE 10 0.140 / 0.101 both (the
-# scaled one lower on the 2048 fitted noises, higher on validation: not kept). Those fits were Adam's, 20 steps; the
-# scales alone are a few smooth parameters, and L-BFGS does as well in fewer evaluations (scratch
-# /work/bw/s42/exp/lbfgs.py, the scales alone from the job's unscaled choice, 128 search noises; report mean / p99
-# over the unscaled schedule's): digits-dit NFE 5 Adam 20 0.849 / 0.918, L-BFGS 12 0.834 / 0.863, L-BFGS 8 0.839 /
-# 0.860; digits NFE 5 Adam 20 0.953 / 0.833, L-BFGS 12 0.952 / 0.875, L-BFGS 8 0.966 / 0.808, Adam 10 0.963 /
-# 0.848. 12 evaluations of L-BFGS, then: each costs what a refinement step does (the README's search is near its
-# five minutes).
+# SCALE_FIT: every call's data prediction may be a little off in a way the time grid cannot express (the network sees
+# states a few-step solver left, not the ones it was trained on). Scaling each step's data prediction by a factor
+# (Step.data_scale) fitted on the refinement set corrects that (Ning et al.'s epsilon scaling against exposure bias
+# scales the noise prediction by one schedule-wide rule; here each step has its own factor, fitted): on the schedules
+# the default job wrote (scratch /work/bw/s42/scale/proto.py: Adam at 0.01 on the log scales, 30 steps, 128 search
+# noises, grid fixed; report mean / p99 on 1024 noises, scaled over unscaled) digits-dit NFE 5 0.83 / 0.86, NFE 8 0.89
+# / 0.84, digits NFE 5 0.94 / 0.88, digits guidance 2 NFE 10 0.96 / 1.15; gmm64 NFE 10 fitted on 128 noises of a model
+# whose refinement fits 2048 was worse on validation (1.55x). Moving the scales in every refinement instead (with the
+# grid, the shifts and the ratios) made gmm64 NFE 10's descents back off and end worse (validation 4.1e-3 vs 7.9e-4 for
+# the finalist the job chose without them; digits NFE 5 gained more that way, 0.183x the best named schedule's report
+# mean against 0.204x without scales, p99 0.265x vs 0.269x). So the scales are fitted last, on validation's choice with
+# everything else fixed, and validation keeps the scaled schedule only where its selection value is lower. The job
+# (scratch /work/bw/s42/exp/ab.py, 1024 report noises, mean / p99 over the best named schedule's): digits NFE 5 0.204 /
+# 0.269 -> 0.194 / 0.224 (the scaled choice kept); gmm64 NFE 10 0.140 / 0.101 both (the scaled one lower on the 2048
+# fitted noises, higher on validation: not kept). Those fits were Adam's, 20 steps; the scales alone are a few smooth
+# parameters, and L-BFGS does as well in fewer evaluations (scratch /work/bw/s42/exp/lbfgs.py, the scales alone from
+# the job's unscaled choice, 128 search noises; report mean / p99 over the unscaled schedule's): digits-dit NFE 5 Adam
+# 20 0.849 / 0.918, L-BFGS 12 0.834 / 0.863, L-BFGS 8 0.839 / 0.860; digits NFE 5 Adam 20 0.953 / 0.833, L-BFGS 12
+# 0.952 / 0.875, L-BFGS 8 0.966 / 0.808, Adam 10 0.963 / 0.848. 12 evaluations of L-BFGS, then: each costs what a
+# refinement step does (the README's search is near its five minutes).
 SCALE_FIT_STEPS = 12  # the scale fit's evaluations (L-BFGS)
 SCALED_SUFFIX = " + data scales"
 POLISHED_SUFFIX = " + L-BFGS"
@@ -972,7 +970,7 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
               pool: Optional[Pool] = None) -> None:
     """Choose among the finalists (refined grid, best trials, named schedules) on the held-out validation set."""
     from autotune.search.selection import selection_value
-    from autotune.search.validate import Finalist, finalists, pick_on_validation
+    from autotune.search.validate import finalists, pick_on_validation
 
     c, evaluator = setup.config, setup.evaluator
     held_out = _held_out(setup, "validation", setup.sizes.validation, pool, seed=c.seed)
@@ -989,22 +987,16 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
         with hooks.step(f"polishing validation's choice by L-BFGS ({polish_steps(c.refine_steps)} steps)"):
             polished = polish()
     if polished is not None:
-        with hooks.step("validation: the choice, polished") as progress:
-            held_out.progress = progress
-            scored.append(Finalist(chosen.label + POLISHED_SUFFIX, polished, held_out.evaluate(polished)))
-        if selection_value(scored[-1].validation) < selection_value(chosen.validation):
-            chosen = scored[-1]
+        chosen = _the_lower_on_validation(held_out, scored, chosen, chosen.label + POLISHED_SUFFIX, polished,
+                                          hooks, "validation: the choice, polished")
     scaled = None
     # SCALE_FIT: why; the refinement's reference is at the search's NFE, and a draw (an SDE schedule) has no mse_ref
     if winner.fit_scales is not None and chosen.schedule.nfe == result.best.nfe and not chosen.schedule.stochastic:
         with hooks.step(f"fitting the choice's data scales by L-BFGS ({SCALE_FIT_STEPS} steps)"):  # STEP_LINES
             scaled = winner.fit_scales(chosen.schedule)
     if scaled is not None:
-        with hooks.step("validation: the choice, data scales fitted") as progress:
-            held_out.progress = progress
-            scored.append(Finalist(chosen.label + SCALED_SUFFIX, scaled, held_out.evaluate(scaled)))
-        if selection_value(scored[-1].validation) < selection_value(chosen.validation):
-            chosen = scored[-1]
+        chosen = _the_lower_on_validation(held_out, scored, chosen, chosen.label + SCALED_SUFFIX, scaled, hooks,
+                                          "validation: the choice, data scales fitted")
     search_values = [evaluator.evaluate(f.schedule)["mse_ref"] for f in scored]
     winner.schedule, winner.value = chosen.schedule, evaluator.evaluate(chosen.schedule)["mse_ref"]
     winner.validation = ValidationNote(held_out.eval_set.id, chosen, scored, search_values)
@@ -1014,6 +1006,20 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
                               "selection": {f.label: selection_value(f.validation) for f in scored if not f.screened},
                               # stopped by validation's screen: their figure is the mean on this many noises
                               "screened": {f.label: f.validation["screened"] for f in scored if f.screened}}
+
+
+def _the_lower_on_validation(held_out: Evaluator, scored: list[Finalist], chosen: Finalist, label: str,
+                             schedule: Schedule, hooks: JobHooks, line: str) -> Finalist:
+    """``schedule``, validation's choice changed after the choice (POLISH, SCALE_FIT), scored on the held-out set
+    under the step line ``line`` and added to ``scored`` as the finalist ``label``; that finalist where its selection
+    value is lower than ``chosen``'s, else ``chosen``."""
+    from autotune.search.selection import selection_value
+    from autotune.search.validate import Finalist
+
+    with hooks.step(line) as progress:
+        held_out.progress = progress
+        scored.append(Finalist(label, schedule, held_out.evaluate(schedule)))
+    return scored[-1] if selection_value(scored[-1].validation) < selection_value(chosen.validation) else chosen
 
 
 def _stage2(setup: SearchSetup, pool: Pool, winner: _Winner, hooks: JobHooks) -> None:

@@ -178,27 +178,18 @@ def test_name_and_metadata_do_not_change_the_hash():
     assert a != b  # but the name is
 
 
-def test_a_schedule_without_shifts_keeps_its_identity_and_a_shift_round_trips():
-    """``shift`` enters the identity and the file only when a step has one: every older schedule keeps its hash."""
+@pytest.mark.parametrize("field, k, value, neutral", [("shift", 1, 0.25, 0), ("data_scale", 2, 0.95, 1)])
+def test_a_schedule_without_a_field_keeps_its_identity_and_the_field_round_trips(field, k, value, neutral):
+    """``shift`` and ``data_scale`` enter the identity and the file only where a step is not at its neutral value:
+    every older schedule keeps its hash."""
     from autotune.space.fileformat import dumps, loads
 
-    assert "shift" not in dumps(four()) and four().hash() == "4e980a6403e6197d"
-    shifted = with_step(1, shift=0.25)
-    assert shifted.identity()["steps"][1]["shift"] == 0.25 and "shift" not in shifted.identity()["steps"][0]
-    back = loads(dumps(shifted))
-    assert back == shifted and back.steps[1].shift == 0.25 and back.hash() == shifted.hash()
-
-
-def test_a_schedule_without_data_scales_keeps_its_identity_and_a_scale_round_trips():
-    """``data_scale`` too enters the identity and the file only where a step is not at 1."""
-    from autotune.space.fileformat import dumps, loads
-
-    assert "data_scale" not in dumps(four()) and four().hash() == "4e980a6403e6197d"
-    scaled = with_step(2, data_scale=0.95)
-    assert scaled.identity()["steps"][2]["data_scale"] == 0.95 and "data_scale" not in scaled.identity()["steps"][1]
-    back = loads(dumps(scaled))
-    assert back == scaled and back.steps[2].data_scale == 0.95 and back.hash() == scaled.hash()
-    assert with_step(2, data_scale=1).hash() == four().hash()  # 1 is "none", however written
+    assert field not in dumps(four()) and four().hash() == "4e980a6403e6197d"
+    changed = with_step(k, **{field: value})
+    assert changed.identity()["steps"][k][field] == value and field not in changed.identity()["steps"][k - 1]
+    back = loads(dumps(changed))
+    assert back == changed and getattr(back.steps[k], field) == value and back.hash() == changed.hash()
+    assert with_step(k, **{field: neutral}).hash() == four().hash()  # the neutral value, however written
 
 
 def test_skip_masks_are_canonical():
