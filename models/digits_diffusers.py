@@ -71,7 +71,15 @@ class DigitsUNet2DModel(ModelMixin, ConfigMixin):
         if in_channels != SAMPLE_SHAPE[0] or out_channels != SAMPLE_SHAPE[0]:
             raise ModelError(f"DigitsUNet2DModel: in_channels and out_channels must be {SAMPLE_SHAPE[0]}, "
                              f"got {in_channels} and {out_channels}")
-        self.net = DigitsUNet(tuple(channels), emb_dim, heads, groups)
+        self.net = DigitsUNet(tuple(channels), emb_dim, heads, groups).to(memory_format=torch.channels_last)
+
+    # channels-last, as the built-in model loads (models/digits.py, load_weights_into: why): the same layout computes
+    # the same outputs to the bit. load_state_dict copies into the layout; diffusers' loading replaces the tensors.
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "DigitsUNet2DModel":
+        model = super().from_pretrained(*args, **kwargs)
+        model.net.to(memory_format=torch.channels_last)
+        return model
 
     @classmethod
     def from_digits_weights(cls, weights_dir: str | Path | None = None) -> "DigitsUNet2DModel":
