@@ -684,7 +684,9 @@ def _print_search(outcome) -> None:
     console.print(f"wrote {outcome.schedule_path}: best search-set {names[0]} {outcome.best_value:.4e} after "
                   f"{result.true_evaluations} true evaluations ({result.cache_hits} cache hits)"
                   + (f", {result.screened} of them stopped early by the screen" if result.screened else "")
-                  + _partial_note(result) + (" (resumed)" if result.resumed else ""))
+                  + _partial_note(result) + (" (resumed)" if result.resumed else "")
+                  + (f"; the search ending at t_min {outcome.t_min_search.true_evaluations} more"
+                     if outcome.t_min_search else ""))
     _print_stage2(outcome.stage2, outcome.best, config.latency_budget)
     if outcome.pareto_path is not None:
         console.print(pareto_table(result.front, names))

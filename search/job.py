@@ -279,6 +279,7 @@ class JobOutcome:
     reference_metrics: dict[str, float] = field(default_factory=dict)
     model: Optional[Denoiser] = None  # as loaded
     seconds: float = 0.0  # wall time of the whole job
+    t_min_search: Optional[SearchResult] = None  # the second search, ending at t_min, where it ran (T_MIN_SEARCH)
 
     @property
     def method(self) -> str:
@@ -286,8 +287,9 @@ class JobOutcome:
 
     @property
     def true_evaluations(self) -> int:
-        """Stage 1's true evaluations (cache hits excluded), as the schedule's metadata records them."""
-        return self.search.true_evaluations
+        """The searches' true evaluations (cache hits excluded): stage 1's, and the search ending at t_min's where it
+        ran (the schedule's metadata records each)."""
+        return self.search.true_evaluations + (self.t_min_search.true_evaluations if self.t_min_search else 0)
 
     def trial_records(self, store: Any = None) -> list[dict[str, Any]]:
         """Stage 1's trials as the store keeps them (trial_number, schedule_hash, metrics), for the report."""
@@ -354,8 +356,6 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     search set's reference (once, here: the workers get it shipped)."""
     m = load_checked_model(config, model, hooks)
     from autotune.evaluate.evaluator import Evaluator
-    from autotune.evaluate.ids import DEFAULT_REF_STEPS
-    from autotune.search.runner import search_id
 
     low, high = config.nfe_range
     t_start, named_peers = named_peers_for(m.noise, low, high, config.strength, config.guidance, config.final)
@@ -364,26 +364,15 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     if config.ratios is not None:
         _attach_ratios(evaluator, config, low, high, hooks)
     space, strategy, warm = _strategy(config, m.noise, t_start, named_peers, evaluator, store)
-    extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
     if config.warm_start and (low != high or config.strength is not None):
         hooks.notify("warm start: not used (only a search at one NFE from pure noise takes one)")
-    if warm:  # other starts, another search (without them, the ids are those of before warm starts existed)
-        extra["warm"] = [s.hash() for s in warm]
+    if warm:
         nfes = ", ".join(str(s.metadata["warm_start"]["nfe"]) for s in warm)
         hooks.notify(f"warm start: this model's best at NFE {nfes} (cache), regridded to NFE {high}")
-    if config.ratios is not None:
-        extra["ratios"] = config.ratios
-    screening = config.screening
-    if screening is not None:  # a screened search tells its strategy other values: its own id
-        extra["screen"] = [screening.samples, screening.factor]
+    sid = _search_id(config, evaluator, space, warm)
+    setup = SearchSetup(config, m, store, evaluator, strategy, space, sid, t_start, named_peers, sizes)
     # one NFE of each reference the candidates are scored against (evaluate/ids.py: ref_steps_for)
     ref_nfes = {evaluator.steps_for(n): n for n in range(low, high + 1)}
-    if set(ref_nfes) != {DEFAULT_REF_STEPS}:  # trials scored against another reference than before it existed
-        extra["ref_steps"] = sorted(ref_nfes)
-    sid = search_id(model=evaluator.fingerprint, nfe=low if low == high else config.nfe, method=config.search_method,
-                    budget=config.budget, seed=config.seed, guidance=config.guidance, eval_set=evaluator.eval_set.id,
-                    batch=config.batch, space=repr(space), **extra)
-    setup = SearchSetup(config, m, store, evaluator, strategy, space, sid, t_start, named_peers, sizes)
     with hooks.step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
         evaluator.progress = progress
         g = config.guidance
@@ -393,6 +382,28 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
                 setup.references[evaluator.reference_version(g, t_start, n)] = evaluator.reference(g, t_start, n)
     evaluator.progress = None
     return setup
+
+
+def _search_id(config: JobConfig, evaluator: Evaluator, space: Any, warm: tuple[Schedule, ...]) -> str:
+    """The id of the search ``config`` runs in ``space`` from the ``warm`` starts: its trials' key in the store."""
+    from autotune.evaluate.ids import DEFAULT_REF_STEPS
+    from autotune.search.runner import search_id
+
+    low, high = config.nfe_range
+    extra: dict[str, Any] = {} if config.single_mse else {"objectives": config.objectives}  # ids kept as they were
+    if warm:  # other starts, another search (without them, the ids are those of before warm starts existed)
+        extra["warm"] = [s.hash() for s in warm]
+    if config.ratios is not None:
+        extra["ratios"] = config.ratios
+    screening = config.screening
+    if screening is not None:  # a screened search tells its strategy other values: its own id
+        extra["screen"] = [screening.samples, screening.factor]
+    ref_steps = {evaluator.steps_for(n) for n in range(low, high + 1)}
+    if ref_steps != {DEFAULT_REF_STEPS}:  # trials scored against another reference than before it existed
+        extra["ref_steps"] = sorted(ref_steps)
+    return search_id(model=evaluator.fingerprint, nfe=low if low == high else config.nfe,
+                     method=config.search_method, budget=config.budget, seed=config.seed, guidance=config.guidance,
+                     eval_set=evaluator.eval_set.id, batch=config.batch, space=repr(space), **extra)
 
 
 def _attach_ratios(evaluator: Evaluator, config: JobConfig, low: int, high: int, hooks: JobHooks) -> None:
@@ -495,15 +506,16 @@ def open_pool(setup: SearchSetup, hooks: JobHooks = QUIET) -> Pool:
                        timeout_s=c.candidate_timeout or None, notify=hooks.notify)
 
 
-def run_stage1(setup: SearchSetup, pool: Pool, hooks: JobHooks = QUIET) -> SearchResult:
+def run_stage1(setup: SearchSetup, pool: Pool, hooks: JobHooks = QUIET, where: str = "") -> SearchResult:
     """The search loop over the strategy (resumed from the store when this search was cut short), every
-    trial recorded in the store and in its Optuna study; the runner's SearchResult."""
+    trial recorded in the store and in its Optuna study; the runner's SearchResult. ``where`` follows the NFE
+    on its bar."""
     from autotune.search.optuna_record import StudyRecorder
     from autotune.search.runner import run_search
 
     c = setup.config
     recorder = StudyRecorder(setup.study_url, setup.search_id, setup.space, c.objectives, setup.study_attrs)
-    with hooks.search_progress(f"{c.search_method} NFE {c.nfe}", c.budget) as on_batch:
+    with hooks.search_progress(f"{c.search_method} NFE {c.nfe}{where}", c.budget) as on_batch:
         return run_search(setup.strategy, pool, c.budget, objectives=c.objectives, batch_size=c.batch,
                           store=setup.store, sid=setup.search_id, recorder=recorder, callback=on_batch,
                           screening=c.screening, set_size=setup.evaluator.eval_set.size)
@@ -540,6 +552,7 @@ class _Winner:
     polish: dict[str, Callable[[], Optional[Schedule]]] = field(default_factory=dict)
     # SCALE_FIT: what fits validation's choice's data scales on the refinement set (None: no refinement ran)
     fit_scales: Optional[Callable[[Schedule], Optional[Schedule]]] = None
+    t_min_search: Optional[tuple[str, SearchResult]] = None  # T_MIN_SEARCH: its search id and result, where it ran
 
 
 def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Denoiser] = None,
@@ -567,7 +580,7 @@ def run_search_job(config: JobConfig, store: Any = None, *, model: Optional[Deno
     return JobOutcome(config, best, winner.value, result, setup.search_id, setup.evaluator.eval_set.id,
                       setup.study_url, refinement=winner.refinement, validation=winner.validation,
                       stage2=winner.stage2, model=setup.model, seconds=time.perf_counter() - started,
-                      **written, **report)
+                      t_min_search=winner.t_min_search[1] if winner.t_min_search else None, **written, **report)
 
 
 # Where the refinement's descent ends depends on where it starts (search/gradient.py's docstring: on digits-flow NFE 5
@@ -677,6 +690,29 @@ def t_min_starts(evaluator: Evaluator, noise: NoiseSchedule, best: Schedule, ana
     return [start] + ([afs] if afs is not None else [])
 
 
+# T_MIN_SEARCH: where T_MIN_STARTS fire, a whole search ending at t_min found what a refinement from the named
+# schedules ending there did not: rgb32-eps-sd NFE 4 (bench/search.py) 0.37 of the best peer's mean with
+# `--final sigma_min` (stage 1, its refinements and the AFS start all ending at t_min), 0.57 with the default job and
+# its two starts ending at t_min. But no space wins everywhere: on gmm64 a whole search ending at t_min gave NFE 5 0.167
+# and NFE 6 0.135 where the default gives 0.138 / 0.107. So where the rule fires the job runs a second stage 1 with
+# the same budget in the space ending at t_min (its own search id: resumed as the first is), refines its best as one
+# more start, and validation chooses.
+T_MIN_SEARCH = True
+T_MIN_SEARCH_LABEL = "refined from the search ending at t_min"
+
+
+def t_min_setup(setup: SearchSetup) -> SearchSetup:
+    """``setup``'s search moved into the space ending at the model's t_min (T_MIN_SEARCH): its config, named
+    schedules (the seeds), space, strategy and search id; the model, store and sets are shared."""
+    config = dataclasses.replace(setup.config, final="sigma_min")
+    low, high = config.nfe_range
+    noise = setup.model.noise
+    t_start, peers = named_peers_for(noise, low, high, config.strength, config.guidance, config.final)
+    space, strategy, warm = _strategy(config, noise, t_start, peers, setup.evaluator, setup.store)
+    return dataclasses.replace(setup, config=config, strategy=strategy, space=space, named_peers=peers,
+                               search_id=_search_id(config, setup.evaluator, space, warm))
+
+
 # The model-time shifts can fit the search set's tail more than fresh noise's. Guided digits (guidance 4) NFE 8,
 # stage 1's best refined 40 steps, on the 1024 report noises (mean / p99): with shifts 1.59e-3 / 1.38e-2 (on its own
 # 128 noises the p99 was 3.22e-3), without them 1.66e-3 / 7.98e-3, where stage 1 was at 3.12e-3 / 8.97e-3 and the
@@ -764,6 +800,12 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     if validated and c.strength is None and c.final == "zero" and c.nfe_range[0] == c.nfe_range[1]:
         with hooks.step("scoring named schedules ending at t_min"):  # T_MIN_STARTS: why
             ending = t_min_starts(evaluator, setup.model.noise, result.best, c.analytic_first)
+        if ending and T_MIN_SEARCH:  # T_MIN_SEARCH: why
+            at_t_min = t_min_setup(setup)
+            winner.t_min_search = (at_t_min.search_id, run_stage1(at_t_min, pool, hooks, where=" to t_min"))
+            best_there = winner.t_min_search[1].best
+            if best_there.hash() not in {s.hash() for s in ending}:
+                starts.append((T_MIN_SEARCH_LABEL, "the t_min search's best", best_there, True))
         starts += [(f"refined from {s.name} to t_min", f"from {s.name} to t_min", s, True) for s in ending]
     if other is not None:  # second_start: why
         starts.append((f"refined from {other.name}", f"from {other.name} too", other, True))
@@ -1069,7 +1111,15 @@ def _with_metadata(setup: SearchSetup, result: SearchResult, winner: _Winner) ->
         "budget_spent": round(result.spent, 4),  # whole-set evaluations: a partial score (s3-mf) counts its share
         "seconds": round(result.seconds, 2), "seed": c.seed, "eval_set": setup.evaluator.eval_set.id,
         **({"validation": winner.validation_meta} if winner.validation_meta else {}),
+        **({"t_min_search": _t_min_meta(*winner.t_min_search)} if winner.t_min_search else {}),
         **({"stage2": stage2_meta(winner.stage2)} if winner.stage2 else {})})
+
+
+def _t_min_meta(search_id: str, result: SearchResult) -> dict[str, Any]:
+    """The schedule file's record of the search ending at t_min (T_MIN_SEARCH)."""
+    return {"search_id": search_id, "search_mse_ref": result.best_trial.mse_ref,
+            "true_evaluations": result.true_evaluations, "cache_hits": result.cache_hits,
+            "budget_spent": round(result.spent, 4), "seconds": round(result.seconds, 2)}
 
 
 def pareto_path_for(out: Path) -> Path:

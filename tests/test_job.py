@@ -455,6 +455,54 @@ def test_the_job_refines_the_starts_ending_at_t_min_and_validation_may_choose_on
         assert len(refining) == (2 if config.final == "zero" and config.validating else 0), steps
 
 
+def test_where_the_starts_ending_at_t_min_come_a_second_search_ends_there_and_its_best_is_refined(tmp_path, gmm,
+                                                                                                   monkeypatch):
+    """T_MIN_SEARCH: where t_min_starts gives starts (T_MIN_MARGIN raised), a second stage 1 with the same budget
+    searches the space ending at t_min under its own search id (every trial ends there), its best is refined as one
+    more validation finalist, the file records it and the outcome counts both searches' evaluations; a rerun on the
+    same store resumes both. Where the rule does not fire, or with T_MIN_SEARCH off, no second search."""
+    from autotune.search import job
+    from autotune.search.job import T_MIN_SEARCH_LABEL
+
+    t_min = float(gmm.noise.t_min)
+    steps, step = _step_recorder()
+    bars: list[str] = []
+
+    @contextlib.contextmanager
+    def bar(description, budget):
+        bars.append(description)
+        yield lambda progress: None
+
+    monkeypatch.setattr(job, "T_MIN_MARGIN", math.inf)
+    config = JobConfig(**SMALL, refine=4, score_report=False, out=tmp_path / "s.json")
+    with open_store(tmp_path / "cache.sqlite") as store:
+        outcome = run_search_job(config, store, model=gmm, hooks=JobHooks(step=step, search_progress=bar))
+        there = outcome.t_min_search
+        assert there is not None and bars == ["s3 NFE 4", "s3 NFE 4 to t_min"]
+        meta = load(config.out).metadata["t_min_search"]
+        assert meta["search_id"] != outcome.search_id and meta["true_evaluations"] == there.true_evaluations > 0
+        trials = store.trials(meta["search_id"])
+        assert len(trials) == there.true_evaluations + there.cache_hits
+        assert all(t.schedule_value().times[-1] == t_min for t in there.trials)
+        assert all(t.schedule_value().times[-1] == 0.0 for t in outcome.search.trials)
+        assert outcome.true_evaluations == outcome.search.true_evaluations + there.true_evaluations
+        refined = [f.schedule for f in outcome.validation.scored if f.label.startswith(T_MIN_SEARCH_LABEL)]
+        assert len(refined) == 1, [f.label for f in outcome.validation.scored]
+        assert t_min * (1 - 1e-6) <= refined[0].times[-1] < refined[0].times[-2]
+        assert "refining the t_min search's best (steps 1-2 of 4)" in steps
+        again = run_search_job(config, store, model=gmm)
+        assert again.search.resumed and again.t_min_search.resumed and again.best.hash() == outcome.best.hash()
+
+    for margin, on in ((0.0, True), (math.inf, False)):
+        monkeypatch.setattr(job, "T_MIN_MARGIN", margin)
+        monkeypatch.setattr(job, "T_MIN_SEARCH", on)
+        bars.clear()
+        outcome = run_search_job(JobConfig(**SMALL, refine=4, score_report=False), model=gmm,
+                                 hooks=JobHooks(search_progress=bar))
+        assert outcome.t_min_search is None and bars == ["s3 NFE 4"]
+        assert not any(f.label.startswith(T_MIN_SEARCH_LABEL) for f in outcome.validation.scored)
+
+
 def test_the_winner_is_also_refined_without_shifts_and_validation_chooses(gmm, monkeypatch):
     """A second refinement of stage 1's best keeps the shifts where they were (the times and ratios move); both
     refined schedules are validation finalists. Without validation nothing could choose, so there is no second."""
