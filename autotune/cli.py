@@ -751,7 +751,8 @@ def _write_search_report(outcome, report_dir: Path, store) -> None:
 def _print_finished(outcome) -> None:
     from autotune.progress_cli import command_seconds
 
-    console.print(f"finished in {command_seconds():.1f} s (the search loop: {outcome.search.seconds:.1f} s"
+    loops = "the search loops" if outcome.t_min_search else "the search loop"  # T_MIN_SEARCH: two
+    console.print(f"finished in {command_seconds():.1f} s ({loops}: {outcome.search_seconds:.1f} s"
                   + (", over several runs)" if outcome.search.resumed else ")"), highlight=False)
 
 

@@ -364,10 +364,10 @@ def compare_row(name: str, nfe: int, ours: dict[str, Any], peers: dict[str, dict
                 "p99": no_worse("mse_ref_p99", ours["mse_ref_p99"], peer["mse_ref_p99"]),
                 "p99_whole_ci": p99_high is not None and p99_high <= 1 + SAME_WITHIN,
                 **dist_met(dist)},
-        "search_wall_s": outcome.seconds, "search_loop_s": outcome.search.seconds,
+        "search_wall_s": outcome.seconds, "search_loop_s": outcome.search_seconds,
         "true_evaluations": outcome.true_evaluations, "method": outcome.method, "final": outcome.config.final,
         "ends_at": outcome.best.times[-1],  # where the written schedule ends (T_MIN_STARTS may end it at t_min)
-        "budget_spent": outcome.search.spent,
+        "budget_spent": outcome.budget_spent,  # both searches' where the job ran one ending at t_min
         "schedule": str(outcome.schedule_path),
     }
 

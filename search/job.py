@@ -291,6 +291,16 @@ class JobOutcome:
         ran (the schedule's metadata records each)."""
         return self.search.true_evaluations + (self.t_min_search.true_evaluations if self.t_min_search else 0)
 
+    @property
+    def budget_spent(self) -> float:
+        """The searches' whole-set evaluations spent (a partial score counts its share), as true_evaluations adds."""
+        return self.search.spent + (self.t_min_search.spent if self.t_min_search else 0.0)
+
+    @property
+    def search_seconds(self) -> float:
+        """The search loops' wall time: stage 1's and the search ending at t_min's where it ran."""
+        return self.search.seconds + (self.t_min_search.seconds if self.t_min_search else 0.0)
+
     def trial_records(self, store: Any = None) -> list[dict[str, Any]]:
         """Stage 1's trials as the store keeps them (trial_number, schedule_hash, metrics), for the report."""
         if store is not None:

@@ -486,6 +486,8 @@ def test_where_the_starts_ending_at_t_min_come_a_second_search_ends_there_and_it
         assert all(t.schedule_value().times[-1] == t_min for t in there.trials)
         assert all(t.schedule_value().times[-1] == 0.0 for t in outcome.search.trials)
         assert outcome.true_evaluations == outcome.search.true_evaluations + there.true_evaluations
+        assert outcome.budget_spent == outcome.search.spent + there.spent == meta["budget_spent"] + outcome.search.spent
+        assert outcome.search_seconds == outcome.search.seconds + there.seconds > outcome.search.seconds
         refined = [f.schedule for f in outcome.validation.scored if f.label.startswith(T_MIN_SEARCH_LABEL)]
         assert len(refined) == 1, [f.label for f in outcome.validation.scored]
         assert t_min * (1 - 1e-6) <= refined[0].times[-1] < refined[0].times[-2]
@@ -500,6 +502,8 @@ def test_where_the_starts_ending_at_t_min_come_a_second_search_ends_there_and_it
         outcome = run_search_job(JobConfig(**SMALL, refine=4, score_report=False), model=gmm,
                                  hooks=JobHooks(search_progress=bar))
         assert outcome.t_min_search is None and bars == ["s3 NFE 4"]
+        assert outcome.true_evaluations == outcome.search.true_evaluations
+        assert outcome.budget_spent == outcome.search.spent
         assert not any(f.label.startswith(T_MIN_SEARCH_LABEL) for f in outcome.validation.scored)
 
 

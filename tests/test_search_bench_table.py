@@ -33,7 +33,7 @@ def test_a_row_carries_the_p99_ratio_interval_and_the_summary_counts_rows_it_dec
     def scored(errors):
         return {**error_summary(errors), PER_SAMPLE: encode_errors(errors)}
 
-    outcome = SimpleNamespace(seconds=1.0, search=SimpleNamespace(seconds=1.0, spent=96), true_evaluations=96,
+    outcome = SimpleNamespace(seconds=1.0, search_seconds=1.0, budget_spent=96, true_evaluations=96,
                               method="s3", schedule_path="x.json", config=SimpleNamespace(final="zero"),
                               best=SimpleNamespace(times=(1.0, 0.5, 0.0)))
     peer = np.full(1024, 1e-2)
@@ -217,7 +217,7 @@ def test_recheck_gives_a_saved_row_its_intervals_from_its_schedule_file(tmp_path
     for peer in ("unipc-bh1-o3", "dpmsolver++2m"):
         samples[peer] = bench.run_peer(model, peer, noise, None, 4, None)
         peers[peer] = bench.sample_metrics(model, samples[peer], report.reference(None, nfe=4), None)
-    outcome = SimpleNamespace(seconds=1.0, search=SimpleNamespace(seconds=1.0, spent=4), true_evaluations=4,
+    outcome = SimpleNamespace(seconds=1.0, search_seconds=1.0, budget_spent=4, true_evaluations=4,
                               method="s3", schedule_path=path, config=SimpleNamespace(final="zero"), best=schedule)
     fresh = bench.compare_row("gmm2d", 4, ours, peers, outcome,
                               bench.paired_dist_intervals(model, report, schedule, ours, peers, samples, 4, None))
