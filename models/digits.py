@@ -279,9 +279,9 @@ def load_weights_into(module: nn.Module, path: Path, dtype: torch.dtype) -> nn.M
         module.load_state_dict(_load_state(path))
     except RuntimeError as e:
         raise ModelError(f"{path}: weights do not match the architecture ({e})") from None
-    # channels-last convolution weights: oneDNN's CPU convolutions run the digits UNet's forward pass in 0.82x the time
-    # and forward plus backward in 0.92x (1 thread, batch 128: 1141 vs 1384 and 2461 vs 2677 us a sample); outputs
-    # differ from the contiguous layout's by float rounding (4e-6). No effect on a module without 4-d weights.
+    # channels-last convolution weights: oneDNN's CPU convolutions run the digits UNet's forward pass in 0.89x the time
+    # and forward plus backward in 0.83-0.91x (1 thread, batch 128 / 512, the two layouts interleaved in one process);
+    # outputs differ from the contiguous layout's by float rounding (4e-6). No effect on a module without 4-d weights.
     module = module.to(dtype).to(memory_format=torch.channels_last).eval()
     for p in module.parameters():
         p.requires_grad_(False)
