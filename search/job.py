@@ -286,20 +286,24 @@ class JobOutcome:
         return self.config.search_method
 
     @property
+    def searches(self) -> list[SearchResult]:
+        """Stage 1's search, and the search ending at t_min where it ran (the schedule's metadata records each)."""
+        return [self.search] + ([self.t_min_search] if self.t_min_search else [])
+
+    @property
     def true_evaluations(self) -> int:
-        """The searches' true evaluations (cache hits excluded): stage 1's, and the search ending at t_min's where it
-        ran (the schedule's metadata records each)."""
-        return self.search.true_evaluations + (self.t_min_search.true_evaluations if self.t_min_search else 0)
+        """The searches' true evaluations (cache hits excluded)."""
+        return sum(s.true_evaluations for s in self.searches)
 
     @property
     def budget_spent(self) -> float:
-        """The searches' whole-set evaluations spent (a partial score counts its share), as true_evaluations adds."""
-        return self.search.spent + (self.t_min_search.spent if self.t_min_search else 0.0)
+        """The searches' whole-set evaluations spent (a partial score counts its share)."""
+        return sum(s.spent for s in self.searches)
 
     @property
     def search_seconds(self) -> float:
-        """The search loops' wall time: stage 1's and the search ending at t_min's where it ran."""
-        return self.search.seconds + (self.t_min_search.seconds if self.t_min_search else 0.0)
+        """The search loops' wall time."""
+        return sum(s.seconds for s in self.searches)
 
     def trial_records(self, store: Any = None) -> list[dict[str, Any]]:
         """Stage 1's trials as the store keeps them (trial_number, schedule_hash, metrics), for the report."""
