@@ -671,8 +671,8 @@ def _lowest(evaluator: Evaluator, schedules: list[Schedule]) -> tuple[float, Opt
 # 6, 8 the same schedule as without (the starts refined, not chosen; +9 / +19 / +16 s of job on a loaded machine);
 # rgb32-eps-sd NFE 4 (bench/search.py) 0.57 of the best peer as before: the named start ending at t_min had the lowest
 # validation mean (3.36e-3 vs 3.44e-3) but a worse tail, and validation's rule chose the refinement without shifts; a
-# whole search ending at t_min reached 0.37 there (JobConfig.final "sigma_min", README session 40: stage 1 in that
-# space finds what a refinement from the named schedules does not). But on gmm64 a whole search ending at t_min gave
+# whole search ending at t_min reached 0.37 there (JobConfig.final "sigma_min"; docs/RESULTS.md, session 40: stage 1
+# there finds what a refinement from the named schedules does not). But on gmm64 a whole search ending at t_min gave
 # NFE 5 0.167 and NFE 6 0.135 where the default gives 0.138 / 0.107 (NFE 10 the same 0.140), so where the rule fires
 # it adds starts; it does not move the space. The margin keeps the digits family out, where a named schedule ending at
 # t_min gains a few per cent at most: not what a refinement from there would need to win, and two more starts would

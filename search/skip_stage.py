@@ -74,7 +74,7 @@ STAGE2_FINALISTS = 5
 # finalists. One timing decides feasibility badly near the limit: on digits (guidance 2, NFE 20) the same pattern's
 # share of the unpruned time ranged 0.60-0.67 over six back-to-back pairs of 3 runs, and the guidance + deep0
 # seed (0.62-0.65 in interleaved timing, 1.04x the unpruned mse_ref on report noises) was timed over the 0.66 limit
-# in the bench's searches, which then chose masks at 1.30-1.59x (README: it still is, re-timing or not).
+# in the bench's searches, which then chose masks at 1.30-1.59x (docs/RESULTS.md: it still is, re-timing or not).
 BORDER = 0.05
 CONFIRM_ROUNDS = 5
 CONFIRMED = 2 * STAGE2_FINALISTS
