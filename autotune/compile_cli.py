@@ -92,25 +92,32 @@ def bench_cmd(
     threads: int = typer.Option(1, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch and onnxruntime"),
     provider: str = typer.Option("cpu", "--provider",
                                  help="execution provider of the onnxruntime and bare ways: cpu, cuda or tensorrt"),
+    clock: str = typer.Option("auto", "--clock", help="auto: this process's CPU time when every way runs on the CPU "
+                              "in one thread (the machine's other load does not inflate it), else the wall clock; "
+                              "wall; cpu"),
 ) -> None:
     """Latency of SCHEDULE on MODEL: eager executor vs baked module vs engines, side by side."""
     import torch
 
     from autotune.compile.backends import check_provider
-    from autotune.compile.timing import bench, ratios
+    from autotune.compile.timing import bench, bench_clock, ratios
+    from autotune.evaluate.clock import clock_words, resolve_clock
 
     check_provider(provider)
+    resolve_clock(clock)  # a clock it does not know is refused before the model loads
     torch.set_num_threads(threads)
     ways = _csv(backends, "--backends")
     sizes = _batches(batch)
     with step(f"loading {model}"):
         m, sched = _model_and_schedule(model, schedule, None)
     with step(f"building and timing {', '.join(ways)} at batch {', '.join(map(str, sizes))}"):
-        rows = bench(m, sched, ways, sizes, repeats=repeats, threads=threads, provider=provider)
+        rows = bench(m, sched, ways, sizes, repeats=repeats, threads=threads, provider=provider, clock=clock)
     rel = ratios(rows)
     from autotune.tables import bench_table
 
-    console.print(bench_table(rows, rel, f"{model}, schedule {sched.hash()}, NFE {sched.nfe}, {threads} thread(s)"))
+    used = clock_words(bench_clock(m, ways, provider, threads, clock))
+    console.print(bench_table(rows, rel, f"{model}, schedule {sched.hash()}, NFE {sched.nfe}, {threads} thread(s), "
+                                         f"{used}"))
     for way, note in dict((r.way, r.note) for r in rows if r.note).items():
         console.print(f"{way}: {note}", highlight=False)
 

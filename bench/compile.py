@@ -4,11 +4,15 @@ Same model, schedule, inputs and thread count for every way, in one run. ``bare`
 Runtime forward of the network call alone (CFG batch included): the floor of an engine whose loop costs
 nothing. Targets (issue 7): the onnxruntime engine at least 1.3x faster than eager at batch 1 on CPU,
 and within 1.1x of ``bare``. Optionally the fp16 torch engine's ``mse_ref`` vs the eager fp32 schedule
-(``--quality``; worth running on a GPU, where the torch engine uses torch.compile with CUDA graphs).
+(``--quality``; worth running on a GPU, where the torch engine uses torch.compile with CUDA graphs). Times are
+this process's CPU time when every way runs on the CPU in one thread (``--clock auto``; evaluate/clock.py: the
+engine's one long call and bare's NFE short ones are inflated unequally by the machine's other load on the wall
+clock), else the wall clock.
 
     python bench/compile.py [--model digits] [--schedule FILE | --named dpmsolver++2m --nfe 8]
                             [--guidance 2] [--batch 1,16] [--repeats 20] [--threads 1]
                             [--ways eager,baked,onnxruntime,bare] [--provider cpu|cuda] [--quality]
+                            [--clock auto|wall|cpu]
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pathlib import Path
 import torch
 
 from autotune.compile.backends import check_provider
-from autotune.compile.timing import bench, ratios
+from autotune.compile.timing import bench, bench_clock, ratios
 from autotune.errors import BackendError
+from autotune.evaluate.clock import CLOCKS, clock_words
 from autotune.models.registry import load_model
 from autotune.sampling.named import build
 from autotune.space.fileformat import load
@@ -63,6 +68,8 @@ def main() -> None:
     p.add_argument("--provider", default="cpu", help="onnxruntime execution provider of the engine and bare: cpu, cuda")
     p.add_argument("--quality", action="store_true", help="also mse_ref of the torch fp16 engine vs eager fp32")
     p.add_argument("--report-size", type=int, default=64)
+    p.add_argument("--clock", default="auto", choices=CLOCKS, help="auto: this process's CPU time when every way "
+                   "runs on the CPU in one thread (the machine's other load does not inflate it), else the wall clock")
     args = p.parse_args()
     try:
         check_provider(args.provider)
@@ -82,7 +89,9 @@ def main() -> None:
     print(f"model {args.model}, schedule {schedule.name or args.schedule} ({schedule.hash()}), NFE {schedule.nfe}, "
           f"guidance {schedule.guidance}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, onnxruntime provider {args.provider}")
+    print(f"clock: {clock_words(bench_clock(model, ways, args.provider, args.threads, args.clock))}")
     rows = bench(model, schedule, ways, batches, repeats=args.repeats, threads=args.threads, provider=args.provider,
+                 clock=args.clock,
                  on_row=lambda r: print(f"  measured {r.way:<12} batch {r.batch:<4} {1e3 * r.seconds:9.2f} ms",
                                         flush=True))
     rel = ratios(rows)

@@ -11,17 +11,18 @@ only; "CFG fcast N=3" with the forecast), a FirstBlockCache-style threshold rule
 ``down_blocks.0``) and the pattern stage 2 searches (compute / reuse / skip per step and unit, and the reuse
 order, under a measured-latency budget).
 
-Base schedule: a named one (``unipc-bh2-o2``) at each NFE. Latency: the executor (``sampling.executor.sample``,
-as ``search/latency.py`` measures it) on the same batch of the report set's first noises, all rows of every NFE
-timed side by side in this process, interleaved round by round (one run of each row per round, after a warm-up
-round), the least time per row; with ``--engines``, the same for ONNX Runtime engines of the static rows. mse_ref: the
-Evaluator on the report set (``--report-size`` noises, default 256), every row against one reference
-(``--ref-steps`` solver steps, default 100), so rows of different NFE compare; the threshold rule is scored by
-``evaluate.metrics.score`` against it (it is a run-time wrapper, not a schedule). The search scores its candidates
-on the *search* set (``--search-size`` noises) with their latency measured as stage 2 does; its best feasible
-patterns are re-scored on the validation set (``--validate-size`` noises) and the best there is the winner, the
-only one graded on the report set. Ratios: speedup = unpruned latency / row latency, mse x = row mse_ref /
-unpruned mse_ref.
+Base schedule: a named one (``unipc-bh2-o2``) at each NFE. Latency: the executor (``sampling.executor.sample``, as
+``search/latency.py`` measures it) on the same batch of the report set's first noises, all rows of every NFE timed
+side by side in this process, interleaved round by round (one run of each row per round, after a warm-up round), the
+least time per row, on ``--clock`` (evaluate/clock.py; ``auto``: this process's CPU time at one thread on the CPU,
+which the machine's other load does not inflate, else the wall clock); with ``--engines``, the same for ONNX Runtime
+engines of the static rows. mse_ref: the Evaluator on the report set (``--report-size`` noises, default 256), every
+row against one reference (``--ref-steps`` solver steps, default 100), so rows of different NFE compare; the
+threshold rule is scored by ``evaluate.metrics.score`` against it (it is a run-time wrapper, not a schedule). The
+search scores its candidates on the *search* set (``--search-size`` noises) with their latency measured as stage 2
+does; its best feasible patterns are re-scored on the validation set (``--validate-size`` noises) and the best there
+is the winner, the only one graded on the report set. Ratios: speedup = unpruned latency / row latency, mse x = row
+mse_ref / unpruned mse_ref.
 
 The joint (NFE, reuse) front (``--front LO``, default 5; 0: off): the base schedule without reuse at every NFE
 from LO to the largest of ``--nfes`` is scored and timed with the other rows. Each reuse row is then set against
@@ -45,6 +46,7 @@ from typing import Any, Callable
 
 import torch
 
+from autotune.evaluate.clock import CLOCKS, clock_words, resolve_clock, timed_seconds
 from autotune.evaluate.evaluator import Evaluator
 from autotune.evaluate.metrics import score
 from autotune.sampling.executor import sample
@@ -144,18 +146,20 @@ def reused_calls(schedule: Schedule) -> str:
 
 
 def interleaved_ms(runs: list[Callable[[], Any]], rounds: int, log: Callable[[str], None] | None = None,
-                   beat: Callable[[str], None] | None = None) -> list[float]:
-    """Least wall time (ms) of each run, timed one after another in each round (after one warm-up round).
+                   beat: Callable[[str], None] | None = None, clock: str = "wall") -> list[float]:
+    """Least time (ms, on the resolved ``clock``: wall or cpu) of each run, timed one after another in each round
+    (after one warm-up round).
 
     The least, not the median: noise only adds time, and on a shared 2-core VM it added up to 40 % to single runs
-    (the median of 15 identical runs 1.44x their least), enough to reorder rows whose work differs by 10 %."""
+    (the median of 15 identical runs 1.44x their least), enough to reorder rows whose work differs by 10 %. On the
+    wall clock the least still favours short runs, which escape the machine's other load more often than long ones
+    (evaluate/clock.py), hence CPU time where it measures the same work."""
     times: list[list[float]] = [[] for _ in runs]
     for r in range(rounds + 1):
         for i, fn in enumerate(runs):
-            started = time.perf_counter()
-            fn()
+            seconds = timed_seconds(fn, clock)
             if r:
-                times[i].append(time.perf_counter() - started)
+                times[i].append(seconds)
             if beat is not None:
                 beat(f"round {r}, {i + 1} of {len(runs)} runs")
         if log is not None:
@@ -191,7 +195,8 @@ def searched(model, base: Schedule, nfe: int, args, log) -> Schedule | None:
         validation = Evaluator(model, "validation", size=args.validate_size, store=args.store_obj)
         validation.sampler = args.heart.sampler
     stage = run_stage2(base, units, pool, args.search_budget, fraction=args.fraction, seed=args.seed,
-                       batch_size=1, store=None, latency=LatencySpec(batch=args.batch, repeats=3),
+                       batch_size=1, store=None,
+                       latency=LatencySpec(batch=args.batch, repeats=3, clock=args.clock_used),
                        reusable=tuple(args.search_reuse) + units, callback=progress, validation=validation)
     log(f"  search NFE {nfe}: {args.search_budget} candidates in {time.perf_counter() - started:.0f} s, limit "
         f"{stage.limit_ms:.1f} ms (unpruned {stage.unpruned_ms:.1f} ms on the search worker)"
@@ -235,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--provider", default="cpu", help="--engines: onnxruntime execution provider (cpu, cuda)")
     p.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "autotune-bench-reuse.db"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", default="auto", choices=CLOCKS, help="auto: this process's CPU time at one thread "
+                   "on the CPU (the machine's other load does not inflate it), else the wall clock")
     p.add_argument("--front", type=int, default=5, metavar="LO",
                    help="joint front: the base without reuse at NFE LO..max(--nfes) (0: off)")
     p.add_argument("--ref-steps", type=int, default=100, help="solver steps of the one reference every row is scored "
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.validate_size < 0:
         p.error(f"--validate-size: must be 0 (off) or a number of noises, got {args.validate_size}")
     torch.set_num_threads(args.threads)
+    # one clock for every row, the search's candidates and the engines (on a GPU provider: the wall clock)
+    args.clock_used = resolve_clock(args.clock, "cpu" if args.provider == "cpu" else "cuda", args.threads)
 
     heart = Heartbeat()
     log = heart.log
@@ -329,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     heart.task = "timing"
     with torch.no_grad():
         times = interleaved_ms([lambda r=r: sample(r.model, r.schedule, noise, labels) for r in timed], args.rounds,
-                               log, heart.beat)
+                               log, heart.beat, args.clock_used)
     for row, ms in zip(timed, times):
         row.ms = ms
     for row in rows:
@@ -434,7 +443,7 @@ def engine_times(model, group: list[Row], args, log) -> None:
             data = {k: v.numpy() for k, v in example_inputs(model, inputs, args.batch, seed=1).items()}
             runs.append(lambda engine=engine, data=data: engine(**data))
         args.heart.task = f"engine timing NFE {group[0].nfe}"
-        for row, ms in zip(group, interleaved_ms(runs, args.rounds, log, args.heart.beat)):
+        for row, ms in zip(group, interleaved_ms(runs, args.rounds, log, args.heart.beat, args.clock_used)):
             row.engine_ms = ms
 
 
@@ -449,7 +458,7 @@ def print_table(rows: list[Row], args) -> None:
     print(f"{model}, base {args.base}; mse_ref on {args.report_size} report noises;")
     where = "" if args.provider == "cpu" else f" on {args.provider}"
     print(f"latency: executor (ms) and ONNX Runtime engine{where} (eng ms), batch {args.batch}, least of {args.rounds} "
-          f"interleaved rounds, {args.threads} thread(s)")
+          f"interleaved rounds, {args.threads} thread(s), {clock_words(args.clock_used)}")
     print(head)
     print("-" * len(head))
     for nfe in dict.fromkeys(r.nfe for r in rows):

@@ -3,14 +3,14 @@
 Ways: ``eager`` (``sampling.executor.sample``: plan computed per call, the Python loop), ``baked`` (the
 BakedSampler in eager PyTorch), every engine backend (built into a scratch directory), and ``bare``:
 NFE times one ONNX Runtime forward of the network call alone (CFG included), the floor an engine's loop
-overhead is measured against.
+overhead is measured against. Every way of one bench is timed on one clock (evaluate/clock.py): by default the
+process's CPU time when every way runs on the CPU in one thread, else the wall clock.
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +21,7 @@ from autotune.compile.backends import BACKENDS, check_provider
 from autotune.compile.bake import BakedSampler, condition_of_inputs
 from autotune.compile.engine import build_engine, engine_io, example_inputs, executor_sample, load_engine
 from autotune.errors import BackendError
+from autotune.evaluate.clock import module_device, resolve_clock, timed_seconds
 from autotune.sampling.denoiser import Denoiser
 from autotune.space.schedule import Schedule
 
@@ -33,18 +34,24 @@ class BenchRow:
     batch: int
     seconds: float  # median of the timed repeats
     note: str = ""
+    clock: str = "wall"  # the clock of ``seconds``: wall or cpu (evaluate/clock.py)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1, clock: str = "wall",
+                   device: Any = "cpu") -> float:
+    """Median time of ``fn()`` on ``clock`` (wall or cpu) over ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(timed_seconds(fn, clock, device) for _ in range(repeats))
+
+
+def bench_clock(model: Denoiser, ways: list[str], provider: str, threads: int, clock: str = "auto") -> str:
+    """The one clock every way of a bench is timed on: ``auto`` takes CPU time when each way runs on the CPU in one
+    thread (torch on the model's device; ONNX Runtime on ``provider``; TensorRT, and the torch engine where CUDA
+    is present, on the GPU)."""
+    on_gpu = (provider != "cpu" or "tensorrt" in ways or module_device(model).type != "cpu"
+              or ("torch" in ways and torch.cuda.is_available()))
+    return resolve_clock(clock, "cuda" if on_gpu else "cpu", threads)
 
 
 class NetworkCall(torch.nn.Module):
@@ -84,8 +91,10 @@ def bench(
     provider: str = "cpu",
     workdir: str | Path | None = None,
     on_row: Callable[[BenchRow], None] | None = None,
+    clock: str = "auto",
 ) -> list[BenchRow]:
     """Time each of ``ways`` at each batch size on the same inputs; ``on_row`` sees each row as it is measured.
+    ``clock``: ``auto``, ``wall`` or ``cpu`` (``bench_clock``; each row records the one used).
 
     ``provider`` is onnxruntime's execution provider ("cpu", "cuda", "tensorrt") for the ``onnxruntime`` engine
     and for ``bare``; the engine's parity with the executor is checked on it when the engine is built.
@@ -98,6 +107,8 @@ def bench(
         if w in BACKENDS and BACKENDS[w].missing() is not None:
             raise BackendError(f"backend {w!r}: {BACKENDS[w].missing()}")
     check_provider(provider)
+    clock = bench_clock(model, ways, provider, threads, clock)
+    device = "cuda" if clock == "wall" and torch.cuda.is_available() else "cpu"  # a GPU way is synchronised
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory(prefix="autotune-bench-") as tmp:
         root = Path(workdir or tmp)
@@ -132,8 +143,8 @@ def bench(
             data = example_inputs(model, inputs, batch, seed=1)
             for w in ways:
                 with torch.no_grad():
-                    seconds = median_seconds(lambda: runners[w](data), repeats)
-                row = BenchRow(w, batch, seconds, notes.get(w, ""))
+                    seconds = median_seconds(lambda: runners[w](data), repeats, clock=clock, device=device)
+                row = BenchRow(w, batch, seconds, notes.get(w, ""), clock)
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
