@@ -71,8 +71,8 @@ _DPM2, _DPM3 = DIFFUSERS_PEERS["dpmsolver++2m"], DIFFUSERS_PEERS["dpmsolver++3m"
 PEERS = {
     "dpmsolver++2m": _DPM2,
     "dpmsolver++3m": _DPM3,
-    "dpmsolver++2m-karras": (_DPM2[0], {**_DPM2[1], "use_karras_sigmas": True}),
-    "dpmsolver++3m-karras": (_DPM3[0], {**_DPM3[1], "use_karras_sigmas": True}),
+    "dpmsolver++2m-karras": DIFFUSERS_PEERS["dpmsolver++2m-karras"],
+    "dpmsolver++3m-karras": DIFFUSERS_PEERS["dpmsolver++3m-karras"],
     "unipc-bh1-o2": DIFFUSERS_PEERS["unipc-bh1-o2-smin"],
     "unipc-bh1-o3": DIFFUSERS_PEERS["unipc-bh1-o3-smin"],
     "unipc-bh2-o2": DIFFUSERS_PEERS["unipc-bh2-o2"],

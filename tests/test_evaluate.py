@@ -16,7 +16,7 @@ from autotune.evaluate.sets import EvalSet
 from autotune.models.diffusers_dir import load_pipeline_dir
 from autotune.models.registry import load_model
 from autotune.sampling.denoiser import TorchDenoiser
-from autotune.sampling.named import NAMED, SIGMA_MIN_NAMED, build
+from autotune.sampling.named import KARRAS_NAMED, NAMED, SIGMA_MIN_NAMED, build
 from autotune.sampling.noise import VPLinear
 
 runner = CliRunner()
@@ -92,7 +92,7 @@ def test_compare_agrees_with_diffusers_schedulers(pipeline_dirs, tmp_path):
                                  "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
-    assert {r["schedule"] for r in rows} == set(NAMED) | set(SIGMA_MIN_NAMED)
+    assert {r["schedule"] for r in rows} == set(NAMED) | set(SIGMA_MIN_NAMED) | set(KARRAS_NAMED)
     model = load_pipeline_dir(pipe)
     ev = Evaluator(model, "report", size=8)
     noise = ev.eval_set.noise(torch.float32)

@@ -10,7 +10,7 @@ from autotune.sampling.coefficients import compensation, make_plan
 from autotune.sampling.denoiser import TorchDenoiser, to_data_and_noise
 from autotune.sampling.executor import sample
 from autotune.sampling.program import Call, Combine, Free
-from autotune.sampling.named import NAMED, build
+from autotune.sampling.named import KARRAS_NAMED, NAMED, build
 from autotune.sampling.noise import FlowMatching, VPDiscrete, VPLinear
 from autotune.space.schedule import Schedule, Step
 
@@ -54,12 +54,14 @@ def test_every_named_schedule_solves_the_gaussian_ode(ns, parameterization):
     noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = exact_gaussian_solution(ns, noise * ns.init_scale(), 0.0)
     scale = exact.abs().max().item()
-    for name in NAMED:
+    karras = () if isinstance(ns, FlowMatching) else tuple(KARRAS_NAMED)  # a flow model's sigma at T is infinite
+    for name in (*NAMED, *karras):
         result = sample(model, build(name, ns, 20), noise, dtype=torch.float64)
         err = (result.sample - exact).abs().max().item()
         assert result.nfe == 20 and err < 0.15 * scale, (name, err)  # ddim, first order, is the loosest
-        # the same schedule in every parameterisation of the same model gives the same samples
-        if parameterization != "sample":
+        # the same schedule in every parameterisation of the same model gives the same samples (not where a step's
+        # model-time shift tells the network another time than the solver converts its output at: Karras on DDPM)
+        if parameterization != "sample" and not any(st.shift for st in build(name, ns, 20).steps):
             ref = sample(gaussian_model(ns, parameterization="sample"), build(name, ns, 20), noise).sample
             assert (result.sample - ref).abs().max() < 1e-8
 

@@ -387,9 +387,12 @@ def test_the_analytic_first_start_is_the_best_named_schedule_with_an_analytic_fi
 def test_the_job_refines_an_analytic_first_start_unless_told_not_to(gmm):
     """By default the job refines the best named schedule with an analytic first step as one more validation
     finalist; --no-analytic-first (``analytic_first=False``) leaves it out, so nothing the job writes has one."""
+    from autotune.search import job
+
     on = run_search_job(JobConfig(**SMALL, refine=5, score_report=False), model=gmm)
     labels = [f.label for f in on.validation.scored]
-    afs = [f for f in on.validation.scored if "+afs" in f.label]  # "... (gave up after N steps)": GIVE_UP
+    # "... (gave up after N steps)": GIVE_UP; the chosen finalist's data-scaled twin is not another start
+    afs = [f for f in on.validation.scored if "+afs" in f.label and not f.label.endswith(job.SCALED_SUFFIX)]
     assert len(afs) == 1 and afs[0].label.startswith("refined from "), labels
     assert afs[0].schedule.steps[0].solver == "afs" and afs[0].schedule.nfe == 4
     off = run_search_job(JobConfig(**SMALL, refine=5, score_report=False, analytic_first=False), model=gmm)
@@ -438,7 +441,9 @@ def test_the_job_refines_the_starts_ending_at_t_min_and_validation_may_choose_on
     monkeypatch.setattr(job, "T_MIN_MARGIN", math.inf)
     outcome = run_search_job(JobConfig(**SMALL, refine=4, score_report=False), model=gmm)
     t_min = float(gmm.noise.t_min)
-    ending = [f for f in outcome.validation.scored if " to t_min" in f.label]
+    # the starts (the chosen finalist's data-scaled twin, when there is one, is not another start)
+    ending = [f for f in outcome.validation.scored
+              if " to t_min" in f.label and not f.label.endswith(job.SCALED_SUFFIX)]
     assert len(ending) == 2 and any("+afs" in f.label for f in ending), [f.label for f in outcome.validation.scored]
     for f in ending:
         assert t_min * (1 - 1e-6) <= f.schedule.times[-1] < f.schedule.times[-2]
@@ -659,7 +664,8 @@ def test_the_chosen_stiff_refinement_is_polished_by_l_bfgs_if_lower(gmm, monkeyp
         assert outcome.best.times == v.chosen.schedule.times  # what validation chose is what the job wrote
         return made
 
-    by_twin = run_choosing(lambda label: label == "refined (L-BFGS)")  # on gmm2d every twin takes its start
+    # on gmm2d every twin takes its start; the one chosen went on (the others gave up halfway)
+    by_twin = run_choosing(lambda label: label.startswith("refined") and label.endswith("(L-BFGS)"))
     assert all(run.iterations != 4 for run in by_twin)  # no fresh descent: the twin that went on goes on
     (went_on,) = [run for run in by_twin if run.iterations == 12]
     losses = went_on.so_far.losses

@@ -109,17 +109,17 @@ def test_search_records_the_validation_choice(tmp_path):
     assert any(label.startswith("named ") for label in v["finalists"])  # the named schedules compete too
 
 
-@pytest.mark.parametrize("nfe, gives_up", [("4", False), ("3", True)])
-def test_search_says_when_stage_1s_refinement_gave_up(tmp_path, monkeypatch, nfe, gives_up):
+@pytest.mark.parametrize("nfe, flags, gives_up", [("3", ["--no-analytic-first"], False), ("4", [], True)])
+def test_search_says_when_stage_1s_refinement_gave_up(tmp_path, monkeypatch, nfe, flags, gives_up):
     """Under a bar only the lowest start clears (RACE), the line on stage 1's refinement and its finalist's label
-    say the same thing: it went on (gmm2d NFE 4: it was the lowest at halfway), or it gave up after half its steps
-    (NFE 3)."""
+    say the same thing: it went on (gmm2d NFE 3 without the analytic-first start: it was the lowest at halfway), or
+    it gave up after half its steps (NFE 4, where the analytic-first start was lower)."""
     from autotune.search import job
 
     monkeypatch.setattr(job, "GIVE_UP", 1e-9)
     out = tmp_path / "s.json"
     r = CliRunner().invoke(app, ["search", "--model", "gmm2d", "--nfe", nfe, "--budget", "8", "--workers", "0",
-                                 "--refine", "4", "--validate", "64", "--no-cache", "--out", str(out)])
+                                 "--refine", "4", "--validate", "64", "--no-cache", "--out", str(out), *flags])
     assert r.exit_code == 0, r.output
     finalists = json.loads(out.read_text())["metadata"]["validation"]["finalists"]
     assert ("refined (gave up after 2 steps)" if gives_up else "refined") in finalists, finalists
