@@ -92,9 +92,9 @@ def bench_cmd(
     threads: int = typer.Option(1, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch and onnxruntime"),
     provider: str = typer.Option("cpu", "--provider",
                                  help="execution provider of the onnxruntime and bare ways: cpu, cuda or tensorrt"),
-    clock: str = typer.Option("auto", "--clock", help="auto: this process's CPU time when every way runs on the CPU "
-                              "in one thread (the machine's other load does not inflate it), else the wall clock; "
-                              "wall; cpu"),
+    clock: str = typer.Option("auto", "--clock", help="auto, wall or cpu; auto: this process's CPU time when every "
+                              "way runs on the CPU in one thread (the machine's other load does not inflate it), "
+                              "else the wall clock"),
 ) -> None:
     """Latency of SCHEDULE on MODEL: eager executor vs baked module vs engines, side by side."""
     import torch
