@@ -100,7 +100,7 @@ def bench_cmd(
     import torch
 
     from autotune.compile.backends import check_provider
-    from autotune.compile.timing import bench, bench_clock, ratios
+    from autotune.compile.timing import bench, ratios
     from autotune.evaluate.clock import clock_words, resolve_clock
 
     check_provider(provider)
@@ -115,9 +115,8 @@ def bench_cmd(
     rel = ratios(rows)
     from autotune.tables import bench_table
 
-    used = clock_words(bench_clock(m, ways, provider, threads, clock))
     console.print(bench_table(rows, rel, f"{model}, schedule {sched.hash()}, NFE {sched.nfe}, {threads} thread(s), "
-                                         f"{used}"))
+                                         f"{clock_words(rows[0].clock)}"))
     for way, note in dict((r.way, r.note) for r in rows if r.note).items():
         console.print(f"{way}: {note}", highlight=False)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from autotune.compile.backends import check_provider
-from autotune.compile.timing import bench, bench_clock, ratios
+from autotune.compile.timing import bench, ratios
 from autotune.errors import BackendError
 from autotune.evaluate.clock import CLOCKS, clock_words
 from autotune.models.registry import load_model
@@ -89,13 +89,13 @@ def main() -> None:
     print(f"model {args.model}, schedule {schedule.name or args.schedule} ({schedule.hash()}), NFE {schedule.nfe}, "
           f"guidance {schedule.guidance}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, onnxruntime provider {args.provider}")
-    print(f"clock: {clock_words(bench_clock(model, ways, args.provider, args.threads, args.clock))}")
     rows = bench(model, schedule, ways, batches, repeats=args.repeats, threads=args.threads, provider=args.provider,
                  clock=args.clock,
                  on_row=lambda r: print(f"  measured {r.way:<12} batch {r.batch:<4} {1e3 * r.seconds:9.2f} ms",
                                         flush=True))
     rel = ratios(rows)
-    print(f"\n{'way':<12} {'batch':>5} {'ms':>10} {'x vs eager':>11} {'/ NFE*bare':>11}  runs on")
+    print(f"\nclock: {clock_words(rows[0].clock)}")
+    print(f"{'way':<12} {'batch':>5} {'ms':>10} {'x vs eager':>11} {'/ NFE*bare':>11}  runs on")
     for r in rows:
         e = rel[(r.way, r.batch)]
         speed = f"{e['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in e else ""

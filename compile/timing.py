@@ -9,7 +9,6 @@ process's CPU time when every way runs on the CPU in one thread, else the wall c
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from autotune.compile.backends import BACKENDS, check_provider
 from autotune.compile.bake import BakedSampler, condition_of_inputs
 from autotune.compile.engine import build_engine, engine_io, example_inputs, executor_sample, load_engine
 from autotune.errors import BackendError
-from autotune.evaluate.clock import module_device, resolve_clock, timed_seconds
+from autotune.evaluate.clock import median_seconds, module_device, resolve_clock
 from autotune.sampling.denoiser import Denoiser
 from autotune.space.schedule import Schedule
 
@@ -35,14 +34,6 @@ class BenchRow:
     seconds: float  # median of the timed repeats
     note: str = ""
     clock: str = "wall"  # the clock of ``seconds``: wall or cpu (evaluate/clock.py)
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1, clock: str = "wall",
-                   device: Any = "cpu") -> float:
-    """Median time of ``fn()`` on ``clock`` (wall or cpu) over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timed_seconds(fn, clock, device) for _ in range(repeats))
 
 
 def bench_clock(model: Denoiser, ways: list[str], provider: str, threads: int, clock: str = "auto") -> str:

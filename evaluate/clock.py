@@ -21,6 +21,7 @@ idle one.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any, Callable
 
@@ -67,6 +68,15 @@ def timed_seconds(fn: Callable[[], Any], clock: str, device: Any = "cpu") -> flo
     if cuda:
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1, clock: str = "wall",
+                   device: Any = "cpu") -> float:
+    """Median time of ``fn()`` on the resolved ``clock`` (wall or cpu) over ``repeats`` calls after ``warmup`` untimed
+    ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed_seconds(fn, clock, device) for _ in range(repeats))
 
 
 def clock_words(clock: str) -> str:

@@ -164,10 +164,12 @@ def karras_grid(noise: NoiseSchedule, nfe: int) -> tuple[list[float], list[float
         raise ScheduleError("name", "Karras sigmas need a finite sigma at T; a flow-matching model's is infinite "
                                     f"(use one of {', '.join(FLOW_NAMED)})")
     if isinstance(noise, VPDiscrete):
-        # the ends as diffusers has them, from float32 alphas_cumprod: at sigma_max of a linear-beta model (157) a
-        # data prediction moves 1e-3 for sigma's float64 - float32 difference (8e-5 relative at sigma_min)
+        # the training steps' sigmas as diffusers has them, from float32 alphas_cumprod: at sigma_max of a linear-beta
+        # model (157) a data prediction moves 1e-3 for sigma's float64 - float32 difference (8e-5 relative at
+        # sigma_min); the ends of the grid and the steps the network hears both come from them
         acp32 = noise.alphas_cumprod.astype(np.float32)
-        sigma_min, sigma_max = (float(v) for v in np.sqrt((1 - acp32) / acp32)[[0, -1]])
+        train_sigmas = np.sqrt((1 - acp32) / acp32)
+        sigma_min, sigma_max = float(train_sigmas[0]), float(train_sigmas[-1])
     else:
         ends = torch.tensor([noise.T, noise.t_min], dtype=torch.float64)
         sigma_max, sigma_min = torch.exp(-noise.lambda_(ends)).tolist()
@@ -180,9 +182,8 @@ def karras_grid(noise: NoiseSchedule, nfe: int) -> tuple[list[float], list[float
     times[-1] = max(times[-1], float(noise.t_min))
     shifts = [0.0] * nfe
     if isinstance(noise, VPDiscrete):
-        acp = noise.alphas_cumprod
-        log_sigmas = 0.5 * np.log((1.0 - acp) / acp)  # increasing in the training step
-        told = (np.interp(np.log(sigmas), log_sigmas, np.arange(len(acp))).round() + 1.0) / len(acp)
+        n = len(train_sigmas)  # increasing in the training step
+        told = (np.interp(np.log(sigmas), np.log(train_sigmas), np.arange(n)).round() + 1.0) / n
         moved = noise.lambda_(torch.from_numpy(told)) - noise.lambda_(torch.tensor(times, dtype=torch.float64))
         shifts = [float(d) if abs(float(d)) > 1e-9 else 0.0 for d in moved]
     return times + [0.0], shifts

@@ -12,12 +12,11 @@ measured by the same worker.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 import torch
 
-from autotune.evaluate.clock import module_device, resolve_clock, timed_seconds
+from autotune.evaluate.clock import median_seconds, module_device, resolve_clock
 from autotune.evaluate.sets import EvalSet
 from autotune.sampling.denoiser import Denoiser
 from autotune.sampling.executor import sample
@@ -45,11 +44,6 @@ def measure_latency(model: Denoiser, schedule: Schedule, eval_set: EvalSet, spec
     labels = eval_set.conditions()
     cond = labels[: spec.batch] if labels is not None else None
     device = module_device(model)
-    clock = resolve_clock(spec.clock, device)
-    times = []
     with torch.no_grad():
-        for i in range(spec.warmup + spec.repeats):
-            seconds = timed_seconds(lambda: sample(model, schedule, noise, cond), clock, device)
-            if i >= spec.warmup:
-                times.append(seconds)
-    return 1000.0 * statistics.median(times)
+        return 1000.0 * median_seconds(lambda: sample(model, schedule, noise, cond), spec.repeats, spec.warmup,
+                                       resolve_clock(spec.clock, device), device)

@@ -56,13 +56,14 @@ def test_every_named_schedule_solves_the_gaussian_ode(ns, parameterization):
     scale = exact.abs().max().item()
     karras = () if isinstance(ns, FlowMatching) else tuple(KARRAS_NAMED)  # a flow model's sigma at T is infinite
     for name in (*NAMED, *karras):
-        result = sample(model, build(name, ns, 20), noise, dtype=torch.float64)
+        schedule = build(name, ns, 20)
+        result = sample(model, schedule, noise, dtype=torch.float64)
         err = (result.sample - exact).abs().max().item()
         assert result.nfe == 20 and err < 0.15 * scale, (name, err)  # ddim, first order, is the loosest
         # the same schedule in every parameterisation of the same model gives the same samples (not where a step's
         # model-time shift tells the network another time than the solver converts its output at: Karras on DDPM)
-        if parameterization != "sample" and not any(st.shift for st in build(name, ns, 20).steps):
-            ref = sample(gaussian_model(ns, parameterization="sample"), build(name, ns, 20), noise).sample
+        if parameterization != "sample" and not any(st.shift for st in schedule.steps):
+            ref = sample(gaussian_model(ns, parameterization="sample"), schedule, noise).sample
             assert (result.sample - ref).abs().max() < 1e-8
 
 
