@@ -364,6 +364,7 @@ def eval_cmd(
     if found is not None:  # answered from the cache without importing torch or loading the model
         metrics, set_id = found
     else:
+        from autotune.evaluate.cpus import fit_threads_to_free_cpus
         from autotune.evaluate.evaluator import Evaluator
         from autotune.models.registry import load_model
         from autotune.progress_cli import step
@@ -373,6 +374,7 @@ def eval_cmd(
         sched.check_units(m.units)
         check_guidance_applies(m, sched.guidance, model)
         evaluator = Evaluator(m, eval_set, size=size, store=store, model_spec=model)
+        fit_threads_to_free_cpus()
         with step(f"scoring the schedule, {evaluator.eval_set.kind} set") as progress:
             evaluator.progress = progress  # the set's reference, solved first unless cached
             metrics, set_id = evaluator.evaluate(sched), evaluator.eval_set.id
@@ -409,6 +411,7 @@ def compare_cmd(
     import dataclasses
     import json
 
+    from autotune.evaluate.cpus import fit_threads_to_free_cpus
     from autotune.evaluate.evaluator import Evaluator
     from autotune.models.latent import read_prompts
     from autotune.models.registry import load_model
@@ -450,6 +453,7 @@ def compare_cmd(
     jobs += [(label, str(path), s) for path, label, s in zip(schedules, labels, given)]
     rows: list[dict] = []
     what = f"scoring {len(jobs)} schedule{'' if len(jobs) == 1 else 's'}, {evaluator.eval_set.kind} set"
+    fit_threads_to_free_cpus()
     with step(what) as progress:
         evaluator.progress = progress  # the set's reference, solved first unless cached
         for label, file, s in jobs:

@@ -99,6 +99,7 @@ def dc_fit_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the cache"),
 ) -> None:
     """Fit SCHEDULE's DC-Solver compensation ratios on MODEL and write the schedule with them."""
+    from autotune.evaluate.cpus import fit_threads_to_free_cpus
     from autotune.evaluate.evaluator import Evaluator
     from autotune.models.registry import load_model
     from autotune.search.dc_fit import fit_ratios
@@ -115,6 +116,7 @@ def dc_fit_cmd(
     sched.check_units(m.units)
     check_guidance_applies(m, sched.guidance, model)
     evaluator = Evaluator(m, "search", size=datapoints, store=open_store_option(cache, no_cache))
+    fit_threads_to_free_cpus()
     with step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
         evaluator.progress = progress
         reference = evaluator.reference(sched.guidance)

@@ -219,6 +219,17 @@ class JobHooks:
 QUIET = JobHooks()
 
 
+@contextlib.contextmanager
+def _step(hooks: JobHooks, description: str) -> Iterator[Optional[ProgressFn]]:
+    """``hooks.step(description)`` on as many torch threads as the CPUs other processes leave free
+    (evaluate/cpus.py: why)."""
+    from autotune.evaluate.cpus import fit_threads_to_free_cpus
+
+    fit_threads_to_free_cpus()
+    with hooks.step(description) as progress:
+        yield progress
+
+
 # ----------------------------------------------------------------------------------------------- outcome
 @dataclass(frozen=True)
 class Scored:
@@ -387,7 +398,7 @@ def prepare_search(config: JobConfig, store: Any = None, *, model: Optional[Deno
     setup = SearchSetup(config, m, store, evaluator, strategy, space, sid, t_start, named_peers, sizes)
     # one NFE of each reference the candidates are scored against (evaluate/ids.py: ref_steps_for)
     ref_nfes = {evaluator.steps_for(n): n for n in range(low, high + 1)}
-    with hooks.step(f"reference solution, {evaluator.eval_set.size} samples") as progress:
+    with _step(hooks, f"reference solution, {evaluator.eval_set.size} samples") as progress:
         evaluator.progress = progress
         g = config.guidance
         for n in ref_nfes.values():
@@ -788,7 +799,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
 
         fitted = Evaluator(setup.model, "search", size=setup.sizes.refine, seed=c.seed, store=setup.store,
                            prompts=c.prompts)
-        with hooks.step(f"reference solution, {fitted.eval_set.size} samples for the refinement") as progress:
+        with _step(hooks, f"reference solution, {fitted.eval_set.size} samples for the refinement") as progress:
             fitted.progress = progress
             reference = fitted.reference(c.guidance, nfe=result.best.nfe)
             fitted.progress = None
@@ -809,13 +820,13 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     # the starts, each (label, what the step line calls it, schedule, shifts move)
     starts: list[tuple[str, str, Schedule, bool]] = []
     if validated and c.analytic_first and c.strength is None and c.nfe_range[0] == c.nfe_range[1]:
-        with hooks.step("scoring named schedules with an analytic first step"):  # AFS_NAMED: why
+        with _step(hooks, "scoring named schedules with an analytic first step"):  # AFS_NAMED: why
             afs = analytic_first_start(evaluator, setup.model.noise, result.best, c.final)
         if afs is not None:
             starts.append((f"refined from {afs.name}", f"from {afs.name}", afs, True))
     starts.append((REFINED_LABEL, what, result.best, True))
     if validated and c.strength is None and c.final == "zero" and c.nfe_range[0] == c.nfe_range[1]:
-        with hooks.step("scoring named schedules ending at t_min"):  # T_MIN_STARTS: why
+        with _step(hooks, "scoring named schedules ending at t_min"):  # T_MIN_STARTS: why
             ending = t_min_starts(evaluator, setup.model.noise, result.best, c.analytic_first)
         if ending and T_MIN_SEARCH:  # T_MIN_SEARCH: why
             at_t_min = t_min_setup(setup)
@@ -840,7 +851,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
     runs: list[Any] = []
     for _, description, start, shifts in starts:
         line = f"refining {description} (steps 1-{half} of {c.refine_steps})"
-        with hooks.step(line) if half else contextlib.nullcontext():
+        with _step(hooks, line) if half else contextlib.nullcontext():
             runs.append(descent(Descent, start, shifts))
             runs[-1].halfway()
     lowest = min(run.best_loss for run in runs)  # the lowest loss any refinement has reached
@@ -854,7 +865,7 @@ def _refine(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: Jo
             done = run.give_up()
         else:
             verb = "L-BFGS:" if i in quasi_newton else "refining"  # STEP_LINES
-            with hooks.step(f"{verb} {description} (steps {half + 1}-{c.refine_steps})"):
+            with _step(hooks, f"{verb} {description} (steps {half + 1}-{c.refine_steps})"):
                 done = run.finish()
         lowest = min([lowest, *done.losses])
         schedule, value = _as_evaluated(evaluator, done.schedule)
@@ -975,7 +986,7 @@ def _quasi_newton_twins(runs: list[Any], starts: list[tuple[str, str, Schedule, 
         if not run.backoffs or run.above(GIVE_UP * lowest):
             continue
         _, description, start, shifts = starts[i]
-        with hooks.step(f"L-BFGS: {description} (steps 1-{half} of {steps})"):  # STEP_LINES
+        with _step(hooks, f"L-BFGS: {description} (steps 1-{half} of {steps})"):  # STEP_LINES
             twin = make(start, shifts)
             twin.halfway()
         if twin.best_loss < run.best_loss:
@@ -1037,13 +1048,14 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
     named_here = _named_finalists(evaluator, [s for s in setup.named_peers if s.nfe == result.best.nfe],
                                   most=VALIDATED_NAMED)
     candidates = finalists(result.trials, extra + [("best", result.best)]) + named_here
-    with hooks.step(f"validation: {len(candidates)} finalists, {held_out.eval_set.size} held-out samples") as progress:
+    line = f"validation: {len(candidates)} finalists, {held_out.eval_set.size} held-out samples"
+    with _step(hooks, line) as progress:
         held_out.progress = progress  # the validation set's reference, solved first unless cached
         chosen, scored = pick_on_validation(held_out, candidates, progress=progress)
     polish, polished = winner.polish.get(chosen.label), None
     if polish is not None and polish_steps(c.refine_steps):  # POLISH: why
         # STEP_LINES; the finalists table names the choice ("+ L-BFGS")
-        with hooks.step(f"polishing validation's choice by L-BFGS ({polish_steps(c.refine_steps)} steps)"):
+        with _step(hooks, f"polishing validation's choice by L-BFGS ({polish_steps(c.refine_steps)} steps)"):
             polished = polish()
     if polished is not None:
         chosen = _the_lower_on_validation(held_out, scored, chosen, chosen.label + POLISHED_SUFFIX, polished,
@@ -1051,7 +1063,7 @@ def _validate(setup: SearchSetup, result: SearchResult, winner: _Winner, hooks: 
     scaled = None
     # SCALE_FIT: why; the refinement's reference is at the search's NFE, and a draw (an SDE schedule) has no mse_ref
     if winner.fit_scales is not None and chosen.schedule.nfe == result.best.nfe and not chosen.schedule.stochastic:
-        with hooks.step(f"fitting the choice's data scales by L-BFGS ({SCALE_FIT_STEPS} steps)"):  # STEP_LINES
+        with _step(hooks, f"fitting the choice's data scales by L-BFGS ({SCALE_FIT_STEPS} steps)"):  # STEP_LINES
             scaled = winner.fit_scales(chosen.schedule)
     if scaled is not None:
         chosen = _the_lower_on_validation(held_out, scored, chosen, chosen.label + SCALED_SUFFIX, scaled, hooks,
@@ -1075,7 +1087,7 @@ def _the_lower_on_validation(held_out: Evaluator, scored: list[Finalist], chosen
     from autotune.search.selection import selection_value
     from autotune.search.validate import Finalist
 
-    with hooks.step(line) as progress:
+    with _step(hooks, line) as progress:
         held_out.progress = progress
         scored.append(Finalist(label, schedule, held_out.evaluate(schedule)))
     return scored[-1] if selection_value(scored[-1].validation) < selection_value(chosen.validation) else chosen
@@ -1091,7 +1103,7 @@ def _stage2(setup: SearchSetup, pool: Pool, winner: _Winner, hooks: JobHooks) ->
     what = "compute / reuse / skip per unit" if reusable else "skip masks"
     # its finalists are chosen on the validation set as stage 1's are (skip_stage.STAGE2_FINALISTS says why)
     validation = _held_out(setup, "validation", setup.sizes.validation, pool, seed=c.seed) if c.validating else None
-    with hooks.step(f"stage 2: {what}, {c.stage2_budget} evaluations") as progress:
+    with _step(hooks, f"stage 2: {what}, {c.stage2_budget} evaluations") as progress:
         if validation is not None:
             validation.progress = progress
         winner.stage2 = run_stage2(winner.schedule, tuple(setup.model.units), pool, c.stage2_budget,
@@ -1173,7 +1185,7 @@ def _score_report(setup: SearchSetup, result: SearchResult, best: Schedule, stag
     ours = [(best.name, best)]
     if stage2 and stage2.result is not None:
         ours.append((f"{best.name}-unpruned", dataclasses.replace(result.best, name=f"{best.name}-unpruned")))
-    with hooks.step(f"scoring {len(ours) + len(peers)} schedules, report set") as progress:
+    with _step(hooks, f"scoring {len(ours) + len(peers)} schedules, report set") as progress:
         report.progress = progress  # the report set's reference, solved first unless cached
         scored_ours = [Scored(n, s, report.evaluate(s)) for n, s in ours]
         scored_peers = [Scored(s.name, s, report.evaluate(s)) for s in peers]

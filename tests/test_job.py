@@ -761,3 +761,21 @@ def test_validations_choice_gets_its_data_scales_fitted_and_is_replaced_only_if_
         assert all(st.data_scale == 1.0 for st in outcome.best.steps)
         assert outcome.validation is None or not any(f.label.endswith(job.SCALED_SUFFIX)
                                                      for f in outcome.validation.scored)
+
+
+def test_every_long_step_after_loading_runs_on_threads_fitted_to_the_free_cpus(gmm, monkeypatch):
+    from autotune.evaluate import cpus
+
+    events: list[str] = []
+    monkeypatch.setattr(cpus, "fit_threads_to_free_cpus", lambda: events.append("fit"))
+
+    @contextlib.contextmanager
+    def step(description):
+        events.append(description)
+        yield None
+
+    run_search_job(JobConfig(**SMALL), model=gmm, hooks=JobHooks(step=step))
+    steps = [i for i, e in enumerate(events) if e != "fit"]
+    assert events[steps[0]] == "loading gmm2d" and events[:steps[0]] == []  # torch is not imported to fit them
+    later = [i for i in steps[1:] if not events[i].startswith("starting Ray")]
+    assert later and all(events[i - 1] == "fit" for i in later), events
