@@ -78,3 +78,23 @@ def test_a_process_spinning_beside_this_one_counts_as_a_busy_cpu():
         spinner.wait()
     # at least most of one CPU (other tests may run beside it, never this process's own waiting)
     assert others is not None and others >= 0.7
+
+
+@pytest.mark.parametrize("command", [
+    ["compare", "--model", "gmm2d", "--nfe", "4", "--baselines", "ddim", "--size", "16", "--no-cache"],
+    ["eval", "--model", "gmm2d", "--schedule", "{schedule}", "--size", "16", "--no-cache"],
+])
+def test_the_cli_scoring_in_its_own_process_fits_the_threads_first(tmp_path, monkeypatch, command):
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+
+    schedule = tmp_path / "ddim.json"
+    assert CliRunner().invoke(app, ["baseline", "ddim", "--model", "gmm2d", "--nfe", "4", "--out",
+                                    str(schedule)]).exit_code == 0
+    calls: list[int] = []
+    monkeypatch.setattr(cpus, "fit_threads_to_free_cpus", lambda: calls.append(1))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [a.format(schedule=schedule) for a in command])
+    assert result.exit_code == 0, result.output
+    assert calls == [1]
