@@ -399,6 +399,10 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         row["report_set"] = report.eval_set.id
         row["code"], row["date"] = args.code, time.strftime("%Y-%m-%d")
         row["reference_dist"] = report.reference_data_metrics(outcome.best)  # what ours was scored against
+        if args.score_finalists:
+            fin = score_finalists(report, outcome, row["peers"][row["best_peer"]]["mse_ref"])
+            if fin is not None:
+                row["finalists"] = fin
         if args.grown_space:
             solvers = tuple(s.strip() for s in args.grown_space.split(","))
             grown_outcome = run_search(model, model_arg, guidance, nfe, args, work / f"{name}-nfe{nfe}-grown.json",
@@ -412,6 +416,59 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
                             "solvers_used": sorted({st.solver for st in grown_outcome.best.steps})}
         rows.append(row)
     return rows
+
+
+FINALIST_FIGURES = ("mse_ref", "mse_ref_median", "mse_ref_p99", "mse_ref_cvar")
+
+
+def score_finalists(report, outcome, peer_mean: float) -> dict[str, Any] | None:
+    """Every finalist validation scored in full (never one its screen stopped), scored on the report set too: how
+    far the rule that chose on validation (search/selection.py) was from the finalist the report set puts lowest.
+    A diagnostic only: nothing here changes what the job wrote. Per finalist its validation and report figures,
+    the report mean over the best peer's, and its schedule file (so another rule can be checked on these rows
+    later without running the job again); None where the job ran no validation."""
+    from autotune.progress_cli import step
+    from autotune.search.selection import selection_value
+    from autotune.space.fileformat import dumps
+
+    note = outcome.validation
+    if note is None:
+        return None
+    full = [f for f in note.scored if not f.screened]
+    by_label = {}
+    with step(f"{len(full)} finalists, {report.eval_set.size} noises") as progress:
+        report.progress = progress
+        for f in full:
+            r = report.evaluate(f.schedule)
+            by_label[f.label] = {
+                "validation": {k: f.validation.get(k) for k in FINALIST_FIGURES},
+                "selection": selection_value(f.validation),
+                "report": {k: r.get(k) for k in FINALIST_FIGURES},
+                "report_over_best_peer": r["mse_ref"] / peer_mean if peer_mean > 0 else math.inf,
+                "schedule": dumps(f.schedule)}
+    return {"chosen": note.chosen.label, "validation_set": note.set_id, "by_label": by_label}
+
+
+def finalist_lines(rows: list[dict]) -> list[str]:
+    """Per row with scored finalists: the chosen one's report mean over the best peer's, the finalist with the
+    lowest validation mean's, and the finalist the report set puts lowest (labels as validation names them)."""
+    lines = []
+    for r in rows:
+        fin = r.get("finalists")
+        if not fin:
+            continue
+        by = fin["by_label"]
+
+        def text(label: str) -> str:
+            f = by[label]
+            return f"{f['report_over_best_peer']:.2f} ({label})"
+
+        lowest_val = min(by, key=lambda k: by[k]["validation"]["mse_ref"])
+        lowest_rep = min(by, key=lambda k: by[k]["report"]["mse_ref"])
+        lines.append(f"{r['model']} NFE {r['nfe']}, report mean / best peer's: chosen {text(fin['chosen'])}; "
+                     f"lowest validation mean {text(lowest_val)}; lowest on the report set {text(lowest_rep)}; "
+                     f"{len(by)} finalists")
+    return lines
 
 
 def paired_dist_intervals(model, report, schedule, ours: dict[str, Any], peers: dict[str, dict[str, Any]],
@@ -653,6 +710,9 @@ def main() -> None:
                         help="run nothing: print the tables and the summary of earlier runs' --json files (oldest "
                              "first; a later row of the same model and NFE replaces an earlier one), with the code "
                              "each row was measured on; with --json, write the merged rows there")
+    parser.add_argument("--score-finalists", action="store_true",
+                        help="also score every finalist validation chose among on the report set (a diagnostic of "
+                             "the selection rule; the row's figures stay the written schedule's)")
     parser.add_argument("--grown-space", default=None, metavar="SOLVERS",
                         help="also search with `--solvers SOLVERS` (e.g. dpm,unip-bh1,unip-bh2,ipndm,dpm-single) and "
                              "compare it with the default space on the same report set")
@@ -705,6 +765,12 @@ def print_rows(console, rows: list[dict], args) -> None:
     grown = [r for r in rows if "grown" in r]
     if grown:
         console.print(grown_table(grown, " / ".join(sorted({",".join(r["grown"]["solvers"]) for r in grown}))))
+    fin = finalist_lines(rows)
+    if fin:
+        console.print("the finalists on the report set (validation chose; the report set only measures):",
+                      highlight=False)
+        for line in fin:
+            console.print(f"  {line}", highlight=False)
     for line in summary(rows):
         console.print(line, highlight=False)
     if args.json:
