@@ -37,7 +37,11 @@ first run; `--search-cache` lets the searches share the bench's cache instead (r
 resumes). `--workers` defaults to 0 (in this process); the command's own default is 2 Ray workers, which finds
 the same schedule in another wall time. `--method` / `--refine` replace the default search's (the header then
 says so). `--grown-space SOLVERS` also runs the search with `--solvers SOLVERS` and prints a second table: that
-schedule vs the default search's and vs the best peer. The DC-Solver finishing step is bench/dc.py's.
+schedule vs the default search's and vs the best peer. `--score-finalists` also scores every finalist the
+job's validation chose among on the report set and prints, per row, the chosen one's report mean, the one with
+the lowest validation mean's and the lowest on the report set's (each over the best peer's); the --json rows keep
+every finalist's figures and schedule, so another selection rule can be checked on them without a new search.
+The DC-Solver finishing step is bench/dc.py's.
 """
 
 from __future__ import annotations

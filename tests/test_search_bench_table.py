@@ -244,3 +244,53 @@ def test_a_ratio_on_the_target_shows_the_digit_that_decides_it():
     assert bench.marked(0.4952, True, 0.5) == "0.495 ok" and bench.marked(0.5030, False, 0.5) == "0.503 NO"
     assert bench.marked(0.47, True, 0.5) == "0.47 ok" and bench.marked(0.998, True, 1.0) == "0.998 ok"
     assert bench.marked(0.4952, None) == "0.50" and bench.marked(math.inf, False, 0.5) == "inf NO"
+
+
+def test_finalists_are_scored_on_the_report_set_and_the_lines_name_the_three_choices():
+    """--score-finalists: every finalist validation scored in full is scored on the report set (a screened one is
+    not: it could not be chosen), with its schedule; the line per row names the chosen finalist, the one lowest on
+    validation's mean and the one lowest on the report set, each as report mean / best peer's."""
+    from types import SimpleNamespace
+
+    from autotune.sampling.noise import VPLinear
+    from autotune.sampling.named import build
+    from autotune.search.validate import Finalist
+    from autotune.space.fileformat import loads
+
+    bench = load_bench("search")
+    noise = VPLinear()
+    schedules = {name: build(name, noise, 5) for name in ("ddim", "dpmsolver++2m", "unipc-bh2-o2")}
+
+    def figures(mean: float, cvar: float) -> dict:
+        return {"mse_ref": mean, "mse_ref_median": mean / 2, "mse_ref_p99": cvar / 2, "mse_ref_cvar": cvar}
+
+    validation = {"ddim": figures(3.0, 9.0), "dpmsolver++2m": figures(1.0, 40.0), "unipc-bh2-o2": figures(2.0, 4.0)}
+    report_means = {"ddim": 5.0, "dpmsolver++2m": 1.5, "unipc-bh2-o2": 3.0}
+    scored = [Finalist(name, schedules[name], validation[name]) for name in validation]
+    screened = Finalist("stopped", build("ddim", noise, 4), {"mse_ref": 0.1, "mse_ref_cvar": 0.1, "screened": 128})
+    chosen = scored[2]  # the lowest mean + 0.25 x cvar: 2 + 1 against 3 + 2.25 and 1 + 10
+    outcome = SimpleNamespace(validation=SimpleNamespace(scored=scored + [screened], chosen=chosen,
+                                                         set_id="validation-s0-n512"))
+    evaluated = []
+
+    class Report:
+        eval_set = SimpleNamespace(size=1024)
+        progress = None
+
+        def evaluate(self, schedule):
+            evaluated.append(schedule)
+            name = next(k for k, s in schedules.items() if s.hash() == schedule.hash())
+            return figures(report_means[name], 10.0)
+
+    fin = bench.score_finalists(Report(), outcome, peer_mean=10.0)
+    assert fin["chosen"] == "unipc-bh2-o2" and set(fin["by_label"]) == set(validation)
+    assert len(evaluated) == 3  # the screened finalist is not scored
+    two_m = fin["by_label"]["dpmsolver++2m"]
+    assert two_m["report_over_best_peer"] == pytest.approx(0.15)
+    assert two_m["validation"]["mse_ref_cvar"] == 40.0 and two_m["selection"] == pytest.approx(11.0)
+    assert loads(two_m["schedule"]).hash() == schedules["dpmsolver++2m"].hash()
+    assert bench.score_finalists(Report(), SimpleNamespace(validation=None), 1.0) is None
+
+    (line,) = bench.finalist_lines([{"model": "m", "nfe": 5, "finalists": fin}, {"model": "n", "nfe": 5}])
+    assert line == ("m NFE 5, report mean / best peer's: chosen 0.30 (unipc-bh2-o2); lowest validation mean 0.15 "
+                    "(dpmsolver++2m); lowest on the report set 0.15 (dpmsolver++2m); 3 finalists")
