@@ -26,8 +26,9 @@ weight 0.25 chose a trial at 0.79 (validation mean 9.7e-4, worst-5 % 3.3e-3) ove
 Over the 11 rows the weight was chosen on (gmm64 NFE 4-10, digits and digits-flow NFE 4-6) the geometric mean went
 0.217 -> 0.208 and the worst row 0.79 -> 0.50, the p99 met in 10 of 11 either way (the mean alone: 9 of 11, gmm64
 NFE 6's tail 2.27x the peer's). Rows not used to choose: digits guidance 2 NFE 5 and 6 choose the same finalist at
-either weight; rgb32-eps-sd NFE 10 (where 0.25 chose the lighter tail over a finalist at 0.555 of the Karras named
-schedule's validation mean) was still being scored when session 46 ended.
+either weight; on rgb32-eps-sd NFE 10 0.25 wrote a schedule at 0.84 of dpmsolver++2m-karras's report mean (target
+0.7 missed; validation mean 2.10e-4, worst-5 % 5.8e-4), and 0.05 picks the L-BFGS refinement of the Karras start
+(1.70e-4, 1.19e-3), which scored 0.575 there, p99 0.47 of the peer's (the job at 0.05 not run on that model yet).
 """
 
 from __future__ import annotations
